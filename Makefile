@@ -1,0 +1,32 @@
+# The two newcomer commands: `make demo` (set up + run the main job on the embedded default) and
+# `make test` (set up + run the tests). Both create .venv on a fresh machine and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch/torchvision that import together on this kind of machine (a CUDA build that also runs on CPU);
+# override on other machines, e.g. `make test TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test demo ui bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip wheel setuptools
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,189 @@
+"""Storage is always an fsspec URL: a local path, ``file://…`` or ``s3://bucket/prefix`` take one code path.
+
+S3 endpoint and credentials come from the environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) or from explicit ``storage_options``; they are never logged.
+
+Writes are atomic: on a local filesystem a temp file in the same directory is fsynced and renamed over the
+target; on S3 a single PUT is atomic by the service's semantics (readers see the old object or the new one).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+# Options s3fs understands that we derive from the environment; nothing here is ever logged.
+_S3_RETRIES = 10
+
+
+def s3_options_from_env() -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    # s3fs retries transient errors itself; raise the default so flaky endpoints do not fail a run.
+    opts["retries"] = _S3_RETRIES
+    return opts
+
+
+def protocol_of(url: str) -> str:
+    p = fsspec.utils.get_protocol(str(url))
+    return "file" if p in ("file", "local") else p
+
+
+def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a URL. s3 options default to the environment's."""
+    url = str(url)
+    opts = dict(storage_options or {})
+    if protocol_of(url) == "s3":
+        opts = {**s3_options_from_env(), **opts}
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url).rstrip("/")
+    if protocol_of(url) == "file" and "://" not in url:
+        return os.path.join(url, *parts)
+    return posixpath.join(url, *parts)
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(str(url)) == "file"
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL (``file:///x`` -> ``/x``)."""
+    url = str(url)
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = get_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(path, exist_ok=True)
+    # object stores have no directories to create
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    return read_bytes(url, storage_options).decode("utf-8")
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to ``url`` so that a reader never sees a partial file, even if we are killed mid-write."""
+    fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_dir(directory)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"), storage_options)
+
+
+def put_file_atomic(local_src: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Copy a finished local file to ``url`` atomically."""
+    fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(local_src, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+    else:
+        fs.put_file(local_src, path)
+
+
+def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Base names of the entries directly under ``url`` (empty if it does not exist), sorted."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True) if not isinstance(fs, LocalFileSystem) else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def remove(url: str, storage_options: dict[str, Any] | None = None, recursive: bool = False) -> None:
+    fs, path = get_fs(url, storage_options)
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+
+
+def walk_files(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """Every file below ``url`` as a path relative to it, in sorted order."""
+    fs, root = get_fs(url, storage_options)
+    root = root.rstrip("/")
+    for path in sorted(fs.find(root)):
+        rel = path[len(root):].lstrip("/")
+        yield rel
+
+
+def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> io.IOBase:
+    fs, path = get_fs(url, storage_options)
+    return fs.open(path, mode)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,283 @@
+"""Machinery shared by the trainers: device/precision, deterministic resumable batch order, EMA, the NaN guard,
+learning-rate schedule, RNG capture and the checkpoint state round trip.
+
+Exact resume rests on three things: every random draw comes from RNG state that is checkpointed; the data order is
+a pure function of (seed, epoch) and the position inside the epoch is checkpointed; and weights/optimizer state are
+saved bit-exact (safetensors). A run killed after step k and resumed then replays steps k+1… exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device and precision
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """'auto' means bf16 where the device computes it natively (CUDA with bf16 support, CPU), else fp32."""
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            log.warning("bf16 requested but unsupported on %s; using fp32", device)
+            return "fp32"
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; parameters and optimizer state stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deterministic, resumable batch order
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataPosition:
+    """Where the next micro-batch comes from: epoch, and index of the batch within that epoch."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+class EpochBatchSampler:
+    """Shuffled batches whose order is a pure function of (seed, epoch); each rank takes a disjoint slice.
+
+    The global batch is split across ``world_size`` ranks: rank r takes items [r::world_size] of every global batch,
+    so the union over ranks of one step equals the single-process batch of the same global size.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if num_items < batch_size:
+            raise ValueError(f"dataset has {num_items} items, fewer than one batch of {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by world size {world_size}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // self.batch_size  # drop the ragged tail: every step sees a full batch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        out = []
+        for b in range(self.batches_per_epoch):
+            global_batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            out.append(global_batch[self.rank :: self.world_size])
+        return out
+
+    def iterate(self, start: DataPosition) -> Iterator[tuple[DataPosition, list[int]]]:
+        """Yields (position of this batch, indices) forever, starting at ``start``."""
+        epoch, b = start.epoch, start.batch
+        while True:
+            batches = self.epoch_batches(epoch)
+            for i in range(b, len(batches)):
+                yield DataPosition(epoch, i), batches[i]
+            epoch, b = epoch + 1, 0
+
+
+def _next_position(pos: DataPosition, batches_per_epoch: int) -> DataPosition:
+    return DataPosition(pos.epoch + 1, 0) if pos.batch + 1 >= batches_per_epoch else DataPosition(pos.epoch, pos.batch + 1)
+
+
+class BatchStream:
+    """Batches from a map-style dataset in the sampler's order, optionally loaded by worker processes.
+
+    ``position`` is always the position of the *next* batch to be returned, which is what a checkpoint records.
+    Workers (when ``num_workers`` > 0) prefetch ahead, so data loading overlaps compute; the order is unchanged.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, sampler: EpochBatchSampler, start: DataPosition,
+                 collate: Callable[[list[Any]], Any] | None = None, num_workers: int = 0):
+        self.dataset, self.sampler = dataset, sampler
+        self.collate = collate or torch.utils.data.default_collate
+        self.num_workers = num_workers
+        self.position = DataPosition(start.epoch, start.batch)
+        self._it: Iterator[Any] | None = None
+        self._epoch_of_it = -1
+
+    def _open_epoch(self) -> None:
+        batches = self.sampler.epoch_batches(self.position.epoch)[self.position.batch :]
+        fetch = getattr(self.dataset, "get_batch", None)
+        if self.num_workers == 0:
+            if fetch is not None:  # datasets that can gather a batch in one call (in-memory tensors, latent stores)
+                self._it = (fetch(b) for b in batches)
+            else:
+                self._it = (self.collate([self.dataset[i] for i in b]) for b in batches)
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
+                persistent_workers=False, prefetch_factor=4,
+            )
+            self._it = iter(loader)
+        self._epoch_of_it = self.position.epoch
+
+    def next(self) -> Any:
+        if self._it is None or self._epoch_of_it != self.position.epoch:
+            self._open_epoch()
+        try:
+            batch = next(self._it)  # type: ignore[arg-type]
+        except StopIteration:
+            self.position = DataPosition(self.position.epoch + 1, 0)
+            self._open_epoch()
+            batch = next(self._it)  # type: ignore[arg-type]
+        self.position = _next_position(self.position, self.sampler.batches_per_epoch)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EMA, NaN guard, LR schedule, gradient clipping
+# ---------------------------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers are copied): θ_ema ← d·θ_ema + (1−d)·θ."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = [p for p in self.model.parameters()]
+        src_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(sd)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss or gradients are not finite, counts them, and stops the run after too many."""
+
+    def __init__(self, max_skips: int):
+        self.max_skips = max_skips
+        self.skipped = 0
+
+    def check(self, *values: torch.Tensor) -> bool:
+        """True when all values are finite. One host sync per step: the price of never applying a bad update."""
+        ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
+        if bool(ok):
+            return True
+        self.skipped += 1
+        if self.skipped > self.max_skips:
+            raise NonFiniteLossError(
+                f"{self.skipped} steps had a non-finite loss or gradient (limit {self.max_skips}); stopping. "
+                "The last checkpoint written before this point is intact."
+            )
+        return False
+
+
+def grad_norm_and_finite(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Total gradient norm (inf/nan if any gradient is); clips in place when ``max_norm`` is set and finite."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm is not None and max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant",
+          min_lr_ratio: float = 0.0) -> float:
+    """Learning rate at ``step`` (0-based)."""
+    # 1) linear warmup from 0 to base_lr
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    # 2) constant after warmup
+    if schedule == "constant":
+        return base_lr
+    # 3) cosine decay from base_lr to min_lr_ratio·base_lr over the remaining steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * coeff)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG state
+# ---------------------------------------------------------------------------------------------------------------
+
+def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def seed_everything(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Seeds the global RNGs and returns the trainer's own generator on ``device`` (the one every draw uses)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
