@@ -1,0 +1,1 @@
+"""Training objectives: the autoencoder's reconstruction + perceptual + adversarial loss and its parts."""
