@@ -1,0 +1,50 @@
+"""The denoiser interface: what objectives, samplers and trainers may assume about the network.
+
+Every denoiser backbone (today the UNet; a transformer backbone later) is built from its typed config by
+``build_denoiser`` and called as ``model(x, t, context, context_mask)``. The config's ``kind`` tag selects the
+backbone, so a checkpoint's saved config rebuilds the right network: ``build_denoiser(parse_denoiser_config(d))``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Mapping, Protocol, Union, runtime_checkable
+
+from pydantic import Field, TypeAdapter
+from torch import Tensor, nn
+
+from ldm_core.models.unet import UNet, UNetConfig
+
+# Adding a backbone is one line here (Union[UNetConfig, DiTConfig]) and one case in build_denoiser.
+DenoiserConfig = Annotated[Union[UNetConfig], Field(discriminator="kind")]
+"""Config of any denoiser backbone, told apart by its `kind` field (required when parsing from plain data)."""
+
+_DENOISER_CONFIG_ADAPTER: TypeAdapter[Any] = TypeAdapter(DenoiserConfig)
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """A network that predicts the objective's target (noise, v or velocity) from a noisy latent.
+
+    x: (B, C, H, W) noisy latents. t: (B,) float model time, or one value for the whole batch (0-d tensor or
+    float); its scale is the objective's business (the sinusoidal features suit t in 0..1000). context: (B, L, D)
+    text tokens. context_mask: (B, L) bool, True = real token; padding tokens have no effect on the output.
+    Returns (B, C_out, H, W).
+    """
+
+    def __call__(self, x: Tensor, t: Tensor | float, context: Tensor,
+                 context_mask: Tensor | None = None) -> Tensor: ...
+
+
+def parse_denoiser_config(data: Mapping[str, Any]) -> DenoiserConfig:
+    """Validate plain data (a run config section, a checkpoint's saved config) into the right config class."""
+    return _DENOISER_CONFIG_ADAPTER.validate_python(dict(data))
+
+
+def build_denoiser(config: DenoiserConfig) -> nn.Module:
+    """The backbone described by `config` (a DenoiserConfig), freshly initialised, in training mode."""
+    if isinstance(config, UNetConfig):
+        return UNet(config)
+    raise TypeError(f"no denoiser backbone for config {type(config).__name__}")
+
+
+__all__ = ["Denoiser", "DenoiserConfig", "build_denoiser", "parse_denoiser_config"]
