@@ -34,8 +34,9 @@ def s3_options_from_env() -> dict[str, Any]:
         client_kwargs["region_name"] = region
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
-    # s3fs retries transient errors itself; raise the default so flaky endpoints do not fail a run.
-    opts["retries"] = _S3_RETRIES
+    # botocore retries transient errors (throttling, 5xx, connection resets); raise the default attempts so a
+    # flaky endpoint does not fail a run. s3fs adds its own retries on top for reads.
+    opts["config_kwargs"] = {"retries": {"max_attempts": _S3_RETRIES, "mode": "adaptive"}}
     return opts
 
 

@@ -281,3 +281,69 @@ def seed_everything(seed: int, device: torch.device | str = "cpu") -> torch.Gene
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator(device=device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run state: what a checkpoint holds, and the resume that reverses it
+# ---------------------------------------------------------------------------------------------------------------
+
+class RunState:
+    """The resumable state of one training run, in one place for every trainer.
+
+    ``parts`` are named objects with ``state_dict``/``load_state_dict`` (modules, optimizers, EMA); the RNG, the
+    data position, the step and the non-finite counter come along. ``model_config`` is compared on resume so a
+    checkpoint is never loaded into a different architecture.
+    """
+
+    def __init__(self, run_config: dict[str, Any], model_key: str, parts: dict[str, Any],
+                 generator: torch.Generator, guard: NonFiniteGuard):
+        self.run_config, self.model_key = run_config, model_key
+        self.parts, self.generator, self.guard = parts, generator, guard
+
+    def snapshot(self, step: int, position: DataPosition) -> dict[str, Any]:
+        return {
+            "step": step, "position": position.to_dict(), "config": self.run_config,
+            **{name: part.state_dict() for name, part in self.parts.items()},
+            "rng": capture_rng(self.generator), "nonfinite_skipped": self.guard.skipped,
+        }
+
+    def restore(self, state: dict[str, Any], where: str) -> tuple[int, DataPosition]:
+        saved, ours = state["config"].get(self.model_key), self.run_config.get(self.model_key)
+        if saved != ours:
+            raise ValueError(f"the checkpoint in {where} was trained with a different {self.model_key} config; "
+                             "point the checkpoint directory elsewhere to start a new run")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        restore_rng(state["rng"], self.generator)
+        self.guard.skipped = state["nonfinite_skipped"]
+        return state["step"], DataPosition(**state["position"])
+
+
+class MetricWindow:
+    """Averages step metrics over a logging interval without a host sync per step (values stay tensors)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def flush(self, step: int, **extra: float) -> dict[str, float]:
+        means = {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}  # one sync per interval
+        means.update(extra)
+        for k, v in means.items():
+            self.history.setdefault(k, []).append((step, v))
+        self.sums, self.n = {}, 0
+        return means
+
+
+def make_adam(params: list[torch.Tensor], device: torch.device, adamw: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
+    """Adam/AdamW with the fastest implementation for the device: fused kernels on CUDA, foreach on CPU."""
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    return cls(params, **kwargs, **impl)

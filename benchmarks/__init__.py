@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against the reference implementations (diffusers), reported as ratios."""
