@@ -1,0 +1,97 @@
+"""Classifier-free guidance (Ho & Salimans 2022): caption dropout in training, the guided prediction at sampling.
+
+The denoiser interface is ``model(x, t, context, context_mask) -> prediction`` with x (B, C, H, W), t (B,) float
+model time, context (B, L, D) text embeddings and context_mask (B, L) bool (True = a real token) or None.
+Guidance is a linear combination of two predictions at the same (x_t, t); every prediction type here (ε, v, x0,
+flow velocity) is an affine function of ε at fixed (x_t, t) with the same coefficients for both branches, so
+guiding the raw network output equals guiding ε — the combination can be applied before any conversion.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _batch(ctx: torch.Tensor, B: int) -> torch.Tensor:
+    """A (1, L, D) or (B, L, D) tensor as (B, L, D): one prompt embedding (e.g. the empty one) serves the batch."""
+    if ctx.shape[0] == B:
+        return ctx
+    if ctx.shape[0] != 1:
+        raise ValueError(f"context batch {ctx.shape[0]} matches neither the batch {B} nor 1")
+    return ctx.expand(B, *ctx.shape[1:])
+
+
+def _masks(cond_ctx: torch.Tensor, cond_mask: torch.Tensor | None, uncond_ctx: torch.Tensor,
+           uncond_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both masks or neither: where only one side has a mask, the other attends to all its tokens."""
+    if cond_ctx.shape[1:] != uncond_ctx.shape[1:]:
+        raise ValueError(f"conditional context {tuple(cond_ctx.shape[1:])} and unconditional context "
+                         f"{tuple(uncond_ctx.shape[1:])} differ in (L, D): encode both with the same padding")
+    if cond_mask is None and uncond_mask is None:
+        return None, None
+    if cond_mask is None:
+        cond_mask = torch.ones(cond_ctx.shape[:2], dtype=torch.bool, device=cond_ctx.device)
+    if uncond_mask is None:
+        uncond_mask = torch.ones(uncond_ctx.shape[:2], dtype=torch.bool, device=uncond_ctx.device)
+    return cond_mask.bool(), uncond_mask.bool()
+
+
+def cfg_model(model: Denoiser, context: torch.Tensor, context_mask: torch.Tensor | None,
+              uncond_context: torch.Tensor, uncond_mask: torch.Tensor | None,
+              scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A plain ``(x, t) -> prediction`` callable applying classifier-free guidance,
+    pred = pred_uncond + s·(pred_cond − pred_uncond) (Eq. 6 of Ho & Salimans 2022 with s = 1 + w).
+
+    Both branches run in one forward pass of batch 2B (uncond first). At s = 1 the result is exactly the
+    conditional prediction: only that branch is evaluated. ``context`` and ``uncond_context`` may have batch 1.
+    """
+    if scale == 1:
+        def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            B = x.shape[0]
+            mask = None if context_mask is None else _batch(context_mask, B)
+            return model(x, t, _batch(context, B), mask)
+
+        return conditional
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        t = t.expand(B) if t.ndim == 0 else t
+        cond = _batch(context, B)
+        uncond = _batch(uncond_context, B).to(device=context.device, dtype=context.dtype)
+        cmask, umask = _masks(cond, context_mask, uncond, uncond_mask)
+        mask = None if cmask is None else torch.cat([_batch(umask, B), _batch(cmask, B)])  # (2B, L)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]), mask)  # (2B, C, H, W)
+        pred_uncond, pred_cond = out.chunk(2)
+        return pred_uncond + scale * (pred_cond - pred_uncond)
+
+    return guided
+
+
+def drop_conditioning(context: torch.Tensor, mask: torch.Tensor | None, uncond_context: torch.Tensor,
+                      uncond_mask: torch.Tensor | None, p: float,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Caption dropout for classifier-free guidance training (Algorithm 1 of Ho & Salimans 2022): each sample's caption
+    embedding is replaced by the empty-prompt embedding with probability ``p``, independently.
+
+    context (B, L, D), mask (B, L) or None; uncond_context (1 or B, L, D), uncond_mask (1 or B, L) or None.
+    Returns (context, mask); the mask is None only when both inputs are None. One uniform draw per sample is
+    always taken from ``generator``, whatever p, so the random stream does not depend on p.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    B = context.shape[0]
+    gen_device = generator.device if generator is not None else "cpu"
+    drop = (torch.rand(B, generator=generator, device=gen_device) < p).to(context.device)  # (B,) bool
+    uncond = _batch(uncond_context, B).to(device=context.device, dtype=context.dtype)
+    cmask, umask = _masks(context, mask, uncond, uncond_mask)
+    out = torch.where(drop[:, None, None], uncond, context)
+    if cmask is None:
+        return out, None
+    return out, torch.where(drop[:, None], _batch(umask, B).to(cmask.device), cmask)
+
+
+__all__ = ["Denoiser", "cfg_model", "drop_conditioning"]
