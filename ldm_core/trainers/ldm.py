@@ -1,0 +1,246 @@
+"""Stage 2: train the text-conditioned denoiser on cached latents and text embeddings, resumably.
+
+``train_ldm(config, latents, tracker, uncond=…)`` reads batches of {latents, context, context_mask} (from the
+latent store, or in tests from tensors in memory through the same dataset interface), draws the objective's
+training pair, drops captions to the empty prompt with probability ``cond_dropout`` (classifier-free guidance), and
+steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. The checkpoint/resume machinery
+is the autoencoder trainer's (``ldm_core.trainers.common``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ldm_core.checkpoint import CheckpointManager
+from ldm_core.config import StrictModel, flatten_dict
+from ldm_core.diffusion import DiffusionConfig, create_diffusion
+from ldm_core.diffusion.guidance import drop_conditioning
+from ldm_core.models.denoiser import DenoiserConfig, build_denoiser
+from ldm_core.models.unet import UNetConfig
+from ldm_core.tracking import NullTracker, Tracker
+from ldm_core.trainers.common import (
+    EMA,
+    BatchStream,
+    DataPosition,
+    EpochBatchSampler,
+    MetricWindow,
+    NonFiniteGuard,
+    RunState,
+    autocast,
+    grad_norm_and_finite,
+    lr_at,
+    make_adam,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_lr,
+)
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LDMTrainerConfig(StrictModel):
+    steps: int = 1000
+    """Optimizer steps to train for (total, across resumes)."""
+    batch_size: int = 32
+    """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""
+    micro_batch_size: int | None = None
+    """Samples per forward pass on one process; None = the whole per-process batch (no accumulation)."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate (LDM/SD-1: 1e-4)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to min_lr_ratio·lr at the last step."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule, as a fraction of lr."""
+    grad_clip: float | None = 1.0
+    """Max global gradient norm; None disables clipping."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward pass; "auto" = bf16 where the device has it."""
+    device: str = "auto"
+    """"auto" (CUDA if present, else CPU), or any torch device string."""
+    ema_decay: float | None = 0.999
+    """EMA of the denoiser's weights (the exported model) when set; None exports the raw weights."""
+    cond_dropout: float = 0.1
+    """Probability of replacing a caption by the empty prompt (classifier-free guidance training)."""
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
+    max_nonfinite_steps: int = 10
+    """Skip steps with a NaN/inf loss or gradient; stop once more than this many were skipped."""
+    log_every: int = 10
+    """Send step metrics to the tracker every N steps."""
+    validation_every: int = 0
+    """Render validation samples for fixed prompts every N steps through ``sample_fn`` (0 = only at the end)."""
+    seed: int = 0
+    """Seeds the data order, timesteps, noise, caption dropout and every other random draw."""
+    num_workers: int = 0
+    """DataLoader worker processes prefetching batches (0 = load in the training process)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LDMTrainerConfig":
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError("cond_dropout must be in [0, 1]")
+        return self
+
+
+class LDMTrainingConfig(StrictModel):
+    """Everything stage 2 needs: the denoiser backbone, the diffusion objective, and the trainer."""
+
+    denoiser: DenoiserConfig = Field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    trainer: LDMTrainerConfig = Field(default_factory=LDMTrainerConfig)
+
+
+@dataclass
+class LDMTrainResult:
+    model: nn.Module
+    """The trained denoiser on CPU in eval mode (the EMA weights when ema_decay is set)."""
+    step: int
+    nonfinite_skipped: int
+    resumed_from: int | None
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    samples_per_second: float = 0.0
+    finished: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_ldm(
+    config: LDMTrainingConfig,
+    latents: torch.utils.data.Dataset,
+    tracker: Tracker | None = None,
+    *,
+    uncond: tuple[torch.Tensor, torch.Tensor],
+    checkpoint_dir: str | None = None,
+    sample_fn: Callable[[nn.Module, int], np.ndarray] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    storage_options: dict[str, Any] | None = None,
+) -> LDMTrainResult:
+    """Train (or resume) the denoiser on batches ``{"latents", "context", "context_mask"}`` (latents already scaled).
+
+    uncond: the empty prompt's (context (1, L, D), mask (1, L)) for caption dropout.
+    sample_fn(model, step) -> uint8 image grid: validation samples for fixed prompts, sent to the tracker.
+    should_stop(step): checked after each step; True ends the run early after a checkpoint.
+    """
+    tracker = tracker or NullTracker()
+    tc = config.trainer
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    per_rank = tc.batch_size // world_size
+    micro = tc.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"per-process batch {per_rank} is not a multiple of micro_batch_size {micro}")
+    accum = per_rank // micro
+
+    gen = seed_everything(tc.seed + rank, device)
+    diffusion = create_diffusion(config.diffusion)
+    model_cfg = config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing}) \
+        if hasattr(config.denoiser, "gradient_checkpointing") else config.denoiser
+    model = build_denoiser(model_cfg).to(device).train()
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    uncond_ctx, uncond_mask = uncond[0].to(device).float(), uncond[1].to(device)
+
+    sampler = EpochBatchSampler(len(latents), micro * world_size, seed=tc.seed, rank=rank, world_size=world_size)
+    ckpt = CheckpointManager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options) if checkpoint_dir else None
+    guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    parts: dict[str, Any] = {"model": model, "opt": opt}
+    if ema is not None:
+        parts["ema"] = ema
+    run_state = RunState(config.to_dict(), "denoiser", parts, gen, guard)
+
+    start_step, position, resumed_from = 0, DataPosition(), None
+    if ckpt is not None and (latest := ckpt.load_latest()) is not None:
+        resumed_from, state = latest
+        start_step, position = run_state.restore(state, checkpoint_dir)
+        log.info("resumed LDM training from step %d (%s)", start_step, checkpoint_dir)
+    stream = BatchStream(latents, sampler, position, num_workers=tc.num_workers)
+
+    def save(step: int) -> None:
+        if ckpt is not None and rank == 0:
+            ckpt.save(step, run_state.snapshot(step, stream.position))
+
+    if rank == 0 and resumed_from is None:
+        n_params = sum(p.numel() for p in params)
+        tracker.log_params({**flatten_dict(config.to_dict()), "device": str(device), "precision": precision,
+                            "world_size": world_size, "denoiser_parameters": n_params})
+
+    window = MetricWindow()
+    t0, seen = time.perf_counter(), 0
+    step = start_step
+    finished = True
+    while step < tc.steps:
+        lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
+        set_lr(opt, lr)
+        opt.zero_grad(set_to_none=True)
+        loss_acc = torch.zeros((), device=device)
+        for _ in range(accum):
+            batch = stream.next()
+            x0 = batch["latents"].to(device, non_blocking=True).float()  # (b, C, h, w), already scaled
+            ctx = batch["context"].to(device, non_blocking=True).float()  # (b, L, D)
+            mask = batch["context_mask"].to(device, non_blocking=True).bool()  # (b, L)
+            ctx, mask = drop_conditioning(ctx, mask, uncond_ctx, uncond_mask, tc.cond_dropout, gen)
+            sample = diffusion.training_sample(x0, gen)
+            with autocast(device, precision):
+                pred = model(sample.x_t, sample.t_model, ctx, mask)
+            loss = diffusion.loss(pred.float(), sample)
+            (loss / accum).backward()
+            loss_acc += loss.detach() / accum
+        gnorm = grad_norm_and_finite(params, tc.grad_clip)
+        if guard.check(loss_acc, gnorm):
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+        else:
+            log.warning("step %d: non-finite loss/gradient; step skipped (%d so far)", step, guard.skipped)
+        step += 1
+        seen += tc.batch_size
+
+        window.add({"loss": loss_acc, "grad_norm": gnorm})
+        if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
+            tracker.log_metrics(window.flush(step, lr=lr, nonfinite_skipped=float(guard.skipped),
+                                             samples_per_second=seen / max(time.perf_counter() - t0, 1e-9)), step)
+        if rank == 0 and sample_fn is not None and tc.validation_every and step % tc.validation_every == 0:
+            tracker.log_image(sample_fn(ema.model if ema is not None else model, step), "validation_samples", step)
+        stop_now = should_stop is not None and should_stop(step)
+        if step % tc.checkpoint_every == 0 or step == tc.steps or stop_now:
+            save(step)
+        if stop_now and step < tc.steps:
+            finished = False
+            break
+
+    elapsed = time.perf_counter() - t0
+    final = (ema.model if ema is not None else model).eval()
+    if rank == 0 and finished and sample_fn is not None:
+        tracker.log_image(sample_fn(final, step), "validation_samples", step)
+    return LDMTrainResult(model=final.cpu(), step=step, nonfinite_skipped=guard.skipped, resumed_from=resumed_from,
+                          history=window.history, samples_per_second=seen / max(elapsed, 1e-9), finished=finished)
