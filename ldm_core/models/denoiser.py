@@ -9,14 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Mapping, Protocol, Union, runtime_checkable
 
-from pydantic import Field, TypeAdapter
+from pydantic import Discriminator, Tag, TypeAdapter
 from torch import Tensor, nn
 
 from ldm_core.models.unet import UNet, UNetConfig
 
-# Adding a backbone is one line here (Union[UNetConfig, DiTConfig]) and one case in build_denoiser.
-DenoiserConfig = Annotated[Union[UNetConfig], Field(discriminator="kind")]
-"""Config of any denoiser backbone, told apart by its `kind` field (required when parsing from plain data)."""
+
+
+def _backbone_kind(value: Any) -> str:
+    """The tag of a denoiser config; a section without `kind` is a UNet (the default backbone)."""
+    if isinstance(value, Mapping):
+        return value.get("kind", "unet")
+    return getattr(value, "kind", "unet")
+
+
+# Adding a backbone is one line here (Annotated[DiTConfig, Tag("dit")]) and one case in build_denoiser.
+DenoiserConfig = Annotated[Union[Annotated[UNetConfig, Tag("unet")]], Discriminator(_backbone_kind)]
+"""Config of any denoiser backbone, told apart by its `kind` field ("unet" when absent)."""
 
 _DENOISER_CONFIG_ADAPTER: TypeAdapter[Any] = TypeAdapter(DenoiserConfig)
 

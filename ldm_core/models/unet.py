@@ -15,7 +15,7 @@ SD-1/2 settings, so ``ldm_core.interop`` converts weights both ways with identic
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ LAYER_NORM_EPS = 1e-5  # LayerNorm eps inside the transformer blocks
 # ---------------------------------------------------------------------------------------------------------------
 # Config and presets
 # ---------------------------------------------------------------------------------------------------------------
+
+DEFAULT_HEADS = 8  # SD-1's head count, used when neither num_heads nor num_head_channels is given
+
 
 class UNetConfig(StrictModel):
     """Shape of the text-conditioned UNet. Level i works at resolution H / 2**i with model_channels·channel_mult[i]
@@ -65,8 +68,9 @@ class UNetConfig(StrictModel):
     """Levels (0 = full resolution) whose residual blocks are each followed by a spatial transformer. The mid
     block always has one. SD-1: [0, 1, 2] (64, 32, 16 latent pixels at 512 px)."""
 
-    num_heads: int | None = Field(8, ge=1)
-    """Attention heads at every level (SD-1: 8). Exactly one of num_heads / num_head_channels is set."""
+    num_heads: int | None = Field(None, ge=1)
+    """Attention heads at every level (SD-1: 8). At most one of num_heads / num_head_channels is set; with
+    neither, 8 heads."""
 
     num_head_channels: int | None = Field(None, ge=1)
     """Channels per head instead of a fixed head count, so deeper levels get more heads (SD-2: 64)."""
@@ -90,6 +94,13 @@ class UNetConfig(StrictModel):
     gradient_checkpointing: bool = False
     """Recompute residual blocks and transformers in the backward pass instead of storing their activations."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_heads(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("num_heads") is None and data.get("num_head_channels") is None:
+            data = {**data, "num_heads": DEFAULT_HEADS}
+        return data
+
     @model_validator(mode="after")
     def _check_shapes(self) -> UNetConfig:
         levels = len(self.channel_mult)
@@ -101,7 +112,7 @@ class UNetConfig(StrictModel):
         if len(set(self.attention_levels)) != len(self.attention_levels):
             raise ValueError(f"attention_levels {self.attention_levels} has duplicates")
         if (self.num_heads is None) == (self.num_head_channels is None):
-            raise ValueError("set exactly one of num_heads and num_head_channels (the other to null)")
+            raise ValueError("set at most one of num_heads and num_head_channels")
         for width in self.level_channels():
             if width % self.norm_groups:
                 raise ValueError(f"width {width} (model_channels x channel_mult) is not divisible by "

@@ -54,7 +54,7 @@ def test_presets_validate_and_build():
         (dict(num_heads=3), "not divisible by num_heads"),
         (dict(attention_levels=[2]), "out of range"),
         (dict(attention_levels=[1, 1]), "duplicates"),
-        (dict(num_head_channels=8), "exactly one of num_heads"),
+        (dict(num_head_channels=8), "at most one of num_heads"),  # SMALL sets num_heads
         (dict(model_channels=15, norm_groups=5), "even"),
         (dict(num_res_blocks=0), "greater than or equal to 1"),
         (dict(channel_mult=[]), "at least 1"),
@@ -234,3 +234,11 @@ def test_build_denoiser_from_saved_config():
         parse_denoiser_config({**cfg.to_dict(), "kind": "dit"})
     with pytest.raises(TypeError):
         build_denoiser(object())
+
+
+def test_heads_default_to_eight_and_kind_defaults_to_unet():
+    from ldm_core.models.denoiser import parse_denoiser_config
+
+    cfg = parse_denoiser_config({"model_channels": 64, "channel_mult": [1, 2], "attention_levels": [1]})
+    assert isinstance(cfg, UNetConfig) and cfg.num_heads == 8 and cfg.num_head_channels is None
+    assert UNetConfig(num_head_channels=64).num_heads is None
