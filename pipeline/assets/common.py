@@ -1,0 +1,39 @@
+"""What the asset modules share: the group, GPU tagging, upstream lookups, stable keys."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import dagster as dg
+
+GROUP = "ldm"
+
+# GPU work: at most as many at once as the `gpu` concurrency pool allows (deploy/dagster.yaml), and on the
+# Kubernetes executor each step asks for a GPU. On a machine without one the same assets run on CPU.
+GPU_POOL = "gpu"
+GPU_OP_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
+        "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"}},
+    },
+}
+
+
+def upstream_metadata(context: dg.AssetExecutionContext, key: str) -> dict[str, Any]:
+    """The metadata the upstream asset recorded at its latest materialization (its exact version and URLs)."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first")
+    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+
+
+def stable_key(*parts: Any, n: int = 12) -> str:
+    """A short hash of JSON-able parts: names checkpoint directories so a re-run of the same work resumes."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def json_md(value: Any) -> dg.MetadataValue:
+    return dg.MetadataValue.json(json.loads(json.dumps(value, default=str)))

@@ -1,0 +1,75 @@
+"""`vae_model`: the trained, frozen autoencoder (safetensors + config + latent scale), registered as `ldm-vae`."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from ldm_core.bundle import save_autoencoder
+from ldm_core.data import ImageShardDataset
+from ldm_core.tracking import FanoutTracker
+from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, reconstruction_psnr, train_autoencoder
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
+from pipeline.config_bridge import dagster_config, to_core
+from pipeline.mlflow_models import AUTOENCODER_CODE, autoencoder_signature
+from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+from pipeline.tracking import DagsterProgress, temp_dir
+
+REGISTERED_NAME = "ldm-vae"
+TrainingSection = dagster_config(AutoencoderTrainingConfig)
+
+
+class VaeModelConfig(dg.Config):
+    training: TrainingSection = Field(default_factory=TrainingSection, description="Stage-1 training config (model, discriminator, loss, trainer).")  # type: ignore[valid-type]
+    resolution: int = Field(default=32, description="Training image side (images are resized and center-cropped).")
+    latent_scale_samples: int = Field(default=512, description="Images encoded to measure the latent scale 1/std.")
+    use_shift: bool = Field(default=False, description="Also store the latent mean as a shift (SD3 style).")
+    psnr_images: int = Field(default=64, description="Held-out images for the reconstruction PSNR recorded with the model.")
+    psnr_floor: float = Field(default=15.0, description="Asset check: held-out reconstruction PSNR (dB) must reach this.")
+    cache_images: bool = Field(default=True, description="Keep decoded training images in memory (small datasets).")
+
+
+@dg.asset(group_name=GROUP, deps=["image_dataset"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "mlflow"},
+          description=__doc__)
+def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow: MLflowResource,
+              storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+    ds = upstream_metadata(context, "image_dataset")
+    training = to_core(AutoencoderTrainingConfig, config.training, "vae_model.training")
+    training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
+    train = ImageShardDataset(ds["dataset_url"], split="train", resolution=config.resolution, cache_decoded=config.cache_images)
+    val = ImageShardDataset(ds["dataset_url"], split="validation", resolution=config.resolution)
+    key = stable_key(ds["dataset_version"], training.to_dict(), config.resolution)
+    ckpt_dir = storage.url("checkpoints", "vae", key)  # same data + config -> a killed run resumes here
+
+    with mlflow.materialization_run(context) as run:
+        progress = DagsterProgress(context.log, "vae", keys=("rec", "nll", "kl", "d_loss", "images_per_second"))
+        result = train_autoencoder(training, train, FanoutTracker(run.tracker, progress), ckpt_dir)
+        model = result.model
+        scale, shift = measure_latent_scale(model, train, max_items=config.latent_scale_samples,
+                                            use_shift=config.use_shift, seed=training.trainer.seed)
+        model.config.scaling_factor, model.config.shift_factor = scale, shift
+        psnr = reconstruction_psnr(model, val if len(val) else train, max_items=config.psnr_images)
+        run.tracker.log_metrics({"latent_scale": scale, "latent_shift": shift, "val_psnr": psnr}, step=result.step)
+        model_url = storage.url("models", "vae", f"{key}-{context.run.run_id[:8]}")
+        info = {"dataset_version": ds["dataset_version"], "mlflow_run_id": run.run_id, "steps": result.step}
+        save_autoencoder(model_url, model, extra={"info": info})
+        with temp_dir() as tmp:
+            save_autoencoder(tmp, model)
+            mv = run.log_and_register_pyfunc(
+                name="vae", registered_name=REGISTERED_NAME, python_model=AUTOENCODER_CODE, artifacts={"vae": tmp},
+                signature=autoencoder_signature(model.config.in_channels, config.resolution), alias="candidate",
+                tags={"storage_url": model_url, "dataset_version": str(ds["dataset_version"])},
+            )
+        context.log.info(f"trained {result.step} steps; latent scale {scale:.5f}; val PSNR {psnr:.2f} dB; "
+                         f"registered {REGISTERED_NAME} v{mv.version} (alias candidate)")
+        c, h, w = model.config.latent_shape(config.resolution)
+        return dg.MaterializeResult(
+            metadata={
+                "vae_url": model_url, "vae_uri": f"models:/{REGISTERED_NAME}/{mv.version}", "vae_version": int(mv.version),
+                "latent_scale": scale, "latent_shift": shift, "latent_shape": [c, h, w], "val_psnr": psnr, "psnr_floor": config.psnr_floor,
+                "steps": result.step, "resumed_from": result.resumed_from or 0,
+                "perceptual_used": result.perceptual_used, "nonfinite_skipped": result.nonfinite_skipped,
+                "images_per_second": result.images_per_second, "dataset_version": ds["dataset_version"],
+                "mlflow_run": dg.MetadataValue.url(run.url),
+            },
+            data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
+        )

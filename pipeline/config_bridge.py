@@ -1,0 +1,126 @@
+"""Typed Dagster run config from ldm_core's pydantic configs, without writing every field twice.
+
+`dagster_config(Model)` builds a ``dagster.Config`` class with the same fields, types and docstrings as an
+ldm_core ``StrictModel`` (nested models become nested Config classes), so the Dagster UI's launchpad shows the
+real schema and Dagster rejects a wrong type or an unknown key before the run starts. Every field is optional on
+the Dagster side and unset means "ldm_core's default": Dagster fills unset fields with their defaults, and if
+those were ldm_core's values, a preset (``model: {preset: tiny}``) or a derived default (the sampler that matches
+the objective) could not tell a user's choice from a filler. `to_core` drops the unset fields and validates the
+rest with the ldm_core model, which applies presets, defaults and the cross-field checks.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+import dagster as dg
+from pydantic import BaseModel, ValidationError, create_model
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+_CACHE: dict[tuple[type, tuple[str, ...]], type[dg.Config]] = {}
+
+
+def _convert_type(tp: Any) -> Any:
+    """The Dagster-config type for a pydantic annotation (before making it optional)."""
+    origin = get_origin(tp)
+    if origin is typing.Annotated:
+        return _convert_type(get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _convert_type(args[0])
+        if all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+            # a tagged union of configs (denoiser backbones): one member today; a second member would add its
+            # own section here
+            return _convert_type(args[0])
+        if set(args) <= {int, float}:
+            return float
+        return str
+    if origin is tuple:
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return list[_convert_type(args[0])] if args else list
+    if origin is list:
+        (inner,) = get_args(tp) or (str,)
+        return list[_convert_type(inner)]
+    if origin is dict:
+        return dict[str, Any]
+    if origin is Literal:
+        return str  # Dagster has no optional enums; the choices are in the description and checked by ldm_core
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return dagster_config(tp)
+    return tp
+
+
+def _default_text(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+    elif field.default is PydanticUndefined:
+        return "required"
+    else:
+        value = field.default
+    if isinstance(value, BaseModel):
+        return "see fields"
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(value)
+
+
+def _choices(tp: Any) -> list[Any]:
+    for a in (tp, *get_args(tp)):
+        if get_origin(a) is Literal:
+            return list(get_args(a))
+    return []
+
+
+def dagster_config(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> type[dg.Config]:
+    """A ``dagster.Config`` subclass mirroring ``model`` (cached per model class); ``exclude`` drops fields the
+    asset sets itself."""
+    if (model, exclude) in _CACHE:
+        return _CACHE[(model, exclude)]
+    fields: dict[str, Any] = {}
+    extra_preset = "_expand_preset" in dir(model)
+    if extra_preset:
+        fields["preset"] = (typing.Optional[str], FieldInfo(default=None, description="Start from this named preset; other fields override it."))
+    for name, field in model.model_fields.items():
+        if field.exclude or name in exclude:
+            continue  # secrets are never part of run config; excluded fields are set by the asset
+        tp = _convert_type(field.annotation)
+        desc = (field.description or "").strip()
+        choices = _choices(field.annotation)
+        if choices:
+            desc += f" One of {choices}."
+        desc += f" (default: {_default_text(field)})"
+        fields[name] = (typing.Optional[tp], FieldInfo(default=None, description=desc.strip()))
+    cls = create_model(f"{model.__name__}Dagster", __base__=dg.Config, __doc__=model.__doc__, **fields)
+    _CACHE[(model, exclude)] = cls
+    return cls
+
+
+def _drop_unset(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_unset(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_unset(v) for v in value]
+    return value
+
+
+class ConfigValidationError(ValueError):
+    """A run config section that ldm_core rejects; the message names each field path."""
+
+
+def to_core(model: type[BaseModel], value: dg.Config | dict[str, Any] | None, section: str = "") -> Any:
+    """Validate Dagster config values with the ldm_core model (presets, defaults, cross-field checks)."""
+    data = value.model_dump() if isinstance(value, BaseModel) else dict(value or {})
+    try:
+        return model.model_validate(_drop_unset(data))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            path = ".".join(str(p) for p in (section, *err["loc"]) if p != "")
+            lines.append(f"{path}: {err['msg']}")
+        raise ConfigValidationError("invalid run config:\n  " + "\n  ".join(lines)) from e

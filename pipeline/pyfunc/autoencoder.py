@@ -1,0 +1,5 @@
+import mlflow
+
+from pipeline.mlflow_models import AutoencoderModel
+
+mlflow.models.set_model(AutoencoderModel())

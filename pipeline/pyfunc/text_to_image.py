@@ -1,0 +1,5 @@
+import mlflow
+
+from pipeline.mlflow_models import TextToImageModel
+
+mlflow.models.set_model(TextToImageModel())

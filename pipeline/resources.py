@@ -1,0 +1,173 @@
+"""Resources: MLflow (tracking + registry), storage (an fsspec root URL), compute (device, precision, processes).
+
+Defaults come from LDM_HOME (see `pipeline.settings`) and can be overridden by run config or environment, so the
+same definitions run on a laptop (SQLite + local files) and in deploy/ (Postgres + S3) without code edits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator
+
+import dagster as dg
+from pydantic import Field
+
+from ldm_core import storage as ldm_storage
+from pipeline import settings
+from pipeline.tracking import MLflowTracker
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "ldm.parent"
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """MLflow tracking and model registry. Every materialization is a run nested under one parent run per Dagster
+    run, tagged with the Dagster run id, asset key and partition."""
+
+    tracking_uri: str | None = Field(default=None, description="Tracking/registry store; default MLFLOW_TRACKING_URI or sqlite under LDM_HOME.")
+    artifact_location: str | None = Field(default=None, description="Artifact root for the experiment; default LDM_MLFLOW_ARTIFACTS or LDM_HOME/mlartifacts.")
+    experiment: str = Field(default="ldm-pipeline", description="MLflow experiment name.")
+    ui_url: str | None = Field(default=None, description="Base URL of the MLflow UI, for links in Dagster metadata.")
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or settings.mlflow_tracking_uri()
+
+    def client(self) -> Any:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        uri = self.resolved_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
+        # the fluent API (log_model, register_model) reads the global URI; keep it consistent with the client
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def experiment_id(self, client: Any) -> str:
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(self.experiment, artifact_location=self.artifact_location or settings.mlflow_artifact_location())
+        except Exception:  # created concurrently by another step
+            return client.get_experiment_by_name(self.experiment).experiment_id
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        return f"{(self.ui_url or settings.mlflow_ui_url()).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def _parent_run(self, client: Any, exp_id: str, dagster_run_id: str, job_name: str) -> str:
+        found = client.search_runs([exp_id], filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}' and tags.`{PARENT_TAG}` = 'true'",
+                                   max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(exp_id, run_name=f"{job_name}-{dagster_run_id[:8]}",
+                                tags={"dagster.run_id": dagster_run_id, "dagster.job": job_name, PARENT_TAG: "true"})
+        return run.info.run_id
+
+    @contextlib.contextmanager
+    def materialization_run(self, context: dg.AssetExecutionContext) -> Iterator["TrackedRun"]:
+        """An MLflow run for this materialization, ended FINISHED or FAILED with the step."""
+        client = self.client()
+        exp_id = self.experiment_id(client)
+        dagster_run_id = context.run.run_id
+        asset_key = context.asset_key.to_user_string()
+        partition = context.partition_key if context.has_partition_key else ""
+        parent = self._parent_run(client, exp_id, dagster_run_id, context.job_name or "adhoc")
+        run = client.create_run(exp_id, run_name=f"{asset_key}-{dagster_run_id[:8]}", tags={
+            "mlflow.parentRunId": parent, "dagster.run_id": dagster_run_id, "dagster.asset_key": asset_key,
+            "dagster.partition": partition, "dagster.job": context.job_name or "",
+        })
+        tracked = TrackedRun(self, client, exp_id, run.info.run_id)
+        try:
+            yield tracked
+        except BaseException:
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+    # -- registry ---------------------------------------------------------------------------------------------
+    def latest_alias_version(self, name: str, alias: str) -> Any | None:
+        client = self.client()
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except Exception:
+            return None
+
+
+class TrackedRun:
+    """One MLflow run: the tracker ldm_core writes to, plus logging a model and registering it."""
+
+    def __init__(self, resource: MLflowResource, client: Any, experiment_id: str, run_id: str):
+        self.resource, self.client, self.experiment_id, self.run_id = resource, client, experiment_id, run_id
+        self.tracker = MLflowTracker(client, run_id)
+
+    @property
+    def url(self) -> str:
+        return self.resource.run_url(self.experiment_id, self.run_id)
+
+    def log_and_register_pyfunc(self, *, name: str, registered_name: str, python_model: Any, artifacts: dict[str, str],
+                                signature: Any, alias: str | None, tags: dict[str, str] | None = None,
+                                input_example: Any = None) -> Any:
+        """Log a pyfunc model in this run, register a new version, point ``alias`` at it; returns the version."""
+        import mlflow
+
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=python_model, artifacts=artifacts, signature=signature,
+                # explicit requirements: inferring them would load the model in a subprocess on every log
+                pip_requirements=["ldm-pipeline"], input_example=input_example,
+            )
+        mv = mlflow.register_model(info.model_uri, registered_name, tags=tags or {})
+        if alias:
+            self.client.set_registered_model_alias(registered_name, alias, mv.version)
+        return mv
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The storage root: every artifact of the pipeline lives under it (local path or s3://bucket/prefix)."""
+
+    root: str | None = Field(default=None, description="fsspec URL; default LDM_STORAGE_ROOT or LDM_HOME/storage. "
+                             "S3 endpoint/credentials come from the environment, never from here.")
+
+    def resolved_root(self) -> str:
+        return self.root or settings.storage_root()
+
+    def url(self, *parts: str) -> str:
+        return ldm_storage.join(self.resolved_root(), *parts)
+
+    def storage_options(self) -> dict[str, Any] | None:
+        return None  # the environment supplies endpoint and credentials (ldm_core.storage.s3_options_from_env)
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where GPU-tagged work runs. On a machine without a GPU the same assets run on CPU."""
+
+    device: str = Field(default="auto", description='"auto" (CUDA if present, else CPU) or a torch device string.')
+    precision: str | None = Field(default=None, description='Overrides the trainers\' precision ("fp32", "bf16", "auto") when set.')
+    num_processes: int = Field(default=1, description="Processes per training run (>1 launches torchrun).")
+    threads: int | None = Field(default=None, description="torch CPU threads; default: torch's own choice.")
+
+    def apply(self, trainer_cfg: Any) -> Any:
+        """A copy of a trainer config with this resource's device/precision applied."""
+        update: dict[str, Any] = {}
+        if self.device != "auto" or getattr(trainer_cfg, "device", "auto") == "auto":
+            update["device"] = self.device
+        if self.precision:
+            update["precision"] = self.precision
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        return trainer_cfg.model_copy(update=update)
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
