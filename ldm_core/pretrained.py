@@ -61,6 +61,11 @@ PRETRAINED: dict[str, PretrainedFile] = {
         package="lpips",
         package_path="weights/v0.1/vgg.pth",
     ),
+    "inception_fid": PretrainedFile(
+        filename="weights-inception-2015-12-05-6726825d.pth",
+        url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+        used_for="FID / rFID features (the TF-FID InceptionV3 of 2015-12-05, as converted by torch-fidelity)",
+    ),
 }
 
 
