@@ -116,7 +116,7 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
         if cand is None:
             if config.not_computed == "fail":
                 failures.append(f"{name}: not computed{_why(candidate_metrics.get(name))}, and the gate requires it")
-            elif rule.min is not None or rule.max is not None or (champ is not None and rule.tolerance is not None):
+            else:
                 notes.append(f"{name}: not computed{_why(candidate_metrics.get(name))}; ignored by the gate")
             comparisons.append(MetricComparison(name, None, champ, rule.higher_is_better, None, None,
                                                 "not compared", None, "not computed"))
