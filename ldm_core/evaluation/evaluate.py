@@ -138,13 +138,16 @@ def evaluate(
     """Measure, decide, and write the report under ``out_url``. ``champion_metrics`` None means a first model."""
     config = config or EvaluationConfig()
     metrics: dict[str, MetricResult] = {}
-    inception, inception_missing = (inception_or_reason(config.fid_feature_dim, config.download_weights, device)
-                                    if config.fid else (None, "disabled in the evaluation config"))
+    n_rec = min(config.reconstruction_samples, len(held_out.images)) if reconstruct_fn is not None else 0
+    n_gen = config.generated_samples if held_out.captions else 0
+    # loaded once for rFID and FID (or the reason it cannot be, reported for both)
+    inception, inception_missing = (
+        inception_or_reason(config.fid_feature_dim, config.download_weights, device) if config.fid and (n_rec or n_gen)
+        else (None, "disabled in the evaluation config"))
 
     # 1) reconstructions
-    n_rec = min(config.reconstruction_samples, len(held_out.images))
     originals = held_out.images[:n_rec]
-    reconstructions = reconstruct_fn(originals) if reconstruct_fn is not None and n_rec else None
+    reconstructions = reconstruct_fn(originals) if n_rec else None
     if reconstructions is not None:
         metrics["psnr"] = psnr(originals, reconstructions)
         metrics["ssim"] = ssim(originals, reconstructions)
@@ -154,7 +157,6 @@ def evaluate(
                                                      unavailable_reason=inception_missing)
 
     # 2) generations from held-out captions: FID, attribute accuracy
-    n_gen = config.generated_samples if held_out.captions else 0
     if n_gen:
         generated = generate_fn(_cycled(held_out.captions, n_gen), config.seed)
         n_real = min(n_gen, len(held_out.images))
