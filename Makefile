@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test demo ui bench clean
+.PHONY: install system-deps test demo ui bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,21 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# Debian's Chromium renders the evaluation report in a browser test (skipped, with the reason, if absent).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the report browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "WARNING: could not install chromium; the browser test will be skipped"; }
+
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/ldm demo
+
+ui: install
+	$(VENV)/bin/ldm ui
 
 bench: install
 	$(PY) -m benchmarks

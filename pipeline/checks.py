@@ -1,6 +1,5 @@
 """Asset checks: each reads what its asset recorded (and, for the latents, the data itself) and passes or fails."""
 
-from __future__ import annotations
 
 import math
 

@@ -1,6 +1,5 @@
 """Jobs, the weekly schedule and the new-data sensor."""
 
-from __future__ import annotations
 
 import hashlib
 

@@ -11,11 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
+
+# predict() takes a DataFrame or arrays and declares its schema through the signature below, not type hints
+warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+warnings.filterwarnings("ignore", message=".*Type hint.*", category=UserWarning)
 
 class TextToImageModel(mlflow.pyfunc.PythonModel):
     """predict(DataFrame with `prompt` [, `seed`, `steps`, `guidance`]) → uint8 images (N, H, W, 3).

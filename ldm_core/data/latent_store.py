@@ -56,6 +56,7 @@ from ldm_core.config import StrictModel
 from ldm_core.data import canonical
 from ldm_core.data.dataset import image_to_tensor, resize_center_crop
 from ldm_core.data.images import decode_rgb
+from ldm_core.models.autoencoder import scale_latents, unscale_latents  # noqa: F401  (re-exported: the one place)
 
 if TYPE_CHECKING:
     from ldm_core.text_encoder import TextEncoder
@@ -69,21 +70,6 @@ SHARDS_DIR = "shards"
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<token>[0-9a-f]{8})\.(?P<ext>zarr|parquet)$")
 TENSOR_FIELDS = ("latents", "logvar", "context", "context_mask")
 TRAINING_FIELDS = ("latents", "context", "context_mask")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The latent scale: the one place autoencoder latents enter and leave diffusion space
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def scale_latents(z: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
-    """Autoencoder latents -> diffusion space: (z − shift)·scale (SD-1: scale 0.18215, shift 0; SD3 has a shift)."""
-    return (z - shift) * scale
-
-
-def unscale_latents(z: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
-    """Diffusion space -> autoencoder latents: z/scale + shift (inverse of `scale_latents`)."""
-    return z / scale + shift
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -134,8 +134,12 @@ def evaluate(
     created_at: str | None = None,
     device: str | torch.device = "cpu",
     storage_options: dict[str, Any] | None = None,
+    photos: np.ndarray | None = None,
 ) -> EvaluationResult:
-    """Measure, decide, and write the report under ``out_url``. ``champion_metrics`` None means a first model."""
+    """Measure, decide, and write the report under ``out_url``. ``champion_metrics`` None means a first model.
+
+    photos: natural-image crops (uint8 (N, H, W, 3)) also reconstructed, reported as photo_psnr/ssim/lpips.
+    """
     config = config or EvaluationConfig()
     metrics: dict[str, MetricResult] = {}
     n_rec = min(config.reconstruction_samples, len(held_out.images)) if reconstruct_fn is not None else 0
@@ -155,6 +159,15 @@ def evaluate(
                             if config.lpips else MetricResult.not_computed("lpips", "disabled in the evaluation config"))
         metrics["rfid"] = frechet_inception_distance(originals, reconstructions, name="rfid", inception=inception,
                                                      unavailable_reason=inception_missing)
+
+    if photos is not None and len(photos) and reconstruct_fn is not None:
+        photo_rec = reconstruct_fn(photos)
+        for name, fn in (("photo_psnr", psnr), ("photo_ssim", ssim)):
+            r = fn(photos, photo_rec)
+            metrics[name] = MetricResult(name, r.value, r.n, r.computed, r.reason, r.capped, r.note)
+        if config.lpips:
+            r = lpips(photos, photo_rec, download=config.download_weights, device=device)
+            metrics["photo_lpips"] = MetricResult("photo_lpips", r.value, r.n, r.computed, r.reason, r.capped, r.note)
 
     # 2) generations from held-out captions: FID, attribute accuracy
     if n_gen:

@@ -113,6 +113,21 @@ def autoencoder_preset(name: str, **overrides) -> AutoencoderConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The latent scale: the one place autoencoder latents enter and leave diffusion space
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def scale_latents(z: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """Autoencoder latents -> diffusion space: (z − shift)·scale (SD-1: scale 0.18215, shift 0; SD3 has a shift)."""
+    return (z - shift) * scale
+
+
+def unscale_latents(z: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """Diffusion space -> autoencoder latents: z/scale + shift (inverse of `scale_latents`)."""
+    return z / scale + shift
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -343,10 +358,10 @@ class AutoencoderKL(nn.Module):
     def encode_latents(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         post = self.encode(x)
         z = post.sample(generator) if sample else post.mode()
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+        return scale_latents(z, self.config.scaling_factor, self.config.shift_factor)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z / self.config.scaling_factor + self.config.shift_factor)
+        return self.decode(unscale_latents(z, self.config.scaling_factor, self.config.shift_factor))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,10 +434,10 @@ class VQModel(nn.Module):
 
     def encode_latents(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         zq, _, _ = self.quantize(self.encode_pre_quant(x))
-        return (zq - self.config.shift_factor) * self.config.scaling_factor
+        return scale_latents(zq, self.config.scaling_factor, self.config.shift_factor)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z / self.config.scaling_factor + self.config.shift_factor)
+        return self.decode(unscale_latents(z, self.config.scaling_factor, self.config.shift_factor))
 
 
 Autoencoder = AutoencoderKL | VQModel

@@ -96,9 +96,22 @@ class UNetConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_heads(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("num_heads") is None and data.get("num_head_channels") is None:
-            data = {**data, "num_heads": DEFAULT_HEADS}
+    def _expand_preset(cls, data: Any) -> Any:
+        """``{"preset": "tiny", "model_channels": 64}`` starts from a named preset and overrides fields; with no
+        head rule at all, 8 heads."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "preset" in data:
+            name = data.pop("preset")
+            if name not in UNET_PRESETS:
+                raise ValueError(f"unknown UNet preset {name!r}; choose from {sorted(UNET_PRESETS)}")
+            base = UNET_PRESETS[name].model_dump()
+            if data.get("num_head_channels") is not None or data.get("num_heads") is not None:
+                base.pop("num_heads"), base.pop("num_head_channels")  # choosing one head rule replaces the other
+            data = {**base, **data}
+        if data.get("num_heads") is None and data.get("num_head_channels") is None:
+            data["num_heads"] = DEFAULT_HEADS
         return data
 
     @model_validator(mode="after")

@@ -65,11 +65,11 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
         return dg.MaterializeResult(
             metadata={
                 "vae_url": model_url, "vae_uri": f"models:/{REGISTERED_NAME}/{mv.version}", "vae_version": int(mv.version),
-                "latent_scale": scale, "latent_shift": shift, "latent_shape": [c, h, w], "val_psnr": psnr, "psnr_floor": config.psnr_floor,
+                "latent_scale": scale, "latent_shift": shift, "latent_shape": [c, h, w], "resolution": config.resolution, "val_psnr": psnr, "psnr_floor": config.psnr_floor,
                 "steps": result.step, "resumed_from": result.resumed_from or 0,
                 "perceptual_used": result.perceptual_used, "nonfinite_skipped": result.nonfinite_skipped,
                 "images_per_second": result.images_per_second, "dataset_version": ds["dataset_version"],
-                "mlflow_run": dg.MetadataValue.url(run.url),
+                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url),
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )

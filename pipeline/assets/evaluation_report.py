@@ -1,0 +1,99 @@
+"""`evaluation_report`: metrics, a self-contained HTML report and the promotion gate; moves alias `champion`."""
+
+import json
+from datetime import datetime, timezone
+
+import dagster as dg
+from pydantic import Field
+
+from ldm_core.bundle import load_text_to_image
+from ldm_core.data import ImageShardDataset
+from ldm_core.evaluation.evaluate import EvaluationConfig, evaluate, held_out_from_dataset, text_to_image_functions
+from ldm_core.grids import to_uint8
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, upstream_metadata
+from pipeline.assets.ldm_model import REGISTERED_NAME
+from pipeline.config_bridge import dagster_config, to_core
+from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+
+EvalSection = dagster_config(EvaluationConfig)
+METRICS_TAG = "evaluation_metrics"  # on a registered `ldm` version: its metrics.json "metrics", for the next gate
+
+LOSS_KEYS = {"vae_model": ("rec", "nll", "kl", "g", "d_loss"), "ldm_model": ("loss",)}
+
+
+class EvaluationReportConfig(dg.Config):
+    evaluation: EvalSection = Field(default_factory=EvalSection, description="Metrics, sample sizes, grid and gate.")  # type: ignore[valid-type]
+    guidance: float | None = Field(default=None, description="Guidance scale for the samples (default: the model's).")
+    steps: int | None = Field(default=None, description="Sampler steps (default: the model's diffusion config).")
+    held_out_images: int = Field(default=256, description="Held-out images loaded for reconstruction and FID.")
+    photo_images: int = Field(default=64, description="Natural-photo crops reconstructed (0 skips).")
+
+
+def _loss_curves(client, runs: dict[str, str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for stage, run_id in runs.items():
+        for key in LOSS_KEYS[stage]:
+            hist = client.get_metric_history(run_id, key)
+            if hist:
+                curves.setdefault(stage, {})[key] = [(float(m.step), float(m.value)) for m in sorted(hist, key=lambda m: m.step)]
+    return curves
+
+
+@dg.asset(group_name=GROUP, deps=["ldm_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"html", "mlflow"},
+          description=__doc__)
+def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationReportConfig, mlflow: MLflowResource,
+                      storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+    ldm_md = upstream_metadata(context, "ldm_model")
+    ds = upstream_metadata(context, "image_dataset")
+    vae_md = upstream_metadata(context, "vae_model")
+    eval_cfg = to_core(EvaluationConfig, config.evaluation, "evaluation_report.evaluation")
+    device = compute.torch_device()
+    model = load_text_to_image(ldm_md["ldm_url"])
+    resolution = model.latent_shape[1] * model.vae.config.downsample_factor
+    held_out = held_out_from_dataset(ImageShardDataset(ds["dataset_url"], split="validation", resolution=resolution),
+                                     config.held_out_images)
+    photos = None
+    if config.photo_images and ds.get("photos_url"):
+        pds = ImageShardDataset(ds["photos_url"], split=None, resolution=resolution)
+        photos = to_uint8(pds.get_batch(list(range(min(len(pds), config.photo_images))))) if len(pds) else None
+    generate_fn, reconstruct_fn = text_to_image_functions(model, steps=config.steps, guidance=config.guidance, device=device)
+
+    client = mlflow.client()
+    champion = mlflow.latest_alias_version(REGISTERED_NAME, "champion")
+    champion_metrics = json.loads(champion.tags[METRICS_TAG]) if champion is not None and METRICS_TAG in champion.tags else None
+    champion_label = f"{REGISTERED_NAME} v{champion.version}" if champion is not None else None
+    runs = {k: v for k, v in (("vae_model", vae_md.get("mlflow_run_id")), ("ldm_model", ldm_md.get("mlflow_run_id"))) if v}
+    out_url = storage.url("reports", f"ldm-v{ldm_md['ldm_version']}-{context.run.run_id[:8]}")
+
+    with mlflow.materialization_run(context) as run:
+        result = evaluate(
+            out_url, generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=held_out, config=eval_cfg,
+            champion_metrics=champion_metrics, champion_label=champion_label, loss_curves=_loss_curves(client, runs),
+            run_config={"ldm_uri": ldm_md["ldm_uri"], "vae_uri": ldm_md["vae_uri"], "dataset": ds["dataset_url"],
+                        "dagster_run_id": context.run.run_id},
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device, photos=photos,
+        )
+        values = {k: m.value for k, m in result.metrics.items() if m.computed}
+        run.tracker.log_metrics(values, step=0)
+        run.tracker.set_tags({"ldm_uri": ldm_md["ldm_uri"], "gate_passed": str(result.decision.passed).lower()})
+        for name, url in result.report.files.items():
+            if url.startswith("/") or url.startswith("file://"):
+                run.tracker.log_artifact(url.removeprefix("file://"), "report")
+        metrics_only = {k: v for k, v in result.report.metrics.items()}
+        client.set_model_version_tag(REGISTERED_NAME, str(ldm_md["ldm_version"]), METRICS_TAG, json.dumps(metrics_only))
+        if result.decision.passed:
+            client.set_registered_model_alias(REGISTERED_NAME, "champion", str(ldm_md["ldm_version"]))
+            context.log.info(f"gate passed: alias champion → {ldm_md['ldm_uri']}")
+        else:
+            context.log.warning("gate did not pass, champion unchanged: " + "; ".join(result.decision.reasons))
+        numeric = {k: dg.MetadataValue.float(float(v)) for k, v in values.items()}
+        not_computed = {k: m.reason for k, m in result.metrics.items() if not m.computed}
+        return dg.MaterializeResult(
+            metadata={
+                **numeric, "report_html": result.report.html_url, "metrics_json": result.report.metrics_url,
+                "gate_passed": result.decision.passed, "gate_reasons": dg.MetadataValue.json(result.decision.reasons),
+                "not_computed": dg.MetadataValue.json(not_computed), "ldm_uri": ldm_md["ldm_uri"],
+                "champion_before": champion_label or "none", "summary": dg.MetadataValue.md(result.report.markdown),
+                "mlflow_run": dg.MetadataValue.url(run.url),
+            },
+        )

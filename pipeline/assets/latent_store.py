@@ -1,0 +1,66 @@
+"""`latent_store`: every image encoded once by the frozen VAE + its caption by the text encoder (Zarr or Parquet)."""
+
+import dagster as dg
+from pydantic import Field
+
+from ldm_core.bundle import load_autoencoder
+from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
+from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, json_md, stable_key, upstream_metadata
+from pipeline.config_bridge import dagster_config, to_core
+from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+
+StoreSection = dagster_config(LatentStoreConfig)
+TextSection = dagster_config(TextEncoderConfig)
+
+
+class LatentStoreAssetConfig(dg.Config):
+    store: StoreSection = Field(default_factory=StoreSection, description="Latent store options (backend, dtype, content, batch).")  # type: ignore[valid-type]
+    text_encoder: TextSection = Field(default_factory=TextSection, description="Frozen text encoder (any transformers id or path).")  # type: ignore[valid-type]
+    check_std_tolerance: float = Field(default=0.35, description="Asset check: scaled latents must have std within 1 ± this.")
+    check_sample_rows: int = Field(default=512, description="Asset check: rows read to check the latents.")
+
+
+@dg.asset(group_name=GROUP, deps=["image_dataset", "vae_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS,
+          kinds={"zarr", "pytorch"}, description=__doc__)
+def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConfig, mlflow: MLflowResource,
+                 storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+    ds = upstream_metadata(context, "image_dataset")
+    vae_md = upstream_metadata(context, "vae_model")
+    store_data = {k: v for k, v in config.store.model_dump().items() if v is not None}
+    store_data.setdefault("resolution", vae_md.get("resolution"))
+    store_cfg = to_core(LatentStoreConfig, store_data, "latent_store.store")
+    text_cfg = to_core(TextEncoderConfig, config.text_encoder, "latent_store.text_encoder")
+    device = compute.torch_device()
+    vae = load_autoencoder(vae_md["vae_url"])
+    text_encoder = TextEncoder(text_cfg, device=device)
+    # one store per (dataset, VAE version, encoding options): new data extends it, a new VAE starts another
+    key = stable_key(ds["dataset_url"], store_cfg.to_dict(), text_cfg.to_dict())
+    store_url = storage.url("latents", f"vae-v{vae_md['vae_version']}-{key}")
+
+    def progress(p) -> None:
+        context.log.info(f"encoded {p.source} ({p.rows} rows): shard {p.shards_done}/{p.shards_todo}, {p.rows_done} rows so far")
+
+    with mlflow.materialization_run(context) as run:
+        run.tracker.log_params({"vae_uri": vae_md["vae_uri"], "store_url": store_url,
+                                **{f"store.{k}": v for k, v in store_cfg.to_dict().items()},
+                                **{f"text_encoder.{k}": v for k, v in text_cfg.to_dict().items()}})
+        result = encode_dataset(ds["dataset_url"], store_url, vae, text_encoder, store_cfg, vae_identity=vae_md["vae_uri"],
+                                device=device, progress=progress)
+        run.tracker.log_metrics({"rows_total": result.rows_total, "rows_new": result.rows_new,
+                                 "images_per_second": result.images_per_second}, step=0)
+        context.log.info(f"{result.rows_new} new rows encoded ({result.rows_total} total) at "
+                         f"{result.images_per_second:.1f} images/s into {store_url}")
+        return dg.MaterializeResult(
+            metadata={
+                "store_url": store_url, "vae_uri": vae_md["vae_uri"], "vae_url": vae_md["vae_url"],
+                "rows_total": result.rows_total, "rows_new": result.rows_new,
+                "shards_total": result.shards_total, "shards_new": result.shards_new,
+                "images_per_second": result.images_per_second, "text_encoder": text_encoder.identity,
+                "text_encoder_config": json_md(text_cfg.to_dict()), "context_dim": text_encoder.dim,
+                "latent_shape": vae_md["latent_shape"], "backend": store_cfg.backend,
+                "check_std_tolerance": config.check_std_tolerance, "check_sample_rows": config.check_sample_rows,
+                "mlflow_run": dg.MetadataValue.url(run.url),
+            },
+            data_version=dg.DataVersion(f"{vae_md['vae_uri']}|rows={result.rows_total}"),
+        )

@@ -1,0 +1,106 @@
+"""`ldm_model`: the text-conditioned denoiser (EMA) trained on the latent store, registered as `ldm` (a pyfunc)."""
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+from ldm_core.bundle import load_autoencoder, save_text_to_image
+from ldm_core.data.latent_dataset import LatentDataset
+from ldm_core.diffusion import create_diffusion
+from ldm_core.generation import generate, make_grid, upscale_nearest
+from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from ldm_core.tracking import FanoutTracker
+from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
+from pipeline.config_bridge import dagster_config, to_core
+from pipeline.mlflow_models import TEXT_TO_IMAGE_CODE, text_to_image_signature
+from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+from pipeline.tracking import DagsterProgress, temp_dir
+
+REGISTERED_NAME = "ldm"
+TrainingSection = dagster_config(LDMTrainingConfig)
+DEFAULT_PROMPTS = [
+    "a large red circle in the center", "a small blue square in the top left",
+    "a large green triangle in the bottom right", "a small yellow circle in the top right",
+]
+
+
+class LdmModelConfig(dg.Config):
+    training: TrainingSection = Field(default_factory=TrainingSection, description="Stage-2 training config (denoiser, diffusion, trainer).")  # type: ignore[valid-type]
+    guidance: float = Field(default=4.0, description="Classifier-free guidance scale stored with the model (its default at sampling).")
+    validation_prompts: list[str] = Field(default=DEFAULT_PROMPTS, description="Prompts of the validation grids sent to MLflow.")
+    validation_seeds: int = Field(default=4, description="Samples per validation prompt.")
+
+
+def _training_config(config: LdmModelConfig, store_md: dict) -> LDMTrainingConfig:
+    """The run config's training section with the shapes the latent store dictates filled in where left unset."""
+    data = config.training.model_dump()
+    den = {k: v for k, v in (data.get("denoiser") or {}).items() if v is not None}
+    c = int(store_md["latent_shape"][0])
+    den.setdefault("in_channels", c)
+    den.setdefault("out_channels", c)
+    den.setdefault("context_dim", int(store_md["context_dim"]))
+    data["denoiser"] = den
+    return to_core(LDMTrainingConfig, data, "ldm_model.training")
+
+
+@dg.asset(group_name=GROUP, deps=["latent_store"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "mlflow"},
+          description=__doc__)
+def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow: MLflowResource,
+              storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+    store_md = upstream_metadata(context, "latent_store")
+    training = _training_config(config, store_md)
+    training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
+    den = training.denoiser
+    if den.context_dim != store_md["context_dim"] or den.in_channels != store_md["latent_shape"][0]:
+        raise dg.Failure(f"denoiser expects context_dim={den.context_dim}, in_channels={den.in_channels} but the "
+                         f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}")
+    train = LatentDataset(store_md["store_url"], split="train")
+    text_cfg = TextEncoderConfig.model_validate(store_md["text_encoder_config"])
+    vae = load_autoencoder(store_md["vae_url"])
+    latent_shape = tuple(store_md["latent_shape"])
+    key = stable_key(store_md["store_url"], store_md["rows_total"], training.to_dict())
+    ckpt_dir = storage.url("checkpoints", "ldm", key)
+    text_encoder = TextEncoder(text_cfg)
+    diffusion = create_diffusion(training.diffusion)
+
+    def sample_fn(model, step: int) -> np.ndarray:
+        prompts = [p for p in config.validation_prompts for _ in range(config.validation_seeds)]
+        images = generate(prompts, vae, model, text_encoder, diffusion, latent_shape, guidance=config.guidance, seed=0,
+                          device=compute.torch_device())
+        model.train()
+        return upscale_nearest(make_grid(images, ncols=config.validation_seeds), 2)
+
+    with mlflow.materialization_run(context) as run:
+        run.tracker.set_tags({"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"]})
+        progress = DagsterProgress(context.log, "ldm", keys=("loss", "grad_norm", "lr", "samples_per_second"))
+        result = train_ldm(training, train, FanoutTracker(run.tracker, progress), uncond=train.uncond(),
+                           checkpoint_dir=ckpt_dir, sample_fn=sample_fn)
+        final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
+        info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,
+                "steps": result.step, "text_encoder": store_md["text_encoder"]}
+        bundle_kw = dict(denoiser=result.model, vae=vae, diffusion_config=training.diffusion, text_encoder_config=text_cfg,
+                         latent_shape=latent_shape, guidance=config.guidance, info=info)
+        model_url = storage.url("models", "ldm", f"{key}-{context.run.run_id[:8]}")
+        save_text_to_image(model_url, **bundle_kw)
+        f = vae.config.downsample_factor
+        with temp_dir() as tmp:
+            save_text_to_image(tmp, **bundle_kw)
+            mv = run.log_and_register_pyfunc(
+                name="ldm", registered_name=REGISTERED_NAME, python_model=TEXT_TO_IMAGE_CODE, artifacts={"bundle": tmp},
+                signature=text_to_image_signature(latent_shape[1] * f, latent_shape[2] * f), alias="candidate",
+                tags={"vae_uri": store_md["vae_uri"], "text_encoder": text_cfg.name, "storage_url": model_url,
+                      "latent_store": store_md["store_url"]},
+            )
+        context.log.info(f"trained {result.step} steps (final loss {final_loss:.4f}); registered {REGISTERED_NAME} "
+                         f"v{mv.version} (alias candidate)")
+        return dg.MaterializeResult(
+            metadata={
+                "ldm_url": model_url, "ldm_uri": f"models:/{REGISTERED_NAME}/{mv.version}", "ldm_version": int(mv.version),
+                "vae_uri": store_md["vae_uri"], "store_url": store_md["store_url"], "steps": result.step,
+                "resumed_from": result.resumed_from or 0, "final_loss": final_loss,
+                "samples_per_second": result.samples_per_second, "nonfinite_skipped": result.nonfinite_skipped,
+                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url),
+            },
+            data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
+        )

@@ -1,0 +1,247 @@
+"""The `ldm` command: `ldm demo`, `ldm ui`, `ldm sample`, `ldm weights`, `ldm validate`.
+
+Everything defaults to LDM_HOME (./.ldm): the Dagster instance, the MLflow database and artifacts, the storage root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pipeline import settings
+
+DAGSTER_YAML = """\
+# Written by `ldm`: a local Dagster instance under LDM_HOME (SQLite storage).
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1   # one GPU-tagged step at a time (pool `gpu`) on a laptop
+"""
+
+
+def prepare_home() -> Path:
+    """Create LDM_HOME with a Dagster instance in it and point the environment at it."""
+    home = settings.ldm_home()
+    dagster_home = settings.dagster_home()
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():
+        (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
+    os.environ["LDM_HOME"] = str(home)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri())
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*superseded.*")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ldm demo
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    home = prepare_home()
+    _quiet()
+    import dagster as dg
+
+    from pipeline import run_configs
+    from pipeline.definitions import get_training_job
+    from pipeline.validation import validate_run_config
+
+    run_config = run_configs.load(args.config)
+    validate_run_config(run_config)  # every section, before any work starts
+    run_config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
+    print(f"LDM_HOME={home}\nrunning ldm_training_job with {args.config or 'demo'} (progress below)…", flush=True)
+    t0 = time.time()
+    with dg.DagsterInstance.get() as instance:
+        result = dg.execute_job(dg.reconstructable(get_training_job), instance=instance, run_config=run_config,
+                                tags={"ldm.trigger": "ldm demo"})
+        if not result.success:
+            print(f"\nthe run failed (run id {result.run_id}); see the log above or `ldm ui`", file=sys.stderr)
+            return 1
+        print(summary(instance, result.run_id, time.time() - t0))
+    return 0
+
+
+def summary(instance: Any, run_id: str, seconds: float) -> str:
+    import dagster as dg
+
+    def md(key: str) -> dict[str, Any]:
+        ev = instance.get_latest_materialization_event(dg.AssetKey(key))
+        return {k: getattr(v, "value", v) for k, v in ev.asset_materialization.metadata.items()} if ev else {}
+
+    ds, vae, store, ldm, rep = (md(k) for k in ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"))
+    lines = [
+        "", f"ldm_training_job finished in {seconds / 60:.1f} min (run {run_id[:8]})",
+        f"  dataset        {ds.get('rows_total')} images ({ds.get('bad_total', 0)} bad inputs dropped)",
+        f"  ldm-vae        {vae.get('vae_uri')} (alias candidate); val PSNR {_fmt(vae.get('val_psnr'))} dB",
+        f"  latent store   {store.get('rows_total')} rows at {store.get('store_url')}",
+        f"  ldm            {ldm.get('ldm_uri')} (alias candidate); final loss {_fmt(ldm.get('final_loss'))}",
+    ]
+    if rep:
+        lines.append(f"  evaluation     gate {'PASSED' if rep.get('gate_passed') else 'did not pass'}"
+                     f"{' → alias champion moved to ' + str(rep.get('ldm_uri')) if rep.get('gate_passed') else ''}")
+        for k in ("color_acc", "shape_acc", "position_acc", "psnr", "ssim", "fid", "lpips"):
+            if k in rep and rep[k] is not None:
+                lines.append(f"                 {k} = {_fmt(rep[k])}")
+        lines.append(f"  report         {rep.get('report_html')}")
+    lines += [
+        "", "Browse the result:", "  ldm ui        # Dagster at http://127.0.0.1:3000, MLflow at http://127.0.0.1:5000",
+        '  ldm sample --model models:/ldm@champion --prompt "a large red circle in the center" -n 8 -o grid.png',
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ldm ui
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    prepare_home()
+    bin_dir = Path(sys.executable).parent
+    workspace = Path("workspace.yaml")
+    target = ["-w", str(workspace)] if workspace.exists() else ["-m", "pipeline.definitions"]
+    dagster = [str(bin_dir / "dagster"), "dev", *target, "-h", args.host, "-p", str(args.dagster_port)]
+    mlflow = [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", settings.mlflow_tracking_uri(),
+              "--default-artifact-root", settings.mlflow_artifact_location(), "--host", args.host,
+              "--port", str(args.mlflow_port)]
+    procs = [subprocess.Popen(dagster), subprocess.Popen(mlflow)]
+    print(f"Dagster: http://{args.host}:{args.dagster_port}   MLflow: http://{args.host}:{args.mlflow_port}   (Ctrl-C stops both)")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ldm sample
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    prepare_home()
+    _quiet()
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from ldm_core.grids import make_grid, upscale_nearest
+
+    model = mlflow.pyfunc.load_model(args.model)
+    frame = pd.DataFrame({"prompt": [args.prompt] * args.n, "seed": list(range(args.seed, args.seed + args.n))})
+    if args.steps is not None:
+        frame["steps"] = args.steps
+    if args.guidance is not None:
+        frame["guidance"] = args.guidance
+    images = np.asarray(model.predict(frame))
+    grid = make_grid(images, ncols=args.cols)
+    if args.scale > 1:
+        grid = upscale_nearest(grid, args.scale)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(out)
+    print(f"{args.n} images of {images.shape[1]}×{images.shape[2]} for {args.prompt!r} from {args.model} → {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ldm weights, ldm validate
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from ldm_core.pretrained import status
+
+    rows = status()
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        print(f"{r.name.ljust(width)}  {'present' if r.present else 'MISSING'}  {r.path}  ({r.used_for})")
+    if args.json:
+        print(json.dumps([{"name": r.name, "path": str(r.path), "present": r.present, "used_for": r.used_for} for r in rows], indent=2))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _quiet()
+    from pipeline import run_configs
+    from pipeline.validation import validate_run_config
+
+    ok = True
+    for name in args.configs or list(run_configs.available()):
+        try:
+            validate_run_config(run_configs.load(name))
+            print(f"ok      {name}")
+        except Exception as e:  # report every config, then fail
+            ok = False
+            print(f"INVALID {name}: {e}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ldm", description="ldm-pipeline: train latent diffusion models with Dagster + MLflow.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="materialize ldm_training_job on the embedded default (demo.yaml)")
+    d.add_argument("--config", default=None, help="run config path or preset name (default: demo)")
+    d.set_defaults(fn=cmd_demo)
+
+    u = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI on 127.0.0.1")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--dagster-port", type=int, default=3000)
+    u.add_argument("--mlflow-port", type=int, default=5000)
+    u.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("sample", help="generate an image grid from a registered model")
+    s.add_argument("--model", default="models:/ldm@champion", help="MLflow model URI")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("-n", type=int, default=8)
+    s.add_argument("-o", "--output", default="grid.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--cols", type=int, default=None)
+    s.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the grid (small images)")
+    s.set_defaults(fn=cmd_sample)
+
+    w = sub.add_parser("weights", help="list pretrained components, where they are expected, and whether present")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(fn=cmd_weights)
+
+    v = sub.add_parser("validate", help="validate run configs (default: every preset in pipeline/configs)")
+    v.add_argument("configs", nargs="*")
+    v.set_defaults(fn=cmd_validate)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

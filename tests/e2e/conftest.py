@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = Path(__file__).with_name("tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+@pytest.fixture(scope="session")
+def ldm_home(tmp_path_factory):
+    """A fresh LDM_HOME (Dagster instance dir, MLflow SQLite, storage) for the e2e session."""
+    home = tmp_path_factory.mktemp("ldm_home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LDM_HOME", str(home))
+    mp.setenv("DAGSTER_HOME", str(home / "dagster"))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for var in ("LDM_STORAGE_ROOT", "LDM_MLFLOW_ARTIFACTS", "LDM_RUN_CONFIG"):
+        mp.delenv(var, raising=False)
+    (home / "dagster").mkdir()
+    (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    yield home
+    mp.undo()
+
+
+def child_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"LDM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    return env

@@ -1,0 +1,147 @@
+"""The ways people start the pipeline: `dagster job execute`, the webserver's GraphQL API (what the UI's
+Materialize button sends), and `ldm sample` on the registry."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import TINY, child_env
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ASSETS = ["image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"]
+
+
+def _fresh_home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    (home / "dagster").mkdir(parents=True)
+    (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+def test_dagster_job_execute_runs_the_pipeline(tmp_path):
+    home = _fresh_home(tmp_path)
+    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job", "-c", str(TINY)]
+    out = subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "RUN_SUCCESS" in out.stdout + out.stderr
+    assert list((home / "storage" / "reports").glob("*/report.html"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        body = json.loads(r.read())
+    assert "errors" not in body, body
+    return body["data"]
+
+
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+
+
+def test_webserver_lists_assets_and_materializes_them(tmp_path):
+    """`dagster dev` (webserver + daemon, what `ldm ui` starts) on 127.0.0.1; the daemon dequeues the run."""
+    home = _fresh_home(tmp_path)
+    port = _free_port()
+    log = open(tmp_path / "dagster-dev.log", "wb")
+    server = subprocess.Popen([str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=ROOT, env=child_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+                assert time.time() < deadline, "webserver did not start"
+                time.sleep(1)
+        # wait for the code location to load, then list the assets
+        for _ in range(120):
+            nodes = _graphql(port, "{ assetNodes { assetKey { path } groupName } }")["assetNodes"]
+            if nodes:
+                break
+            time.sleep(1)
+        assert {n["assetKey"]["path"][0]: n["groupName"] for n in nodes} == {k: "ldm" for k in ASSETS}
+
+        import yaml
+
+        params = {
+            "selector": {"repositoryLocationName": "ldm_pipeline", "repositoryName": "__repository__",
+                         "jobName": "__ASSET_JOB", "assetSelection": [{"path": [k]} for k in ASSETS]},
+            "runConfigData": yaml.safe_load(TINY.read_text()), "mode": "default",
+        }
+        launched = _graphql(port, LAUNCH, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["runId"]
+        status = None
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            status = _graphql(port, "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", {"id": run_id})["runOrError"]["status"]
+            if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(2)
+        assert status == "SUCCESS", (tmp_path / "dagster-dev.log").read_text()[-3000:]
+        mats = _graphql(port, '{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId } } }')["assetNodes"]
+        assert all(n["assetMaterializations"] and n["assetMaterializations"][0]["runId"] == run_id for n in mats)
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGINT)  # dagster dev shuts its webserver and daemon down on SIGINT
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_ldm_sample_from_the_registry(materialized_home):
+    home, out_png = materialized_home
+    from PIL import Image
+
+    img = Image.open(out_png)
+    assert img.size[0] > 32 and img.size[1] > 32
+    arr = __import__("numpy").asarray(img)
+    assert arr.std() > 0  # not blank
+
+
+@pytest.fixture(scope="module")
+def materialized_home(ldm_home, tiny_config):
+    """Run the pipeline (in-process) in the session home if the e2e module has not, then `ldm sample`."""
+    import dagster as dg
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.definitions import defs
+
+    try:
+        MlflowClient().get_model_version_by_alias("ldm", "champion")
+    except Exception:
+        with dg.DagsterInstance.get() as instance:
+            assert defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config, instance=instance).success
+    out_png = ldm_home / "grid.png"
+    out = subprocess.run([str(BIN / "ldm"), "sample", "--model", "models:/ldm@champion", "--prompt", "a small red circle",
+                          "-n", "4", "--steps", "2", "-o", str(out_png)], env=child_env(ldm_home), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return ldm_home, out_png

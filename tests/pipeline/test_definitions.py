@@ -1,0 +1,94 @@
+"""Definitions load, carry the contract's names, and every shipped run config validates."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from pipeline import run_configs
+from pipeline.config_bridge import ConfigValidationError
+from pipeline.definitions import defs
+from pipeline.validation import validate_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSET_KEYS = {"image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"}
+GPU_ASSETS = {"vae_model", "latent_store", "ldm_model", "evaluation_report"}
+
+
+def test_assets_jobs_schedule_sensor_names():
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == ASSET_KEYS
+    for key in ASSET_KEYS:
+        assert graph.get(dg.AssetKey(key)).group_name == "ldm"
+    assert set(defs.resolve_job_def("ldm_training_job").asset_layer.executable_asset_keys) == {dg.AssetKey(k) for k in ASSET_KEYS}
+    assert defs.resolve_schedule_def("ldm_weekly_retrain").cron_schedule == "0 3 * * 0"
+    assert defs.resolve_sensor_def("ldm_new_data_sensor").job_name == "ldm_retrain_job"
+
+
+def test_dependencies_are_explicit():
+    graph = defs.resolve_asset_graph()
+    parents = {k: {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys} for k in ASSET_KEYS}
+    assert parents == {
+        "image_dataset": set(), "vae_model": {"image_dataset"}, "latent_store": {"image_dataset", "vae_model"},
+        "ldm_model": {"latent_store"}, "evaluation_report": {"ldm_model"},
+    }
+
+
+def test_gpu_work_is_tagged():
+    for key in GPU_ASSETS:
+        node = defs.resolve_assets_def(key).node_def
+        assert node.pool == "gpu", key
+        k8s = node.tags["dagster-k8s/config"]
+        k8s = json.loads(k8s) if isinstance(k8s, str) else k8s
+        limits = k8s["container_config"]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1"
+    assert defs.resolve_assets_def("image_dataset").node_def.pool is None
+
+
+@pytest.mark.parametrize("name", sorted(run_configs.available()))
+def test_every_shipped_config_validates(name):
+    validate_run_config(run_configs.load(name))
+
+
+def test_bad_configs_fail_with_the_field_path():
+    base = run_configs.load("demo")
+    cases = [
+        (("vae_model", "training", "trainer", "stepz"), 3, "stepz"),
+        (("vae_model", "training", "trainer", "batch_size"), "x", "batch_size"),
+        (("vae_model", "training", "trainer", "micro_batch_size"), 5, "vae_model.training.trainer"),
+        (("ldm_model", "training", "diffusion", "sampler"), "euler", None),  # fine for flow
+        (("ldm_model", "training", "diffusion", "kind"), "ddpm", "ldm_model.training.diffusion"),  # euler + ddpm
+        (("vae_model", "resolution"), 30, "vae_model.resolution"),
+    ]
+    for path, value, expected in cases:
+        cfg = copy.deepcopy(base)
+        node = cfg["ops"][path[0]]["config"]
+        for p in path[1:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+        if path[-1] == "kind":
+            node["sampler"] = "euler"
+        if expected is None:
+            validate_run_config(cfg)
+            continue
+        with pytest.raises(ConfigValidationError, match=expected.replace(".", r"\.")):
+            validate_run_config(cfg)
+
+
+def test_unet_that_cannot_downsample_the_latent_is_refused():
+    cfg = run_configs.load("demo")
+    cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"] = {
+        "preset": "tiny", "channel_mult": [1, 1, 1, 1, 1], "attention_levels": [1]}  # 4 downsamplings of an 8×8 latent
+    with pytest.raises(ConfigValidationError, match="ldm_model.training.denoiser.channel_mult"):
+        validate_run_config(cfg)
+
+
+def test_dagster_definitions_validate_cli():
+    out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
