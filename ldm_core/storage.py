@@ -23,6 +23,15 @@ from fsspec.implementations.local import LocalFileSystem
 _S3_RETRIES = 10
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def s3_options_from_env() -> dict[str, Any]:
     opts: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -102,6 +111,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         try:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or shard should be readable like any file
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from ldm_core.config import StrictModel
-from ldm_core.evaluation.attributes import ATTRIBUTES, accuracy_metrics, attribute_accuracy
+from ldm_core.evaluation.attributes import ATTRIBUTES, accuracy_metrics, attribute_accuracy, evaluator_accuracy
 from ldm_core.evaluation.fid import DEFAULT_FEATURE_DIM, frechet_inception_distance, inception_or_reason
 from ldm_core.evaluation.gate import GateConfig, GateDecision, decide
 from ldm_core.evaluation.metrics import MetricResult, lpips, psnr, ssim
@@ -178,6 +178,10 @@ def evaluate(
         if held_out.attributes is not None:
             wanted = [held_out.attributes[i % len(held_out.attributes)] for i in range(n_gen)]
             metrics.update(accuracy_metrics(attribute_accuracy(generated, wanted)))
+            # the judge judged: its own accuracy on the REAL held-out images, reported beside what it measured
+            for name, m in accuracy_metrics(evaluator_accuracy(held_out.images, held_out.attributes)).items():
+                metrics[f"evaluator_{name}"] = MetricResult(f"evaluator_{name}", m.value, m.n, m.computed, m.reason,
+                                                            note="evaluator on real held-out images")
 
     # 3) the prompt × seed grid: column j is generate(prompts, seed_j), so row i's noise is seed_j + i
     prompts = config.grid_prompts or list(dict.fromkeys(held_out.captions))[: config.grid_size]

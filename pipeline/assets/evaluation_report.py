@@ -66,6 +66,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
     out_url = storage.url("reports", f"ldm-v{ldm_md['ldm_version']}-{context.run.run_id[:8]}")
 
     with mlflow.materialization_run(context) as run:
+        run.tracker.log_params({"ldm_uri": ldm_md["ldm_uri"], "champion_before": champion_label or "none",
+                                "guidance": config.guidance, "steps": config.steps, **eval_cfg.to_dict()})
         result = evaluate(
             out_url, generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=held_out, config=eval_cfg,
             champion_metrics=champion_metrics, champion_label=champion_label, loss_curves=_loss_curves(client, runs),
