@@ -204,9 +204,10 @@ def train_autoencoder(
         if ckpt is not None and rank == 0:
             ckpt.save(step, run_state.snapshot(step, stream.position))
 
-    if rank == 0 and resumed_from is None:
+    if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
         tracker.log_params({**flatten_dict(config.to_dict()), "perceptual_used": perceptual_used,
-                            "device": str(device), "precision": precision, "world_size": world_size})
+                            "device": str(device), "precision": precision, "world_size": world_size,
+                            "resumed_from_step": resumed_from or 0})
         tracker.set_tags({"perceptual_used": str(perceptual_used).lower()})
         if not perceptual_used:
             log.warning("training the autoencoder WITHOUT the LPIPS perceptual term (VGG weights unavailable, "

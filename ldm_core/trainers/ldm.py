@@ -189,10 +189,11 @@ def train_ldm(
         if ckpt is not None and rank == 0:
             ckpt.save(step, run_state.snapshot(step, stream.position))
 
-    if rank == 0 and resumed_from is None:
+    if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
         n_params = sum(p.numel() for p in params)
         tracker.log_params({**flatten_dict(config.to_dict()), "device": str(device), "precision": precision,
-                            "world_size": world_size, "denoiser_parameters": n_params})
+                            "world_size": world_size, "denoiser_parameters": n_params,
+                            "resumed_from_step": resumed_from or 0})
 
     window = MetricWindow()
     t0, seen = time.perf_counter(), 0

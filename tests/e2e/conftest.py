@@ -12,9 +12,9 @@ def tiny_config() -> dict:
     return yaml.safe_load(TINY.read_text())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ldm_home(tmp_path_factory):
-    """A fresh LDM_HOME (Dagster instance dir, MLflow SQLite, storage) for the e2e session."""
+    """A fresh LDM_HOME (Dagster instance dir, MLflow SQLite, storage) per test module."""
     home = tmp_path_factory.mktemp("ldm_home")
     mp = pytest.MonkeyPatch()
     mp.setenv("LDM_HOME", str(home))
