@@ -18,7 +18,7 @@ from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderKL
 BENCH_CONFIG = AutoencoderConfig(ch=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, norm_groups=32)
 
 
-def run(size: int = 64, batch: int = 4, rounds: int = 5, iters: int = 2, precision: str = "fp32",
+def run(size: int = 64, batch: int = 4, rounds: int = 10, iters: int = 1, precision: str = "fp32",
         device: str = "cpu", channels_last: bool = False) -> dict:
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def run(size: int = 64, batch: int = 4, rounds: int = 5, iters: int = 2, precisi
         "benchmark": "autoencoder_fwd_bwd", "config": BENCH_CONFIG.to_dict(), "image_size": size, "batch": batch,
         "precision": precision, "channels_last": channels_last, "machine": machine_info(),
         "ours_images_per_s": batch / t["ours"], "diffusers_images_per_s": batch / t["diffusers"],
-        "ratio": t["diffusers"] / t["ours"],
+        "ratio": t["ratio"],
     }
     return result
 
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--iters", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true")

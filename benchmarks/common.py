@@ -50,7 +50,7 @@ def sync(device: torch.device) -> None:
 
 def time_alternating(fns: dict[str, Callable[[], None]], rounds: int, iters: int, warmup: int,
                      device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in alternating rounds."""
+    """Median seconds per call of each fn, timed in alternating rounds (see `paired_ratio` for their ratio)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -64,7 +64,13 @@ def time_alternating(fns: dict[str, Callable[[], None]], rounds: int, iters: int
                 fn()
             sync(device)
             samples[name].append((time.perf_counter() - t) / iters)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    out = {k: statistics.median(v) for k, v in samples.items()}
+    names = list(fns)
+    if len(names) == 2:
+        # the ratio of each round's pair, then the median: a slow spell hits both halves of a round alike
+        a, b = names
+        out["ratio"] = statistics.median(sb / sa for sa, sb in zip(samples[a], samples[b]))
+    return out
 
 
 def write_json(result: dict[str, Any], path: str | None) -> None:

@@ -81,10 +81,10 @@ def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, devi
         "benchmark": "unet", "config": name, "unet": spec["unet"].to_dict(), "latent": s, "tokens": L, "batch": b,
         "precision": precision, "machine": machine_info(),
         "train_ours_images_per_s": b / train["ours"], "train_diffusers_images_per_s": b / train["diffusers"],
-        "train_ratio": train["diffusers"] / train["ours"],
+        "train_ratio": train["ratio"],
         "sample_steps": sample_steps, "sample_batch": sb,
         "sample_ours_images_per_s": sb / samp["ours"], "sample_diffusers_images_per_s": sb / samp["diffusers"],
-        "sample_ratio": samp["diffusers"] / samp["ours"],
+        "sample_ratio": samp["ratio"],
     }
 
 
