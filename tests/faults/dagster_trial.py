@@ -1,0 +1,165 @@
+"""A Dagster materialization killed during `vae_model` training and run again resumes from its checkpoint.
+
+`dagster_kill_trial` runs ``dagster job execute -m pipeline.definitions -j ldm_training_job -c <config>`` in a fresh
+LDM_HOME, SIGKILLs it once the vae_model checkpoint directory (keyed on data + config) holds a committed
+checkpoint at or past ``kill_at_step``, checks that the registry holds no `ldm-vae` version yet (the registry never
+points at an unfinished model), runs the same command again to the end, and compares the registered autoencoder's
+weights with an uninterrupted training of the same config on the same data (in this process, bit for bit).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "e2e" / "tiny.yaml"
+BIN = Path(sys.executable).parent
+
+
+def kill_config(vae_steps: int = 24, only_vae: bool = False) -> dict[str, Any]:
+    """tiny.yaml with a longer vae_model training that checkpoints every 2 steps (``only_vae``: the sections of
+    image_dataset and vae_model alone, for a run of the op selection ``*vae_model``)."""
+    cfg = copy.deepcopy(yaml.safe_load(TINY.read_text()))
+    trainer = cfg["ops"]["vae_model"]["config"]["training"]["trainer"]
+    trainer.update({"steps": vae_steps, "checkpoint_every": 2, "log_every": 4})
+    if only_vae:
+        cfg["ops"] = {k: v for k, v in cfg["ops"].items() if k in ("image_dataset", "vae_model")}
+    return cfg
+
+
+def fresh_home(path: Path) -> Path:
+    (path / "dagster").mkdir(parents=True, exist_ok=True)
+    (path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return path
+
+
+def home_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("LDM_STORAGE_ROOT", "LDM_MLFLOW_ARTIFACTS", "LDM_RUN_CONFIG"):
+        env.pop(var, None)
+    env.update({"LDM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    return env
+
+
+def job_command(config_path: Path, only_vae: bool = False) -> list[str]:
+    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
+           "-c", str(config_path)]
+    return cmd + (["-o", "*vae_model"] if only_vae else [])
+
+
+def committed_vae_steps(home: Path) -> list[int]:
+    """Steps with a commit record (.sha256) in any vae checkpoint directory under the home's storage."""
+    return sorted(int(m.group(1)) for p in (home / "storage" / "checkpoints" / "vae").glob("*/step-*.sha256")
+                  if (m := re.match(r"step-(\d+)\.sha256", p.name)))
+
+
+def registered_versions(home: Path, name: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    if not (home / "mlflow.db").exists():
+        return []
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return list(client.search_model_versions(f"name = '{name}'"))
+
+
+def vae_metadata(home: Path) -> dict[str, Any]:
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        ev = instance.get_latest_materialization_event(dg.AssetKey("vae_model"))
+        assert ev is not None, "vae_model was never materialized"
+        return {k: getattr(v, "value", v) for k, v in ev.asset_materialization.metadata.items()}
+
+
+def reference_vae_weights(config: dict[str, Any], dataset_url: str) -> dict[str, Any]:
+    """Train the vae_model's config uninterrupted, in this process, exactly as the asset builds it."""
+    import torch
+
+    from ldm_core.data import ImageShardDataset
+    from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, train_autoencoder
+    from pipeline.config_bridge import to_core
+    from pipeline.resources import ComputeResource
+
+    section = config["ops"]["vae_model"]["config"]
+    training = to_core(AutoencoderTrainingConfig, section["training"], "vae_model.training")
+    training = training.model_copy(update={"trainer": ComputeResource().apply(training.trainer)})
+    data = ImageShardDataset(dataset_url, split="train", resolution=section.get("resolution", 32), cache_decoded=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # what the `dagster` process uses by default
+    try:
+        result = train_autoencoder(training, data, checkpoint_dir=None)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24, only_vae: bool = False,
+                       timeout: float = 420.0) -> dict[str, Any]:
+    """``only_vae``: run the op selection ``*vae_model`` (image_dataset, vae_model) instead of the whole job: the
+    same kill and resume, without the downstream assets' time (the test suite's variant)."""
+    import torch
+
+    from ldm_core.model_io import load_state_dict
+
+    home = fresh_home(workdir / "home")
+    config = kill_config(vae_steps, only_vae)
+    config_path = workdir / "kill.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = home_env(home)
+    out: dict[str, Any] = {"kill_at_step": kill_at_step, "vae_steps": vae_steps, "only_vae": only_vae}
+    t0 = time.monotonic()
+
+    # 1) the run that is killed mid-training
+    with open(workdir / "killed.log", "wb") as log:
+        proc = subprocess.Popen(job_command(config_path, only_vae), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            while not (steps := committed_vae_steps(home)) or steps[-1] < kill_at_step:
+                if proc.poll() is not None:
+                    raise AssertionError(f"the job ended (rc {proc.returncode}) before vae_model reached step "
+                                         f"{kill_at_step}:\n{(workdir / 'killed.log').read_text()[-3000:]}")
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError("vae_model did not reach the kill step in time")
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out["killed_after_step"] = committed_vae_steps(home)[-1]
+    out["registered_after_kill"] = len(registered_versions(home, "ldm-vae"))
+
+    # 2) the same command again, to the end
+    rerun = subprocess.run(job_command(config_path, only_vae), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out["rerun_rc"] = rerun.returncode
+    out["rerun_success"] = rerun.returncode == 0 and "RUN_SUCCESS" in rerun.stdout + rerun.stderr
+    if not out["rerun_success"]:
+        out["log_tail"] = (rerun.stdout + rerun.stderr)[-3000:]
+        return out
+    md = vae_metadata(home)
+    out["resumed_from"] = md["resumed_from"]
+    out["steps"] = md["steps"]
+
+    # 3) the registered autoencoder equals an uninterrupted training, bit for bit
+    dataset_url = str(home / "storage" / "datasets" / config["ops"]["image_dataset"]["config"].get("name", "default"))
+    got = load_state_dict(md["vae_url"])
+    ref = reference_vae_weights(config, dataset_url)
+    out["weights_equal"] = got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    versions = registered_versions(home, "ldm-vae")
+    out["registered_versions"] = len(versions)
+    out["registry_points_at_complete_model"] = all(
+        (Path(v.tags["storage_url"]) / "config.json").exists() for v in versions)
+    out["seconds"] = time.monotonic() - t0
+    return out

@@ -1,0 +1,84 @@
+"""Kill anywhere, rerun the same command, get the uninterrupted result: the trainers bit for bit, the latent store
+and the canonical dataset row for row. The fault script (`python -m benchmarks.faults`) runs the same trials ten
+times per job at random moments; here one trial per job, killed in the middle of its working window."""
+
+import pytest
+
+from tests.faults import campaign
+from tests.faults.dagster_trial import dagster_kill_trial
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("kills")
+
+
+@pytest.fixture(scope="module")
+def shared(root):
+    return campaign.prepare_inputs(root, images=48)
+
+
+@pytest.fixture(scope="module")
+def reference(root, shared):
+    """The uninterrupted run of a job (once per module)."""
+    cache: dict[str, campaign.Reference] = {}
+
+    def get(job: str) -> campaign.Reference:
+        if job not in cache:
+            cache[job] = campaign.reference_run(job, root, shared)
+        return cache[job]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", campaign.JOBS)
+def test_a_killed_job_resumes_to_the_uninterrupted_result(job, root, shared, reference):
+    ref = reference(job)
+    # killed once at half of the reference's working window, i.e. while it still works
+    trial = campaign.kill_trial(ref, 0, root, shared, fractions=[0.5])
+    assert trial.faults == 1, f"the kill did not hit a running job: {trial.kills}"
+    assert trial.equal, trial.detail
+    if job in ("ae", "ldm"):
+        # the finishing run picked up a committed checkpoint unless the kill came before the first one
+        assert trial.resumed_from is None or 0 < trial.resumed_from <= 12
+    # a kill mid-write may leave a temp file; it is never read, and the finishing run must not have left any
+    assert trial.stale_temp_files == 0, campaign.stale_temp_files(root / job / "trial-000")
+
+
+def test_comparisons_detect_a_differing_result(root, reference):
+    """The comparisons can fail: a trainer run of other length, and a store with a row dropped, are told apart."""
+    import shutil
+
+    from ldm_core import storage
+    from ldm_core.data import latent_store as ls
+
+    ref = reference("ae")
+    short = root / "ae" / "short"
+    run = campaign.run_job(campaign.runner_command("ae", short, {}) + ["--steps", "11"])
+    assert run.returncode == 0
+    equal, detail = campaign.compare_trainer(ref.workdir, short)
+    assert not equal and "step 11" in detail
+
+    enc = reference("encode")
+    damaged = root / "encode" / "damaged-store"
+    shutil.copytree(enc.inputs["store"], damaged)
+    meta = ls.read_metadata(str(damaged))
+    dropped = meta.shards.pop()
+    meta.rows -= dropped.rows
+    storage.write_text_atomic(ls.metadata_url(str(damaged)), meta.model_dump_json())
+    equal, detail = campaign.compare_store(enc.inputs["store"], str(damaged), expected_rows=48)
+    assert not equal and "missing" in detail
+
+
+@pytest.mark.slow
+def test_a_killed_dagster_materialization_resumes_from_its_checkpoint(tmp_path):
+    """`dagster job execute` killed during vae_model training; the rerun resumes (resumed_from > 0) and registers
+    an autoencoder equal to an uninterrupted training. (Op selection *vae_model to spare the downstream assets'
+    time; the fault script runs the whole ldm_training_job.)"""
+    out = dagster_kill_trial(tmp_path, kill_at_step=4, vae_steps=10, only_vae=True)
+    assert out["registered_after_kill"] == 0, "the registry points at a model whose training was killed"
+    assert out["rerun_success"], out.get("log_tail")
+    assert out["resumed_from"] >= 4 and out["steps"] == 10
+    assert out["weights_equal"]
+    assert out["registered_versions"] == 1 and out["registry_points_at_complete_model"]
