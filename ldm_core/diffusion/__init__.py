@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ldm_core.config import StrictModel
+from ldm_core.distributed import SINGLE, BatchShard
 from ldm_core.diffusion.guidance import cfg_model, drop_conditioning
 from ldm_core.diffusion.objectives import (
     Prediction,
@@ -162,8 +163,12 @@ class Diffusion(ABC):
         self.T = config.num_train_timesteps
 
     @abstractmethod
-    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> TrainingSample:
-        """Draws t, then the noise (in that order) from ``generator`` and builds the regression pair."""
+    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+                        shard: BatchShard = SINGLE) -> TrainingSample:
+        """Draws t, then the noise (in that order) from ``generator`` and builds the regression pair.
+
+        shard: when x0 is one process's rows of a global batch, t and the noise are drawn for the whole global batch
+        and sliced, so N processes draw exactly what one process with the global batch draws."""
 
     @abstractmethod
     def denoised(self, pred: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
@@ -204,11 +209,13 @@ class GaussianDiffusion(Diffusion):
     def _ab(self, t_model: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod[t_model.detach().round().long().cpu()]  # (B,) float64
 
-    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> TrainingSample:
+    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+                        shard: BatchShard = SINGLE) -> TrainingSample:
         B = x0.shape[0]
         gen_device = generator.device if generator is not None else "cpu"
-        t = torch.randint(0, self.T, (B,), generator=generator, device=gen_device).cpu()  # uniform, Algorithm 1
-        eps = _randn(x0.shape, generator, x0)
+        t = torch.randint(0, self.T, (B * shard.world_size,), generator=generator, device=gen_device)  # uniform, Algorithm 1
+        t = shard.take(t).cpu()  # (B,)
+        eps = shard.take(_randn(shard.global_shape(x0.shape), generator, x0))  # (B, C, H, W)
         ab = self.alphas_cumprod[t]  # (B,) float64
         if self.config.min_snr_gamma is None:
             weight = torch.ones(B)
@@ -254,9 +261,10 @@ class RectifiedFlow(Diffusion):
             t = sample_t_logit_normal(n, c.logit_mean, c.logit_std, generator, device)
         return shift_t(t, c.shift)  # (n,) float32 in [0, 1]
 
-    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> TrainingSample:
-        t = self._t(x0.shape[0], generator, x0.device)
-        eps = _randn(x0.shape, generator, x0)
+    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+                        shard: BatchShard = SINGLE) -> TrainingSample:
+        t = shard.take(self._t(x0.shape[0] * shard.world_size, generator, x0.device))  # (B,)
+        eps = shard.take(_randn(shard.global_shape(x0.shape), generator, x0))  # (B, C, H, W)
         return TrainingSample(
             x_t=flow_interpolate(x0, eps, t),
             t_model=t * self.T,

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ldm_core.distributed import SINGLE, BatchShard
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -73,19 +75,21 @@ def cfg_model(model: Denoiser, context: torch.Tensor, context_mask: torch.Tensor
 
 def drop_conditioning(context: torch.Tensor, mask: torch.Tensor | None, uncond_context: torch.Tensor,
                       uncond_mask: torch.Tensor | None, p: float,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      generator: torch.Generator | None = None,
+                      shard: BatchShard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Caption dropout for classifier-free guidance training (Algorithm 1 of Ho & Salimans 2022): each sample's caption
     embedding is replaced by the empty-prompt embedding with probability ``p``, independently.
 
     context (B, L, D), mask (B, L) or None; uncond_context (1 or B, L, D), uncond_mask (1 or B, L) or None.
     Returns (context, mask); the mask is None only when both inputs are None. One uniform draw per sample is
-    always taken from ``generator``, whatever p, so the random stream does not depend on p.
+    always taken from ``generator``, whatever p, so the random stream does not depend on p. ``shard``: when the
+    batch is one process's rows of a global batch, the draws are made for the global batch and sliced.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     B = context.shape[0]
     gen_device = generator.device if generator is not None else "cpu"
-    drop = (torch.rand(B, generator=generator, device=gen_device) < p).to(context.device)  # (B,) bool
+    drop = (shard.rand(B, generator=generator, device=gen_device) < p).to(context.device)  # (B,) bool
     uncond = _batch(uncond_context, B).to(device=context.device, dtype=context.dtype)
     cmask, umask = _masks(context, mask, uncond, uncond_mask)
     out = torch.where(drop[:, None, None], uncond, context)

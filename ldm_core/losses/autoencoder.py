@@ -159,6 +159,7 @@ class AutoencoderLoss(nn.Module):
 
     def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, reg_loss: torch.Tensor, step: int,
                        last_layer: torch.Tensor | None, reg_kind: Literal["kl", "vq"] = "kl",
+                       grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The autoencoder's loss for one batch, and its terms as detached scalars (no host sync).
 
@@ -166,6 +167,7 @@ class AutoencoderLoss(nn.Module):
         averaged over the batch; or the VQ codebook + commitment loss). last_layer: the decoder's final conv weight,
         where the adaptive weight compares gradients; needed once the discriminator is active.
         Under ``torch.no_grad()`` (validation) the adaptive weight cannot be computed and is 0, as in CompVis.
+        grad_mean: under data parallelism, averages a gradient over the processes (see `adaptive_weight`).
         """
         if reg_kind not in ("kl", "vq"):
             raise ValueError(f"reg_kind must be 'kl' or 'vq', got {reg_kind!r}")
@@ -196,7 +198,7 @@ class AutoencoderLoss(nn.Module):
                 logits_fake = self.discriminator(recon)  # (B, 1, h, w)
             g_loss = -_fp32(logits_fake).mean()
             if torch.is_grad_enabled():
-                d_weight = self.adaptive_weight(nll, g_loss, last_layer)
+                d_weight = self.adaptive_weight(nll, g_loss, last_layer, grad_mean)
             loss = loss + d_weight * cfg.disc_factor * g_loss
 
         logs.update({
@@ -209,15 +211,22 @@ class AutoencoderLoss(nn.Module):
         })
         return loss, logs
 
-    def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor,
-                        last_layer: torch.Tensor | None) -> torch.Tensor:
-        """w_d · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4), detached (it is a weight, not a path for gradient)."""
+    def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None,
+                        grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """w_d · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4), detached (it is a weight, not a path for gradient).
+
+        grad_mean: when each process holds a slice of the batch, the mean over processes of each gradient. A ratio of
+        norms is not linear in the batch, so without it every process would weigh the GAN term by its own slice; with
+        it the weight is the global batch's, as one process with the whole batch computes it.
+        """
         if last_layer is None:
             raise ValueError("the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
                              "discriminator is active")
         # retain_graph: the same graph is back-propagated again by the trainer's loss.backward()
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        if grad_mean is not None:
+            nll_grad, g_grad = grad_mean(nll_grad), grad_mean(g_grad)
         ratio = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + ADAPTIVE_WEIGHT_EPS)
         return torch.clamp(ratio, 0.0, ADAPTIVE_WEIGHT_MAX).detach() * self.config.disc_weight
 

@@ -3,6 +3,11 @@
 ``train_autoencoder(config, data, tracker)`` runs the generator step (autoencoder) and, once the discriminator has
 started, the discriminator step, every optimizer step; it checkpoints every N steps and, when pointed at a
 directory that already holds a checkpoint, resumes from it exactly (bit for bit on CPU).
+
+Under torchrun (see `ldm_core.distributed`) the autoencoder and the discriminator are each wrapped in
+DistributedDataParallel, every rank trains on its rows of each global batch, and N processes take the same steps as
+one process with the same global batch: posterior noise is drawn for the global batch, the adaptive GAN weight and
+ActNorm's init see the global batch, and BatchNorm becomes SyncBatchNorm (GPUs). Rank 0 alone tracks and checkpoints.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ldm_core import distributed
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import StrictModel, flatten_dict
+from ldm_core.distributed import BatchShard
 from ldm_core.grids import reconstruction_grid
 from ldm_core.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig, build_autoencoder_loss
-from ldm_core.models.autoencoder import AutoencoderConfig, build_autoencoder
-from ldm_core.models.discriminator import DiscriminatorConfig
+from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderOutput, build_autoencoder
+from ldm_core.models.discriminator import ActNorm, DiscriminatorConfig
 from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.common import (
     EMA,
@@ -37,6 +44,7 @@ from ldm_core.trainers.common import (
     resolve_device,
     resolve_precision,
     seed_everything,
+    split_global_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,8 @@ class AutoencoderTrainerConfig(StrictModel):
     batch_size: int = 8
     """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""
     micro_batch_size: int | None = None
-    """Images per forward pass on one process; None = the whole per-process batch (no accumulation)."""
+    """Images per forward pass on one process; None = the whole per-process batch (no accumulation). Accumulation
+    steps derive from it: batch_size / (micro_batch_size × world size), which must divide exactly."""
     lr: float = 4.5e-6
     """Autoencoder learning rate (LDM: 4.5e-6 × batch size on its first-stage runs)."""
     disc_lr: float | None = None
@@ -130,6 +139,78 @@ class AutoencoderTrainResult:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class GeneratorStep(nn.Module):
+    """One micro-batch of the autoencoder's objective (forward + loss): the module DistributedDataParallel wraps.
+
+    Its parameters are the autoencoder's and the loss's logvar (DDP ignores it unless it is learned): exactly what
+    the generator's backward reaches. The loss module, with the discriminator, is kept out of the module registry:
+    the discriminator takes no gradient here and has its own wrapper (`DiscriminatorStep`).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: AutoencoderLoss, generator: torch.Generator, shard: BatchShard,
+                 sample_posterior: bool):
+        super().__init__()
+        self.model = model
+        self.logvar = loss_fn.logvar
+        self._loss = [loss_fn]  # a plain list: not a submodule
+        self.generator, self.shard, self.sample_posterior = generator, shard, sample_posterior
+        # the adaptive GAN weight compares gradient norms: averaged over ranks first, they are the global batch's
+        self.grad_mean = distributed.all_reduce_mean if shard.world_size > 1 else None
+
+    def forward(self, x: torch.Tensor, step: int) -> tuple[AutoencoderOutput, torch.Tensor, dict[str, torch.Tensor]]:
+        out = self._autoencode(x)
+        loss, logs = self._loss[0].generator_loss(x, out.reconstruction, out.reg_loss, step, self.model.last_layer,
+                                                  reg_kind=out.reg_kind, grad_mean=self.grad_mean)
+        return out, loss, logs
+
+    def _autoencode(self, x: torch.Tensor) -> AutoencoderOutput:
+        model = self.model
+        if self.shard.world_size == 1 or not self.sample_posterior or model.config.kind != "kl":
+            return model(x, sample_posterior=self.sample_posterior, generator=self.generator)
+        # AutoencoderKL.forward with the posterior noise drawn for the global batch, of which this rank keeps its rows
+        # (the DDP tests hold this equal to the single-process forward above)
+        posterior = model.encode(x)
+        mean = posterior.mean  # (b, z, h, w)
+        eps = self.shard.randn(mean.shape, self.generator, device=mean.device, dtype=mean.dtype)  # (b, z, h, w)
+        recon = model.decode(mean + posterior.std * eps)  # (b, 3, H, W)
+        return AutoencoderOutput(recon, posterior.kl().mean(), "kl", posterior)
+
+
+class DiscriminatorStep(nn.Module):
+    """The discriminator's loss on one micro-batch: the module DistributedDataParallel wraps for the D step."""
+
+    def __init__(self, loss_fn: AutoencoderLoss):
+        super().__init__()
+        self.discriminator = loss_fn.discriminator
+        self._loss = [loss_fn]
+
+    def forward(self, x: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self._loss[0].discriminator_loss(x, recon, step)
+
+
+def init_actnorm_from_global_batch(module: nn.Module) -> None:
+    """Make every not-yet-initialized ActNorm in ``module`` initialize from the global batch when distributed.
+
+    ActNorm sets its scale and offset from the statistics of its first training batch; each rank sees only its rows,
+    so the activations are gathered from all ranks (in global order) first, and every rank computes the init one
+    process with the whole batch would. The hook removes itself once it has run.
+    """
+    if not distributed.is_distributed():
+        return
+    for m in module.modules():
+        if isinstance(m, ActNorm) and not bool(m.initialized):
+            _register_global_init(m)
+
+
+def _register_global_init(actnorm: ActNorm) -> None:
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if mod.training:
+            mod.initialize(distributed.gather_global_batch(args[0].detach().float()))  # (B·world, C, H, W)
+            handle.remove()
+
+    handle = actnorm.register_forward_pre_hook(hook)
+
+
 def _to_images(batch: Any) -> torch.Tensor:
     if isinstance(batch, dict):
         return batch["image"]
@@ -146,33 +227,35 @@ def train_autoencoder(
     *,
     perceptual: nn.Module | None | Literal["auto"] = "auto",
     should_stop: Callable[[int], bool] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> AutoencoderTrainResult:
     """Train (or resume training) the autoencoder on ``data`` (items or ``get_batch`` → (B,3,H,W) in [−1, 1]).
 
     perceptual: "auto" builds LPIPS from the pretrained VGG (failing with the file it needs, unless the loss config
     allows training without it); a module or None injects one (tests).
-    should_stop(step): checked after each step; True ends the run early, after a checkpoint (resume later).
+    should_stop(step): checked after each step; True ends the run early, after a checkpoint (resume later). Under
+    torchrun the run stops when any rank's should_stop says so.
+    rank, world_size: default to the process group's (`ldm_core.distributed.init_distributed`); 0 of 1 without one.
     """
     tracker = tracker or NullTracker()
     tc = config.trainer
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
-    per_rank = tc.batch_size // world_size
-    micro = tc.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ValueError(f"per-process batch {per_rank} is not a multiple of micro_batch_size {micro}")
-    accum = per_rank // micro
+    rank, world_size = distributed.resolve_world(rank, world_size)
+    shard = BatchShard(rank, world_size)
+    micro, accum = split_global_batch(tc.batch_size, tc.micro_batch_size, world_size)
 
-    gen = seed_everything(tc.seed + rank, device)
+    # the same seed on every rank: identical initial weights, and every draw is made for the global batch (shard)
+    gen = seed_everything(tc.seed, device)
     model = build_autoencoder(config.model).to(device)
     if perceptual == "auto":
         loss_fn, perceptual_used = build_autoencoder_loss(config.loss, config.discriminator)
     else:
         loss_fn, perceptual_used = AutoencoderLoss(config.loss, config.discriminator, perceptual), perceptual is not None
     loss_fn = loss_fn.to(device)
+    loss_fn.discriminator = distributed.convert_batchnorm(loss_fn.discriminator, device)  # SyncBatchNorm under DDP
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
         loss_fn = loss_fn.to(memory_format=torch.channels_last)
@@ -199,6 +282,12 @@ def train_autoencoder(
         log.info("resumed autoencoder training from step %d (%s)", start_step, checkpoint_dir)
 
     stream = BatchStream(data, sampler, position, num_workers=tc.num_workers)
+    # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
+    init_actnorm_from_global_batch(loss_fn.discriminator)
+    gen_step = distributed.wrap_ddp(GeneratorStep(model, loss_fn, gen, shard, tc.sample_posterior), device)
+    # buffers (SyncBatchNorm's statistics, ActNorm's flag) are equal on every rank by construction: nothing to broadcast
+    disc_step = distributed.wrap_ddp(DiscriminatorStep(loss_fn), device, sync_buffers=False)
+    distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
     def save(step: int) -> None:
         if ckpt is not None and rank == 0:
@@ -225,15 +314,14 @@ def train_autoencoder(
         # ---- 1) generator (autoencoder) step, accumulated over micro-batches --------------------------------------
         opt_g.zero_grad(set_to_none=True)
         micro_batches, logs_acc = [], {}
-        for _ in range(accum):
-            x = _to_images(stream.next()).to(device, non_blocking=True)
+        for i in range(accum):
+            x = _to_images(stream.next()).to(device, non_blocking=True)  # (b, 3, H, W): this rank's rows
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                out = model(x, sample_posterior=tc.sample_posterior, generator=gen)
-                loss, logs = loss_fn.generator_loss(x, out.reconstruction, out.reg_loss, step, model.last_layer,
-                                                    reg_kind=out.reg_kind)
-            (loss / accum).backward()
+            with distributed.no_sync_unless(gen_step, sync=i == accum - 1):  # all-reduce once, after the last
+                with autocast(device, precision):
+                    out, loss, logs = gen_step(x, step)
+                (loss / accum).backward()
             micro_batches.append((x, out.reconstruction.detach()))
             for k, v in {**logs, **out.stats}.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
@@ -248,10 +336,11 @@ def train_autoencoder(
         # ---- 2) discriminator step, on the same images and their (detached) reconstructions ----------------------
         if disc_on and ok:
             opt_d.zero_grad(set_to_none=True)
-            for x, recon in micro_batches:
-                with autocast(device, precision):
-                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon, step)
-                (d_loss / accum).backward()
+            for i, (x, recon) in enumerate(micro_batches):
+                with distributed.no_sync_unless(disc_step, sync=i == accum - 1):
+                    with autocast(device, precision):
+                        d_loss, d_logs = disc_step(x, recon, step)
+                    (d_loss / accum).backward()
                 for k, v in d_logs.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
             d_norm = grad_norm_and_finite(d_params, tc.grad_clip)
@@ -264,19 +353,21 @@ def train_autoencoder(
         # ---- 3) logging, images, checkpoints ----------------------------------------------------------------------
         logs_acc["grad_norm"] = gnorm
         window.add(logs_acc)
-        if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
-            tracker.log_metrics(window.flush(
-                step, nonfinite_skipped=float(guard.skipped),
-                images_per_second=images_seen / max(time.perf_counter() - t0, 1e-9)), step)
+        if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
+            means = window.flush(step, nonfinite_skipped=float(guard.skipped),
+                                 images_per_second=images_seen / max(time.perf_counter() - t0, 1e-9))
+            if rank == 0:
+                tracker.log_metrics(means, step)
         if rank == 0 and tc.image_every and step % tc.image_every == 0 and last_images is not None:
             tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)
-        stop_now = should_stop is not None and should_stop(step)
+        stop_now = should_stop is not None and distributed.any_rank(should_stop(step), device)
         if step % tc.checkpoint_every == 0 or step == tc.steps or stop_now:
             save(step)
         if stop_now and step < tc.steps:
             finished = False
             break
 
+    distributed.barrier()  # rank 0's last checkpoint is committed before any rank returns (and may resume from it)
     elapsed = time.perf_counter() - t0
     if rank == 0 and last_images is not None and finished:
         tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)

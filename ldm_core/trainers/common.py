@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm_core import distributed
+
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -54,6 +56,28 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The global batch and its split: batch_size = micro_batch_size × accumulation steps × world size
+# ---------------------------------------------------------------------------------------------------------------
+
+def split_global_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
+    """(micro-batch per process per forward, accumulation steps) for a global batch over ``world_size`` processes.
+
+    The global batch is the config's; the rest derives from it. micro_batch_size None means one forward per
+    process per step (no accumulation). Anything that does not divide exactly is an error, never a silent rounding.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"trainer.batch_size {batch_size} (the global batch) is not divisible by the {world_size} "
+                         f"processes; use a multiple of {world_size}")
+    per_rank = batch_size // world_size
+    micro = micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"trainer.batch_size {batch_size} must equal micro_batch_size × accumulation × processes: "
+                         f"{world_size} processes get {per_rank} each, which is not a multiple of micro_batch_size "
+                         f"{micro}; use a batch_size that is a multiple of {micro * world_size}")
+    return micro, per_rank // micro
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,9 +224,11 @@ class NonFiniteGuard:
         self.skipped = 0
 
     def check(self, *values: torch.Tensor) -> bool:
-        """True when all values are finite. One host sync per step: the price of never applying a bad update."""
+        """True when all values are finite (on every process, so all ranks skip or step together).
+
+        One host sync per step: the price of never applying a bad update."""
         ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
-        if bool(ok):
+        if distributed.all_ranks_agree(ok):
             return True
         self.skipped += 1
         if self.skipped > self.max_skips:
@@ -334,6 +360,12 @@ class MetricWindow:
         self.n += 1
 
     def flush(self, step: int, **extra: float) -> dict[str, float]:
+        """Means since the last flush (over all processes when distributed: every rank must call it at this step)."""
+        keys = sorted(self.sums)
+        if keys and distributed.is_distributed():
+            dev = self.sums[keys[0]].device
+            stacked = distributed.all_reduce_mean(torch.stack([self.sums[k].float().reshape(()).to(dev) for k in keys]))
+            self.sums = dict(zip(keys, stacked.unbind()))
         means = {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}  # one sync per interval
         means.update(extra)
         for k, v in means.items():

@@ -5,6 +5,10 @@ latent store, or in tests from tensors in memory through the same dataset interf
 training pair, drops captions to the empty prompt with probability ``cond_dropout`` (classifier-free guidance), and
 steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. The checkpoint/resume machinery
 is the autoencoder trainer's (``ldm_core.trainers.common``).
+
+Under torchrun (see `ldm_core.distributed`) the denoiser is wrapped in DistributedDataParallel and every rank trains
+on its rows of each global batch; timesteps, noise and caption dropout are drawn for the global batch, so N processes
+take the same steps as one process with the same global batch. Rank 0 alone tracks, samples and checkpoints.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ldm_core import distributed
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import StrictModel, flatten_dict
+from ldm_core.distributed import BatchShard
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
 from ldm_core.models.denoiser import DenoiserConfig, build_denoiser
@@ -42,6 +48,7 @@ from ldm_core.trainers.common import (
     resolve_precision,
     seed_everything,
     set_lr,
+    split_global_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +64,8 @@ class LDMTrainerConfig(StrictModel):
     batch_size: int = 32
     """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""
     micro_batch_size: int | None = None
-    """Samples per forward pass on one process; None = the whole per-process batch (no accumulation)."""
+    """Samples per forward pass on one process; None = the whole per-process batch (no accumulation). Accumulation
+    steps derive from it: batch_size / (micro_batch_size × world size), which must divide exactly."""
     lr: float = 1e-4
     """Peak AdamW learning rate (LDM/SD-1: 1e-4)."""
     weight_decay: float = 0.01
@@ -140,27 +148,28 @@ def train_ldm(
     checkpoint_dir: str | None = None,
     sample_fn: Callable[[nn.Module, int], np.ndarray] | None = None,
     should_stop: Callable[[int], bool] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> LDMTrainResult:
     """Train (or resume) the denoiser on batches ``{"latents", "context", "context_mask"}`` (latents already scaled).
 
     uncond: the empty prompt's (context (1, L, D), mask (1, L)) for caption dropout.
     sample_fn(model, step) -> uint8 image grid: validation samples for fixed prompts, sent to the tracker.
-    should_stop(step): checked after each step; True ends the run early after a checkpoint.
+    should_stop(step): checked after each step; True ends the run early after a checkpoint (under torchrun: when any
+    rank's says so).
+    rank, world_size: default to the process group's (`ldm_core.distributed.init_distributed`); 0 of 1 without one.
     """
     tracker = tracker or NullTracker()
     tc = config.trainer
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
-    per_rank = tc.batch_size // world_size
-    micro = tc.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ValueError(f"per-process batch {per_rank} is not a multiple of micro_batch_size {micro}")
-    accum = per_rank // micro
+    rank, world_size = distributed.resolve_world(rank, world_size)
+    shard = BatchShard(rank, world_size)
+    micro, accum = split_global_batch(tc.batch_size, tc.micro_batch_size, world_size)
 
-    gen = seed_everything(tc.seed + rank, device)
+    # the same seed on every rank: identical initial weights, and every draw is made for the global batch (shard)
+    gen = seed_everything(tc.seed, device)
     diffusion = create_diffusion(config.diffusion)
     model_cfg = config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing}) \
         if hasattr(config.denoiser, "gradient_checkpointing") else config.denoiser
@@ -184,6 +193,9 @@ def train_ldm(
         start_step, position = run_state.restore(state, checkpoint_dir)
         log.info("resumed LDM training from step %d (%s)", start_step, checkpoint_dir)
     stream = BatchStream(latents, sampler, position, num_workers=tc.num_workers)
+    # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
+    net = distributed.wrap_ddp(model, device)
+    distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
     def save(step: int) -> None:
         if ckpt is not None and rank == 0:
@@ -204,17 +216,18 @@ def train_ldm(
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         loss_acc = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = stream.next()
+        for i in range(accum):
+            batch = stream.next()  # this rank's rows of the global micro-batch
             x0 = batch["latents"].to(device, non_blocking=True).float()  # (b, C, h, w), already scaled
             ctx = batch["context"].to(device, non_blocking=True).float()  # (b, L, D)
             mask = batch["context_mask"].to(device, non_blocking=True).bool()  # (b, L)
-            ctx, mask = drop_conditioning(ctx, mask, uncond_ctx, uncond_mask, tc.cond_dropout, gen)
-            sample = diffusion.training_sample(x0, gen)
-            with autocast(device, precision):
-                pred = model(sample.x_t, sample.t_model, ctx, mask)
-            loss = diffusion.loss(pred.float(), sample)
-            (loss / accum).backward()
+            ctx, mask = drop_conditioning(ctx, mask, uncond_ctx, uncond_mask, tc.cond_dropout, gen, shard=shard)
+            sample = diffusion.training_sample(x0, gen, shard=shard)
+            with distributed.no_sync_unless(net, sync=i == accum - 1):  # all-reduce once, after the last
+                with autocast(device, precision):
+                    pred = net(sample.x_t, sample.t_model, ctx, mask)
+                loss = diffusion.loss(pred.float(), sample)
+                (loss / accum).backward()
             loss_acc += loss.detach() / accum
         gnorm = grad_norm_and_finite(params, tc.grad_clip)
         if guard.check(loss_acc, gnorm):
@@ -227,18 +240,21 @@ def train_ldm(
         seen += tc.batch_size
 
         window.add({"loss": loss_acc, "grad_norm": gnorm})
-        if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
-            tracker.log_metrics(window.flush(step, lr=lr, nonfinite_skipped=float(guard.skipped),
-                                             samples_per_second=seen / max(time.perf_counter() - t0, 1e-9)), step)
+        if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
+            means = window.flush(step, lr=lr, nonfinite_skipped=float(guard.skipped),
+                                 samples_per_second=seen / max(time.perf_counter() - t0, 1e-9))
+            if rank == 0:
+                tracker.log_metrics(means, step)
         if rank == 0 and sample_fn is not None and tc.validation_every and step % tc.validation_every == 0:
             tracker.log_image(sample_fn(ema.model if ema is not None else model, step), "validation_samples", step)
-        stop_now = should_stop is not None and should_stop(step)
+        stop_now = should_stop is not None and distributed.any_rank(should_stop(step), device)
         if step % tc.checkpoint_every == 0 or step == tc.steps or stop_now:
             save(step)
         if stop_now and step < tc.steps:
             finished = False
             break
 
+    distributed.barrier()  # rank 0's last checkpoint is committed before any rank returns (and may resume from it)
     elapsed = time.perf_counter() - t0
     final = (ema.model if ema is not None else model).eval()
     if rank == 0 and finished and sample_fn is not None:

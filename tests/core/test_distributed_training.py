@@ -1,0 +1,193 @@
+"""Data-parallel training: 2 gloo processes on CPU take the same steps as 1 process with the same global batch.
+
+Both trainers run on tiny models with every random part switched on (posterior sampling, the discriminator from step
+1 with ActNorm and the adaptive weight; caption dropout, random timesteps and noise, EMA). The 2-process runs are
+spawned (torch.multiprocessing, gloo on loopback), the 1-process reference runs in the test process; the final
+checkpoints (weights, discriminator, EMA) must agree within 1e-5, and a 2-process run interrupted and resumed must
+equal the uninterrupted 2-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ldm_core import distributed
+from ldm_core.checkpoint import CheckpointManager
+from ldm_core.data.memory import InMemoryDataset
+from ldm_core.distributed import BatchShard
+from ldm_core.models.autoencoder import autoencoder_preset
+from ldm_core.models.unet import UNET_PRESETS
+from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, train_autoencoder
+from ldm_core.trainers.common import split_global_batch
+from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
+
+STEPS, STOP_AT, TOL = 4, 2, 1e-5
+KINDS = ("ae", "ldm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two runs (identical in the test process and in the spawned workers)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _ae_setup():
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(16, 3, 4, 4, generator=g) * 2 - 1
+    images = torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+    cfg = AutoencoderTrainingConfig.model_validate({
+        "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
+        "discriminator": {"ndf": 8, "n_layers": 2, "norm": "actnorm"},
+        "loss": {"disc_start": 1, "perceptual_weight": 0.0},
+        "trainer": {"steps": STEPS, "batch_size": 4, "lr": 1e-4, "checkpoint_every": STOP_AT, "log_every": 1,
+                    "ema_decay": 0.9},
+    })
+    return cfg, InMemoryDataset(image=images)
+
+
+def _ldm_setup():
+    g = torch.Generator().manual_seed(1)
+    n = 16
+    latents = torch.randn(n, 4, 8, 8, generator=g)
+    context = torch.randn(n, 8, 32, generator=g)
+    mask = torch.rand(n, 8, generator=g) > 0.3
+    mask[:, 0] = True
+    cfg = LDMTrainingConfig.model_validate({
+        "denoiser": {**UNET_PRESETS["tiny"].to_dict(), "context_dim": 32},
+        "diffusion": {"kind": "ddpm", "prediction": "v", "min_snr_gamma": 5.0},
+        "trainer": {"steps": STEPS, "batch_size": 4, "lr": 1e-4, "checkpoint_every": STOP_AT, "log_every": 1,
+                    "ema_decay": 0.9, "cond_dropout": 0.5, "warmup_steps": 1},
+    })
+    uncond = (torch.zeros(1, 8, 32), torch.ones(1, 8, dtype=torch.bool))
+    return cfg, InMemoryDataset(latents=latents, context=context, context_mask=mask), uncond
+
+
+def _train(kind: str, ckpt_dir: str, should_stop=None):
+    if kind == "ae":
+        cfg, data = _ae_setup()
+        return train_autoencoder(cfg, data, checkpoint_dir=ckpt_dir, perceptual=None, should_stop=should_stop)
+    cfg, data, uncond = _ldm_setup()
+    return train_ldm(cfg, data, uncond=uncond, checkpoint_dir=ckpt_dir, should_stop=should_stop)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of the 2 processes: both trainers, each run whole, then interrupted at STOP_AT and resumed."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    with distributed.distributed_session("gloo") as ctx:
+        assert (ctx.rank, ctx.world_size) == (rank, world)
+        for kind in KINDS:
+            full = _train(kind, f"{out}/{kind}/full")
+            part = _train(kind, f"{out}/{kind}/resumed", should_stop=lambda step: step == STOP_AT)
+            resumed = _train(kind, f"{out}/{kind}/resumed")
+            if rank == 0:
+                torch.save({"history": full.history, "stopped_at": part.step, "resumed_from": resumed.resumed_from},
+                           f"{out}/{kind}/rank0.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _final(ckpt_dir: Path) -> dict:
+    return CheckpointManager(str(ckpt_dir)).load(STEPS)
+
+
+def _diffs(a: dict, b: dict, parts: tuple[str, ...]) -> tuple[float, float]:
+    """(max |a − b|, max |a − b| / max(1, |a|)) over every float tensor of the checkpoint parts; others must be equal."""
+    abs_max = scaled_max = 0.0
+    for part in parts:
+        assert a[part].keys() == b[part].keys(), part
+        for k, v in a[part].items():
+            if v.is_floating_point():
+                d = (v - b[part][k]).abs()
+                abs_max = max(abs_max, float(d.max()))
+                scaled_max = max(scaled_max, float((d / v.abs().clamp_min(1.0)).max()))
+            else:
+                assert torch.equal(v, b[part][k]), f"{part}.{k}"
+    return abs_max, scaled_max
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    """Both trainers under 2 gloo processes (one spawn: each process pays torch's import once)."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """The 1-process reference on one thread, like each worker (fewer float-summation orders to differ in)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------
+
+PARTS = {"ae": ("model", "loss", "ema"), "ldm": ("model", "ema")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_processes_take_the_steps_of_one_process(two_process_runs, tmp_path, one_thread, kind):
+    single = _train(kind, str(tmp_path / "single"))
+    one, two = _final(tmp_path / "single"), _final(two_process_runs / kind / "full")
+    abs_diff, scaled_diff = _diffs(one, two, PARTS[kind])
+    print(f"{kind}: after {STEPS} steps, 1 vs 2 processes over {PARTS[kind]}: max |diff| {abs_diff:.3g}, "
+          f"max |diff|/max(1,|w|) {scaled_diff:.3g}")
+    # float summation order differs (a batch of 4 vs two of 2 and an all-reduce), nothing else does
+    assert scaled_diff < TOL
+    assert one["position"] == two["position"]
+
+    # the logged means are the global batch's: the 2-process history is the 1-process history
+    rank0 = torch.load(two_process_runs / kind / "rank0.pt")
+    loss_key = "total" if kind == "ae" else "loss"
+    assert [s for s, _ in single.history[loss_key]] == [s for s, _ in rank0["history"][loss_key]] == list(range(1, STEPS + 1))
+    for (_, v1), (_, v2) in zip(single.history[loss_key], rank0["history"][loss_key]):
+        assert v1 == pytest.approx(v2, rel=1e-5, abs=1e-6)
+    if kind == "ae":  # the discriminator trained (from step 1) and ActNorm was initialized from the global batch
+        assert [s for s, _ in single.history["d_loss"]] == list(range(2, STEPS + 1))  # steps 1.. (0-based), logged as 2..
+        actnorm = [k for k in two["loss"] if k.endswith(".initialized")]
+        assert actnorm and all(bool(two["loss"][k]) for k in actnorm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_under_two_processes_equals_the_uninterrupted_run(two_process_runs, kind):
+    rank0 = torch.load(two_process_runs / kind / "rank0.pt")
+    assert rank0["stopped_at"] == STOP_AT and rank0["resumed_from"] == STOP_AT
+    full, resumed = _final(two_process_runs / kind / "full"), _final(two_process_runs / kind / "resumed")
+    assert _diffs(full, resumed, PARTS[kind]) == (0.0, 0.0)
+    assert full["position"] == resumed["position"]
+
+
+def test_batch_shard_draws_are_the_global_draw_sliced():
+    world = 3
+    full = torch.randn(6, 2, generator=torch.Generator().manual_seed(5))
+    rows = [BatchShard(r, world).randn((2, 2), torch.Generator().manual_seed(5)) for r in range(world)]
+    for r in range(world):
+        assert torch.equal(rows[r], full[r::world])
+    assert torch.equal(BatchShard().randn((6, 2), torch.Generator().manual_seed(5)), full)
+    with pytest.raises(ValueError):
+        BatchShard(3, 3)
+
+
+def test_global_batch_splits_exactly_or_says_why():
+    assert split_global_batch(32, None, 4) == (8, 1)
+    assert split_global_batch(32, 2, 4) == (2, 4)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        split_global_batch(32, None, 3)
+    with pytest.raises(ValueError, match="multiple of 6"):
+        split_global_batch(16, 3, 2)  # 8 per process is not a multiple of the micro-batch 3
