@@ -1,0 +1,79 @@
+"""Model FLOPs and MFU: how much of the hardware's arithmetic a training step actually uses.
+
+FLOPs are counted, not estimated: `count_flops` runs a step under ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls, convolutions and attention, forward and backward). MFU = achieved FLOP/s ÷ the device's peak. On CPU
+the peak is the dense matmul rate measured on this machine (`measure_matmul_peak`), in the precision the step runs
+in; on a GPU it is the datasheet's dense rate for the precision (`gpu_peak_flops`), unless given explicitly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense (no sparsity) peak FLOP/s per GPU model, by precision (datasheet figures; SXM parts).
+_GPU_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12, "tf32": 60e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12, "tf32": 62e12},
+}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs executed by ``fn()`` (run it once: forward, and backward if it calls it)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0,
+                        device: str | torch.device = "cpu") -> float:
+    """Dense matmul FLOP/s on this device in ``dtype`` (the CPU's practical peak: what MFU is relative to)."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):  # warm up kernels and caches
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and iters >= 3:
+            return 2.0 * n**3 * iters / elapsed
+
+
+def gpu_peak_flops(precision: str, device: torch.device | None = None) -> float | None:
+    """Datasheet dense peak of the current GPU for a precision ("bf16", "fp16", "fp32"); None if unknown."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for model, peaks in _GPU_PEAKS.items():
+        if model in name:
+            return peaks.get(precision)
+    return None
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The peak that MFU is relative to: datasheet on known GPUs, measured matmul rate on CPU."""
+    if device.type == "cuda":
+        return gpu_peak_flops(precision, device)
+    if device.type == "cpu":
+        return measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return None
+
+
+def mfu(flops_per_sample: float, samples_per_second: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s ÷ peak FLOP/s."""
+    if not peak or flops_per_sample <= 0:
+        return None
+    return flops_per_sample * samples_per_second / peak
