@@ -72,6 +72,8 @@ class TextToImage:
 def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusion_config: DiffusionConfig,
                        text_encoder_config: TextEncoderConfig, latent_shape: Sequence[int], guidance: float = 4.0,
                        info: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> str:
+    # overwriting: withdraw the old commit record first, so a kill midway leaves no bundle rather than a mixed one
+    storage.remove(storage.join(url, BUNDLE_FILE), storage_options)
     save_denoiser(storage.join(url, "denoiser"), denoiser, storage_options=storage_options)
     save_autoencoder(storage.join(url, "vae"), vae, storage_options=storage_options)
     meta = {

@@ -138,6 +138,8 @@ class CheckpointManager:
         return url
 
     def _prune(self) -> None:
+        # a run killed mid-write left a partial temp file (as large as a checkpoint); the run that follows deletes it
+        storage.remove_stale_temp_files(self.directory, self.storage_options)
         steps = self.steps()
         for s in steps[: -self.keep]:
             # remove the commit record first, so a kill in between leaves an ignorable body, never a bad record

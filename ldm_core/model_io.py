@@ -1,12 +1,15 @@
 """Saving and loading trained models: safetensors weights + the typed config that built them, at a URL.
 
 A saved model is a directory (local or s3://) holding ``model.safetensors`` and ``config.json``
-({"type": ..., "config": {...}}). The config is written last, so a directory with a config is complete; weights
+({"type": ..., "config": {...}, "weights_sha256": ...}). The config is the commit record: saving removes an existing
+one first and writes the new one last, so a directory with a config is complete, and the weights' checksum in it
+makes a load refuse weights that are not the ones the config was written with (a torn overwrite, bit rot). Weights
 never go through pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Callable
 
@@ -23,8 +26,12 @@ CONFIG = "config.json"
 def save_model(url: str, model: torch.nn.Module, model_type: str, config: Any, extra: dict[str, Any] | None = None,
                storage_options: dict[str, Any] | None = None) -> str:
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    storage.write_bytes_atomic(storage.join(url, WEIGHTS), st_save(sd), storage_options)
-    meta = {"type": model_type, "config": config.to_dict() if hasattr(config, "to_dict") else config, **(extra or {})}
+    data = st_save(sd)
+    # overwriting: withdraw the old commit record first, so a kill below leaves an incomplete model, never a mix
+    storage.remove(storage.join(url, CONFIG), storage_options)
+    storage.write_bytes_atomic(storage.join(url, WEIGHTS), data, storage_options)
+    meta = {"type": model_type, "config": config.to_dict() if hasattr(config, "to_dict") else config, **(extra or {}),
+            "weights_sha256": hashlib.sha256(data).hexdigest()}
     storage.write_text_atomic(storage.join(url, CONFIG), json.dumps(meta, indent=2, sort_keys=True), storage_options)
     return url
 
@@ -36,8 +43,15 @@ def read_model_meta(url: str, storage_options: dict[str, Any] | None = None) -> 
         raise FileNotFoundError(f"no saved model at {url} (missing {CONFIG})") from e
 
 
-def load_state_dict(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    return st_load(storage.read_bytes(storage.join(url, WEIGHTS), storage_options))
+def load_state_dict(url: str, storage_options: dict[str, Any] | None = None,
+                    expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights at ``url``; with ``expected_sha256`` (the config's record) they must be the recorded ones."""
+    weights_url = storage.join(url, WEIGHTS)
+    data = storage.read_bytes(weights_url, storage_options)
+    if expected_sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != expected_sha256:
+        raise ValueError(f"{weights_url}: checksum mismatch (config.json records {expected_sha256[:12]}…, the file "
+                         f"is {actual[:12]}…): the weights are not the ones this model was saved with")
+    return st_load(data)
 
 
 def load_model(url: str, expected_type: str, build: Callable[[dict[str, Any]], torch.nn.Module],
@@ -46,5 +60,6 @@ def load_model(url: str, expected_type: str, build: Callable[[dict[str, Any]], t
     if meta.get("type") != expected_type:
         raise ValueError(f"{url} holds a {meta.get('type')!r}, not a {expected_type!r}")
     model = build(meta["config"])
-    model.load_state_dict(load_state_dict(url, storage_options), strict=True)
+    # models saved before checksums were recorded load unverified
+    model.load_state_dict(load_state_dict(url, storage_options, meta.get("weights_sha256")), strict=True)
     return model.to(map_location)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import tempfile
-import uuid
 from typing import Any, Iterator
 
 import fsspec
@@ -30,6 +30,15 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()
+
+# Temporary files of local atomic writes: ".<target name>.<random>.tmp" beside the target. A process killed between
+# creating one and renaming it over the target leaves it behind; `remove_stale_temp_files` deletes them.
+_TEMP_SUFFIX = ".tmp"
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _temp_path(directory: str, target: str) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=_TEMP_SUFFIX, dir=directory)
 
 
 def s3_options_from_env() -> dict[str, Any]:
@@ -109,7 +118,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
     if isinstance(fs, LocalFileSystem):
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        fd, tmp = _temp_path(directory, path)
         try:
             os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or shard should be readable like any file
             with os.fdopen(fd, "wb") as f:
@@ -138,9 +147,10 @@ def put_file_atomic(local_src: str, url: str, storage_options: dict[str, Any] | 
     if isinstance(fs, LocalFileSystem):
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        fd, tmp = _temp_path(directory, path)
         try:
-            with open(local_src, "rb") as src, open(tmp, "wb") as dst:
+            os.fchmod(fd, _FILE_MODE)
+            with open(local_src, "rb") as src, os.fdopen(fd, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
                 dst.flush()
@@ -153,6 +163,25 @@ def put_file_atomic(local_src: str, url: str, storage_options: dict[str, Any] | 
         _fsync_dir(directory)
     else:
         fs.put_file(local_src, path)
+
+
+def remove_stale_temp_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Delete the temporary files that atomic writes killed mid-way left directly under the directory ``url``;
+    returns their names. Only for a directory this process is the one writer of (a checkpoint directory, a latent
+    store, a dataset): a live writer's temporary file would be deleted too. Object stores have none (a PUT is
+    atomic), so this is a no-op there."""
+    fs, path = get_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return []
+    removed = []
+    for name in os.listdir(path):
+        if _TEMP_RE.match(name) and os.path.isfile(os.path.join(path, name)):
+            try:
+                os.unlink(os.path.join(path, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return sorted(removed)
 
 
 def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

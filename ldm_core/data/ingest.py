@@ -152,6 +152,7 @@ class _ShardWriter:
         # entries fully read whose rows are all written or in the buffer: committed by the next flush
         self.finished: list[tuple[SourceEntry, str]] = []
         self.new_shards: list[str] = []
+        storage.remove_stale_temp_files(output_url, storage_options)  # partial writes of a killed run
         existing = [canonical.shard_index(n) for n in storage.list_dir(output_url, storage_options)]
         existing += [canonical.shard_index(n) for n in manifest.shard_names()]
         # never reuse a shard name, not even one an interrupted run left behind without a manifest entry

@@ -512,6 +512,9 @@ class LatentStoreWriter:
                 removed.append(name)
         if removed:
             log.info("removed %d incomplete shard(s) of an interrupted run: %s", len(removed), removed)
+        # and the partial temp files of atomic writes (Parquet shards, the metadata) a kill left behind
+        for directory in (self.url, storage.join(self.url, SHARDS_DIR)):
+            storage.remove_stale_temp_files(directory, self.storage_options)
         return removed
 
     def write_shard(self, source: str, cols: ShardColumns, *, source_rows: int, source_bytes: int = 0) -> StoreShard:
