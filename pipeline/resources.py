@@ -149,7 +149,10 @@ class ComputeResource(dg.ConfigurableResource):
 
     device: str = Field(default="auto", description='"auto" (CUDA if present, else CPU) or a torch device string.')
     precision: str | None = Field(default=None, description='Overrides the trainers\' precision ("fp32", "bf16", "auto") when set.')
-    num_processes: int = Field(default=1, description="Processes per training run (>1 launches torchrun).")
+    # typed Any: Dagster config has no int-or-string union, and this takes 2 as well as "auto" (checked below)
+    num_processes: Any = Field(default=1, description='Processes per training run: 1 trains in the asset\'s process; '
+                               'N > 1 launches torchrun through Dagster Pipes (NCCL, one per GPU; gloo on CPU); '
+                               '"auto" = one per visible GPU (1 without GPUs).')
     threads: int | None = Field(default=None, description="torch CPU threads; default: torch's own choice.")
 
     def apply(self, trainer_cfg: Any) -> Any:
@@ -164,6 +167,26 @@ class ComputeResource(dg.ConfigurableResource):
 
             torch.set_num_threads(self.threads)
         return trainer_cfg.model_copy(update=update)
+
+    def process_count(self) -> int:
+        """How many training processes this resource asks for ("auto": one per visible GPU, 1 without)."""
+        n = self.num_processes
+        if n == "auto":
+            import torch
+
+            return max(1, torch.cuda.device_count()) if self.torch_device().startswith("cuda") else 1
+        if isinstance(n, bool) or not isinstance(n, int) and not (isinstance(n, str) and n.isdigit()):
+            raise dg.Failure(f'compute.num_processes must be a positive integer or "auto", got {n!r}')
+        n = int(n)
+        if n < 1:
+            raise dg.Failure(f"compute.num_processes must be >= 1, got {n}")
+        if self.torch_device().startswith("cuda"):
+            import torch
+
+            if n > torch.cuda.device_count():
+                raise dg.Failure(f"compute.num_processes={n} but only {torch.cuda.device_count()} GPUs are visible: "
+                                 "one process per GPU")
+        return n
 
     def torch_device(self) -> str:
         import torch

@@ -1,18 +1,18 @@
 """`ldm_model`: the text-conditioned denoiser (EMA) trained on the latent store, registered as `ldm` (a pyfunc)."""
 
 import dagster as dg
-import numpy as np
 from pydantic import Field
 
 from ldm_core.bundle import load_autoencoder, save_text_to_image
 from ldm_core.data.latent_dataset import LatentDataset
-from ldm_core.diffusion import create_diffusion
-from ldm_core.generation import generate, make_grid, upscale_nearest
-from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
-from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
+from ldm_core.trainers.ldm import LDMTrainingConfig
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
+from pipeline.distributed import launch
+from pipeline.distributed.entry import PROGRESS_KEYS
+from pipeline.distributed.jobs import LdmTrainJob
 from pipeline.mlflow_models import TEXT_TO_IMAGE_CODE, text_to_image_signature
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
@@ -61,21 +61,19 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     latent_shape = tuple(store_md["latent_shape"])
     key = stable_key(store_md["store_url"], store_md["rows_total"], training.to_dict())
     ckpt_dir = storage.url("checkpoints", "ldm", key)
-    text_encoder = TextEncoder(text_cfg)
-    diffusion = create_diffusion(training.diffusion)
-
-    def sample_fn(model, step: int) -> np.ndarray:
-        prompts = [p for p in config.validation_prompts for _ in range(config.validation_seeds)]
-        images = generate(prompts, vae, model, text_encoder, diffusion, latent_shape, guidance=config.guidance, seed=0,
-                          device=compute.torch_device())
-        model.train()
-        return upscale_nearest(make_grid(images, ncols=config.validation_seeds), 2)
 
     with mlflow.materialization_run(context) as run:
         run.tracker.set_tags({"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"]})
-        progress = DagsterProgress(context.log, "ldm", keys=("loss", "grad_norm", "lr", "samples_per_second"))
-        result = train_ldm(training, train, FanoutTracker(run.tracker, progress), uncond=train.uncond(),
-                           checkpoint_dir=ckpt_dir, sample_fn=sample_fn)
+        progress = DagsterProgress(context.log, "ldm", keys=PROGRESS_KEYS["ldm"])
+        job = LdmTrainJob(training=training.to_dict(), store_url=store_md["store_url"], vae_url=store_md["vae_url"],
+                          text_encoder=text_cfg.to_dict(), latent_shape=list(latent_shape), guidance=config.guidance,
+                          validation_prompts=config.validation_prompts, validation_seeds=config.validation_seeds,
+                          checkpoint_dir=ckpt_dir,
+                          output_url=storage.url("staging", "ldm", f"{key}-{context.run.run_id[:8]}"),
+                          mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_run_id=run.run_id)
+        # in this process, or on compute.num_processes processes under torchrun: the same result either way
+        result, launch_md = launch.train(context, compute, job, FanoutTracker(run.tracker, progress),
+                                         data=train, vae=vae)
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
         info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,
                 "steps": result.step, "text_encoder": store_md["text_encoder"]}
@@ -100,7 +98,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                 "vae_uri": store_md["vae_uri"], "store_url": store_md["store_url"], "steps": result.step,
                 "resumed_from": result.resumed_from or 0, "final_loss": final_loss,
                 "samples_per_second": result.samples_per_second, "nonfinite_skipped": result.nonfinite_skipped,
-                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url),
+                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url), **launch_md,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )

@@ -7,9 +7,12 @@ from pydantic import Field
 from ldm_core.bundle import save_autoencoder
 from ldm_core.data import ImageShardDataset
 from ldm_core.tracking import FanoutTracker
-from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, reconstruction_psnr, train_autoencoder
+from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, reconstruction_psnr
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
+from pipeline.distributed import launch
+from pipeline.distributed.entry import PROGRESS_KEYS
+from pipeline.distributed.jobs import VaeTrainJob
 from pipeline.mlflow_models import AUTOENCODER_CODE, autoencoder_signature
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
@@ -41,8 +44,13 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
     ckpt_dir = storage.url("checkpoints", "vae", key)  # same data + config -> a killed run resumes here
 
     with mlflow.materialization_run(context) as run:
-        progress = DagsterProgress(context.log, "vae", keys=("rec", "nll", "kl", "d_loss", "images_per_second"))
-        result = train_autoencoder(training, train, FanoutTracker(run.tracker, progress), ckpt_dir)
+        progress = DagsterProgress(context.log, "vae", keys=PROGRESS_KEYS["vae"])
+        job = VaeTrainJob(training=training.to_dict(), dataset_url=ds["dataset_url"], resolution=config.resolution,
+                          cache_images=config.cache_images, checkpoint_dir=ckpt_dir,
+                          output_url=storage.url("staging", "vae", f"{key}-{context.run.run_id[:8]}"),
+                          mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_run_id=run.run_id)
+        # in this process, or on compute.num_processes processes under torchrun: the same result either way
+        result, launch_md = launch.train(context, compute, job, FanoutTracker(run.tracker, progress), data=train)
         model = result.model
         scale, shift = measure_latent_scale(model, train, max_items=config.latent_scale_samples,
                                             use_shift=config.use_shift, seed=training.trainer.seed)
@@ -69,7 +77,7 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
                 "steps": result.step, "resumed_from": result.resumed_from or 0,
                 "perceptual_used": result.perceptual_used, "nonfinite_skipped": result.nonfinite_skipped,
                 "images_per_second": result.images_per_second, "dataset_version": ds["dataset_version"],
-                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url),
+                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url), **launch_md,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )

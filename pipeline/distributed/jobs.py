@@ -1,0 +1,178 @@
+"""A training job: everything one stage's trainer needs, as plain data that can cross a process boundary.
+
+The asset builds a job from its config and inputs; `pipeline.distributed.launch.train` then either runs it in the
+asset's own process or writes it to a JSON file for ``torchrun`` to hand to every rank
+(``python -m pipeline.distributed.train_vae job.json``). Either way the same ``job.train(tracker)`` runs, so
+the two paths cannot drift apart. Rank 0 writes the trained model to ``output_url``; the asset loads it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Any, Callable, ClassVar, Literal, Union
+
+import numpy as np
+import torch
+from pydantic import Field, TypeAdapter
+from torch import nn
+
+from ldm_core.config import StrictModel
+from ldm_core.tracking import Tracker
+from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, AutoencoderTrainResult, train_autoencoder
+from ldm_core.trainers.ldm import LDMTrainingConfig, LDMTrainResult, train_ldm
+
+
+class _Job(StrictModel):
+    training: dict[str, Any]
+    """The stage's training config (``to_dict()`` of its ldm_core config, compute settings applied)."""
+    checkpoint_dir: str
+    """Resumable checkpoints (same data + config -> same directory, so a re-run resumes)."""
+    output_url: str
+    """Where rank 0 saves the trained model (safetensors + config) for the asset to load."""
+    mlflow_tracking_uri: str | None = None
+    """The asset's MLflow tracking store; rank 0 logs to ``mlflow_run_id`` there."""
+    mlflow_run_id: str | None = None
+    """The asset's MLflow run (metrics, params and images of the training land in it)."""
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+
+class VaeTrainJob(_Job):
+    """Stage 1: train the autoencoder on the canonical dataset's training split."""
+
+    stage: Literal["vae"] = "vae"
+    dataset_url: str
+    """The canonical dataset (image_dataset's ``dataset_url``)."""
+    resolution: int
+    """Training image side."""
+    cache_images: bool = True
+    """Keep decoded training images in memory."""
+
+    def config(self) -> AutoencoderTrainingConfig:
+        return AutoencoderTrainingConfig.model_validate(self.training)
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        from ldm_core.data import ImageShardDataset
+
+        return ImageShardDataset(self.dataset_url, split="train", resolution=self.resolution,
+                                 cache_decoded=self.cache_images)
+
+    def train(self, tracker: Tracker, data: torch.utils.data.Dataset | None = None) -> AutoencoderTrainResult:
+        """Train (or resume); ``data`` lets an in-process caller reuse a dataset it already holds."""
+        return train_autoencoder(self.config(), data if data is not None else self.dataset(), tracker,
+                                 self.checkpoint_dir)
+
+    def save_model(self, model: nn.Module) -> None:
+        from ldm_core.bundle import save_autoencoder
+
+        save_autoencoder(self.output_url, model)
+
+    def load_model(self) -> nn.Module:
+        from ldm_core.bundle import load_autoencoder
+
+        return load_autoencoder(self.output_url)
+
+    result_type: ClassVar[type] = AutoencoderTrainResult
+
+
+class LdmTrainJob(_Job):
+    """Stage 2: train the denoiser on the latent store, with validation grids through the frozen VAE."""
+
+    stage: Literal["ldm"] = "ldm"
+    store_url: str
+    """The latent store (latent_store's ``store_url``)."""
+    vae_url: str
+    """The frozen autoencoder that decodes the validation samples."""
+    text_encoder: dict[str, Any]
+    """The text encoder config the store was encoded with (encodes the validation prompts)."""
+    latent_shape: list[int]
+    """(C, h, w) of one latent."""
+    guidance: float
+    """Classifier-free guidance scale of the validation samples."""
+    validation_prompts: list[str]
+    validation_seeds: int
+
+    def config(self) -> LDMTrainingConfig:
+        return LDMTrainingConfig.model_validate(self.training)
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        from ldm_core.data.latent_dataset import LatentDataset
+
+        return LatentDataset(self.store_url, split="train")
+
+    def sample_fn(self, config: LDMTrainingConfig, vae: nn.Module | None = None) -> Callable[[nn.Module, int], np.ndarray]:
+        """Validation grids (prompts × seeds) from the model being trained, for the tracker."""
+        from ldm_core.bundle import load_autoencoder
+        from ldm_core.diffusion import create_diffusion
+        from ldm_core.generation import generate, make_grid, upscale_nearest
+        from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+        from ldm_core.trainers.common import resolve_device
+
+        vae = vae if vae is not None else load_autoencoder(self.vae_url)
+        text_encoder = TextEncoder(TextEncoderConfig.model_validate(self.text_encoder))
+        diffusion = create_diffusion(config.diffusion)
+        device = resolve_device(config.trainer.device)
+        latent_shape = tuple(self.latent_shape)
+
+        def sample(model: nn.Module, step: int) -> np.ndarray:
+            prompts = [p for p in self.validation_prompts for _ in range(self.validation_seeds)]
+            images = generate(prompts, vae, model, text_encoder, diffusion, latent_shape, guidance=self.guidance,
+                              seed=0, device=device)
+            model.train()
+            return upscale_nearest(make_grid(images, ncols=self.validation_seeds), 2)
+
+        return sample
+
+    def train(self, tracker: Tracker, data: torch.utils.data.Dataset | None = None,
+              vae: nn.Module | None = None) -> LDMTrainResult:
+        from ldm_core import distributed
+
+        config = self.config()
+        data = data if data is not None else self.dataset()
+        # only rank 0 renders validation grids: the other ranks need neither the VAE nor the text encoder
+        sample_fn = self.sample_fn(config, vae) if distributed.is_main() else None
+        return train_ldm(config, data, tracker, uncond=data.uncond(), checkpoint_dir=self.checkpoint_dir,
+                         sample_fn=sample_fn)
+
+    def save_model(self, model: nn.Module) -> None:
+        from ldm_core.bundle import save_denoiser
+
+        save_denoiser(self.output_url, model)
+
+    def load_model(self) -> nn.Module:
+        from ldm_core.bundle import load_denoiser
+
+        return load_denoiser(self.output_url)
+
+    result_type: ClassVar[type] = LDMTrainResult
+
+
+TrainJob = Annotated[Union[VaeTrainJob, LdmTrainJob], Field(discriminator="stage")]
+_ADAPTER: TypeAdapter = TypeAdapter(TrainJob)
+
+
+def read_job(path: str | Path) -> VaeTrainJob | LdmTrainJob:
+    return _ADAPTER.validate_json(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A train result without its model, as JSON (what rank 0 reports back through Dagster Pipes)
+# ---------------------------------------------------------------------------------------------------------------
+
+def result_summary(result: AutoencoderTrainResult | LDMTrainResult) -> dict[str, Any]:
+    """Every field of a train result but the model, JSON-able; the history keeps the last point of each metric
+    (the whole curves are in the MLflow run, and a message through Pipes should stay small)."""
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "model"}
+    fields["history"] = {k: v[-1:] for k, v in result.history.items()}
+    return json.loads(json.dumps(fields))
+
+
+def result_from_summary(job: VaeTrainJob | LdmTrainJob, summary: dict[str, Any],
+                        model: nn.Module) -> AutoencoderTrainResult | LDMTrainResult:
+    """The train result the in-process path would have returned, from rank 0's summary and the saved model."""
+    fields = dict(summary)
+    fields["history"] = {k: [tuple(p) for p in v] for k, v in fields.get("history", {}).items()}
+    return job.result_type(model=model, **fields)
