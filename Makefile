@@ -22,12 +22,17 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian's Chromium renders the evaluation report in a browser test (skipped, with the reason, if absent).
+# Debian's Chromium renders the evaluation report in a browser test, and Debian's PostgreSQL backs Dagster and MLflow
+# in the deployment test (each skipped, with the reason, if it cannot be installed).
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Debian's chromium for the report browser test"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	    || echo "WARNING: could not install chromium; the browser test will be skipped"; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for the Postgres deployment test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	    || echo "WARNING: could not install postgresql; the Postgres deployment test will be skipped"; }
 
 test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

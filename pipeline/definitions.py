@@ -8,6 +8,7 @@ from pipeline.assets.latent_store import latent_store
 from pipeline.assets.ldm_model import ldm_model
 from pipeline.assets.vae_model import vae_model
 from pipeline.checks import ALL_CHECKS
+from pipeline.executors import executor_from_env
 from pipeline.jobs import ldm_new_data_sensor, ldm_retrain_job, ldm_training_job, ldm_weekly_retrain
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 
@@ -20,8 +21,9 @@ defs = dg.Definitions(
     schedules=[ldm_weekly_retrain],
     sensors=[ldm_new_data_sensor],
     resources={"mlflow": MLflowResource(), "storage": StorageResource(), "compute": ComputeResource()},
-    # one process per run: the assets form a chain, and torch is imported once (deploy/ swaps in the k8s executor)
-    executor=dg.in_process_executor,
+    # one process per run by default (the assets form a chain, and torch is imported once); deploy/ picks the k8s
+    # executor through LDM_EXECUTOR
+    executor=executor_from_env(),
 )
 
 

@@ -16,7 +16,9 @@ GPU_POOL = "gpu"
 GPU_OP_TAGS = {
     "dagster-k8s/config": {
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
-        "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"}},
+        # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule so that only pods asking for one land there
+        "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
+                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
     },
 }
 
