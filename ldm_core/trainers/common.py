@@ -331,6 +331,7 @@ class RunState:
             "step": step, "position": position.to_dict(), "config": self.run_config,
             **{name: part.state_dict() for name, part in self.parts.items()},
             "rng": capture_rng(self.generator), "nonfinite_skipped": self.guard.skipped,
+            "world_size": distributed.current().world_size,
         }
 
     def restore(self, state: dict[str, Any], where: str) -> tuple[int, DataPosition]:
@@ -342,6 +343,13 @@ class RunState:
             part.load_state_dict(state[name])
         restore_rng(state["rng"], self.generator)
         self.guard.skipped = state["nonfinite_skipped"]
+        saved_world, world = state.get("world_size", 1), distributed.current().world_size
+        if saved_world != world:
+            # the data position counts global micro-batches of micro_batch_size × world size: with the same
+            # accumulation (e.g. micro_batch_size unset) the run continues exactly, otherwise only approximately
+            log.warning("resuming a checkpoint written by %d processes with %d: the continuation is exact only if "
+                        "the accumulation steps (batch_size / (micro_batch_size × processes)) are unchanged",
+                        saved_world, world)
         return state["step"], DataPosition(**state["position"])
 
 

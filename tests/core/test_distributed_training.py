@@ -88,6 +88,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             if rank == 0:
                 torch.save({"history": full.history, "stopped_at": part.step, "resumed_from": resumed.resumed_from},
                            f"{out}/{kind}/rank0.pt")
+        # BatchNorm under DDP needs SyncBatchNorm, which is GPU-only: on CPU every rank refuses before any collective
+        cfg, data = _ae_setup()
+        cfg.discriminator.norm = "batch"
+        try:
+            train_autoencoder(cfg, data, perceptual=None)
+        except ValueError as e:
+            Path(f"{out}/batchnorm_error_rank{rank}.txt").write_text(str(e))
 
 
 def _free_port() -> int:
@@ -171,6 +178,24 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(two_process_run
     full, resumed = _final(two_process_runs / kind / "full"), _final(two_process_runs / kind / "resumed")
     assert _diffs(full, resumed, PARTS[kind]) == (0.0, 0.0)
     assert full["position"] == resumed["position"]
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_with_a_warning(two_process_runs, tmp_path, caplog):
+    import shutil
+
+    shutil.copytree(two_process_runs / "ldm" / "full", tmp_path / "ckpt")
+    cfg, data, uncond = _ldm_setup()
+    cfg.trainer.steps = STEPS + 1
+    with caplog.at_level("WARNING", logger="ldm_core.trainers.common"):
+        result = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "ckpt"))
+    assert result.resumed_from == STEPS and result.step == STEPS + 1
+    assert any("written by 2 processes with 1" in r.getMessage() for r in caplog.records)
+
+
+def test_batchnorm_under_cpu_ddp_is_refused_with_what_to_use_instead(two_process_runs):
+    for rank in range(2):
+        message = (two_process_runs / f"batchnorm_error_rank{rank}.txt").read_text()
+        assert "SyncBatchNorm" in message and "actnorm" in message
 
 
 def test_batch_shard_draws_are_the_global_draw_sliced():
