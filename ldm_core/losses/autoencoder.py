@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -91,6 +92,19 @@ D_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 # The loss module
 # ---------------------------------------------------------------------------------------------------------------
 
+@dataclass
+class GeneratorTerms:
+    """The generator objective of one batch before the adaptive weight combines it: nll + reg + λ·g."""
+
+    nll: torch.Tensor
+    """Scalar Laplace NLL of (L1 + w_p·LPIPS), summed over elements, averaged over images."""
+    reg: torch.Tensor
+    """Scalar regularizer, already weighted (kl_weight·KL or codebook_weight·VQ loss)."""
+    g: torch.Tensor | None
+    """Scalar −mean D(x̂), or None while the discriminator is inactive."""
+    logs: dict[str, torch.Tensor]
+
+
 class AutoencoderLoss(nn.Module):
     """Reconstruction + perceptual + regularizer + adaptive PatchGAN loss; owns the discriminator and ``logvar``.
 
@@ -157,17 +171,13 @@ class AutoencoderLoss(nn.Module):
 
     # -- the autoencoder's loss ---------------------------------------------------------------------------------
 
-    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, reg_loss: torch.Tensor, step: int,
-                       last_layer: torch.Tensor | None, reg_kind: Literal["kl", "vq"] = "kl",
-                       grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The autoencoder's loss for one batch, and its terms as detached scalars (no host sync).
+    def generator_terms(self, x: torch.Tensor, recon: torch.Tensor, reg_loss: torch.Tensor, step: int,
+                        reg_kind: Literal["kl", "vq"] = "kl") -> GeneratorTerms:
+        """The generator objective's terms for one batch, before the adaptive weight combines them.
 
         x, recon: (B, C, H, W) in [-1, 1]. reg_loss: a scalar, already reduced (KL summed over latent dims and
-        averaged over the batch; or the VQ codebook + commitment loss). last_layer: the decoder's final conv weight,
-        where the adaptive weight compares gradients; needed once the discriminator is active.
-        Under ``torch.no_grad()`` (validation) the adaptive weight cannot be computed and is 0, as in CompVis.
-        grad_mean: under data parallelism, averages a gradient over the processes (see `adaptive_weight`).
+        averaged over the batch; or the VQ codebook + commitment loss). The discriminator is evaluated (frozen) only
+        once it is active.
         """
         if reg_kind not in ("kl", "vq"):
             raise ValueError(f"reg_kind must be 'kl' or 'vq', got {reg_kind!r}")
@@ -187,29 +197,80 @@ class AutoencoderLoss(nn.Module):
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
 
         # 3) regularizer
-        reg_weight = cfg.kl_weight if reg_kind == "kl" else cfg.codebook_weight
-        loss = nll + reg_weight * reg_loss
+        reg = (cfg.kl_weight if reg_kind == "kl" else cfg.codebook_weight) * reg_loss
 
         # 4) adversarial term, only once the discriminator is active (before that it is not even evaluated)
-        zero = torch.zeros((), device=nll.device, dtype=nll.dtype)
-        g_loss, d_weight = zero, zero
+        g_loss = None
         if self.disc_active(step):
             with _frozen(self.discriminator):
                 logits_fake = self.discriminator(recon)  # (B, 1, h, w)
             g_loss = -_fp32(logits_fake).mean()
-            if torch.is_grad_enabled():
-                d_weight = self.adaptive_weight(nll, g_loss, last_layer, grad_mean)
-            loss = loss + d_weight * cfg.disc_factor * g_loss
-
         logs.update({
             "nll": nll.detach(),
             ("kl" if reg_kind == "kl" else "codebook"): _fp32(reg_loss.detach()),
-            "g": g_loss.detach(),
-            "d_weight": d_weight.detach(),
             "logvar": self.logvar.detach().clone(),  # a copy: the optimizer step updates the parameter in place
-            "total": loss.detach(),
         })
+        return GeneratorTerms(nll, reg, g_loss, logs)
+
+    def _combine(self, terms: GeneratorTerms, d_weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        zero = torch.zeros((), device=terms.nll.device, dtype=terms.nll.dtype)
+        g_loss = terms.g if terms.g is not None else zero
+        loss = terms.nll + terms.reg + (d_weight * self.config.disc_factor * g_loss if terms.g is not None else 0.0)
+        logs = {**terms.logs, "g": g_loss.detach(), "d_weight": d_weight.detach(), "total": loss.detach()}
         return loss, logs
+
+    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, reg_loss: torch.Tensor, step: int,
+                       last_layer: torch.Tensor | None, reg_kind: Literal["kl", "vq"] = "kl",
+                       grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The autoencoder's loss for one batch, and its terms as detached scalars (no host sync).
+
+        last_layer: the decoder's final conv weight, where the adaptive weight compares gradients; needed once the
+        discriminator is active. Under ``torch.no_grad()`` (validation) the adaptive weight cannot be computed and
+        is 0, as in CompVis. grad_mean: under data parallelism, averages a gradient over the processes (see
+        `adaptive_weight`). Training uses `generator_backward`, which gives this loss's gradients in fewer passes.
+        """
+        terms = self.generator_terms(x, recon, reg_loss, step, reg_kind)
+        d_weight = torch.zeros((), device=terms.nll.device, dtype=terms.nll.dtype)
+        if terms.g is not None and torch.is_grad_enabled():
+            d_weight = self.adaptive_weight(terms.nll, terms.g, last_layer, grad_mean)
+        return self._combine(terms, d_weight)
+
+    def generator_backward(self, terms: GeneratorTerms, recon: torch.Tensor, last_layer: torch.Tensor | None,
+                           grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float = 1.0,
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Back-propagate ``scale`` · (the generator loss of `terms`); returns the loss (detached) and the logs.
+
+        The gradients are those of ``generator_loss(...)[0].mul(scale).backward()`` (a test holds them equal), in
+        fewer passes. Done literally, the adaptive weight back-propagates nll and g to the decoder's last layer, and
+        then the total loss is back-propagated again: LPIPS's VGG and the discriminator each run backward twice. Here
+        nll and g go backward once, to the reconstruction x̂; their last-layer gradients follow from ∂nll/∂x̂ and
+        ∂g/∂x̂ through the last conv alone (vector-Jacobian products with grad_outputs), and one backward from x̂
+        carries ∂nll/∂x̂ + λ·∂g/∂x̂ (+ the regularizer's and logvar's own terms) into the autoencoder.
+        """
+        if terms.g is None:  # no GAN term yet: the plain backward is already a single pass
+            loss, logs = self._combine(terms, torch.zeros((), device=terms.nll.device, dtype=terms.nll.dtype))
+            (loss * scale).backward()
+            return loss.detach(), logs
+        if last_layer is None:
+            raise ValueError("the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
+                             "discriminator is active")
+        learn_logvar = self.logvar.requires_grad
+        wrt = [recon, self.logvar] if learn_logvar else [recon]
+        nll_grads = torch.autograd.grad(terms.nll, wrt, retain_graph=True)  # LPIPS backward, once
+        g_recon = torch.autograd.grad(terms.g, recon, retain_graph=True)[0]  # discriminator backward, once
+        nll_last = torch.autograd.grad(recon, last_layer, nll_grads[0], retain_graph=True)[0]  # last conv only
+        g_last = torch.autograd.grad(recon, last_layer, g_recon, retain_graph=True)[0]
+        d_weight = self._weight_from_grads(nll_last, g_last, grad_mean)
+        coef = d_weight * self.config.disc_factor
+        recon_grad = ((nll_grads[0] + coef * g_recon) * scale).detach()  # (B, C, H, W)
+        # one backward whose gradient is exactly the loss's: Σ x̂·∂L/∂x̂ + reg (+ logvar·∂nll/∂logvar)
+        surrogate = (recon * recon_grad).sum() + terms.reg * scale
+        if learn_logvar:
+            surrogate = surrogate + (self.logvar * (nll_grads[1] * scale).detach()).sum()
+        surrogate.backward()
+        loss, logs = self._combine(terms, d_weight)
+        return loss.detach(), logs
 
     def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None,
                         grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -225,6 +286,10 @@ class AutoencoderLoss(nn.Module):
         # retain_graph: the same graph is back-propagated again by the trainer's loss.backward()
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        return self._weight_from_grads(nll_grad, g_grad, grad_mean)
+
+    def _weight_from_grads(self, nll_grad: torch.Tensor, g_grad: torch.Tensor,
+                           grad_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         if grad_mean is not None:
             nll_grad, g_grad = grad_mean(nll_grad), grad_mean(g_grad)
         ratio = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + ADAPTIVE_WEIGHT_EPS)

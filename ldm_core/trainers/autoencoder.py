@@ -26,7 +26,7 @@ from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import StrictModel, flatten_dict
 from ldm_core.distributed import BatchShard
 from ldm_core.grids import reconstruction_grid
-from ldm_core.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig, build_autoencoder_loss
+from ldm_core.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig, GeneratorTerms, build_autoencoder_loss
 from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderOutput, build_autoencoder
 from ldm_core.models.discriminator import ActNorm, DiscriminatorConfig
 from ldm_core.tracking import NullTracker, Tracker
@@ -157,11 +157,14 @@ class GeneratorStep(nn.Module):
         # the adaptive GAN weight compares gradient norms: averaged over ranks first, they are the global batch's
         self.grad_mean = distributed.all_reduce_mean if shard.world_size > 1 else None
 
-    def forward(self, x: torch.Tensor, step: int) -> tuple[AutoencoderOutput, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, step: int) -> tuple[AutoencoderOutput, GeneratorTerms]:
         out = self._autoencode(x)
-        loss, logs = self._loss[0].generator_loss(x, out.reconstruction, out.reg_loss, step, self.model.last_layer,
-                                                  reg_kind=out.reg_kind, grad_mean=self.grad_mean)
-        return out, loss, logs
+        return out, self._loss[0].generator_terms(x, out.reconstruction, out.reg_loss, step, reg_kind=out.reg_kind)
+
+    def backward(self, out: AutoencoderOutput, terms: GeneratorTerms, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss's gradients, LPIPS and the discriminator back-propagated once (`AutoencoderLoss.generator_backward`)."""
+        return self._loss[0].generator_backward(terms, out.reconstruction, self.model.last_layer,
+                                                grad_mean=self.grad_mean, scale=scale)
 
     def _autoencode(self, x: torch.Tensor) -> AutoencoderOutput:
         model = self.model
@@ -174,6 +177,11 @@ class GeneratorStep(nn.Module):
         eps = self.shard.randn(mean.shape, self.generator, device=mean.device, dtype=mean.dtype)  # (b, z, h, w)
         recon = model.decode(mean + posterior.std * eps)  # (b, 3, H, W)
         return AutoencoderOutput(recon, posterior.kl().mean(), "kl", posterior)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)
 
 
 class DiscriminatorStep(nn.Module):
@@ -320,8 +328,8 @@ def train_autoencoder(
                 x = x.contiguous(memory_format=torch.channels_last)
             with distributed.no_sync_unless(gen_step, sync=i == accum - 1):  # all-reduce once, after the last
                 with autocast(device, precision):
-                    out, loss, logs = gen_step(x, step)
-                (loss / accum).backward()
+                    out, terms = gen_step(x, step)
+                loss, logs = _unwrap(gen_step).backward(out, terms, 1.0 / accum)
             micro_batches.append((x, out.reconstruction.detach()))
             for k, v in {**logs, **out.stats}.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum

@@ -294,3 +294,58 @@ def test_bf16_autocast_keeps_the_loss_sums_in_fp32():
     assert logs["d_weight"] > 0
     total.backward()
     assert torch.isfinite(decoder.conv_out.weight.grad).all()
+
+
+@pytest.mark.parametrize("step", [0, 20])  # before and after disc_start (10)
+@pytest.mark.parametrize("learn_logvar", [False, True])
+def test_generator_backward_gives_the_gradients_of_the_literal_loss(step, learn_logvar):
+    """The single-pass backward (LPIPS and D back-propagated once) equals loss.backward() of generator_loss."""
+    grads = []
+    for mode in ("literal", "single_pass"):
+        loss_fn, decoder, z, x = setup(seed=3, learn_logvar=learn_logvar, logvar_init=0.3)
+        enc = nn.Conv2d(4, 4, 1)  # something before the latent, so the regularizer has a path of its own
+        zz = enc(z)
+        recon = decoder(zz)
+        reg = zz.pow(2).mean()
+        params = [*enc.parameters(), *decoder.parameters(), *([loss_fn.logvar] if learn_logvar else [])]
+        if mode == "literal":
+            loss, logs = loss_fn.generator_loss(x, recon, reg, step, decoder.conv_out.weight)
+            (0.5 * loss).backward()
+        else:
+            terms = loss_fn.generator_terms(x, recon, reg, step)
+            loss, logs = loss_fn.generator_backward(terms, recon, decoder.conv_out.weight, scale=0.5)
+        assert all(p.grad is None for p in loss_fn.discriminator.parameters())
+        grads.append(([p.grad.clone() for p in params], loss.detach(), logs))
+    (g_lit, loss_lit, logs_lit), (g_one, loss_one, logs_one) = grads
+    for a, b in zip(g_lit, g_one):  # equal up to the order fp32 sums the contributions in
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    torch.testing.assert_close(loss_lit, loss_one)
+    torch.testing.assert_close(logs_lit["d_weight"], logs_one["d_weight"])
+    if step >= 10:
+        assert logs_one["d_weight"] > 0 and logs_one["g"] != 0
+
+
+def test_generator_backward_needs_fewer_backward_passes_through_lpips_and_the_discriminator():
+    """The point of the single pass: the discriminator and the perceptual net run backward once each, not twice."""
+    counts = {}
+    for mode in ("literal", "single_pass"):
+        loss_fn, decoder, z, x = setup(seed=1)
+        seen = {"disc": 0, "perceptual": 0}
+
+        def tap(name):
+            def forward_hook(module, inputs, output):
+                if output.requires_grad:
+                    output.register_hook(lambda grad: seen.__setitem__(name, seen[name] + 1))
+            return forward_hook
+
+        last_conv = [m for m in loss_fn.discriminator.modules() if isinstance(m, nn.Conv2d)][-1]
+        hooks = [last_conv.register_forward_hook(tap("disc")), loss_fn.perceptual.register_forward_hook(tap("perceptual"))]
+        recon = decoder(z)
+        if mode == "literal":
+            loss_fn.generator_loss(x, recon, torch.zeros(()), 20, decoder.conv_out.weight)[0].backward()
+        else:
+            loss_fn.generator_backward(loss_fn.generator_terms(x, recon, torch.zeros(()), 20), recon, decoder.conv_out.weight)
+        for h in hooks:
+            h.remove()
+        counts[mode] = dict(seen)
+    assert counts == {"literal": {"disc": 2, "perceptual": 2}, "single_pass": {"disc": 1, "perceptual": 1}}
