@@ -5,10 +5,18 @@ S3 endpoint and credentials come from the environment (``AWS_ENDPOINT_URL`` / ``
 
 Writes are atomic: on a local filesystem a temp file in the same directory is fsynced and renamed over the
 target; on S3 a single PUT is atomic by the service's semantics (readers see the old object or the new one).
+
+Transient S3 faults (5xx, throttling, connection resets, timeouts) are retried: botocore makes up to
+``LDM_S3_MAX_ATTEMPTS`` (default 10) attempts per request with capped exponential backoff, and s3fs retries
+throttling, timeouts and connection errors up to 5 more times around that, so a brownout of a few minutes is ridden
+out. An error that remains (or a permanent one: access denied, no such bucket) is raised naming the URL: as
+FileNotFoundError / PermissionError when it is one, else as `StorageError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import posixpath
@@ -21,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 # Options s3fs understands that we derive from the environment; nothing here is ever logged.
 _S3_RETRIES = 10
+_S3_RETRIES_ENV = "LDM_S3_MAX_ATTEMPTS"
 
 
 def _umask() -> int:
@@ -53,9 +62,39 @@ def s3_options_from_env() -> dict[str, Any]:
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
     # botocore retries transient errors (throttling, 5xx, connection resets); raise the default attempts so a
-    # flaky endpoint does not fail a run. s3fs adds its own retries on top for reads.
-    opts["config_kwargs"] = {"retries": {"max_attempts": _S3_RETRIES, "mode": "adaptive"}}
+    # flaky endpoint does not fail a run. s3fs adds its own retries on top (see the module doc).
+    attempts = int(os.environ.get(_S3_RETRIES_ENV) or _S3_RETRIES)
+    opts["config_kwargs"] = {"retries": {"max_attempts": max(1, attempts), "mode": "adaptive"}}
     return opts
+
+
+class StorageError(OSError):
+    """A storage operation that failed for good (after the retries); the message names the URL."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without any ``user:password@`` part, safe for logs and errors."""
+    return re.sub(r"(?<=://)[^/@]*@", "", str(url))
+
+
+@contextlib.contextmanager
+def naming_errors(url: str, action: str) -> Iterator[None]:
+    """Re-raise a remote storage failure with the URL and the action in its message (local OS errors already name
+    their path). FileNotFoundError and PermissionError keep their type: callers tell "missing" from "failed"."""
+    try:
+        yield
+    except Exception as e:
+        if is_local(url) or isinstance(e, (ValueError, TypeError)) or getattr(e, "_ldm_named", False):
+            raise
+        msg = f"{action} {redact_url(url)} failed: {type(e).__name__}: {e}"
+        if isinstance(e, FileNotFoundError):
+            wrapped: OSError = FileNotFoundError(errno.ENOENT, msg)
+        elif isinstance(e, PermissionError):
+            wrapped = PermissionError(errno.EACCES, msg)
+        else:
+            wrapped = StorageError(msg)
+        wrapped._ldm_named = True  # type: ignore[attr-defined]  (nested helpers name it once)
+        raise wrapped from e
 
 
 def protocol_of(url: str) -> str:
@@ -92,7 +131,8 @@ def local_path(url: str) -> str:
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = get_fs(url, storage_options)
-    return fs.exists(path)
+    with naming_errors(url, "checking"):
+        return fs.exists(path)
 
 
 def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -104,7 +144,7 @@ def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
+    with naming_errors(url, "reading"), fs.open(path, "rb") as f:
         return f.read()
 
 
@@ -134,7 +174,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
             raise
         _fsync_dir(directory)
     else:
-        fs.pipe_file(path, data)
+        with naming_errors(url, "writing"):
+            fs.pipe_file(path, data)
 
 
 def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -162,7 +203,8 @@ def put_file_atomic(local_src: str, url: str, storage_options: dict[str, Any] | 
             raise
         _fsync_dir(directory)
     else:
-        fs.put_file(local_src, path)
+        with naming_errors(url, "writing"):
+            fs.put_file(local_src, path)
 
 
 def remove_stale_temp_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -188,7 +230,8 @@ def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[st
     """Base names of the entries directly under ``url`` (empty if it does not exist), sorted."""
     fs, path = get_fs(url, storage_options)
     try:
-        entries = fs.ls(path, detail=False, refresh=True) if not isinstance(fs, LocalFileSystem) else fs.ls(path, detail=False)
+        with naming_errors(url, "listing"):
+            entries = fs.ls(path, detail=False, refresh=True) if not isinstance(fs, LocalFileSystem) else fs.ls(path, detail=False)
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
@@ -197,7 +240,8 @@ def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[st
 def remove(url: str, storage_options: dict[str, Any] | None = None, recursive: bool = False) -> None:
     fs, path = get_fs(url, storage_options)
     try:
-        fs.rm(path, recursive=recursive)
+        with naming_errors(url, "removing"):
+            fs.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
 
@@ -206,14 +250,17 @@ def walk_files(url: str, storage_options: dict[str, Any] | None = None) -> Itera
     """Every file below ``url`` as a path relative to it, in sorted order."""
     fs, root = get_fs(url, storage_options)
     root = root.rstrip("/")
-    for path in sorted(fs.find(root)):
+    with naming_errors(url, "listing"):
+        found = sorted(fs.find(root))
+    for path in found:
         rel = path[len(root):].lstrip("/")
         yield rel
 
 
 def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> io.IOBase:
     fs, path = get_fs(url, storage_options)
-    return fs.open(path, mode)
+    with naming_errors(url, "opening"):
+        return fs.open(path, mode)
 
 
 def _fsync_dir(directory: str) -> None:

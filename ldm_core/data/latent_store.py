@@ -343,7 +343,8 @@ class _ZarrShards:
             fs, root = storage.get_fs(url, storage_options)
             local = [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files]
             remote = [posixpath.join(root, os.path.relpath(p, tmp).replace(os.sep, "/")) for p in local]
-            fs.put(local, remote)
+            with storage.naming_errors(url, "writing the shard"):
+                fs.put(local, remote)
 
     def _write_group(self, path: str, cols: ShardColumns, cfg: LatentStoreConfig) -> None:
         import zarr
@@ -383,7 +384,8 @@ class _ZarrShards:
             data = await asyncio.gather(*(a.getitem(slice(None)) for a in arrays))
             return dict(zip(fields, data))
 
-        return sync(read())
+        with storage.naming_errors(url, "reading the shard"):
+            return sync(read())
 
     def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
         return self._read_arrays(url, fields, storage_options)
