@@ -77,3 +77,55 @@ def mfu(flops_per_sample: float, samples_per_second: float, peak: float | None) 
     if not peak or flops_per_sample <= 0:
         return None
     return flops_per_sample * samples_per_second / peak
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-step FLOPs of the two stages, counted on the meta device (no memory, no compute, no side effects)
+# ---------------------------------------------------------------------------------------------------------------
+
+def denoiser_step_flops(denoiser_config: object, latent_shape: tuple[int, ...], context_shape: tuple[int, int],
+                        batch: int = 2) -> float:
+    """Forward + backward FLOPs per sample of the denoiser at these shapes (C, h, w) and (L, D)."""
+    from ldm_core.models.denoiser import build_denoiser
+
+    with torch.device("meta"):
+        model = build_denoiser(denoiser_config)
+        x = torch.empty(batch, *latent_shape)
+        t = torch.empty(batch)
+        ctx = torch.empty(batch, *context_shape)
+        mask = torch.ones(batch, context_shape[0], dtype=torch.bool)
+    return count_flops(lambda: model(x, t, ctx, mask).float().pow(2).mean().backward()) / batch
+
+
+def autoencoder_step_flops(training_config: object, image_size: int, perceptual: bool, batch: int = 2) -> dict[str, float]:
+    """Per-image FLOPs of the autoencoder's training passes: ``g`` (generator step before the discriminator starts),
+    ``g_gan`` (after: the discriminator's forward and backward and the adaptive weight), ``d`` (discriminator step).
+    Counted on meta tensors with the trainer's own code paths (`AutoencoderLoss.generator_backward`)."""
+    from ldm_core.losses.autoencoder import AutoencoderLoss
+    from ldm_core.models.autoencoder import build_autoencoder
+
+    cfg = training_config
+    with torch.device("meta"):
+        model = build_autoencoder(cfg.model)
+        net = None
+        if perceptual:
+            import lpips
+
+            # (its scaling constants are made with torch.Tensor(...), which ignores the device context: move them)
+            net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).eval().requires_grad_(False).to("meta")
+        # FLOPs do not depend on the normalization; GroupNorm has no data-dependent init to run on meta tensors
+        disc_cfg = cfg.discriminator.model_copy(update={"norm": "group"})
+        loss = AutoencoderLoss(cfg.loss.model_copy(update={"disc_start": 1}), disc_cfg, net)
+        x = torch.empty(batch, cfg.model.in_channels, image_size, image_size)
+    out: dict[str, float] = {}
+    for kind, step in (("g", 0), ("g_gan", 1)):
+        def g_pass(step: int = step) -> None:
+            o = model(x, sample_posterior=False)
+            terms = loss.generator_terms(x, o.reconstruction, o.reg_loss, step, reg_kind=o.reg_kind)
+            loss.generator_backward(terms, o.reconstruction, model.last_layer)
+
+        out[kind] = count_flops(g_pass) / batch
+    with torch.device("meta"):
+        recon = torch.empty_like(x)
+    out["d"] = count_flops(lambda: loss.discriminator_loss(x, recon, 1)[0].backward()) / batch
+    return out

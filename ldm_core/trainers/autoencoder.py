@@ -24,6 +24,7 @@ from torch import nn
 from ldm_core import distributed
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import StrictModel, flatten_dict
+from ldm_core.flops import autoencoder_step_flops
 from ldm_core.distributed import BatchShard
 from ldm_core.grids import reconstruction_grid
 from ldm_core.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig, GeneratorTerms, build_autoencoder_loss
@@ -38,6 +39,7 @@ from ldm_core.trainers.common import (
     MetricWindow,
     NonFiniteGuard,
     RunState,
+    ThroughputMeter,
     autocast,
     grad_norm_and_finite,
     make_adam,
@@ -311,6 +313,9 @@ def train_autoencoder(
                         "allowed by loss.allow_missing_perceptual)")
 
     window = MetricWindow()
+    image_size = config.model.resolution  # replaced by the batches' own size
+    meter = ThroughputMeter(device, precision, world_size,
+                            flops=lambda: autoencoder_step_flops(config, image_size, perceptual_used))
     t0, images_seen = time.perf_counter(), 0
     last_images: tuple[torch.Tensor, torch.Tensor] | None = None
     model.train()
@@ -330,6 +335,7 @@ def train_autoencoder(
                 with autocast(device, precision):
                     out, terms = gen_step(x, step)
                 loss, logs = _unwrap(gen_step).backward(out, terms, 1.0 / accum)
+            image_size = x.shape[-1]
             micro_batches.append((x, out.reconstruction.detach()))
             for k, v in {**logs, **out.stats}.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
@@ -357,13 +363,15 @@ def train_autoencoder(
         last_images = micro_batches[-1]
         step += 1
         images_seen += tc.batch_size
+        meter.add(tc.batch_size)
 
         # ---- 3) logging, images, checkpoints ----------------------------------------------------------------------
         logs_acc["grad_norm"] = gnorm
         window.add(logs_acc)
         if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
+            kinds = ["g_gan", "d"] if disc_on else ["g"]
             means = window.flush(step, nonfinite_skipped=float(guard.skipped),
-                                 images_per_second=images_seen / max(time.perf_counter() - t0, 1e-9))
+                                 **meter.metrics(kinds, name="images_per_second"))
             if rank == 0:
                 tracker.log_metrics(means, step)
         if rank == 0 and tc.image_every and step % tc.image_every == 0 and last_images is not None:

@@ -13,6 +13,7 @@ import copy
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -387,3 +388,60 @@ def make_adam(params: list[torch.Tensor], device: torch.device, adamw: bool = Fa
     impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
     cls = torch.optim.AdamW if adamw else torch.optim.Adam
     return cls(params, **kwargs, **impl)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Throughput and MFU
+# ---------------------------------------------------------------------------------------------------------------
+
+_PEAKS: dict[tuple[str, str], float | None] = {}
+
+
+class ThroughputMeter:
+    """Samples/s, model FLOPs per sample and MFU, for the tracker.
+
+    ``flops``: a function returning the FLOPs per sample of each kind of pass (e.g. the autoencoder's generator
+    step before and after the discriminator starts, and the discriminator step), counted on meta tensors
+    (`ldm_core.flops`), called once, at the first report; counting on the real step would perturb its numerics
+    (and so exact resume). The peak is the device's: the measured matmul rate on CPU (once per process), the
+    datasheet on known GPUs. MFU = FLOPs/sample × samples/s per device ÷ peak.
+    """
+
+    def __init__(self, device: torch.device, precision: str, world_size: int = 1,
+                 flops: Callable[[], dict[str, float]] | None = None):
+        self.device, self.precision, self.world_size = device, precision, world_size
+        self._flops_fn, self._flops = flops, None
+        self.t0 = time.perf_counter()
+        self.samples = 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def peak(self) -> float | None:
+        key = (self.device.type, self.precision)
+        if key not in _PEAKS:
+            from ldm_core.flops import peak_flops
+
+            _PEAKS[key] = peak_flops(self.device, self.precision)
+        return _PEAKS[key]
+
+    def flops(self) -> dict[str, float]:
+        if self._flops is None:
+            try:
+                self._flops = self._flops_fn() if self._flops_fn is not None else {}
+            except Exception as e:  # a model the counter cannot trace must not stop training
+                log.warning("could not count model FLOPs (%s); MFU will not be reported", e)
+                self._flops = {}
+        return self._flops
+
+    def metrics(self, kinds: Sequence[str], name: str = "samples_per_second") -> dict[str, float]:
+        rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)  # global samples/s
+        out = {name: rate}
+        flops = sum(self.flops().get(k, 0.0) for k in kinds)
+        if flops:
+            achieved = flops * rate / self.world_size  # per device
+            out["model_tflops_per_device"] = achieved / 1e12
+            peak = self.peak()
+            if peak:
+                out["mfu"] = achieved / peak
+        return out

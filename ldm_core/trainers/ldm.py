@@ -29,6 +29,7 @@ from ldm_core.config import StrictModel, flatten_dict
 from ldm_core.distributed import BatchShard
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
+from ldm_core.flops import denoiser_step_flops
 from ldm_core.models.denoiser import DenoiserConfig, build_denoiser
 from ldm_core.models.unet import UNetConfig
 from ldm_core.tracking import NullTracker, Tracker
@@ -40,6 +41,7 @@ from ldm_core.trainers.common import (
     MetricWindow,
     NonFiniteGuard,
     RunState,
+    ThroughputMeter,
     autocast,
     grad_norm_and_finite,
     lr_at,
@@ -208,6 +210,9 @@ def train_ldm(
                             "resumed_from_step": resumed_from or 0})
 
     window = MetricWindow()
+    shapes: tuple | None = None  # (latent (C, h, w), context (L, D)), known after the first batch
+    meter = ThroughputMeter(device, precision, world_size,
+                            flops=lambda: {"step": denoiser_step_flops(config.denoiser, *shapes)})
     t0, seen = time.perf_counter(), 0
     step = start_step
     finished = True
@@ -228,6 +233,8 @@ def train_ldm(
                     pred = net(sample.x_t, sample.t_model, ctx, mask)
                 loss = diffusion.loss(pred.float(), sample)
                 (loss / accum).backward()
+            if shapes is None:
+                shapes = (tuple(x0.shape[1:]), tuple(ctx.shape[1:]))
             loss_acc += loss.detach() / accum
         gnorm = grad_norm_and_finite(params, tc.grad_clip)
         if guard.check(loss_acc, gnorm):
@@ -238,11 +245,11 @@ def train_ldm(
             log.warning("step %d: non-finite loss/gradient; step skipped (%d so far)", step, guard.skipped)
         step += 1
         seen += tc.batch_size
+        meter.add(tc.batch_size)
 
         window.add({"loss": loss_acc, "grad_norm": gnorm})
         if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
-            means = window.flush(step, lr=lr, nonfinite_skipped=float(guard.skipped),
-                                 samples_per_second=seen / max(time.perf_counter() - t0, 1e-9))
+            means = window.flush(step, lr=lr, nonfinite_skipped=float(guard.skipped), **meter.metrics(["step"]))
             if rank == 0:
                 tracker.log_metrics(means, step)
         if rank == 0 and sample_fn is not None and tc.validation_every and step % tc.validation_every == 0:

@@ -111,6 +111,7 @@ def test_tracker_receives_params_terms_and_the_perceptual_flag():
     assert tracker.metrics["g"][0][1] == 0.0 and tracker.metrics["d_weight"][0][1] == 0.0
     assert tracker.metrics["d_loss"][-1][1] > 0.0
     assert any(name == "reconstructions" for name, _, _ in tracker.images)
+    assert 0 < tracker.last("mfu") < 1
 
 
 def test_vq_variant_trains_with_the_same_trainer():

@@ -117,6 +117,8 @@ def test_validation_samples_reach_the_tracker(text):
               uncond=(empty.embeddings, empty.mask), sample_fn=sample_fn)
     assert calls == [2, 4, 4] and [n for n, _, _ in tracker.images] == ["validation_samples"] * 3
     assert tracker.params["denoiser.kind"] == "unet" and "lr" in tracker.metrics
+    # model FLOPs counted on meta tensors, MFU against this machine's measured matmul rate
+    assert 0 < tracker.last("mfu") < 1 and tracker.last("model_tflops_per_device") > 0
 
 
 def test_generate_is_deterministic_and_batch_independent(text):
