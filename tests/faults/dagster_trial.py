@@ -49,7 +49,9 @@ def home_env(home: Path) -> dict[str, str]:
         env.pop(var, None)
     env.update({"LDM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
                 "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+                "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                # one torch thread: fast on a busy shared box, and the reference below trains with the same
+                "OMP_NUM_THREADS": "1"})
     return env
 
 
@@ -98,7 +100,7 @@ def reference_vae_weights(config: dict[str, Any], dataset_url: str) -> dict[str,
     training = training.model_copy(update={"trainer": ComputeResource().apply(training.trainer)})
     data = ImageShardDataset(dataset_url, split="train", resolution=section.get("resolution", 32), cache_decoded=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # what the `dagster` process uses by default
+    torch.set_num_threads(1)  # what the `dagster` process uses (OMP_NUM_THREADS=1 in `home_env`)
     try:
         result = train_autoencoder(training, data, checkpoint_dir=None)
     finally:

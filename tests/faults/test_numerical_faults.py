@@ -1,0 +1,70 @@
+"""Numerical faults: once the data turns to NaN for good, the trainers skip and count the bad steps, then stop; the
+newest checkpoint is the last good state (it verifies, is finite, and the skipped step changed nothing in it), and
+a resume on clean data carries on from it with the count restored."""
+
+import pytest
+import torch
+
+from ldm_core.checkpoint import CheckpointManager
+from ldm_core.trainers.autoencoder import train_autoencoder
+from ldm_core.trainers.common import NonFiniteLossError
+from ldm_core.trainers.ldm import train_ldm
+from tests.faults import runner
+
+
+class PoisonedAfter(torch.utils.data.Dataset):
+    """The wrapped dataset, until ``good_batches`` batches were served; NaN ever after (a sensor gone bad)."""
+
+    def __init__(self, data, good_batches: int):
+        self.data, self.good, self.served = data, good_batches, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get_batch(self, indices):
+        batch = self.data.get_batch(indices)
+        self.served += 1
+        if self.served > self.good:
+            key = "latents" if isinstance(batch, dict) else None
+            if key:
+                batch = {**batch, key: torch.full_like(batch[key], float("nan"))}
+            else:
+                batch = torch.full_like(batch, float("nan"))
+        return batch
+
+
+def _train(job, data, ckpt, steps, max_nonfinite):
+    if job == "ae":
+        cfg = runner.ae_config(steps)
+        cfg.trainer.max_nonfinite_steps = max_nonfinite
+        return train_autoencoder(cfg, data, checkpoint_dir=str(ckpt), perceptual=None)
+    cfg = runner.ldm_config(steps)
+    cfg.trainer.max_nonfinite_steps = max_nonfinite
+    _, uncond = runner.ldm_data()
+    return train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(ckpt))
+
+
+def _clean(job):
+    return runner.ae_data() if job == "ae" else runner.ldm_data()[0]
+
+
+@pytest.mark.parametrize("job", ["ae", "ldm"])
+def test_repeated_nans_stop_the_run_with_the_last_good_checkpoint_intact(job, tmp_path):
+    # 2 micro-batches per step: steps 1-4 see clean data, every step after sees NaN
+    poisoned = PoisonedAfter(_clean(job), good_batches=8)
+    with pytest.raises(NonFiniteLossError, match="2 steps"):
+        _train(job, poisoned, tmp_path, steps=10, max_nonfinite=1)
+
+    mgr = CheckpointManager(str(tmp_path))
+    assert mgr.steps() == [4, 5]  # step 5 was skipped (and checkpointed), step 6 stopped the run before its save
+    step, last = mgr.load_latest()  # verifies the checksum
+    good = mgr.load(4)
+    assert step == 5 and last["nonfinite_skipped"] == 1
+    for part in ("model", "ema"):
+        for k, v in last[part].items():
+            assert torch.isfinite(v).all(), f"{part}.{k} is not finite"
+            assert torch.equal(v, good[part][k]), f"the skipped step changed {part}.{k}"
+
+    resumed = _train(job, _clean(job), tmp_path, steps=7, max_nonfinite=1)
+    assert resumed.resumed_from == 5 and resumed.step == 7 and resumed.nonfinite_skipped == 1
+    assert all(torch.isfinite(v).all() for v in resumed.model.state_dict().values())
