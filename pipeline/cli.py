@@ -54,16 +54,21 @@ def _quiet() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    home = prepare_home()
     _quiet()
     import dagster as dg
 
     from pipeline import run_configs
+    from pipeline.config_bridge import ConfigValidationError
     from pipeline.definitions import get_training_job
     from pipeline.validation import validate_run_config
 
     run_config = run_configs.load(args.config)
-    validate_run_config(run_config)  # every section, before any work starts
+    try:
+        validate_run_config(run_config)  # every section, before anything is created or started
+    except ConfigValidationError as e:
+        print(f"{args.config or 'demo'}: {e}\nnothing was run.", file=sys.stderr)
+        return 2
+    home = prepare_home()
     run_config.setdefault("loggers", {"console": {"config": {"log_level": "INFO"}}})
     print(f"LDM_HOME={home}\nrunning ldm_training_job with {args.config or 'demo'} (progress below)…", flush=True)
     t0 = time.time()
