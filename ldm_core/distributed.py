@@ -166,6 +166,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The maximum of ``t`` over ranks (a new tensor; the input is untouched); asynchronous on the device."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_ranks_agree(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
     """True only when ``flag`` is true on every rank (a logical AND over ranks)."""
     if not is_distributed():

@@ -43,6 +43,7 @@ from ldm_core.trainers.common import (
     autocast,
     grad_norm_and_finite,
     make_adam,
+    optimizer_step,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -300,6 +301,7 @@ def train_autoencoder(
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
     def save(step: int) -> None:
+        guard.enforce(step)  # never checkpoint past the non-finite limit (every rank raises alike)
         if ckpt is not None and rank == 0:
             ckpt.save(step, run_state.snapshot(step, stream.position))
 
@@ -340,15 +342,12 @@ def train_autoencoder(
             for k, v in {**logs, **out.stats}.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
         gnorm = grad_norm_and_finite(g_params, tc.grad_clip)
-        ok = guard.check(logs_acc["total"], gnorm)
-        if ok:
-            opt_g.step()
-            if ema is not None:
-                ema.update(model)
-        else:
-            log.warning("step %d: non-finite autoencoder loss/gradient; step skipped (%d so far)", step, guard.skipped)
+        found_inf = guard.flag(logs_acc["total"], gnorm)  # device-side: skipped by the fused optimizer, no host sync
+        optimizer_step(opt_g, found_inf)
+        if ema is not None:
+            ema.update(model, skip=found_inf)
         # ---- 2) discriminator step, on the same images and their (detached) reconstructions ----------------------
-        if disc_on and ok:
+        if disc_on:
             opt_d.zero_grad(set_to_none=True)
             for i, (x, recon) in enumerate(micro_batches):
                 with distributed.no_sync_unless(disc_step, sync=i == accum - 1):
@@ -358,8 +357,10 @@ def train_autoencoder(
                 for k, v in d_logs.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
             d_norm = grad_norm_and_finite(d_params, tc.grad_clip)
-            if guard.check(d_norm):
-                opt_d.step()
+            # the discriminator steps only when the autoencoder did and its own gradient is finite
+            found_inf = torch.maximum(found_inf, guard.flag(d_norm))
+            optimizer_step(opt_d, found_inf)
+        guard.record(found_inf)
         last_images = micro_batches[-1]
         step += 1
         images_seen += tc.batch_size
@@ -370,7 +371,7 @@ def train_autoencoder(
         window.add(logs_acc)
         if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
             kinds = ["g_gan", "d"] if disc_on else ["g"]
-            means = window.flush(step, nonfinite_skipped=float(guard.skipped),
+            means = window.flush(step, nonfinite_skipped=float(guard.enforce(step)),
                                  **meter.metrics(kinds, name="images_per_second"))
             if rank == 0:
                 tracker.log_metrics(means, step)

