@@ -136,11 +136,15 @@ def run_full_loss(size: int = 64, batch: int = 4, rounds: int = 8, precision: st
     with torch.no_grad():  # ActNorm's data-dependent init, identical on both sides
         loss_fn.discriminator(x)
         ref_disc(x)
+    from ldm_core.trainers.common import make_adam
+
+    # each side's optimizers as they ship: ours as train_autoencoder builds them (fused Adam), the reference's as the
+    # CompVis/diffusers scripts do (torch.optim.Adam with its defaults)
     opts = {
-        "ours": (torch.optim.Adam(ours.parameters(), lr=1e-5, betas=(0.5, 0.9), foreach=True),
-                 torch.optim.Adam(loss_fn.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9), foreach=True)),
-        "diffusers": (torch.optim.Adam(theirs.parameters(), lr=1e-5, betas=(0.5, 0.9), foreach=True),
-                      torch.optim.Adam(ref_disc.parameters(), lr=1e-5, betas=(0.5, 0.9), foreach=True)),
+        "ours": (make_adam(list(ours.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
+                 make_adam(list(loss_fn.discriminator.parameters()), dev, lr=1e-5, betas=(0.5, 0.9))),
+        "diffusers": (torch.optim.Adam(theirs.parameters(), lr=1e-5, betas=(0.5, 0.9)),
+                      torch.optim.Adam(ref_disc.parameters(), lr=1e-5, betas=(0.5, 0.9))),
     }
     gen = torch.Generator(device=dev)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else (lambda: torch.autocast(dev.type, enabled=False))

@@ -16,6 +16,7 @@ from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import cfg_model
 from ldm_core.interop import to_diffusers
 from ldm_core.models.unet import UNET_PRESETS, UNet, UNetConfig
+from ldm_core.trainers.common import make_adam
 
 CONFIGS = {
     # the demo's denoiser: 8×8×4 latents, MiniLM tokens
@@ -40,8 +41,10 @@ def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, devi
     ctx = torch.randn(b, L, D, device=dev)
     mask = torch.ones(b, L, dtype=torch.bool, device=dev)
     target = torch.randn_like(x)
-    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
-    opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)
+    # each side's optimizer as it ships: ours is what train_ldm builds (fused AdamW), diffusers' training scripts
+    # build torch.optim.AdamW with its defaults
+    opt_o = make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4)
+    opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else (lambda: torch.autocast(dev.type, enabled=False))
 
     def train_ours():
