@@ -12,13 +12,15 @@ Faults (cycled through on every ``every``-th request):
 - ``"slow"``: forwarded, the response held back for ``delay`` seconds.
 
 ``FaultPolicy(always="403")`` (or ``"503"``, ``"reset"``, ``"nobucket"``) fails every request: a permanent error.
-``count`` and ``injected`` say how many requests went through and how many were faulted.
+``count`` and ``injected`` say how many requests went through and how many were faulted; ``access_keys`` which
+access key ids signed them (a test can prove that the credentials it planted were really used).
 """
 
 from __future__ import annotations
 
 import http.client
 import itertools
+import re
 import socket
 import struct
 import threading
@@ -56,6 +58,7 @@ class FaultProxy:
         self.policy = policy or FaultPolicy()
         self.count = 0
         self.injected: dict[str, int] = {}
+        self.access_keys: set[str] = set()
         self._lock = threading.Lock()
         self._cycle: Iterator[str] = itertools.cycle(self.policy.faults)
         proxy = self
@@ -99,6 +102,8 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                if m := re.search(r"Credential=([^/,\s]+)/", self.headers.get("Authorization", "")):
+                    proxy.access_keys.add(m.group(1))
                 fault = proxy._next_fault()
                 if fault in _ERRORS:
                     return self._error(fault)
