@@ -97,6 +97,9 @@ class AutoencoderTrainerConfig(StrictModel):
     """Decode a posterior sample (as LDM) rather than its mean while training."""
     channels_last: bool = False
     """Run convolutions in channels_last memory format (often faster on GPU and oneDNN CPUs)."""
+    compile: bool = False
+    """torch.compile the autoencoder for training (Inductor): worth it on GPUs for long runs; the first steps pay the
+    compilation."""
 
     @model_validator(mode="after")
     def _check(self) -> "AutoencoderTrainerConfig":
@@ -295,7 +298,8 @@ def train_autoencoder(
     stream = BatchStream(data, sampler, position, num_workers=tc.num_workers)
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
     init_actnorm_from_global_batch(loss_fn.discriminator)
-    gen_step = distributed.wrap_ddp(GeneratorStep(model, loss_fn, gen, shard, tc.sample_posterior), device)
+    step_model = torch.compile(model) if tc.compile else model  # same parameters: EMA and checkpoints use `model`
+    gen_step = distributed.wrap_ddp(GeneratorStep(step_model, loss_fn, gen, shard, tc.sample_posterior), device)
     # buffers (SyncBatchNorm's statistics, ActNorm's flag) are equal on every rank by construction: nothing to broadcast
     disc_step = distributed.wrap_ddp(DiscriminatorStep(loss_fn), device, sync_buffers=False)
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
