@@ -2,7 +2,6 @@
 write is never taken for a whole one (checksums, commit records written last); what a kill leaves behind is cleaned
 up by the next run; a corrupt newest checkpoint makes the trainer resume from the previous one, still bit for bit."""
 
-import hashlib
 import json
 import logging
 import os
@@ -21,24 +20,7 @@ from ldm_core.model_io import WEIGHTS, load_model, save_model
 from ldm_core.models.autoencoder import AutoencoderConfig, build_autoencoder
 from tests.faults import runner
 from tests.faults.campaign import ROOT
-
-# A process that rewrites one artifact forever: each version is "<i>" + sha256(body) + body, 8 MiB.
-WRITE_LOOP = r"""
-import hashlib, sys
-from ldm_core import storage
-path, size = sys.argv[1], int(sys.argv[2])
-i = 0
-while True:
-    body = hashlib.sha256(str(i).encode()).digest() * (size // 32)
-    storage.write_bytes_atomic(path, str(i).encode().ljust(16) + hashlib.sha256(body).digest() + body)
-    print(i, flush=True)
-    i += 1
-"""
-
-
-def _whole(data: bytes) -> bool:
-    return len(data) > 48 and hashlib.sha256(data[48:]).digest() == data[16:48]
-
+from tests.faults.injectors import WRITE_LOOP, whole_version
 
 def test_sigkill_during_atomic_writes_never_leaves_a_partial_artifact(tmp_path):
     target = tmp_path / "artifact.bin"
@@ -53,7 +35,7 @@ def test_sigkill_during_atomic_writes_never_leaves_a_partial_artifact(tmp_path):
         proc.wait()
         proc.stdout.close()
         data = target.read_bytes()
-        assert _whole(data), "a reader saw a partial artifact"
+        assert whole_version(data), "a reader saw a partial artifact"
         versions.add(int(data[:16]))
     assert len(versions) > 1, "the kills all landed at the same version: the loop did not run"
     # what the kills left (at most one temp file each) is removed by the directory's next writer

@@ -10,27 +10,7 @@ from ldm_core.trainers.autoencoder import train_autoencoder
 from ldm_core.trainers.common import NonFiniteLossError
 from ldm_core.trainers.ldm import train_ldm
 from tests.faults import runner
-
-
-class PoisonedAfter(torch.utils.data.Dataset):
-    """The wrapped dataset, until ``good_batches`` batches were served; NaN ever after (a sensor gone bad)."""
-
-    def __init__(self, data, good_batches: int):
-        self.data, self.good, self.served = data, good_batches, 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def get_batch(self, indices):
-        batch = self.data.get_batch(indices)
-        self.served += 1
-        if self.served > self.good:
-            key = "latents" if isinstance(batch, dict) else None
-            if key:
-                batch = {**batch, key: torch.full_like(batch[key], float("nan"))}
-            else:
-                batch = torch.full_like(batch, float("nan"))
-        return batch
+from tests.faults.injectors import PoisonedAfter
 
 
 def _train(job, data, ckpt, steps, max_nonfinite):
