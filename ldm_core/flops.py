@@ -35,8 +35,11 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, secon
                         device: str | torch.device = "cpu") -> float:
     """Dense matmul FLOP/s on this device in ``dtype`` (the CPU's practical peak: what MFU is relative to)."""
     device = torch.device(device)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # a private generator: trainers measure this mid-run, and a draw from the global RNG would make a resumed run's
+    # RNG state (and anything drawn from it, e.g. dropout) differ from an uninterrupted one's
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
     for _ in range(2):  # warm up kernels and caches
         a @ b
     if device.type == "cuda":

@@ -82,3 +82,32 @@ def test_a_killed_dagster_materialization_resumes_from_its_checkpoint(tmp_path):
     assert out["resumed_from"] >= 4 and out["steps"] == 10
     assert out["weights_equal"]
     assert out["registered_versions"] == 1 and out["registry_points_at_complete_model"]
+
+
+def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path):
+    """In process, each run as if it were a new process (the per-process CPU peak is measured again): everything a
+    checkpoint holds, the global RNG included, equals an uninterrupted run's. (The matmul-peak measurement used to
+    draw its operands from the global RNG at the first log after every start.)"""
+    import torch
+
+    import ldm_core.trainers.common as common
+    from ldm_core.checkpoint import CheckpointManager, flatten_state
+    from ldm_core.flops import measure_matmul_peak
+    from ldm_core.trainers.autoencoder import train_autoencoder
+    from tests.faults import runner
+
+    state = torch.get_rng_state()
+    measure_matmul_peak(n=64, seconds=0.0)
+    assert torch.equal(torch.get_rng_state(), state), "measuring the peak drew from the global RNG"
+
+    def run(d, stop=None):
+        common._PEAKS.clear()  # what a new process starts with
+        return train_autoencoder(runner.ae_config(6), runner.ae_data(), checkpoint_dir=str(d), perceptual=None,
+                                 should_stop=(lambda s: s == stop) if stop else None)
+
+    run(tmp_path / "a")
+    run(tmp_path / "b", stop=3)
+    assert run(tmp_path / "b").resumed_from == 3
+    (ta, sa), (tb, sb) = (flatten_state(CheckpointManager(str(tmp_path / d)).load(6)) for d in ("a", "b"))
+    assert sa == sb
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
