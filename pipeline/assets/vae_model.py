@@ -6,6 +6,7 @@ from pydantic import Field
 
 from ldm_core.bundle import save_autoencoder
 from ldm_core.data import ImageShardDataset
+from ldm_core.model_io import read_model_meta
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, reconstruction_psnr
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
@@ -31,6 +32,21 @@ class VaeModelConfig(dg.Config):
     cache_images: bool = Field(default=True, description="Keep decoded training images in memory (small datasets).")
 
 
+def _previous(context: dg.AssetExecutionContext, mlflow: MLflowResource, materialization_key: str) -> dict | None:
+    """The latest materialization's metadata when it came from this very dataset version and asset config, and its
+    model is still in storage and in the registry; else None."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("vae_model"))
+    md = event.asset_materialization.metadata if event is not None and event.asset_materialization else {}
+    if getattr(md.get("materialization_key"), "value", None) != materialization_key:
+        return None
+    try:
+        read_model_meta(md["vae_url"].value)
+        mlflow.client().get_model_version(REGISTERED_NAME, str(md["vae_version"].value))
+    except Exception:
+        return None
+    return dict(md)
+
+
 @dg.asset(group_name=GROUP, deps=["image_dataset"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "mlflow"},
           description=__doc__)
 def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow: MLflowResource,
@@ -42,6 +58,14 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
     val = ImageShardDataset(ds["dataset_url"], split="validation", resolution=config.resolution)
     key = stable_key(ds["dataset_version"], training.to_dict(), config.resolution)
     ckpt_dir = storage.url("checkpoints", "vae", key)  # same data + config -> a killed run resumes here
+    # Training is deterministic in (data, config): a rerun of the same job (after a kill further down the chain) gets
+    # the registered autoencoder back instead of a new version of the same weights, so the latent store and the LDM
+    # checkpoints keyed on that version carry on rather than starting over.
+    materialization_key = stable_key(ds["dataset_version"], config.model_dump(), training.to_dict())
+    if (previous := _previous(context, mlflow, materialization_key)) is not None:
+        context.log.info(f"this dataset version and config already produced {previous['vae_uri'].value}; reusing it")
+        return dg.MaterializeResult(metadata={**previous, "reused": True},
+                                    data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{previous['vae_version'].value}"))
 
     with mlflow.materialization_run(context) as run:
         progress = DagsterProgress(context.log, "vae", keys=PROGRESS_KEYS["vae"])
@@ -78,6 +102,7 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
                 "perceptual_used": result.perceptual_used, "nonfinite_skipped": result.nonfinite_skipped,
                 "images_per_second": result.images_per_second, "dataset_version": ds["dataset_version"],
                 "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url), **launch_md,
+                "materialization_key": materialization_key, "reused": False,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )
