@@ -7,7 +7,6 @@ training step images/s (forward + backward + AdamW) and DDIM-50 sampling images/
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 

@@ -8,7 +8,6 @@ latent scale in one place, ``decode_latents``).
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import numpy as np

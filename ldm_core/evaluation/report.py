@@ -19,7 +19,7 @@ import io
 import json
 import math
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np

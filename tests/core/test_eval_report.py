@@ -129,7 +129,7 @@ def test_report_writes_all_files_and_metrics_json_round_trips(tmp_path, inputs):
 
 
 def test_page_is_self_contained_and_embeds_the_given_images(tmp_path, inputs):
-    result = write(str(tmp_path), inputs)
+    write(str(tmp_path), inputs)
     page = (tmp_path / HTML_NAME).read_text(encoding="utf-8")
     parser = PageParser()
     parser.feed(page)

@@ -62,7 +62,7 @@ def test_any_local_transformers_path_works(tmp_path):
 
 
 def test_clip_text_model_path(tmp_path):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from ldm_core.text_encoder import resolve_model_path
 
