@@ -10,9 +10,10 @@ those after which the outcome was exactly the right one):
    drawn uniformly over its working window (1 or 2 kills per trial), resumed by rerunning the same command, compared
    with an uninterrupted run: trainers bit for bit (whole checkpoint state + exported weights), the latent store and
    the dataset row for row (`tests.faults.campaign`).
-2. dagster: `dagster job execute -j ldm_training_job` killed during vae_model training and rerun: the rerun resumes
-   from the checkpoint (resumed_from > 0), registers nothing before, and its autoencoder equals an uninterrupted
-   training bit for bit (`tests.faults.dagster_trial`).
+2. dagster: `dagster job execute -j ldm_training_job` killed during vae_model training, and during ldm_model
+   training, then rerun: the rerun resumes from the checkpoint (resumed_from > 0; for ldm_model the autoencoder is
+   reused and nothing re-encoded), nothing was registered before, and the weights equal an uninterrupted training
+   bit for bit (`tests.faults.dagster_trial`).
 3. atomic writes: a process rewriting an 8 MiB artifact, SIGKILLed mid-write over and over: the artifact is always
    one whole version; the temp files the kills leave are removed by the next writer.
 4. corrupt checkpoints: the newest checkpoint truncated, bit-flipped, or without its commit record (and every
@@ -99,21 +100,32 @@ def kills(root: Path, trials: int, rng: random.Random, log: Callable[[str], None
 def dagster(root: Path, trials: int, rng: random.Random, log: Callable[[str], None]) -> tuple[list[Row], Any]:
     from tests.faults.dagster_trial import dagster_kill_trial
 
-    t0, outs = time.monotonic(), []
-    for i in range(trials):
-        kill_at = rng.choice(range(2, 20, 2))
-        out = dagster_kill_trial(root / f"dagster-{i}", kill_at_step=kill_at, vae_steps=24)
-        ok = (out.get("rerun_success") and out["registered_after_kill"] == 0 and out["resumed_from"] >= kill_at
-              and out["weights_equal"] and out["registry_points_at_complete_model"])
-        out["ok"] = bool(ok)
-        outs.append(out)
-        log(f"  dagster trial {i}: killed after step {out['killed_after_step']}, resumed_from "
-            f"{out.get('resumed_from')}, weights equal {out.get('weights_equal')}")
-    good = sum(o["ok"] for o in outs)
-    notes = "; ".join(f"killed at step {o['killed_after_step']}, resumed_from {o.get('resumed_from')}" for o in outs)
-    return [_row("kill + resume", "dagster job execute ldm_training_job (vae_model)", trials, trials, good,
-                 f"{good}/{trials} resumed, bitwise equal, nothing registered before", time.monotonic() - t0,
-                 notes)], outs
+    rows, outs = [], []
+    for asset in ("vae_model", "ldm_model"):
+        t0, done = time.monotonic(), []
+        for i in range(trials):
+            if asset == "vae_model":
+                kill_at = rng.choice(range(2, 20, 2))
+                out = dagster_kill_trial(root / f"{asset}-{i}", kill_at_step=kill_at, vae_steps=24)
+            else:
+                kill_at = rng.choice(range(5, 35, 5))
+                out = dagster_kill_trial(root / f"{asset}-{i}", asset=asset, kill_at_step=kill_at, vae_steps=6,
+                                         ldm_steps=40)
+            ok = (out.get("rerun_success") and out["registered_after_kill"] == 0 and out["resumed_from"] >= kill_at
+                  and out["weights_equal"] and out["registry_points_at_complete_model"]
+                  and (asset == "vae_model" or (out["vae_reused"] and out["store_rows_new"] == 0)))
+            out["ok"] = bool(ok)
+            done.append(out)
+            log(f"  dagster {asset} trial {i}: killed after step {out['killed_after_step']}, resumed_from "
+                f"{out.get('resumed_from')}, weights equal {out.get('weights_equal')}")
+        good = sum(o["ok"] for o in done)
+        notes = "; ".join(f"killed at step {o['killed_after_step']}, resumed_from {o.get('resumed_from')}" for o in done)
+        extra = "" if asset == "vae_model" else ", VAE reused, 0 rows re-encoded"
+        rows.append(_row("kill + resume", f"dagster job execute ldm_training_job, in {asset}", trials, trials, good,
+                         f"{good}/{trials} resumed, bitwise equal{extra}, nothing registered before",
+                         time.monotonic() - t0, notes))
+        outs += done
+    return rows, outs
 
 
 # ---------------------------------------------------------------------------------------------------------------

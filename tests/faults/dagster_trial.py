@@ -1,10 +1,15 @@
-"""A Dagster materialization killed during `vae_model` training and run again resumes from its checkpoint.
+"""A Dagster job killed during training and run again resumes from its checkpoint instead of starting over.
 
 `dagster_kill_trial` runs ``dagster job execute -m pipeline.definitions -j ldm_training_job -c <config>`` in a fresh
-LDM_HOME, SIGKILLs it once the vae_model checkpoint directory (keyed on data + config) holds a committed
-checkpoint at or past ``kill_at_step``, checks that the registry holds no `ldm-vae` version yet (the registry never
-points at an unfinished model), runs the same command again to the end, and compares the registered autoencoder's
-weights with an uninterrupted training of the same config on the same data (in this process, bit for bit).
+LDM_HOME, SIGKILLs it once the training asset's checkpoint directory (keyed on data + config) holds a committed
+checkpoint at or past ``kill_at_step``, checks that the registry holds no version of that model yet (it never points
+at an unfinished one), runs the same command again to the end, and compares the registered weights with an
+uninterrupted training of the same config on the same data (in this process, bit for bit).
+
+- ``asset="vae_model"``: killed during autoencoder training; the rerun's vae_model says ``resumed_from`` > 0.
+- ``asset="ldm_model"``: killed during denoiser training, after vae_model and latent_store completed; the rerun
+  reuses the registered autoencoder (no new version), so the latent store has nothing to encode and the LDM
+  resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -24,14 +29,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "e2e" / "tiny.yaml"
 BIN = Path(sys.executable).parent
+REGISTERED = {"vae_model": "ldm-vae", "ldm_model": "ldm"}
+STAGE = {"vae_model": "vae", "ldm_model": "ldm"}
 
 
-def kill_config(vae_steps: int = 24, only_vae: bool = False) -> dict[str, Any]:
-    """tiny.yaml with a longer vae_model training that checkpoints every 2 steps (``only_vae``: the sections of
-    image_dataset and vae_model alone, for a run of the op selection ``*vae_model``)."""
+def kill_config(vae_steps: int = 24, only_vae: bool = False, ldm_steps: int | None = None) -> dict[str, Any]:
+    """tiny.yaml with a longer training that checkpoints often: vae_model (``vae_steps``, every 2 steps) and, when
+    ``ldm_steps`` is set, ldm_model (every 5). ``only_vae``: the image_dataset and vae_model sections alone, for a
+    run of the op selection ``*vae_model``."""
     cfg = copy.deepcopy(yaml.safe_load(TINY.read_text()))
-    trainer = cfg["ops"]["vae_model"]["config"]["training"]["trainer"]
-    trainer.update({"steps": vae_steps, "checkpoint_every": 2, "log_every": 4})
+    cfg["ops"]["vae_model"]["config"]["training"]["trainer"].update({"steps": vae_steps, "checkpoint_every": 2,
+                                                                       "log_every": 4})
+    if ldm_steps:
+        cfg["ops"]["ldm_model"]["config"]["training"]["trainer"].update({"steps": ldm_steps, "checkpoint_every": 5,
+                                                                           "log_every": 5})
     if only_vae:
         cfg["ops"] = {k: v for k, v in cfg["ops"].items() if k in ("image_dataset", "vae_model")}
     return cfg
@@ -50,7 +61,7 @@ def home_env(home: Path) -> dict[str, str]:
     env.update({"LDM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
                 "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                # one torch thread: fast on a busy shared box, and the reference below trains with the same
+                # one torch thread: fast on a busy shared box, and the references below train with the same
                 "OMP_NUM_THREADS": "1"})
     return env
 
@@ -61,9 +72,9 @@ def job_command(config_path: Path, only_vae: bool = False) -> list[str]:
     return cmd + (["-o", "*vae_model"] if only_vae else [])
 
 
-def committed_vae_steps(home: Path) -> list[int]:
-    """Steps with a commit record (.sha256) in any vae checkpoint directory under the home's storage."""
-    return sorted(int(m.group(1)) for p in (home / "storage" / "checkpoints" / "vae").glob("*/step-*.sha256")
+def committed_steps(home: Path, stage: str) -> list[int]:
+    """Steps with a commit record (.sha256) in any checkpoint directory of ``stage`` ("vae", "ldm")."""
+    return sorted(int(m.group(1)) for p in (home / "storage" / "checkpoints" / stage).glob("*/step-*.sha256")
                   if (m := re.match(r"step-(\d+)\.sha256", p.name)))
 
 
@@ -77,19 +88,28 @@ def registered_versions(home: Path, name: str) -> list[Any]:
     return list(client.search_model_versions(f"name = '{name}'"))
 
 
-def vae_metadata(home: Path) -> dict[str, Any]:
+def asset_metadata(home: Path, asset: str) -> dict[str, Any]:
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
-        ev = instance.get_latest_materialization_event(dg.AssetKey("vae_model"))
-        assert ev is not None, "vae_model was never materialized"
+        ev = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        assert ev is not None, f"{asset} was never materialized"
         return {k: getattr(v, "value", v) for k, v in ev.asset_materialization.metadata.items()}
+
+
+def _one_thread(fn):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the `dagster` process uses (OMP_NUM_THREADS=1 in `home_env`)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def reference_vae_weights(config: dict[str, Any], dataset_url: str) -> dict[str, Any]:
     """Train the vae_model's config uninterrupted, in this process, exactly as the asset builds it."""
-    import torch
-
     from ldm_core.data import ImageShardDataset
     from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, train_autoencoder
     from pipeline.config_bridge import to_core
@@ -99,69 +119,86 @@ def reference_vae_weights(config: dict[str, Any], dataset_url: str) -> dict[str,
     training = to_core(AutoencoderTrainingConfig, section["training"], "vae_model.training")
     training = training.model_copy(update={"trainer": ComputeResource().apply(training.trainer)})
     data = ImageShardDataset(dataset_url, split="train", resolution=section.get("resolution", 32), cache_decoded=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what the `dagster` process uses (OMP_NUM_THREADS=1 in `home_env`)
-    try:
-        result = train_autoencoder(training, data, checkpoint_dir=None)
-    finally:
-        torch.set_num_threads(threads)
+    result = _one_thread(lambda: train_autoencoder(training, data, checkpoint_dir=None))
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def reference_ldm_weights(config: dict[str, Any], store_md: dict[str, Any]) -> dict[str, Any]:
+    """Train the ldm_model's config uninterrupted on the same latent store, in this process, as the asset does."""
+    from ldm_core.data.latent_dataset import LatentDataset
+    from ldm_core.trainers.ldm import train_ldm
+    from pipeline.assets.ldm_model import LdmModelConfig, _training_config
+    from pipeline.resources import ComputeResource
+
+    training = _training_config(LdmModelConfig.model_validate(config["ops"]["ldm_model"]["config"]), store_md)
+    training = training.model_copy(update={"trainer": ComputeResource().apply(training.trainer)})
+    data = LatentDataset(store_md["store_url"], split="train")
+    result = _one_thread(lambda: train_ldm(training, data, uncond=data.uncond(), checkpoint_dir=None))
     return {k: v.clone() for k, v in result.model.state_dict().items()}
 
 
 def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24, only_vae: bool = False,
-                       timeout: float = 420.0) -> dict[str, Any]:
+                       asset: str = "vae_model", ldm_steps: int = 40, timeout: float = 420.0) -> dict[str, Any]:
     """``only_vae``: run the op selection ``*vae_model`` (image_dataset, vae_model) instead of the whole job: the
     same kill and resume, without the downstream assets' time (the test suite's variant)."""
     import torch
 
     from ldm_core.model_io import load_state_dict
 
+    stage = STAGE[asset]
     home = fresh_home(workdir / "home")
-    config = kill_config(vae_steps, only_vae)
+    config = kill_config(vae_steps, only_vae, ldm_steps if asset == "ldm_model" else None)
     config_path = workdir / "kill.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = home_env(home)
-    out: dict[str, Any] = {"kill_at_step": kill_at_step, "vae_steps": vae_steps, "only_vae": only_vae}
+    out: dict[str, Any] = {"asset": asset, "kill_at_step": kill_at_step, "only_vae": only_vae}
     t0 = time.monotonic()
 
     # 1) the run that is killed mid-training
     with open(workdir / "killed.log", "wb") as log:
-        proc = subprocess.Popen(job_command(config_path, only_vae), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(job_command(config_path, only_vae), cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            while not (steps := committed_vae_steps(home)) or steps[-1] < kill_at_step:
+            while not (steps := committed_steps(home, stage)) or steps[-1] < kill_at_step:
                 if proc.poll() is not None:
-                    raise AssertionError(f"the job ended (rc {proc.returncode}) before vae_model reached step "
+                    raise AssertionError(f"the job ended (rc {proc.returncode}) before {asset} reached step "
                                          f"{kill_at_step}:\n{(workdir / 'killed.log').read_text()[-3000:]}")
                 if time.monotonic() - t0 > timeout:
-                    raise TimeoutError("vae_model did not reach the kill step in time")
+                    raise TimeoutError(f"{asset} did not reach the kill step in time")
                 time.sleep(0.05)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    out["killed_after_step"] = committed_vae_steps(home)[-1]
-    out["registered_after_kill"] = len(registered_versions(home, "ldm-vae"))
+    out["killed_after_step"] = committed_steps(home, stage)[-1]
+    out["registered_after_kill"] = len(registered_versions(home, REGISTERED[asset]))
+    if asset == "ldm_model":
+        out["vae_uri_before"] = asset_metadata(home, "vae_model")["vae_uri"]
 
     # 2) the same command again, to the end
-    rerun = subprocess.run(job_command(config_path, only_vae), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    out["rerun_rc"] = rerun.returncode
+    rerun = subprocess.run(job_command(config_path, only_vae), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=timeout)
     out["rerun_success"] = rerun.returncode == 0 and "RUN_SUCCESS" in rerun.stdout + rerun.stderr
     if not out["rerun_success"]:
         out["log_tail"] = (rerun.stdout + rerun.stderr)[-3000:]
         return out
-    md = vae_metadata(home)
+    md = asset_metadata(home, asset)
     out["resumed_from"] = md["resumed_from"]
     out["steps"] = md["steps"]
 
-    # 3) the registered autoencoder equals an uninterrupted training, bit for bit
-    dataset_url = str(home / "storage" / "datasets" / config["ops"]["image_dataset"]["config"].get("name", "default"))
-    got = load_state_dict(md["vae_url"])
-    ref = reference_vae_weights(config, dataset_url)
+    # 3) the registered weights equal an uninterrupted training, bit for bit
+    if asset == "vae_model":
+        dataset_url = str(home / "storage" / "datasets" / config["ops"]["image_dataset"]["config"].get("name", "default"))
+        got, ref = load_state_dict(md["vae_url"]), reference_vae_weights(config, dataset_url)
+    else:
+        vae_md, store_md = asset_metadata(home, "vae_model"), asset_metadata(home, "latent_store")
+        out["vae_reused"] = vae_md.get("reused") is True and vae_md["vae_uri"] == out["vae_uri_before"]
+        out["store_rows_new"] = store_md["rows_new"]
+        got, ref = load_state_dict(f"{md['ldm_url']}/denoiser"), reference_ldm_weights(config, store_md)
     out["weights_equal"] = got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
-    versions = registered_versions(home, "ldm-vae")
+    versions = registered_versions(home, REGISTERED[asset])
     out["registered_versions"] = len(versions)
-    out["registry_points_at_complete_model"] = all(
-        (Path(v.tags["storage_url"]) / "config.json").exists() for v in versions)
+    complete = "config.json" if asset == "vae_model" else "bundle.json"
+    out["registry_points_at_complete_model"] = all((Path(v.tags["storage_url"]) / complete).exists() for v in versions)
     out["seconds"] = time.monotonic() - t0
     return out

@@ -75,13 +75,28 @@ def test_comparisons_detect_a_differing_result(root, reference):
 def test_a_killed_dagster_materialization_resumes_from_its_checkpoint(tmp_path):
     """`dagster job execute` killed during vae_model training; the rerun resumes (resumed_from > 0) and registers
     an autoencoder equal to an uninterrupted training. (Op selection *vae_model to spare the downstream assets'
-    time; the fault script runs the whole ldm_training_job.)"""
+    time; the fault script runs the whole ldm_training_job, killed in vae_model and in ldm_model.)"""
+    import subprocess
+
+    from tests.faults.dagster_trial import ROOT, asset_metadata, home_env, job_command, registered_versions
+
     out = dagster_kill_trial(tmp_path, kill_at_step=4, vae_steps=10, only_vae=True)
     assert out["registered_after_kill"] == 0, "the registry points at a model whose training was killed"
     assert out["rerun_success"], out.get("log_tail")
     assert out["resumed_from"] >= 4 and out["steps"] == 10
     assert out["weights_equal"]
     assert out["registered_versions"] == 1 and out["registry_points_at_complete_model"]
+
+    # once more: the same data and config give back the registered autoencoder (what lets a job killed further
+    # down, in latent_store or ldm_model, carry on there instead of re-encoding and retraining from scratch)
+    home = tmp_path / "home"
+    before = asset_metadata(home, "vae_model")
+    again = subprocess.run(job_command(tmp_path / "kill.yaml", only_vae=True), cwd=ROOT, env=home_env(home),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    after = asset_metadata(home, "vae_model")
+    assert after["reused"] is True and after["vae_uri"] == before["vae_uri"]
+    assert len(registered_versions(home, "ldm-vae")) == 1
 
 
 def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path):
