@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from ldm_core import distributed
@@ -39,6 +39,7 @@ from ldm_core.trainers.common import (
     MetricWindow,
     NonFiniteGuard,
     RunState,
+    TrainerConfig,
     ThroughputMeter,
     autocast,
     grad_norm_and_finite,
@@ -57,57 +58,22 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class AutoencoderTrainerConfig(StrictModel):
-    steps: int = 1000
-    """Optimizer steps to train for (total, across resumes)."""
-    batch_size: int = 8
-    """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""
-    micro_batch_size: int | None = None
-    """Images per forward pass on one process; None = the whole per-process batch (no accumulation). Accumulation
-    steps derive from it: batch_size / (micro_batch_size × world size), which must divide exactly."""
+class AutoencoderTrainerConfig(TrainerConfig):
+    """The stage-1 trainer: the shared fields (`TrainerConfig`) plus two Adam optimizers and the autoencoder's
+    own options."""
+
     lr: float = 4.5e-6
     """Autoencoder learning rate (LDM: 4.5e-6 × batch size on its first-stage runs)."""
     disc_lr: float | None = None
     """Discriminator learning rate; None = lr."""
     betas: tuple[float, float] = (0.5, 0.9)
     """Adam betas for both optimizers, as in VQGAN/LDM (a low β1 steadies the adversarial game)."""
-    grad_clip: float | None = 1.0
-    """Max global gradient norm per optimizer; None disables clipping."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of the forward pass; "auto" = bf16 where the device has it."""
-    device: str = "auto"
-    """"auto" (CUDA if present, else CPU), or any torch device string."""
     ema_decay: float | None = None
     """Keep an EMA of the autoencoder's weights (and export it) when set, e.g. 0.999."""
-    checkpoint_every: int = 500
-    """Write a resumable checkpoint every N steps (and at the end)."""
-    keep_checkpoints: int = 2
-    """How many checkpoints to keep; older ones are pruned after a newer one is committed."""
-    max_nonfinite_steps: int = 10
-    """Skip steps with a NaN/inf loss or gradient; stop the run once more than this many were skipped."""
-    log_every: int = 10
-    """Send step metrics to the tracker every N steps."""
     image_every: int = 0
     """Send a reconstruction grid to the tracker every N steps (0 = only at the end)."""
-    seed: int = 0
-    """Seeds the data order, the posterior samples and every other random draw."""
-    num_workers: int = 0
-    """DataLoader worker processes that decode ahead of the step (0 = load in the training process)."""
     sample_posterior: bool = True
     """Decode a posterior sample (as LDM) rather than its mean while training."""
-    channels_last: bool = False
-    """Run convolutions in channels_last memory format (often faster on GPU and oneDNN CPUs)."""
-    compile: bool = False
-    """torch.compile the autoencoder for training (Inductor): worth it on GPUs for long runs; the first steps pay the
-    compilation."""
-
-    @model_validator(mode="after")
-    def _check(self) -> "AutoencoderTrainerConfig":
-        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        return self
 
 
 class AutoencoderTrainingConfig(StrictModel):

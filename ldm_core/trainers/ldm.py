@@ -41,6 +41,7 @@ from ldm_core.trainers.common import (
     MetricWindow,
     NonFiniteGuard,
     RunState,
+    TrainerConfig,
     ThroughputMeter,
     autocast,
     grad_norm_and_finite,
@@ -61,14 +62,12 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class LDMTrainerConfig(StrictModel):
-    steps: int = 1000
-    """Optimizer steps to train for (total, across resumes)."""
+class LDMTrainerConfig(TrainerConfig):
+    """The stage-2 trainer: the shared fields (`TrainerConfig`) plus AdamW with its schedule, the EMA and classifier-free
+    guidance dropout."""
+
     batch_size: int = 32
     """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""
-    micro_batch_size: int | None = None
-    """Samples per forward pass on one process; None = the whole per-process batch (no accumulation). Accumulation
-    steps derive from it: batch_size / (micro_batch_size × world size), which must divide exactly."""
     lr: float = 1e-4
     """Peak AdamW learning rate (LDM/SD-1: 1e-4)."""
     weight_decay: float = 0.01
@@ -81,42 +80,17 @@ class LDMTrainerConfig(StrictModel):
     """After warmup: constant, or cosine decay to min_lr_ratio·lr at the last step."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine schedule, as a fraction of lr."""
-    grad_clip: float | None = 1.0
-    """Max global gradient norm; None disables clipping."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of the forward pass; "auto" = bf16 where the device has it."""
-    device: str = "auto"
-    """"auto" (CUDA if present, else CPU), or any torch device string."""
     ema_decay: float | None = 0.999
     """EMA of the denoiser's weights (the exported model) when set; None exports the raw weights."""
     cond_dropout: float = 0.1
     """Probability of replacing a caption by the empty prompt (classifier-free guidance training)."""
-    checkpoint_every: int = 500
-    """Write a resumable checkpoint every N steps (and at the end)."""
-    keep_checkpoints: int = 2
-    """How many checkpoints to keep."""
-    max_nonfinite_steps: int = 10
-    """Skip steps with a NaN/inf loss or gradient; stop once more than this many were skipped."""
-    log_every: int = 10
-    """Send step metrics to the tracker every N steps."""
     validation_every: int = 0
     """Render validation samples for fixed prompts every N steps through ``sample_fn`` (0 = only at the end)."""
-    seed: int = 0
-    """Seeds the data order, timesteps, noise, caption dropout and every other random draw."""
-    num_workers: int = 0
-    """DataLoader worker processes prefetching batches (0 = load in the training process)."""
-    compile: bool = False
-    """torch.compile the denoiser for training (Inductor): worth it on GPUs for long runs; the first steps pay the
-    compilation (minutes on a 2-core CPU, where eager is usually as fast)."""
-    channels_last: bool = False
-    """Run the denoiser's convolutions in channels_last memory format (NHWC: what tensor cores and oneDNN prefer)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
 
     @model_validator(mode="after")
     def _check(self) -> "LDMTrainerConfig":
-        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError("cond_dropout must be in [0, 1]")
         return self
