@@ -10,8 +10,10 @@ Used by the test suite (tests/faults/test_kill_resume.py, one or two trials per 
   and no shard on storage that the metadata does not name.
 - ``ingest`` (the canonical dataset): the same set of (id, split, sha256) rows, none duplicated.
 
-A kill is timed uniformly at random over the job's working window (from its READY line to its exit, measured on
-the reference run), so it lands anywhere: mid-step, mid-checkpoint-write, between a shard and its manifest.
+A kill is timed at random over the job's working window (from its READY line to its exit, measured on the
+reference run): half the kills uniformly over the whole window (start-up of the first step, teardown and the final
+saves included), half uniformly over the span of its steps / shards, so that many land mid-training: mid-step,
+mid-checkpoint-write, between a shard and its manifest.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class JobRun:
     last_progress: int | None
     """The last PROGRESS value printed before the end (the step or shard reached)."""
     done: bool
+    progress_at: list[float] = field(default_factory=list)
+    """Seconds after READY at which each PROGRESS line came."""
     stderr_tail: str = ""
 
     @property
@@ -58,7 +62,7 @@ class JobRun:
         if not self.killed:
             return "finished before the kill" if self.kill_after is not None else "uninterrupted"
         # progress: the last step (trainers) or shard (encoding) completed; ingestion reports none
-        return "killed" if self.last_progress is None else f"killed at progress {self.last_progress}"
+        return "killed before progress 1" if self.last_progress is None else f"killed at progress {self.last_progress}"
 
 
 def runner_command(job: str, workdir: Path, inputs: dict[str, str]) -> list[str]:
@@ -75,7 +79,7 @@ def run_job(cmd: list[str], kill_after: float | None = None, env: dict[str, str]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     ready = threading.Event()
-    state: dict[str, Any] = {"ready_at": None, "progress": None, "done": False}
+    state: dict[str, Any] = {"ready_at": None, "progress": None, "done": False, "progress_at": []}
     err: list[str] = []
 
     def read_stdout() -> None:
@@ -86,6 +90,8 @@ def run_job(cmd: list[str], kill_after: float | None = None, env: dict[str, str]
                 ready.set()
             elif line.startswith("PROGRESS "):
                 state["progress"] = int(line.split()[1])
+                if state["ready_at"] is not None:
+                    state["progress_at"].append(time.monotonic() - state["ready_at"])
             elif line == "DONE":
                 state["done"] = True
 
@@ -122,6 +128,7 @@ def run_job(cmd: list[str], kill_after: float | None = None, env: dict[str, str]
     ready_at = state["ready_at"]
     return JobRun(returncode=proc.returncode, seconds=end - t0, window=None if ready_at is None else end - ready_at,
                   killed=killed, kill_after=kill_after, last_progress=state["progress"], done=state["done"],
+                  progress_at=state["progress_at"],
                   stderr_tail="".join(err)[-3000:])
 
 
@@ -279,6 +286,10 @@ class Reference:
     workdir: Path
     inputs: dict[str, str]
     window: float
+    """Seconds from READY to exit."""
+    work_span: tuple[float, float] | None = None
+    """(start, end) seconds after READY of the steps / shards (the first one's start estimated from the others'
+    pace); None for a job that reports no progress."""
 
 
 def reference_run(job: str, root: Path, shared: dict[str, str], env: dict[str, str] | None = None) -> Reference:
@@ -287,14 +298,19 @@ def reference_run(job: str, root: Path, shared: dict[str, str], env: dict[str, s
     run = run_job(runner_command(job, workdir, inputs), env=env)
     if run.returncode != 0 or not run.done:
         raise RuntimeError(f"reference {job} run failed (rc {run.returncode}):\n{run.stderr_tail}")
-    return Reference(job, workdir, inputs, run.window or run.seconds)
+    span = None
+    if len(run.progress_at) >= 2:
+        first, last = run.progress_at[0], run.progress_at[-1]
+        pace = (last - first) / (len(run.progress_at) - 1)
+        span = (max(0.0, first - pace), last)
+    return Reference(job, workdir, inputs, run.window or run.seconds, span)
 
 
 def kill_trial(ref: Reference, trial: int, root: Path, shared: dict[str, str], rng: random.Random | None = None,
                kills: int = 1, fractions: list[float] | None = None, env: dict[str, str] | None = None) -> Trial:
     """Start the job, SIGKILL it ``kills`` times (each rerun is killed again), then rerun it to completion and
-    compare with the reference. Kill moments: uniform over the reference's working window (``rng``), or the given
-    ``fractions`` of it."""
+    compare with the reference. Kill moments: drawn with ``rng`` as the module doc says, or the given ``fractions``
+    of the reference's working window."""
     t0 = time.monotonic()
     job = ref.job
     workdir = root / job / f"trial-{trial:03d}"
@@ -302,9 +318,12 @@ def kill_trial(ref: Reference, trial: int, root: Path, shared: dict[str, str], r
     cmd = runner_command(job, workdir, inputs)
     out = Trial(job, trial)
     rng = rng or random.Random(trial)
-    fractions = fractions if fractions is not None else [rng.random() for _ in range(kills)]
-    for fraction in fractions:
-        delay = fraction * ref.window
+    if fractions is not None:
+        delays = [f * ref.window for f in fractions]
+    else:
+        delays = [rng.uniform(*ref.work_span) if ref.work_span and rng.random() < 0.5 else rng.uniform(0.0, ref.window)
+                  for _ in range(kills)]
+    for delay in delays:
         run = run_job(cmd, kill_after=delay, env=env)
         out.runs += 1
         out.kills.append({"after_s": round(delay, 3), "hit": run.killed, "where": run.phase})
