@@ -62,15 +62,15 @@ class AutoencoderTrainerConfig(TrainerConfig):
     """The stage-1 trainer: the shared fields (`TrainerConfig`) plus two Adam optimizers and the autoencoder's
     own options."""
 
-    lr: float = 4.5e-6
+    lr: float = Field(4.5e-6, gt=0)
     """Autoencoder learning rate (LDM: 4.5e-6 × batch size on its first-stage runs)."""
-    disc_lr: float | None = None
+    disc_lr: float | None = Field(None, gt=0)
     """Discriminator learning rate; None = lr."""
     betas: tuple[float, float] = (0.5, 0.9)
     """Adam betas for both optimizers, as in VQGAN/LDM (a low β1 steadies the adversarial game)."""
-    ema_decay: float | None = None
+    ema_decay: float | None = Field(None, ge=0, lt=1)
     """Keep an EMA of the autoencoder's weights (and export it) when set, e.g. 0.999."""
-    image_every: int = 0
+    image_every: int = Field(0, ge=0)
     """Send a reconstruction grid to the tracker every N steps (0 = only at the end)."""
     sample_posterior: bool = True
     """Decode a posterior sample (as LDM) rather than its mean while training."""

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from ldm_core.config import StrictModel
@@ -91,30 +91,30 @@ def split_global_batch(batch_size: int, micro_batch_size: int | None, world_size
 class TrainerConfig(StrictModel):
     """The fields both trainers share (each stage's config adds its optimizer and its own options)."""
 
-    steps: int = 1000
+    steps: int = Field(1000, ge=1)
     """Optimizer steps to train for (total, across resumes)."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = Field(None, ge=1)
     """Samples per forward pass on one process; None = the whole per-process batch (no accumulation). Accumulation
     steps derive from it: batch_size / (micro_batch_size × world size), which must divide exactly."""
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = Field(1.0, gt=0)
     """Max global gradient norm per optimizer; None disables clipping."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision of the forward pass; "auto" = bf16 where the device has it."""
     device: str = "auto"
     """"auto" (CUDA if present, else CPU), or any torch device string."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = Field(500, ge=1)
     """Write a resumable checkpoint every N steps (and at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """How many checkpoints to keep; older ones are pruned after a newer one is committed."""
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = Field(10, ge=0)
     """Skip steps with a NaN/inf loss or gradient; stop the run once more than this many were skipped."""
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     """Send step metrics to the tracker every N steps."""
     seed: int = 0
     """Seeds the data order and every random draw of the step (noise, times, posterior samples, caption dropout)."""
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
     """DataLoader worker processes that load ahead of the step (0 = load in the training process)."""
     channels_last: bool = False
     """Run convolutions in channels_last memory format (NHWC: what tensor cores and oneDNN prefer)."""
@@ -126,8 +126,6 @@ class TrainerConfig(StrictModel):
     def _check_batch(self) -> "TrainerConfig":
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
         return self
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from ldm_core import distributed
@@ -66,34 +66,28 @@ class LDMTrainerConfig(TrainerConfig):
     """The stage-2 trainer: the shared fields (`TrainerConfig`) plus AdamW with its schedule, the EMA and classifier-free
     guidance dropout."""
 
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0)
     """Peak AdamW learning rate (LDM/SD-1: 1e-4)."""
-    weight_decay: float = 0.01
+    weight_decay: float = Field(0.01, ge=0)
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 to lr over this many steps."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """After warmup: constant, or cosine decay to min_lr_ratio·lr at the last step."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Floor of the cosine schedule, as a fraction of lr."""
-    ema_decay: float | None = 0.999
+    ema_decay: float | None = Field(0.999, ge=0, lt=1)
     """EMA of the denoiser's weights (the exported model) when set; None exports the raw weights."""
-    cond_dropout: float = 0.1
+    cond_dropout: float = Field(0.1, ge=0, le=1)
     """Probability of replacing a caption by the empty prompt (classifier-free guidance training)."""
-    validation_every: int = 0
+    validation_every: int = Field(0, ge=0)
     """Render validation samples for fixed prompts every N steps through ``sample_fn`` (0 = only at the end)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> "LDMTrainerConfig":
-        if not 0.0 <= self.cond_dropout <= 1.0:
-            raise ValueError("cond_dropout must be in [0, 1]")
-        return self
 
 
 class LDMTrainingConfig(StrictModel):
