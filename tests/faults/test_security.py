@@ -4,7 +4,6 @@ Dagster's event log or the logs."""
 
 import ast
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
