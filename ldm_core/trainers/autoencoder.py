@@ -22,7 +22,6 @@ from pydantic import Field
 from torch import nn
 
 from ldm_core import distributed
-from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import StrictModel, flatten_dict
 from ldm_core.flops import autoencoder_step_flops
 from ldm_core.distributed import BatchShard
@@ -34,10 +33,9 @@ from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.common import (
     EMA,
     BatchStream,
-    DataPosition,
-    EpochBatchSampler,
     MetricWindow,
     NonFiniteGuard,
+    RunSetup,
     RunState,
     TrainerConfig,
     ThroughputMeter,
@@ -45,10 +43,6 @@ from ldm_core.trainers.common import (
     grad_norm_and_finite,
     make_adam,
     optimizer_step,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-    split_global_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -221,14 +215,9 @@ def train_autoencoder(
     """
     tracker = tracker or NullTracker()
     tc = config.trainer
-    device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
-    rank, world_size = distributed.resolve_world(rank, world_size)
-    shard = BatchShard(rank, world_size)
-    micro, accum = split_global_batch(tc.batch_size, tc.micro_batch_size, world_size)
-
-    # the same seed on every rank: identical initial weights, and every draw is made for the global batch (shard)
-    gen = seed_everything(tc.seed, device)
+    run = RunSetup.create(tc, rank, world_size)
+    device, precision, rank, world_size = run.device, run.precision, run.rank, run.world_size
+    shard, accum, gen = run.shard, run.accum, run.gen
     model = build_autoencoder(config.model).to(device)
     if perceptual == "auto":
         loss_fn, perceptual_used = build_autoencoder_loss(config.loss, config.discriminator)
@@ -246,8 +235,8 @@ def train_autoencoder(
     opt_g = make_adam(g_params, device, lr=tc.lr, betas=tc.betas)
     opt_d = make_adam(d_params, device, lr=tc.disc_lr or tc.lr, betas=tc.betas)
 
-    sampler = EpochBatchSampler(len(data), micro * world_size, seed=tc.seed, rank=rank, world_size=world_size)
-    ckpt = CheckpointManager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options) if checkpoint_dir else None
+    sampler = run.sampler(len(data), tc.seed)
+    ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
     parts: dict[str, Any] = {"model": model, "loss": loss_fn, "opt_g": opt_g, "opt_d": opt_d}
     if ema is not None:
@@ -255,11 +244,7 @@ def train_autoencoder(
     run_state = RunState(config.to_dict(), "model", parts, gen, guard)
 
     # ---- resume -------------------------------------------------------------------------------------------------
-    start_step, position, resumed_from = 0, DataPosition(), None
-    if ckpt is not None and (latest := ckpt.load_latest()) is not None:
-        resumed_from, state = latest
-        start_step, position = run_state.restore(state, checkpoint_dir)
-        log.info("resumed autoencoder training from step %d (%s)", start_step, checkpoint_dir)
+    start_step, position, resumed_from = run_state.resume_latest(ckpt, checkpoint_dir, "autoencoder")
 
     stream = BatchStream(data, sampler, position, num_workers=tc.num_workers)
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
@@ -271,9 +256,7 @@ def train_autoencoder(
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
     def save(step: int) -> None:
-        guard.enforce(step)  # never checkpoint past the non-finite limit (every rank raises alike)
-        if ckpt is not None and rank == 0:
-            ckpt.save(step, run_state.snapshot(step, stream.position))
+        run_state.save(ckpt, step, stream.position, rank)
 
     if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
         tracker.log_params({**flatten_dict(config.to_dict()), "perceptual_used": perceptual_used,

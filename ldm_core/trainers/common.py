@@ -22,9 +22,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import StrictModel
 
 from ldm_core import distributed
+from ldm_core.distributed import BatchShard
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +443,62 @@ class RunState:
                         "the accumulation steps (batch_size / (micro_batch_size × processes)) are unchanged",
                         saved_world, world)
         return state["step"], DataPosition(**state["position"])
+
+
+    def resume_latest(self, ckpt: CheckpointManager | None, where: str | None,
+                      what: str) -> tuple[int, DataPosition, int | None]:
+        """Loads the newest checkpoint in ``ckpt`` when there is one: (start step, data position, step resumed
+        from or None for a fresh run)."""
+        if ckpt is None or (latest := ckpt.load_latest()) is None:
+            return 0, DataPosition(), None
+        resumed_from, state = latest
+        step, position = self.restore(state, str(where))
+        log.info("resumed %s training from step %d (%s)", what, step, where)
+        return step, position, resumed_from
+
+    def save(self, ckpt: CheckpointManager | None, step: int, position: DataPosition, rank: int) -> None:
+        """Checkpoints (rank 0 only), never past the non-finite limit: every rank raises alike before it."""
+        self.guard.enforce(step)
+        if ckpt is not None and rank == 0:
+            ckpt.save(step, self.snapshot(step, position))
+
+
+@dataclass
+class RunSetup:
+    """What every trainer derives from its config before it builds anything: the device and precision, this
+    process's place among the ranks, the split of the global batch, and the trainer's generator (seeded alike on
+    every rank, so initial weights are identical and every draw is made for the global batch)."""
+
+    device: torch.device
+    precision: str
+    rank: int
+    world_size: int
+    shard: BatchShard
+    micro: int
+    """Micro-batch per process per forward."""
+    accum: int
+    """Accumulation steps per optimizer step."""
+    gen: torch.Generator
+
+    @classmethod
+    def create(cls, tc: TrainerConfig, rank: int | None, world_size: int | None) -> "RunSetup":
+        device = resolve_device(tc.device)
+        precision = resolve_precision(tc.precision, device)
+        rank, world_size = distributed.resolve_world(rank, world_size)
+        micro, accum = split_global_batch(tc.batch_size, tc.micro_batch_size, world_size)
+        return cls(device, precision, rank, world_size, BatchShard(rank, world_size), micro, accum,
+                   seed_everything(tc.seed, device))
+
+    def sampler(self, num_items: int, seed: int) -> EpochBatchSampler:
+        """This rank's share of every global micro-batch, epoch after epoch."""
+        return EpochBatchSampler(num_items, self.micro * self.world_size, seed=seed, rank=self.rank,
+                                 world_size=self.world_size)
+
+    def checkpoints(self, tc: TrainerConfig, checkpoint_dir: str | None,
+                    storage_options: dict[str, Any] | None) -> CheckpointManager | None:
+        if not checkpoint_dir:
+            return None
+        return CheckpointManager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options)
 
 
 class MetricWindow:

@@ -24,9 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from ldm_core import distributed
-from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import StrictModel, flatten_dict
-from ldm_core.distributed import BatchShard
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
 from ldm_core.flops import denoiser_step_flops
@@ -36,10 +34,9 @@ from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.common import (
     EMA,
     BatchStream,
-    DataPosition,
-    EpochBatchSampler,
     MetricWindow,
     NonFiniteGuard,
+    RunSetup,
     RunState,
     TrainerConfig,
     ThroughputMeter,
@@ -48,11 +45,7 @@ from ldm_core.trainers.common import (
     lr_at,
     make_adam,
     optimizer_step,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
     set_lr,
-    split_global_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -138,14 +131,9 @@ def train_ldm(
     """
     tracker = tracker or NullTracker()
     tc = config.trainer
-    device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
-    rank, world_size = distributed.resolve_world(rank, world_size)
-    shard = BatchShard(rank, world_size)
-    micro, accum = split_global_batch(tc.batch_size, tc.micro_batch_size, world_size)
-
-    # the same seed on every rank: identical initial weights, and every draw is made for the global batch (shard)
-    gen = seed_everything(tc.seed, device)
+    run = RunSetup.create(tc, rank, world_size)
+    device, precision, rank, world_size = run.device, run.precision, run.rank, run.world_size
+    shard, accum, gen = run.shard, run.accum, run.gen
     diffusion = create_diffusion(config.diffusion)
     model_cfg = config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing}) \
         if hasattr(config.denoiser, "gradient_checkpointing") else config.denoiser
@@ -155,19 +143,15 @@ def train_ldm(
     opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     uncond_ctx, uncond_mask = uncond[0].to(device).float(), uncond[1].to(device)
 
-    sampler = EpochBatchSampler(len(latents), micro * world_size, seed=tc.seed, rank=rank, world_size=world_size)
-    ckpt = CheckpointManager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options) if checkpoint_dir else None
+    sampler = run.sampler(len(latents), tc.seed)
+    ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
     parts: dict[str, Any] = {"model": model, "opt": opt}
     if ema is not None:
         parts["ema"] = ema
     run_state = RunState(config.to_dict(), "denoiser", parts, gen, guard)
 
-    start_step, position, resumed_from = 0, DataPosition(), None
-    if ckpt is not None and (latest := ckpt.load_latest()) is not None:
-        resumed_from, state = latest
-        start_step, position = run_state.restore(state, checkpoint_dir)
-        log.info("resumed LDM training from step %d (%s)", start_step, checkpoint_dir)
+    start_step, position, resumed_from = run_state.resume_latest(ckpt, checkpoint_dir, "LDM")
     stream = BatchStream(latents, sampler, position, num_workers=tc.num_workers)
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
     if tc.channels_last:
@@ -177,9 +161,7 @@ def train_ldm(
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
     def save(step: int) -> None:
-        guard.enforce(step)  # never checkpoint past the non-finite limit (every rank raises alike)
-        if ckpt is not None and rank == 0:
-            ckpt.save(step, run_state.snapshot(step, stream.position))
+        run_state.save(ckpt, step, stream.position, rank)
 
     if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
         n_params = sum(p.numel() for p in params)
