@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ldm_core.config import flatten_dict
+from ldm_core.tracking import NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,15 @@ class MLflowTracker:
         self.client.log_dict(self.run_id, data, artifact_file)
 
 
-class DagsterProgress:
-    """A Tracker that turns step metrics into an occasional one-line summary in the Dagster run log."""
+class DagsterProgress(NullTracker):
+    """A Tracker that turns step metrics into an occasional one-line summary in the Dagster run log (the rest it
+    discards, as `NullTracker`)."""
 
     def __init__(self, dagster_log: Any, label: str, interval: float = 20.0, keys: tuple[str, ...] = ()):
         self.dlog, self.label, self.interval, self.keys = dagster_log, label, interval, keys
         self._last = 0.0
         self.latest: dict[str, float] = {}
         self.latest_step = 0
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.latest.update({k: float(v) for k, v in metrics.items()})
@@ -93,15 +92,6 @@ class DagsterProgress:
             self._last = now
             shown = {k: self.latest[k] for k in (self.keys or self.latest) if k in self.latest}
             self.dlog.info(f"{self.label} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-
-    def log_image(self, image: np.ndarray, name: str, step: int | None = None) -> None:
-        pass
-
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        pass
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:
