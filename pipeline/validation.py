@@ -19,19 +19,11 @@ from pipeline.config_bridge import ConfigValidationError, to_core
 
 MIN_SHAPE_SIZE = 16  # write_shapes_source refuses smaller images (the shapes could not be told apart)
 
-# Bounds of trainer fields that ldm_core's trainer configs do not enforce themselves (a zero `checkpoint_every`
-# would divide by zero at the first step, a zero `steps` would register an untrained model): name -> (test, text).
+# Bounds of plain fields: the trainer configs (ldm_core's TrainerConfig and its stages) bound their own fields, so
+# their errors arrive through `to_core` with the field path.
 _POSITIVE = (lambda v: v > 0, "must be > 0")
 _AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
-_TRAINER_BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "micro_batch_size": _AT_LEAST_1, "lr": _POSITIVE,
-    "disc_lr": _POSITIVE, "grad_clip": _POSITIVE, "checkpoint_every": _AT_LEAST_1, "keep_checkpoints": _AT_LEAST_1,
-    "log_every": _AT_LEAST_1, "max_nonfinite_steps": _NON_NEGATIVE, "image_every": _NON_NEGATIVE,
-    "validation_every": _NON_NEGATIVE, "num_workers": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE,
-    "weight_decay": _NON_NEGATIVE, "ema_decay": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-}
 # Asset-level fields of the Dagster config classes (plain fields, not ldm_core models): section -> field -> bound.
 _ASSET_BOUNDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "image_dataset": {"builtin_count": _AT_LEAST_1, "photo_crops": _NON_NEGATIVE,
@@ -106,7 +98,6 @@ def check_sections(run_config: dict[str, Any]) -> None:
     vae_section = _section(run_config, "vae_model")
     vae = check(lambda: to_core(AutoencoderTrainingConfig, vae_section.get("training"), "vae_model.training")) if "vae_model" in ops else None
     if vae is not None:
-        bounds(vae.trainer, _TRAINER_BOUNDS, "vae_model.training.trainer")
         _check_device(vae.trainer.device, "vae_model.training.trainer.device", errors)
 
     # ---- latent_store -------------------------------------------------------------------------------------------
@@ -128,7 +119,6 @@ def check_sections(run_config: dict[str, Any]) -> None:
     ldm_section = _section(run_config, "ldm_model").get("training") or {}
     ldm = check(lambda: to_core(LDMTrainingConfig, _with_defaults(ldm_section, vae), "ldm_model.training")) if "ldm_model" in ops else None
     if ldm is not None:
-        bounds(ldm.trainer, _TRAINER_BOUNDS, "ldm_model.training.trainer")
         _check_device(ldm.trainer.device, "ldm_model.training.trainer.device", errors)
 
     # ---- evaluation_report --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ BAD = [
     (f"{L}.training.diffusion.sampler", "ddim", "ldm_model.training.diffusion"),  # a DDPM sampler for a flow
     (f"{L}.training.trainer.cond_dropout", 2.0, "ldm_model.training.trainer"),
     (f"{L}.training.denoiser.num_heads", 3, "ldm_model.training.denoiser"),  # width 64 over 3 heads
-    # bounds the trainer configs leave open (a 0 checkpoint_every divides by zero at step 1)
+    # trainer bounds (TrainerConfig refuses them; a 0 checkpoint_every would divide by zero at step 1)
     (f"{L}.training.trainer.steps", 0, "ldm_model.training.trainer.steps"),
     (f"{L}.training.trainer.lr", -1.0, "ldm_model.training.trainer.lr"),
     (f"{V}.training.trainer.checkpoint_every", 0, "vae_model.training.trainer.checkpoint_every"),
