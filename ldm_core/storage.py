@@ -21,8 +21,9 @@ import io
 import os
 import posixpath
 import re
+import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -152,27 +153,33 @@ def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
     return read_bytes(url, storage_options).decode("utf-8")
 
 
+def _write_local_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` into a temp file beside ``path``, fsync it, rename it over ``path`` and fsync the directory: a
+    reader sees the old file or the new one, never a partial one, even if this process is killed mid-write."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = _temp_path(directory, path)
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or shard should be readable like any file
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``data`` to ``url`` so that a reader never sees a partial file, even if we are killed mid-write."""
     fs, path = get_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = _temp_path(directory, path)
-        try:
-            os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or shard should be readable like any file
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(directory)
+        _write_local_atomic(path, lambda f: f.write(data))
     else:
         with naming_errors(url, "writing"):
             fs.pipe_file(path, data)
@@ -186,22 +193,11 @@ def put_file_atomic(local_src: str, url: str, storage_options: dict[str, Any] | 
     """Copy a finished local file to ``url`` atomically."""
     fs, path = get_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = _temp_path(directory, path)
-        try:
-            os.fchmod(fd, _FILE_MODE)
-            with open(local_src, "rb") as src, os.fdopen(fd, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        def copy(dst: BinaryIO) -> None:
+            with open(local_src, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
+        _write_local_atomic(path, copy)
     else:
         with naming_errors(url, "writing"):
             fs.put_file(local_src, path)
