@@ -157,32 +157,33 @@ def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 # Collectives the trainers use (each a no-op / identity in a single process)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _all_reduced(t: torch.Tensor, op: Any) -> torch.Tensor:
+    """A detached copy of ``t`` reduced with ``op`` over ranks (the input is untouched)."""
+    out = t.detach().clone()
+    dist.all_reduce(out, op=op)
+    return out
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of ``t`` over ranks (a new tensor; ``t`` is untouched)."""
     if not is_distributed():
         return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
-    return out / dist.get_world_size()
+    return _all_reduced(t, dist.ReduceOp.SUM) / dist.get_world_size()  # SUM then divide: gloo has no AVG
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """The maximum of ``t`` over ranks (a new tensor; the input is untouched); asynchronous on the device."""
     if not is_distributed():
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduced(t, dist.ReduceOp.MAX)
 
 
 def all_ranks_agree(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
     """True only when ``flag`` is true on every rank (a logical AND over ranks)."""
     if not is_distributed():
         return bool(flag)
-    t = flag.detach().float().reshape(()) if isinstance(flag, torch.Tensor) else torch.tensor(float(flag), device=device)
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0.5)
+    t = flag.float().reshape(()) if isinstance(flag, torch.Tensor) else torch.tensor(float(flag), device=device)
+    return bool(_all_reduced(t, dist.ReduceOp.MIN).item() > 0.5)
 
 
 def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
@@ -283,7 +284,7 @@ SINGLE = BatchShard()
 
 
 __all__ = [
-    "BatchShard", "DistributedContext", "SINGLE", "all_ranks_agree", "all_reduce_mean", "any_rank", "barrier",
-    "convert_batchnorm", "current", "default_backend", "distributed_session", "gather_global_batch", "init_distributed",
+    "BatchShard", "DistributedContext", "SINGLE", "all_ranks_agree", "all_reduce_max", "all_reduce_mean", "any_rank",
+    "barrier", "convert_batchnorm", "current", "default_backend", "distributed_session", "gather_global_batch", "init_distributed",
     "is_distributed", "is_main", "launched_by_torchrun", "no_sync_unless", "resolve_world", "teardown", "wrap_ddp",
 ]
