@@ -13,7 +13,6 @@ ActNorm's init see the global batch, and BatchNorm becomes SyncBatchNorm (GPUs).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -271,7 +270,6 @@ def train_autoencoder(
     image_size = config.model.resolution  # replaced by the batches' own size
     meter = ThroughputMeter(device, precision, world_size,
                             flops=lambda: autoencoder_step_flops(config, image_size, perceptual_used))
-    t0, images_seen = time.perf_counter(), 0
     last_images: tuple[torch.Tensor, torch.Tensor] | None = None
     model.train()
     loss_fn.train()
@@ -316,7 +314,6 @@ def train_autoencoder(
         guard.record(found_inf)
         last_images = micro_batches[-1]
         step += 1
-        images_seen += tc.batch_size
         meter.add(tc.batch_size)
 
         # ---- 3) logging, images, checkpoints ----------------------------------------------------------------------
@@ -338,7 +335,6 @@ def train_autoencoder(
             break
 
     distributed.barrier()  # rank 0's last checkpoint is committed before any rank returns (and may resume from it)
-    elapsed = time.perf_counter() - t0
     if rank == 0 and last_images is not None and finished:
         tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)
     final = (ema.model if ema is not None else model).eval()
@@ -346,7 +342,7 @@ def train_autoencoder(
     return AutoencoderTrainResult(
         model=final, step=step, perceptual_used=perceptual_used, nonfinite_skipped=guard.skipped,
         resumed_from=resumed_from, history=window.history,
-        images_per_second=images_seen / max(elapsed, 1e-9), finished=finished,
+        images_per_second=meter.rate(), finished=finished,
     )
 
 

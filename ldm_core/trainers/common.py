@@ -566,6 +566,10 @@ class ThroughputMeter:
     def add(self, samples: int) -> None:
         self.samples += samples
 
+    def rate(self) -> float:
+        """Global samples per second since the meter was created."""
+        return self.samples / max(time.perf_counter() - self.t0, 1e-9)
+
     def peak(self) -> float | None:
         key = (self.device.type, self.precision)
         if key not in _PEAKS:
@@ -584,7 +588,7 @@ class ThroughputMeter:
         return self._flops
 
     def metrics(self, kinds: Sequence[str], name: str = "samples_per_second") -> dict[str, float]:
-        rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)  # global samples/s
+        rate = self.rate()
         out = {name: rate}
         flops = sum(self.flops().get(k, 0.0) for k in kinds)
         if flops:

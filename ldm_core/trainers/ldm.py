@@ -14,7 +14,6 @@ take the same steps as one process with the same global batch. Rank 0 alone trac
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -173,7 +172,6 @@ def train_ldm(
     shapes: tuple | None = None  # (latent (C, h, w), context (L, D)), known after the first batch
     meter = ThroughputMeter(device, precision, world_size,
                             flops=lambda: {"step": denoiser_step_flops(config.denoiser, *shapes)})
-    t0, seen = time.perf_counter(), 0
     step = start_step
     finished = True
     while step < tc.steps:
@@ -203,7 +201,6 @@ def train_ldm(
         if ema is not None:
             ema.update(model, skip=found_inf)
         step += 1
-        seen += tc.batch_size
         meter.add(tc.batch_size)
 
         window.add({"loss": loss_acc, "grad_norm": gnorm})
@@ -221,9 +218,8 @@ def train_ldm(
             break
 
     distributed.barrier()  # rank 0's last checkpoint is committed before any rank returns (and may resume from it)
-    elapsed = time.perf_counter() - t0
     final = (ema.model if ema is not None else model).eval()
     if rank == 0 and finished and sample_fn is not None:
         tracker.log_image(sample_fn(final, step), "validation_samples", step)
     return LDMTrainResult(model=final.cpu(), step=step, nonfinite_skipped=guard.skipped, resumed_from=resumed_from,
-                          history=window.history, samples_per_second=seen / max(elapsed, 1e-9), finished=finished)
+                          history=window.history, samples_per_second=meter.rate(), finished=finished)
