@@ -1,8 +1,8 @@
 """The denoiser interface: what objectives, samplers and trainers may assume about the network.
 
-Every denoiser backbone (today the UNet; a transformer backbone later) is built from its typed config by
-``build_denoiser`` and called as ``model(x, t, context, context_mask)``. The config's ``kind`` tag selects the
-backbone, so a checkpoint's saved config rebuilds the right network: ``build_denoiser(parse_denoiser_config(d))``.
+Every denoiser backbone (the UNet, the MMDiT) is built from its typed config by ``build_denoiser`` and called as
+``model(x, t, context, context_mask, pooled=None)``. The config's ``kind`` tag selects the backbone, so a
+checkpoint's saved config rebuilds the right network: ``build_denoiser(parse_denoiser_config(d))``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Annotated, Any, Mapping, Protocol, Union, runtime_checkable
 from pydantic import Discriminator, Tag, TypeAdapter
 from torch import Tensor, nn
 
+from ldm_core.models.mmdit import MMDiT, MMDiTConfig
 from ldm_core.models.unet import UNet, UNetConfig
-
 
 
 def _backbone_kind(value: Any) -> str:
@@ -24,7 +24,13 @@ def _backbone_kind(value: Any) -> str:
 
 
 # Adding a backbone is one line here (Annotated[DiTConfig, Tag("dit")]) and one case in build_denoiser.
-DenoiserConfig = Annotated[Union[Annotated[UNetConfig, Tag("unet")]], Discriminator(_backbone_kind)]
+DenoiserConfig = Annotated[
+    Union[
+        Annotated[UNetConfig, Tag("unet")],
+        Annotated[MMDiTConfig, Tag("mmdit")],
+    ],
+    Discriminator(_backbone_kind),
+]
 """Config of any denoiser backbone, told apart by its `kind` field ("unet" when absent)."""
 
 _DENOISER_CONFIG_ADAPTER: TypeAdapter[Any] = TypeAdapter(DenoiserConfig)
@@ -37,11 +43,12 @@ class Denoiser(Protocol):
     x: (B, C, H, W) noisy latents. t: (B,) float model time, or one value for the whole batch (0-d tensor or
     float); its scale is the objective's business (the sinusoidal features suit t in 0..1000). context: (B, L, D)
     text tokens. context_mask: (B, L) bool, True = real token; padding tokens have no effect on the output.
-    Returns (B, C_out, H, W).
+    pooled: (B, D_pool) pooled text vector, for backbones whose modulation takes one (the MMDiT pools the real
+    tokens itself when it is None; the UNet ignores it). Returns (B, C_out, H, W).
     """
 
-    def __call__(self, x: Tensor, t: Tensor | float, context: Tensor,
-                 context_mask: Tensor | None = None) -> Tensor: ...
+    def __call__(self, x: Tensor, t: Tensor | float, context: Tensor, context_mask: Tensor | None = None,
+                 pooled: Tensor | None = None) -> Tensor: ...
 
 
 def parse_denoiser_config(data: Mapping[str, Any]) -> DenoiserConfig:
@@ -53,6 +60,8 @@ def build_denoiser(config: DenoiserConfig) -> nn.Module:
     """The backbone described by `config` (a DenoiserConfig), freshly initialised, in training mode."""
     if isinstance(config, UNetConfig):
         return UNet(config)
+    if isinstance(config, MMDiTConfig):
+        return MMDiT(config)
     raise TypeError(f"no denoiser backbone for config {type(config).__name__}")
 
 

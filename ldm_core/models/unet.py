@@ -476,9 +476,12 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(config.norm_groups, widths[0], eps=RES_NORM_EPS)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, context_mask: Tensor | None = None,
+                pooled: Tensor | None = None) -> Tensor:
         """x (B, C, H, W) noisy latents; t (B,) model time, or one time for all (0-d tensor / float);
-        context (B, L, D) text tokens; context_mask (B, L) bool, True = real token (padding gets no attention)."""
+        context (B, L, D) text tokens; context_mask (B, L) bool, True = real token (padding gets no attention).
+        pooled is ignored: the UNet reads the text only through cross-attention to the tokens; the argument is
+        there so that every backbone takes the same call (see ldm_core.models.denoiser.Denoiser)."""
         B = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.ndim == 0:
