@@ -1,7 +1,8 @@
 """Conversion to and from diffusers models, with identical outputs for identical weights.
 
-``from_diffusers(model)`` accepts a diffusers ``AutoencoderKL`` or ``UNet2DConditionModel`` and returns ours;
-``to_diffusers(model)`` does the reverse. diffusers is imported lazily: it is only needed when converting.
+``from_diffusers(model)`` accepts a diffusers ``AutoencoderKL``, ``UNet2DConditionModel`` or
+``SD3Transformer2DModel`` and returns ours; ``to_diffusers(model)`` does the reverse. diffusers is imported lazily:
+it is only needed when converting.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ def from_diffusers(model: Any) -> Any:
         from ldm_core.interop.unet import unet_from_diffusers
 
         return unet_from_diffusers(model)
-    raise TypeError(f"no conversion from diffusers {name}; supported: AutoencoderKL, UNet2DConditionModel")
+    if name == "SD3Transformer2DModel":
+        from ldm_core.interop.mmdit import mmdit_from_diffusers
+
+        return mmdit_from_diffusers(model)
+    raise TypeError(f"no conversion from diffusers {name}; supported: AutoencoderKL, UNet2DConditionModel, "
+                    f"SD3Transformer2DModel")
 
 
 def to_diffusers(model: Any) -> Any:
@@ -32,7 +38,11 @@ def to_diffusers(model: Any) -> Any:
         from ldm_core.interop.unet import unet_to_diffusers
 
         return unet_to_diffusers(model)
-    raise TypeError(f"no conversion to diffusers for {name}; supported: AutoencoderKL, UNet")
+    if name == "MMDiT":
+        from ldm_core.interop.mmdit import mmdit_to_diffusers
+
+        return mmdit_to_diffusers(model)
+    raise TypeError(f"no conversion to diffusers for {name}; supported: AutoencoderKL, UNet, MMDiT")
 
 
 __all__ = ["from_diffusers", "to_diffusers"]
