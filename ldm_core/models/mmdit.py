@@ -120,7 +120,7 @@ class MMDiTConfig(StrictModel):
 
 MMDIT_PRESETS: dict[str, MMDiTConfig] = {
     # CPU scale: 8x8x4 latents (16 patches, up to 16x16 latents), MiniLM text tokens (384) that the model pools
-    # itself; 4 blocks of width 96, a training step costs about what the tiny UNet's does.
+    # itself. 4 blocks of width 96: a training step takes fewer FLOPs than the tiny UNet's (ldm_core.flops).
     "tiny": MMDiTConfig(in_channels=4, out_channels=4, patch_size=2, hidden_size=96, depth=4, num_heads=4,
                         context_dim=384, pooled_projection_dim=None, sample_size=8, pos_embed_max_size=8),
     # DiT-B/2 size (Peebles & Xie 2023) as a text-conditioned MMDiT on SD-1 latents (32x32x4 at 256 px, grid up
