@@ -269,13 +269,13 @@ def test_tiny_preset_overfits_one_batch():
     target = torch.randn_like(x)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         loss = (model(x, t, context) - target).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.25 * losses[0]
 
 
 def test_step_flops_are_counted_on_meta_tensors_and_match_a_real_count():
