@@ -30,13 +30,13 @@ def _convert_type(tp: Any) -> Any:
     if origin is typing.Annotated:
         return _convert_type(get_args(tp)[0])
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
+        args = [_unannotated(a) for a in get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return _convert_type(args[0])
         if all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
-            # a tagged union of configs (denoiser backbones): one member today; a second member would add its
-            # own section here
-            return _convert_type(args[0])
+            # a tagged union of configs (the denoiser backbones): one section with every member's fields, whose
+            # `kind` picks the member; ldm_core validates the chosen member's fields (`to_core`)
+            return _union_config(tuple(args))
         if set(args) <= {int, float}:
             return float
         return str
@@ -77,14 +77,14 @@ def _choices(tp: Any) -> list[Any]:
     return []
 
 
-def dagster_config(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> type[dg.Config]:
-    """A ``dagster.Config`` subclass mirroring ``model`` (cached per model class); ``exclude`` drops fields the
-    asset sets itself."""
-    if (model, exclude) in _CACHE:
-        return _CACHE[(model, exclude)]
+def _unannotated(tp: Any) -> Any:
+    return get_args(tp)[0] if get_origin(tp) is typing.Annotated else tp
+
+
+def _field_specs(model: type[BaseModel], exclude: tuple[str, ...]) -> dict[str, Any]:
+    """name -> (optional Dagster type, FieldInfo with the description and ldm_core's default) of each field."""
     fields: dict[str, Any] = {}
-    extra_preset = "_expand_preset" in dir(model)
-    if extra_preset:
+    if "_expand_preset" in dir(model):
         fields["preset"] = (typing.Optional[str], FieldInfo(default=None, description="Start from this named preset; other fields override it."))
     for name, field in model.model_fields.items():
         if field.exclude or name in exclude:
@@ -96,6 +96,38 @@ def dagster_config(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> typ
             desc += f" One of {choices}."
         desc += f" (default: {_default_text(field)})"
         fields[name] = (typing.Optional[tp], FieldInfo(default=None, description=desc.strip()))
+    return fields
+
+
+def _union_config(models: tuple[type[BaseModel], ...]) -> type[dg.Config]:
+    """One Dagster section for a tagged union of configs: the fields of every member, each described with the kinds
+    that have it; ``kind`` (unset: the first member) says which member the section is."""
+    if (models, ()) in _CACHE:
+        return _CACHE[(models, ())]
+    kinds = {m: m.model_fields["kind"].default for m in models}
+    fields: dict[str, Any] = {}
+    owners: dict[str, list[str]] = {}
+    for model in models:
+        for name, (tp, info) in _field_specs(model, ()).items():
+            owners.setdefault(name, []).append(kinds[model])
+            fields.setdefault(name, (tp, info))
+    for name, (tp, info) in fields.items():
+        if name == "kind":
+            info.description = f"Which one: one of {list(kinds.values())} (default: {kinds[models[0]]!r})."
+        elif len(owners[name]) < len(models):
+            info.description = f"[{', '.join(owners[name])} only] {info.description}"
+    cls = create_model("Or".join(m.__name__ for m in models) + "Dagster", __base__=dg.Config,
+                       __doc__=" | ".join(kinds.values()), **fields)
+    _CACHE[(models, ())] = cls
+    return cls
+
+
+def dagster_config(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> type[dg.Config]:
+    """A ``dagster.Config`` subclass mirroring ``model`` (cached per model class); ``exclude`` drops fields the
+    asset sets itself."""
+    if (model, exclude) in _CACHE:
+        return _CACHE[(model, exclude)]
+    fields = _field_specs(model, exclude)
     cls = create_model(f"{model.__name__}Dagster", __base__=dg.Config, __doc__=model.__doc__, **fields)
     _CACHE[(model, exclude)] = cls
     return cls
