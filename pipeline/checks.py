@@ -1,10 +1,15 @@
-"""Asset checks: each reads what its asset recorded (and, for the latents, the data itself) and passes or fails."""
+"""Asset checks: each reads what its asset recorded (and, for the latents, the data itself) and passes or fails.
+
+The autoencoder's and the latent store's checks are blocking: when one fails, nothing downstream of that asset runs
+in the same run (an LDM trained on latents of a broken autoencoder would be thrown away anyway).
+"""
 
 
 import math
 
 import dagster as dg
 
+from ldm_core.evaluation.fidelity import FidelityThresholds, fidelity_verdict
 from pipeline.assets.common import upstream_metadata
 
 
@@ -17,7 +22,8 @@ def image_dataset_quality(context: dg.AssetCheckExecutionContext) -> dg.AssetChe
                                description=None if passed else f"rows={rows}, bad fraction {frac:.3f} (limit {limit})")
 
 
-@dg.asset_check(asset="vae_model", description="Held-out reconstruction PSNR of the trained autoencoder is above the configured floor.")
+@dg.asset_check(asset="vae_model", blocking=True,
+                description="Held-out reconstruction PSNR of the trained autoencoder is above the configured floor.")
 def vae_reconstruction_psnr(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     md = upstream_metadata(context, "vae_model")
     psnr, floor = md["val_psnr"], md.get("psnr_floor", 15.0)
@@ -26,7 +32,25 @@ def vae_reconstruction_psnr(context: dg.AssetCheckExecutionContext) -> dg.AssetC
                                description=None if passed else f"PSNR {psnr:.2f} dB below the floor {floor} dB")
 
 
-@dg.asset_check(asset="latent_store", description="Stored latents are finite and have std ≈ 1 after the latent scale.")
+@dg.asset_check(asset="vae_model", blocking=True,
+                description="Held-out reconstructions keep every colour (per colour class where the data has one), "
+                            "their worst decile stays above a PSNR floor and no RGB channel shifts: failures a mean "
+                            "PSNR hides.")
+def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    md = upstream_metadata(context, "vae_model")
+    fidelity = md["fidelity"]
+    passed, reasons = fidelity_verdict(fidelity, FidelityThresholds.model_validate(md["fidelity_thresholds"]))
+    classes = fidelity.get("classes") or {}
+    metadata = {
+        "worst_decile_psnr": fidelity["worst_decile_psnr"], "channel_shift": dg.MetadataValue.json(fidelity["channel_shift"]),
+        **{f"{name}_accuracy": c["accuracy"] for name, c in classes.items()},
+        "thresholds": dg.MetadataValue.json(md["fidelity_thresholds"]),
+    }
+    return dg.AssetCheckResult(passed=passed, metadata=metadata, description="; ".join(reasons) or None)
+
+
+@dg.asset_check(asset="latent_store", blocking=True,
+                description="Stored latents are finite and have std ≈ 1 after the latent scale.")
 def latents_finite_and_scaled(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     from ldm_core.data.latent_dataset import LatentDataset
 
@@ -42,4 +66,4 @@ def latents_finite_and_scaled(context: dg.AssetCheckExecutionContext) -> dg.Asse
                                description=None if passed else f"finite={finite}, std={std:.3f} (want 1 ± {tol})")
 
 
-ALL_CHECKS = [image_dataset_quality, vae_reconstruction_psnr, latents_finite_and_scaled]
+ALL_CHECKS = [image_dataset_quality, vae_reconstruction_psnr, vae_reconstruction_fidelity, latents_finite_and_scaled]

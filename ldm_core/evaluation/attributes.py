@@ -248,6 +248,30 @@ def evaluator_accuracy(
     return result
 
 
+def color_confusion(prompts_attributes: Sequence[Mapping[str, str] | str],
+                    predictions: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Asked-for colour → colour the evaluator saw → count ("none": no shape found), from :func:`attribute_accuracy`'s
+    ``predictions``; a model that paints red prompts yellow shows up as ``{"red": {"yellow": 54}}``."""
+    table: dict[str, dict[str, int]] = {}
+    for wanted, predicted in zip(prompts_attributes, predictions):
+        wanted = parse_caption(wanted) if isinstance(wanted, str) else wanted
+        if wanted.get("color") is None:
+            continue
+        row = table.setdefault(wanted["color"], {})
+        seen = predicted.get("color") or "none"
+        row[seen] = row.get(seen, 0) + 1
+    return {c: dict(sorted(row.items())) for c, row in sorted(table.items())}
+
+
+def confusion_lines(confusion: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The misreadings of a confusion table, worst first: ["red → yellow: 54 of 54", …]."""
+    rows = []
+    for wanted, row in confusion.items():
+        total = sum(row.values())
+        rows += [(k / total, f"{wanted} → {seen}: {k} of {total}") for seen, k in row.items() if seen != wanted and k]
+    return [text for _, text in sorted(rows, key=lambda r: -r[0])]
+
+
 def accuracy_metrics(accuracy: Mapping[str, Any]) -> dict[str, MetricResult]:
     """The four accuracies of :func:`attribute_accuracy` as metric results (``color_acc`` …) with their sample sizes;
     an attribute that no prompt named is "not computed"."""
@@ -265,6 +289,8 @@ __all__ = [
     "ATTRIBUTES",
     "accuracy_metrics",
     "ShapePrediction",
+    "color_confusion",
+    "confusion_lines",
     "attribute_accuracy",
     "estimate_background",
     "evaluator_accuracy",

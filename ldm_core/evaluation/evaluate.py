@@ -21,7 +21,13 @@ import torch
 from pydantic import Field
 
 from ldm_core.config import StrictModel
-from ldm_core.evaluation.attributes import ATTRIBUTES, accuracy_metrics, attribute_accuracy, evaluator_accuracy
+from ldm_core.evaluation.attributes import (
+    ATTRIBUTES,
+    accuracy_metrics,
+    attribute_accuracy,
+    color_confusion,
+    evaluator_accuracy,
+)
 from ldm_core.evaluation.fid import DEFAULT_FEATURE_DIM, frechet_inception_distance, inception_or_reason
 from ldm_core.evaluation.gate import GateConfig, GateDecision, decide
 from ldm_core.evaluation.metrics import MetricResult, lpips, psnr, ssim
@@ -79,6 +85,8 @@ class EvaluationResult:
     metrics: dict[str, MetricResult]
     decision: GateDecision
     report: ReportResult
+    color_confusion: dict[str, dict[str, int]] | None = None
+    """Asked-for colour → colour seen in the generated samples → count (shapes data only)."""
 
 
 def held_out_from_dataset(dataset: Any, max_items: int) -> HeldOut:
@@ -144,6 +152,7 @@ def evaluate(
     metrics: dict[str, MetricResult] = {}
     n_rec = min(config.reconstruction_samples, len(held_out.images)) if reconstruct_fn is not None else 0
     n_gen = config.generated_samples if held_out.captions else 0
+    confusion = None
     # loaded once for rFID and FID (or the reason it cannot be, reported for both)
     inception, inception_missing = (
         inception_or_reason(config.fid_feature_dim, config.download_weights, device) if config.fid and (n_rec or n_gen)
@@ -177,7 +186,9 @@ def evaluate(
                                                     inception=inception, unavailable_reason=inception_missing)
         if held_out.attributes is not None:
             wanted = [held_out.attributes[i % len(held_out.attributes)] for i in range(n_gen)]
-            metrics.update(accuracy_metrics(attribute_accuracy(generated, wanted)))
+            accuracy = attribute_accuracy(generated, wanted)
+            metrics.update(accuracy_metrics(accuracy))
+            confusion = color_confusion(wanted, accuracy["predictions"])
             # the judge judged: its own accuracy on the REAL held-out images, reported beside what it measured
             for name, m in accuracy_metrics(evaluator_accuracy(held_out.images, held_out.attributes)).items():
                 metrics[f"evaluator_{name}"] = MetricResult(f"evaluator_{name}", m.value, m.n, m.computed, m.reason,
@@ -197,9 +208,9 @@ def evaluate(
         reconstructions=reconstructions, loss_curves=loss_curves,
         config={"evaluation": config.to_dict(), "run": dict(run_config) if run_config is not None else None},
         champion_metrics=champion_metrics, champion_label=champion_label, decision=decision, title=config.title,
-        created_at=created_at, storage_options=storage_options,
+        created_at=created_at, storage_options=storage_options, color_confusion=confusion,
     )
-    return EvaluationResult(metrics, decision, report)
+    return EvaluationResult(metrics, decision, report, confusion)
 
 
 __all__ = [

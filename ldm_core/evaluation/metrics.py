@@ -112,23 +112,26 @@ def _check_pairs(a: torch.Tensor, b: torch.Tensor) -> None:
 # Metrics -------------------------------------------------------------------------------------------------------------
 
 
+def psnr_per_image(reference: np.ndarray | torch.Tensor, test: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N,) float64: 10·log10(1 / MSE) of each image pair on the [0, 1] scale, identical pairs at PSNR_CAP_DB."""
+    a, b = as_unit_tensor(reference), as_unit_tensor(test)
+    _check_pairs(a, b)
+    mse = ((a - b) ** 2).flatten(1).mean(dim=1)  # (N,)
+    return torch.where(mse == 0, torch.full_like(mse, PSNR_CAP_DB),
+                       (10 * torch.log10(1.0 / mse.clamp_min(1e-300))).clamp_max(PSNR_CAP_DB))
+
+
 def psnr(reference: np.ndarray | torch.Tensor, test: np.ndarray | torch.Tensor) -> MetricResult:
     """Mean over images of 10·log10(1 / MSE) on the [0, 1] scale (per-image, as reconstruction papers report it).
 
     An identical pair has infinite PSNR: it contributes :data:`PSNR_CAP_DB` and the result is flagged ``capped``.
     """
-    a, b = as_unit_tensor(reference), as_unit_tensor(test)
-    _check_pairs(a, b)
-    if len(a) == 0:
+    per_image = psnr_per_image(reference, test)
+    if len(per_image) == 0:
         return MetricResult.not_computed("psnr", "no images")
-    mse = ((a - b) ** 2).flatten(1).mean(dim=1)  # (N,)
-    identical = mse == 0
-    per_image = torch.where(identical, torch.full_like(mse, PSNR_CAP_DB),
-                            (10 * torch.log10(1.0 / mse.clamp_min(1e-300))).clamp_max(PSNR_CAP_DB))
     n_capped = int((per_image >= PSNR_CAP_DB).sum())
     note = f"{n_capped} identical pair(s) counted as {PSNR_CAP_DB:g} dB" if n_capped else None
-    capped = n_capped > 0
-    return MetricResult("psnr", float(per_image.mean()), len(a), capped=capped, note=note)
+    return MetricResult("psnr", float(per_image.mean()), len(per_image), capped=n_capped > 0, note=note)
 
 
 def ssim(reference: np.ndarray | torch.Tensor, test: np.ndarray | torch.Tensor) -> MetricResult:
@@ -187,5 +190,6 @@ __all__ = [
     "lpips",
     "metric_value",
     "psnr",
+    "psnr_per_image",
     "ssim",
 ]

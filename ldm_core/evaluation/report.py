@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_core import storage
+from ldm_core.evaluation.attributes import confusion_lines
 from ldm_core.evaluation.gate import GateDecision
 from ldm_core.evaluation.metrics import HIGHER_IS_BETTER, MetricResult, metric_value
 from ldm_core.grids import make_grid, upscale_nearest
@@ -242,6 +243,24 @@ def _samples_section(grid: SampleGrid | None) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+def _confusion_section(confusion: Mapping[str, Mapping[str, int]] | None) -> str:
+    """Asked-for colour (rows) × colour seen (columns) of the generated samples, misreadings listed above it."""
+    if not confusion:
+        return "<p>No colour judgements (the held-out data has no colour attribute).</p>"
+    seen = sorted({c for row in confusion.values() for c in row} | set(confusion))
+    head = "".join(f"<th>seen {html.escape(c)}</th>" for c in seen)
+    rows = []
+    for wanted, row in confusion.items():
+        cells = "".join(
+            f'<td class="num{" missing" if c != wanted and row.get(c) else ""}">{row.get(c, 0)}</td>' for c in seen)
+        rows.append(f"<tr><td>asked {html.escape(wanted)}</td>{cells}</tr>")
+    lines = confusion_lines(confusion)
+    summary = (f'<p class="missing" id="confusions">{html.escape("; ".join(lines))}</p>' if lines else
+               '<p class="note" id="confusions">Every colour was drawn as asked.</p>')
+    return (f'{summary}<table id="color-confusion"><thead><tr><th>prompt asked</th>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
 def _loss_section(loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None) -> str:
     if not loss_curves:
         return "<p>No training-loss history was given.</p>"
@@ -253,7 +272,7 @@ def _loss_section(loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, f
 
 
 def _markdown(metrics: Mapping[str, Mapping[str, Any]], decision: GateDecision | None, grid_png: bytes | None,
-              html_url: str) -> str:
+              html_url: str, confusion: Mapping[str, Mapping[str, int]] | None = None) -> str:
     lines = ["| metric | value | n |", "|---|---|---|"]
     for name, m in metrics.items():
         value = _fmt_value(m)
@@ -264,6 +283,8 @@ def _markdown(metrics: Mapping[str, Mapping[str, Any]], decision: GateDecision |
         lines += ["", f"**Gate {'passed' if decision.passed else 'failed'}**" +
                   (" (first model)" if decision.first_model else "") + ":"]
         lines += [f"- {r}" for r in decision.reasons]
+    if confusion and (wrong := confusion_lines(confusion)):
+        lines += ["", "Colours drawn wrong: " + "; ".join(wrong)]
     if grid_png is not None:
         lines += ["", f"![samples]({data_uri(grid_png)})"]
     lines += ["", f"Full report: `{html_url}`"]
@@ -289,6 +310,7 @@ def write_report(
     title: str = "LDM evaluation report",
     created_at: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    color_confusion: Mapping[str, Mapping[str, int]] | None = None,
 ) -> ReportResult:
     """Write the report under ``out_url`` (any fsspec URL) and return where it went and what it says.
 
@@ -296,7 +318,8 @@ def write_report(
     seed grid; ``originals``/``reconstructions``: uint8 (N, H, W, 3) pairs; ``loss_curves``: stage -> series ->
     [(step, value)] (e.g. the trainers' ``history``); ``config``: the run configuration as plain data;
     ``versions``: defaults to :func:`collect_versions`; ``champion_metrics``/``champion_label``/``decision``: the
-    gate's inputs and output; ``created_at``: a timestamp string supplied by the caller (no clock in here).
+    gate's inputs and output; ``created_at``: a timestamp string supplied by the caller (no clock in here);
+    ``color_confusion``: asked-for colour → colour seen → count, of the generated samples.
     """
     versions = dict(versions) if versions is not None else collect_versions()
     metrics_dicts = {name: m.to_dict() for name, m in metrics.items()}
@@ -325,6 +348,7 @@ def write_report(
         "champion": {"label": champion_label, "metrics": champion_dicts} if champion_dicts is not None else None,
         "samples": ({"prompts": list(samples.prompts), "seeds": [int(s) for s in samples.seeds]}
                     if samples is not None else None),
+        "color_confusion": color_confusion,
         "config": config,
         "versions": versions,
     }
@@ -349,6 +373,8 @@ def write_report(
 {_decision_section(decision, champion_label)}
 <h2>Metrics</h2>
 {_metrics_table(metrics_dicts)}
+<h2>Colours of the generated samples</h2>
+{_confusion_section(color_confusion)}
 <h2>Samples (prompt × seed)</h2>
 {_samples_section(samples)}
 <h2>Reconstructions</h2>
@@ -364,7 +390,7 @@ def write_report(
     files[HTML_NAME] = storage.join(out_url, HTML_NAME)
     storage.write_text_atomic(files[HTML_NAME], page, storage_options)
     return ReportResult(files[HTML_NAME], files[METRICS_NAME], files, metrics_dicts,
-                        _markdown(metrics_dicts, decision, grid_png, files[HTML_NAME]), decision)
+                        _markdown(metrics_dicts, decision, grid_png, files[HTML_NAME], color_confusion), decision)
 
 
 __all__ = [

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ldm_core.bundle import load_text_to_image
 from ldm_core.data import ImageShardDataset
+from ldm_core.evaluation.attributes import confusion_lines
 from ldm_core.evaluation.evaluate import EvaluationConfig, evaluate, held_out_from_dataset, text_to_image_functions
 from ldm_core.grids import to_uint8
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, upstream_metadata
@@ -96,6 +97,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
                 "gate_passed": result.decision.passed, "gate_reasons": dg.MetadataValue.json(result.decision.reasons),
                 "not_computed": dg.MetadataValue.json(not_computed), "ldm_uri": ldm_md["ldm_uri"],
                 "champion_before": champion_label or "none", "summary": dg.MetadataValue.md(result.report.markdown),
+                "color_confusions": dg.MetadataValue.json(confusion_lines(result.color_confusion or {})),
                 "mlflow_run": dg.MetadataValue.url(run.url),
             },
         )

@@ -8,8 +8,9 @@ from ldm_core.bundle import save_autoencoder
 from ldm_core.data import ImageShardDataset
 from ldm_core.model_io import read_model_meta
 from ldm_core.tracking import FanoutTracker
-from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, reconstruction_psnr
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
+from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelity
+from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, json_md, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -20,6 +21,7 @@ from pipeline.tracking import DagsterProgress, temp_dir
 
 REGISTERED_NAME = "ldm-vae"
 TrainingSection = dagster_config(AutoencoderTrainingConfig)
+FidelitySection = dagster_config(FidelityThresholds)
 
 
 class VaeModelConfig(dg.Config):
@@ -27,8 +29,9 @@ class VaeModelConfig(dg.Config):
     resolution: int = Field(default=32, description="Training image side (images are resized and center-cropped).")
     latent_scale_samples: int = Field(default=512, description="Images encoded to measure the latent scale 1/std.")
     use_shift: bool = Field(default=False, description="Also store the latent mean as a shift (SD3 style).")
-    psnr_images: int = Field(default=64, description="Held-out images for the reconstruction PSNR recorded with the model.")
+    psnr_images: int = Field(default=256, description="Held-out images reconstructed for the PSNR and fidelity checks.")
     psnr_floor: float = Field(default=15.0, description="Asset check: held-out reconstruction PSNR (dB) must reach this.")
+    fidelity: FidelitySection = Field(default_factory=FidelitySection, description="Asset check (blocking): per-colour accuracy, worst-decile PSNR and channel shift of held-out reconstructions.")  # type: ignore[valid-type]
     cache_images: bool = Field(default=True, description="Keep decoded training images in memory (small datasets).")
 
 
@@ -53,6 +56,7 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
               storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     ds = upstream_metadata(context, "image_dataset")
     training = to_core(AutoencoderTrainingConfig, config.training, "vae_model.training")
+    thresholds = to_core(FidelityThresholds, config.fidelity, "vae_model.fidelity")
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
     train = ImageShardDataset(ds["dataset_url"], split="train", resolution=config.resolution, cache_decoded=config.cache_images)
     val = ImageShardDataset(ds["dataset_url"], split="validation", resolution=config.resolution)
@@ -79,8 +83,13 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
         scale, shift = measure_latent_scale(model, train, max_items=config.latent_scale_samples,
                                             use_shift=config.use_shift, seed=training.trainer.seed)
         model.config.scaling_factor, model.config.shift_factor = scale, shift
-        psnr = reconstruction_psnr(model, val if len(val) else train, max_items=config.psnr_images)
-        run.tracker.log_metrics({"latent_scale": scale, "latent_shift": shift, "val_psnr": psnr}, step=result.step)
+        fidelity = autoencoder_fidelity(model, val if len(val) else train, max_items=config.psnr_images)
+        psnr = fidelity.psnr
+        run.tracker.log_metrics({"latent_scale": scale, "latent_shift": shift, "val_psnr": psnr,
+                                 "val_worst_decile_psnr": fidelity.worst_decile_psnr,
+                                 "val_max_channel_shift": fidelity.max_channel_shift,
+                                 **{f"val_{c}_accuracy": v.accuracy for c, v in (fidelity.classes or {}).items()}},
+                                step=result.step)
         model_url = storage.url("models", "vae", f"{key}-{context.run.run_id[:8]}")
         info = {"dataset_version": ds["dataset_version"], "mlflow_run_id": run.run_id, "steps": result.step}
         save_autoencoder(model_url, model, extra={"info": info})
@@ -98,6 +107,7 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
             metadata={
                 "vae_url": model_url, "vae_uri": f"models:/{REGISTERED_NAME}/{mv.version}", "vae_version": int(mv.version),
                 "latent_scale": scale, "latent_shift": shift, "latent_shape": [c, h, w], "resolution": config.resolution, "val_psnr": psnr, "psnr_floor": config.psnr_floor,
+                "fidelity": json_md(fidelity.to_dict()), "fidelity_thresholds": json_md(thresholds.to_dict()),
                 "steps": result.step, "resumed_from": result.resumed_from or 0,
                 "perceptual_used": result.perceptual_used, "nonfinite_skipped": result.nonfinite_skipped,
                 "images_per_second": result.images_per_second, "dataset_version": ds["dataset_version"],

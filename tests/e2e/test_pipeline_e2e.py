@@ -63,7 +63,8 @@ def test_latent_store_records_the_vae_version_it_encoded_with(materialized):
 
 def test_asset_checks_ran_and_passed(materialized):
     checks = {c.check_name: c.passed for c in materialized.get_asset_check_evaluations()}
-    assert checks == {"image_dataset_quality": True, "vae_reconstruction_psnr": True, "latents_finite_and_scaled": True}
+    assert checks == {"image_dataset_quality": True, "vae_reconstruction_psnr": True,
+                      "vae_reconstruction_fidelity": True, "latents_finite_and_scaled": True}
 
 
 def test_report_exists_and_names_the_gate(materialized):
