@@ -4,6 +4,7 @@ Semantics of CompVis' ``LPIPSWithDiscriminator`` (latent-diffusion ``contpercept
 taming-transformers, Esser et al. 2021):
 
     rec   = |x − x̂| + w_p · LPIPS(x, x̂)                      per element; LPIPS broadcast over each image
+                                                               ((x − x̂)² with pixel_loss="l2")
     nll   = Σ (rec / e^logvar + logvar) / B                    a Laplace likelihood with one learnable scale
     g     = −mean D(x̂)                                         the generator's adversarial term
     λ     = w_d · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e−4), 0, 1e4)  adaptive weight at the decoder's last layer L
@@ -43,6 +44,12 @@ ADAPTIVE_WEIGHT_MAX = 1e4
 class AutoencoderLossConfig(StrictModel):
     """Weights and schedule of the autoencoder objective (defaults: the CompVis kl-f8 recipe)."""
 
+    pixel_loss: Literal["l1", "l2"] = "l1"
+    """Per-element reconstruction error: |x − x̂| (CompVis, beside LPIPS) or (x − x̂)². L1 pulls every pixel with the
+    same force whatever its error (it estimates the median), so on its own it learns a large error on few pixels
+    last: without LPIPS, a shape whose colour is wrong costs no more pull per pixel than the background's small
+    errors, and colours that differ in one channel (red/yellow) can stay merged. L2 pulls in proportion to the
+    error. Use "l2" when the perceptual term is off or unavailable."""
     perceptual_weight: float = Field(1.0, ge=0.0)
     """Weight of LPIPS(x, x̂) added to every pixel's L1 error; 0 disables the perceptual term (and its VGG)."""
     kl_weight: float = Field(1e-6, ge=0.0)
@@ -97,7 +104,7 @@ class GeneratorTerms:
     """The generator objective of one batch before the adaptive weight combines it: nll + reg + λ·g."""
 
     nll: torch.Tensor
-    """Scalar Laplace NLL of (L1 + w_p·LPIPS), summed over elements, averaged over images."""
+    """Scalar Laplace NLL of (L1 or L2 + w_p·LPIPS), summed over elements, averaged over images."""
     reg: torch.Tensor
     """Scalar regularizer, already weighted (kl_weight·KL or codebook_weight·VQ loss)."""
     g: torch.Tensor | None
@@ -185,8 +192,9 @@ class AutoencoderLoss(nn.Module):
         batch = x.shape[0]
         logs: dict[str, torch.Tensor] = {}
 
-        # 1) reconstruction: L1 per element, plus LPIPS per image broadcast over that image's elements
-        rec = _fp32(x - recon).abs()  # (B, C, H, W)
+        # 1) reconstruction: L1 (or L2) per element, plus LPIPS per image broadcast over that image's elements
+        err = _fp32(x - recon)  # (B, C, H, W)
+        rec = err.abs() if cfg.pixel_loss == "l1" else err.square()
         logs["rec"] = rec.detach().mean()
         if self.has_perceptual:
             p = _fp32(self.perceptual(x, recon)).reshape(batch, 1, 1, 1)  # (B, 1, 1, 1)

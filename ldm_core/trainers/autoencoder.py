@@ -40,8 +40,10 @@ from ldm_core.trainers.common import (
     ThroughputMeter,
     autocast,
     grad_norm_and_finite,
+    lr_at,
     make_adam,
     optimizer_step,
+    set_lr,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ class AutoencoderTrainerConfig(TrainerConfig):
 
     lr: float = Field(4.5e-6, gt=0)
     """Autoencoder learning rate (LDM: 4.5e-6 × batch size on its first-stage runs)."""
+    grad_clip: float | None = Field(None, gt=0)
+    """Max global gradient norm per optimizer; None (CompVis' choice) does not clip. The nll is summed over pixels,
+    so its gradient norm is in the thousands and a clip at 1.0 would rescale every step: with Adam, which divides
+    out a gradient's scale, that changes nothing but the relative weight of the steps."""
     disc_lr: float | None = Field(None, gt=0)
     """Discriminator learning rate; None = lr."""
     betas: tuple[float, float] = (0.5, 0.9)
@@ -275,8 +281,12 @@ def train_autoencoder(
     loss_fn.train()
     step = start_step
     finished = True
+    d_lr = tc.disc_lr or tc.lr
     while step < tc.steps:
         disc_on = loss_fn.disc_active(step)
+        factor = lr_at(step, 1.0, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
+        set_lr(opt_g, tc.lr * factor)
+        set_lr(opt_d, d_lr * factor)
         # ---- 1) generator (autoencoder) step, accumulated over micro-batches --------------------------------------
         opt_g.zero_grad(set_to_none=True)
         micro_batches, logs_acc = [], {}

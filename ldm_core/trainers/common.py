@@ -102,6 +102,12 @@ class TrainerConfig(StrictModel):
     steps derive from it: batch_size / (micro_batch_size × world size), which must divide exactly."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Max global gradient norm per optimizer; None disables clipping."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to lr over this many steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to min_lr_ratio·lr at the last step."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Floor of the cosine schedule, as a fraction of lr."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision of the forward pass; "auto" = bf16 where the device has it."""
     device: str = "auto"

@@ -66,12 +66,6 @@ class LDMTrainerConfig(TrainerConfig):
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup from 0 to lr over this many steps."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """After warmup: constant, or cosine decay to min_lr_ratio·lr at the last step."""
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    """Floor of the cosine schedule, as a fraction of lr."""
     ema_decay: float | None = Field(0.999, ge=0, lt=1)
     """EMA of the denoiser's weights (the exported model) when set; None exports the raw weights."""
     cond_dropout: float = Field(0.1, ge=0, le=1)
