@@ -75,8 +75,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with dg.DagsterInstance.get() as instance:
         result = dg.execute_job(dg.reconstructable(get_training_job), instance=instance, run_config=run_config,
                                 tags={"ldm.trigger": "ldm demo"})
+        failed_checks = [f"  check {e.check_name} on {e.asset_key.to_user_string()} failed: {e.description or ''}"
+                         for e in result.get_asset_check_evaluations() if not e.passed]
         if not result.success:
             print(f"\nthe run failed (run id {result.run_id}); see the log above or `ldm ui`", file=sys.stderr)
+            if failed_checks:
+                print("\n".join(failed_checks) + "\n  (a blocking check stops every asset downstream of it)",
+                      file=sys.stderr)
             return 1
         print(summary(instance, result.run_id, time.time() - t0))
     return 0
@@ -97,16 +102,25 @@ def summary(instance: Any, run_id: str, seconds: float) -> str:
         f"  latent store   {store.get('rows_total')} rows at {store.get('store_url')}",
         f"  ldm            {ldm.get('ldm_uri')} (alias candidate); final loss {_fmt(ldm.get('final_loss'))}",
     ]
+    passed = bool(rep.get("gate_passed"))
     if rep:
-        lines.append(f"  evaluation     gate {'PASSED' if rep.get('gate_passed') else 'did not pass'}"
-                     f"{' → alias champion moved to ' + str(rep.get('ldm_uri')) if rep.get('gate_passed') else ''}")
+        lines.append(f"  evaluation     gate {'PASSED' if passed else 'did not pass'}"
+                     f"{' → alias champion moved to ' + str(rep.get('ldm_uri')) if passed else ''}")
+        if not passed:  # the gate lists its failures first, then its notes
+            reasons = rep.get("gate_reasons") or ["(no reason recorded)"]
+            more = f" (+{len(reasons) - 1} more in the report)" if len(reasons) > 1 else ""
+            lines.append(f"                 why: {reasons[0]}{more}")
+        if rep.get("color_confusions"):
+            lines.append(f"                 colours drawn wrong: {'; '.join(rep['color_confusions'][:3])}")
         for k in ("color_acc", "shape_acc", "position_acc", "psnr", "ssim", "fid", "lpips"):
             if k in rep and rep[k] is not None:
                 lines.append(f"                 {k} = {_fmt(rep[k])}")
         lines.append(f"  report         {rep.get('report_html')}")
+    # champion moves only when the gate passes: otherwise the model to look at is the candidate
+    alias = "champion" if passed else "candidate"
     lines += [
         "", "Browse the result:", "  ldm ui        # Dagster at http://127.0.0.1:3000, MLflow at http://127.0.0.1:5000",
-        '  ldm sample --model models:/ldm@champion --prompt "a large red circle in the center" -n 8 -o grid.png',
+        f'  ldm sample --model models:/ldm@{alias} --prompt "a large red circle in the center" -n 8 -o grid.png',
     ]
     return "\n".join(lines)
 
@@ -154,14 +168,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     prepare_home()
     _quiet()
+    # a tracking server that does not answer should say so in seconds, not after MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
     import numpy as np
     import pandas as pd
     from PIL import Image
 
     from ldm_core.grids import make_grid, upscale_nearest
+    from pipeline.registry import ModelLookupError, resolve_model_uri
 
-    model = mlflow.pyfunc.load_model(args.model)
+    try:
+        if args.model.startswith("models:"):
+            resolve_model_uri(mlflow.MlflowClient(), args.model)  # a missing alias/version: one line, not a traceback
+        model = mlflow.pyfunc.load_model(args.model)
+    except ModelLookupError as e:
+        print(f"ldm sample: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # runs:/…, a path, an artifact store that fails: what went wrong, in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"ldm sample: cannot load {args.model}: {first[:300]}", file=sys.stderr)
+        return 2
     frame = pd.DataFrame({"prompt": [args.prompt] * args.n, "seed": list(range(args.seed, args.seed + args.n))})
     if args.steps is not None:
         frame["steps"] = args.steps

@@ -118,13 +118,50 @@ def test_webserver_lists_assets_and_materializes_them(tmp_path):
 
 
 def test_ldm_sample_from_the_registry(materialized_home):
+    """Every tile of the grid holds an image, not the grid's white padding (4 samples, one row, no upscaling)."""
     home, out_png = materialized_home
+    import numpy as np
     from PIL import Image
 
-    img = Image.open(out_png)
-    assert img.size[0] > 32 and img.size[1] > 32
-    arr = __import__("numpy").asarray(img)
-    assert arr.std() > 0  # not blank
+    grid = np.asarray(Image.open(out_png).convert("RGB")).astype(float)
+    pad, side = 2, 32
+    assert grid.shape == (side + 2 * pad, 4 * (side + pad) + pad, 3)
+    tiles = [grid[pad:pad + side, pad + i * (side + pad): pad + i * (side + pad) + side] for i in range(4)]
+    for tile in tiles:
+        assert tile.std() > 5 and (tile < 250).mean() > 0.5  # content, not padding
+    assert not np.array_equal(tiles[0], tiles[1])  # different seeds, different images
+
+
+def _sample(home: Path, model: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ldm"), "sample", "--model", model, "--prompt", "a small red circle", "-n", "1",
+                           "-o", str(home / "x.png")], env={**child_env(home), **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("models:/ldm@nonexistent", "no alias 'nonexistent'; ldm has versions"),
+    ("models:/ldm/999", "no version 999; ldm has versions"),
+    ("models:/nothere@champion", "no registered model 'nothere' (registered: "),
+    ("models:/ldm", "is not a registered-model URI"),
+])
+def test_ldm_sample_with_a_model_that_is_not_there_says_so_in_one_line(materialized_home, model, expected):
+    home, _ = materialized_home
+    out = _sample(home, model)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in out.stderr, out.stderr[-2000:]
+    if "ldm has versions" in expected:
+        assert "champion → " in lines[0] and "candidate → " in lines[0]
+
+
+def test_ldm_sample_with_an_unreachable_tracking_store_says_so_in_one_line(tmp_path):
+    with socket.socket() as held:  # bound, never listening: connections are refused, and no other test can take it
+        held.bind(("127.0.0.1", 0))
+        out = _sample(_fresh_home(tmp_path), "models:/ldm@champion",
+                      MLFLOW_TRACKING_URI=f"http://127.0.0.1:{held.getsockname()[1]}")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the MLflow tracking store" in lines[0], out.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +179,7 @@ def materialized_home(ldm_home, tiny_config):
             assert defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config, instance=instance).success
     out_png = ldm_home / "grid.png"
     out = subprocess.run([str(BIN / "ldm"), "sample", "--model", "models:/ldm@champion", "--prompt", "a small red circle",
-                          "-n", "4", "--steps", "2", "-o", str(out_png)], env=child_env(ldm_home), capture_output=True, text=True, timeout=300)
+                          "-n", "4", "--steps", "2", "--scale", "1", "--cols", "4", "-o", str(out_png)], env=child_env(ldm_home),
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return ldm_home, out_png
