@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
 
@@ -56,6 +57,9 @@ class AutoencoderConfig(StrictModel):
     """Latent scale 1/std measured on the data after training (SD-1: 0.18215); latents are (z − shift)·scale."""
     shift_factor: float = 0.0
     """Latent shift (mean) subtracted before scaling (SD3 uses one; SD-1 does not)."""
+    gradient_checkpointing: bool = False
+    """Recompute each residual/attention block's activations in the backward pass instead of storing them: less
+    memory for a second forward of those blocks (what it saves and costs: `python -m benchmarks.memory`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -196,32 +200,42 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _run(block: nn.Module, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """block(x), recomputed in the backward pass instead of stored when `checkpointed` (and grads are on)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
 class MidBlock(nn.Module):
-    def __init__(self, ch: int, groups: int, attention: bool):
+    def __init__(self, ch: int, groups: int, attention: bool, checkpointed: bool = False):
         super().__init__()
         self.block_1 = ResnetBlock(ch, ch, groups)
         self.attn_1 = AttnBlock(ch, groups) if attention else None
         self.block_2 = ResnetBlock(ch, ch, groups)
+        self.checkpointed = checkpointed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block_1(x)
+        x = _run(self.block_1, x, self.checkpointed)
         if self.attn_1 is not None:
-            x = self.attn_1(x)
-        return self.block_2(x)
+            x = _run(self.attn_1, x, self.checkpointed)
+        return _run(self.block_2, x, self.checkpointed)
 
 
 class Level(nn.Module):
     """One resolution level: residual blocks, then an optional resampler."""
 
-    def __init__(self, blocks: list[ResnetBlock], downsample: nn.Module | None = None, upsample: nn.Module | None = None):
+    def __init__(self, blocks: list[ResnetBlock], downsample: nn.Module | None = None, upsample: nn.Module | None = None,
+                 checkpointed: bool = False):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.downsample = downsample
         self.upsample = upsample
+        self.checkpointed = checkpointed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.block:
-            x = blk(x)
+            x = _run(blk, x, self.checkpointed)
         if self.downsample is not None:
             x = self.downsample(x)
         if self.upsample is not None:
@@ -238,16 +252,16 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig, out_channels: int):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        g = cfg.norm_groups
+        g, ckpt = cfg.norm_groups, cfg.gradient_checkpointing
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         levels, prev = [], widths[0]
         for i, w in enumerate(widths):
             blocks = [ResnetBlock(prev if j == 0 else w, w, g) for j in range(cfg.num_res_blocks)]
             last = i == len(widths) - 1
-            levels.append(Level(blocks, downsample=None if last else Downsample(w)))
+            levels.append(Level(blocks, downsample=None if last else Downsample(w), checkpointed=ckpt))
             prev = w
         self.down = nn.ModuleList(levels)
-        self.mid = MidBlock(widths[-1], g, cfg.mid_attention)
+        self.mid = MidBlock(widths[-1], g, cfg.mid_attention, ckpt)
         self.norm_out = nn.GroupNorm(g, widths[-1], eps=_EPS)
         self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
 
@@ -263,14 +277,14 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]  # application order: deepest level first
-        g = cfg.norm_groups
+        g, ckpt = cfg.norm_groups, cfg.gradient_checkpointing
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[0], 3, padding=1)
-        self.mid = MidBlock(widths[0], g, cfg.mid_attention)
+        self.mid = MidBlock(widths[0], g, cfg.mid_attention, ckpt)
         levels, prev = [], widths[0]
         for i, w in enumerate(widths):
             blocks = [ResnetBlock(prev if j == 0 else w, w, g) for j in range(cfg.num_res_blocks + 1)]
             last = i == len(widths) - 1
-            levels.append(Level(blocks, upsample=None if last else Upsample(w)))
+            levels.append(Level(blocks, upsample=None if last else Upsample(w), checkpointed=ckpt))
             prev = w
         self.up = nn.ModuleList(levels)
         self.norm_out = nn.GroupNorm(g, widths[-1], eps=_EPS)

@@ -1,0 +1,140 @@
+"""Peak memory of a training step, ours vs diffusers, and what gradient checkpointing saves and costs.
+
+    python -m benchmarks.memory [--json out.json]
+
+Each measurement runs in a fresh process (so no allocation of another lingers): it builds the model, its inputs
+and the fused Adam(W) optimizer, takes a warm-up step, then reports the peak resident memory of the process
+(`ru_maxrss`; on a GPU, `torch.cuda.max_memory_allocated`) and the time of the next steps. "Step memory" is that
+peak minus the memory held before the first step (weights and inputs): activations, gradients, optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+import torch.multiprocessing as mp
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+from benchmarks import autoencoder as ae_bench
+from benchmarks import mmdit as mmdit_bench
+from benchmarks import unet as unet_bench
+from benchmarks.common import machine_info, print_table, write_json
+from ldm_core.interop.autoencoder import diffusers_kwargs as ae_kwargs
+from ldm_core.interop.mmdit import diffusers_kwargs as mmdit_kwargs
+from ldm_core.interop.unet import diffusers_kwargs as unet_kwargs
+from ldm_core.models.autoencoder import AutoencoderKL
+from ldm_core.models.mmdit import MMDiT
+from ldm_core.models.unet import UNet
+from ldm_core.trainers.common import make_adam
+
+CASES = [  # (model, side, gradient checkpointing)
+    ("unet-mid", "ours", False), ("unet-mid", "diffusers", False), ("unet-mid", "ours", True),
+    ("mmdit-mid", "ours", False), ("mmdit-mid", "diffusers", False), ("mmdit-mid", "ours", True),
+    ("autoencoder-64px", "ours", False), ("autoencoder-64px", "diffusers", False), ("autoencoder-64px", "ours", True),
+]
+
+
+def _build(model: str, side: str, checkpointed: bool, dev: torch.device):
+    """(module, a function computing the loss) at the benchmark configs of benchmarks.unet / mmdit / autoencoder."""
+    torch.manual_seed(0)
+    if model == "unet-mid":
+        spec = unet_bench.CONFIGS["mid"]
+        cfg = spec["unet"].model_copy(update={"gradient_checkpointing": checkpointed})
+        b, L, s = spec["batch"], spec["tokens"], spec["latent"]
+        x, ctx = torch.randn(b, 4, s, s, device=dev), torch.randn(b, L, cfg.context_dim, device=dev)
+        t = torch.rand(b, device=dev) * 1000
+        if side == "ours":
+            net = UNet(cfg).to(dev)
+            return net, lambda: net(x, t, ctx).square().mean()
+        net = UNet2DConditionModel(**unet_kwargs(cfg)).to(dev)
+        return net, lambda: net(x, t, encoder_hidden_states=ctx).sample.square().mean()
+    if model == "mmdit-mid":
+        spec = mmdit_bench.CONFIGS["mid"]
+        cfg = spec["mmdit"].model_copy(update={"gradient_checkpointing": checkpointed})
+        b, L, s = spec["batch"], spec["tokens"], spec["latent"]
+        x, ctx = torch.randn(b, cfg.in_channels, s, s, device=dev), torch.randn(b, L, cfg.context_dim, device=dev)
+        pooled, t = torch.randn(b, cfg.pooled_projection_dim, device=dev), torch.rand(b, device=dev) * 1000
+        if side == "ours":
+            net = MMDiT(cfg).to(dev)
+            return net, lambda: net(x, t, ctx, None, pooled).square().mean()
+        net = SD3Transformer2DModel(**mmdit_kwargs(cfg)).to(dev)
+        return net, lambda: net(x, ctx, pooled, t).sample.square().mean()
+    cfg = ae_bench.BENCH_CONFIG.model_copy(update={"gradient_checkpointing": checkpointed})
+    x = torch.randn(4, 3, 64, 64, device=dev)
+    if side == "ours":
+        net = AutoencoderKL(cfg).to(dev)
+        return net, lambda: net(x, sample_posterior=False).reconstruction.abs().mean()
+    net = DiffusersAutoencoderKL(**ae_kwargs(cfg)).to(dev)
+    return net, lambda: net.decode(net.encode(x).latent_dist.mode()).sample.abs().mean()
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _measure(model: str, side: str, checkpointed: bool, device: str, steps: int, queue) -> None:
+    dev = torch.device(device)
+    net, loss_fn = _build(model, side, checkpointed, dev)
+    opt = make_adam(list(net.parameters()), dev, adamw=True, lr=1e-4)
+
+    def step() -> None:
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = _rss_bytes()
+    step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    queue.put({"model": model, "side": side, "checkpointing": checkpointed, "peak_mb": peak / 2**20,
+               "step_mb": (peak - before) / 2**20, "step_s": (time.perf_counter() - t) / steps})
+
+
+def measure(model: str, side: str, checkpointed: bool, device: str = "cpu", steps: int = 2) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(model, side, checkpointed, device, steps, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def run(device: str = "cpu", steps: int = 2) -> dict:
+    rows = [measure(m, s, c, device, steps) for m, s, c in CASES]
+    return {"benchmark": "memory", "machine": machine_info(), "device": device, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    result = run(a.device, a.steps)
+    print_table([{"model": r["model"], "side": r["side"], "checkpointing": "on" if r["checkpointing"] else "off",
+                  "peak MB": f"{r['peak_mb']:.0f}", "step MB": f"{r['step_mb']:.0f}", "s/step": f"{r['step_s']:.2f}"}
+                 for r in result["rows"]], ["model", "side", "checkpointing", "peak MB", "step MB", "s/step"])
+    write_json(result, a.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
