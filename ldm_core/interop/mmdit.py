@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ldm_core.models.mmdit import MMDiT, MMDiTConfig
+from ldm_core.interop.weights import check_same_keys, like
 
 # ---------------------------------------------------------------------------------------------------------------
 # State-dict keys
@@ -69,12 +70,6 @@ def diffusers_key(key: str) -> str:
         return f"{_TOP[m[1]]}.{m[2]}"
     raise KeyError(f"no diffusers name for MMDiT parameter {key!r}")
 
-
-def _check_same_keys(ours: set[str], theirs: set[str], what: str) -> None:
-    missing, extra = sorted(ours - theirs), sorted(theirs - ours)
-    if missing or extra:
-        raise ValueError(f"{what}: parameters without a counterpart; ours only: {missing[:8]}, "
-                         f"diffusers only: {extra[:8]}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,22 +127,14 @@ def diffusers_kwargs(config: MMDiTConfig) -> dict[str, Any]:
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 
-def _like(target: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
-    """Same device, dtype and train/eval mode as the source model."""
-    p, q = next(source.parameters()), next(target.parameters())
-    if (p.device, p.dtype) != (q.device, q.dtype):  # skip a no-op .to(): diffusers warns on any dtype cast
-        target = target.to(device=p.device, dtype=p.dtype)
-    return target.train(source.training)
-
-
 def mmdit_from_diffusers(d: Any) -> MMDiT:
     """diffusers SD3Transformer2DModel -> our MMDiT with the same weights (hence the same outputs)."""
     ours = MMDiT(config_from_diffusers(d.config))
     by_diffusers_key = {diffusers_key(k): k for k in ours.state_dict()}
     theirs = d.state_dict()
-    _check_same_keys(set(by_diffusers_key), set(theirs), "diffusers -> ours")
+    check_same_keys(set(by_diffusers_key), set(theirs), "diffusers -> ours")
     ours.load_state_dict({by_diffusers_key[k]: v for k, v in theirs.items()})
-    return _like(ours, d)
+    return like(ours, d)
 
 
 def mmdit_to_diffusers(m: MMDiT) -> Any:
@@ -156,9 +143,9 @@ def mmdit_to_diffusers(m: MMDiT) -> Any:
 
     d = SD3Transformer2DModel(**diffusers_kwargs(m.config))
     state = {diffusers_key(k): v for k, v in m.state_dict().items()}
-    _check_same_keys(set(state), set(d.state_dict()), "ours -> diffusers")
+    check_same_keys(set(state), set(d.state_dict()), "ours -> diffusers")
     d.load_state_dict(state)
-    return _like(d, m)
+    return like(d, m)
 
 
 __all__ = ["config_from_diffusers", "diffusers_key", "diffusers_kwargs", "mmdit_from_diffusers",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ldm_core.models.unet import RES_NORM_EPS, TIME_EMBED_MULT, UNet, UNetConfig
+from ldm_core.interop.weights import check_same_keys, like
 
 _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -70,12 +71,6 @@ def diffusers_key(key: str, num_levels: int) -> str:
         return f"mid_block.attentions.0.{_rename(m[1], _TRANSFORMER)}"
     raise KeyError(f"no diffusers name for UNet parameter {key!r}")
 
-
-def _check_same_keys(ours: set[str], theirs: set[str], what: str) -> None:
-    missing, extra = sorted(ours - theirs), sorted(theirs - ours)
-    if missing or extra:
-        raise ValueError(f"{what}: parameters without a counterpart; ours only: {missing[:8]}, "
-                         f"diffusers only: {extra[:8]}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,23 +218,15 @@ def diffusers_kwargs(config: UNetConfig) -> dict[str, Any]:
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 
-def _like(target: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
-    """Same device, dtype and train/eval mode as the source model."""
-    p, q = next(source.parameters()), next(target.parameters())
-    if (p.device, p.dtype) != (q.device, q.dtype):  # skip a no-op .to(): diffusers warns on any dtype cast
-        target = target.to(device=p.device, dtype=p.dtype)
-    return target.train(source.training)
-
-
 def unet_from_diffusers(d: Any) -> UNet:
     """diffusers UNet2DConditionModel -> our UNet with the same weights (hence the same outputs)."""
     ours = UNet(config_from_diffusers(d.config))
     n = len(ours.config.channel_mult)
     by_diffusers_key = {diffusers_key(k, n): k for k in ours.state_dict()}
     theirs = d.state_dict()
-    _check_same_keys(set(by_diffusers_key), set(theirs), "diffusers -> ours")
+    check_same_keys(set(by_diffusers_key), set(theirs), "diffusers -> ours")
     ours.load_state_dict({by_diffusers_key[k]: v for k, v in theirs.items()})
-    return _like(ours, d)
+    return like(ours, d)
 
 
 def unet_to_diffusers(m: UNet) -> Any:
@@ -249,9 +236,9 @@ def unet_to_diffusers(m: UNet) -> Any:
     d = UNet2DConditionModel(**diffusers_kwargs(m.config))
     n = len(m.config.channel_mult)
     state = {diffusers_key(k, n): v for k, v in m.state_dict().items()}
-    _check_same_keys(set(state), set(d.state_dict()), "ours -> diffusers")
+    check_same_keys(set(state), set(d.state_dict()), "ours -> diffusers")
     d.load_state_dict(state)
-    return _like(d, m)
+    return like(d, m)
 
 
 __all__ = ["config_from_diffusers", "diffusers_key", "diffusers_kwargs", "unet_from_diffusers", "unet_to_diffusers"]

@@ -19,6 +19,7 @@ from ldm_core.models.mmdit import (
     sincos_pos_embed_2d,
 )
 from ldm_core.models.unet import UNET_PRESETS, UNet
+from tests.core.denoiser_inputs import inputs, overfit_ratio
 
 # milliseconds per forward: 3 joint blocks of width 32, 2x2 patches, tokens of width 12 pooled by the model itself
 SMALL = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "hidden_size": 32, "depth": 3, "num_heads": 4,
@@ -37,13 +38,6 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             p.copy_(std * torch.randn(p.shape, generator=g))
     return model
 
-
-def inputs(batch: int = 2, tokens: int = 5, dim: int = 12, side: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, side, side, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    context = torch.randn(batch, tokens, dim, generator=g)
-    return x, t, context
 
 
 def small(**change) -> MMDiT:
@@ -264,18 +258,7 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients():
 
 def test_tiny_preset_overfits_one_batch():
     torch.manual_seed(0)
-    model = build_denoiser(parse_denoiser_config({"kind": "mmdit", "preset": "tiny"}))
-    x, t, context = inputs(batch=4, tokens=4, dim=384)
-    target = torch.randn_like(x)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = (model(x, t, context) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.25 * losses[0]
+    assert overfit_ratio(build_denoiser(parse_denoiser_config({"kind": "mmdit", "preset": "tiny"})), steps=20) < 0.25
 
 
 def test_step_flops_are_counted_on_meta_tensors_and_match_a_real_count():

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from ldm_core.models.denoiser import Denoiser, build_denoiser, parse_denoiser_config
 from ldm_core.models.unet import UNET_PRESETS, SpatialTransformer, UNet, UNetConfig, timestep_embedding
+from tests.core.denoiser_inputs import inputs, overfit_ratio
 
 # small enough to run in milliseconds; two levels, transformers at both and in the mid block
 SMALL = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1], num_heads=2,
@@ -24,13 +25,6 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model
 
-
-def inputs(batch: int = 2, tokens: int = 5, dim: int = 12, side: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, side, side, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    context = torch.randn(batch, tokens, dim, generator=g)
-    return x, t, context
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,18 +199,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_tiny_preset_overfits_one_batch():
     torch.manual_seed(0)
-    model = build_denoiser(UNET_PRESETS["tiny"])
-    x, t, context = inputs(batch=4, tokens=4, dim=384)
-    target = torch.randn_like(x)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss = (model(x, t, context) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert overfit_ratio(build_denoiser(UNET_PRESETS["tiny"]), steps=30) < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
