@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 
 from ldm_core.models.mmdit import MMDiT, MMDiTConfig
 from ldm_core.interop.weights import check_same_keys, like

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 
 from ldm_core.models.unet import RES_NORM_EPS, TIME_EMBED_MULT, UNet, UNetConfig
 from ldm_core.interop.weights import check_same_keys, like
