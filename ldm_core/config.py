@@ -6,10 +6,8 @@ boundary, with the field path in the message, before any work starts.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict
 
 T = TypeVar("T", bound="StrictModel")
@@ -24,10 +22,6 @@ class StrictModel(BaseModel):
         """JSON-compatible dict (what goes into checkpoints, MLflow params and run configs)."""
         return self.model_dump(mode="json")
 
-    @classmethod
-    def from_yaml(cls: type[T], path: str | Path) -> T:
-        with open(path, encoding="utf-8") as f:
-            return cls.model_validate(yaml.safe_load(f) or {})
 
 
 def flatten_dict(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:

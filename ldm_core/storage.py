@@ -21,7 +21,6 @@ import io
 import os
 import posixpath
 import re
-import shutil
 import tempfile
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -187,20 +186,6 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
 
 def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
     write_bytes_atomic(url, text.encode("utf-8"), storage_options)
-
-
-def put_file_atomic(local_src: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Copy a finished local file to ``url`` atomically."""
-    fs, path = get_fs(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        def copy(dst: BinaryIO) -> None:
-            with open(local_src, "rb") as src:
-                shutil.copyfileobj(src, dst, 1 << 22)
-
-        _write_local_atomic(path, copy)
-    else:
-        with naming_errors(url, "writing"):
-            fs.put_file(local_src, path)
 
 
 def remove_stale_temp_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -41,12 +41,6 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a / 127.5 - 1.0).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """Inverse of `image_to_tensor` (values clamped to [-1, 1], rounded to uint8)."""
-    a = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)  # (3, H, W)
-    return Image.fromarray(a.permute(1, 2, 0).cpu().numpy())  # (H, W, 3) uint8 -> RGB
-
-
 class ImageShardDataset(Dataset):
     """The rows of one split of a canonical dataset, as model-ready image tensors.
 

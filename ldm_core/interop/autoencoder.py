@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 
 from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
@@ -113,6 +112,3 @@ def autoencoder_to_diffusers(model: AutoencoderKL) -> Any:
         raise RuntimeError(f"state dict mismatch converting to diffusers: missing {missing}, unexpected {unexpected}")
     return theirs.to(next(model.parameters()).device)
 
-
-def convert_state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {_ours_to_diffusers_key(k): v for k, v in sd.items()}
