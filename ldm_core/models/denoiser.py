@@ -56,6 +56,12 @@ def parse_denoiser_config(data: Mapping[str, Any]) -> DenoiserConfig:
     return _DENOISER_CONFIG_ADAPTER.validate_python(dict(data))
 
 
+def takes_pooled(config: DenoiserConfig) -> bool:
+    """Whether the backbone conditions on the pooled text vector (the MMDiT's modulation; the UNet ignores it), so
+    that training and sampling must hand it the text encoder's."""
+    return isinstance(config, MMDiTConfig)
+
+
 def build_denoiser(config: DenoiserConfig) -> nn.Module:
     """The backbone described by `config` (a DenoiserConfig), freshly initialised, in training mode."""
     if isinstance(config, UNetConfig):
@@ -65,4 +71,4 @@ def build_denoiser(config: DenoiserConfig) -> nn.Module:
     raise TypeError(f"no denoiser backbone for config {type(config).__name__}")
 
 
-__all__ = ["Denoiser", "DenoiserConfig", "build_denoiser", "parse_denoiser_config"]
+__all__ = ["Denoiser", "DenoiserConfig", "build_denoiser", "parse_denoiser_config", "takes_pooled"]
