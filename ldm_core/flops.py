@@ -88,8 +88,9 @@ def mfu(flops_per_sample: float, samples_per_second: float, peak: float | None) 
 
 def denoiser_step_flops(denoiser_config: object, latent_shape: tuple[int, ...], context_shape: tuple[int, int],
                         batch: int = 2) -> float:
-    """Forward + backward FLOPs per sample of the denoiser at these shapes (C, h, w) and (L, D)."""
-    from ldm_core.models.denoiser import build_denoiser
+    """Forward + backward FLOPs per sample of the denoiser at these shapes (C, h, w) and (L, D), with the pooled
+    text vector where the backbone takes one (as the trainer passes it)."""
+    from ldm_core.models.denoiser import build_denoiser, takes_pooled
 
     with torch.device("meta"):
         model = build_denoiser(denoiser_config)
@@ -97,7 +98,8 @@ def denoiser_step_flops(denoiser_config: object, latent_shape: tuple[int, ...], 
         t = torch.empty(batch)
         ctx = torch.empty(batch, *context_shape)
         mask = torch.ones(batch, context_shape[0], dtype=torch.bool)
-    return count_flops(lambda: model(x, t, ctx, mask).float().pow(2).mean().backward()) / batch
+        pooled = torch.empty(batch, denoiser_config.pooled_dim) if takes_pooled(denoiser_config) else None
+    return count_flops(lambda: model(x, t, ctx, mask, pooled=pooled).float().pow(2).mean().backward()) / batch
 
 
 def autoencoder_step_flops(training_config: object, image_size: int, perceptual: bool, batch: int = 2) -> dict[str, float]:

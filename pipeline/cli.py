@@ -102,6 +102,8 @@ def summary(instance: Any, run_id: str, seconds: float) -> str:
         f"  latent store   {store.get('rows_total')} rows at {store.get('store_url')}",
         f"  ldm            {ldm.get('ldm_uri')} (alias candidate); final loss {_fmt(ldm.get('final_loss'))}",
     ]
+    if ldm.get("backbone"):
+        lines.append(f"                 denoiser {ldm['backbone']}")
     passed = bool(rep.get("gate_passed"))
     if rep:
         lines.append(f"  evaluation     gate {'PASSED' if passed else 'did not pass'}"

@@ -145,6 +145,32 @@ class ConfigValidationError(ValueError):
     """A run config section that ldm_core rejects; the message names each field path."""
 
 
+def _union_members(tp: Any) -> dict[str, type[BaseModel]]:
+    """kind -> member of a tagged union of configs (empty for anything else)."""
+    tp = _unannotated(tp)
+    if get_origin(tp) not in (Union, types.UnionType):
+        return {}
+    members = [_unannotated(a) for a in get_args(tp)]
+    return {m.model_fields["kind"].default: m for m in members
+            if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields}
+
+
+def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> list[Any]:
+    """An error location as the run config's field path: without the member tag pydantic inserts after a tagged
+    union's field (``denoiser.mmdit.patch_size`` is the user's ``denoiser.patch_size``)."""
+    path: list[Any] = []
+    current: Any = model
+    for part in loc:
+        members = _union_members(current)
+        if part in members:
+            current = members[part]
+            continue
+        path.append(part)
+        fields = current.model_fields if isinstance(current, type) and issubclass(current, BaseModel) else {}
+        current = fields[part].annotation if isinstance(part, str) and part in fields else None
+    return path
+
+
 def to_core(model: type[BaseModel], value: dg.Config | dict[str, Any] | None, section: str = "") -> Any:
     """Validate Dagster config values with the ldm_core model (presets, defaults, cross-field checks)."""
     data = value.model_dump() if isinstance(value, BaseModel) else dict(value or {})
@@ -153,6 +179,6 @@ def to_core(model: type[BaseModel], value: dg.Config | dict[str, Any] | None, se
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            path = ".".join(str(p) for p in (section, *err["loc"]) if p != "")
+            path = ".".join(str(p) for p in (section, *_field_path(model, err["loc"])) if p != "")
             lines.append(f"{path}: {err['msg']}")
         raise ConfigValidationError("invalid run config:\n  " + "\n  ".join(lines)) from e

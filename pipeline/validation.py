@@ -103,7 +103,7 @@ def check_sections(run_config: dict[str, Any]) -> None:
     # ---- latent_store -------------------------------------------------------------------------------------------
     resolution = vae_section.get("resolution", VaeModelConfig.model_fields["resolution"].default)
     store_section = _section(run_config, "latent_store")
-    text = None
+    text = store_cfg = None
     if "latent_store" in ops:
         store = dict(store_section.get("store") or {})
         store.setdefault("resolution", resolution)
@@ -130,24 +130,24 @@ def check_sections(run_config: dict[str, Any]) -> None:
     if vae is not None and resolution % vae.model.downsample_factor:
         errors.append(f"vae_model.resolution: {resolution} is not divisible by the autoencoder's downsampling factor "
                       f"{vae.model.downsample_factor}")
-    if vae is not None and ldm is not None and not resolution % vae.model.downsample_factor:
-        latent = resolution // vae.model.downsample_factor
-        levels = len(getattr(ldm.denoiser, "channel_mult", [1]))
-        if latent % 2 ** (levels - 1):
-            errors.append(f"ldm_model.training.denoiser.channel_mult: {levels} levels downsample {levels - 1} times, "
-                          f"but the latent resolution {latent} (= {resolution} / {vae.model.downsample_factor}) is not "
-                          f"divisible by {2 ** (levels - 1)}")
+    # the denoiser's shapes against the latents the store will hold (encoded at the store's resolution)
+    latent_resolution = store_cfg.resolution if store_cfg is not None else resolution
+    if vae is not None and ldm is not None and not latent_resolution % vae.model.downsample_factor:
+        errors.extend(_denoiser_shape_errors(ldm.denoiser, latent_resolution, vae.model.downsample_factor))
     den_set = {k: v for k, v in (ldm_section.get("denoiser") or {}).items() if v is not None}
     if vae is not None and ldm is not None:
         for name in ("in_channels", "out_channels"):
             if name in den_set and den_set[name] != vae.model.z_channels:
                 errors.append(f"ldm_model.training.denoiser.{name}: {den_set[name]}, but the autoencoder's latents have "
                               f"{vae.model.z_channels} channels (vae_model.training.model.z_channels); leave it unset")
-    if "context_dim" in den_set and "latent_store" in ops and text is not None:
-        dim = _text_width(text)
-        if dim is not None and den_set["context_dim"] != dim:
-            errors.append(f"ldm_model.training.denoiser.context_dim: {den_set['context_dim']}, but the text encoder "
-                          f"{text.name!r} (latent_store.text_encoder.name) produces {dim}-dim tokens; leave it unset")
+    widths = _text_widths(text) if "latent_store" in ops and text is not None else None
+    if "context_dim" in den_set and widths is not None and den_set["context_dim"] != widths[0]:
+        errors.append(f"ldm_model.training.denoiser.context_dim: {den_set['context_dim']}, but the text encoder "
+                      f"{text.name!r} (latent_store.text_encoder.name) produces {widths[0]}-dim tokens; leave it unset")
+    if "pooled_projection_dim" in den_set and widths is not None and den_set["pooled_projection_dim"] != widths[1]:
+        errors.append(f"ldm_model.training.denoiser.pooled_projection_dim: {den_set['pooled_projection_dim']}, but "
+                      f"the text encoder {text.name!r} (latent_store.text_encoder.name) pools its captions to "
+                      f"{widths[1]}-dim vectors; leave it unset")
     if ds_section.get("source", BUILTIN_SHAPES) == BUILTIN_SHAPES and "image_dataset" in ops:
         count = ds_section.get("builtin_count", ImageDatasetConfig.model_fields["builtin_count"].default)
         for asset, cfg in (("vae_model", vae), ("ldm_model", ldm)):
@@ -180,18 +180,39 @@ def _check_device(spec: str, path: str, errors: list[str]) -> None:
         errors.append(f"{path}: {spec!r} is not a torch device ({str(e).splitlines()[0]})")
 
 
-def _text_width(text: Any) -> int | None:
-    """The token width of a text encoder from its config alone (no weights loaded); None when it cannot be read."""
+def _denoiser_shape_errors(den: Any, resolution: int, factor: int) -> list[str]:
+    """What stops the denoiser from running on latents of side resolution / factor, each with its field path."""
+    from ldm_core.models.mmdit import MMDiTConfig
+
+    latent, path, where = resolution // factor, "ldm_model.training.denoiser", f"{resolution} / {factor}"
+    if isinstance(den, MMDiTConfig):
+        p = den.patch_size
+        if latent % p:
+            return [(f"{path}.patch_size: {p} does not divide the latent side {latent} (= {where}): the patches must "
+                     "tile the latent")]
+        if latent > p * den.pos_embed_max_size:
+            return [(f"{path}.pos_embed_max_size: {den.pos_embed_max_size} positions of {p}x{p} patches cover latents "
+                     f"up to {p * den.pos_embed_max_size} per side, but the latent side is {latent} (= {where}); it "
+                     f"needs at least {-(-latent // p)}")]
+        return []
+    levels = len(den.channel_mult)
+    if latent % 2 ** (levels - 1):
+        return [(f"{path}.channel_mult: {levels} levels downsample {levels - 1} times, but the latent resolution "
+                 f"{latent} (= {where}) is not divisible by {2 ** (levels - 1)}")]
+    return []
+
+
+def _text_widths(text: Any) -> tuple[int, int] | None:
+    """(token width, pooled width) of a text encoder from its config alone (no weights loaded); None when it cannot
+    be read."""
     try:
         from transformers import AutoConfig
 
-        from ldm_core.text_encoder import resolve_model_path
+        from ldm_core.text_encoder import resolve_model_path, widths_from_config
 
-        cfg = AutoConfig.from_pretrained(resolve_model_path(text.name))
+        return widths_from_config(AutoConfig.from_pretrained(resolve_model_path(text.name)))
     except Exception:  # not available here (a hub id offline): the asset checks it when it loads the encoder
         return None
-    width = getattr(cfg, "hidden_size", None) or getattr(getattr(cfg, "text_config", None), "hidden_size", None)
-    return int(width) if width else None
 
 
 def _with_defaults(section: dict[str, Any], vae: Any) -> dict[str, Any]:

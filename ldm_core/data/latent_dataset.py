@@ -1,7 +1,8 @@
 """The training view of a latent store: a map-style torch Dataset whose ``get_batch`` is what `train_ldm` reads.
 
 ``get_batch(indices)`` -> {"latents": (B, C, h, w) float32 in diffusion space (scaled by `scale_latents`),
-"context": (B, L, D) float32, "context_mask": (B, L) bool}. A store of moments gives the posterior mean (the
+"context": (B, L, D) float32, "context_mask": (B, L) bool, "pooled": (B, D_pool) float32}; a store written before
+pooled text vectors were cached gives no "pooled" (``has_pooled`` False). A store of moments gives the posterior mean (the
 mode, as SD-1's training scripts do), or with ``sample_posterior=True`` a draw from N(mean, exp(logvar)) whose
 noise is a pure function of (seed, epoch, row): the same batch at the same step after a resume, bit for bit.
 
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm_core.data import canonical
-from ldm_core.data.latent_store import TORCH_DTYPE, TRAINING_FIELDS, LatentStore, scale_latents
+from ldm_core.data.latent_store import TORCH_DTYPE, LatentStore, scale_latents
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class LatentDataset(Dataset):
         self.sample_posterior, self.seed, self.epoch = sample_posterior, seed, 0
         self.scaling_factor, self.shift_factor = meta.scaling_factor, meta.shift_factor
         self.latent_shape, self.context_shape = tuple(meta.latent_shape), tuple(meta.context_shape)
-        self.fields = TRAINING_FIELDS + (("logvar",) if sample_posterior else ())
+        self.pooled_dim = meta.pooled_dim
+        self.fields = self.store.training_fields + (("logvar",) if sample_posterior else ())
         # the split is a contiguous range of every shard (train rows first): (store shard, first row, rows)
         self._parts: list[tuple[int, int, int]] = []
         for k, s in enumerate(self.store.shards):
@@ -82,7 +84,7 @@ class LatentDataset(Dataset):
         itemsize = torch.empty((), dtype=self._dtype).element_size()
         c, h, w = self.latent_shape
         L, D = self.context_shape
-        self.row_bytes = (c * h * w * (2 if sample_posterior else 1) + L * D) * itemsize + L
+        self.row_bytes = (c * h * w * (2 if sample_posterior else 1) + L * D + (self.pooled_dim or 0)) * itemsize + L
         largest = max((n for _, _, n in self._parts), default=0)
         self.resident = cache and len(self) * self.row_bytes <= max_cache_bytes
         self.max_cached_shards = 0 if not cache else len(self._parts) if self.resident else \
@@ -130,8 +132,14 @@ class LatentDataset(Dataset):
     def metadata(self):
         return self.store.metadata
 
-    def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty prompt (context (1, L, D) float32, mask (1, L) bool): ``train_ldm(..., uncond=…)``."""
+    @property
+    def has_pooled(self) -> bool:
+        """Batches carry "pooled" (False for a store written before pooled text vectors were cached)."""
+        return self.store.has_pooled
+
+    def uncond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The empty prompt (context (1, L, D) float32, mask (1, L) bool, pooled (1, D_pool) float32 or None):
+        ``train_ldm(..., uncond=…)``."""
         return self.store.uncond()
 
     def set_epoch(self, epoch: int) -> None:
@@ -237,7 +245,8 @@ class LatentDataset(Dataset):
                     n = len(self)
                     c, h, w = self.latent_shape
                     L, D = self.context_shape
-                    shapes = {"latents": (n, c, h, w), "logvar": (n, c, h, w), "context": (n, L, D), "context_mask": (n, L)}
+                    shapes = {"latents": (n, c, h, w), "logvar": (n, c, h, w), "context": (n, L, D), "context_mask": (n, L),
+                              "pooled": (n, self.pooled_dim)}
                     self._resident = {f: torch.empty(shapes[f], dtype=torch.bool if f == "context_mask" else self._dtype)
                                       for f in self.fields}
                     if self.prefetch:  # warm the whole split in the background, in store order
@@ -294,7 +303,8 @@ class LatentDataset(Dataset):
     # -- the training interface ---------------------------------------------------------------------------------
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """{"latents": (B, C, h, w) float32 scaled, "context": (B, L, D) float32, "context_mask": (B, L) bool}."""
+        """{"latents": (B, C, h, w) float32 scaled, "context": (B, L, D) float32, "context_mask": (B, L) bool,
+        "pooled": (B, D_pool) float32 (where the store has it)}."""
         idx, part, local = self._locate(indices)
         needed = [int(p) for p in np.unique(part)]
         if not self._all_ready:
@@ -320,11 +330,16 @@ class LatentDataset(Dataset):
                 L, D = self.context_shape
                 raw = {"latents": torch.empty(0, c, h, w), "context": torch.empty(0, L, D),
                        "context_mask": torch.empty(0, L, dtype=torch.bool)}
+                if self.pooled_dim is not None:
+                    raw["pooled"] = torch.empty(0, self.pooled_dim)
         z = raw["latents"].float()  # (B, C, h, w), autoencoder space
         if self.sample_posterior:
             z = z + torch.exp(0.5 * raw["logvar"].float()) * self._posterior_noise(idx, z.shape[1:])
-        return {"latents": scale_latents(z, self.scaling_factor, self.shift_factor),
-                "context": raw["context"].float(), "context_mask": raw["context_mask"].bool()}
+        batch = {"latents": scale_latents(z, self.scaling_factor, self.shift_factor),
+                 "context": raw["context"].float(), "context_mask": raw["context_mask"].bool()}
+        if "pooled" in raw:
+            batch["pooled"] = raw["pooled"].float()  # (B, D_pool)
+        return batch
 
     def _posterior_noise(self, idx: np.ndarray, shape: torch.Size) -> torch.Tensor:
         # one generator per row, seeded by (seed, epoch, row): independent of batch composition and of the past
@@ -336,7 +351,8 @@ class LatentDataset(Dataset):
         return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """Row ``i``: {"latents": (C, h, w), "context": (L, D), "context_mask": (L,)} (collates like get_batch)."""
+        """Row ``i``: {"latents": (C, h, w), "context": (L, D), "context_mask": (L,), "pooled": (D_pool,)} (collates
+        like get_batch)."""
         return {k: v[0] for k, v in self.get_batch([int(i)]).items()}
 
     def rows(self, indices: Sequence[int]) -> list[dict[str, Any]]:

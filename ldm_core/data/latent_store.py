@@ -4,7 +4,8 @@ text embeddings, so that diffusion training reads small tensors instead of decod
 Layout under the store URL (a local path or ``s3://bucket/prefix``)::
 
     latent_store.json                     the truth: identities, shapes, dtype, and the shards that are complete
-    uncond.safetensors                    the empty prompt's embedding (1, L, D) and mask (1, L), fp32
+    uncond.safetensors                    the empty prompt's embedding (1, L, D), mask (1, L) and pooled vector
+                                          (1, D_pool), fp32: the null caption of classifier-free guidance
     shards/shard-00000-1f2e3d4c.zarr/     one Zarr group per dataset shard (backend "zarr"), or
     shards/shard-00000-1f2e3d4c.parquet   one Parquet file per dataset shard (backend "parquet")
 
@@ -16,9 +17,16 @@ incremental (a dataset that grew gets only its new shards encoded).
 
 Inside a shard the rows are grouped by split, train rows first: a split is a contiguous row range of every shard,
 so a reader builds its index from the metadata alone. Per row: ``latents`` (the posterior mean, or one posterior
-sample, unscaled, (C, h, w)), ``logvar`` (moments only), ``context`` (L, D), ``context_mask`` (L,), and ``id``,
-``caption``, ``split`` and the dataset's attribute columns. Tensors are stored in the configured dtype (bf16 as
-its raw 16-bit pattern, since neither NumPy, Zarr nor Parquet has a bf16 type).
+sample, unscaled, (C, h, w)), ``logvar`` (moments only), ``context`` (L, D), ``context_mask`` (L,), ``pooled``
+(D_pool,: the text encoder's pooled caption vector, `TextEncoder.pooling`), and ``id``, ``caption``, ``split`` and
+the dataset's attribute columns. Tensors are stored in the configured dtype (bf16 as its raw 16-bit pattern, since
+neither NumPy, Zarr nor Parquet has a bf16 type).
+
+Stores written before pooled vectors were cached (metadata ``pooled_dim`` null, no ``pooled`` field, no pooled
+null caption) still load: their readers give no ``pooled``, which the UNet never uses. The next `encode_dataset`
+on such a store adds the column (`LatentStoreWriter.add_pooled`): the store's own text encoder encodes the stored
+captions, and each shard is rewritten whole under a fresh name and swapped in the metadata; no image is read and
+the autoencoder does not run. A killed upgrade resumes with the shards not yet swapped.
 
 The latent scale is NOT applied in the store: the store holds the autoencoder's own latents plus the scale and
 shift it was trained with, and readers apply them through `scale_latents`, the one function that maps
@@ -50,6 +58,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from ldm_core import storage
 from ldm_core.config import StrictModel
@@ -68,8 +78,9 @@ METADATA_NAME = "latent_store.json"
 UNCOND_NAME = "uncond.safetensors"
 SHARDS_DIR = "shards"
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<token>[0-9a-f]{8})\.(?P<ext>zarr|parquet)$")
-TENSOR_FIELDS = ("latents", "logvar", "context", "context_mask")
+TENSOR_FIELDS = ("latents", "logvar", "context", "context_mask", "pooled")
 TRAINING_FIELDS = ("latents", "context", "context_mask")
+"""What a trainer reads from every store; ``pooled`` too where the store has it (`LatentStore.training_fields`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,6 +135,8 @@ class StoreShard(_Data):
     source_bytes: int
     bytes: int
     """Stored bytes of this shard."""
+    pooled: bool = False
+    """The shard has the ``pooled`` field (False: recorded before pooled vectors were cached; see add_pooled)."""
 
 
 class EncodeRun(_Data):
@@ -154,6 +167,9 @@ class LatentStoreMetadata(_Data):
     """(C, h, w) of one latent."""
     context_shape: list[int]
     """(L, D) of one caption's token embeddings."""
+    pooled_dim: int | None = None
+    """D_pool of one caption's pooled vector, held by every shard and by the null caption; None: a store written
+    before pooled vectors were cached (or one being upgraded: `LatentStoreWriter.add_pooled`)."""
     split: str | None = None
     """The split filter the store was built with (None: every row of the dataset)."""
     dataset_url: str = ""
@@ -197,6 +213,8 @@ class EncodeResult(BaseModel):
     seconds: float
     images_per_second: float
     """Rows encoded by this call per second of the whole call (read, decode, encode, compress, write)."""
+    pooled_rows_added: int = 0
+    """Rows of an older store that this call gave a pooled text vector (`LatentStoreWriter.add_pooled`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -235,6 +253,21 @@ def read_metadata(store_url: str, storage_options: dict[str, Any] | None = None)
 def _write_metadata(store_url: str, meta: LatentStoreMetadata, storage_options: dict[str, Any] | None) -> None:
     text = json.dumps(meta.model_dump(mode="json"), indent=1, ensure_ascii=False)
     storage.write_text_atomic(metadata_url(store_url), text + "\n", storage_options)
+
+
+_UNCOND_KEYS = ("context", "mask", "pooled")
+
+
+def _write_uncond(store_url: str, uncond: Sequence[torch.Tensor], storage_options: dict[str, Any] | None) -> None:
+    """The null caption: (context (1, L, D), mask (1, L)[, pooled (1, D_pool)]), fp32 (the mask bool)."""
+    tensors = {k: (t.detach().bool() if k == "mask" else t.detach().float()).cpu().contiguous()
+               for k, t in zip(_UNCOND_KEYS, uncond)}
+    storage.write_bytes_atomic(storage.join(store_url, UNCOND_NAME), save_safetensors(tensors), storage_options)
+
+
+def _read_uncond(store_url: str, storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, ...]:
+    t = load_safetensors(storage.read_bytes(storage.join(store_url, UNCOND_NAME), storage_options))
+    return tuple(t[k] for k in _UNCOND_KEYS if k in t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,6 +314,8 @@ class ShardColumns:
     """(N, L) bool, True for real tokens."""
     rows: pa.Table
     """(N rows) ``id``, ``caption``, ``split`` and attribute columns."""
+    pooled: np.ndarray | None = None
+    """(N, D_pool) pooled caption vectors; None only for a store without them (metadata pooled_dim None)."""
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -289,12 +324,15 @@ class ShardColumns:
         out = {"latents": self.latents, "context": self.context, "context_mask": self.context_mask}
         if self.logvar is not None:
             out["logvar"] = self.logvar
+        if self.pooled is not None:
+            out["pooled"] = self.pooled
         return out
 
     def take(self, order: np.ndarray) -> "ShardColumns":
         lv = None if self.logvar is None else self.logvar[order]
+        pooled = None if self.pooled is None else self.pooled[order]
         return ShardColumns(self.latents[order], lv, self.context[order], self.context_mask[order],
-                            self.rows.take(pa.array(order)))
+                            self.rows.take(pa.array(order)), pooled)
 
 
 _ROW_COLUMNS = ("id", "caption", "split")
@@ -395,6 +433,10 @@ class _ZarrShards:
         return [{"id": i, "caption": c, "split": s, **json.loads(a)}
                 for i, c, s, a in zip(cols["id"], cols["caption"], cols["split"], cols["attributes"])]
 
+    def read_row_table(self, url: str, storage_options: dict[str, Any] | None) -> pa.Table:
+        """The rows as a table (attributes are JSON here: a row without one reads as null, as readers see it)."""
+        return pa.Table.from_pylist(self.read_rows(url, storage_options))
+
 
 class _ParquetShards:
     """A shard is one Parquet file written atomically: id, caption, split and the attribute columns as typed
@@ -439,8 +481,11 @@ class _ParquetShards:
         return out
 
     def read_rows(self, url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+        return self.read_row_table(url, storage_options).to_pylist()
+
+    def read_row_table(self, url: str, storage_options: dict[str, Any] | None) -> pa.Table:
         pf = pq.ParquetFile(pa.BufferReader(storage.read_bytes(url, storage_options)))
-        return pf.read(columns=[c for c in pf.schema_arrow.names if c not in TENSOR_FIELDS]).to_pylist()
+        return pf.read(columns=[c for c in pf.schema_arrow.names if c not in TENSOR_FIELDS])
 
 
 _FORMATS: dict[str, _ZarrShards | _ParquetShards] = {"zarr": _ZarrShards(), "parquet": _ParquetShards()}
@@ -477,21 +522,21 @@ class LatentStoreWriter:
 
     @classmethod
     def open(cls, store_url: str, template: LatentStoreMetadata, config: LatentStoreConfig,
-             uncond: tuple[torch.Tensor, torch.Tensor],
+             uncond: tuple[torch.Tensor, ...],
              storage_options: dict[str, Any] | None = None) -> "LatentStoreWriter":
         """Open ``store_url`` for adding shards described by ``template`` (identities, shapes, format; no shards).
 
-        uncond: the empty prompt's (context (1, L, D), mask (1, L)), written when the store is created.
+        uncond: the empty prompt's (context (1, L, D), mask (1, L), pooled (1, D_pool)), written when the store is
+        created; pooled is left out exactly when ``template.pooled_dim`` is None (a store without pooled vectors).
+        An existing store without pooled vectors stays so until `add_pooled`.
         """
+        if (len(uncond) == 3) != (template.pooled_dim is not None):
+            raise ValueError(f"uncond must be (context, mask, pooled) when pooled_dim is set, (context, mask) when "
+                             f"it is None; got {len(uncond)} tensors for pooled_dim={template.pooled_dim}")
         existing = read_metadata(store_url, storage_options)
         if existing is None:
-            from safetensors.torch import save
-
             storage.makedirs(store_url, storage_options)
-            ctx, mask = uncond
-            data = save({"context": ctx.detach().float().cpu().contiguous(),
-                         "mask": mask.detach().bool().cpu().contiguous()})
-            storage.write_bytes_atomic(storage.join(store_url, UNCOND_NAME), data, storage_options)
+            _write_uncond(store_url, uncond, storage_options)
             meta = template.model_copy(deep=True, update={"created_at": _now(), "shards": [], "runs": []})
             _write_metadata(store_url, meta, storage_options)  # identities are fixed from the first moment on
         else:
@@ -503,6 +548,9 @@ class LatentStoreWriter:
 
     def shard_url(self, name: str) -> str:
         return storage.join(self.url, SHARDS_DIR, name)
+
+    def _new_shard_name(self, source: str) -> str:
+        return f"{posixpath.splitext(source)[0]}-{secrets.token_hex(4)}.{self.format.ext}"
 
     def remove_orphans(self) -> list[str]:
         """Delete shard objects the metadata does not name (left by a run killed before recording them)."""
@@ -541,12 +589,13 @@ class LatentStoreWriter:
         n_train = int((splits == "train").sum())
         name, nbytes = None, 0
         if n:
-            name = f"{posixpath.splitext(source)[0]}-{secrets.token_hex(4)}.{self.format.ext}"
+            name = self._new_shard_name(source)
             url = self.shard_url(name)
             self.format.write(url, cols, self.config, self.storage_options)
             nbytes = _size_of(url, self.storage_options)
         record = StoreShard(name=name, source=source, rows=n, train_rows=n_train, validation_rows=n - n_train,
-                            source_rows=source_rows, source_bytes=source_bytes, bytes=nbytes)
+                            source_rows=source_rows, source_bytes=source_bytes, bytes=nbytes,
+                            pooled=cols.pooled is not None)
         meta.shards.append(record)
         meta.rows += n
         meta.train_rows += n_train
@@ -562,11 +611,59 @@ class LatentStoreWriter:
         self.metadata.runs.append(run)
         _write_metadata(self.url, self.metadata, self.storage_options)
 
+    def add_pooled(self, text_encoder: TextEncoder, progress: Callable[[int, int], None] | None = None) -> int:
+        """Give a store written before pooled vectors were cached (``pooled_dim`` None) its ``pooled`` field and a
+        pooled null caption, from the stored captions through ``text_encoder`` (the one that encoded the store, by
+        identity). Each shard is rewritten whole under a fresh name, then swapped in the metadata, then the old one
+        is removed, so readers only ever see complete shards and a killed run resumes with the shards left.
+        progress(shards_done, shards_todo) after each. Returns the rows given a vector (0 when there was nothing
+        to do)."""
+        meta = self.metadata
+        if meta.pooled_dim is not None:
+            return 0
+        if text_encoder.identity != meta.text_encoder_identity:
+            raise LatentStoreMismatchError(
+                f"the latent store at {self.url} holds text embeddings of {meta.text_encoder_identity!r}; its pooled "
+                f"vectors cannot come from {text_encoder.identity!r}. Encode into a new store URL.")
+        fields = ("latents", "context", "context_mask") + (("logvar",) if meta.content == "moments" else ())
+        todo = [i for i, s in enumerate(meta.shards) if not s.pooled]
+        log.info("adding pooled text vectors to %d shard(s) of %s (written before they were cached)", len(todo),
+                 _redact(self.url))
+        rows_done = 0
+        for done, i in enumerate(todo, 1):
+            record = meta.shards[i]
+            old_name = record.name
+            if old_name is not None:  # (an empty shard has no object: it only needs its flag)
+                old_url = self.shard_url(old_name)
+                arrays = self.format.read(old_url, fields, self.storage_options)
+                rows = self.format.read_row_table(old_url, self.storage_options)
+                pooled = text_encoder.encode(rows.column("caption").to_pylist()).pooled  # (N, D_pool)
+                cols = ShardColumns(arrays["latents"], arrays.get("logvar"), arrays["context"], arrays["context_mask"],
+                                    rows, to_storage(pooled.float(), meta.dtype))
+                name = self._new_shard_name(record.source)
+                self.format.write(self.shard_url(name), cols, self.config, self.storage_options)
+                record = record.model_copy(update={"name": name, "bytes": _size_of(self.shard_url(name),
+                                                                                   self.storage_options)})
+                rows_done += record.rows
+            meta.shards[i] = record.model_copy(update={"pooled": True})
+            _write_metadata(self.url, meta, self.storage_options)  # the swap: readers now open the new shard
+            if old_name is not None:
+                storage.remove(old_url, self.storage_options, recursive=True)
+            if progress is not None:
+                progress(done, len(todo))
+        context, mask = _read_uncond(self.url, self.storage_options)[:2]
+        _write_uncond(self.url, (context, mask, text_encoder.empty().pooled), self.storage_options)
+        meta.pooled_dim = text_encoder.pooled_dim  # last: from here on readers see (and read) the pooled field
+        _write_metadata(self.url, meta, self.storage_options)
+        return rows_done
+
     def _check_shapes(self, cols: ShardColumns) -> None:
         m, n = self.metadata, len(cols)
         want = {"latents": (n, *m.latent_shape), "context": (n, *m.context_shape), "context_mask": (n, m.context_shape[0])}
         if m.content == "moments":
             want["logvar"] = (n, *m.latent_shape)
+        if m.pooled_dim is not None:
+            want["pooled"] = (n, m.pooled_dim)
         got = cols.tensors()
         if set(got) != set(want):
             raise ValueError(f"a {m.content} store needs fields {sorted(want)}, got {sorted(got)}")
@@ -596,6 +693,8 @@ def _check_compatible(store_url: str, existing: LatentStoreMetadata, new: Latent
             f"to add embeddings of {new.text_encoder_identity!r}. Encode into a new store URL."
         )
     fields = list(_IDENTITY_FIELDS) + (["seed"] if existing.content == "sample" else [])
+    if existing.pooled_dim is not None:  # (a store without pooled vectors gets them from add_pooled)
+        fields.append("pooled_dim")
     diffs = {f: (getattr(existing, f), getattr(new, f)) for f in fields if getattr(existing, f) != getattr(new, f)}
     if diffs:
         detail = "; ".join(f"{f}: store has {a!r}, this run {b!r}" for f, (a, b) in diffs.items())
@@ -625,7 +724,7 @@ class LatentStore:
         self.format = _FORMATS[meta.backend]
         self.shards: list[StoreShard] = [s for s in meta.shards if s.rows > 0]
         self.offsets = np.cumsum([0] + [s.rows for s in self.shards])
-        self._uncond: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -639,13 +738,27 @@ class LatentStore:
         """(scaling_factor, shift_factor) for `scale_latents` / `unscale_latents`."""
         return self.metadata.scaling_factor, self.metadata.shift_factor
 
-    def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty prompt: (context (1, L, D) float32, mask (1, L) bool), for classifier-free guidance training."""
-        if self._uncond is None:
-            from safetensors.torch import load
+    @property
+    def has_pooled(self) -> bool:
+        """Every row and the null caption have a pooled vector (False: a store written before they were cached)."""
+        return self.metadata.pooled_dim is not None
 
-            t = load(storage.read_bytes(storage.join(self.url, UNCOND_NAME), self.storage_options))
-            self._uncond = (t["context"], t["mask"])
+    @property
+    def training_fields(self) -> tuple[str, ...]:
+        """The fields a trainer reads: latents, context, context_mask, and pooled where the store has it."""
+        return TRAINING_FIELDS + (("pooled",) if self.has_pooled else ())
+
+    @property
+    def tensor_fields(self) -> tuple[str, ...]:
+        """Every tensor field this store holds."""
+        return self.training_fields + (("logvar",) if self.metadata.content == "moments" else ())
+
+    def uncond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The empty prompt: (context (1, L, D) float32, mask (1, L) bool, pooled (1, D_pool) float32), for
+        classifier-free guidance training; pooled is None in a store without pooled vectors."""
+        if self._uncond is None:
+            context, mask, *pooled = _read_uncond(self.url, self.storage_options)
+            self._uncond = (context, mask, pooled[0] if pooled and self.has_pooled else None)
         return self._uncond
 
     def shard_url(self, k: int) -> str:
@@ -653,9 +766,12 @@ class LatentStore:
 
     def read_shard(self, k: int, fields: Sequence[str] = TRAINING_FIELDS) -> dict[str, torch.Tensor]:
         """Tensors of shard ``k``, storage dtype, unscaled: latents/logvar (N, C, h, w), context (N, L, D),
-        context_mask (N, L) bool."""
+        context_mask (N, L) bool, pooled (N, D_pool)."""
         if "logvar" in fields and self.metadata.content != "moments":
             raise ValueError("this store holds posterior samples, not moments: it has no logvar")
+        if "pooled" in fields and not self.has_pooled:
+            raise ValueError(f"the latent store at {_redact(self.url)} was written before pooled text vectors were "
+                             "cached: it has no pooled field (encode_dataset on it adds one)")
         arrays = self.format.read(self.shard_url(k), fields, self.storage_options)
         return {f: torch.from_numpy(a) if f == "context_mask" else from_storage(a, self.metadata.dtype)
                 for f, a in arrays.items()}
@@ -678,8 +794,7 @@ class LatentStore:
     def row(self, i: int) -> dict[str, Any]:
         """Everything stored for global row ``i`` (reads its shard; use `LatentDataset` for repeated access)."""
         k, j = self.locate(i)
-        fields = TENSOR_FIELDS if self.metadata.content == "moments" else TRAINING_FIELDS
-        tensors = self.read_shard(k, fields)
+        tensors = self.read_shard(k, self.tensor_fields)
         return {**self.read_rows(k)[j], **{f: t[j] for f, t in tensors.items()}}
 
 
@@ -704,6 +819,7 @@ def _encode_shard(table: pa.Table, vae: torch.nn.Module, text_encoder: "TextEnco
     logvar = np.empty((n, c, h, w), dt) if config.content == "moments" else None
     context = np.empty((n, L, text_encoder.dim), dt)
     mask = np.empty((n, L), bool)
+    pooled = np.empty((n, text_encoder.pooled_dim), dt)
     gen = torch.Generator().manual_seed(_shard_seed(config.seed, source))
     vae_dtype = next(vae.parameters()).dtype
     images, captions = table.column("image"), table.column("caption").to_pylist()
@@ -723,9 +839,10 @@ def _encode_shard(table: pa.Table, vae: torch.nn.Module, text_encoder: "TextEnco
         text = text_encoder.encode(captions[start:stop])
         context[start:stop] = to_storage(text.embeddings.float(), config.dtype)  # (b, L, D)
         mask[start:stop] = text.mask.cpu().numpy()
+        pooled[start:stop] = to_storage(text.pooled.float(), config.dtype)  # (b, D_pool)
     present = [a for a in attribute_columns if a in table.column_names]
     rows = table.select(["id", "caption", "split", *present])
-    return ShardColumns(latents, logvar, context, mask, rows)
+    return ShardColumns(latents, logvar, context, mask, rows, pooled)
 
 
 def encode_dataset(
@@ -767,11 +884,14 @@ def encode_dataset(
         seed=config.seed, compression=config.compression, vae_identity=vae_identity,
         scaling_factor=float(vae.config.scaling_factor), shift_factor=float(vae.config.shift_factor),
         text_encoder_identity=text_encoder.identity, latent_shape=list(vae.config.latent_shape(config.resolution)),
-        context_shape=[text_encoder.config.max_length, text_encoder.dim], split=split,
-        dataset_url=_redact(dataset_url),
+        context_shape=[text_encoder.config.max_length, text_encoder.dim], pooled_dim=text_encoder.pooled_dim,
+        split=split, dataset_url=_redact(dataset_url),
     )
     empty = text_encoder.empty()
-    writer = LatentStoreWriter.open(store_url, template, config, (empty.embeddings, empty.mask), storage_options)
+    writer = LatentStoreWriter.open(store_url, template, config, (empty.embeddings, empty.mask, empty.pooled),
+                                    storage_options)
+    # a store written before pooled vectors were cached gets them first, so that every shard is alike afterwards
+    pooled_rows_added = writer.add_pooled(text_encoder)
 
     done = writer.metadata.shard_by_source()
     in_dataset = {s.name: s for s in manifest.shards}
@@ -823,6 +943,7 @@ def encode_dataset(
         store_url=_redact(store_url), rows_total=m.rows, rows_new=rows_new, train_rows_total=m.train_rows,
         validation_rows_total=m.validation_rows, shards_total=len(m.shards), shards_new=len(new_shards),
         new_shards=new_shards, skipped_shards=len(done), bytes_new=bytes_new, seconds=seconds, images_per_second=rate,
+        pooled_rows_added=pooled_rows_added,
     )
 
 

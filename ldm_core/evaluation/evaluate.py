@@ -143,10 +143,12 @@ def evaluate(
     device: str | torch.device = "cpu",
     storage_options: dict[str, Any] | None = None,
     photos: np.ndarray | None = None,
+    model: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
     """Measure, decide, and write the report under ``out_url``. ``champion_metrics`` None means a first model.
 
     photos: natural-image crops (uint8 (N, H, W, 3)) also reconstructed, reported as photo_psnr/ssim/lpips.
+    model: the denoiser under evaluation (`backbone_summary`), which the report names.
     """
     config = config or EvaluationConfig()
     metrics: dict[str, MetricResult] = {}
@@ -208,7 +210,7 @@ def evaluate(
         reconstructions=reconstructions, loss_curves=loss_curves,
         config={"evaluation": config.to_dict(), "run": dict(run_config) if run_config is not None else None},
         champion_metrics=champion_metrics, champion_label=champion_label, decision=decision, title=config.title,
-        created_at=created_at, storage_options=storage_options, color_confusion=confusion,
+        created_at=created_at, storage_options=storage_options, color_confusion=confusion, model=model,
     )
     return EvaluationResult(metrics, decision, report, confusion)
 

@@ -30,6 +30,7 @@ from ldm_core.evaluation.attributes import confusion_lines
 from ldm_core.evaluation.gate import GateDecision
 from ldm_core.evaluation.metrics import HIGHER_IS_BETTER, MetricResult, metric_value
 from ldm_core.grids import make_grid, upscale_nearest
+from ldm_core.models.denoiser import describe_backbone
 
 HTML_NAME = "report.html"
 METRICS_NAME = "metrics.json"
@@ -271,9 +272,17 @@ def _loss_section(loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, f
     return "".join(out)
 
 
+def _model_line(model: Mapping[str, Any] | None) -> str:
+    if model is None:
+        return ""
+    return f'<p id="model"><strong>Denoiser:</strong> {html.escape(describe_backbone(model))}</p>'
+
+
 def _markdown(metrics: Mapping[str, Mapping[str, Any]], decision: GateDecision | None, grid_png: bytes | None,
-              html_url: str, confusion: Mapping[str, Mapping[str, int]] | None = None) -> str:
-    lines = ["| metric | value | n |", "|---|---|---|"]
+              html_url: str, confusion: Mapping[str, Mapping[str, int]] | None = None,
+              model: Mapping[str, Any] | None = None) -> str:
+    lines = [f"**Denoiser:** {describe_backbone(model)}", ""] if model is not None else []
+    lines += ["| metric | value | n |", "|---|---|---|"]
     for name, m in metrics.items():
         value = _fmt_value(m)
         if value == "not computed":
@@ -311,6 +320,7 @@ def write_report(
     created_at: str | None = None,
     storage_options: dict[str, Any] | None = None,
     color_confusion: Mapping[str, Mapping[str, int]] | None = None,
+    model: Mapping[str, Any] | None = None,
 ) -> ReportResult:
     """Write the report under ``out_url`` (any fsspec URL) and return where it went and what it says.
 
@@ -319,7 +329,9 @@ def write_report(
     [(step, value)] (e.g. the trainers' ``history``); ``config``: the run configuration as plain data;
     ``versions``: defaults to :func:`collect_versions`; ``champion_metrics``/``champion_label``/``decision``: the
     gate's inputs and output; ``created_at``: a timestamp string supplied by the caller (no clock in here);
-    ``color_confusion``: asked-for colour → colour seen → count, of the generated samples.
+    ``color_confusion``: asked-for colour → colour seen → count, of the generated samples; ``model``: the
+    denoiser under evaluation (`ldm_core.models.denoiser.backbone_summary`: kind, preset, size, parameters),
+    named at the top of the page and the summary and kept in metrics.json.
     """
     versions = dict(versions) if versions is not None else collect_versions()
     metrics_dicts = {name: m.to_dict() for name, m in metrics.items()}
@@ -349,6 +361,7 @@ def write_report(
         "samples": ({"prompts": list(samples.prompts), "seeds": [int(s) for s in samples.seeds]}
                     if samples is not None else None),
         "color_confusion": color_confusion,
+        "model": dict(model) if model is not None else None,
         "config": config,
         "versions": versions,
     }
@@ -369,6 +382,7 @@ def write_report(
 <body>
 <h1>{esc(title)}</h1>
 <p class="note">{esc(created_at or "")}</p>
+{_model_line(model)}
 <h2>Promotion gate</h2>
 {_decision_section(decision, champion_label)}
 <h2>Metrics</h2>
@@ -390,7 +404,8 @@ def write_report(
     files[HTML_NAME] = storage.join(out_url, HTML_NAME)
     storage.write_text_atomic(files[HTML_NAME], page, storage_options)
     return ReportResult(files[HTML_NAME], files[METRICS_NAME], files, metrics_dicts,
-                        _markdown(metrics_dicts, decision, grid_png, files[HTML_NAME], color_confusion), decision)
+                        _markdown(metrics_dicts, decision, grid_png, files[HTML_NAME], color_confusion, model),
+                        decision)
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Mapping, Protocol, Union, runtime_checkable
 
+import torch
 from pydantic import Discriminator, Tag, TypeAdapter
 from torch import Tensor, nn
 
@@ -56,6 +57,12 @@ def parse_denoiser_config(data: Mapping[str, Any]) -> DenoiserConfig:
     return _DENOISER_CONFIG_ADAPTER.validate_python(dict(data))
 
 
+def takes_pooled(config: DenoiserConfig) -> bool:
+    """Whether the backbone conditions on the pooled text vector (the MMDiT's modulation; the UNet ignores it), so
+    that training and sampling must hand it the text encoder's."""
+    return isinstance(config, MMDiTConfig)
+
+
 def build_denoiser(config: DenoiserConfig) -> nn.Module:
     """The backbone described by `config` (a DenoiserConfig), freshly initialised, in training mode."""
     if isinstance(config, UNetConfig):
@@ -65,4 +72,25 @@ def build_denoiser(config: DenoiserConfig) -> nn.Module:
     raise TypeError(f"no denoiser backbone for config {type(config).__name__}")
 
 
-__all__ = ["Denoiser", "DenoiserConfig", "build_denoiser", "parse_denoiser_config"]
+def backbone_summary(config: DenoiserConfig, preset: str | None = None) -> dict[str, Any]:
+    """What a report says about a denoiser: {"kind", "preset" (the named preset it started from, None if none was
+    named), "size" (its defining widths, in one line), "parameters"} (counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_denoiser(config).parameters())
+    if isinstance(config, MMDiTConfig):
+        size = (f"hidden_size {config.hidden_size}, depth {config.depth}, heads {config.num_heads}, "
+                f"patch_size {config.patch_size}")
+    else:
+        size = (f"model_channels {config.model_channels}, channel_mult {list(config.channel_mult)}, "
+                f"res blocks {config.num_res_blocks}, attention at {list(config.attention_levels)}")
+    return {"kind": config.kind, "preset": preset, "size": size, "parameters": parameters}
+
+
+def describe_backbone(summary: Mapping[str, Any]) -> str:
+    """One line from `backbone_summary`: "mmdit, preset tiny (hidden_size 96, …): 1,356,880 parameters"."""
+    preset = f", preset {summary['preset']}" if summary.get("preset") else ""
+    return f"{summary['kind']}{preset} ({summary['size']}): {int(summary['parameters']):,} parameters"
+
+
+__all__ = ["Denoiser", "DenoiserConfig", "backbone_summary", "build_denoiser", "describe_backbone",
+           "parse_denoiser_config", "takes_pooled"]

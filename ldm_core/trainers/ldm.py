@@ -1,9 +1,11 @@
 """Stage 2: train the text-conditioned denoiser on cached latents and text embeddings, resumably.
 
-``train_ldm(config, latents, tracker, uncond=…)`` reads batches of {latents, context, context_mask} (from the
+``train_ldm(config, latents, tracker, uncond=…)`` reads batches of {latents, context, context_mask, pooled} (from the
 latent store, or in tests from tensors in memory through the same dataset interface), draws the objective's
 training pair, drops captions to the empty prompt with probability ``cond_dropout`` (classifier-free guidance), and
-steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. The checkpoint/resume machinery
+steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. A backbone whose modulation takes
+the pooled text vector (the MMDiT) gets the batch's, and a dropped caption's is the null caption's; the UNet takes
+none, and its steps are exactly those it took before pooled vectors existed. The checkpoint/resume machinery
 is the autoencoder trainer's (``ldm_core.trainers.common``).
 
 Under torchrun (see `ldm_core.distributed`) the denoiser is wrapped in DistributedDataParallel and every rank trains
@@ -27,7 +29,7 @@ from ldm_core.config import StrictModel, flatten_dict
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
 from ldm_core.flops import denoiser_step_flops
-from ldm_core.models.denoiser import DenoiserConfig, build_denoiser
+from ldm_core.models.denoiser import DenoiserConfig, build_denoiser, takes_pooled
 from ldm_core.models.unet import UNetConfig
 from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.common import (
@@ -100,13 +102,17 @@ class LDMTrainResult:
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------
 
+_NO_POOLED = ("the {kind} denoiser takes the pooled text vector, and {what}: a latent store written before pooled "
+              "vectors were cached? Run encode_dataset on it again (in the pipeline: materialize latent_store), which "
+              "adds them from the stored captions without re-encoding the images.")
+
 
 def train_ldm(
     config: LDMTrainingConfig,
     latents: torch.utils.data.Dataset,
     tracker: Tracker | None = None,
     *,
-    uncond: tuple[torch.Tensor, torch.Tensor],
+    uncond: tuple[torch.Tensor, ...],
     checkpoint_dir: str | None = None,
     sample_fn: Callable[[nn.Module, int], np.ndarray] | None = None,
     should_stop: Callable[[int], bool] | None = None,
@@ -114,9 +120,11 @@ def train_ldm(
     world_size: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> LDMTrainResult:
-    """Train (or resume) the denoiser on batches ``{"latents", "context", "context_mask"}`` (latents already scaled).
+    """Train (or resume) the denoiser on batches ``{"latents", "context", "context_mask"[, "pooled"]}`` (latents
+    already scaled; "pooled" (B, D_pool) is required by a backbone that takes it, the MMDiT, and unused otherwise).
 
-    uncond: the empty prompt's (context (1, L, D), mask (1, L)) for caption dropout.
+    uncond: the empty prompt's (context (1, L, D), mask (1, L)[, pooled (1, D_pool) or None]) for caption dropout
+    (`LatentDataset.uncond()`); the pooled vector is required with the MMDiT.
     sample_fn(model, step) -> uint8 image grid: validation samples for fixed prompts, sent to the tracker.
     should_stop(step): checked after each step; True ends the run early after a checkpoint (under torchrun: when any
     rank's says so).
@@ -135,6 +143,13 @@ def train_ldm(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     uncond_ctx, uncond_mask = uncond[0].to(device).float(), uncond[1].to(device)
+    # the UNet's steps stay exactly what they were without pooled vectors: it is never handed one
+    use_pooled = takes_pooled(config.denoiser)
+    uncond_pooled = uncond[2] if len(uncond) > 2 else None
+    if use_pooled:
+        if uncond_pooled is None:
+            raise ValueError(_NO_POOLED.format(kind=config.denoiser.kind, what="the null caption (uncond) has none"))
+        uncond_pooled = uncond_pooled.to(device).float()
 
     sampler = run.sampler(len(latents), tc.seed)
     ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
@@ -178,11 +193,19 @@ def train_ldm(
             x0 = batch["latents"].to(device, non_blocking=True).float()  # (b, C, h, w), already scaled
             ctx = batch["context"].to(device, non_blocking=True).float()  # (b, L, D)
             mask = batch["context_mask"].to(device, non_blocking=True).bool()  # (b, L)
-            ctx, mask = drop_conditioning(ctx, mask, uncond_ctx, uncond_mask, tc.cond_dropout, gen, shard=shard)
+            pooled = None
+            if use_pooled:
+                if "pooled" not in batch:
+                    raise ValueError(_NO_POOLED.format(kind=config.denoiser.kind,
+                                                       what="the training batches have no 'pooled'"))
+                pooled = batch["pooled"].to(device, non_blocking=True).float()  # (b, D_pool)
+            ctx, mask, pooled = drop_conditioning(ctx, mask, uncond_ctx, uncond_mask, tc.cond_dropout, gen,
+                                                  shard=shard, pooled=pooled,
+                                                  uncond_pooled=uncond_pooled if use_pooled else None)
             sample = diffusion.training_sample(x0, gen, shard=shard)
             with distributed.no_sync_unless(net, sync=i == accum - 1):  # all-reduce once, after the last
                 with autocast(device, precision):
-                    pred = net(sample.x_t, sample.t_model, ctx, mask)
+                    pred = net(sample.x_t, sample.t_model, ctx, mask, pooled=pooled)
                 loss = diffusion.loss(pred.float(), sample)
                 (loss / accum).backward()
             if shapes is None:

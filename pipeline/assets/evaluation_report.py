@@ -11,6 +11,7 @@ from ldm_core.data import ImageShardDataset
 from ldm_core.evaluation.attributes import confusion_lines
 from ldm_core.evaluation.evaluate import EvaluationConfig, evaluate, held_out_from_dataset, text_to_image_functions
 from ldm_core.grids import to_uint8
+from ldm_core.models.denoiser import backbone_summary, describe_backbone
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, upstream_metadata
 from pipeline.assets.ldm_model import REGISTERED_NAME
 from pipeline.config_bridge import dagster_config, to_core
@@ -50,6 +51,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
     eval_cfg = to_core(EvaluationConfig, config.evaluation, "evaluation_report.evaluation")
     device = compute.torch_device()
     model = load_text_to_image(ldm_md["ldm_url"])
+    # the backbone the report names: as ldm_model recorded it, or (a bundle from before it did) from the weights' config
+    backbone = model.info.get("backbone") or backbone_summary(model.denoiser.config)
     resolution = model.latent_shape[1] * model.vae.config.downsample_factor
     held_out = held_out_from_dataset(ImageShardDataset(ds["dataset_url"], split="validation", resolution=resolution),
                                      config.held_out_images)
@@ -68,6 +71,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
 
     with mlflow.materialization_run(context) as run:
         run.tracker.log_params({"ldm_uri": ldm_md["ldm_uri"], "champion_before": champion_label or "none",
+                                "backbone": describe_backbone(backbone),
                                 "guidance": config.guidance, "steps": config.steps, **eval_cfg.to_dict()})
         result = evaluate(
             out_url, generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=held_out, config=eval_cfg,
@@ -75,6 +79,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
             run_config={"ldm_uri": ldm_md["ldm_uri"], "vae_uri": ldm_md["vae_uri"], "dataset": ds["dataset_url"],
                         "dagster_run_id": context.run.run_id},
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device, photos=photos,
+            model=backbone,
         )
         values = {k: m.value for k, m in result.metrics.items() if m.computed}
         run.tracker.log_metrics(values, step=0)
@@ -98,6 +103,6 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
                 "not_computed": dg.MetadataValue.json(not_computed), "ldm_uri": ldm_md["ldm_uri"],
                 "champion_before": champion_label or "none", "summary": dg.MetadataValue.md(result.report.markdown),
                 "color_confusions": dg.MetadataValue.json(confusion_lines(result.color_confusion or {})),
-                "mlflow_run": dg.MetadataValue.url(run.url),
+                "backbone": describe_backbone(backbone), "mlflow_run": dg.MetadataValue.url(run.url),
             },
         )

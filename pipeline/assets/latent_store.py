@@ -51,6 +51,8 @@ def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConf
                                  "images_per_second": result.images_per_second}, step=0)
         context.log.info(f"{result.rows_new} new rows encoded ({result.rows_total} total) at "
                          f"{result.images_per_second:.1f} images/s into {store_url}")
+        if result.pooled_rows_added:
+            context.log.info(f"{result.pooled_rows_added} rows written before pooled text vectors were cached got one")
         return dg.MaterializeResult(
             metadata={
                 "store_url": store_url, "vae_uri": vae_md["vae_uri"], "vae_url": vae_md["vae_url"],
@@ -58,6 +60,8 @@ def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConf
                 "shards_total": result.shards_total, "shards_new": result.shards_new,
                 "images_per_second": result.images_per_second, "text_encoder": text_encoder.identity,
                 "text_encoder_config": json_md(text_cfg.to_dict()), "context_dim": text_encoder.dim,
+                "pooled_dim": text_encoder.pooled_dim, "pooling": text_encoder.pooling,
+                "pooled_rows_added": result.pooled_rows_added,
                 "latent_shape": vae_md["latent_shape"], "backend": store_cfg.backend,
                 "check_std_tolerance": config.check_std_tolerance, "check_sample_rows": config.check_sample_rows,
                 "mlflow_run": dg.MetadataValue.url(run.url),

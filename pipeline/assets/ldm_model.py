@@ -1,14 +1,17 @@
-"""`ldm_model`: the text-conditioned denoiser (EMA) trained on the latent store, registered as `ldm` (a pyfunc)."""
+"""`ldm_model`: the text-conditioned denoiser (EMA) trained on the latent store, registered as `ldm` (a pyfunc).
+
+The backbone is the run config's ``denoiser.kind``: the UNet (default) or the MMDiT (``{kind: mmdit, preset: …}``)."""
 
 import dagster as dg
 from pydantic import Field
 
 from ldm_core.bundle import load_autoencoder, save_text_to_image
 from ldm_core.data.latent_dataset import LatentDataset
+from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_pooled
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, json_md, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -32,14 +35,17 @@ class LdmModelConfig(dg.Config):
     validation_seeds: int = Field(default=4, description="Samples per validation prompt.")
 
 
-def _training_config(config: LdmModelConfig, store_md: dict) -> LDMTrainingConfig:
-    """The run config's training section with the shapes the latent store dictates filled in where left unset."""
+def _training_config(config: LdmModelConfig, store_md: dict, pooled_dim: int | None) -> LDMTrainingConfig:
+    """The run config's training section with the shapes the latent store dictates filled in where left unset:
+    latent channels, token width, and for the MMDiT the pooled vector's width (``pooled_dim`` of the store)."""
     data = config.training.model_dump()
     den = {k: v for k, v in (data.get("denoiser") or {}).items() if v is not None}
     c = int(store_md["latent_shape"][0])
     den.setdefault("in_channels", c)
     den.setdefault("out_channels", c)
     den.setdefault("context_dim", int(store_md["context_dim"]))
+    if den.get("kind") == "mmdit" and pooled_dim is not None:
+        den.setdefault("pooled_projection_dim", pooled_dim)
     data["denoiser"] = den
     return to_core(LDMTrainingConfig, data, "ldm_model.training")
 
@@ -49,13 +55,23 @@ def _training_config(config: LdmModelConfig, store_md: dict) -> LDMTrainingConfi
 def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow: MLflowResource,
               storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     store_md = upstream_metadata(context, "latent_store")
-    training = _training_config(config, store_md)
+    train = LatentDataset(store_md["store_url"], split="train")
+    training = _training_config(config, store_md, train.pooled_dim)
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
     den = training.denoiser
     if den.context_dim != store_md["context_dim"] or den.in_channels != store_md["latent_shape"][0]:
         raise dg.Failure(f"denoiser expects context_dim={den.context_dim}, in_channels={den.in_channels} but the "
                          f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}")
-    train = LatentDataset(store_md["store_url"], split="train")
+    if takes_pooled(den) and not train.has_pooled:
+        raise dg.Failure(f"the {den.kind} denoiser conditions on pooled text vectors, and the latent store "
+                         f"{store_md['store_url']} was written before they were cached: materialize latent_store "
+                         "again, which adds them from the stored captions (no image is re-encoded)")
+    if takes_pooled(den) and den.pooled_dim != train.pooled_dim:
+        raise dg.Failure(f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
+                         f"width {den.pooled_dim}, the latent store's text encoder gives {train.pooled_dim}; leave it unset")
+    section = config.training.denoiser
+    backbone = backbone_summary(den, section.preset if section is not None else None)
+    context.log.info(f"denoiser: {describe_backbone(backbone)}")
     text_cfg = TextEncoderConfig.model_validate(store_md["text_encoder_config"])
     vae = load_autoencoder(store_md["vae_url"])
     latent_shape = tuple(store_md["latent_shape"])
@@ -76,7 +92,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                                          data=train, vae=vae)
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
         info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,
-                "steps": result.step, "text_encoder": store_md["text_encoder"]}
+                "steps": result.step, "text_encoder": store_md["text_encoder"], "backbone": backbone}
         bundle_kw = dict(denoiser=result.model, vae=vae, diffusion_config=training.diffusion, text_encoder_config=text_cfg,
                          latent_shape=latent_shape, guidance=config.guidance, info=info)
         model_url = storage.url("models", "ldm", f"{key}-{context.run.run_id[:8]}")
@@ -88,7 +104,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                 name="ldm", registered_name=REGISTERED_NAME, python_model=TEXT_TO_IMAGE_CODE, artifacts={"bundle": tmp},
                 signature=text_to_image_signature(latent_shape[1] * f, latent_shape[2] * f), alias="candidate",
                 tags={"vae_uri": store_md["vae_uri"], "text_encoder": text_cfg.name, "storage_url": model_url,
-                      "latent_store": store_md["store_url"]},
+                      "latent_store": store_md["store_url"], "backbone": describe_backbone(backbone)},
             )
         context.log.info(f"trained {result.step} steps (final loss {final_loss:.4f}); registered {REGISTERED_NAME} "
                          f"v{mv.version} (alias candidate)")
@@ -98,6 +114,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                 "vae_uri": store_md["vae_uri"], "store_url": store_md["store_url"], "steps": result.step,
                 "resumed_from": result.resumed_from or 0, "final_loss": final_loss,
                 "samples_per_second": result.samples_per_second, "nonfinite_skipped": result.nonfinite_skipped,
+                "backbone": describe_backbone(backbone), "backbone_info": json_md(backbone),
                 "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url), **launch_md,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),

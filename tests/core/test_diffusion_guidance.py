@@ -1,4 +1,5 @@
-"""Classifier-free guidance: the guided prediction against a manual computation, and caption dropout."""
+"""Classifier-free guidance: the guided prediction against a manual computation, and caption dropout (tokens, mask
+and pooled vector together)."""
 
 import math
 
@@ -28,6 +29,13 @@ class ToyDenoiser:
             w = mask.to(context.dtype)[..., None]  # (B, L, 1)
             pooled = (context * w).sum(1) / w.sum(1).clamp(min=1)
         return x * torch.tanh(pooled)[:, :, None, None] + 0.01 * t[:, None, None, None]  # (B, C, H, W)
+
+
+class PooledToyDenoiser(ToyDenoiser):
+    """The same, plus a term from a pooled vector (B, D) given by keyword, as the MMDiT's modulation takes it."""
+
+    def __call__(self, x, t, context, mask, pooled=None):
+        return super().__call__(x, t, context, mask) + pooled.sum(1)[:, None, None, None]
 
 
 @pytest.fixture
@@ -83,11 +91,11 @@ def test_guidance_rejects_mismatched_token_shapes(inputs):
 
 def test_dropout_p0_keeps_and_p1_replaces_everything(inputs):
     _, _, ctx, mask, uctx, umask = inputs
-    out, out_mask = drop_conditioning(ctx, mask, uctx, umask, 0.0, torch.Generator().manual_seed(0))
+    out, out_mask, _ = drop_conditioning(ctx, mask, uctx, umask, 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(out, ctx) and torch.equal(out_mask, mask)
-    out, out_mask = drop_conditioning(ctx, mask, uctx, umask, 1.0, torch.Generator().manual_seed(0))
+    out, out_mask, _ = drop_conditioning(ctx, mask, uctx, umask, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(out, uctx.expand(B, L, D)) and torch.equal(out_mask, umask.expand(B, L))
-    out, out_mask = drop_conditioning(ctx, None, uctx, None, 1.0, torch.Generator().manual_seed(0))
+    out, out_mask, _ = drop_conditioning(ctx, None, uctx, None, 1.0, torch.Generator().manual_seed(0))
     assert out_mask is None and torch.equal(out, uctx.expand(B, L, D))
     with pytest.raises(ValueError):
         drop_conditioning(ctx, mask, uctx, umask, 1.5)
@@ -99,12 +107,47 @@ def test_dropout_rate_is_p_per_sample_and_seeded():
     ctx = torch.randn(n, 2, 3, generator=g)  # continuous: no caption equals the empty one by chance
     mask = torch.ones(n, 2, dtype=torch.bool)
     uctx, umask = torch.zeros(1, 2, 3), torch.tensor([[True, False]])
-    out, out_mask = drop_conditioning(ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2))
+    out, out_mask, _ = drop_conditioning(ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2))
     dropped = (out == 0).all(dim=(1, 2))  # (n,)
     kept = (out == ctx).all(dim=(1, 2))
     assert torch.all(dropped ^ kept), "every row is either the caption or the empty prompt, whole"
     assert torch.equal(out_mask, torch.where(dropped[:, None], umask, mask)), "the mask follows its row"
     rate = dropped.double().mean().item()
     assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), rate
-    again, _ = drop_conditioning(ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2))
+    again, _, _ = drop_conditioning(ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2))
     assert torch.equal(again, out)
+
+
+def test_dropout_replaces_the_pooled_vector_with_its_row():
+    n, p = 2000, 0.3
+    g = torch.Generator().manual_seed(1)
+    ctx, pooled = torch.randn(n, 2, 3, generator=g), torch.randn(n, 5, generator=g)
+    mask = torch.ones(n, 2, dtype=torch.bool)
+    uctx, umask, upooled = torch.zeros(1, 2, 3), torch.tensor([[True, False]]), torch.full((1, 5), 7.0)
+    out, _, out_pooled = drop_conditioning(ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2),
+                                           pooled=pooled, uncond_pooled=upooled)
+    dropped = (out == 0).all(dim=(1, 2))  # (n,)
+    assert 0 < dropped.sum() < n
+    assert torch.equal(out_pooled, torch.where(dropped[:, None], upooled, pooled)), "pooled must follow its caption"
+    # the same draws with or without pooled vectors: adding them to a run changes no other random number
+    without, _, none = drop_conditioning(ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2))
+    assert torch.equal(without, out) and none is None
+    with pytest.raises(ValueError, match="together"):
+        drop_conditioning(ctx, mask, uctx, umask, p, pooled=pooled)
+
+
+def test_guidance_passes_each_branch_its_own_pooled_vector(inputs):
+    x, t, ctx, mask, uctx, umask = inputs
+    g = torch.Generator().manual_seed(3)
+    pooled, upooled = torch.randn(B, D, generator=g), torch.randn(1, D, generator=g)
+    net = PooledToyDenoiser()
+    guided = cfg_model(net, ctx, mask, uctx, umask, 3.0, pooled=pooled, uncond_pooled=upooled)(x, t)
+    assert net.batches == [2 * B]
+    ref = PooledToyDenoiser()
+    cond = ref(x, t, ctx, mask, pooled=pooled)
+    uncond = ref(x, t, uctx.expand(B, L, D), umask.expand(B, L), pooled=upooled.expand(B, D))
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond))
+    at_one = cfg_model(PooledToyDenoiser(), ctx, mask, uctx, umask, 1.0, pooled=pooled, uncond_pooled=upooled)(x, t)
+    torch.testing.assert_close(at_one, cond)
+    with pytest.raises(ValueError, match="together"):
+        cfg_model(net, ctx, mask, uctx, umask, 3.0, pooled=pooled)

@@ -95,7 +95,7 @@ def test_store_equals_fresh_encodes(dataset_url, fp32_store, vae, text):
     assert sorted(ids) == sorted(by_id) and len(ids) == N_IMAGES
     order = [by_id[i] for i in ids]
     # fresh encodes in the encoder's batches (8 rows of one shard, in store order): batching changes BLAS blocking
-    mean, logvar, emb, mask = [], [], [], []
+    mean, logvar, emb, mask, pooled = [], [], [], [], []
     for k, shard in enumerate(store.shards):
         first = int(store.offsets[k])
         for s in range(first, first + shard.rows, 8):
@@ -104,19 +104,22 @@ def test_store_equals_fresh_encodes(dataset_url, fp32_store, vae, text):
                 post = vae.encode(images.get_batch(rows))  # (b, 3, 32, 32) -> (b, 4, 8, 8)
                 e = text.encode([r["caption"] for r in images.rows(rows)])
             mean.append(post.mean), logvar.append(post.logvar), emb.append(e.embeddings), mask.append(e.mask)
+            pooled.append(e.pooled)
     assert got["latents"].dtype == torch.float32 and got["latents"].shape == (N_IMAGES, 4, 8, 8)
     assert (got["latents"] - torch.cat(mean)).abs().max() <= 1e-6
     assert (got["logvar"] - torch.cat(logvar)).abs().max() <= 1e-6
     assert (got["context"] - torch.cat(emb)).abs().max() <= 1e-6
     assert torch.equal(got["context_mask"], torch.cat(mask))
+    assert (got["pooled"] - torch.cat(pooled)).abs().max() <= 1e-6 and got["pooled"].shape == (N_IMAGES, text.pooled_dim)
     meta = store.metadata
     assert meta.vae_identity == "models:/ldm-vae/1" and meta.text_encoder_identity == text.identity
     assert (meta.scaling_factor, meta.shift_factor) == (SCALE, SHIFT)
     assert meta.latent_shape == [4, 8, 8] and meta.context_shape == [8, text.dim]
     assert meta.rows == N_IMAGES == sum(s.rows for s in meta.shards) and len(meta.shards) == N_IMAGES // ROWS_PER_SHARD
-    ctx, mask = store.uncond()
+    ctx, mask, pooled = store.uncond()
     empty = text.empty()
     assert torch.equal(ctx, empty.embeddings) and torch.equal(mask, empty.mask) and ctx.shape == (1, 8, text.dim)
+    assert torch.equal(pooled, empty.pooled) and pooled.shape == (1, text.pooled_dim) and meta.pooled_dim == text.pooled_dim
 
 
 def test_rows_are_grouped_by_split_and_datasets_select_them(dataset_url, fp32_store):
@@ -393,3 +396,97 @@ def test_train_ldm_runs_on_a_latent_dataset(fp32_store):
     assert result.step == 2 and result.nonfinite_skipped == 0
     after = list(result.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the optimizer stepped"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stores written before pooled text vectors were cached
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _as_old_store(url: str, old_url: str) -> None:
+    """The store at ``url`` as older code wrote it: no pooled field in the shards, no pooled null caption, and a
+    latent_store.json without the pooled keys."""
+    store = LatentStore(url)
+    meta = store.metadata
+    template = meta.model_copy(update={"pooled_dim": None, "shards": [], "runs": [], "rows": 0, "train_rows": 0,
+                                       "validation_rows": 0, "attribute_columns": []})
+    ctx, mask, _ = store.uncond()
+    cfg = _cfg(backend=meta.backend, dtype=meta.dtype)
+    writer = ls.LatentStoreWriter.open(old_url, template, cfg, (ctx, mask))
+    for k, record in enumerate(store.shards):
+        arrays = store.format.read(store.shard_url(k), ("latents", "logvar", "context", "context_mask"), None)
+        rows = store.format.read_row_table(store.shard_url(k), None)
+        cols = ls.ShardColumns(arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows)
+        writer.write_shard(record.source, cols, source_rows=record.source_rows, source_bytes=record.source_bytes)
+    path = os.path.join(old_url, ls.METADATA_NAME)
+    with open(path) as f:
+        doc = json.load(f)
+    doc.pop("pooled_dim")
+    for s in doc["shards"]:
+        s.pop("pooled")
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def _ldm_config(denoiser: dict):
+    from ldm_core.trainers.ldm import LDMTrainingConfig
+
+    return LDMTrainingConfig.model_validate({
+        "denoiser": denoiser, "diffusion": {"kind": "flow"},
+        "trainer": {"steps": 1, "batch_size": 8, "ema_decay": None, "log_every": 1, "device": "cpu"},
+    })
+
+
+MMDIT = {"kind": "mmdit", "preset": "tiny", "hidden_size": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_a_store_without_pooled_vectors_loads_and_encoding_adds_them(dataset_url, vae, text, tmp_path, backend):
+    """An old store still trains the UNet; the MMDiT is refused with what to do; the next encode_dataset gives it
+    the pooled vectors a fresh store has (from the stored captions, resumable), and then the MMDiT trains on it."""
+    from ldm_core.models.unet import UNET_PRESETS
+    from ldm_core.trainers.ldm import train_ldm
+
+    new_url, old_url = str(tmp_path / "new"), str(tmp_path / "old")
+    cfg = _cfg(backend=backend, dtype="fp16")
+    encode_dataset(dataset_url, new_url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
+    _as_old_store(new_url, old_url)
+
+    data = LatentDataset(old_url, "train")
+    assert not data.has_pooled and data.uncond()[2] is None and "pooled" not in data.get_batch([0, 1])
+    assert train_ldm(_ldm_config(UNET_PRESETS["tiny"].to_dict()), data, uncond=data.uncond()).step == 1
+    with pytest.raises(ValueError, match="before pooled vectors were cached.*encode_dataset"):
+        train_ldm(_ldm_config(MMDIT), data, uncond=data.uncond())
+
+    # an upgrade killed after its first shard leaves a store every reader still reads whole, without pooled
+    writer = ls.LatentStoreWriter(old_url, ls.read_metadata(old_url), cfg)
+
+    def kill(done: int, todo: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        writer.add_pooled(text, progress=kill)
+    meta = ls.read_metadata(old_url)
+    assert meta.pooled_dim is None and [s.pooled for s in meta.shards] == [True, False, False, False]
+    halfway = LatentDataset(old_url, None)
+    assert not halfway.has_pooled and torch.equal(halfway.get_batch(range(N_IMAGES))["latents"],
+                                                  LatentDataset(new_url, None).get_batch(range(N_IMAGES))["latents"])
+
+    result = encode_dataset(dataset_url, old_url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
+    assert result.rows_new == 0 and result.pooled_rows_added == N_IMAGES - ROWS_PER_SHARD
+    upgraded, fresh = LatentStore(old_url), LatentStore(new_url)
+    assert upgraded.has_pooled and upgraded.metadata.pooled_dim == text.pooled_dim
+    (ids, got), (ref_ids, ref) = _all(upgraded), _all(fresh)
+    assert ids == ref_ids and [upgraded.read_rows(k) for k in range(4)] == [fresh.read_rows(k) for k in range(4)]
+    for f in ("latents", "logvar", "context", "context_mask"):
+        assert torch.equal(got[f], ref[f]), f
+    # the same captions through the same encoder, in other batches: equal to fp16 rounding
+    torch.testing.assert_close(got["pooled"].float(), ref["pooled"].float(), atol=2e-3, rtol=2e-3)
+    for a, b in zip(upgraded.uncond(), fresh.uncond()):
+        assert torch.equal(a, b)
+    assert sorted(storage.list_dir(os.path.join(old_url, "shards"))) == sorted(s.name for s in upgraded.shards)
+    data = LatentDataset(old_url, "train")
+    assert data.get_batch([0, 1])["pooled"].shape == (2, text.pooled_dim)
+    assert train_ldm(_ldm_config(MMDIT), data, uncond=data.uncond()).step == 1
+    again = encode_dataset(dataset_url, old_url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
+    assert again.pooled_rows_added == 0 and again.rows_new == 0

@@ -1,4 +1,5 @@
-"""Stage 2 trainer: it learns text conditioning, resumes bit for bit, and feeds generate()."""
+"""Stage 2 trainer: it learns text conditioning, resumes bit for bit, and feeds generate(); the MMDiT gets the pooled
+text vectors (dropped with their captions), the UNet's steps do not change."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from ldm_core.data.memory import InMemoryDataset
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import cfg_model
+from ldm_core.models.denoiser import parse_denoiser_config
 from ldm_core.models.unet import UNET_PRESETS, UNetConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import RecordingTracker
@@ -172,3 +174,109 @@ def test_torch_compile_option_trains_like_eager(text, monkeypatch):
     assert eager.model.state_dict().keys() == comp.model.state_dict().keys()  # no "_orig_mod." prefixes
     for k, v in eager.model.state_dict().items():
         torch.testing.assert_close(v, comp.model.state_dict()[k], rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pooled text vectors: the MMDiT's modulation gets them, the UNet's steps do not change
+# ---------------------------------------------------------------------------------------------------------------
+
+# 2 joint blocks of width 32 on 8x8x4 latents (16 patches), MiniLM tokens (384)
+SMALL_MMDIT = {"kind": "mmdit", "preset": "tiny", "hidden_size": 32, "depth": 2, "num_heads": 2}
+
+
+def _with_pooled(data: InMemoryDataset, pooled: torch.Tensor) -> InMemoryDataset:
+    return InMemoryDataset(**data.columns, pooled=pooled)
+
+
+def _mmdit_config(**trainer) -> LDMTrainingConfig:
+    cfg = _config(**trainer)
+    cfg.denoiser = parse_denoiser_config(SMALL_MMDIT)
+    return cfg
+
+
+def test_mmdit_learns_the_prompt_from_the_pooled_vector_alone(text):
+    """Both classes get the same tokens; only the pooled vector (each prompt's own) tells them apart, so the model
+    can learn the prompt only if the trainer hands it the batch's pooled vectors (left to pool the tokens itself it
+    would see one prompt), and sampling only if generation hands it the prompt's."""
+    enc, embs = text
+    n = 64
+    data = _toy_latents(embs, n)
+    labels = torch.arange(n) % 2
+    data.columns["context"][:] = embs["red"].embeddings
+    data.columns["context_mask"][:] = embs["red"].mask
+    data = _with_pooled(data, torch.where(labels[:, None] == 0, embs["red"].pooled, embs["blue"].pooled))
+    cfg = _mmdit_config(steps=150, batch_size=16, log_every=25, checkpoint_every=10_000)
+    empty = enc.empty()
+    torch.manual_seed(0)
+    result = train_ldm(cfg, data, uncond=(empty.embeddings, empty.mask, empty.pooled))
+
+    diffusion = create_diffusion(DiffusionConfig(kind="flow", sample_steps=12))
+    model = result.model.eval()
+    correct = 0
+    for cls, sign in (("red", 1.0), ("blue", -1.0)):
+        noise = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(123))
+        guided = cfg_model(model, embs["red"].embeddings, embs["red"].mask, empty.embeddings, empty.mask, 3.0,
+                           pooled=embs[cls].pooled, uncond_pooled=empty.pooled)
+        with torch.no_grad():
+            z = diffusion.sample(guided, noise)
+        correct += int(((z.mean(dim=(1, 2, 3)) * sign) > 0).sum())
+    assert correct / 32 >= 0.85, f"class accuracy {correct / 32:.2f}"
+
+
+def test_caption_dropout_swaps_the_pooled_vector_with_the_tokens(text, monkeypatch):
+    """Every forward sees, per row, the caption's tokens and its pooled vector, or the null caption's tokens and
+    its pooled vector: never a dropped caption's pooled vector (which would leak the caption to the modulation).
+    A pooled width unlike the tokens' (as SD3's) also has its FLOPs counted for MFU."""
+    from ldm_core.models.mmdit import MMDiT
+
+    enc, embs = text
+    n, width = 32, 16
+    g = torch.Generator().manual_seed(0)
+    data = _with_pooled(_toy_latents(embs, n), torch.randn(n, width, generator=g) + 5.0)
+    empty = enc.empty()
+    upooled = torch.full((1, width), -5.0)
+    seen = []
+    forward = MMDiT.forward
+
+    def spy(self, x, t, context, context_mask=None, pooled=None):
+        if torch.is_grad_enabled():  # training steps (not the FLOP count on meta tensors)
+            seen.append((context.detach().clone(), pooled.detach().clone()))
+        return forward(self, x, t, context, context_mask, pooled)
+
+    monkeypatch.setattr(MMDiT, "forward", spy)
+    cfg = _mmdit_config(steps=4, batch_size=8, cond_dropout=0.5)
+    cfg.denoiser = cfg.denoiser.model_copy(update={"pooled_projection_dim": width})
+    tracker = RecordingTracker()
+    train_ldm(cfg, data, tracker, uncond=(empty.embeddings, empty.mask, upooled))
+    ctx_seen = [c for c, p in seen if not c.is_meta]
+    pooled_seen = [p for c, p in seen if not c.is_meta]
+    assert len(ctx_seen) == 4
+    dropped_ctx = torch.cat([(c == empty.embeddings).all(dim=(1, 2)) for c in ctx_seen])  # (32,)
+    dropped_pooled = torch.cat([(p == upooled).all(dim=1) for p in pooled_seen])
+    assert 0 < dropped_ctx.sum() < len(dropped_ctx), "the test needs dropped and kept captions"
+    assert torch.equal(dropped_ctx, dropped_pooled)
+    assert all(((p > 0).all(1) | (p == upooled).all(1)).all() for p in pooled_seen)  # a kept row: its own vector
+    assert 0 < tracker.last("mfu") < 1 and tracker.last("model_tflops_per_device") > 0
+
+
+def test_unet_steps_are_unchanged_by_pooled_vectors(text):
+    """The UNet takes no pooled vector: data and a null caption that carry one train it bit for bit as before."""
+    enc, embs = text
+    data = _toy_latents(embs, 16)
+    empty = enc.empty()
+    cfg = _config(steps=3, batch_size=8, cond_dropout=0.5)
+    without = train_ldm(cfg, data, uncond=(empty.embeddings, empty.mask))
+    pooled = torch.randn(16, 384, generator=torch.Generator().manual_seed(0))
+    with_pooled = train_ldm(cfg, _with_pooled(data, pooled), uncond=(empty.embeddings, empty.mask, empty.pooled))
+    for k, v in without.model.state_dict().items():
+        assert torch.equal(v, with_pooled.model.state_dict()[k]), k
+
+
+def test_mmdit_without_pooled_vectors_is_refused_with_what_to_do(text):
+    enc, embs = text
+    empty = enc.empty()
+    data = _toy_latents(embs, 16)
+    with pytest.raises(ValueError, match="null caption .*encode_dataset"):
+        train_ldm(_mmdit_config(steps=1), data, uncond=(empty.embeddings, empty.mask))
+    with pytest.raises(ValueError, match="no 'pooled'.*encode_dataset"):
+        train_ldm(_mmdit_config(steps=1), data, uncond=(empty.embeddings, empty.mask, empty.pooled))

@@ -1,7 +1,15 @@
 import pytest
 import torch
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertTokenizerFast,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+)
 
-from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from ldm_core.text_encoder import TextEncoder, TextEncoderConfig, resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +70,63 @@ def test_any_local_transformers_path_works(tmp_path):
 
 
 def test_clip_text_model_path(tmp_path):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ldm_core.text_encoder import resolve_model_path
-
-    # a CLIP text model with a tokenizer built offline from the MiniLM vocabulary (only the model class matters here)
-    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=30522, max_position_embeddings=16)).save_pretrained(tmp_path)
-    from transformers import BertTokenizerFast
-
-    BertTokenizerFast.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(tmp_path)
+    """A checkpoint of a plain CLIPTextModel (SD-1's text encoder) has no projection weights: it loads as itself,
+    and its pooled vector is the unprojected EOS state (pooler_output), never a projection with random weights."""
+    _tiny_clip(tmp_path, with_projection=False)
     enc = TextEncoder(TextEncoderConfig(name=str(tmp_path), max_length=8))
-    assert type(enc.model).__name__ == "CLIPTextModel"
-    assert enc.encode(["a photo"]).embeddings.shape == (1, 8, 32)
+    assert type(enc.model).__name__ == "CLIPTextModel" and enc.pooling == "clip_pooler_output"
+    out = enc.encode(["a photo"])
+    assert out.embeddings.shape == (1, 8, 32) and out.pooled.shape == (1, 32) and enc.pooled_dim == 32
+    eos = int(out.mask[0].sum()) - 1
+    torch.testing.assert_close(out.pooled[0], out.embeddings[0, eos])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pooled vectors
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_minilm_pooled_vector_is_sentence_transformers_mean_pooling(encoder):
+    """all-MiniLM-L6-v2's sentence-transformers Pooling module (pooling_mode_mean_tokens), computed here from the
+    model's own files with transformers alone: the mean of the last hidden state over the attention mask."""
+    captions = ["a small red circle", "a large blue square in the top left", ""]
+    path = resolve_model_path("all-MiniLM-L6-v2")
+    tok = AutoTokenizer.from_pretrained(path)(captions, padding="max_length", truncation=True, max_length=16,
+                                             return_tensors="pt")
+    with torch.no_grad():
+        token_embeddings = AutoModel.from_pretrained(path)(**tok).last_hidden_state  # (3, 16, 384)
+    mask = tok["attention_mask"].unsqueeze(-1).expand(token_embeddings.size()).float()
+    expected = torch.sum(token_embeddings * mask, 1) / torch.clamp(mask.sum(1), min=1e-9)
+    out = encoder.encode(captions)
+    assert encoder.pooling == "masked_mean" and encoder.pooled_dim == 384 and out.pooled.shape == (3, 384)
+    torch.testing.assert_close(out.pooled, expected, atol=1e-5, rtol=1e-5)
+    # the null caption of classifier-free guidance has one: the mean of its [CLS] and [SEP] states
+    empty = encoder.empty()
+    assert empty.pooled.shape == (1, 384)
+    torch.testing.assert_close(empty.pooled, empty.embeddings[0, :2].mean(0, keepdim=True), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(empty.pooled[0], expected[2], atol=1e-5, rtol=1e-5)
+
+
+def _tiny_clip(tmp_path, with_projection: bool):
+    """A random CLIP text model built offline, with the MiniLM tokenizer; its EOS is BERT's [SEP] (id 102), so the
+    pooled token is the caption's last real one, as with CLIP's own tokenizer."""
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=30522, max_position_embeddings=16, projection_dim=24, eos_token_id=102,
+                            bos_token_id=101, pad_token_id=0)
+    torch.manual_seed(0)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+    model.save_pretrained(tmp_path)
+    BertTokenizerFast.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(tmp_path)
+    return model
+
+
+def test_clip_with_projection_pools_the_projected_eos_token(tmp_path):
+    reference = _tiny_clip(tmp_path, with_projection=True)
+    enc = TextEncoder(TextEncoderConfig(name=str(tmp_path), max_length=8))
+    assert type(enc.model).__name__ == "CLIPTextModelWithProjection" and enc.pooling == "clip_projected_eos"
+    out = enc.encode(["a photo", "a photo of a cat"])
+    assert out.embeddings.shape == (2, 8, 32) and out.pooled.shape == (2, 24) and enc.pooled_dim == 24
+    eos = out.mask.sum(1) - 1  # (2,): [CLS] … [SEP], the [SEP] last
+    with torch.no_grad():
+        expected = reference.text_projection(out.embeddings[torch.arange(2), eos])  # final-layer-normed EOS, projected
+    torch.testing.assert_close(out.pooled, expected, atol=1e-5, rtol=1e-5)
+    assert enc.empty().pooled.shape == (1, 24)

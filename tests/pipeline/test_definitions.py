@@ -92,3 +92,34 @@ def test_dagster_definitions_validate_cli():
     out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"patch_size": 3}, "ldm_model.training.denoiser"),  # the model refuses it first: its design size is 8 too
+    ({"pos_embed_max_size": 2}, "ldm_model.training.denoiser"),  # the model refuses it first: it does not cover 8
+    ({"sample_size": 4, "pos_embed_max_size": 2}, "ldm_model.training.denoiser.pos_embed_max_size"),  # up to 4
+    ({"model_channels": 64}, "ldm_model.training.denoiser.model_channels"),  # a UNet field, not an MMDiT one
+    ({"qk_norm": "layer_norm"}, "ldm_model.training.denoiser.qk_norm"),
+    ({"in_channels": 16}, "ldm_model.training.denoiser.in_channels"),  # the demo's latents have 4
+    ({"context_dim": 768}, "ldm_model.training.denoiser.context_dim"),  # MiniLM tokens are 384 wide
+    ({"pooled_projection_dim": 2048}, "ldm_model.training.denoiser.pooled_projection_dim"),  # MiniLM pools to 384
+    ({"hidden_size": 90}, "ldm_model.training.denoiser"),  # not a multiple of 4 heads / 4 (sin-cos positions)
+])
+def test_mmdit_shapes_are_checked_against_the_latents_before_any_work(change, field):
+    cfg = run_configs.load("demo-mmdit")
+    cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"].update(change)
+    with pytest.raises(ConfigValidationError, match=field.replace(".", r"\.") + ":"):
+        validate_run_config(cfg)
+
+
+def test_mmdit_latent_side_follows_the_store_resolution():
+    """The latents are encoded at latent_store.store.resolution: 96 px -> 24x24 latents, more than the tiny preset's
+    8 positions of 2x2 patches cover; 40 px -> 10x10 latents, which 4x4 patches do not tile."""
+    cfg = run_configs.load("demo-mmdit")
+    cfg["ops"]["latent_store"]["config"]["store"]["resolution"] = 96
+    with pytest.raises(ConfigValidationError, match=r"pos_embed_max_size: 8 .* latent side is 24 \(= 96 / 4\)"):
+        validate_run_config(cfg)
+    cfg["ops"]["latent_store"]["config"]["store"]["resolution"] = 40
+    cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"]["patch_size"] = 4
+    with pytest.raises(ConfigValidationError, match=r"patch_size: 4 does not divide the latent side 10 \(= 40 / 4\)"):
+        validate_run_config(cfg)
