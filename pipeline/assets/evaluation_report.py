@@ -40,7 +40,8 @@ def _loss_curves(client, runs: dict[str, str]) -> dict[str, dict[str, list[tuple
     return curves
 
 
-@dg.asset(group_name=GROUP, deps=["ldm_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"html", "mlflow"},
+# it reads the metadata of all three (held-out images, the autoencoder's run, the LDM): lineage says so
+@dg.asset(group_name=GROUP, deps=["image_dataset", "vae_model", "ldm_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"html", "mlflow"},
           description=__doc__)
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationReportConfig, mlflow: MLflowResource,
                       storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:

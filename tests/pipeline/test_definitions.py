@@ -35,7 +35,7 @@ def test_dependencies_are_explicit():
     parents = {k: {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys} for k in ASSET_KEYS}
     assert parents == {
         "image_dataset": set(), "vae_model": {"image_dataset"}, "latent_store": {"image_dataset", "vae_model"},
-        "ldm_model": {"latent_store"}, "evaluation_report": {"ldm_model"},
+        "ldm_model": {"latent_store"}, "evaluation_report": {"image_dataset", "vae_model", "ldm_model"},
     }
 
 
