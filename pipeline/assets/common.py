@@ -15,6 +15,10 @@ GROUP = "ldm"
 GPU_POOL = "gpu"
 GPU_OP_TAGS = {
     "dagster-k8s/config": {
+        # dagster-k8s deep-merges a step's config onto the run launcher's (deploy/helm/values.yaml: the run pod's CPU
+        # node selector and memory limit): a GPU pod would then ask for a CPU node and a GPU node at once and stay
+        # Pending. SHALLOW replaces each key given here (node_selector, tolerations, resources) instead.
+        "merge_behavior": "SHALLOW",
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
         # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule so that only pods asking for one land there
         "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
