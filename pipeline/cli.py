@@ -60,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline import run_configs
     from pipeline.config_bridge import ConfigValidationError
     from pipeline.definitions import get_training_job
+    from pipeline.resources import MLflowResource
     from pipeline.validation import validate_run_config
 
     run_config = run_configs.load(args.config)
@@ -75,6 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with dg.DagsterInstance.get() as instance:
         result = dg.execute_job(dg.reconstructable(get_training_job), instance=instance, run_config=run_config,
                                 tags={"ldm.trigger": "ldm demo"})
+        # no daemon runs the run-status sensors here (pipeline/mlflow_runs.py): end what the steps could not
+        mlflow_config = ((run_config.get("resources") or {}).get("mlflow") or {}).get("config") or {}
+        MLflowResource(**mlflow_config).end_dagster_run(result.run_id, "FINISHED" if result.success else "FAILED")
         failed_checks = [f"  check {e.check_name} on {e.asset_key.to_user_string()} failed: {e.description or ''}"
                          for e in result.get_asset_check_evaluations() if not e.passed]
         if not result.success:
