@@ -25,6 +25,10 @@ telemetry:
 concurrency:
   pools:
     default_limit: 1   # one GPU-tagged step at a time (pool `gpu`) on a laptop
+run_monitoring:
+  enabled: true
+  max_resume_run_attempts: 0
+  free_slots_after_run_end_seconds: 60   # a killed run never frees its `gpu` slot itself
 """
 
 

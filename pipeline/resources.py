@@ -230,16 +230,17 @@ class ComputeResource(dg.ConfigurableResource):
 
             return max(1, torch.cuda.device_count()) if self.torch_device().startswith("cuda") else 1
         if isinstance(n, bool) or not isinstance(n, int) and not (isinstance(n, str) and n.isdigit()):
-            raise dg.Failure(f'compute.num_processes must be a positive integer or "auto", got {n!r}')
+            raise dg.Failure(f'compute.num_processes must be a positive integer or "auto", got {n!r}',
+                             allow_retries=False)
         n = int(n)
         if n < 1:
-            raise dg.Failure(f"compute.num_processes must be >= 1, got {n}")
+            raise dg.Failure(f"compute.num_processes must be >= 1, got {n}", allow_retries=False)
         if self.torch_device().startswith("cuda"):
             import torch
 
             if n > torch.cuda.device_count():
                 raise dg.Failure(f"compute.num_processes={n} but only {torch.cuda.device_count()} GPUs are visible: "
-                                 "one process per GPU")
+                                 "one process per GPU", allow_retries=False)
         return n
 
     def torch_device(self) -> str:

@@ -27,11 +27,19 @@ GPU_OP_TAGS = {
 }
 
 
+# A GPU step that fails (a preempted node, a lost device, a flaky storage or registry call) is retried by Dagster:
+# training resumes from its checkpoint (keyed on data + config), encoding from its manifest, so a retry redoes little.
+# The backoff gives a preempted node time to be replaced. Config errors are never retried (dg.Failure with
+# allow_retries=False); a run whose worker died is retried as a whole by the instance's run_retries (deploy/).
+GPU_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+
+
 def upstream_metadata(context: dg.AssetExecutionContext, key: str) -> dict[str, Any]:
     """The metadata the upstream asset recorded at its latest materialization (its exact version and URLs)."""
     event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
     if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first")
+        raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first",
+                         allow_retries=False)
     return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
 
 

@@ -8,7 +8,7 @@ from ldm_core.data.latent_dataset import LatentDataset
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, stable_key, upstream_metadata
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -44,8 +44,8 @@ def _training_config(config: LdmModelConfig, store_md: dict) -> LDMTrainingConfi
     return to_core(LDMTrainingConfig, data, "ldm_model.training")
 
 
-@dg.asset(group_name=GROUP, deps=["latent_store"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "mlflow"},
-          description=__doc__)
+@dg.asset(group_name=GROUP, deps=["latent_store"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY_POLICY,
+          kinds={"pytorch", "mlflow"}, description=__doc__)
 def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow: MLflowResource,
               storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     store_md = upstream_metadata(context, "latent_store")
@@ -54,7 +54,8 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     den = training.denoiser
     if den.context_dim != store_md["context_dim"] or den.in_channels != store_md["latent_shape"][0]:
         raise dg.Failure(f"denoiser expects context_dim={den.context_dim}, in_channels={den.in_channels} but the "
-                         f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}")
+                         f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}",
+                         allow_retries=False)
     train = LatentDataset(store_md["store_url"], split="train")
     text_cfg = TextEncoderConfig.model_validate(store_md["text_encoder_config"])
     vae = load_autoencoder(store_md["vae_url"])

@@ -59,6 +59,38 @@ def test_dagster_yaml_validates_against_dagsters_schema(tmp_path, monkeypatch):
     assert "postgres" in config["storage"]
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"]["default_limit"] >= 1
+    _assert_retries_and_slot_cleanup(config)
+
+
+def _assert_retries_and_slot_cleanup(config: dict) -> None:
+    """A run whose worker died is retried (step failures have their own RetryPolicy), and the `gpu` pool slot a
+    killed run still holds is freed."""
+    assert config["run_retries"]["enabled"] and config["run_retries"]["max_retries"] >= 1
+    assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
+    assert config["run_monitoring"]["enabled"] and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+
+
+def test_helm_daemon_retries_runs_and_frees_pool_slots_as_dagster_yaml_does():
+    daemon = _yaml("helm/values.yaml")["dagsterDaemon"]
+    retries, monitoring = daemon["runRetries"], daemon["runMonitoring"]
+    _assert_retries_and_slot_cleanup({
+        "run_retries": {"enabled": retries["enabled"], "max_retries": retries["maxRetries"],
+                        "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"]},
+        "run_monitoring": {"enabled": monitoring["enabled"],
+                           "free_slots_after_run_end_seconds": monitoring["freeSlotsAfterRunEndSeconds"]},
+    })
+
+
+def test_the_local_instance_frees_the_gpu_slot_of_a_killed_run(tmp_path):
+    """`ldm` writes LDM_HOME's instance (`dagster dev` under `ldm ui` runs its daemon): valid for Dagster, with the
+    slot cleanup a laptop's pool limit of 1 needs."""
+    from dagster._core.instance.config import dagster_instance_config
+
+    from pipeline.cli import DAGSTER_YAML
+
+    (tmp_path / "dagster.yaml").write_text(DAGSTER_YAML)
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
 
 
 def test_every_setting_dagster_yaml_needs_is_set_by_compose():
