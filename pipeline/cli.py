@@ -25,6 +25,10 @@ telemetry:
 concurrency:
   pools:
     default_limit: 1   # one GPU-tagged step at a time (pool `gpu`) on a laptop
+run_monitoring:
+  enabled: true
+  max_resume_run_attempts: 0
+  free_slots_after_run_end_seconds: 60   # a killed run never frees its `gpu` slot itself
 """
 
 
@@ -60,6 +64,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline import run_configs
     from pipeline.config_bridge import ConfigValidationError
     from pipeline.definitions import get_training_job
+    from pipeline.resources import MLflowResource
     from pipeline.validation import validate_run_config
 
     run_config = run_configs.load(args.config)
@@ -75,6 +80,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with dg.DagsterInstance.get() as instance:
         result = dg.execute_job(dg.reconstructable(get_training_job), instance=instance, run_config=run_config,
                                 tags={"ldm.trigger": "ldm demo"})
+        # no daemon runs the run-status sensors here (pipeline/mlflow_runs.py): end what the steps could not
+        mlflow_config = ((run_config.get("resources") or {}).get("mlflow") or {}).get("config") or {}
+        MLflowResource(**mlflow_config).end_dagster_run(result.run_id, "FINISHED" if result.success else "FAILED")
         failed_checks = [f"  check {e.check_name} on {e.asset_key.to_user_string()} failed: {e.description or ''}"
                          for e in result.get_asset_check_evaluations() if not e.passed]
         if not result.success:
@@ -135,7 +143,13 @@ def _fmt(v: Any) -> str:
 # ldm ui
 # ---------------------------------------------------------------------------------------------------------------
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, `kill`, a closed terminal
+STOP_GRACE_SECONDS = 20  # how long a server may take to shut down on SIGINT before it is killed
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    """Run the Dagster UI (``dagster dev``: webserver + daemon) and the MLflow UI until a stop signal, or until one of
+    them exits by itself (then the other is stopped too and the exit status is 1)."""
     prepare_home()
     bin_dir = Path(sys.executable).parent
     workspace = Path("workspace.yaml")
@@ -144,23 +158,56 @@ def cmd_ui(args: argparse.Namespace) -> int:
     mlflow = [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", settings.mlflow_tracking_uri(),
               "--default-artifact-root", settings.mlflow_artifact_location(), "--host", args.host,
               "--port", str(args.mlflow_port)]
-    procs = [subprocess.Popen(dagster), subprocess.Popen(mlflow)]
-    print(f"Dagster: http://{args.host}:{args.dagster_port}   MLflow: http://{args.host}:{args.mlflow_port}   (Ctrl-C stops both)")
+    stop_requested: list[int] = []
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        stop_requested.append(signum)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    servers: dict[str, subprocess.Popen] = {}
     try:
-        while all(p.poll() is None for p in procs):
+        # Each server leads a process group of its own, with the helpers it starts (dagster dev's webserver, daemon
+        # and code server; MLflow's workers), so stopping the group stops them all, and a terminal's Ctrl-C reaches
+        # them only through here, once.
+        for name, cmd in (("Dagster", dagster), ("MLflow", mlflow)):
+            if not stop_requested:
+                servers[name] = subprocess.Popen(cmd, start_new_session=True)
+        print(f"Dagster: http://{args.host}:{args.dagster_port}   MLflow: http://{args.host}:{args.mlflow_port}   "
+              "(Ctrl-C stops both)", flush=True)
+        while not stop_requested and all(p.poll() is None for p in servers.values()):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return 0
+        exited = {name: p.returncode for name, p in servers.items() if p.poll() is not None}
+        _stop_servers(servers.values())
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop_requested:
+        return 0
+    for name, code in exited.items():
+        print(f"ldm ui: the {name} server exited (status {code}); stopped the other one", file=sys.stderr)
+    return 1
+
+
+def _stop_servers(servers: Any) -> None:
+    """SIGINT to each server's process group, then SIGKILL to whatever of a group is left after the grace period."""
+    servers = list(servers)
+    for p in servers:
+        _signal_group(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for p in servers:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(p.pid, signal.SIGKILL)  # the leader if it hung, and helpers it left behind
+        p.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # the whole group is gone already
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------

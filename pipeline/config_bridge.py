@@ -141,8 +141,12 @@ def _drop_unset(value: Any) -> Any:
     return value
 
 
-class ConfigValidationError(ValueError):
-    """A run config section that ldm_core rejects; the message names each field path."""
+class ConfigValidationError(dg.Failure, ValueError):
+    """A run config section that ldm_core rejects; the message names each field path. Raised in a step, it fails the
+    step for good: a retry would meet the same config (a RetryPolicy passes over Failures that disallow retries)."""
+
+    def __init__(self, message: str):
+        super().__init__(description=message, allow_retries=False)
 
 
 def _union_members(tp: Any) -> dict[str, type[BaseModel]]:

@@ -10,6 +10,7 @@ from pipeline.assets.vae_model import vae_model
 from pipeline.checks import ALL_CHECKS
 from pipeline.executors import executor_from_env
 from pipeline.jobs import ldm_new_data_sensor, ldm_retrain_job, ldm_training_job, ldm_weekly_retrain
+from pipeline.mlflow_runs import MLFLOW_RUN_SENSORS
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 
 ASSETS = [image_dataset, vae_model, latent_store, ldm_model, evaluation_report]
@@ -19,7 +20,7 @@ defs = dg.Definitions(
     asset_checks=ALL_CHECKS,
     jobs=[ldm_training_job, ldm_retrain_job],
     schedules=[ldm_weekly_retrain],
-    sensors=[ldm_new_data_sensor],
+    sensors=[ldm_new_data_sensor, *MLFLOW_RUN_SENSORS],
     resources={"mlflow": MLflowResource(), "storage": StorageResource(), "compute": ComputeResource()},
     # one process per run by default (the assets form a chain, and torch is imported once); deploy/ picks the k8s
     # executor through LDM_EXECUTOR

@@ -8,10 +8,12 @@ import dagster as dg
 from ldm_core import storage as ldm_storage
 from pipeline import run_configs
 from pipeline.assets.common import GROUP
+from pipeline.mlflow_runs import MLFLOW_RUN_HOOKS
 
 ldm_training_job = dg.define_asset_job(
     "ldm_training_job", selection=dg.AssetSelection.groups(GROUP),
     description="The whole pipeline: dataset → VAE → latent store → LDM → evaluation report.",
+    hooks=MLFLOW_RUN_HOOKS,
 )
 
 RETRAIN_ASSETS = {"image_dataset", "latent_store", "ldm_model", "evaluation_report"}
@@ -19,6 +21,7 @@ ldm_retrain_job = dg.define_asset_job(
     "ldm_retrain_job", selection=dg.AssetSelection.assets(*RETRAIN_ASSETS),
     description="Retraining on new data with the frozen VAE: ingest new shards, encode only new latents, retrain "
                 "the LDM, evaluate (and promote if the gate passes).",
+    hooks=MLFLOW_RUN_HOOKS,
 )
 
 

@@ -21,6 +21,7 @@ from pipeline.tracking import MLflowTracker
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "ldm.parent"
+SEARCH_MAX_RESULTS = 1000  # the MLflow runs of one Dagster run: one per materialization attempt, and the parent
 
 
 class MLflowResource(dg.ConfigurableResource):
@@ -71,13 +72,19 @@ class MLflowResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def materialization_run(self, context: dg.AssetExecutionContext) -> Iterator["TrackedRun"]:
-        """An MLflow run for this materialization, ended FINISHED or FAILED with the step."""
+        """An MLflow run for this materialization, under the Dagster run's parent run, ended with the step: FINISHED,
+        FAILED, or KILLED when the step is interrupted (the Dagster run is being terminated).
+
+        The parent is RUNNING while a materialization is; the jobs' hooks end it when the run's last step succeeds or
+        a step fails for good, and the run-status sensors end whatever a process could not (`pipeline.mlflow_runs`).
+        """
         client = self.client()
         exp_id = self.experiment_id(client)
         dagster_run_id = context.run.run_id
         asset_key = context.asset_key.to_user_string()
         partition = context.partition_key if context.has_partition_key else ""
         parent = self._parent_run(client, exp_id, dagster_run_id, context.job_name or "adhoc")
+        client.update_run(parent, status="RUNNING")  # reopened by the retry of a run or step that ended it
         run = client.create_run(exp_id, run_name=f"{asset_key}-{dagster_run_id[:8]}", tags={
             "mlflow.parentRunId": parent, "dagster.run_id": dagster_run_id, "dagster.asset_key": asset_key,
             "dagster.partition": partition, "dagster.job": context.job_name or "",
@@ -85,10 +92,46 @@ class MLflowResource(dg.ConfigurableResource):
         tracked = TrackedRun(self, client, exp_id, run.info.run_id)
         try:
             yield tracked
+        except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
+            for run_id in (run.info.run_id, parent):
+                client.set_terminated(run_id, "KILLED")
+            raise
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
+
+    def _dagster_runs(self, client: Any, dagster_run_id: str) -> list[Any]:
+        """Every MLflow run of one Dagster run: its parent and one per materialization attempt."""
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}'",
+                                  max_results=SEARCH_MAX_RESULTS)
+
+    def end_parent_run(self, dagster_run_id: str, status: str) -> None:
+        """End the parent run of a Dagster run with ``status`` (FINISHED, FAILED), unless it was KILLED: an
+        interrupted step's failure is the interruption's."""
+        client = self.client()
+        for r in self._dagster_runs(client, dagster_run_id):
+            if r.data.tags.get(PARENT_TAG) == "true" and r.info.status != "KILLED":
+                client.set_terminated(r.info.run_id, status)
+
+    def end_dagster_run(self, dagster_run_id: str, outcome: str) -> dict[str, str]:
+        """End the MLflow runs of a Dagster run that is over (``outcome``: FINISHED, FAILED or KILLED), as far as its
+        own process could not: a materialization still RUNNING never ended (its process died or was stopped) and
+        becomes KILLED; the parent takes the outcome, KILLED when a materialization of a run that did not succeed
+        had to be. Returns {MLflow run id: status} of the runs it changed."""
+        client = self.client()
+        runs = self._dagster_runs(client, dagster_run_id)
+        changed = {r.info.run_id: "KILLED" for r in runs
+                   if r.data.tags.get(PARENT_TAG) != "true" and r.info.status == "RUNNING"}
+        parent_status = "KILLED" if changed and outcome != "FINISHED" else outcome
+        changed.update({r.info.run_id: parent_status for r in runs
+                        if r.data.tags.get(PARENT_TAG) == "true" and r.info.status != parent_status})
+        for run_id, status in changed.items():
+            client.set_terminated(run_id, status)
+        return changed
 
     # -- registry ---------------------------------------------------------------------------------------------
     def latest_alias_version(self, name: str, alias: str) -> Any | None:
@@ -187,16 +230,17 @@ class ComputeResource(dg.ConfigurableResource):
 
             return max(1, torch.cuda.device_count()) if self.torch_device().startswith("cuda") else 1
         if isinstance(n, bool) or not isinstance(n, int) and not (isinstance(n, str) and n.isdigit()):
-            raise dg.Failure(f'compute.num_processes must be a positive integer or "auto", got {n!r}')
+            raise dg.Failure(f'compute.num_processes must be a positive integer or "auto", got {n!r}',
+                             allow_retries=False)
         n = int(n)
         if n < 1:
-            raise dg.Failure(f"compute.num_processes must be >= 1, got {n}")
+            raise dg.Failure(f"compute.num_processes must be >= 1, got {n}", allow_retries=False)
         if self.torch_device().startswith("cuda"):
             import torch
 
             if n > torch.cuda.device_count():
                 raise dg.Failure(f"compute.num_processes={n} but only {torch.cuda.device_count()} GPUs are visible: "
-                                 "one process per GPU")
+                                 "one process per GPU", allow_retries=False)
         return n
 
     def torch_device(self) -> str:

@@ -15,6 +15,10 @@ GROUP = "ldm"
 GPU_POOL = "gpu"
 GPU_OP_TAGS = {
     "dagster-k8s/config": {
+        # dagster-k8s deep-merges a step's config onto the run launcher's (deploy/helm/values.yaml: the run pod's CPU
+        # node selector and memory limit): a GPU pod would then ask for a CPU node and a GPU node at once and stay
+        # Pending. SHALLOW replaces each key given here (node_selector, tolerations, resources) instead.
+        "merge_behavior": "SHALLOW",
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
         # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule so that only pods asking for one land there
         "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
@@ -23,11 +27,19 @@ GPU_OP_TAGS = {
 }
 
 
+# A GPU step that fails (a preempted node, a lost device, a flaky storage or registry call) is retried by Dagster:
+# training resumes from its checkpoint (keyed on data + config), encoding from its manifest, so a retry redoes little.
+# The backoff gives a preempted node time to be replaced. Config errors are never retried (dg.Failure with
+# allow_retries=False); a run whose worker died is retried as a whole by the instance's run_retries (deploy/).
+GPU_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+
+
 def upstream_metadata(context: dg.AssetExecutionContext, key: str) -> dict[str, Any]:
     """The metadata the upstream asset recorded at its latest materialization (its exact version and URLs)."""
     event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
     if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first")
+        raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first",
+                         allow_retries=False)
     return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
 
 

@@ -12,7 +12,7 @@ from ldm_core.evaluation.attributes import confusion_lines
 from ldm_core.evaluation.evaluate import EvaluationConfig, evaluate, held_out_from_dataset, text_to_image_functions
 from ldm_core.grids import to_uint8
 from ldm_core.models.denoiser import backbone_summary, describe_backbone
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, upstream_metadata
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, upstream_metadata
 from pipeline.assets.ldm_model import REGISTERED_NAME
 from pipeline.config_bridge import dagster_config, to_core
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
@@ -41,8 +41,9 @@ def _loss_curves(client, runs: dict[str, str]) -> dict[str, dict[str, list[tuple
     return curves
 
 
-@dg.asset(group_name=GROUP, deps=["ldm_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"html", "mlflow"},
-          description=__doc__)
+# it reads the metadata of all three (held-out images, the autoencoder's run, the LDM): lineage says so
+@dg.asset(group_name=GROUP, deps=["image_dataset", "vae_model", "ldm_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS,
+          retry_policy=GPU_RETRY_POLICY, kinds={"html", "mlflow"}, description=__doc__)
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationReportConfig, mlflow: MLflowResource,
                       storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     ldm_md = upstream_metadata(context, "ldm_model")

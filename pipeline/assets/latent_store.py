@@ -6,7 +6,7 @@ from pydantic import Field
 from ldm_core.bundle import load_autoencoder
 from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, json_md, stable_key, upstream_metadata
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 
@@ -22,7 +22,7 @@ class LatentStoreAssetConfig(dg.Config):
 
 
 @dg.asset(group_name=GROUP, deps=["image_dataset", "vae_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS,
-          kinds={"zarr", "pytorch"}, description=__doc__)
+          retry_policy=GPU_RETRY_POLICY, kinds={"zarr", "pytorch"}, description=__doc__)
 def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConfig, mlflow: MLflowResource,
                  storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     ds = upstream_metadata(context, "image_dataset")

@@ -11,7 +11,7 @@ from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, json_md, stable_key, upstream_metadata
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -50,8 +50,8 @@ def _training_config(config: LdmModelConfig, store_md: dict, pooled_dim: int | N
     return to_core(LDMTrainingConfig, data, "ldm_model.training")
 
 
-@dg.asset(group_name=GROUP, deps=["latent_store"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "mlflow"},
-          description=__doc__)
+@dg.asset(group_name=GROUP, deps=["latent_store"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY_POLICY,
+          kinds={"pytorch", "mlflow"}, description=__doc__)
 def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow: MLflowResource,
               storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     store_md = upstream_metadata(context, "latent_store")
@@ -61,14 +61,16 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     den = training.denoiser
     if den.context_dim != store_md["context_dim"] or den.in_channels != store_md["latent_shape"][0]:
         raise dg.Failure(f"denoiser expects context_dim={den.context_dim}, in_channels={den.in_channels} but the "
-                         f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}")
+                         f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}",
+                         allow_retries=False)
     if takes_pooled(den) and not train.has_pooled:
         raise dg.Failure(f"the {den.kind} denoiser conditions on pooled text vectors, and the latent store "
                          f"{store_md['store_url']} was written before they were cached: materialize latent_store "
-                         "again, which adds them from the stored captions (no image is re-encoded)")
+                         "again, which adds them from the stored captions (no image is re-encoded)", allow_retries=False)
     if takes_pooled(den) and den.pooled_dim != train.pooled_dim:
         raise dg.Failure(f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
-                         f"width {den.pooled_dim}, the latent store's text encoder gives {train.pooled_dim}; leave it unset")
+                         f"width {den.pooled_dim}, the latent store's text encoder gives {train.pooled_dim}; leave it unset",
+                         allow_retries=False)
     section = config.training.denoiser
     backbone = backbone_summary(den, section.preset if section is not None else None)
     context.log.info(f"denoiser: {describe_backbone(backbone)}")

@@ -10,7 +10,7 @@ from ldm_core.model_io import read_model_meta
 from ldm_core.tracking import FanoutTracker
 from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelity
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GROUP, json_md, stable_key, upstream_metadata
+from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
 from pipeline.config_bridge import dagster_config, to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -50,8 +50,8 @@ def _previous(context: dg.AssetExecutionContext, mlflow: MLflowResource, materia
     return dict(md)
 
 
-@dg.asset(group_name=GROUP, deps=["image_dataset"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, kinds={"pytorch", "mlflow"},
-          description=__doc__)
+@dg.asset(group_name=GROUP, deps=["image_dataset"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY_POLICY,
+          kinds={"pytorch", "mlflow"}, description=__doc__)
 def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow: MLflowResource,
               storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     ds = upstream_metadata(context, "image_dataset")

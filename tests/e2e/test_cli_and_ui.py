@@ -2,6 +2,8 @@
 Materialize button sends), and `ldm sample` on the registry."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -183,3 +185,83 @@ def materialized_home(ldm_home, tiny_config):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return ldm_home, out_png
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `ldm ui` stops what it starts
+# ---------------------------------------------------------------------------------------------------------------
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every running process on this (Linux) machine (zombies are done)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, …
+        except OSError:
+            continue  # exited meanwhile
+        if fields[0] != "Z":
+            out[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running, or any process left in their process groups."""
+    return {pid for pid, (_, pgrp) in _processes().items() if pid in pids or pgrp in pids}
+
+
+@pytest.fixture
+def ldm_ui(tmp_path):
+    """`ldm ui` on two free ports in a fresh LDM_HOME, once both servers have started processes of their own (dagster
+    dev its webserver and daemon, MLflow its web server: what a stop must reach too); yields (process, {child pid},
+    log)."""
+    home = _fresh_home(tmp_path)
+    ports = _free_port(), _free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        ui = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--dagster-port", str(ports[0]),
+                               "--mlflow-port", str(ports[1])], cwd=ROOT, env=child_env(home), stdout=out,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            procs = _processes()
+            children = {pid for pid, (ppid, _) in procs.items() if ppid == ui.pid}
+            if len(children) == 2 and children <= {ppid for ppid, _ in procs.values()}:
+                break
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield ui, children, log
+    finally:
+        for pgid in {ui.pid, *children}:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        ui.wait()
+
+
+def _gone(pids: set[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _alive(pids)
+
+
+@pytest.mark.slow
+def test_ldm_ui_stops_both_servers_on_sigterm(ldm_ui):
+    """SIGTERM (and SIGHUP, the same handler) stops both servers and what they started, as Ctrl-C does."""
+    ui, children, log = ldm_ui
+    ui.send_signal(signal.SIGTERM)
+    assert ui.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert _gone(children, 5), f"left running after SIGTERM: {_alive(children)}"
+
+
+@pytest.mark.slow
+def test_ldm_ui_exits_non_zero_and_stops_the_other_server_when_one_dies(ldm_ui):
+    ui, children, log = ldm_ui
+    mlflow = next(pid for pid in children if b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(mlflow, signal.SIGKILL)
+    assert ui.wait(timeout=60) == 1, log.read_text()[-3000:]
+    assert "the MLflow server exited" in log.read_text()
+    assert _gone(children, 5), f"left running: {_alive(children)}"

@@ -53,6 +53,14 @@ def test_every_materialization_is_a_nested_mlflow_run(materialized):
     assert "psnr" in by_asset["evaluation_report"].data.metrics
 
 
+def test_every_mlflow_run_of_a_successful_job_ends_finished(materialized):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("ldm-pipeline")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{materialized.run_id}'")
+    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}  # the parent and five materializations
+    assert client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'") == []
+
+
 def test_latent_store_records_the_vae_version_it_encoded_with(materialized):
     from ldm_core.data.latent_store import LatentStore
 

@@ -88,6 +88,31 @@ def registered_versions(home: Path, name: str) -> list[Any]:
     return list(client.search_model_versions(f"name = '{name}'"))
 
 
+def dagster_run_ids(home: Path) -> list[str]:
+    """The Dagster runs of this home, oldest first."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        return [r.run_id for r in reversed(instance.get_runs())]
+
+
+def mlflow_statuses(home: Path, dagster_run_id: str | None = None) -> dict[str, str]:
+    """{"parent" or asset key: status} of the MLflow runs of one Dagster run; with no run id, {MLflow run id:
+    status} of every run in the experiment."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.resources import PARENT_TAG
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("ldm-pipeline")
+    if dagster_run_id is None:
+        return {r.info.run_id: r.info.status for r in client.search_runs([exp.experiment_id])}
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}'")
+    return {("parent" if r.data.tags.get(PARENT_TAG) == "true" else r.data.tags["dagster.asset_key"]): r.info.status
+            for r in runs}
+
+
 def asset_metadata(home: Path, asset: str) -> dict[str, Any]:
     import dagster as dg
 
@@ -171,6 +196,7 @@ def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     out["killed_after_step"] = committed_steps(home, stage)[-1]
+    (out["killed_run_id"],) = dagster_run_ids(home)
     out["registered_after_kill"] = len(registered_versions(home, REGISTERED[asset]))
     if asset == "ldm_model":
         out["vae_uri_before"] = asset_metadata(home, "vae_model")["vae_uri"]
@@ -179,6 +205,7 @@ def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24
     rerun = subprocess.run(job_command(config_path, only_vae), cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=timeout)
     out["rerun_success"] = rerun.returncode == 0 and "RUN_SUCCESS" in rerun.stdout + rerun.stderr
+    out["rerun_id"] = dagster_run_ids(home)[-1]
     if not out["rerun_success"]:
         out["log_tail"] = (rerun.stdout + rerun.stderr)[-3000:]
         return out

@@ -6,6 +6,8 @@ import hashlib
 
 import torch
 
+from ldm_core.checkpoint import CheckpointManager
+
 
 class PoisonedAfter(torch.utils.data.Dataset):
     """The wrapped dataset, until ``good_batches`` batches were served; NaN ever after (a sensor gone bad)."""
@@ -26,6 +28,31 @@ class PoisonedAfter(torch.utils.data.Dataset):
             else:
                 batch = torch.full_like(batch, float("nan"))
         return batch
+
+
+class Preempted(RuntimeError):
+    """What a step sees when its node goes away mid-training (here raised in the training process itself)."""
+
+
+class FailOnceAfterCheckpoint:
+    """Every trainer's checkpoints go through `CheckpointManager.save`: once step ``step`` is committed, the first
+    time, the training fails with `Preempted`, as a step whose GPU node is reclaimed right after a checkpoint."""
+
+    def __init__(self, step: int):
+        self.step, self.fired = step, False
+
+    def install(self, monkeypatch) -> FailOnceAfterCheckpoint:
+        save = CheckpointManager.save
+
+        def save_then_fail(manager: CheckpointManager, step: int, state):
+            url = save(manager, step, state)
+            if step == self.step and not self.fired:
+                self.fired = True
+                raise Preempted(f"preempted after the checkpoint of step {step}")
+            return url
+
+        monkeypatch.setattr(CheckpointManager, "save", save_then_fail)
+        return self
 
 
 # A process that rewrites one artifact (argv: path, size) forever; each version is "<i>" + sha256(body) + body.

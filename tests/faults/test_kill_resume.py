@@ -2,10 +2,11 @@
 and the canonical dataset row for row. The fault script (`python -m benchmarks.faults`) runs the same trials ten
 times per job at random moments; here one trial per job, killed in the middle of its working window."""
 
+import dagster as dg
 import pytest
 
 from tests.faults import campaign
-from tests.faults.dagster_trial import dagster_kill_trial
+from tests.faults.dagster_trial import dagster_kill_trial, mlflow_statuses
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +87,17 @@ def test_a_killed_dagster_materialization_resumes_from_its_checkpoint(tmp_path):
     assert out["resumed_from"] >= 4 and out["steps"] == 10
     assert out["weights_equal"]
     assert out["registered_versions"] == 1 and out["registry_points_at_complete_model"]
+    # MLflow: the killed run's process could not end its runs; Dagster's record of its end does
+    home = tmp_path / "home"
+    _end_the_killed_run_as_dagster_does(home)
+    assert "RUNNING" not in mlflow_statuses(home).values()
+    assert mlflow_statuses(home, out["killed_run_id"]) == {"parent": "KILLED", "image_dataset": "FINISHED",
+                                                           "vae_model": "KILLED"}
+    assert mlflow_statuses(home, out["rerun_id"]) == {"parent": "FINISHED", "image_dataset": "FINISHED",
+                                                      "vae_model": "FINISHED"}
 
     # once more: the same data and config give back the registered autoencoder (what lets a job killed further
     # down, in latent_store or ldm_model, carry on there instead of re-encoding and retraining from scratch)
-    home = tmp_path / "home"
     before = asset_metadata(home, "vae_model")
     again = subprocess.run(job_command(tmp_path / "kill.yaml", only_vae=True), cwd=ROOT, env=home_env(home),
                            capture_output=True, text=True, timeout=300)
@@ -97,6 +105,23 @@ def test_a_killed_dagster_materialization_resumes_from_its_checkpoint(tmp_path):
     after = asset_metadata(home, "vae_model")
     assert after["reused"] is True and after["vae_uri"] == before["vae_uri"]
     assert len(registered_versions(home, "ldm-vae")) == 1
+
+
+def _end_the_killed_run_as_dagster_does(home):
+    """What follows a run worker's death in a deployment: Dagster marks the run failed (run monitoring, or the code
+    server that launched it) and the daemon hands the failure to the run-failure sensor, evaluated here on the same
+    instance and MLflow store from a cursor taken before the failure."""
+    from pipeline.mlflow_runs import mlflow_runs_end_on_failure
+    from pipeline.resources import MLflowResource
+
+    resources = {"mlflow": MLflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")}
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        (killed,) = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+        first = mlflow_runs_end_on_failure.evaluate_tick(
+            dg.build_sensor_context(instance=instance, resources=resources))  # sets the cursor
+        instance.report_run_failed(killed)
+        mlflow_runs_end_on_failure.evaluate_tick(
+            dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=resources))
 
 
 def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path):

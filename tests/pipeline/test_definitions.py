@@ -28,6 +28,12 @@ def test_assets_jobs_schedule_sensor_names():
     assert set(defs.resolve_job_def("ldm_training_job").asset_layer.executable_asset_keys) == {dg.AssetKey(k) for k in ASSET_KEYS}
     assert defs.resolve_schedule_def("ldm_weekly_retrain").cron_schedule == "0 3 * * 0"
     assert defs.resolve_sensor_def("ldm_new_data_sensor").job_name == "ldm_retrain_job"
+    # the MLflow runs of a Dagster run end when it does: hooks on the jobs, sensors (on by default) for the rest
+    for name in ("mlflow_runs_end_on_success", "mlflow_runs_end_on_failure", "mlflow_runs_end_on_cancel"):
+        assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
+    for job in ("ldm_training_job", "ldm_retrain_job"):
+        assert {h.name for h in defs.resolve_job_def(job).hook_defs} == {"mlflow_parent_run_finished",
+                                                                         "mlflow_parent_run_failed"}
 
 
 def test_dependencies_are_explicit():
@@ -35,7 +41,7 @@ def test_dependencies_are_explicit():
     parents = {k: {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys} for k in ASSET_KEYS}
     assert parents == {
         "image_dataset": set(), "vae_model": {"image_dataset"}, "latent_store": {"image_dataset", "vae_model"},
-        "ldm_model": {"latent_store"}, "evaluation_report": {"ldm_model"},
+        "ldm_model": {"latent_store"}, "evaluation_report": {"image_dataset", "vae_model", "ldm_model"},
     }
 
 

@@ -43,7 +43,7 @@ def _compose_env() -> dict[str, str]:
 
 def _dockerfile_cmd() -> list[str]:
     text = (DEPLOY / "Dockerfile").read_text()
-    return json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    return json.loads(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,6 +59,38 @@ def test_dagster_yaml_validates_against_dagsters_schema(tmp_path, monkeypatch):
     assert "postgres" in config["storage"]
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"]["default_limit"] >= 1
+    _assert_retries_and_slot_cleanup(config)
+
+
+def _assert_retries_and_slot_cleanup(config: dict) -> None:
+    """A run whose worker died is retried (step failures have their own RetryPolicy), and the `gpu` pool slot a
+    killed run still holds is freed."""
+    assert config["run_retries"]["enabled"] and config["run_retries"]["max_retries"] >= 1
+    assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
+    assert config["run_monitoring"]["enabled"] and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+
+
+def test_helm_daemon_retries_runs_and_frees_pool_slots_as_dagster_yaml_does():
+    daemon = _yaml("helm/values.yaml")["dagsterDaemon"]
+    retries, monitoring = daemon["runRetries"], daemon["runMonitoring"]
+    _assert_retries_and_slot_cleanup({
+        "run_retries": {"enabled": retries["enabled"], "max_retries": retries["maxRetries"],
+                        "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"]},
+        "run_monitoring": {"enabled": monitoring["enabled"],
+                           "free_slots_after_run_end_seconds": monitoring["freeSlotsAfterRunEndSeconds"]},
+    })
+
+
+def test_the_local_instance_frees_the_gpu_slot_of_a_killed_run(tmp_path):
+    """`ldm` writes LDM_HOME's instance (`dagster dev` under `ldm ui` runs its daemon): valid for Dagster, with the
+    slot cleanup a laptop's pool limit of 1 needs."""
+    from dagster._core.instance.config import dagster_instance_config
+
+    from pipeline.cli import DAGSTER_YAML
+
+    (tmp_path / "dagster.yaml").write_text(DAGSTER_YAML)
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
 
 
 def test_every_setting_dagster_yaml_needs_is_set_by_compose():
@@ -103,7 +135,7 @@ def test_compose_runs_the_image_this_repo_builds_with_its_commands():
 
 def test_dockerfile_copies_what_exists_and_installs_the_project_with_the_k8s_extra():
     text = (DEPLOY / "Dockerfile").read_text()
-    for src in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
+    for src in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.MULTILINE):
         for path in src.split():
             assert (ROOT / path).exists(), f"Dockerfile copies {path}, which is not in the repository"
     assert 'pip install ".[k8s]"' in text
@@ -161,3 +193,71 @@ def test_the_executor_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("LDM_EXECUTOR", "celery")
     with pytest.raises(ValueError, match="not one of"):
         executor_from_env()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kubernetes: the pod a step gets, merged by dagster-k8s' own code
+# ---------------------------------------------------------------------------------------------------------------
+
+# The chart writes runK8sConfig's sections into the instance's run_k8s_config under these names
+# (helm/dagster/templates/helpers/instance/_run-launcher.tpl); the k8s config inside each is passed on as written.
+HELM_RUN_K8S_SECTIONS = {"containerConfig": "container_config", "podSpecConfig": "pod_spec_config",
+                         "podTemplateSpecMetadata": "pod_template_spec_metadata",
+                         "jobSpecConfig": "job_spec_config", "jobMetadata": "job_metadata"}
+GPU_STEPS = ("vae_model", "latent_store", "ldm_model", "evaluation_report")
+
+
+def _step_pod(asset: str):
+    """The pod spec of ``asset``'s step under the k8s executor, as dagster-k8s builds it from deploy/helm/values.yaml
+    and the asset's op tags, serialized as it is sent to the API server (`K8sStepHandler._get_container_context`: the run launcher's run_k8s_config, then the
+    executor's step config, then the step's `dagster-k8s/config` tag, each merged onto the one before)."""
+    import kubernetes
+    from dagster_k8s.container_context import K8sContainerContext
+    from dagster_k8s.job import (
+        DagsterK8sJobConfig,
+        UserDefinedDagsterK8sConfig,
+        construct_dagster_k8s_job,
+        get_user_defined_k8s_config,
+    )
+
+    from pipeline.definitions import defs
+
+    launcher = _yaml("helm/values.yaml")["runLauncher"]["config"]["k8sRunLauncher"]
+    run_k8s_config = {HELM_RUN_K8S_SECTIONS[k]: v for k, v in (launcher.get("runK8sConfig") or {}).items()}
+    step_tags = defs.resolve_assets_def(asset).node_def.tags  # strings, as the step handler reads them
+    context = (K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(run_k8s_config))
+               .merge(K8sContainerContext())  # the executor's step_k8s_config: none in the values
+               .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(step_tags))))
+    job = construct_dagster_k8s_job(
+        job_config=DagsterK8sJobConfig(job_image=f"registry.example.com/{IMAGE}:0.1.0",
+                                       dagster_home="/opt/dagster/dagster_home"),
+        args=["dagster", "api", "execute_step"], job_name=f"dagster-step-{asset}", pod_name=f"dagster-step-{asset}",
+        user_defined_k8s_config=context.run_k8s_config, component="step_worker")
+    return kubernetes.client.ApiClient().sanitize_for_serialization(job.spec.template.spec)
+
+
+@pytest.mark.parametrize("asset", GPU_STEPS)
+def test_a_gpu_step_pod_asks_only_for_a_gpu_node(asset):
+    """The run pod's CPU node selector and memory limit must not reach a GPU step: a pod that asks for a CPU node and
+    a GPU node at once, or squeezes a training step into the run pod's memory, never runs."""
+    pod = _step_pod(asset)
+    (container,) = pod["containers"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
+
+
+def test_a_cpu_step_pod_keeps_the_run_pod_settings():
+    run_k8s = _yaml("helm/values.yaml")["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
+    pod = _step_pod("image_dataset")
+    assert pod["nodeSelector"] == run_k8s["podSpecConfig"]["nodeSelector"]
+    assert pod["containers"][0]["resources"] == run_k8s["containerConfig"]["resources"]
+
+
+def test_helm_uses_the_postgres_secret_the_readme_creates():
+    """deploy/README.md has the operator create the Postgres password secret first; a chart that also generates
+    it fails the install on the existing secret."""
+    values = _yaml("helm/values.yaml")
+    assert values.get("generatePostgresqlPasswordSecret", True) is False  # the chart's default is True
+    secret = values["global"]["postgresqlSecretName"]
+    assert f"create secret generic {secret} --from-literal=postgresql-password=" in (DEPLOY / "README.md").read_text()

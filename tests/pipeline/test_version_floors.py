@@ -1,0 +1,62 @@
+"""The version floors in pyproject.toml admit no release that lacks what the code uses.
+
+Each feature below is named by the text that uses it (so the test notices when the usage goes away) and the first
+release that has it; a floor below that release would let pip install a Dagster or an MLflow the code cannot run on.
+Dagster's libraries (dagster-postgres, dagster-k8s) are versioned 0.(minor + 16) beside dagster 1.minor and pin
+their exact dagster release, so their floors follow dagster's.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (package, first release with the feature, where the code uses it, a regex of the text that uses it)
+FEATURES = [
+    ("dagster", "1.10", "pipeline/assets/vae_model.py", r"\bpool=GPU_POOL"),  # @asset(pool=): concurrency pools
+    ("mlflow", "3.0", "pipeline/resources.py", r"log_model\(\s*name="),  # log_model(name=) (was artifact_path)
+    ("mlflow", "3.5", "deploy/docker-compose.yaml", r"--allowed-hosts="),  # the server's host-header check
+]
+DAGSTER_LIBRARIES = ("dagster-postgres", "dagster-k8s")
+DAGSTER_PACKAGES = ("dagster-webserver", "dagster-pipes")
+
+
+def _requirements() -> dict[str, Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    reqs: dict[str, Requirement] = {}
+    for line in lines:
+        req = Requirement(line)
+        reqs.setdefault(req.name, req)
+    return reqs
+
+
+def _floor(req: Requirement) -> Version:
+    floors = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")]
+    assert floors, f"{req} has no lower bound"
+    return max(floors)
+
+
+@pytest.mark.parametrize("package, needed, path, usage", FEATURES, ids=[f"{f[0]}>={f[1]}" for f in FEATURES])
+def test_floor_admits_only_releases_with_the_features_the_code_uses(package, needed, path, usage):
+    assert re.search(usage, (ROOT / path).read_text()), f"{path} no longer matches {usage!r}: update this table"
+    req = _requirements()[package]
+    assert _floor(req) >= Version(needed), f"{path} matches {usage!r}, which needs {package}>={needed}; " \
+                                           f"pyproject.toml says {req}"
+
+
+def test_dagster_packages_share_dagsters_floor():
+    reqs = _requirements()
+    dagster = _floor(reqs["dagster"])
+    for name in DAGSTER_PACKAGES:
+        assert _floor(reqs[name]) >= dagster, f"{reqs[name]} is below dagster's floor {dagster}"
+    for name in DAGSTER_LIBRARIES:
+        assert _floor(reqs[name]) >= Version(f"0.{dagster.minor + 16}"), \
+            f"{reqs[name]} admits a release built for a dagster below {dagster}"
