@@ -25,11 +25,11 @@ The pooled vector is the model's own sentence embedding (`TextEncoder.pooling`):
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import Field
 
 from ldm_core.config import StrictModel
 
@@ -40,11 +40,11 @@ DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 class TextEncoderConfig(StrictModel):
     name: str = DEFAULT_TEXT_ENCODER
     """A transformers model id or local path; "all-MiniLM-L6-v2" is the offline default (384-dim tokens)."""
-    max_length: int = 32
+    max_length: int = Field(32, ge=1)
     """Tokens per caption (padded/truncated): the context length L the denoiser attends to."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Precision of the encoder's forward pass; embeddings are returned in this dtype."""
-    batch_size: int = 64
+    batch_size: int = Field(64, ge=1)
     """Captions per forward pass when encoding many."""
 
 
@@ -177,7 +177,3 @@ class TextEncoder:
             self._empty = self.encode([""])
         return self._empty
 
-
-def offline_env() -> None:
-    """Never reach for a model hub when the weights are local (set before loading in offline tools)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,19 +4,25 @@ The autoencoder's and the latent store's checks are blocking: when one fails, no
 in the same run (an LDM trained on latents of a broken autoencoder would be thrown away anyway).
 """
 
-
 import math
 
 import dagster as dg
 
+from ldm_core.data.latent_dataset import LatentDataset
 from ldm_core.evaluation.fidelity import FidelityThresholds, fidelity_verdict
+from pipeline.asset_config import ImageDatasetConfig, LatentStoreAssetConfig, VaeModelConfig
 from pipeline.assets.common import upstream_metadata
+
+
+def _default(config_class: type[dg.Config], field: str) -> object:
+    """A field's default in the asset config: the threshold of a materialization recorded before it stored its own."""
+    return config_class.model_fields[field].default
 
 
 @dg.asset_check(asset="image_dataset", description="The dataset is non-empty and its bad-input fraction is below the configured threshold.")
 def image_dataset_quality(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     md = upstream_metadata(context, "image_dataset")
-    rows, frac, limit = md["rows_total"], md["bad_fraction"], md.get("check_max_bad_fraction", 0.1)
+    rows, frac, limit = md["rows_total"], md["bad_fraction"], md.get("check_max_bad_fraction", _default(ImageDatasetConfig, "check_max_bad_fraction"))
     passed = rows > 0 and frac <= limit
     return dg.AssetCheckResult(passed=passed, metadata={"rows_total": rows, "bad_fraction": frac, "threshold": limit},
                                description=None if passed else f"rows={rows}, bad fraction {frac:.3f} (limit {limit})")
@@ -26,7 +32,7 @@ def image_dataset_quality(context: dg.AssetCheckExecutionContext) -> dg.AssetChe
                 description="Held-out reconstruction PSNR of the trained autoencoder is above the configured floor.")
 def vae_reconstruction_psnr(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     md = upstream_metadata(context, "vae_model")
-    psnr, floor = md["val_psnr"], md.get("psnr_floor", 15.0)
+    psnr, floor = md["val_psnr"], md.get("psnr_floor", _default(VaeModelConfig, "psnr_floor"))
     passed = math.isfinite(psnr) and psnr >= floor
     return dg.AssetCheckResult(passed=passed, metadata={"val_psnr": psnr, "floor": floor},
                                description=None if passed else f"PSNR {psnr:.2f} dB below the floor {floor} dB")
@@ -52,15 +58,13 @@ def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.As
 @dg.asset_check(asset="latent_store", blocking=True,
                 description="Stored latents are finite and have std ≈ 1 after the latent scale.")
 def latents_finite_and_scaled(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    from ldm_core.data.latent_dataset import LatentDataset
-
     md = upstream_metadata(context, "latent_store")
     ds = LatentDataset(md["store_url"], split=None)
-    n = min(len(ds), int(md.get("check_sample_rows", 512)))
+    n = min(len(ds), int(md.get("check_sample_rows", _default(LatentStoreAssetConfig, "check_sample_rows"))))
     z = ds.get_batch(list(range(n)))["latents"]
     finite = bool(z.isfinite().all())
     std = float(z.float().std()) if finite else float("nan")
-    tol = float(md.get("check_std_tolerance", 0.35))
+    tol = float(md.get("check_std_tolerance", _default(LatentStoreAssetConfig, "check_std_tolerance")))
     passed = finite and abs(std - 1.0) <= tol
     return dg.AssetCheckResult(passed=passed, metadata={"rows_checked": n, "finite": finite, "std": std, "tolerance": tol},
                                description=None if passed else f"finite={finite}, std={std:.3f} (want 1 ± {tol})")

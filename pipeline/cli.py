@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_config = run_configs.load(args.config)
     try:
-        validate_run_config(run_config)  # every section, before anything is created or started
+        validate_run_config(run_config, get_training_job())  # every section, before anything is created or started
     except ConfigValidationError as e:
         print(f"{args.config or 'demo'}: {e}\nnothing was run.", file=sys.stderr)
         return 2
@@ -274,12 +274,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     _quiet()
     from pipeline import run_configs
+    from pipeline.definitions import get_training_job
     from pipeline.validation import validate_run_config
 
+    job = get_training_job()
     ok = True
     for name in args.configs or list(run_configs.available()):
         try:
-            validate_run_config(run_configs.load(name))
+            validate_run_config(run_configs.load(name), job)
             print(f"ok      {name}")
         except Exception as e:  # report every config, then fail
             ok = False

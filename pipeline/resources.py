@@ -186,17 +186,6 @@ class StorageResource(dg.ConfigurableResource):
     def storage_options(self) -> dict[str, Any] | None:
         return None  # the environment supplies endpoint and credentials (ldm_core.storage.s3_options_from_env)
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # Every asset writes through storage, so this runs in every run before its first asset does any work: the
-        # one place that sees the whole run config of a run launched from the UI, `dagster job execute`, a schedule
-        # or a sensor. Dagster's typed config already refused wrong types and unknown keys; this refuses what only
-        # ldm_core can judge (presets, bounds, combinations across assets), with every field path.
-        run = context.dagster_run
-        if run is not None and run.run_config:
-            from pipeline.validation import check_sections
-
-            check_sections(run.run_config)
-
 
 class ComputeResource(dg.ConfigurableResource):
     """Where GPU-tagged work runs. On a machine without a GPU the same assets run on CPU."""

@@ -1,53 +1,54 @@
 """Validate a whole run config before any work starts: Dagster's schema (types, unknown keys) and ldm_core's
-models (presets, cross-field checks), plus bounds and combinations across assets; every error names its field path.
+models (presets, cross-field checks), plus the bounds of the asset configs and combinations across assets; every
+error names its field path.
 
-Two entry points:
-
-- `validate_run_config(run_config, job_name)`: everything, for `ldm demo` / `ldm validate` before a launch;
-- `check_sections(run_config)`: what Dagster's typed schema cannot see (ldm_core's models, bounds, combinations).
-  `StorageResource.setup_for_execution` calls it when a run's resources are initialized, i.e. before the first
-  asset of a run launched any other way (UI, `dagster job execute`, schedule, sensor) does any work.
+- `validate_run_config(run_config, job)`: everything, for `ldm demo` / `ldm validate` before a launch;
+- `check_sections(run_config)`: what Dagster's typed schema cannot see (ldm_core's models, bounds, combinations);
+- `RunConfigCheck`: the resource every asset takes, which runs `check_sections` when a run's resources are
+  initialized, i.e. before the first asset of a run launched any other way (UI, `dagster job execute`, schedule,
+  sensor) does any work. A deployment swaps or drops it like any other resource.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, get_args
 
 import dagster as dg
+import torch
+from transformers import AutoConfig
 
+from ldm_core.data.ingest import IngestConfig
+from ldm_core.data.latent_store import LatentStoreConfig
+from ldm_core.evaluation.evaluate import EvaluationConfig
+from ldm_core.models.mmdit import MMDiTConfig
+from ldm_core.text_encoder import TextEncoderConfig, resolve_model_path, widths_from_config
+from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
+from ldm_core.trainers.common import Precision
+from ldm_core.trainers.ldm import LDMTrainingConfig
+from pipeline.asset_config import (ASSET_CONFIGS, BUILTIN_SHAPES, ImageDatasetConfig, VaeModelConfig,
+                                   complete_ldm_training)
 from pipeline.config_bridge import ConfigValidationError, to_core
 
-MIN_SHAPE_SIZE = 16  # write_shapes_source refuses smaller images (the shapes could not be told apart)
+PRECISIONS = get_args(Precision)
 
-# Bounds of plain fields: the trainer configs (ldm_core's TrainerConfig and its stages) bound their own fields, so
-# their errors arrive through `to_core` with the field path.
-_POSITIVE = (lambda v: v > 0, "must be > 0")
-_AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
-_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
-# Asset-level fields of the Dagster config classes (plain fields, not ldm_core models): section -> field -> bound.
-_ASSET_BOUNDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "image_dataset": {"builtin_count": _AT_LEAST_1, "photo_crops": _NON_NEGATIVE,
-                      "builtin_size": (lambda v: v >= MIN_SHAPE_SIZE, f"must be >= {MIN_SHAPE_SIZE}"),
-                      "photo_size": (lambda v: v >= MIN_SHAPE_SIZE, f"must be >= {MIN_SHAPE_SIZE}"),
-                      "check_max_bad_fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")},
-    "vae_model": {"resolution": _AT_LEAST_1, "latent_scale_samples": _AT_LEAST_1, "psnr_images": _AT_LEAST_1},
-    "latent_store": {"check_sample_rows": _AT_LEAST_1, "check_std_tolerance": _POSITIVE},
-    "ldm_model": {"validation_seeds": _AT_LEAST_1, "guidance": _NON_NEGATIVE},
-    "evaluation_report": {"held_out_images": _AT_LEAST_1, "photo_images": _NON_NEGATIVE, "steps": _AT_LEAST_1,
-                          "guidance": _NON_NEGATIVE},
-}
-_TEXT_ENCODER_BOUNDS = {"max_length": _AT_LEAST_1, "batch_size": _AT_LEAST_1}
-_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+class RunConfigCheck(dg.ConfigurableResource):
+    """Refuses a run whose config ldm_core would refuse (presets, bounds, combinations across assets), when the run's
+    resources are initialized: before its first asset does any work. Dagster's typed config has already refused
+    wrong types and unknown keys by then."""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        run = context.dagster_run
+        if run is not None and run.run_config:
+            check_sections(run.run_config)
 
 
 def _section(run_config: dict[str, Any], asset: str) -> dict[str, Any]:
     return ((run_config.get("ops") or {}).get(asset) or {}).get("config") or {}
 
 
-def validate_run_config(run_config: dict[str, Any], job_name: str = "ldm_training_job") -> None:
-    from pipeline.definitions import defs
-
-    job = defs.resolve_job_def(job_name)
+def validate_run_config(run_config: dict[str, Any], job: dg.JobDefinition) -> None:
+    """Validate ``run_config`` for ``job`` (Dagster's schema, then `check_sections`)."""
     try:
         dg.validate_run_config(job, run_config)
     except dg.DagsterInvalidConfigError as e:
@@ -58,35 +59,20 @@ def validate_run_config(run_config: dict[str, Any], job_name: str = "ldm_trainin
 def check_sections(run_config: dict[str, Any]) -> None:
     """Validate every asset section present in ``run_config`` with ldm_core's models, bounds and cross-asset
     combinations; raise `ConfigValidationError` listing every problem with its field path."""
-    from ldm_core.data.ingest import IngestConfig
-    from ldm_core.data.latent_store import LatentStoreConfig
-    from ldm_core.evaluation.evaluate import EvaluationConfig
-    from ldm_core.text_encoder import TextEncoderConfig
-    from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
-    from ldm_core.trainers.ldm import LDMTrainingConfig
-    from pipeline.assets.image_dataset import BUILTIN_SHAPES, ImageDatasetConfig
-    from pipeline.assets.vae_model import VaeModelConfig
-
     ops = run_config.get("ops") or {}
     errors: list[str] = []
 
-    def check(fn) -> Any:
+    def check(fn: Any, *args: Any) -> Any:
         try:
-            return fn()
+            return fn(*args)
         except ConfigValidationError as e:
             errors.extend(line.strip() for line in str(e).splitlines()[1:])
             return None
 
-    def bounds(values: Any, table: dict[str, tuple[Callable[[Any], bool], str]], path: str) -> None:
-        get = values.get if isinstance(values, dict) else lambda k: getattr(values, k, None)
-        for name, (ok, text) in table.items():
-            v = get(name)
-            if v is not None and isinstance(v, (int, float)) and not ok(v):
-                errors.append(f"{path}.{name}: {v} {text}")
-
-    for asset, table in _ASSET_BOUNDS.items():
+    # the asset configs' own fields (their bounds are declared on the fields)
+    for asset, config_class in ASSET_CONFIGS.items():
         if asset in ops:
-            bounds(_section(run_config, asset), table, asset)
+            check(to_core, config_class, _section(run_config, asset), asset)
 
     # ---- image_dataset ------------------------------------------------------------------------------------------
     ds_section = _section(run_config, "image_dataset")
@@ -109,15 +95,15 @@ def check_sections(run_config: dict[str, Any]) -> None:
         store.setdefault("resolution", resolution)
         store_cfg = check(lambda: to_core(LatentStoreConfig, store, "latent_store.store"))
         text = check(lambda: to_core(TextEncoderConfig, store_section.get("text_encoder"), "latent_store.text_encoder"))
-        if text is not None:
-            bounds(text, _TEXT_ENCODER_BOUNDS, "latent_store.text_encoder")
         if store_cfg is not None and vae is not None and store_cfg.resolution % vae.model.downsample_factor:
             errors.append(f"latent_store.store.resolution: {store_cfg.resolution} is not divisible by the autoencoder's "
                           f"downsampling factor {vae.model.downsample_factor}")
 
     # ---- ldm_model ----------------------------------------------------------------------------------------------
     ldm_section = _section(run_config, "ldm_model").get("training") or {}
-    ldm = check(lambda: to_core(LDMTrainingConfig, _with_defaults(ldm_section, vae), "ldm_model.training")) if "ldm_model" in ops else None
+    latent_channels = vae.model.z_channels if vae is not None else None
+    ldm = check(lambda: to_core(LDMTrainingConfig, complete_ldm_training(ldm_section, latent_channels),
+                                "ldm_model.training")) if "ldm_model" in ops else None
     if ldm is not None:
         _check_device(ldm.trainer.device, "ldm_model.training.trainer.device", errors)
 
@@ -159,9 +145,12 @@ def check_sections(run_config: dict[str, Any]) -> None:
     compute = ((run_config.get("resources") or {}).get("compute") or {}).get("config") or {}
     if compute.get("device") is not None:
         _check_device(compute["device"], "resources.compute.device", errors)
-    if compute.get("precision") is not None and compute["precision"] not in _PRECISIONS:
-        errors.append(f"resources.compute.precision: {compute['precision']!r} is not one of {list(_PRECISIONS)}")
-    bounds(compute, {"num_processes": _AT_LEAST_1, "threads": _AT_LEAST_1}, "resources.compute")
+    if compute.get("precision") is not None and compute["precision"] not in PRECISIONS:
+        errors.append(f"resources.compute.precision: {compute['precision']!r} is not one of {list(PRECISIONS)}")
+    for name in ("num_processes", "threads"):  # num_processes may also be "auto"
+        value = compute.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            errors.append(f"resources.compute.{name}: {value} must be >= 1")
 
     if errors:
         raise ConfigValidationError("invalid run config:\n  " + "\n  ".join(errors))
@@ -172,8 +161,6 @@ def _check_device(spec: str, path: str, errors: list[str]) -> None:
     machine's business, not the config's (a run is often configured on a laptop and run on a GPU node)."""
     if spec == "auto":
         return
-    import torch
-
     try:
         torch.device(spec)
     except (RuntimeError, ValueError) as e:
@@ -182,8 +169,6 @@ def _check_device(spec: str, path: str, errors: list[str]) -> None:
 
 def _denoiser_shape_errors(den: Any, resolution: int, factor: int) -> list[str]:
     """What stops the denoiser from running on latents of side resolution / factor, each with its field path."""
-    from ldm_core.models.mmdit import MMDiTConfig
-
     latent, path, where = resolution // factor, "ldm_model.training.denoiser", f"{resolution} / {factor}"
     if isinstance(den, MMDiTConfig):
         p = den.patch_size
@@ -206,21 +191,7 @@ def _text_widths(text: Any) -> tuple[int, int] | None:
     """(token width, pooled width) of a text encoder from its config alone (no weights loaded); None when it cannot
     be read."""
     try:
-        from transformers import AutoConfig
-
-        from ldm_core.text_encoder import resolve_model_path, widths_from_config
-
         return widths_from_config(AutoConfig.from_pretrained(resolve_model_path(text.name)))
     except Exception:  # not available here (a hub id offline): the asset checks it when it loads the encoder
         return None
 
-
-def _with_defaults(section: dict[str, Any], vae: Any) -> dict[str, Any]:
-    """The LDM section as the asset completes it (latent channels and text width come from upstream)."""
-    data = dict(section)
-    den = dict(data.get("denoiser") or {})
-    if vae is not None:
-        den.setdefault("in_channels", vae.model.z_channels)
-        den.setdefault("out_channels", vae.model.z_channels)
-    data["denoiser"] = den
-    return data

@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw
 from ldm_core import storage
 
 SHAPES = ("circle", "square", "triangle")
+MIN_SHAPE_SIZE = 16
+"""Smallest image side at which a small shape is still recognisable as a circle, square or triangle."""
 # Far apart in RGB and in hue, and all clearly darker or more saturated than the background.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -160,8 +162,8 @@ def write_shapes_source(
     storage_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``n`` shape images + ``metadata.jsonl`` under ``url`` (imagefolder layout); return the metadata rows."""
-    if size < 16:
-        raise ValueError(f"size {size} is too small for the shapes to be told apart (use >= 16)")
+    if size < MIN_SHAPE_SIZE:
+        raise ValueError(f"size {size} is too small for the shapes to be told apart (use >= {MIN_SHAPE_SIZE})")
     width = max(6, len(str(max(n - 1, 0))))
     rows: list[dict[str, Any]] = []
     storage.makedirs(url, storage_options)

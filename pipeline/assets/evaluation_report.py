@@ -4,7 +4,6 @@ import json
 from datetime import datetime, timezone
 
 import dagster as dg
-from pydantic import Field
 
 from ldm_core.bundle import load_text_to_image
 from ldm_core.data import ImageShardDataset
@@ -12,23 +11,16 @@ from ldm_core.evaluation.attributes import confusion_lines
 from ldm_core.evaluation.evaluate import EvaluationConfig, evaluate, held_out_from_dataset, text_to_image_functions
 from ldm_core.grids import to_uint8
 from ldm_core.models.denoiser import backbone_summary, describe_backbone
+from pipeline.asset_config import EvaluationReportConfig
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, upstream_metadata
 from pipeline.assets.ldm_model import REGISTERED_NAME
-from pipeline.config_bridge import dagster_config, to_core
+from pipeline.config_bridge import to_core
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+from pipeline.validation import RunConfigCheck
 
-EvalSection = dagster_config(EvaluationConfig)
 METRICS_TAG = "evaluation_metrics"  # on a registered `ldm` version: its metrics.json "metrics", for the next gate
 
 LOSS_KEYS = {"vae_model": ("rec", "nll", "kl", "g", "d_loss"), "ldm_model": ("loss",)}
-
-
-class EvaluationReportConfig(dg.Config):
-    evaluation: EvalSection = Field(default_factory=EvalSection, description="Metrics, sample sizes, grid and gate.")  # type: ignore[valid-type]
-    guidance: float | None = Field(default=None, description="Guidance scale for the samples (default: the model's).")
-    steps: int | None = Field(default=None, description="Sampler steps (default: the model's diffusion config).")
-    held_out_images: int = Field(default=256, description="Held-out images loaded for reconstruction and FID.")
-    photo_images: int = Field(default=64, description="Natural-photo crops reconstructed (0 skips).")
 
 
 def _loss_curves(client, runs: dict[str, str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -45,7 +37,8 @@ def _loss_curves(client, runs: dict[str, str]) -> dict[str, dict[str, list[tuple
 @dg.asset(group_name=GROUP, deps=["image_dataset", "vae_model", "ldm_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS,
           retry_policy=GPU_RETRY_POLICY, kinds={"html", "mlflow"}, description=__doc__)
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationReportConfig, mlflow: MLflowResource,
-                      storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+                      storage: StorageResource, compute: ComputeResource,
+                      run_config_check: RunConfigCheck) -> dg.MaterializeResult:
     ldm_md = upstream_metadata(context, "ldm_model")
     ds = upstream_metadata(context, "image_dataset")
     vae_md = upstream_metadata(context, "vae_model")

@@ -1,33 +1,15 @@
 """`image_dataset`: canonical Parquet shards of the image–caption source (bad inputs dropped and counted)."""
 
 import dagster as dg
-from pydantic import Field
 
 from ldm_core import storage as ldm_storage
 from ldm_core.data import IngestConfig, ingest, write_photo_crops_source, write_shapes_source
 from ldm_core.data.canonical import read_manifest
+from pipeline.asset_config import BUILTIN_SHAPES, ImageDatasetConfig
 from pipeline.assets.common import GROUP, json_md, stable_key
-from pipeline.config_bridge import dagster_config, to_core
+from pipeline.config_bridge import to_core
 from pipeline.resources import MLflowResource, StorageResource
-
-BUILTIN_SHAPES = "builtin://shapes"
-
-IngestSection = dagster_config(IngestConfig, exclude=("source",))
-
-
-class ImageDatasetConfig(dg.Config):
-    source: str = Field(default=BUILTIN_SHAPES, description="fsspec URL of the image–caption source (local path, "
-                        "file://, s3://…), or builtin://shapes for the embedded default dataset.")
-    name: str = Field(default="default", description="Dataset name: shards land in <storage>/datasets/<name>.")
-    builtin_count: int = Field(default=2000, description="builtin://shapes: number of images to generate.")
-    builtin_seed: int = Field(default=0, description="builtin://shapes: generator seed (same seed, same images).")
-    builtin_size: int = Field(default=32, description="builtin://shapes: image side in pixels.")
-    photo_crops: int = Field(default=8, description="Crops per scikit-image photo for the natural-image "
-                             "reconstruction set (<storage>/datasets/photos); 0 skips it.")
-    photo_size: int = Field(default=32, description="Side of the photo crops.")
-    check_max_bad_fraction: float = Field(default=0.1, description="Asset check: the fraction of bad inputs must "
-                                          "stay below this (ingestion itself fails above ingest.max_bad_fraction).")
-    ingest: IngestSection = Field(default_factory=IngestSection, description="Ingestion options (ldm_core IngestConfig).")  # type: ignore[valid-type]
+from pipeline.validation import RunConfigCheck
 
 
 def _builtin_source(store: StorageResource, cfg: ImageDatasetConfig) -> str:
@@ -39,7 +21,7 @@ def _builtin_source(store: StorageResource, cfg: ImageDatasetConfig) -> str:
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, description=__doc__)
 def image_dataset(context: dg.AssetExecutionContext, config: ImageDatasetConfig, mlflow: MLflowResource,
-                  storage: StorageResource) -> dg.MaterializeResult:
+                  storage: StorageResource, run_config_check: RunConfigCheck) -> dg.MaterializeResult:
     source = _builtin_source(storage, config) if config.source == BUILTIN_SHAPES else config.source
     ingest_cfg = to_core(IngestConfig, {**config.ingest.model_dump(), "source": source}, "image_dataset.ingest")
     out_url = storage.url("datasets", config.name)

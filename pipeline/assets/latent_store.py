@@ -1,30 +1,22 @@
 """`latent_store`: every image encoded once by the frozen VAE + its caption by the text encoder (Zarr or Parquet)."""
 
 import dagster as dg
-from pydantic import Field
 
 from ldm_core.bundle import load_autoencoder
 from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from pipeline.asset_config import LatentStoreAssetConfig
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
-from pipeline.config_bridge import dagster_config, to_core
+from pipeline.config_bridge import to_core
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
-
-StoreSection = dagster_config(LatentStoreConfig)
-TextSection = dagster_config(TextEncoderConfig)
-
-
-class LatentStoreAssetConfig(dg.Config):
-    store: StoreSection = Field(default_factory=StoreSection, description="Latent store options (backend, dtype, content, batch).")  # type: ignore[valid-type]
-    text_encoder: TextSection = Field(default_factory=TextSection, description="Frozen text encoder (any transformers id or path).")  # type: ignore[valid-type]
-    check_std_tolerance: float = Field(default=0.35, description="Asset check: scaled latents must have std within 1 ± this.")
-    check_sample_rows: int = Field(default=512, description="Asset check: rows read to check the latents.")
+from pipeline.validation import RunConfigCheck
 
 
 @dg.asset(group_name=GROUP, deps=["image_dataset", "vae_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS,
           retry_policy=GPU_RETRY_POLICY, kinds={"zarr", "pytorch"}, description=__doc__)
 def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConfig, mlflow: MLflowResource,
-                 storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+                 storage: StorageResource, compute: ComputeResource,
+                 run_config_check: RunConfigCheck) -> dg.MaterializeResult:
     ds = upstream_metadata(context, "image_dataset")
     vae_md = upstream_metadata(context, "vae_model")
     store_data = {k: v for k, v in config.store.model_dump().items() if v is not None}

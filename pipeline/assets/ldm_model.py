@@ -3,7 +3,6 @@
 The backbone is the run config's ``denoiser.kind``: the UNet (default) or the MMDiT (``{kind: mmdit, preset: …}``)."""
 
 import dagster as dg
-from pydantic import Field
 
 from ldm_core.bundle import load_autoencoder, save_text_to_image
 from ldm_core.data.latent_dataset import LatentDataset
@@ -11,52 +10,31 @@ from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
+from pipeline.asset_config import LdmModelConfig, complete_ldm_training
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
-from pipeline.config_bridge import dagster_config, to_core
+from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.jobs import LdmTrainJob
 from pipeline.mlflow_models import TEXT_TO_IMAGE_CODE, text_to_image_signature
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
+from pipeline.validation import RunConfigCheck
 
 REGISTERED_NAME = "ldm"
-TrainingSection = dagster_config(LDMTrainingConfig)
-DEFAULT_PROMPTS = [
-    "a large red circle in the center", "a small blue square in the top left",
-    "a large green triangle in the bottom right", "a small yellow circle in the top right",
-]
-
-
-class LdmModelConfig(dg.Config):
-    training: TrainingSection = Field(default_factory=TrainingSection, description="Stage-2 training config (denoiser, diffusion, trainer).")  # type: ignore[valid-type]
-    guidance: float = Field(default=4.0, description="Classifier-free guidance scale stored with the model (its default at sampling).")
-    validation_prompts: list[str] = Field(default=DEFAULT_PROMPTS, description="Prompts of the validation grids sent to MLflow.")
-    validation_seeds: int = Field(default=4, description="Samples per validation prompt.")
-
-
-def _training_config(config: LdmModelConfig, store_md: dict, pooled_dim: int | None) -> LDMTrainingConfig:
-    """The run config's training section with the shapes the latent store dictates filled in where left unset:
-    latent channels, token width, and for the MMDiT the pooled vector's width (``pooled_dim`` of the store)."""
-    data = config.training.model_dump()
-    den = {k: v for k, v in (data.get("denoiser") or {}).items() if v is not None}
-    c = int(store_md["latent_shape"][0])
-    den.setdefault("in_channels", c)
-    den.setdefault("out_channels", c)
-    den.setdefault("context_dim", int(store_md["context_dim"]))
-    if den.get("kind") == "mmdit" and pooled_dim is not None:
-        den.setdefault("pooled_projection_dim", pooled_dim)
-    data["denoiser"] = den
-    return to_core(LDMTrainingConfig, data, "ldm_model.training")
 
 
 @dg.asset(group_name=GROUP, deps=["latent_store"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY_POLICY,
           kinds={"pytorch", "mlflow"}, description=__doc__)
 def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow: MLflowResource,
-              storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+              storage: StorageResource, compute: ComputeResource,
+              run_config_check: RunConfigCheck) -> dg.MaterializeResult:
     store_md = upstream_metadata(context, "latent_store")
     train = LatentDataset(store_md["store_url"], split="train")
-    training = _training_config(config, store_md, train.pooled_dim)
+    # the shapes the latent store dictates, where the run config leaves them unset
+    completed = complete_ldm_training(config.training.model_dump(), latent_channels=int(store_md["latent_shape"][0]),
+                                      context_dim=int(store_md["context_dim"]), pooled_dim=train.pooled_dim)
+    training = to_core(LDMTrainingConfig, completed, "ldm_model.training")
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
     den = training.denoiser
     if den.context_dim != store_md["context_dim"] or den.in_channels != store_md["latent_shape"][0]:

@@ -1,8 +1,6 @@
 """`vae_model`: the trained, frozen autoencoder (safetensors + config + latent scale), registered as `ldm-vae`."""
 
-
 import dagster as dg
-from pydantic import Field
 
 from ldm_core.bundle import save_autoencoder
 from ldm_core.data import ImageShardDataset
@@ -10,29 +8,18 @@ from ldm_core.model_io import read_model_meta
 from ldm_core.tracking import FanoutTracker
 from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelity
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale
+from pipeline.asset_config import VaeModelConfig
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
-from pipeline.config_bridge import dagster_config, to_core
+from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.jobs import VaeTrainJob
 from pipeline.mlflow_models import AUTOENCODER_CODE, autoencoder_signature
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
+from pipeline.validation import RunConfigCheck
 
 REGISTERED_NAME = "ldm-vae"
-TrainingSection = dagster_config(AutoencoderTrainingConfig)
-FidelitySection = dagster_config(FidelityThresholds)
-
-
-class VaeModelConfig(dg.Config):
-    training: TrainingSection = Field(default_factory=TrainingSection, description="Stage-1 training config (model, discriminator, loss, trainer).")  # type: ignore[valid-type]
-    resolution: int = Field(default=32, description="Training image side (images are resized and center-cropped).")
-    latent_scale_samples: int = Field(default=512, description="Images encoded to measure the latent scale 1/std.")
-    use_shift: bool = Field(default=False, description="Also store the latent mean as a shift (SD3 style).")
-    psnr_images: int = Field(default=256, description="Held-out images reconstructed for the PSNR and fidelity checks.")
-    psnr_floor: float = Field(default=15.0, description="Asset check: held-out reconstruction PSNR (dB) must reach this.")
-    fidelity: FidelitySection = Field(default_factory=FidelitySection, description="Asset check (blocking): per-colour accuracy, worst-decile PSNR and channel shift of held-out reconstructions.")  # type: ignore[valid-type]
-    cache_images: bool = Field(default=True, description="Keep decoded training images in memory (small datasets).")
 
 
 def _previous(context: dg.AssetExecutionContext, mlflow: MLflowResource, materialization_key: str) -> dict | None:
@@ -53,7 +40,8 @@ def _previous(context: dg.AssetExecutionContext, mlflow: MLflowResource, materia
 @dg.asset(group_name=GROUP, deps=["image_dataset"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY_POLICY,
           kinds={"pytorch", "mlflow"}, description=__doc__)
 def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow: MLflowResource,
-              storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+              storage: StorageResource, compute: ComputeResource,
+              run_config_check: RunConfigCheck) -> dg.MaterializeResult:
     ds = upstream_metadata(context, "image_dataset")
     training = to_core(AutoencoderTrainingConfig, config.training, "vae_model.training")
     thresholds = to_core(FidelityThresholds, config.fidelity, "vae_model.fidelity")

@@ -1,6 +1,6 @@
 """Bad configs fail before any work starts, each with its field path: in `validate_run_config` (what `ldm demo`
 and `ldm validate` call), at `ldm demo`, and at a Dagster launch (typed config for types and unknown keys, the
-storage resource's run-level check for the rest, before the first asset runs)."""
+run-level check (the `run_config_check` resource) for the rest, before the first asset runs)."""
 
 import copy
 import re
@@ -13,25 +13,29 @@ import pytest
 import yaml
 
 from pipeline.config_bridge import ConfigValidationError
+from pipeline.definitions import defs
 from pipeline.validation import validate_run_config
 from tests.faults.bad_configs import BAD, L, S, V, set_path as _set
 from tests.faults.dagster_trial import TINY, fresh_home, home_env
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+JOB = defs.resolve_job_def("ldm_training_job")
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return yaml.safe_load(TINY.read_text())
 
 
 def test_the_base_config_is_valid(tiny):
-    validate_run_config(tiny)  # so each case below fails for its own field alone
+    validate_run_config(tiny, JOB)  # so each case below fails for its own field alone
 
 
 @pytest.mark.parametrize("where, value, field", BAD, ids=[f"{w.split('.config.')[-1]}={v}" for w, v, _ in BAD])
 def test_each_bad_field_fails_validation_with_its_path(tiny, where, value, field):
     with pytest.raises(ConfigValidationError) as e:
-        validate_run_config(_set(copy.deepcopy(tiny), where, value))
+        validate_run_config(_set(copy.deepcopy(tiny), where, value), JOB)
     assert field in str(e.value), str(e.value)
 
 
@@ -42,7 +46,7 @@ def test_every_problem_is_reported_at_once(tiny):
         if field in fields:
             _set(cfg, where, value)
     with pytest.raises(ConfigValidationError) as e:
-        validate_run_config(cfg)
+        validate_run_config(cfg, JOB)
     for field in fields:
         assert field in str(e.value)
 
@@ -77,8 +81,6 @@ def test_a_dagster_launch_with_a_bad_config_fails_before_any_asset_runs(tiny, tm
 
     # 2) in process, as the UI's launch: a wrong type is refused by Dagster's typed config before a run exists
     monkeypatch.setenv("LDM_HOME", str(tmp_path / "home2"))
-    from pipeline.definitions import defs
-
     with dg.instance_for_test() as instance:
         with pytest.raises(dg.DagsterInvalidConfigError, match="trainer:steps"):
             defs.resolve_job_def("ldm_training_job").execute_in_process(

@@ -17,6 +17,7 @@ from pipeline.validation import validate_run_config
 ROOT = Path(__file__).resolve().parents[2]
 ASSET_KEYS = {"image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"}
 GPU_ASSETS = {"vae_model", "latent_store", "ldm_model", "evaluation_report"}
+JOB = defs.resolve_job_def("ldm_training_job")
 
 
 def test_assets_jobs_schedule_sensor_names():
@@ -58,7 +59,7 @@ def test_gpu_work_is_tagged():
 
 @pytest.mark.parametrize("name", sorted(run_configs.available()))
 def test_every_shipped_config_validates(name):
-    validate_run_config(run_configs.load(name))
+    validate_run_config(run_configs.load(name), JOB)
 
 
 def test_bad_configs_fail_with_the_field_path():
@@ -80,10 +81,10 @@ def test_bad_configs_fail_with_the_field_path():
         if path[-1] == "kind":
             node["sampler"] = "euler"
         if expected is None:
-            validate_run_config(cfg)
+            validate_run_config(cfg, JOB)
             continue
         with pytest.raises(ConfigValidationError, match=expected.replace(".", r"\.")):
-            validate_run_config(cfg)
+            validate_run_config(cfg, JOB)
 
 
 def test_unet_that_cannot_downsample_the_latent_is_refused():
@@ -91,7 +92,7 @@ def test_unet_that_cannot_downsample_the_latent_is_refused():
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"] = {
         "preset": "tiny", "channel_mult": [1, 1, 1, 1, 1], "attention_levels": [1]}  # 4 downsamplings of an 8×8 latent
     with pytest.raises(ConfigValidationError, match="ldm_model.training.denoiser.channel_mult"):
-        validate_run_config(cfg)
+        validate_run_config(cfg, JOB)
 
 
 def test_dagster_definitions_validate_cli():
@@ -115,7 +116,7 @@ def test_mmdit_shapes_are_checked_against_the_latents_before_any_work(change, fi
     cfg = run_configs.load("demo-mmdit")
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"].update(change)
     with pytest.raises(ConfigValidationError, match=field.replace(".", r"\.") + ":"):
-        validate_run_config(cfg)
+        validate_run_config(cfg, JOB)
 
 
 def test_mmdit_latent_side_follows_the_store_resolution():
@@ -124,8 +125,8 @@ def test_mmdit_latent_side_follows_the_store_resolution():
     cfg = run_configs.load("demo-mmdit")
     cfg["ops"]["latent_store"]["config"]["store"]["resolution"] = 96
     with pytest.raises(ConfigValidationError, match=r"pos_embed_max_size: 8 .* latent side is 24 \(= 96 / 4\)"):
-        validate_run_config(cfg)
+        validate_run_config(cfg, JOB)
     cfg["ops"]["latent_store"]["config"]["store"]["resolution"] = 40
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"]["patch_size"] = 4
     with pytest.raises(ConfigValidationError, match=r"patch_size: 4 does not divide the latent side 10 \(= 40 / 4\)"):
-        validate_run_config(cfg)
+        validate_run_config(cfg, JOB)
