@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo ui bench clean
+.PHONY: install system-deps lint test demo ui bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,12 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
 	    || echo "WARNING: could not install postgresql; the Postgres deployment test will be skipped"; }
 
-test: install system-deps
+test: install system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the rules are [tool.ruff] in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check .
 
 demo: install
 	$(VENV)/bin/ldm demo
@@ -47,4 +51,4 @@ bench: install
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,8 +1,8 @@
 """Reconstruction fidelity of a trained autoencoder, measured where a mean PSNR hides failures.
 
 A mean PSNR averages over pixels and images, so an autoencoder that decodes one colour as another can keep a high
-PSNR: the wrong pixels are a small share of each image, and the images with that colour are a share of the set.
-(The demo's autoencoder once decoded red as yellow at 24.8 dB, above its 18 dB floor.) Three signals see it:
+PSNR: the wrong pixels are a small share of each image, and the images with that colour are a share of the set
+(README, "The demo's recipe", has the run where it happened). Three signals see it:
 
 1. Per class (data with a colour attribute, like the embedded shapes): the evaluator's colour of each
    reconstruction (:func:`ldm_core.evaluation.attributes.predict_attributes`' colour rule) against the image's true

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.definitions import defs
 from pipeline.resources import PARENT_TAG
-from tests.faults.injectors import FailOnceAfterCheckpoint
+from benchmarks.faults.injectors import FailOnceAfterCheckpoint
 
 
 def _run(config: dict, assets: tuple[str, ...]) -> dg.ExecuteInProcessResult:

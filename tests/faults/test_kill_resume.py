@@ -5,8 +5,8 @@ times per job at random moments; here one trial per job, killed in the middle of
 import dagster as dg
 import pytest
 
-from tests.faults import campaign
-from tests.faults.dagster_trial import dagster_kill_trial, mlflow_statuses
+from benchmarks.faults import campaign
+from benchmarks.faults.dagster_trial import dagster_kill_trial, mlflow_statuses
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_a_killed_dagster_materialization_resumes_from_its_checkpoint(tmp_path):
     time; the fault script runs the whole ldm_training_job, killed in vae_model and in ldm_model.)"""
     import subprocess
 
-    from tests.faults.dagster_trial import ROOT, asset_metadata, home_env, job_command, registered_versions
+    from benchmarks.faults.dagster_trial import ROOT, asset_metadata, home_env, job_command, registered_versions
 
     out = dagster_kill_trial(tmp_path, kill_at_step=4, vae_steps=10, only_vae=True)
     assert out["registered_after_kill"] == 0, "the registry points at a model whose training was killed"
@@ -134,7 +134,7 @@ def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path)
     from ldm_core.checkpoint import CheckpointManager, flatten_state
     from ldm_core.flops import measure_matmul_peak
     from ldm_core.trainers.autoencoder import train_autoencoder
-    from tests.faults import runner
+    from benchmarks.faults import runner
 
     state = torch.get_rng_state()
     measure_matmul_peak(n=64, seconds=0.0)

@@ -149,8 +149,8 @@ def test_s3_credentials_never_reach_mlflow_dagster_or_the_logs(s3_endpoint, tmp_
     import yaml
 
     from pipeline.definitions import defs
-    from tests.faults.dagster_trial import TINY
-    from tests.faults.s3proxy import FaultProxy
+    from benchmarks.faults.dagster_trial import TINY
+    from benchmarks.faults.s3proxy import FaultProxy
 
     home = tmp_path / "home"
     (home / "dagster").mkdir(parents=True)

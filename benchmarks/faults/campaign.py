@@ -1,4 +1,4 @@
-"""The kill campaign: run a real job (`tests.faults.runner`) in a subprocess, SIGKILL it at random moments, resume
+"""The kill campaign: run a real job (`benchmarks.faults.runner`) in a subprocess, SIGKILL it at random moments, resume
 by rerunning the same command, and compare the result with an uninterrupted run's.
 
 Used by the test suite (tests/faults/test_kill_resume.py, one or two trials per job) and by the fault script
@@ -66,7 +66,7 @@ class JobRun:
 
 
 def runner_command(job: str, workdir: Path, inputs: dict[str, str]) -> list[str]:
-    cmd = [sys.executable, "-m", "tests.faults.runner", job, str(workdir)]
+    cmd = [sys.executable, "-m", "benchmarks.faults.runner", job, str(workdir)]
     for k, v in inputs.items():
         cmd += [f"--{k}", v]
     return cmd

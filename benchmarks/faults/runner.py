@@ -1,9 +1,9 @@
 """One real pipeline job with a tiny config, in its own process, so that a fault campaign can SIGKILL it anywhere.
 
-    python -m tests.faults.runner ae WORKDIR [--steps N]          train_autoencoder → WORKDIR/ckpt, WORKDIR/final
-    python -m tests.faults.runner ldm WORKDIR [--steps N]         train_ldm         → WORKDIR/ckpt, WORKDIR/final
-    python -m tests.faults.runner encode WORKDIR --dataset URL --store URL    encode_dataset → the store URL
-    python -m tests.faults.runner ingest WORKDIR --source URL --dataset URL   ingest         → the dataset URL
+    python -m benchmarks.faults.runner ae WORKDIR [--steps N]          train_autoencoder → WORKDIR/ckpt, WORKDIR/final
+    python -m benchmarks.faults.runner ldm WORKDIR [--steps N]         train_ldm         → WORKDIR/ckpt, WORKDIR/final
+    python -m benchmarks.faults.runner encode WORKDIR --dataset URL --store URL    encode_dataset → the store URL
+    python -m benchmarks.faults.runner ingest WORKDIR --source URL --dataset URL   ingest         → the dataset URL
 
 Resuming is rerunning the same command: the job picks up what the killed one committed (the trainers from their
 checkpoint directory, encoding and ingestion from their manifests). Every input is a pure function of the arguments
@@ -11,7 +11,7 @@ checkpoint directory, encoding and ingestion from their manifests). Every input 
 
 Protocol on stdout, one line each, flushed: ``READY`` when the imports and inputs are done and the job's own work
 begins (a kill before it tests nothing but the interpreter), ``PROGRESS <n>`` after each step / shard, and ``DONE``
-when the result is committed. The campaign (`tests.faults.campaign`) times its kills from READY.
+when the result is committed. The campaign (`benchmarks.faults.campaign`) times its kills from READY.
 """
 
 from __future__ import annotations
@@ -97,6 +97,36 @@ def ldm_data():
     return data, uncond
 
 
+def train(job: str, data, ckpt, steps: int, stop_at: int | None = None, max_nonfinite: int | None = None):
+    """Train ``job`` ("ae" or "ldm") in this process on ``data``, checkpointing to ``ckpt``; ``stop_at``: stop after
+    that step, as a kill would (the checkpoint of that step committed)."""
+    from ldm_core.trainers.autoencoder import train_autoencoder
+    from ldm_core.trainers.ldm import train_ldm
+
+    stop = (lambda s: s == stop_at) if stop_at else None
+    if job == "ae":
+        cfg = ae_config(steps)
+        if max_nonfinite is not None:
+            cfg.trainer.max_nonfinite_steps = max_nonfinite
+        return train_autoencoder(cfg, data, checkpoint_dir=str(ckpt), perceptual=None, should_stop=stop)
+    cfg = ldm_config(steps)
+    if max_nonfinite is not None:
+        cfg.trainer.max_nonfinite_steps = max_nonfinite
+    return train_ldm(cfg, data, uncond=ldm_data()[1], checkpoint_dir=str(ckpt), should_stop=stop)
+
+
+def clean_data(job: str):
+    return ae_data() if job == "ae" else ldm_data()[0]
+
+
+def same_weights(a, b) -> bool:
+    """Whether two train results hold bit-equal weights."""
+    import torch
+
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def run_trainer(job: str, workdir: str, steps: int | None) -> None:
     from ldm_core.model_io import save_model
 
@@ -154,7 +184,7 @@ def run_ingest(source_url: str, dataset_url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.faults.runner", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.faults.runner", description=__doc__.split("\n")[0])
     p.add_argument("job", choices=["ae", "ldm", "encode", "ingest"])
     p.add_argument("workdir")
     p.add_argument("--steps", type=int, default=None)

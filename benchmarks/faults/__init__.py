@@ -1,0 +1,39 @@
+"""The fault campaign: kill, corrupt, starve and misconfigure the pipeline, and check that it survives every time.
+
+    python -m benchmarks.faults [--trials 10] [--seed 0] [--quick] [--only kills,storage,...]
+                                [--json benchmarks/results/faults.json] [--workdir DIR]
+
+Sections (each row of the table is one kind of fault; "faults" counts the faults that actually hit, "survived"
+those after which the outcome was exactly the right one):
+
+1. kills: each job (train_autoencoder, train_ldm, encode_dataset, ingest) in a subprocess, SIGKILLed at moments
+   drawn uniformly over its working window (1 or 2 kills per trial), resumed by rerunning the same command, compared
+   with an uninterrupted run: trainers bit for bit (whole checkpoint state + exported weights), the latent store and
+   the dataset row for row (`campaign.py`).
+2. dagster: `dagster job execute -j ldm_training_job` killed during vae_model training, and during ldm_model
+   training, then rerun: the rerun resumes from the checkpoint (resumed_from > 0; for ldm_model the autoencoder is
+   reused and nothing re-encoded), nothing was registered before, and the weights equal an uninterrupted training
+   bit for bit (`dagster_trial.py`).
+3. atomic writes: a process rewriting an 8 MiB artifact, SIGKILLed mid-write over and over: the artifact is always
+   one whole version; the temp files the kills leave are removed by the next writer.
+4. corrupt checkpoints: the newest checkpoint truncated, bit-flipped, or without its commit record (and every
+   checkpoint corrupt): the trainer falls back with a warning and still ends bit-equal to an uninterrupted run.
+5. storage: ingestion, the Zarr latent store and trainer checkpoints on s3:// (moto) behind a proxy that fails
+   every 3rd request with one fault kind (500, 503, reset, request lost after it took effect, slow) and then all
+   mixed at every 2nd: the work completes equal to a fault-free local run. Permanent errors (403, NoSuchBucket,
+   resets, 503 forever): the error names the URL, earlier writes stay intact, and the work completes once healed.
+6. numerical: isolated NaN batches are skipped and counted (the count checked against the sampler's own order);
+   data that turns NaN for good stops the run with the last good checkpoint intact and resumable.
+7. configs: every bad field of `bad_configs.py` fails validation naming its field; `ldm demo` and a
+   `dagster job execute` with a bad config fail before any work.
+
+The machinery is shared with the test suite (tests/faults runs one or two trials of each):
+
+    campaign.py       kill a job in a subprocess at random moments, resume it, compare with an uninterrupted run
+    runner.py         the jobs the campaign kills (``python -m benchmarks.faults.runner``) and their tiny configs
+    dagster_trial.py  the same for ``dagster job execute`` on a fresh Dagster home
+    injectors.py      faults injected in process: poisoned data, a failure after a checkpoint, a torn-write loop
+    s3proxy.py        an S3 proxy in front of moto that fails requests by policy
+    bad_configs.py    one wrong field each, with the field path its error must name
+    kills.py … configs.py   the campaign's sections; table.py its rows; __main__.py the command
+"""
