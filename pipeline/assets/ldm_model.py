@@ -15,7 +15,7 @@ from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROU
 from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
-from pipeline.distributed.jobs import LdmTrainJob
+from pipeline.distributed.specs import LdmTrainSpec
 from pipeline.mlflow_models import TEXT_TO_IMAGE_CODE, text_to_image_signature
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
@@ -61,14 +61,14 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     with mlflow.materialization_run(context) as run:
         run.tracker.set_tags({"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"]})
         progress = DagsterProgress(context.log, "ldm", keys=PROGRESS_KEYS["ldm"])
-        job = LdmTrainJob(training=training.to_dict(), store_url=store_md["store_url"], vae_url=store_md["vae_url"],
+        spec = LdmTrainSpec(training=training.to_dict(), store_url=store_md["store_url"], vae_url=store_md["vae_url"],
                           text_encoder=text_cfg.to_dict(), latent_shape=list(latent_shape), guidance=config.guidance,
                           validation_prompts=config.validation_prompts, validation_seeds=config.validation_seeds,
                           checkpoint_dir=ckpt_dir,
                           output_url=storage.url("staging", "ldm", f"{key}-{context.run.run_id[:8]}"),
                           mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_run_id=run.run_id)
         # in this process, or on compute.num_processes processes under torchrun: the same result either way
-        result, launch_md = launch.train(context, compute, job, FanoutTracker(run.tracker, progress),
+        result, launch_md = launch.train(context, compute, spec, FanoutTracker(run.tracker, progress),
                                          data=train, vae=vae)
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
         info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,

@@ -13,7 +13,7 @@ from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROU
 from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
-from pipeline.distributed.jobs import VaeTrainJob
+from pipeline.distributed.specs import VaeTrainSpec
 from pipeline.mlflow_models import AUTOENCODER_CODE, autoencoder_signature
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
@@ -61,12 +61,12 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
 
     with mlflow.materialization_run(context) as run:
         progress = DagsterProgress(context.log, "vae", keys=PROGRESS_KEYS["vae"])
-        job = VaeTrainJob(training=training.to_dict(), dataset_url=ds["dataset_url"], resolution=config.resolution,
+        spec = VaeTrainSpec(training=training.to_dict(), dataset_url=ds["dataset_url"], resolution=config.resolution,
                           cache_images=config.cache_images, checkpoint_dir=ckpt_dir,
                           output_url=storage.url("staging", "vae", f"{key}-{context.run.run_id[:8]}"),
                           mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_run_id=run.run_id)
         # in this process, or on compute.num_processes processes under torchrun: the same result either way
-        result, launch_md = launch.train(context, compute, job, FanoutTracker(run.tracker, progress), data=train)
+        result, launch_md = launch.train(context, compute, spec, FanoutTracker(run.tracker, progress), data=train)
         model = result.model
         scale, shift = measure_latent_scale(model, train, max_items=config.latent_scale_samples,
                                             use_shift=config.use_shift, seed=training.trainer.seed)

@@ -1,7 +1,7 @@
-"""What every torchrun rank runs: read the job, join the process group, train; rank 0 reports back to Dagster.
+"""What every torchrun rank runs: read the spec, join the process group, train; rank 0 reports back to Dagster.
 
 Rank 0 alone opens Dagster Pipes (when launched by Dagster): its progress lines reach the asset's run log as they
-happen, its MLflow tracker writes to the asset's MLflow run, and at the end it saves the model to the job's
+happen, its MLflow tracker writes to the asset's MLflow run, and at the end it saves the model to the spec's
 ``output_url`` and reports the train result (a custom message the asset rebuilds the result from) and metadata (a
 materialization the asset merges into its own). Other ranks train silently. Run by hand (no Dagster), rank 0 logs
 to the console instead.
@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from ldm_core import distributed
 from ldm_core.tracking import FanoutTracker, NullTracker, Tracker
-from pipeline.distributed.jobs import LdmTrainJob, VaeTrainJob, read_job, result_summary
+from pipeline.distributed.specs import LdmTrainSpec, VaeTrainSpec, read_spec, result_summary
 
 RESULT_MESSAGE = "ldm.train_result"
 """The ``type`` of the custom Pipes message that carries the train result."""
@@ -41,29 +41,29 @@ def _dagster_pipes(is_main: bool) -> Iterator[Any]:
         yield pipes
 
 
-def _tracker(job: VaeTrainJob | LdmTrainJob, progress_log: Any) -> Tracker:
+def _tracker(spec: VaeTrainSpec | LdmTrainSpec, progress_log: Any) -> Tracker:
     """Rank 0's tracker: the asset's MLflow run, plus progress lines in the Dagster run log."""
     from pipeline.tracking import DagsterProgress
 
-    trackers: list[Tracker] = [DagsterProgress(progress_log, job.stage, keys=PROGRESS_KEYS[job.stage])]
-    if job.mlflow_run_id:
+    trackers: list[Tracker] = [DagsterProgress(progress_log, spec.stage, keys=PROGRESS_KEYS[spec.stage])]
+    if spec.mlflow_run_id:
         from mlflow.tracking import MlflowClient
 
         from pipeline.tracking import MLflowTracker
 
-        client = MlflowClient(tracking_uri=job.mlflow_tracking_uri, registry_uri=job.mlflow_tracking_uri)
-        trackers.insert(0, MLflowTracker(client, job.mlflow_run_id))
+        client = MlflowClient(tracking_uri=spec.mlflow_tracking_uri, registry_uri=spec.mlflow_tracking_uri)
+        trackers.insert(0, MLflowTracker(client, spec.mlflow_run_id))
     return FanoutTracker(*trackers)
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.distributed.train_{stage}",
-                                     description=f"Train stage {stage!r} on this torchrun rank from a job file.")
-    parser.add_argument("job", help="the job JSON written by the asset (pipeline.distributed.jobs)")
+                                     description=f"Train stage {stage!r} on this torchrun rank from a spec file.")
+    parser.add_argument("spec", help="the spec JSON written by the asset (pipeline.distributed.specs)")
     args = parser.parse_args(argv)
-    job = read_job(args.job)
-    if job.stage != stage:
-        parser.error(f"{args.job} is a {job.stage!r} job, not {stage!r}")
+    spec = read_spec(args.spec)
+    if spec.stage != stage:
+        parser.error(f"{args.spec} is a {spec.stage!r} spec, not {stage!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     ctx = distributed.init_distributed()
@@ -72,13 +72,13 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             console = pipes.log if pipes is not None else log
             if ctx.is_main:
                 console.info(f"{stage}: rank 0 of {ctx.world_size} processes ({ctx.backend or 'no process group'}), "
-                             f"checkpoints in {job.checkpoint_dir}")
-            tracker = _tracker(job, console) if ctx.is_main else NullTracker()
-            result = job.train(tracker)
+                             f"checkpoints in {spec.checkpoint_dir}")
+            tracker = _tracker(spec, console) if ctx.is_main else NullTracker()
+            result = spec.train(tracker)
             if ctx.is_main:
-                job.save_model(result.model)
+                spec.save_model(result.model)
                 console.info(f"{stage}: trained {result.step} steps on {ctx.world_size} processes; "
-                             f"model saved to {job.output_url}")
+                             f"model saved to {spec.output_url}")
                 if pipes is not None:
                     pipes.report_custom_message({"type": RESULT_MESSAGE, "result": result_summary(result)})
                     pipes.report_asset_materialization(metadata={

@@ -1,4 +1,4 @@
-"""Stage 2 on every torchrun rank: ``torchrun --nproc-per-node N -m pipeline.distributed.train_ldm job.json``."""
+"""Stage 2 on every torchrun rank: ``torchrun --nproc-per-node N -m pipeline.distributed.train_ldm spec.json``."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Stage 1 on every torchrun rank: ``torchrun --nproc-per-node N -m pipeline.distributed.train_vae job.json``."""
+"""Stage 1 on every torchrun rank: ``torchrun --nproc-per-node N -m pipeline.distributed.train_vae spec.json``."""
 
 import sys
 

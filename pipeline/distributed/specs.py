@@ -1,8 +1,8 @@
-"""A training job: everything one stage's trainer needs, as plain data that can cross a process boundary.
+"""A training spec: everything one stage's trainer needs, as plain data that can cross a process boundary.
 
-The asset builds a job from its config and inputs; `pipeline.distributed.launch.train` then either runs it in the
+The asset builds a spec from its config and inputs; `pipeline.distributed.launch.train` then either runs it in the
 asset's own process or writes it to a JSON file for ``torchrun`` to hand to every rank
-(``python -m pipeline.distributed.train_vae job.json``). Either way the same ``job.train(tracker)`` runs, so
+(``python -m pipeline.distributed.train_vae spec.json``). Either way the same ``spec.train(tracker)`` runs, so
 the two paths cannot drift apart. Rank 0 writes the trained model to ``output_url``; the asset loads it from there.
 """
 
@@ -24,7 +24,7 @@ from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, Autoencoder
 from ldm_core.trainers.ldm import LDMTrainingConfig, LDMTrainResult, train_ldm
 
 
-class _Job(StrictModel):
+class _Spec(StrictModel):
     training: dict[str, Any]
     """The stage's training config (``to_dict()`` of its ldm_core config, compute settings applied)."""
     checkpoint_dir: str
@@ -40,7 +40,7 @@ class _Job(StrictModel):
         Path(path).write_text(self.model_dump_json(indent=2))
 
 
-class VaeTrainJob(_Job):
+class VaeTrainSpec(_Spec):
     """Stage 1: train the autoencoder on the canonical dataset's training split."""
 
     stage: Literal["vae"] = "vae"
@@ -78,7 +78,7 @@ class VaeTrainJob(_Job):
     result_type: ClassVar[type] = AutoencoderTrainResult
 
 
-class LdmTrainJob(_Job):
+class LdmTrainSpec(_Spec):
     """Stage 2: train the denoiser on the latent store, with validation grids through the frozen VAE."""
 
     stage: Literal["ldm"] = "ldm"
@@ -150,11 +150,11 @@ class LdmTrainJob(_Job):
     result_type: ClassVar[type] = LDMTrainResult
 
 
-TrainJob = Annotated[Union[VaeTrainJob, LdmTrainJob], Field(discriminator="stage")]
-_ADAPTER: TypeAdapter = TypeAdapter(TrainJob)
+TrainSpec = Annotated[Union[VaeTrainSpec, LdmTrainSpec], Field(discriminator="stage")]
+_ADAPTER: TypeAdapter = TypeAdapter(TrainSpec)
 
 
-def read_job(path: str | Path) -> VaeTrainJob | LdmTrainJob:
+def read_spec(path: str | Path) -> VaeTrainSpec | LdmTrainSpec:
     return _ADAPTER.validate_json(Path(path).read_text())
 
 
@@ -170,9 +170,9 @@ def result_summary(result: AutoencoderTrainResult | LDMTrainResult) -> dict[str,
     return json.loads(json.dumps(fields))
 
 
-def result_from_summary(job: VaeTrainJob | LdmTrainJob, summary: dict[str, Any],
+def result_from_summary(spec: VaeTrainSpec | LdmTrainSpec, summary: dict[str, Any],
                         model: nn.Module) -> AutoencoderTrainResult | LDMTrainResult:
     """The train result the in-process path would have returned, from rank 0's summary and the saved model."""
     fields = dict(summary)
     fields["history"] = {k: [tuple(p) for p in v] for k, v in fields.get("history", {}).items()}
-    return job.result_type(model=model, **fields)
+    return spec.result_type(model=model, **fields)
