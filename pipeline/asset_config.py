@@ -47,7 +47,8 @@ class ImageDatasetConfig(dg.Config):
     check_max_bad_fraction: float = Field(default=0.1, ge=0.0, le=1.0, description="Asset check: the fraction of bad "
                                           "inputs must stay below this (ingestion itself fails above "
                                           "ingest.max_bad_fraction).")
-    ingest: IngestSection = Field(default_factory=IngestSection, description="Ingestion options (ldm_core IngestConfig).")  # type: ignore[valid-type]
+    ingest: IngestSection = Field(default_factory=IngestSection,  # type: ignore[valid-type]
+        description="Ingestion options (ldm_core IngestConfig).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,13 +60,20 @@ FidelitySection = dagster_config(FidelityThresholds)
 
 
 class VaeModelConfig(dg.Config):
-    training: VaeTrainingSection = Field(default_factory=VaeTrainingSection, description="Stage-1 training config (model, discriminator, loss, trainer).")  # type: ignore[valid-type]
-    resolution: int = Field(default=32, ge=1, description="Training image side (images are resized and center-cropped).")
-    latent_scale_samples: int = Field(default=512, ge=1, description="Images encoded to measure the latent scale 1/std.")
+    training: VaeTrainingSection = Field(default_factory=VaeTrainingSection,  # type: ignore[valid-type]
+        description="Stage-1 training config (model, discriminator, loss, trainer).")
+    resolution: int = Field(default=32, ge=1,
+        description="Training image side (images are resized and center-cropped).")
+    latent_scale_samples: int = Field(default=512, ge=1,
+        description="Images encoded to measure the latent scale 1/std.")
     use_shift: bool = Field(default=False, description="Also store the latent mean as a shift (SD3 style).")
-    psnr_images: int = Field(default=256, ge=1, description="Held-out images reconstructed for the PSNR and fidelity checks.")
-    psnr_floor: float = Field(default=15.0, description="Asset check: held-out reconstruction PSNR (dB) must reach this.")
-    fidelity: FidelitySection = Field(default_factory=FidelitySection, description="Asset check (blocking): per-colour accuracy, worst-decile PSNR and channel shift of held-out reconstructions.")  # type: ignore[valid-type]
+    psnr_images: int = Field(default=256, ge=1,
+        description="Held-out images reconstructed for the PSNR and fidelity checks.")
+    psnr_floor: float = Field(default=15.0,
+        description="Asset check: held-out reconstruction PSNR (dB) must reach this.")
+    fidelity: FidelitySection = Field(default_factory=FidelitySection,  # type: ignore[valid-type]
+        description="Asset check (blocking): per-colour accuracy, worst-decile PSNR and channel shift of held-out "
+                    "reconstructions.")
     cache_images: bool = Field(default=True, description="Keep decoded training images in memory (small datasets).")
 
 
@@ -78,9 +86,12 @@ TextSection = dagster_config(TextEncoderConfig)
 
 
 class LatentStoreAssetConfig(dg.Config):
-    store: StoreSection = Field(default_factory=StoreSection, description="Latent store options (backend, dtype, content, batch).")  # type: ignore[valid-type]
-    text_encoder: TextSection = Field(default_factory=TextSection, description="Frozen text encoder (any transformers id or path).")  # type: ignore[valid-type]
-    check_std_tolerance: float = Field(default=0.35, gt=0, description="Asset check: scaled latents must have std within 1 ± this.")
+    store: StoreSection = Field(default_factory=StoreSection,  # type: ignore[valid-type]
+        description="Latent store options (backend, dtype, content, batch).")
+    text_encoder: TextSection = Field(default_factory=TextSection,  # type: ignore[valid-type]
+        description="Frozen text encoder (any transformers id or path).")
+    check_std_tolerance: float = Field(default=0.35, gt=0,
+        description="Asset check: scaled latents must have std within 1 ± this.")
     check_sample_rows: int = Field(default=512, ge=1, description="Asset check: rows read to check the latents.")
 
 
@@ -96,9 +107,12 @@ DEFAULT_PROMPTS = [
 
 
 class LdmModelConfig(dg.Config):
-    training: LdmTrainingSection = Field(default_factory=LdmTrainingSection, description="Stage-2 training config (denoiser, diffusion, trainer).")  # type: ignore[valid-type]
-    guidance: float = Field(default=4.0, ge=0, description="Classifier-free guidance scale stored with the model (its default at sampling).")
-    validation_prompts: list[str] = Field(default=DEFAULT_PROMPTS, description="Prompts of the validation grids sent to MLflow.")
+    training: LdmTrainingSection = Field(default_factory=LdmTrainingSection,  # type: ignore[valid-type]
+        description="Stage-2 training config (denoiser, diffusion, trainer).")
+    guidance: float = Field(default=4.0, ge=0,
+        description="Classifier-free guidance scale stored with the model (its default at sampling).")
+    validation_prompts: list[str] = Field(default=DEFAULT_PROMPTS,
+        description="Prompts of the validation grids sent to MLflow.")
     validation_seeds: int = Field(default=4, ge=1, description="Samples per validation prompt.")
 
 
@@ -127,8 +141,10 @@ EvalSection = dagster_config(EvaluationConfig)
 
 
 class EvaluationReportConfig(dg.Config):
-    evaluation: EvalSection = Field(default_factory=EvalSection, description="Metrics, sample sizes, grid and gate.")  # type: ignore[valid-type]
-    guidance: float | None = Field(default=None, ge=0, description="Guidance scale for the samples (default: the model's).")
+    evaluation: EvalSection = Field(default_factory=EvalSection,  # type: ignore[valid-type]
+        description="Metrics, sample sizes, grid and gate.")
+    guidance: float | None = Field(default=None, ge=0,
+        description="Guidance scale for the samples (default: the model's).")
     steps: int | None = Field(default=None, ge=1, description="Sampler steps (default: the model's diffusion config).")
     held_out_images: int = Field(default=256, ge=1, description="Held-out images loaded for reconstruction and FID.")
     photo_images: int = Field(default=64, ge=0, description="Natural-photo crops reconstructed (0 skips).")

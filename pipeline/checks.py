@@ -19,10 +19,12 @@ def _default(config_class: type[dg.Config], field: str) -> object:
     return config_class.model_fields[field].default
 
 
-@dg.asset_check(asset="image_dataset", description="The dataset is non-empty and its bad-input fraction is below the configured threshold.")
+@dg.asset_check(asset="image_dataset", description="The dataset is non-empty and its bad-input fraction is below "
+                                                   "the configured threshold.")
 def image_dataset_quality(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     md = upstream_metadata(context, "image_dataset")
-    rows, frac, limit = md["rows_total"], md["bad_fraction"], md.get("check_max_bad_fraction", _default(ImageDatasetConfig, "check_max_bad_fraction"))
+    rows, frac = md["rows_total"], md["bad_fraction"]
+    limit = md.get("check_max_bad_fraction", _default(ImageDatasetConfig, "check_max_bad_fraction"))
     passed = rows > 0 and frac <= limit
     return dg.AssetCheckResult(passed=passed, metadata={"rows_total": rows, "bad_fraction": frac, "threshold": limit},
                                description=None if passed else f"rows={rows}, bad fraction {frac:.3f} (limit {limit})")
@@ -48,7 +50,8 @@ def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.As
     passed, reasons = fidelity_verdict(fidelity, FidelityThresholds.model_validate(md["fidelity_thresholds"]))
     classes = fidelity.get("classes") or {}
     metadata = {
-        "worst_decile_psnr": fidelity["worst_decile_psnr"], "channel_shift": dg.MetadataValue.json(fidelity["channel_shift"]),
+        "worst_decile_psnr": fidelity["worst_decile_psnr"],
+        "channel_shift": dg.MetadataValue.json(fidelity["channel_shift"]),
         **{f"{name}_accuracy": c["accuracy"] for name, c in classes.items()},
         "thresholds": dg.MetadataValue.json(md["fidelity_thresholds"]),
     }
@@ -66,8 +69,11 @@ def latents_finite_and_scaled(context: dg.AssetCheckExecutionContext) -> dg.Asse
     std = float(z.float().std()) if finite else float("nan")
     tol = float(md.get("check_std_tolerance", _default(LatentStoreAssetConfig, "check_std_tolerance")))
     passed = finite and abs(std - 1.0) <= tol
-    return dg.AssetCheckResult(passed=passed, metadata={"rows_checked": n, "finite": finite, "std": std, "tolerance": tol},
-                               description=None if passed else f"finite={finite}, std={std:.3f} (want 1 ± {tol})")
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"rows_checked": n, "finite": finite, "std": std, "tolerance": tol},
+        description=None if passed else f"finite={finite}, std={std:.3f} (want 1 ± {tol})",
+    )
 
 
 ALL_CHECKS = [image_dataset_quality, vae_reconstruction_psnr, vae_reconstruction_fidelity, latents_finite_and_scaled]

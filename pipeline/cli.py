@@ -102,7 +102,9 @@ def summary(instance: Any, run_id: str, seconds: float) -> str:
         ev = instance.get_latest_materialization_event(dg.AssetKey(key))
         return {k: getattr(v, "value", v) for k, v in ev.asset_materialization.metadata.items()} if ev else {}
 
-    ds, vae, store, ldm, rep = (md(k) for k in ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"))
+    ds, vae, store, ldm, rep = (
+        md(k) for k in ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")
+    )
     lines = [
         "", f"ldm_training_job finished in {seconds / 60:.1f} min (run {run_id[:8]})",
         f"  dataset        {ds.get('rows_total')} images ({ds.get('bad_total', 0)} bad inputs dropped)",
@@ -267,7 +269,12 @@ def cmd_weights(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.name.ljust(width)}  {'present' if r.present else 'MISSING'}  {r.path}  ({r.used_for})")
     if args.json:
-        print(json.dumps([{"name": r.name, "path": str(r.path), "present": r.present, "used_for": r.used_for} for r in rows], indent=2))
+        print(
+            json.dumps(
+                [{"name": r.name, "path": str(r.path), "present": r.present, "used_for": r.used_for} for r in rows],
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -290,7 +297,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldm", description="ldm-pipeline: train latent diffusion models with Dagster + MLflow.")
+    p = argparse.ArgumentParser(prog="ldm", description="ldm-pipeline: train latent diffusion "
+                                                        "models with Dagster + MLflow.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="materialize ldm_training_job on the embedded default (demo.yaml)")

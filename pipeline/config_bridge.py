@@ -85,7 +85,8 @@ def _field_specs(model: type[BaseModel], exclude: tuple[str, ...]) -> dict[str, 
     """name -> (optional Dagster type, FieldInfo with the description and ldm_core's default) of each field."""
     fields: dict[str, Any] = {}
     if "_expand_preset" in dir(model):
-        fields["preset"] = (typing.Optional[str], FieldInfo(default=None, description="Start from this named preset; other fields override it."))
+        preset = FieldInfo(default=None, description="Start from this named preset; other fields override it.")
+        fields["preset"] = (typing.Optional[str], preset)
     for name, field in model.model_fields.items():
         if field.exclude or name in exclude:
             continue  # secrets are never part of run config; excluded fields are set by the asset

@@ -43,13 +43,19 @@ def source_fingerprint(url: str) -> tuple[str, int]:
     h = hashlib.sha256()
     for path in sorted(entries):
         info = entries[path]
-        h.update(f"{path}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}\n".encode())
+        h.update(
+            f"{path}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}\n".encode()
+        )
     return h.hexdigest()[:16], len(entries)
 
 
-@dg.sensor(name="ldm_new_data_sensor", job=ldm_retrain_job, minimum_interval_seconds=300,
-           default_status=dg.DefaultSensorStatus.STOPPED,
-           description="Launches retraining (new shards, new latents, LDM, evaluation) when the dataset source changes.")
+@dg.sensor(
+    name="ldm_new_data_sensor",
+    job=ldm_retrain_job,
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Launches retraining (new shards, new latents, LDM, evaluation) when the dataset source changes.",
+)
 def ldm_new_data_sensor(context: dg.SensorEvaluationContext):
     config = run_configs.load()
     source = run_configs.dataset_source(config)

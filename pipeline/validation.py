@@ -78,11 +78,13 @@ def check_sections(run_config: dict[str, Any]) -> None:
     ds_section = _section(run_config, "image_dataset")
     if "image_dataset" in ops:
         source = ds_section.get("source") or BUILTIN_SHAPES
-        check(lambda: to_core(IngestConfig, {**(ds_section.get("ingest") or {}), "source": source}, "image_dataset.ingest"))
+        check(to_core, IngestConfig, {**(ds_section.get("ingest") or {}), "source": source}, "image_dataset.ingest")
 
     # ---- vae_model ----------------------------------------------------------------------------------------------
     vae_section = _section(run_config, "vae_model")
-    vae = check(lambda: to_core(AutoencoderTrainingConfig, vae_section.get("training"), "vae_model.training")) if "vae_model" in ops else None
+    vae = None
+    if "vae_model" in ops:
+        vae = check(to_core, AutoencoderTrainingConfig, vae_section.get("training"), "vae_model.training")
     if vae is not None:
         _check_device(vae.trainer.device, "vae_model.training.trainer.device", errors)
 
@@ -93,24 +95,26 @@ def check_sections(run_config: dict[str, Any]) -> None:
     if "latent_store" in ops:
         store = dict(store_section.get("store") or {})
         store.setdefault("resolution", resolution)
-        store_cfg = check(lambda: to_core(LatentStoreConfig, store, "latent_store.store"))
-        text = check(lambda: to_core(TextEncoderConfig, store_section.get("text_encoder"), "latent_store.text_encoder"))
+        store_cfg = check(to_core, LatentStoreConfig, store, "latent_store.store")
+        text = check(to_core, TextEncoderConfig, store_section.get("text_encoder"), "latent_store.text_encoder")
         if store_cfg is not None and vae is not None and store_cfg.resolution % vae.model.downsample_factor:
-            errors.append(f"latent_store.store.resolution: {store_cfg.resolution} is not divisible by the autoencoder's "
-                          f"downsampling factor {vae.model.downsample_factor}")
+            errors.append(f"latent_store.store.resolution: {store_cfg.resolution} is not divisible by the "
+                          f"autoencoder's downsampling factor {vae.model.downsample_factor}")
 
     # ---- ldm_model ----------------------------------------------------------------------------------------------
     ldm_section = _section(run_config, "ldm_model").get("training") or {}
     latent_channels = vae.model.z_channels if vae is not None else None
-    ldm = check(lambda: to_core(LDMTrainingConfig, complete_ldm_training(ldm_section, latent_channels),
-                                "ldm_model.training")) if "ldm_model" in ops else None
+    ldm = None
+    if "ldm_model" in ops:
+        completed = complete_ldm_training(ldm_section, latent_channels)
+        ldm = check(to_core, LDMTrainingConfig, completed, "ldm_model.training")
     if ldm is not None:
         _check_device(ldm.trainer.device, "ldm_model.training.trainer.device", errors)
 
     # ---- evaluation_report --------------------------------------------------------------------------------------
     if "evaluation_report" in ops:
-        check(lambda: to_core(EvaluationConfig, _section(run_config, "evaluation_report").get("evaluation"),
-                              "evaluation_report.evaluation"))
+        check(to_core, EvaluationConfig, _section(run_config, "evaluation_report").get("evaluation"),
+              "evaluation_report.evaluation")
 
     # ---- combinations across assets -----------------------------------------------------------------------------
     if vae is not None and resolution % vae.model.downsample_factor:
@@ -124,8 +128,9 @@ def check_sections(run_config: dict[str, Any]) -> None:
     if vae is not None and ldm is not None:
         for name in ("in_channels", "out_channels"):
             if name in den_set and den_set[name] != vae.model.z_channels:
-                errors.append(f"ldm_model.training.denoiser.{name}: {den_set[name]}, but the autoencoder's latents have "
-                              f"{vae.model.z_channels} channels (vae_model.training.model.z_channels); leave it unset")
+                errors.append(f"ldm_model.training.denoiser.{name}: {den_set[name]}, but the autoencoder's "
+                              f"latents have {vae.model.z_channels} channels (vae_model.training.model.z_channels); "
+                              "leave it unset")
     widths = _text_widths(text) if "latent_store" in ops and text is not None else None
     if "context_dim" in den_set and widths is not None and den_set["context_dim"] != widths[0]:
         errors.append(f"ldm_model.training.denoiser.context_dim: {den_set['context_dim']}, but the text encoder "

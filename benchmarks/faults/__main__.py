@@ -55,7 +55,11 @@ def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_tr
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=benchmarks.faults.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.faults",
+        description=benchmarks.faults.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--trials", type=int, default=10, help="kill trials per job (default 10)")
     p.add_argument("--dagster-trials", type=int, default=1, help="killed dagster job executions (default 1)")
     p.add_argument("--seed", type=int, default=0)

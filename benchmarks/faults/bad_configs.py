@@ -3,7 +3,9 @@ Used by tests/faults/test_bad_configs.py and the fault script."""
 
 from __future__ import annotations
 
-V, L, S, I, E = (f"ops.{a}.config" for a in ("vae_model", "ldm_model", "latent_store", "image_dataset", "evaluation_report"))
+V, L, S, I, E = (
+    f"ops.{a}.config" for a in ("vae_model", "ldm_model", "latent_store", "image_dataset", "evaluation_report")
+)
 
 # (where, bad value, the field path the message must name)
 BAD = [

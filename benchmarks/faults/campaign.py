@@ -252,7 +252,9 @@ def compare(job: str, ref: Path, got: Path, shared: dict[str, str], ref_inputs: 
     if job in ("ae", "ldm"):
         return compare_trainer(ref, got)
     if job == "encode":
-        return compare_store(ref_inputs["store"], got_inputs["store"], expected_rows=len(dataset_rows(shared["dataset"])))
+        return compare_store(
+            ref_inputs["store"], got_inputs["store"], expected_rows=len(dataset_rows(shared["dataset"]))
+        )
     return compare_dataset(ref_inputs["dataset"], got_inputs["dataset"])
 
 

@@ -48,7 +48,11 @@ def checkpoints(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]
             finally:
                 logging.getLogger("ldm_core.checkpoint").removeHandler(handler)
             expected_from = None if how == "every_checkpoint" else 3
-            good = res.resumed_from == expected_from and runner.same_weights(res, ref) and any("falling back" in w for w in warnings)
+            good = (
+                res.resumed_from == expected_from
+                and runner.same_weights(res, ref)
+                and any("falling back" in w for w in warnings)
+            )
             ok += good
             details.append({"job": job, "damage": how, "resumed_from": res.resumed_from, "ok": good})
             log(f"  {job} {how}: resumed_from {res.resumed_from}, equal {runner.same_weights(res, ref)}")

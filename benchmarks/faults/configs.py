@@ -42,7 +42,9 @@ def configs(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]:
     t0 = time.monotonic()
     bin_dir = Path(sys.executable).parent
     bad = root / "bad.yaml"
-    bad.write_text(yaml.safe_dump(set_path(copy.deepcopy(tiny), "ops.ldm_model.config.training.trainer.checkpoint_every", 0)))
+    bad.write_text(
+        yaml.safe_dump(set_path(copy.deepcopy(tiny), "ops.ldm_model.config.training.trainer.checkpoint_every", 0))
+    )
     home = root / "bad-home"
     demo = subprocess.run([str(bin_dir / "ldm"), "demo", "--config", str(bad)], cwd=campaign.ROOT, env=home_env(home),
                           capture_output=True, text=True, timeout=300)

@@ -219,7 +219,9 @@ def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24
 
     # 3) the registered weights equal an uninterrupted training, bit for bit
     if asset == "vae_model":
-        dataset_url = str(home / "storage" / "datasets" / config["ops"]["image_dataset"]["config"].get("name", "default"))
+        dataset_url = str(
+            home / "storage" / "datasets" / config["ops"]["image_dataset"]["config"].get("name", "default")
+        )
         got, ref = load_state_dict(md["vae_url"]), reference_vae_weights(config, dataset_url)
     else:
         vae_md, store_md = asset_metadata(home, "vae_model"), asset_metadata(home, "latent_store")

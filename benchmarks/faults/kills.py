@@ -23,7 +23,8 @@ def kills(root: Path, trials: int, rng: random.Random, log: Callable[[str], None
         for i in range(trials):
             t = campaign.kill_trial(ref, i, root, shared, rng, kills=1 + i % 2)
             done.append(t)
-            log(f"  {job} trial {i}: {[k['where'] for k in t.kills]} -> {'equal' if t.equal else 'DIFFERENT'} ({t.detail})")
+            log(f"  {job} trial {i}: {[k['where'] for k in t.kills]} -> "
+                f"{'equal' if t.equal else 'DIFFERENT'} ({t.detail})")
             shutil.rmtree(root / job / f"trial-{i:03d}", ignore_errors=True)
         s = campaign.summarize(done)[job]
         resumed = sum(1 for t in done if t.resumed_from)
@@ -58,7 +59,9 @@ def dagster(root: Path, trials: int, rng: random.Random, log: Callable[[str], No
             log(f"  dagster {asset} trial {i}: killed after step {out['killed_after_step']}, resumed_from "
                 f"{out.get('resumed_from')}, weights equal {out.get('weights_equal')}")
         good = sum(o["ok"] for o in done)
-        notes = "; ".join(f"killed at step {o['killed_after_step']}, resumed_from {o.get('resumed_from')}" for o in done)
+        notes = "; ".join(
+            f"killed at step {o['killed_after_step']}, resumed_from {o.get('resumed_from')}" for o in done
+        )
         extra = "" if asset == "vae_model" else ", VAE reused, 0 rows re-encoded"
         rows.append(row("kill + resume", f"dagster job execute ldm_training_job, in {asset}", trials, trials, good,
                          f"{good}/{trials} resumed, bitwise equal{extra}, nothing registered before",

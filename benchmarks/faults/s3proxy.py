@@ -112,7 +112,9 @@ class FaultProxy:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
                     # the body is already read (and 100-continue answered): forward it whole, with its length
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "expect")}
+                    headers = {
+                        k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "expect")
+                    }
                     headers["Content-Length"] = str(len(body))
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
@@ -124,7 +126,9 @@ class FaultProxy:
                     self.send_response(resp.status, resp.reason)
                     head = self.command == "HEAD"  # its Content-Length is the object's size: pass it through
                     for k, v in resp.getheaders():
-                        if k.lower() not in ("transfer-encoding", "connection") and (head or k.lower() != "content-length"):
+                        if k.lower() not in ("transfer-encoding", "connection") and (
+                            head or k.lower() != "content-length"
+                        ):
                             self.send_header(k, v)
                     if not head:
                         self.send_header("Content-Length", str(len(data)))

@@ -94,13 +94,16 @@ def storage_faults(root: Path, log: Callable[[str], None]) -> tuple[list[Row], A
                             fn()
                             outcome[what] = "no error"
                         except Exception as e:
-                            outcome[what] = "named" if isinstance(e, error_type) and url in str(e) else f"{type(e).__name__}: {e}"
+                            outcome[what] = (
+                                "named" if isinstance(e, error_type) and url in str(e) else f"{type(e).__name__}: {e}"
+                            )
                     proxy.set_policy(FaultPolicy())
                     intact = campaign.dataset_rows(ds) == rows_before and mgr.load_latest()[0] == 1
                     completed = ing(grown, ds).rows_total == 32
                     good = all(v == "named" for v in outcome.values()) and intact and completed
                     rows.append(row("s3 permanent", f"{fault} on every request", 2, 2, 2 if good else 0,
-                                     f"{error_type.__name__} naming the URL, earlier writes intact, completes when healed"
+                                     f"{error_type.__name__} naming the URL, earlier writes "
+                                     "intact, completes when healed"
                                      if good else f"FAILED {outcome} intact={intact} completed={completed}",
                                      time.monotonic() - t0, "LDM_S3_MAX_ATTEMPTS=2"))
                     details.append({"case": f"permanent {fault}", "outcome": outcome, "intact": intact,

@@ -37,9 +37,17 @@ def image_dataset(context: dg.AssetExecutionContext, config: ImageDatasetConfig,
             ingest(IngestConfig(source=photo_src, val_fraction=1.0), photos_url)  # all held out
         bad_total = sum(result.bad.values())
         bad_fraction = bad_total / max(result.rows_examined, 1)
-        run.tracker.log_metrics({"rows_total": result.rows_total, "rows_new": result.rows_new,
-                                 "bad_total": bad_total, "bad_fraction": bad_fraction, "check_max_bad_fraction": config.check_max_bad_fraction,
-                                 **{f"bad.{k}": v for k, v in result.bad.items()}}, step=0)
+        run.tracker.log_metrics(
+            {
+                "rows_total": result.rows_total,
+                "rows_new": result.rows_new,
+                "bad_total": bad_total,
+                "bad_fraction": bad_fraction,
+                "check_max_bad_fraction": config.check_max_bad_fraction,
+                **{f"bad.{k}": v for k, v in result.bad.items()},
+            },
+            step=0,
+        )
         run.tracker.log_dict(result.to_dict(), "ingest_result.json")
         manifest = read_manifest(out_url)
         version = stable_key([s.model_dump() for s in manifest.shards]) if manifest else "empty"
@@ -47,12 +55,21 @@ def image_dataset(context: dg.AssetExecutionContext, config: ImageDatasetConfig,
                          f"bad inputs: {dict(result.bad) or 'none'}")
         return dg.MaterializeResult(
             metadata={
-                "dataset_url": out_url, "dataset_version": version, "photos_url": photos_url or "",
-                "rows_total": result.rows_total, "rows_new": result.rows_new,
-                "train_rows": result.train_rows_total, "validation_rows": result.validation_rows_total,
-                "shards": len(result.shards), "new_shards": len(result.new_shards),
-                "bad_total": bad_total, "bad_fraction": bad_fraction, "check_max_bad_fraction": config.check_max_bad_fraction, "bad_by_reason": json_md(result.bad),
-                "converted": json_md(result.converted), "skipped_duplicates": result.skipped_duplicates,
+                "dataset_url": out_url,
+                "dataset_version": version,
+                "photos_url": photos_url or "",
+                "rows_total": result.rows_total,
+                "rows_new": result.rows_new,
+                "train_rows": result.train_rows_total,
+                "validation_rows": result.validation_rows_total,
+                "shards": len(result.shards),
+                "new_shards": len(result.new_shards),
+                "bad_total": bad_total,
+                "bad_fraction": bad_fraction,
+                "check_max_bad_fraction": config.check_max_bad_fraction,
+                "bad_by_reason": json_md(result.bad),
+                "converted": json_md(result.converted),
+                "skipped_duplicates": result.skipped_duplicates,
                 "mlflow_run": dg.MetadataValue.url(run.url),
             },
             data_version=dg.DataVersion(version),

@@ -6,7 +6,15 @@ from ldm_core.bundle import load_autoencoder
 from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from pipeline.asset_config import LatentStoreAssetConfig
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
+from pipeline.assets.common import (
+    GPU_OP_TAGS,
+    GPU_POOL,
+    GPU_RETRY_POLICY,
+    GROUP,
+    json_md,
+    stable_key,
+    upstream_metadata,
+)
 from pipeline.config_bridge import to_core
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.validation import RunConfigCheck
@@ -31,14 +39,23 @@ def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConf
     store_url = storage.url("latents", f"vae-v{vae_md['vae_version']}-{key}")
 
     def progress(p) -> None:
-        context.log.info(f"encoded {p.source} ({p.rows} rows): shard {p.shards_done}/{p.shards_todo}, {p.rows_done} rows so far")
+        context.log.info(f"encoded {p.source} ({p.rows} rows): shard {p.shards_done}/{p.shards_todo}, "
+                         f"{p.rows_done} rows so far")
 
     with mlflow.materialization_run(context) as run:
         run.tracker.log_params({"vae_uri": vae_md["vae_uri"], "store_url": store_url,
                                 **{f"store.{k}": v for k, v in store_cfg.to_dict().items()},
                                 **{f"text_encoder.{k}": v for k, v in text_cfg.to_dict().items()}})
-        result = encode_dataset(ds["dataset_url"], store_url, vae, text_encoder, store_cfg, vae_identity=vae_md["vae_uri"],
-                                device=device, progress=progress)
+        result = encode_dataset(
+            ds["dataset_url"],
+            store_url,
+            vae,
+            text_encoder,
+            store_cfg,
+            vae_identity=vae_md["vae_uri"],
+            device=device,
+            progress=progress,
+        )
         run.tracker.log_metrics({"rows_total": result.rows_total, "rows_new": result.rows_new,
                                  "images_per_second": result.images_per_second}, step=0)
         context.log.info(f"{result.rows_new} new rows encoded ({result.rows_total} total) at "

@@ -9,7 +9,15 @@ from ldm_core.tracking import FanoutTracker
 from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelity
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale
 from pipeline.asset_config import VaeModelConfig
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
+from pipeline.assets.common import (
+    GPU_OP_TAGS,
+    GPU_POOL,
+    GPU_RETRY_POLICY,
+    GROUP,
+    json_md,
+    stable_key,
+    upstream_metadata,
+)
 from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -46,7 +54,9 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
     training = to_core(AutoencoderTrainingConfig, config.training, "vae_model.training")
     thresholds = to_core(FidelityThresholds, config.fidelity, "vae_model.fidelity")
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
-    train = ImageShardDataset(ds["dataset_url"], split="train", resolution=config.resolution, cache_decoded=config.cache_images)
+    train = ImageShardDataset(
+        ds["dataset_url"], split="train", resolution=config.resolution, cache_decoded=config.cache_images
+    )
     val = ImageShardDataset(ds["dataset_url"], split="validation", resolution=config.resolution)
     key = stable_key(ds["dataset_version"], training.to_dict(), config.resolution)
     ckpt_dir = storage.url("checkpoints", "vae", key)  # same data + config -> a killed run resumes here
@@ -93,14 +103,28 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
         c, h, w = model.config.latent_shape(config.resolution)
         return dg.MaterializeResult(
             metadata={
-                "vae_url": model_url, "vae_uri": f"models:/{REGISTERED_NAME}/{mv.version}", "vae_version": int(mv.version),
-                "latent_scale": scale, "latent_shift": shift, "latent_shape": [c, h, w], "resolution": config.resolution, "val_psnr": psnr, "psnr_floor": config.psnr_floor,
-                "fidelity": json_md(fidelity.to_dict()), "fidelity_thresholds": json_md(thresholds.to_dict()),
-                "steps": result.step, "resumed_from": result.resumed_from or 0,
-                "perceptual_used": result.perceptual_used, "nonfinite_skipped": result.nonfinite_skipped,
-                "images_per_second": result.images_per_second, "dataset_version": ds["dataset_version"],
-                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url), **launch_md,
-                "materialization_key": materialization_key, "reused": False,
+                "vae_url": model_url,
+                "vae_uri": f"models:/{REGISTERED_NAME}/{mv.version}",
+                "vae_version": int(mv.version),
+                "latent_scale": scale,
+                "latent_shift": shift,
+                "latent_shape": [c, h, w],
+                "resolution": config.resolution,
+                "val_psnr": psnr,
+                "psnr_floor": config.psnr_floor,
+                "fidelity": json_md(fidelity.to_dict()),
+                "fidelity_thresholds": json_md(thresholds.to_dict()),
+                "steps": result.step,
+                "resumed_from": result.resumed_from or 0,
+                "perceptual_used": result.perceptual_used,
+                "nonfinite_skipped": result.nonfinite_skipped,
+                "images_per_second": result.images_per_second,
+                "dataset_version": ds["dataset_version"],
+                "mlflow_run_id": run.run_id,
+                "mlflow_run": dg.MetadataValue.url(run.url),
+                **launch_md,
+                "materialization_key": materialization_key,
+                "reused": False,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )

@@ -103,7 +103,9 @@ class LdmTrainSpec(_Spec):
 
         return LatentDataset(self.store_url, split="train")
 
-    def sample_fn(self, config: LDMTrainingConfig, vae: nn.Module | None = None) -> Callable[[nn.Module, int], np.ndarray]:
+    def sample_fn(
+        self, config: LDMTrainingConfig, vae: nn.Module | None = None
+    ) -> Callable[[nn.Module, int], np.ndarray]:
         """Validation grids (prompts × seeds) from the model being trained, for the tracker."""
         from ldm_core.bundle import load_autoencoder
         from ldm_core.diffusion import create_diffusion
