@@ -29,7 +29,8 @@ def _fresh_home(tmp_path: Path) -> Path:
 
 def test_dagster_job_execute_runs_the_pipeline(tmp_path):
     home = _fresh_home(tmp_path)
-    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job", "-c", str(TINY)]
+    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
+           "-c", str(TINY)]
     out = subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "RUN_SUCCESS" in out.stdout + out.stderr
@@ -43,8 +44,11 @@ def _free_port() -> int:
 
 
 def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         body = json.loads(r.read())
     assert "errors" not in body, body
@@ -67,8 +71,14 @@ def test_webserver_lists_assets_and_materializes_them(tmp_path):
     home = _fresh_home(tmp_path)
     port = _free_port()
     log = open(tmp_path / "dagster-dev.log", "wb")
-    server = subprocess.Popen([str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=ROOT, env=child_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT,
+        env=child_env(home),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while True:
@@ -100,12 +110,15 @@ def test_webserver_lists_assets_and_materializes_them(tmp_path):
         status = None
         deadline = time.time() + 400
         while time.time() < deadline:
-            status = _graphql(port, "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", {"id": run_id})["runOrError"]["status"]
+            status = _graphql(
+                port, "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", {"id": run_id}
+            )["runOrError"]["status"]
             if status in ("SUCCESS", "FAILURE", "CANCELED"):
                 break
             time.sleep(2)
         assert status == "SUCCESS", (tmp_path / "dagster-dev.log").read_text()[-3000:]
-        mats = _graphql(port, '{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId } } }')["assetNodes"]
+        query = "{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId } } }"
+        mats = _graphql(port, query)["assetNodes"]
         assert all(n["assetMaterializations"] and n["assetMaterializations"][0]["runId"] == run_id for n in mats)
     finally:
         import os
@@ -178,11 +191,12 @@ def materialized_home(ldm_home, tiny_config):
         MlflowClient().get_model_version_by_alias("ldm", "champion")
     except Exception:
         with dg.DagsterInstance.get() as instance:
-            assert defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config, instance=instance).success
+            job = defs.resolve_job_def("ldm_training_job")
+            assert job.execute_in_process(run_config=tiny_config, instance=instance).success
     out_png = ldm_home / "grid.png"
-    out = subprocess.run([str(BIN / "ldm"), "sample", "--model", "models:/ldm@champion", "--prompt", "a small red circle",
-                          "-n", "4", "--steps", "2", "--scale", "1", "--cols", "4", "-o", str(out_png)], env=child_env(ldm_home),
-                         capture_output=True, text=True, timeout=300)
+    cmd = [str(BIN / "ldm"), "sample", "--model", "models:/ldm@champion", "--prompt", "a small red circle",
+           "-n", "4", "--steps", "2", "--scale", "1", "--cols", "4", "-o", str(out_png)]
+    out = subprocess.run(cmd, env=child_env(ldm_home), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return ldm_home, out_png
 

@@ -89,10 +89,13 @@ def test_pyfunc_loads_in_a_fresh_process(materialized, ldm_home):
     code = (
         "import mlflow, numpy as np, pandas as pd\n"
         "m = mlflow.pyfunc.load_model('models:/ldm@champion')\n"
-        "out = np.asarray(m.predict(pd.DataFrame({'prompt': ['a large red circle in the center', 'a small blue square'], 'seed': [1, 2], 'steps': [2, 2]})))\n"
+        "prompts = ['a large red circle in the center', 'a small blue square']\n"
+        "out = np.asarray(m.predict(pd.DataFrame({'prompt': prompts, 'seed': [1, 2], 'steps': [2, 2]})))\n"
         "print(out.shape, out.dtype)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(ldm_home), timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(ldm_home), timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(2, 32, 32, 3) uint8" in out.stdout
 
@@ -105,7 +108,9 @@ def test_new_data_encodes_only_new_shards(materialized, ldm_home, tiny_config, t
     cfg["ops"]["image_dataset"]["config"].update({"source": str(source), "name": "user", "photo_crops": 0})
     cfg["ops"]["image_dataset"]["config"]["ingest"]["rows_per_shard"] = 16
     retrain = {"ops": {k: v for k, v in cfg["ops"].items() if k in ("image_dataset", "latent_store")}}
-    job = defs.resolve_job_def("ldm_retrain_job").get_subset(asset_selection={dg.AssetKey("image_dataset"), dg.AssetKey("latent_store")})
+    job = defs.resolve_job_def("ldm_retrain_job").get_subset(
+        asset_selection={dg.AssetKey("image_dataset"), dg.AssetKey("latent_store")}
+    )
     with dg.DagsterInstance.get() as instance:
         first = job.execute_in_process(run_config=retrain, instance=instance)
         s1 = _metadata(first, "latent_store")

@@ -144,13 +144,20 @@ def deployed_run(postgres, s3_endpoint, mlflow_server, tiny_config, tmp_path_fac
     dagster_home.mkdir()
     shutil.copy(DEPLOY / "dagster.yaml", dagster_home / "dagster.yaml")
     # compose's services, found where this test runs them; every other value is compose's own
-    env.update({
-        "DAGSTER_HOME": str(dagster_home), "DAGSTER_POSTGRES_HOST": "127.0.0.1",
-        "DAGSTER_POSTGRES_PORT": str(postgres.port), "DAGSTER_POSTGRES_PASSWORD": "",
-        "MLFLOW_TRACKING_URI": tracking_uri, "LDM_STORAGE_ROOT": s3_endpoint.url("deploy-test", "storage"),
-        "AWS_ENDPOINT_URL": s3_endpoint.endpoint_url, "LDM_HOME": str(home),
-        "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
-    })
+    env.update(
+        {
+            "DAGSTER_HOME": str(dagster_home),
+            "DAGSTER_POSTGRES_HOST": "127.0.0.1",
+            "DAGSTER_POSTGRES_PORT": str(postgres.port),
+            "DAGSTER_POSTGRES_PASSWORD": "",
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "LDM_STORAGE_ROOT": s3_endpoint.url("deploy-test", "storage"),
+            "AWS_ENDPOINT_URL": s3_endpoint.endpoint_url,
+            "LDM_HOME": str(home),
+            "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
+        }
+    )
     mp = pytest.MonkeyPatch()
     for k, v in env.items():
         mp.setenv(k, v)
@@ -187,8 +194,9 @@ def test_dagster_keeps_runs_and_events_in_postgres(deployed_run, postgres):
     assert status == "SUCCESS"
     materialized = _query(postgres, "dagster", "select distinct asset_key from event_logs where run_id = %s and "
                           "dagster_event_type = 'ASSET_MATERIALIZATION'", result.run_id)
-    assert {k for (k,) in materialized} == {f'["{a}"]' for a in
-                                           ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")}
+    assert {k for (k,) in materialized} == {
+        f'["{a}"]' for a in ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")
+    }
 
 
 @pytest.mark.slow

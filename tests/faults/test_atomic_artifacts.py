@@ -76,8 +76,9 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_commit_record"])
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_and_still_ends_bit_equal(tmp_path, uninterrupted, damage,
-                                                                                        caplog):
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_and_still_ends_bit_equal(
+    tmp_path, uninterrupted, damage, caplog
+):
     part = _train_ae(tmp_path, stop_at=4)
     assert not part.finished and CheckpointManager(str(tmp_path)).steps() == [3, 4]
     body = tmp_path / "step-000000004.safetensors"

@@ -71,8 +71,9 @@ def test_a_dagster_launch_with_a_bad_config_fails_before_any_asset_runs(tiny, tm
     home = fresh_home(tmp_path / "home")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_set(copy.deepcopy(tiny), f"{S}.store.resolution", 30)))
-    out = subprocess.run([str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
-                          "-c", str(bad)], cwd=ROOT, env=home_env(home), capture_output=True, text=True, timeout=300)
+    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
+           "-c", str(bad)]
+    out = subprocess.run(cmd, cwd=ROOT, env=home_env(home), capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode != 0 and "RUN_FAILURE" in log
     assert "latent_store.store.resolution: 30 is not divisible" in log

@@ -16,6 +16,9 @@ SCANNED = ("ldm_core", "pipeline", "benchmarks")
 # Loading never unpickles
 # ---------------------------------------------------------------------------------------------------------------
 
+PICKLERS = ("pickle", "dill", "cloudpickle", "joblib")
+
+
 def _call_name(node: ast.Call) -> str:
     parts, f = [], node.func
     while isinstance(f, ast.Attribute):
@@ -33,8 +36,10 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
     tree = ast.parse(source, filename)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            bad = [n for n in names if n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve")]
+            names = [a.name for a in node.names] + (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            )
+            bad = [n for n in names if n.split(".")[0] in (*PICKLERS, "cPickle", "shelve")]
             if bad:
                 found.append(f"{filename}:{node.lineno} imports {bad[0]}")
         if not isinstance(node, ast.Call):
@@ -45,7 +50,7 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
             wo = kwargs.get("weights_only")
             if not (isinstance(wo, ast.Constant) and wo.value is True):
                 found.append(f"{filename}:{node.lineno} torch.load without weights_only=True")
-        elif name.split(".")[-1] in ("load", "loads") and name.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib"):
+        elif name.split(".")[-1] in ("load", "loads") and name.split(".")[0] in PICKLERS:
             found.append(f"{filename}:{node.lineno} {name}")
         elif name.split(".")[-1] in ("load", "loadtxt") and name.split(".")[0] in ("np", "numpy"):
             ap = kwargs.get("allow_pickle")
@@ -157,8 +162,14 @@ def test_s3_credentials_never_reach_mlflow_dagster_or_the_logs(s3_endpoint, tmp_
     (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     storage_root = s3_endpoint.url(f"secrets-{tmp_path.name}")
     with FaultProxy(s3_endpoint.endpoint_url) as proxy:  # no faults: it only shows which credentials signed
-        for k, v in {**SECRETS, "AWS_ENDPOINT_URL": proxy.url, "LDM_HOME": str(home), "LDM_STORAGE_ROOT": storage_root,
-                     "DAGSTER_HOME": str(home / "dagster"), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}.items():
+        for k, v in {
+            **SECRETS,
+            "AWS_ENDPOINT_URL": proxy.url,
+            "LDM_HOME": str(home),
+            "LDM_STORAGE_ROOT": storage_root,
+            "DAGSTER_HOME": str(home / "dagster"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        }.items():
             monkeypatch.setenv(k, v)
         monkeypatch.delenv("LDM_MLFLOW_ARTIFACTS", raising=False)
         s3fs.S3FileSystem.clear_instance_cache()  # the next clients read the planted credentials

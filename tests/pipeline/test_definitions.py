@@ -26,7 +26,9 @@ def test_assets_jobs_schedule_sensor_names():
     assert keys == ASSET_KEYS
     for key in ASSET_KEYS:
         assert graph.get(dg.AssetKey(key)).group_name == "ldm"
-    assert set(defs.resolve_job_def("ldm_training_job").asset_layer.executable_asset_keys) == {dg.AssetKey(k) for k in ASSET_KEYS}
+    assert set(defs.resolve_job_def("ldm_training_job").asset_layer.executable_asset_keys) == {
+        dg.AssetKey(k) for k in ASSET_KEYS
+    }
     assert defs.resolve_schedule_def("ldm_weekly_retrain").cron_schedule == "0 3 * * 0"
     assert defs.resolve_sensor_def("ldm_new_data_sensor").job_name == "ldm_retrain_job"
     # the MLflow runs of a Dagster run end when it does: hooks on the jobs, sensors (on by default) for the rest
@@ -96,8 +98,13 @@ def test_unet_that_cannot_downsample_the_latent_is_refused():
 
 
 def test_dagster_definitions_validate_cli():
-    out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

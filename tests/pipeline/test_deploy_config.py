@@ -101,7 +101,8 @@ def test_every_setting_dagster_yaml_needs_is_set_by_compose():
     # and the pipeline's own settings (pipeline/settings.py) point at Postgres-backed MLflow and S3, not LDM_HOME
     settings_vars = set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', (ROOT / "pipeline" / "settings.py").read_text()))
     assert {"MLFLOW_TRACKING_URI", "LDM_MLFLOW_ARTIFACTS", "LDM_STORAGE_ROOT", "DAGSTER_HOME"} <= settings_vars
-    assert {"MLFLOW_TRACKING_URI", "LDM_MLFLOW_ARTIFACTS", "LDM_STORAGE_ROOT", "DAGSTER_HOME", "AWS_ENDPOINT_URL"} <= set(env)
+    assert {"MLFLOW_TRACKING_URI", "LDM_MLFLOW_ARTIFACTS", "LDM_STORAGE_ROOT", "DAGSTER_HOME",
+            "AWS_ENDPOINT_URL"} <= set(env)
     assert env["LDM_STORAGE_ROOT"].startswith("s3://") and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
 
@@ -130,7 +131,10 @@ def test_compose_runs_the_image_this_repo_builds_with_its_commands():
         assert (venv_bin / cmd).exists(), cmd
     # the workspace the webserver and daemon load is the code service's gRPC port
     ws = _yaml("workspace.yaml")["load_from"][0]["grpc_server"]
-    assert ws["host"] == "code" and str(ws["port"]) == services["code"]["command"][services["code"]["command"].index("-p") + 1]
+    assert (
+        ws["host"] == "code"
+        and str(ws["port"]) == services["code"]["command"][services["code"]["command"].index("-p") + 1]
+    )
 
 
 def test_dockerfile_copies_what_exists_and_installs_the_project_with_the_k8s_extra():
@@ -163,7 +167,10 @@ def test_helm_values_name_the_code_location_the_k8s_launcher_and_the_gpu_steps()
     assert values["concurrency"]["enabled"] and values["concurrency"]["pools"]["defaultLimit"] >= 1
     assert values["postgresql"]["postgresqlDatabase"] == "dagster"
     # the same driver as deploy/dagster.yaml, which the Postgres deployment test runs for real
-    assert values["postgresql"]["postgresqlScheme"] == _yaml("dagster.yaml")["storage"]["postgres"]["postgres_db"]["scheme"]
+    assert (
+        values["postgresql"]["postgresqlScheme"]
+        == _yaml("dagster.yaml")["storage"]["postgres"]["postgres_db"]["scheme"]
+    )
     # the GPU steps: what the values promise is what the GPU assets' op tags carry
     for key in ("vae_model", "ldm_model"):
         tags = defs.resolve_assets_def(key).node_def.tags  # Dagster stores the dict as JSON
@@ -209,8 +216,9 @@ GPU_STEPS = ("vae_model", "latent_store", "ldm_model", "evaluation_report")
 
 def _step_pod(asset: str):
     """The pod spec of ``asset``'s step under the k8s executor, as dagster-k8s builds it from deploy/helm/values.yaml
-    and the asset's op tags, serialized as it is sent to the API server (`K8sStepHandler._get_container_context`: the run launcher's run_k8s_config, then the
-    executor's step config, then the step's `dagster-k8s/config` tag, each merged onto the one before)."""
+    and the asset's op tags, serialized as it is sent to the API server (`K8sStepHandler._get_container_context`: the
+    run launcher's run_k8s_config, then the executor's step config, then the step's `dagster-k8s/config` tag, each
+    merged onto the one before)."""
     import kubernetes
     from dagster_k8s.container_context import K8sContainerContext
     from dagster_k8s.job import (

@@ -13,7 +13,9 @@ from pipeline.definitions import defs
 def test_weekly_schedule_requests_a_full_run_with_the_configured_config():
     schedule = defs.resolve_schedule_def("ldm_weekly_retrain")
     with dg.instance_for_test() as instance:
-        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime.datetime(2026, 11, 29, 3, 0))
+        ctx = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime.datetime(2026, 11, 29, 3, 0)
+        )
         req = schedule.evaluate_tick(ctx).run_requests[0]
     assert req.run_key == "weekly-2026-11-29"
     assert req.run_config == run_configs.load("demo")
