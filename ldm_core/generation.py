@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm_core.diffusion import Diffusion
 from ldm_core.diffusion.guidance import cfg_model
-from ldm_core.grids import make_grid, to_uint8, upscale_nearest  # noqa: F401  (re-exported)
+from ldm_core.grids import to_uint8
 from ldm_core.text_encoder import TextEncoder
 
 

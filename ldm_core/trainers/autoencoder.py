@@ -395,22 +395,3 @@ def measure_latent_scale(model: nn.Module, data: torch.utils.data.Dataset, max_i
     shift = mean if use_shift else 0.0
     return 1.0 / std, shift
 
-
-@torch.inference_mode()
-def reconstruction_psnr(model: nn.Module, data: torch.utils.data.Dataset, max_items: int = 64,
-                        batch_size: int = 32, device: str | torch.device = "cpu") -> float:
-    """Mean PSNR (dB, images in [0, 1]) of posterior-mean reconstructions over the first ``max_items`` items."""
-    device = torch.device(device)
-    model = model.to(device).eval()
-    n = min(len(data), max_items)
-    fetch = getattr(data, "get_batch", None)
-    values = []
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        x = _to_images(fetch(idx) if fetch else torch.stack([_to_images(data[i]) for i in idx])).to(device)
-        recon = model.decode_latents(model.encode_latents(x)).clamp(-1, 1)
-        mse = ((recon - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # on [0, 1] images
-        values.append(10 * torch.log10(1.0 / mse))
-    if not values:
-        raise ValueError("no images to measure reconstruction PSNR on")
-    return float(torch.cat(values).mean())

@@ -15,9 +15,13 @@ import logging
 import os
 from typing import Any, Iterator
 
+from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+from mlflow.tracking import MlflowClient
+
 from ldm_core import distributed
 from ldm_core.tracking import FanoutTracker, NullTracker, Tracker
 from pipeline.distributed.specs import LdmTrainSpec, VaeTrainSpec, read_spec, result_summary
+from pipeline.tracking import DagsterProgress, MLflowTracker
 
 RESULT_MESSAGE = "ldm.train_result"
 """The ``type`` of the custom Pipes message that carries the train result."""
@@ -32,8 +36,6 @@ log = logging.getLogger("pipeline.distributed")
 @contextlib.contextmanager
 def _dagster_pipes(is_main: bool) -> Iterator[Any]:
     """Rank 0's Pipes context when Dagster launched us (None otherwise, and on every other rank)."""
-    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
-
     if not is_main or DAGSTER_PIPES_CONTEXT_ENV_VAR not in os.environ:
         yield None
         return
@@ -43,14 +45,8 @@ def _dagster_pipes(is_main: bool) -> Iterator[Any]:
 
 def _tracker(spec: VaeTrainSpec | LdmTrainSpec, progress_log: Any) -> Tracker:
     """Rank 0's tracker: the asset's MLflow run, plus progress lines in the Dagster run log."""
-    from pipeline.tracking import DagsterProgress
-
     trackers: list[Tracker] = [DagsterProgress(progress_log, spec.stage, keys=PROGRESS_KEYS[spec.stage])]
     if spec.mlflow_run_id:
-        from mlflow.tracking import MlflowClient
-
-        from pipeline.tracking import MLflowTracker
-
         client = MlflowClient(tracking_uri=spec.mlflow_tracking_uri, registry_uri=spec.mlflow_tracking_uri)
         trackers.insert(0, MLflowTracker(client, spec.mlflow_run_id))
     return FanoutTracker(*trackers)

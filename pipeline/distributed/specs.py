@@ -18,9 +18,18 @@ import torch
 from pydantic import Field, TypeAdapter
 from torch import nn
 
+from ldm_core import distributed
+from ldm_core.bundle import load_autoencoder, load_denoiser, save_autoencoder, save_denoiser
 from ldm_core.config import StrictModel
+from ldm_core.data import ImageShardDataset
+from ldm_core.data.latent_dataset import LatentDataset
+from ldm_core.diffusion import create_diffusion
+from ldm_core.generation import generate
+from ldm_core.grids import make_grid, upscale_nearest
+from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import Tracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, AutoencoderTrainResult, train_autoencoder
+from ldm_core.trainers.common import resolve_device
 from ldm_core.trainers.ldm import LDMTrainingConfig, LDMTrainResult, train_ldm
 
 
@@ -55,8 +64,6 @@ class VaeTrainSpec(_Spec):
         return AutoencoderTrainingConfig.model_validate(self.training)
 
     def dataset(self) -> torch.utils.data.Dataset:
-        from ldm_core.data import ImageShardDataset
-
         return ImageShardDataset(self.dataset_url, split="train", resolution=self.resolution,
                                  cache_decoded=self.cache_images)
 
@@ -66,13 +73,9 @@ class VaeTrainSpec(_Spec):
                                  self.checkpoint_dir)
 
     def save_model(self, model: nn.Module) -> None:
-        from ldm_core.bundle import save_autoencoder
-
         save_autoencoder(self.output_url, model)
 
     def load_model(self) -> nn.Module:
-        from ldm_core.bundle import load_autoencoder
-
         return load_autoencoder(self.output_url)
 
     result_type: ClassVar[type] = AutoencoderTrainResult
@@ -99,19 +102,12 @@ class LdmTrainSpec(_Spec):
         return LDMTrainingConfig.model_validate(self.training)
 
     def dataset(self) -> torch.utils.data.Dataset:
-        from ldm_core.data.latent_dataset import LatentDataset
-
         return LatentDataset(self.store_url, split="train")
 
     def sample_fn(
         self, config: LDMTrainingConfig, vae: nn.Module | None = None
     ) -> Callable[[nn.Module, int], np.ndarray]:
         """Validation grids (prompts × seeds) from the model being trained, for the tracker."""
-        from ldm_core.bundle import load_autoencoder
-        from ldm_core.diffusion import create_diffusion
-        from ldm_core.generation import generate, make_grid, upscale_nearest
-        from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
-        from ldm_core.trainers.common import resolve_device
 
         vae = vae if vae is not None else load_autoencoder(self.vae_url)
         text_encoder = TextEncoder(TextEncoderConfig.model_validate(self.text_encoder))
@@ -130,8 +126,6 @@ class LdmTrainSpec(_Spec):
 
     def train(self, tracker: Tracker, data: torch.utils.data.Dataset | None = None,
               vae: nn.Module | None = None) -> LDMTrainResult:
-        from ldm_core import distributed
-
         config = self.config()
         data = data if data is not None else self.dataset()
         # only rank 0 renders validation grids: the other ranks need neither the VAE nor the text encoder
@@ -140,13 +134,9 @@ class LdmTrainSpec(_Spec):
                          sample_fn=sample_fn)
 
     def save_model(self, model: nn.Module) -> None:
-        from ldm_core.bundle import save_denoiser
-
         save_denoiser(self.output_url, model)
 
     def load_model(self) -> nn.Module:
-        from ldm_core.bundle import load_denoiser
-
         return load_denoiser(self.output_url)
 
     result_type: ClassVar[type] = LDMTrainResult

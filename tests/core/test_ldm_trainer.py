@@ -125,7 +125,8 @@ def test_validation_samples_reach_the_tracker(text):
 
 
 def test_generate_is_deterministic_and_batch_independent(text):
-    from ldm_core.generation import generate, make_grid
+    from ldm_core.generation import generate
+    from ldm_core.grids import make_grid
     from ldm_core.models.autoencoder import autoencoder_preset, build_autoencoder
     from ldm_core.models.denoiser import build_denoiser
 
