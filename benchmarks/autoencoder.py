@@ -19,10 +19,10 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
 from benchmarks.common import machine_info, print_table, time_alternating, write_json
+from ldm_core.distributed import BatchShard
 from ldm_core.flops import count_flops
 from ldm_core.interop import to_diffusers
 from ldm_core.interop.autoencoder import diffusers_kwargs
-from ldm_core.distributed import BatchShard
 from ldm_core.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.models.discriminator import DiscriminatorConfig
@@ -48,7 +48,11 @@ def run(size: int = 64, batch: int = 4, rounds: int = 10, iters: int = 1, precis
     opts = {"ours": make_adam(list(ours.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
             "diffusers": make_adam(list(theirs.parameters()), dev, lr=1e-5, betas=(0.5, 0.9))}
     gen = torch.Generator(device=dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(dev.type, enabled=False)
+    amp = (
+        torch.autocast(dev.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast(dev.type, enabled=False)
+    )
 
     def step_ours():
         gen.manual_seed(0)
@@ -69,7 +73,9 @@ def run(size: int = 64, batch: int = 4, rounds: int = 10, iters: int = 1, precis
         opts["diffusers"].step()
         opts["diffusers"].zero_grad(set_to_none=True)
 
-    t = time_alternating({"ours": step_ours, "diffusers": step_theirs}, rounds=rounds, iters=iters, warmup=1, device=dev)
+    t = time_alternating(
+        {"ours": step_ours, "diffusers": step_theirs}, rounds=rounds, iters=iters, warmup=1, device=dev
+    )
     return {
         "benchmark": "autoencoder_train_step", "config": BENCH_CONFIG.to_dict(), "image_size": size, "batch": batch,
         "precision": precision, "channels_last": channels_last, "machine": machine_info(),
@@ -198,7 +204,9 @@ def full_loss_flops(size: int) -> dict[str, float]:
     return {"ours": count_flops(ours_pass) / 2, "diffusers": count_flops(theirs_pass) / 2}
 
 
-def run_full_loss(size: int = 64, batch: int = 4, rounds: int = 8, precision: str = "fp32", device: str = "cpu") -> dict:
+def run_full_loss(
+    size: int = 64, batch: int = 4, rounds: int = 8, precision: str = "fp32", device: str = "cpu"
+) -> dict:
     """One optimizer step of the autoencoder and one of the discriminator, both active, both sides identical
     in weights and in the LPIPS and discriminator modules, and the same fused Adam; the work differs (see the module
     docstring), so each side's FLOPs are its own."""
@@ -215,7 +223,11 @@ def run_full_loss(size: int = 64, batch: int = 4, rounds: int = 8, precision: st
                       make_adam(list(ref_disc.parameters()), dev, lr=1e-5, betas=(0.5, 0.9))),
     }
     gen = torch.Generator(device=dev)
-    amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else (lambda: torch.autocast(dev.type, enabled=False))
+    amp = (
+        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16))
+        if precision == "bf16"
+        else (lambda: torch.autocast(dev.type, enabled=False))
+    )
     gen_step = GeneratorStep(ours, loss_fn, gen, BatchShard(0, 1), sample_posterior=True)
     disc_step = DiscriminatorStep(loss_fn)
 

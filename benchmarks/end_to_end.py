@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -111,10 +111,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     names = list(CONFIGS) if a.config == "all" else [a.config]
     results = [run(n, a.rounds, a.device) for n in names]
-    print_table([{"benchmark": f"ldm_model step on the latent store vs train_text_to_image loop ({r['config']}, "
-                               f"{r['vae']} at {r['resolution']} px, b{r['batch']})",
-                  "ours img/s": f"{r['ours_images_per_s']:.2f}", "diffusers img/s": f"{r['diffusers_images_per_s']:.2f}",
-                  "ratio": f"{r['ratio']:.2f}x"} for r in results], ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
+    print_table(
+        [
+            {
+                "benchmark": f"ldm_model step on the latent store vs train_text_to_image loop ({r['config']}, "
+                f"{r['vae']} at {r['resolution']} px, b{r['batch']})",
+                "ours img/s": f"{r['ours_images_per_s']:.2f}",
+                "diffusers img/s": f"{r['diffusers_images_per_s']:.2f}",
+                "ratio": f"{r['ratio']:.2f}x",
+            }
+            for r in results
+        ],
+        ["benchmark", "ours img/s", "diffusers img/s", "ratio"],
+    )
     write_json({"results": results}, a.json)
     return results
 

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -205,7 +206,14 @@ def encode_runs(workdir: str, sizes: list[int], rows_per_shard: int) -> list[dic
         src, ds = os.path.join(workdir, f"src{n}"), os.path.join(workdir, f"ds{n}")
         write_shapes_source(src, n, seed=0)
         ingest(IngestConfig(source=src, rows_per_shard=rows_per_shard, val_fraction=0.05), ds)
-        cmd = [sys.executable, "-m", "benchmarks.latent_loader", "--encode-child", ds, os.path.join(workdir, f"store{n}")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.latent_loader",
+            "--encode-child",
+            ds,
+            os.path.join(workdir, f"store{n}"),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         out.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return out
@@ -230,8 +238,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                           num_heads=8, context_dim=768, norm_groups=32)
     # the faster of two measurements: the machine is shared, and a higher consumption makes the ratio conservative
     consume = {
-        "demo": max(trainer_rate(UNET_PRESETS["tiny"], DEMO["latent"], DEMO["context"], DEMO["batch"], 5 if quick else 20)
-                    for _ in range(2)),
+        "demo": max(
+            trainer_rate(UNET_PRESETS["tiny"], DEMO["latent"], DEMO["context"], DEMO["batch"], 5 if quick else 20)
+            for _ in range(2)
+        ),
         "sd-like": max(trainer_rate(sd_small, SD["latent"], SD["context"], 2, 2) for _ in range(2)),
     }
     result["trainer_samples_per_s"] = consume

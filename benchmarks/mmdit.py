@@ -11,7 +11,7 @@ are real here).
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import SD3Transformer2DModel
@@ -137,12 +137,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = [run(n, a.rounds, a.iters, a.sample_steps, a.device, a.precision) for n in names]
     rows = []
     for r in results:
-        rows.append({"benchmark": f"MMDiT train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})",
-                     "ours img/s": f"{r['train_ours_images_per_s']:.2f}",
-                     "diffusers img/s": f"{r['train_diffusers_images_per_s']:.2f}", "ratio": f"{r['train_ratio']:.2f}x"})
-        rows.append({"benchmark": f"flow Euler-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})",
-                     "ours img/s": f"{r['sample_ours_images_per_s']:.3f}",
-                     "diffusers img/s": f"{r['sample_diffusers_images_per_s']:.3f}", "ratio": f"{r['sample_ratio']:.2f}x"})
+        rows.append(
+            {
+                "benchmark": f"MMDiT train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})",
+                "ours img/s": f"{r['train_ours_images_per_s']:.2f}",
+                "diffusers img/s": f"{r['train_diffusers_images_per_s']:.2f}",
+                "ratio": f"{r['train_ratio']:.2f}x",
+            }
+        )
+        rows.append(
+            {
+                "benchmark": f"flow Euler-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})",
+                "ours img/s": f"{r['sample_ours_images_per_s']:.3f}",
+                "diffusers img/s": f"{r['sample_diffusers_images_per_s']:.3f}",
+                "ratio": f"{r['sample_ratio']:.2f}x",
+            }
+        )
     print_table(rows, ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
     write_json({"results": results}, a.json)
     return results

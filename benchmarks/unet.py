@@ -11,7 +11,7 @@ measures the product, not the model, and is labelled so.
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,9 +28,21 @@ CONFIGS = {
     # the demo's denoiser: 8×8×4 latents, MiniLM tokens
     "demo": dict(unet=UNET_PRESETS["tiny"], latent=8, tokens=16, batch=32, sample_batch=8),
     # a mid-size SD-1 layout (4 levels, attention at 3) at reduced width, 32×32×4 latents, CLIP-width tokens
-    "mid": dict(unet=UNetConfig(model_channels=64, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_levels=[0, 1, 2],
-                                num_heads=8, context_dim=768, norm_groups=32),
-                latent=32, tokens=77, batch=4, sample_batch=1),
+    "mid": dict(
+        unet=UNetConfig(
+            model_channels=64,
+            channel_mult=[1, 2, 4, 4],
+            num_res_blocks=2,
+            attention_levels=[0, 1, 2],
+            num_heads=8,
+            context_dim=768,
+            norm_groups=32,
+        ),
+        latent=32,
+        tokens=77,
+        batch=4,
+        sample_batch=1,
+    ),
 }
 
 
@@ -128,15 +140,29 @@ def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, devi
                             iters=1, warmup=1, device=dev)
     sample_flops = {side: 2 * f * sample_steps for side, f in flops["forward"].items()}  # cond + uncond per step
     return {
-        "benchmark": "unet", "config": name, "unet": spec["unet"].to_dict(), "latent": s, "tokens": L, "batch": b,
-        "precision": precision, "machine": machine_info(), "optimizer": "fused AdamW on both sides",
-        "train_ours_images_per_s": b / train["ours"], "train_diffusers_images_per_s": b / train["diffusers"],
-        "train_ratio": train["ratio"], "train_flops_ours": flops["train"]["ours"], "train_flops_diffusers": flops["train"]["diffusers"],
-        "shipped_ours_images_per_s": b / shipped["ours"], "shipped_diffusers_images_per_s": b / shipped["diffusers"],
+        "benchmark": "unet",
+        "config": name,
+        "unet": spec["unet"].to_dict(),
+        "latent": s,
+        "tokens": L,
+        "batch": b,
+        "precision": precision,
+        "machine": machine_info(),
+        "optimizer": "fused AdamW on both sides",
+        "train_ours_images_per_s": b / train["ours"],
+        "train_diffusers_images_per_s": b / train["diffusers"],
+        "train_ratio": train["ratio"],
+        "train_flops_ours": flops["train"]["ours"],
+        "train_flops_diffusers": flops["train"]["diffusers"],
+        "shipped_ours_images_per_s": b / shipped["ours"],
+        "shipped_diffusers_images_per_s": b / shipped["diffusers"],
         "shipped_ratio": shipped["ratio"],
-        "sample_steps": sample_steps, "sample_batch": sb,
-        "sample_ours_images_per_s": sb / samp["ours"], "sample_diffusers_images_per_s": sb / samp["diffusers"],
-        "sample_ratio": samp["ratio"], "sample_flops_ours": sample_flops["ours"],
+        "sample_steps": sample_steps,
+        "sample_batch": sb,
+        "sample_ours_images_per_s": sb / samp["ours"],
+        "sample_diffusers_images_per_s": sb / samp["diffusers"],
+        "sample_ratio": samp["ratio"],
+        "sample_flops_ours": sample_flops["ours"],
         "sample_flops_diffusers": sample_flops["diffusers"],
     }
 
@@ -154,18 +180,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = list(CONFIGS) if a.config == "all" else [a.config]
     results = [run(n, a.rounds, a.iters, a.sample_steps, a.device, a.precision) for n in names]
     m = results[0]["machine"]
-    print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | device {m['device']}")
+    print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
+          f"device {m['device']}")
     rows = []
     for r in results:
-        rows.append({"benchmark": f"UNet train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})",
-                     "ours img/s": f"{r['train_ours_images_per_s']:.2f}", "diffusers img/s": f"{r['train_diffusers_images_per_s']:.2f}",
-                     "ratio": f"{r['train_ratio']:.2f}x"})
-        rows.append({"benchmark": f"DDIM-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})",
-                     "ours img/s": f"{r['sample_ours_images_per_s']:.3f}", "diffusers img/s": f"{r['sample_diffusers_images_per_s']:.3f}",
-                     "ratio": f"{r['sample_ratio']:.2f}x"})
-        rows.append({"benchmark": f"as shipped: our step vs diffusers + torch.optim.AdamW defaults ({r['config']})",
-                     "ours img/s": f"{r['shipped_ours_images_per_s']:.2f}",
-                     "diffusers img/s": f"{r['shipped_diffusers_images_per_s']:.2f}", "ratio": f"{r['shipped_ratio']:.2f}x"})
+        rows.append(
+            {
+                "benchmark": f"UNet train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})",
+                "ours img/s": f"{r['train_ours_images_per_s']:.2f}",
+                "diffusers img/s": f"{r['train_diffusers_images_per_s']:.2f}",
+                "ratio": f"{r['train_ratio']:.2f}x",
+            }
+        )
+        rows.append(
+            {
+                "benchmark": f"DDIM-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})",
+                "ours img/s": f"{r['sample_ours_images_per_s']:.3f}",
+                "diffusers img/s": f"{r['sample_diffusers_images_per_s']:.3f}",
+                "ratio": f"{r['sample_ratio']:.2f}x",
+            }
+        )
+        rows.append(
+            {
+                "benchmark": f"as shipped: our step vs diffusers + torch.optim.AdamW defaults ({r['config']})",
+                "ours img/s": f"{r['shipped_ours_images_per_s']:.2f}",
+                "diffusers img/s": f"{r['shipped_diffusers_images_per_s']:.2f}",
+                "ratio": f"{r['shipped_ratio']:.2f}x",
+            }
+        )
     print_table(rows, ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
     write_json({"results": results}, a.json)
     return results

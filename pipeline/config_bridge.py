@@ -86,7 +86,7 @@ def _field_specs(model: type[BaseModel], exclude: tuple[str, ...]) -> dict[str, 
     fields: dict[str, Any] = {}
     if "_expand_preset" in dir(model):
         preset = FieldInfo(default=None, description="Start from this named preset; other fields override it.")
-        fields["preset"] = (typing.Optional[str], preset)
+        fields["preset"] = (str | None, preset)
     for name, field in model.model_fields.items():
         if field.exclude or name in exclude:
             continue  # secrets are never part of run config; excluded fields are set by the asset
@@ -96,7 +96,7 @@ def _field_specs(model: type[BaseModel], exclude: tuple[str, ...]) -> dict[str, 
         if choices:
             desc += f" One of {choices}."
         desc += f" (default: {_default_text(field)})"
-        fields[name] = (typing.Optional[tp], FieldInfo(default=None, description=desc.strip()))
+        fields[name] = (tp | None, FieldInfo(default=None, description=desc.strip()))
     return fields
 
 
@@ -112,7 +112,7 @@ def _union_config(models: tuple[type[BaseModel], ...]) -> type[dg.Config]:
         for name, (tp, info) in _field_specs(model, ()).items():
             owners.setdefault(name, []).append(kinds[model])
             fields.setdefault(name, (tp, info))
-    for name, (tp, info) in fields.items():
+    for name, (_tp, info) in fields.items():
         if name == "kind":
             info.description = f"Which one: one of {list(kinds.values())} (default: {kinds[models[0]]!r})."
         elif len(owners[name]) < len(models):

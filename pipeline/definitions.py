@@ -33,4 +33,4 @@ defs = dg.Definitions(
 
 def get_training_job() -> dg.JobDefinition:
     """For `dg.reconstructable` (ldm demo, tests): the resolved ldm_training_job."""
-    return defs.resolve_job_def("ldm_training_job")
+    return defs.resolve_job_def(ldm_training_job.name)

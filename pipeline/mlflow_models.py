@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+
 class TextToImageModel(mlflow.pyfunc.PythonModel):
     """predict(DataFrame with `prompt` [, `seed`, `steps`, `guidance`]) → uint8 images (N, H, W, 3).
 

@@ -25,8 +25,13 @@ from ldm_core.text_encoder import TextEncoderConfig, resolve_model_path, widths_
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
 from ldm_core.trainers.common import Precision
 from ldm_core.trainers.ldm import LDMTrainingConfig
-from pipeline.asset_config import (ASSET_CONFIGS, BUILTIN_SHAPES, ImageDatasetConfig, VaeModelConfig,
-                                   complete_ldm_training)
+from pipeline.asset_config import (
+    ASSET_CONFIGS,
+    BUILTIN_SHAPES,
+    ImageDatasetConfig,
+    VaeModelConfig,
+    complete_ldm_training,
+)
 from pipeline.config_bridge import ConfigValidationError, to_core
 
 PRECISIONS = get_args(Precision)

@@ -7,15 +7,16 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread: subprocess jobs and in-process references agree
 
 import torch  # noqa: E402  (after the thread count is set)
 
-from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
 import benchmarks.faults  # noqa: E402
+from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
 from benchmarks.faults import atomic, checkpoints, configs, kills, numerical, storage_faults  # noqa: E402
 from benchmarks.faults.table import Row  # noqa: E402
 

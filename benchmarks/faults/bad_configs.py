@@ -3,7 +3,7 @@ Used by tests/faults/test_bad_configs.py and the fault script."""
 
 from __future__ import annotations
 
-V, L, S, I, E = (
+V, L, S, D, E = (
     f"ops.{a}.config" for a in ("vae_model", "ldm_model", "latent_store", "image_dataset", "evaluation_report")
 )
 
@@ -19,7 +19,7 @@ BAD = [
     (f"{V}.training.trainer.precision", "fp8", "vae_model.training.trainer.precision"),
     (f"{V}.training.model.preset", "nope", "vae_model.training.model"),
     (f"{S}.store.backend", "hdf5", "latent_store.store.backend"),
-    (f"{I}.ingest.val_fraction", 1.5, "image_dataset.ingest.val_fraction"),
+    (f"{D}.ingest.val_fraction", 1.5, "image_dataset.ingest.val_fraction"),
     (f"{E}.evaluation.grid_size", 0, "evaluation_report.evaluation.grid_size"),
     (f"{V}.training.loss.disc_start", -5, "vae_model.training.loss.disc_start"),
     # impossible combinations inside one section
@@ -36,7 +36,7 @@ BAD = [
     (f"{L}.training.trainer.warmup_steps", -1, "ldm_model.training.trainer.warmup_steps"),
     (f"{L}.training.trainer.device", "gpu0", "ldm_model.training.trainer.device"),
     (f"{S}.text_encoder.max_length", 0, "latent_store.text_encoder.max_length"),
-    (f"{I}.builtin_size", 8, "image_dataset.builtin_size"),
+    (f"{D}.builtin_size", 8, "image_dataset.builtin_size"),
     (f"{L}.validation_seeds", 0, "ldm_model.validation_seeds"),
     (f"{L}.guidance", -1.0, "ldm_model.guidance"),
     ("resources.compute.config.precision", "fp4", "resources.compute.precision"),

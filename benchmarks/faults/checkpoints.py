@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.faults import runner
 from benchmarks.faults.table import JOB_NAMES, Row, row
@@ -41,7 +42,7 @@ def checkpoints(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]
             _damage(d, how)
             warnings: list[str] = []
             handler = logging.Handler()
-            handler.emit = lambda r: warnings.append(r.getMessage())  # type: ignore[method-assign]
+            handler.emit = lambda r, sink=warnings: sink.append(r.getMessage())  # type: ignore[method-assign]
             logging.getLogger("ldm_core.checkpoint").addHandler(handler)
             try:
                 res = runner.train(job, runner.clean_data(job), d, steps=6)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.faults import campaign
 from benchmarks.faults.dagster_trial import dagster_kill_trial

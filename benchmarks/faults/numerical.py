@@ -4,8 +4,9 @@ with the last good checkpoint intact and resumable."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -88,8 +89,8 @@ def storage_faults(root: Path, log: Callable[[str], None]) -> tuple[list[Row], A
                     mgr.save(1, {"w": torch.arange(4.0)})
                     proxy.set_policy(FaultPolicy(always=fault))
                     outcome = {}
-                    for what, fn, url in (("ingest", lambda: ing(grown, ds), ds),
-                                          ("checkpoint", lambda: mgr.save(2, {"w": torch.zeros(4)}), ckpt)):
+                    for what, fn, url in (("ingest", lambda ds=ds: ing(grown, ds), ds),
+                                          ("checkpoint", lambda mgr=mgr: mgr.save(2, {"w": torch.zeros(4)}), ckpt)):
                         try:
                             fn()
                             outcome[what] = "no error"

@@ -4,9 +4,9 @@ import dagster as dg
 
 from ldm_core.bundle import save_autoencoder
 from ldm_core.data import ImageShardDataset
+from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelity
 from ldm_core.model_io import read_model_meta
 from ldm_core.tracking import FanoutTracker
-from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelity
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale
 from pipeline.asset_config import VaeModelConfig
 from pipeline.assets.common import (

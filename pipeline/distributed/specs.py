@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -142,7 +143,7 @@ class LdmTrainSpec(_Spec):
     result_type: ClassVar[type] = LDMTrainResult
 
 
-TrainSpec = Annotated[Union[VaeTrainSpec, LdmTrainSpec], Field(discriminator="stage")]
+TrainSpec = Annotated[VaeTrainSpec | LdmTrainSpec, Field(discriminator="stage")]
 _ADAPTER: TypeAdapter = TypeAdapter(TrainSpec)
 
 

@@ -7,9 +7,9 @@ import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
 
+from benchmarks.faults.injectors import FailOnceAfterCheckpoint
 from pipeline.definitions import defs
 from pipeline.resources import PARENT_TAG
-from benchmarks.faults.injectors import FailOnceAfterCheckpoint
 
 
 def _run(config: dict, assets: tuple[str, ...]) -> dg.ExecuteInProcessResult:

@@ -13,14 +13,15 @@ import time
 import pytest
 import torch
 
+from benchmarks.faults import runner
+from benchmarks.faults.campaign import ROOT
+from benchmarks.faults.injectors import WRITE_LOOP, whole_version
 from ldm_core import storage
 from ldm_core.bundle import load_text_to_image, save_text_to_image
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.model_io import WEIGHTS, load_model, save_model
 from ldm_core.models.autoencoder import AutoencoderConfig, build_autoencoder
-from benchmarks.faults import runner
-from benchmarks.faults.campaign import ROOT
-from benchmarks.faults.injectors import WRITE_LOOP, whole_version
+
 
 def test_sigkill_during_atomic_writes_never_leaves_a_partial_artifact(tmp_path):
     target = tmp_path / "artifact.bin"

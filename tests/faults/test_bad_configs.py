@@ -12,11 +12,12 @@ import dagster as dg
 import pytest
 import yaml
 
+from benchmarks.faults.bad_configs import BAD, L, S, V
+from benchmarks.faults.bad_configs import set_path as _set
+from benchmarks.faults.dagster_trial import TINY, fresh_home, home_env
 from pipeline.config_bridge import ConfigValidationError
 from pipeline.definitions import defs
 from pipeline.validation import validate_run_config
-from benchmarks.faults.bad_configs import BAD, L, S, V, set_path as _set
-from benchmarks.faults.dagster_trial import TINY, fresh_home, home_env
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

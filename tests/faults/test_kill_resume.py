@@ -131,10 +131,10 @@ def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path)
     import torch
 
     import ldm_core.trainers.common as common
+    from benchmarks.faults import runner
     from ldm_core.checkpoint import CheckpointManager, flatten_state
     from ldm_core.flops import measure_matmul_peak
     from ldm_core.trainers.autoencoder import train_autoencoder
-    from benchmarks.faults import runner
 
     state = torch.get_rng_state()
     measure_matmul_peak(n=64, seconds=0.0)

@@ -5,12 +5,12 @@ a resume on clean data carries on from it with the count restored."""
 import pytest
 import torch
 
+from benchmarks.faults import runner
+from benchmarks.faults.injectors import PoisonedAfter
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.trainers.autoencoder import train_autoencoder
 from ldm_core.trainers.common import NonFiniteLossError
 from ldm_core.trainers.ldm import train_ldm
-from benchmarks.faults import runner
-from benchmarks.faults.injectors import PoisonedAfter
 
 
 def _train(job, data, ckpt, steps, max_nonfinite):

@@ -153,9 +153,9 @@ def test_s3_credentials_never_reach_mlflow_dagster_or_the_logs(s3_endpoint, tmp_
     import s3fs
     import yaml
 
-    from pipeline.definitions import defs
     from benchmarks.faults.dagster_trial import TINY
     from benchmarks.faults.s3proxy import FaultProxy
+    from pipeline.definitions import defs
 
     home = tmp_path / "home"
     (home / "dagster").mkdir(parents=True)

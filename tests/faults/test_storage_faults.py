@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
+from benchmarks.faults import campaign, runner
+from benchmarks.faults.s3proxy import FAULTS, FaultPolicy, FaultProxy
 from ldm_core import storage
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.data import IngestConfig, ingest, write_shapes_source
 from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
-from benchmarks.faults import campaign, runner
-from benchmarks.faults.s3proxy import FAULTS, FaultPolicy, FaultProxy
 
 
 @pytest.fixture
