@@ -60,9 +60,11 @@ class AutoencoderTrainerConfig(TrainerConfig):
     lr: float = Field(4.5e-6, gt=0)
     """Autoencoder learning rate (LDM: 4.5e-6 × batch size on its first-stage runs)."""
     grad_clip: float | None = Field(None, gt=0)
-    """Max global gradient norm per optimizer; None (CompVis' choice) does not clip. The nll is summed over pixels,
-    so its gradient norm is in the thousands and a clip at 1.0 would rescale every step: with Adam, which divides
-    out a gradient's scale, that changes nothing but the relative weight of the steps."""
+    """Max global gradient norm per optimizer; None, deliberately, does not clip (CompVis' first-stage trainer does
+    not). The nll is summed over pixels and averaged over images, so its gradient norm grows with the image size
+    and sits far above 1: the shared default of 1.0 would clip nearly every step, and with Adam, which divides out
+    a gradient's scale, that would change nothing but the relative weight of the steps. Set it to guard against
+    rare spikes, at a norm well above the typical ``grad_norm`` the tracker shows."""
     disc_lr: float | None = Field(None, gt=0)
     """Discriminator learning rate; None = lr."""
     betas: tuple[float, float] = (0.5, 0.9)

@@ -8,8 +8,13 @@ import torch
 from ldm_core.data.memory import InMemoryDataset
 from ldm_core.models.autoencoder import autoencoder_preset
 from ldm_core.tracking import RecordingTracker
-from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, train_autoencoder
-from ldm_core.trainers.common import NonFiniteLossError
+from ldm_core.trainers.autoencoder import (
+    AutoencoderTrainerConfig,
+    AutoencoderTrainingConfig,
+    measure_latent_scale,
+    train_autoencoder,
+)
+from ldm_core.trainers.common import NonFiniteLossError, TrainerConfig
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -137,3 +142,19 @@ def test_latent_scale_gives_unit_std():
     scale2, shift2 = measure_latent_scale(model, data, batch_size=8, use_shift=True)
     assert ((z - shift2) * scale2).mean().item() == pytest.approx(0.0, abs=0.05)
     assert math.isclose(scale, scale2, rel_tol=1e-9)
+
+
+def test_the_autoencoder_does_not_clip_by_default_because_its_gradient_norm_is_far_above_one():
+    # the shared trainer default clips at 1.0 (right for the denoiser's mean loss); the summed nll's norm is far above
+    # it from the first step, so that default would clip every step: the autoencoder's own default is no clip
+    assert TrainerConfig().grad_clip == 1.0
+    assert AutoencoderTrainerConfig().grad_clip is None
+    cfg = AutoencoderTrainingConfig.model_validate({
+        "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
+        "discriminator": {"ndf": 8, "n_layers": 2},
+        "loss": {"perceptual_weight": 0.0},
+        "trainer": {"steps": 2, "batch_size": 4, "log_every": 1},
+    })
+    tracker = RecordingTracker()
+    train_autoencoder(cfg, InMemoryDataset(image=_images(4)), tracker, perceptual=None)
+    assert min(v for _, v in tracker.metrics["grad_norm"]) > 10.0
