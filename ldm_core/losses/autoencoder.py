@@ -6,6 +6,8 @@ taming-transformers, Esser et al. 2021):
     rec   = |x − x̂| + w_p · LPIPS(x, x̂)                      per element; LPIPS broadcast over each image
                                                                ((x − x̂)² with pixel_loss="l2")
     nll   = Σ (rec / e^logvar + logvar) / B                    a Laplace likelihood with one learnable scale
+    reg   = KL summed over latent dims, mean over B            VQ: C·H·W · codebook loss (taming weighs it against
+                                                               the mean rec; this nll sums C·H·W elements per image)
     g     = −mean D(x̂)                                         the generator's adversarial term
     λ     = w_d · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e−4), 0, 1e4)  adaptive weight at the decoder's last layer L
     loss  = nll + w_reg · reg + λ · disc_factor · g            the GAN part only once step ≥ disc_start
@@ -55,7 +57,10 @@ class AutoencoderLossConfig(StrictModel):
     kl_weight: float = Field(1e-6, ge=0.0)
     """Weight of the KL to N(0, I): tiny, it only keeps the latents bounded, it is not a VAE prior (reg_kind='kl')."""
     codebook_weight: float = Field(1.0, ge=0.0)
-    """Weight of the codebook + commitment loss of the VQ variant (reg_kind='vq')."""
+    """Weight of the codebook + commitment loss of the VQ variant (reg_kind='vq'), relative to the *mean*
+    reconstruction loss, as in taming-transformers: 1.0 is taming's recipe. The nll here is summed over each image's
+    C·H·W elements, so the codebook loss (a mean over latent elements) is multiplied by C·H·W too; the objective is
+    then taming's (at logvar 0) times C·H·W, a factor Adam divides out."""
     disc_weight: float = Field(0.5, ge=0.0)
     """Multiplies the adaptive weight of the generator's adversarial term."""
     disc_factor: float = Field(1.0, ge=0.0)
@@ -106,7 +111,7 @@ class GeneratorTerms:
     nll: torch.Tensor
     """Scalar Laplace NLL of (L1 or L2 + w_p·LPIPS), summed over elements, averaged over images."""
     reg: torch.Tensor
-    """Scalar regularizer, already weighted (kl_weight·KL or codebook_weight·VQ loss)."""
+    """Scalar regularizer, already weighted (kl_weight·KL, or codebook_weight·C·H·W·VQ loss)."""
     g: torch.Tensor | None
     """Scalar −mean D(x̂), or None while the discriminator is inactive."""
     logs: dict[str, torch.Tensor]
@@ -204,8 +209,12 @@ class AutoencoderLoss(nn.Module):
         # 2) Laplace negative log-likelihood with a global scale, summed over elements, averaged over images
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
 
-        # 3) regularizer
-        reg = (cfg.kl_weight if reg_kind == "kl" else cfg.codebook_weight) * reg_loss
+        # 3) regularizer. The KL is summed over latent elements like the nll over pixels (CompVis' kl_weight); the
+        # VQ loss is a mean, weighted in taming against the mean reconstruction: scaled to our summed nll here
+        if reg_kind == "kl":
+            reg = cfg.kl_weight * reg_loss
+        else:
+            reg = cfg.codebook_weight * x[0].numel() * reg_loss
 
         # 4) adversarial term, only once the discriminator is active (before that it is not even evaluated)
         g_loss = None
