@@ -255,8 +255,13 @@ class AutoencoderLoss(nn.Module):
 
     def generator_backward(self, terms: GeneratorTerms, recon: torch.Tensor, last_layer: torch.Tensor | None,
                            grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float = 1.0,
+                           loss_scale: torch.Tensor | None = None,
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Back-propagate ``scale`` · (the generator loss of `terms`); returns the loss (detached) and the logs.
+
+        loss_scale: fp16's loss scale (`LossScaler.scale`), a 0-d tensor: the gradients are then those of
+        loss_scale · scale · loss, so that small ones survive fp16's backward, while the adaptive weight still
+        compares the true gradients.
 
         The gradients are those of ``generator_loss(...)[0].mul(scale).backward()`` (a test holds them equal), in
         fewer passes. Done literally, the adaptive weight back-propagates nll and g to the decoder's last layer, and
@@ -265,24 +270,29 @@ class AutoencoderLoss(nn.Module):
         ∂g/∂x̂ through the last conv alone (vector-Jacobian products with grad_outputs), and one backward from x̂
         carries ∂nll/∂x̂ + λ·∂g/∂x̂ (+ the regularizer's and logvar's own terms) into the autoencoder.
         """
+        def scaled(t: torch.Tensor) -> torch.Tensor:
+            return t if loss_scale is None else t * loss_scale
+
         if terms.g is None:  # no GAN term yet: the plain backward is already a single pass
             loss, logs = self._combine(terms, torch.zeros((), device=terms.nll.device, dtype=terms.nll.dtype))
-            (loss * scale).backward()
+            scaled(loss * scale).backward()
             return loss.detach(), logs
         if last_layer is None:
             raise ValueError("the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
                              "discriminator is active")
         learn_logvar = self.logvar.requires_grad
         wrt = [recon, self.logvar] if learn_logvar else [recon]
-        nll_grads = torch.autograd.grad(terms.nll, wrt, retain_graph=True)  # LPIPS backward, once
-        g_recon = torch.autograd.grad(terms.g, recon, retain_graph=True)[0]  # discriminator backward, once
+        nll_grads = torch.autograd.grad(scaled(terms.nll), wrt, retain_graph=True)  # LPIPS backward, once
+        g_recon = torch.autograd.grad(scaled(terms.g), recon, retain_graph=True)[0]  # discriminator backward, once
         nll_last = torch.autograd.grad(recon, last_layer, nll_grads[0], retain_graph=True)[0]  # last conv only
         g_last = torch.autograd.grad(recon, last_layer, g_recon, retain_graph=True)[0]
+        if loss_scale is not None:  # the weight is a ratio of the true gradients' norms (its eps is absolute)
+            nll_last, g_last = nll_last / loss_scale, g_last / loss_scale
         d_weight = self._weight_from_grads(nll_last, g_last, grad_mean)
         coef = d_weight * self.config.disc_factor
         recon_grad = ((nll_grads[0] + coef * g_recon) * scale).detach()  # (B, C, H, W)
         # one backward whose gradient is exactly the loss's: Σ x̂·∂L/∂x̂ + reg (+ logvar·∂nll/∂logvar)
-        surrogate = (recon * recon_grad).sum() + terms.reg * scale
+        surrogate = (recon * recon_grad).sum() + scaled(terms.reg) * scale
         if learn_logvar:
             surrogate = surrogate + (self.logvar * (nll_grads[1] * scale).detach()).sum()
         surrogate.backward()

@@ -35,6 +35,7 @@ from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.common import (
     EMA,
     BatchStream,
+    LossScaler,
     MetricWindow,
     NonFiniteGuard,
     RunSetup,
@@ -154,9 +155,12 @@ def train_ldm(
     sampler = run.sampler(len(latents), tc.seed)
     ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    scaler = LossScaler(precision, device)
     parts: dict[str, Any] = {"model": model, "opt": opt}
     if ema is not None:
         parts["ema"] = ema
+    if scaler.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
+        parts["scaler"] = scaler
     run_state = RunState(config.to_dict(), "denoiser", parts, gen, guard)
 
     start_step, position, resumed_from = run_state.resume_latest(ckpt, checkpoint_dir, "LDM")
@@ -207,14 +211,16 @@ def train_ldm(
                 with autocast(device, precision):
                     pred = net(sample.x_t, sample.t_model, ctx, mask, pooled=pooled)
                 loss = diffusion.loss(pred.float(), sample)
-                (loss / accum).backward()
+                scaler.scaled(loss / accum).backward()
             if shapes is None:
                 shapes = (tuple(x0.shape[1:]), tuple(ctx.shape[1:]))
             loss_acc += loss.detach() / accum
+        scaler.unscale(opt)
         gnorm = grad_norm_and_finite(params, tc.grad_clip)
-        found_inf = guard.flag(loss_acc, gnorm)  # device-side: skipped by the fused optimizer, no host sync
+        found_inf, counted = scaler.nonfinite(gnorm, loss_acc)  # device-side: the fused optimizer skips, no host sync
         optimizer_step(opt, found_inf)
-        guard.record(found_inf)
+        scaler.update()
+        guard.record(counted)
         if ema is not None:
             ema.update(model, skip=found_inf)
         step += 1

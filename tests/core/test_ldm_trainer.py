@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_core.checkpoint import CheckpointManager
 from ldm_core.data.memory import InMemoryDataset
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import cfg_model
@@ -93,6 +94,24 @@ def test_resume_is_bitwise_equal(text, tmp_path, kind):
     assert resumed.resumed_from == 2 and resumed.step == 5
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_fp16_resumes_its_loss_scale_exactly(text, tmp_path):
+    # a narrow UNet: fp16 runs emulated on CPU, several times slower than fp32
+    enc, embs = text
+    cfg = _config(steps=2, batch_size=4, checkpoint_every=1, precision="fp16")
+    cfg.denoiser = cfg.denoiser.model_copy(update={"model_channels": 16, "norm_groups": 4, "num_heads": 2})
+    data, empty = _toy_latents(embs, 8), enc.empty()
+    uncond = (empty.embeddings, empty.mask)
+    full = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "a"))
+    train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "b"), should_stop=lambda s: s == 1)
+    resumed = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "b"))
+    assert resumed.resumed_from == 1
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    # the scale and its count of clean steps towards the next growth carry over the resume
+    sa, sb = CheckpointManager(str(tmp_path / "a")).load(2), CheckpointManager(str(tmp_path / "b")).load(2)
+    assert sa["scaler"] == sb["scaler"] and sa["scaler"]["_growth_tracker"] == 2
 
 
 def test_nan_batch_is_skipped_and_counted(text):
