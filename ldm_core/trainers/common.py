@@ -216,6 +216,9 @@ class BatchStream:
 
     def _open_epoch(self) -> None:
         batches = self.sampler.epoch_batches(self.position.epoch)[self.position.batch :]
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:  # datasets whose items are drawn per epoch (posterior samples): before workers copy it
+            set_epoch(self.position.epoch)
         fetch = getattr(self.dataset, "get_batch", None)
         if self.num_workers == 0:
             if fetch is not None:  # datasets that can gather a batch in one call (in-memory tensors, latent stores)

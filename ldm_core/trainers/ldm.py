@@ -77,6 +77,11 @@ class LDMTrainerConfig(TrainerConfig):
     """Render validation samples for fixed prompts every N steps through ``sample_fn`` (0 = only at the end)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    sample_posterior: bool = False
+    """Train on a posterior sample z ~ N(mean, exp(logvar)) per image, drawn anew every epoch, as SD-1 and diffusers'
+    scripts do, rather than on the posterior mean (the default, unchanged for existing configs). It needs a latent
+    store of moments, and a dataset built with it (``LatentDataset(..., sample_posterior=True, seed=trainer.seed)``,
+    which the pipeline does); the trainer checks the two agree."""
 
 
 class LDMTrainingConfig(StrictModel):
@@ -152,6 +157,11 @@ def train_ldm(
             raise ValueError(_NO_POOLED.format(kind=config.denoiser.kind, what="the null caption (uncond) has none"))
         uncond_pooled = uncond_pooled.to(device).float()
 
+    draws = getattr(latents, "sample_posterior", False)
+    if draws != tc.sample_posterior:
+        raise ValueError(f"trainer.sample_posterior is {tc.sample_posterior}, but the latent dataset "
+                         f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
+                         f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)")
     sampler = run.sampler(len(latents), tc.seed)
     ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)

@@ -19,9 +19,10 @@ from pydantic import Field, TypeAdapter
 from torch import nn
 
 from ldm_core.config import StrictModel
+from ldm_core.data.latent_dataset import LatentDataset
 from ldm_core.tracking import Tracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, AutoencoderTrainResult, train_autoencoder
-from ldm_core.trainers.ldm import LDMTrainingConfig, LDMTrainResult, train_ldm
+from ldm_core.trainers.ldm import LDMTrainerConfig, LDMTrainingConfig, LDMTrainResult, train_ldm
 
 
 class _Job(StrictModel):
@@ -99,9 +100,7 @@ class LdmTrainJob(_Job):
         return LDMTrainingConfig.model_validate(self.training)
 
     def dataset(self) -> torch.utils.data.Dataset:
-        from ldm_core.data.latent_dataset import LatentDataset
-
-        return LatentDataset(self.store_url, split="train")
+        return ldm_training_data(self.store_url, self.config().trainer)
 
     def sample_fn(self, config: LDMTrainingConfig, vae: nn.Module | None = None) -> Callable[[nn.Module, int], np.ndarray]:
         """Validation grids (prompts × seeds) from the model being trained, for the tracker."""
@@ -148,6 +147,12 @@ class LdmTrainJob(_Job):
         return load_denoiser(self.output_url)
 
     result_type: ClassVar[type] = LDMTrainResult
+
+
+def ldm_training_data(store_url: str, trainer: LDMTrainerConfig) -> LatentDataset:
+    """The store's train split as `train_ldm` with this trainer config reads it: posterior samples (seeded by the
+    trainer's seed) when ``trainer.sample_posterior``, else the posterior means."""
+    return LatentDataset(store_url, split="train", sample_posterior=trainer.sample_posterior, seed=trainer.seed)
 
 
 TrainJob = Annotated[Union[VaeTrainJob, LdmTrainJob], Field(discriminator="stage")]

@@ -125,6 +125,15 @@ def test_nan_batch_is_skipped_and_counted(text):
     assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())
 
 
+def test_sample_posterior_is_refused_with_a_dataset_that_does_not_draw(text):
+    # the option lives in the trainer config (it changes what is trained on, and the checkpoint's config), the draws in
+    # the dataset: a config asking for samples over fixed latents would silently train on the means
+    enc, embs = text
+    empty = enc.empty()
+    with pytest.raises(ValueError, match="sample_posterior is True, but the latent dataset gives fixed latents"):
+        train_ldm(_config(steps=1, sample_posterior=True), _toy_latents(embs, 8), uncond=(empty.embeddings, empty.mask))
+
+
 def test_validation_samples_reach_the_tracker(text):
     enc, embs = text
     empty = enc.empty()
