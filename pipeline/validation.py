@@ -144,6 +144,10 @@ def check_sections(run_config: dict[str, Any]) -> None:
         errors.append(f"ldm_model.training.denoiser.pooled_projection_dim: {den_set['pooled_projection_dim']}, but "
                       f"the text encoder {text.name!r} (latent_store.text_encoder.name) pools its captions to "
                       f"{widths[1]}-dim vectors; leave it unset")
+    if ldm is not None and store_cfg is not None and ldm.trainer.sample_posterior and store_cfg.content != "moments":
+        errors.append(f"ldm_model.training.trainer.sample_posterior: draws from the stored posterior, but "
+                      f"latent_store.store.content is {store_cfg.content!r} (one fixed sample per image); set it to "
+                      "'moments'")
     if ds_section.get("source", BUILTIN_SHAPES) == BUILTIN_SHAPES and "image_dataset" in ops:
         count = ds_section.get("builtin_count", ImageDatasetConfig.model_fields["builtin_count"].default)
         for asset, cfg in (("vae_model", vae), ("ldm_model", ldm)):

@@ -150,18 +150,20 @@ def reference_vae_weights(config: dict[str, Any], dataset_url: str) -> dict[str,
 
 def reference_ldm_weights(config: dict[str, Any], store_md: dict[str, Any]) -> dict[str, Any]:
     """Train the ldm_model's config uninterrupted on the same latent store, in this process, as the asset does."""
-    from ldm_core.data.latent_dataset import LatentDataset
+    from ldm_core.data.latent_store import LatentStore
     from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
     from pipeline.asset_config import LdmModelConfig, complete_ldm_training
     from pipeline.config_bridge import to_core
+    from pipeline.distributed.specs import ldm_training_data
     from pipeline.resources import ComputeResource
 
-    data = LatentDataset(store_md["store_url"], split="train")
+    pooled_dim = LatentStore(store_md["store_url"]).metadata.pooled_dim
     section = LdmModelConfig.model_validate(config["ops"]["ldm_model"]["config"]).training.model_dump()
     section = complete_ldm_training(section, latent_channels=int(store_md["latent_shape"][0]),
-                                    context_dim=int(store_md["context_dim"]), pooled_dim=data.pooled_dim)
+                                    context_dim=int(store_md["context_dim"]), pooled_dim=pooled_dim)
     training = to_core(LDMTrainingConfig, section, "ldm_model.training")
     training = training.model_copy(update={"trainer": ComputeResource().apply(training.trainer)})
+    data = ldm_training_data(store_md["store_url"], training.trainer)
     result = _one_thread(lambda: train_ldm(training, data, uncond=data.uncond(), checkpoint_dir=None))
     return {k: v.clone() for k, v in result.model.state_dict().items()}
 

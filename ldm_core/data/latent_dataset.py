@@ -3,8 +3,11 @@
 ``get_batch(indices)`` -> {"latents": (B, C, h, w) float32 in diffusion space (scaled by `scale_latents`),
 "context": (B, L, D) float32, "context_mask": (B, L) bool, "pooled": (B, D_pool) float32}; a store written before
 pooled text vectors were cached gives no "pooled" (``has_pooled`` False). A store of moments gives the posterior mean (the
-mode, as SD-1's training scripts do), or with ``sample_posterior=True`` a draw from N(mean, exp(logvar)) whose
-noise is a pure function of (seed, epoch, row): the same batch at the same step after a resume, bit for bit.
+default, and what this project trained on before the option existed), or with ``sample_posterior=True`` a draw
+from N(mean, exp(logvar)), as SD-1 (CompVis ``get_first_stage_encoding``) and diffusers' ``train_text_to_image.py``
+(``latent_dist.sample()``) train: a fresh draw every time an image is seen. The noise is a pure function of (seed,
+epoch, row), and the trainer's batch stream sets the epoch (`set_epoch`): each epoch draws anew, and a resumed run
+gets the same batch at the same step, bit for bit.
 
 Speed comes from never touching storage on the hot path:
 

@@ -6,6 +6,8 @@ taming-transformers, Esser et al. 2021):
     rec   = |x − x̂| + w_p · LPIPS(x, x̂)                      per element; LPIPS broadcast over each image
                                                                ((x − x̂)² with pixel_loss="l2")
     nll   = Σ (rec / e^logvar + logvar) / B                    a Laplace likelihood with one learnable scale
+    reg   = KL summed over latent dims, mean over B            VQ: C·H·W · codebook loss (taming weighs it against
+                                                               the mean rec; this nll sums C·H·W elements per image)
     g     = −mean D(x̂)                                         the generator's adversarial term
     λ     = w_d · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e−4), 0, 1e4)  adaptive weight at the decoder's last layer L
     loss  = nll + w_reg · reg + λ · disc_factor · g            the GAN part only once step ≥ disc_start
@@ -55,7 +57,10 @@ class AutoencoderLossConfig(StrictModel):
     kl_weight: float = Field(1e-6, ge=0.0)
     """Weight of the KL to N(0, I): tiny, it only keeps the latents bounded, it is not a VAE prior (reg_kind='kl')."""
     codebook_weight: float = Field(1.0, ge=0.0)
-    """Weight of the codebook + commitment loss of the VQ variant (reg_kind='vq')."""
+    """Weight of the codebook + commitment loss of the VQ variant (reg_kind='vq'), relative to the *mean*
+    reconstruction loss, as in taming-transformers: 1.0 is taming's recipe. The nll here is summed over each image's
+    C·H·W elements, so the codebook loss (a mean over latent elements) is multiplied by C·H·W too; the objective is
+    then taming's (at logvar 0) times C·H·W, a factor Adam divides out."""
     disc_weight: float = Field(0.5, ge=0.0)
     """Multiplies the adaptive weight of the generator's adversarial term."""
     disc_factor: float = Field(1.0, ge=0.0)
@@ -106,7 +111,7 @@ class GeneratorTerms:
     nll: torch.Tensor
     """Scalar Laplace NLL of (L1 or L2 + w_p·LPIPS), summed over elements, averaged over images."""
     reg: torch.Tensor
-    """Scalar regularizer, already weighted (kl_weight·KL or codebook_weight·VQ loss)."""
+    """Scalar regularizer, already weighted (kl_weight·KL, or codebook_weight·C·H·W·VQ loss)."""
     g: torch.Tensor | None
     """Scalar −mean D(x̂), or None while the discriminator is inactive."""
     logs: dict[str, torch.Tensor]
@@ -204,8 +209,12 @@ class AutoencoderLoss(nn.Module):
         # 2) Laplace negative log-likelihood with a global scale, summed over elements, averaged over images
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
 
-        # 3) regularizer
-        reg = (cfg.kl_weight if reg_kind == "kl" else cfg.codebook_weight) * reg_loss
+        # 3) regularizer. The KL is summed over latent elements like the nll over pixels (CompVis' kl_weight); the
+        # VQ loss is a mean, weighted in taming against the mean reconstruction: scaled to our summed nll here
+        if reg_kind == "kl":
+            reg = cfg.kl_weight * reg_loss
+        else:
+            reg = cfg.codebook_weight * x[0].numel() * reg_loss
 
         # 4) adversarial term, only once the discriminator is active (before that it is not even evaluated)
         g_loss = None
@@ -246,8 +255,13 @@ class AutoencoderLoss(nn.Module):
 
     def generator_backward(self, terms: GeneratorTerms, recon: torch.Tensor, last_layer: torch.Tensor | None,
                            grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float = 1.0,
+                           loss_scale: torch.Tensor | None = None,
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Back-propagate ``scale`` · (the generator loss of `terms`); returns the loss (detached) and the logs.
+
+        loss_scale: fp16's loss scale (`LossScaler.scale`), a 0-d tensor: the gradients are then those of
+        loss_scale · scale · loss, so that small ones survive fp16's backward, while the adaptive weight still
+        compares the true gradients.
 
         The gradients are those of ``generator_loss(...)[0].mul(scale).backward()`` (a test holds them equal), in
         fewer passes. Done literally, the adaptive weight back-propagates nll and g to the decoder's last layer, and
@@ -256,24 +270,29 @@ class AutoencoderLoss(nn.Module):
         ∂g/∂x̂ through the last conv alone (vector-Jacobian products with grad_outputs), and one backward from x̂
         carries ∂nll/∂x̂ + λ·∂g/∂x̂ (+ the regularizer's and logvar's own terms) into the autoencoder.
         """
+        def scaled(t: torch.Tensor) -> torch.Tensor:
+            return t if loss_scale is None else t * loss_scale
+
         if terms.g is None:  # no GAN term yet: the plain backward is already a single pass
             loss, logs = self._combine(terms, torch.zeros((), device=terms.nll.device, dtype=terms.nll.dtype))
-            (loss * scale).backward()
+            scaled(loss * scale).backward()
             return loss.detach(), logs
         if last_layer is None:
             raise ValueError("the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
                              "discriminator is active")
         learn_logvar = self.logvar.requires_grad
         wrt = [recon, self.logvar] if learn_logvar else [recon]
-        nll_grads = torch.autograd.grad(terms.nll, wrt, retain_graph=True)  # LPIPS backward, once
-        g_recon = torch.autograd.grad(terms.g, recon, retain_graph=True)[0]  # discriminator backward, once
+        nll_grads = torch.autograd.grad(scaled(terms.nll), wrt, retain_graph=True)  # LPIPS backward, once
+        g_recon = torch.autograd.grad(scaled(terms.g), recon, retain_graph=True)[0]  # discriminator backward, once
         nll_last = torch.autograd.grad(recon, last_layer, nll_grads[0], retain_graph=True)[0]  # last conv only
         g_last = torch.autograd.grad(recon, last_layer, g_recon, retain_graph=True)[0]
+        if loss_scale is not None:  # the weight is a ratio of the true gradients' norms (its eps is absolute)
+            nll_last, g_last = nll_last / loss_scale, g_last / loss_scale
         d_weight = self._weight_from_grads(nll_last, g_last, grad_mean)
         coef = d_weight * self.config.disc_factor
         recon_grad = ((nll_grads[0] + coef * g_recon) * scale).detach()  # (B, C, H, W)
         # one backward whose gradient is exactly the loss's: Σ x̂·∂L/∂x̂ + reg (+ logvar·∂nll/∂logvar)
-        surrogate = (recon * recon_grad).sum() + terms.reg * scale
+        surrogate = (recon * recon_grad).sum() + scaled(terms.reg) * scale
         if learn_logvar:
             surrogate = surrogate + (self.logvar * (nll_grads[1] * scale).detach()).sum()
         surrogate.backward()

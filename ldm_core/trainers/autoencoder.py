@@ -32,6 +32,7 @@ from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.common import (
     EMA,
     BatchStream,
+    LossScaler,
     MetricWindow,
     NonFiniteGuard,
     RunSetup,
@@ -60,9 +61,11 @@ class AutoencoderTrainerConfig(TrainerConfig):
     lr: float = Field(4.5e-6, gt=0)
     """Autoencoder learning rate (LDM: 4.5e-6 × batch size on its first-stage runs)."""
     grad_clip: float | None = Field(None, gt=0)
-    """Max global gradient norm per optimizer; None (CompVis' choice) does not clip. The nll is summed over pixels,
-    so its gradient norm is in the thousands and a clip at 1.0 would rescale every step: with Adam, which divides
-    out a gradient's scale, that changes nothing but the relative weight of the steps."""
+    """Max global gradient norm per optimizer; None, deliberately, does not clip (CompVis' first-stage trainer does
+    not). The nll is summed over pixels and averaged over images, so its gradient norm grows with the image size
+    and sits far above 1: the shared default of 1.0 would clip nearly every step, and with Adam, which divides out
+    a gradient's scale, that would change nothing but the relative weight of the steps. Set it to guard against
+    rare spikes, at a norm well above the typical ``grad_norm`` the tracker shows."""
     disc_lr: float | None = Field(None, gt=0)
     """Discriminator learning rate; None = lr."""
     betas: tuple[float, float] = (0.5, 0.9)
@@ -132,10 +135,11 @@ class GeneratorStep(nn.Module):
         out = self._autoencode(x)
         return out, self._loss[0].generator_terms(x, out.reconstruction, out.reg_loss, step, reg_kind=out.reg_kind)
 
-    def backward(self, out: AutoencoderOutput, terms: GeneratorTerms, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def backward(self, out: AutoencoderOutput, terms: GeneratorTerms, scale: float,
+                 loss_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss's gradients, LPIPS and the discriminator back-propagated once (`AutoencoderLoss.generator_backward`)."""
         return self._loss[0].generator_backward(terms, out.reconstruction, self.model.last_layer,
-                                                grad_mean=self.grad_mean, scale=scale)
+                                                grad_mean=self.grad_mean, scale=scale, loss_scale=loss_scale)
 
     def _autoencode(self, x: torch.Tensor) -> AutoencoderOutput:
         model = self.model
@@ -243,9 +247,13 @@ def train_autoencoder(
     sampler = run.sampler(len(data), tc.seed)
     ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    # one loss scale per optimizer: the generator's summed nll and the discriminator's mean hinge differ in scale
+    scaler_g, scaler_d = LossScaler(precision, device), LossScaler(precision, device)
     parts: dict[str, Any] = {"model": model, "loss": loss_fn, "opt_g": opt_g, "opt_d": opt_d}
     if ema is not None:
         parts["ema"] = ema
+    if scaler_g.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
+        parts.update(scaler_g=scaler_g, scaler_d=scaler_d)
     run_state = RunState(config.to_dict(), "model", parts, gen, guard)
 
     # ---- resume -------------------------------------------------------------------------------------------------
@@ -297,14 +305,19 @@ def train_autoencoder(
             with distributed.no_sync_unless(gen_step, sync=i == accum - 1):  # all-reduce once, after the last
                 with autocast(device, precision):
                     out, terms = gen_step(x, step)
-                loss, logs = _unwrap(gen_step).backward(out, terms, 1.0 / accum)
+                loss, logs = _unwrap(gen_step).backward(out, terms, 1.0 / accum, loss_scale=scaler_g.scale())
             image_size = x.shape[-1]
             micro_batches.append((x, out.reconstruction.detach()))
             for k, v in {**logs, **out.stats}.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
+        scaler_g.unscale(opt_g)
         gnorm = grad_norm_and_finite(g_params, tc.grad_clip)
-        found_inf = guard.flag(logs_acc["total"], gnorm)  # device-side: skipped by the fused optimizer, no host sync
+        # device-side: skipped by the fused optimizer, no host sync. The loss's terms, not the total: the total holds
+        # the adaptive weight, a ratio of (scaled) gradients that is NaN when they overflow, a gradient matter
+        terms_acc = [logs_acc[k] for k in ("nll", "kl", "codebook", "g") if k in logs_acc]
+        found_inf, counted = scaler_g.nonfinite(gnorm, *terms_acc)
         optimizer_step(opt_g, found_inf)
+        scaler_g.update()
         if ema is not None:
             ema.update(model, skip=found_inf)
         # ---- 2) discriminator step, on the same images and their (detached) reconstructions ----------------------
@@ -314,14 +327,17 @@ def train_autoencoder(
                 with distributed.no_sync_unless(disc_step, sync=i == accum - 1):
                     with autocast(device, precision):
                         d_loss, d_logs = disc_step(x, recon, step)
-                    (d_loss / accum).backward()
+                    scaler_d.scaled(d_loss / accum).backward()
                 for k, v in d_logs.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
+            scaler_d.unscale(opt_d)
             d_norm = grad_norm_and_finite(d_params, tc.grad_clip)
             # the discriminator steps only when the autoencoder did and its own gradient is finite
-            found_inf = torch.maximum(found_inf, guard.flag(d_norm))
-            optimizer_step(opt_d, found_inf)
-        guard.record(found_inf)
+            d_skip, d_counted = scaler_d.nonfinite(d_norm)
+            optimizer_step(opt_d, torch.maximum(found_inf, d_skip))
+            scaler_d.update()
+            counted = torch.maximum(counted, d_counted)
+        guard.record(counted)
         last_images = micro_batches[-1]
         step += 1
         meter.add(tc.batch_size)

@@ -216,6 +216,9 @@ class BatchStream:
 
     def _open_epoch(self) -> None:
         batches = self.sampler.epoch_batches(self.position.epoch)[self.position.batch :]
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:  # datasets whose items are drawn per epoch (posterior samples): before workers copy it
+            set_epoch(self.position.epoch)
         fetch = getattr(self.dataset, "get_batch", None)
         if self.num_workers == 0:
             if fetch is not None:  # datasets that can gather a batch in one call (in-memory tensors, latent stores)
@@ -322,6 +325,58 @@ class NonFiniteGuard:
                 "The last checkpoint written before this point is intact."
             )
         return n
+
+
+class LossScaler:
+    """fp16's dynamic loss scale for one optimizer (`torch.amp.GradScaler`); inert in every other precision.
+
+    fp16 keeps 5 exponent bits, so gradients below its smallest subnormal flush to zero in the backward pass and the
+    weights silently stop learning. The loss is multiplied by a large power of two before backward (`scaled`,
+    `scale`) and the gradients are divided by it (`unscale`) before clipping and the step; a step whose scaled
+    gradients overflow is skipped and the scale halved, and after ``growth_interval`` clean steps it doubles
+    (`update`). Such a skip is the scaler finding its scale, not a failure: `nonfinite` counts it only once the scale
+    is down to 1, where no smaller scale can help. The state (scale, growth tracker) goes into the checkpoint, so a
+    resumed run scales as the uninterrupted one. bf16 has fp32's exponent range and needs none of this.
+    """
+
+    def __init__(self, precision: str, device: torch.device):
+        self.enabled = precision == "fp16"
+        self._scaler = torch.amp.GradScaler(device.type, enabled=self.enabled)
+        self._one = torch.ones((), device=device)
+
+    def scale(self) -> torch.Tensor | None:
+        """The current loss scale, a 0-d device tensor (no host sync); None when disabled."""
+        return self._scaler.scale(self._one) if self.enabled else None
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """scale · loss, to back-propagate (the loss itself when disabled)."""
+        return self._scaler.scale(loss)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the optimizer's gradients by the scale in place: clipping and the logged norm see true gradients."""
+        self._scaler.unscale_(optimizer)
+
+    def nonfinite(self, grad_norm: torch.Tensor, *losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(skip, count), 0-d 0/1 device tensors agreed over ranks: skip the step when a loss or the (unscaled)
+        gradient norm is not finite; count it as a non-finite step (`NonFiniteGuard.record`) unless it is a gradient
+        overflow at a scale above 1, which `update` cures by lowering the scale. Call before `update`."""
+        if not self.enabled:
+            skip = NonFiniteGuard.flag(grad_norm, *losses)
+            return skip, skip
+        grad_bad = NonFiniteGuard.flag(grad_norm)
+        loss_bad = NonFiniteGuard.flag(*losses) if losses else torch.zeros_like(grad_bad)
+        at_floor = (self.scale() <= 1.0).to(grad_bad.dtype)  # type: ignore[operator]
+        return torch.maximum(loss_bad, grad_bad), torch.maximum(loss_bad, grad_bad * at_floor)
+
+    def update(self) -> None:
+        """Halve the scale after an overflow, or grow it after enough clean steps (after `unscale` this step)."""
+        self._scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._scaler.load_state_dict(state)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
@@ -438,6 +493,9 @@ class RunState:
             raise ValueError(f"the checkpoint in {where} was trained with a different {self.model_key} config; "
                              "point the checkpoint directory elsewhere to start a new run")
         for name, part in self.parts.items():
+            if name not in state and isinstance(part, LossScaler):  # an fp16 checkpoint from before the scaler
+                log.warning("the checkpoint in %s has no %s state: the fp16 loss scale starts afresh", where, name)
+                continue
             part.load_state_dict(state[name])
         restore_rng(state["rng"], self.generator)
         self.guard.skipped = state["nonfinite_skipped"]

@@ -35,6 +35,7 @@ from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.common import (
     EMA,
     BatchStream,
+    LossScaler,
     MetricWindow,
     NonFiniteGuard,
     RunSetup,
@@ -76,6 +77,11 @@ class LDMTrainerConfig(TrainerConfig):
     """Render validation samples for fixed prompts every N steps through ``sample_fn`` (0 = only at the end)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    sample_posterior: bool = False
+    """Train on a posterior sample z ~ N(mean, exp(logvar)) per image, drawn anew every epoch, as SD-1 and diffusers'
+    scripts do, rather than on the posterior mean (the default, unchanged for existing configs). It needs a latent
+    store of moments, and a dataset built with it (``LatentDataset(..., sample_posterior=True, seed=trainer.seed)``,
+    which the pipeline does); the trainer checks the two agree."""
 
 
 class LDMTrainingConfig(StrictModel):
@@ -151,12 +157,20 @@ def train_ldm(
             raise ValueError(_NO_POOLED.format(kind=config.denoiser.kind, what="the null caption (uncond) has none"))
         uncond_pooled = uncond_pooled.to(device).float()
 
+    draws = getattr(latents, "sample_posterior", False)
+    if draws != tc.sample_posterior:
+        raise ValueError(f"trainer.sample_posterior is {tc.sample_posterior}, but the latent dataset "
+                         f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
+                         f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)")
     sampler = run.sampler(len(latents), tc.seed)
     ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    scaler = LossScaler(precision, device)
     parts: dict[str, Any] = {"model": model, "opt": opt}
     if ema is not None:
         parts["ema"] = ema
+    if scaler.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
+        parts["scaler"] = scaler
     run_state = RunState(config.to_dict(), "denoiser", parts, gen, guard)
 
     start_step, position, resumed_from = run_state.resume_latest(ckpt, checkpoint_dir, "LDM")
@@ -207,14 +221,16 @@ def train_ldm(
                 with autocast(device, precision):
                     pred = net(sample.x_t, sample.t_model, ctx, mask, pooled=pooled)
                 loss = diffusion.loss(pred.float(), sample)
-                (loss / accum).backward()
+                scaler.scaled(loss / accum).backward()
             if shapes is None:
                 shapes = (tuple(x0.shape[1:]), tuple(ctx.shape[1:]))
             loss_acc += loss.detach() / accum
+        scaler.unscale(opt)
         gnorm = grad_norm_and_finite(params, tc.grad_clip)
-        found_inf = guard.flag(loss_acc, gnorm)  # device-side: skipped by the fused optimizer, no host sync
+        found_inf, counted = scaler.nonfinite(gnorm, loss_acc)  # device-side: the fused optimizer skips, no host sync
         optimizer_step(opt, found_inf)
-        guard.record(found_inf)
+        scaler.update()
+        guard.record(counted)
         if ema is not None:
             ema.update(model, skip=found_inf)
         step += 1

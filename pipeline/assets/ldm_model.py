@@ -5,7 +5,7 @@ The backbone is the run config's ``denoiser.kind``: the UNet (default) or the MM
 import dagster as dg
 
 from ldm_core.bundle import load_autoencoder, save_text_to_image
-from ldm_core.data.latent_dataset import LatentDataset
+from ldm_core.data.latent_store import LatentStore
 from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_pooled
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
@@ -15,7 +15,7 @@ from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROU
 from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
-from pipeline.distributed.specs import LdmTrainSpec
+from pipeline.distributed.specs import LdmTrainSpec, ldm_training_data
 from pipeline.mlflow_models import TEXT_TO_IMAGE_CODE, text_to_image_signature
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
@@ -30,10 +30,10 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
               storage: StorageResource, compute: ComputeResource,
               run_config_check: RunConfigCheck) -> dg.MaterializeResult:
     store_md = upstream_metadata(context, "latent_store")
-    train = LatentDataset(store_md["store_url"], split="train")
+    store = LatentStore(store_md["store_url"])
     # the shapes the latent store dictates, where the run config leaves them unset
     completed = complete_ldm_training(config.training.model_dump(), latent_channels=int(store_md["latent_shape"][0]),
-                                      context_dim=int(store_md["context_dim"]), pooled_dim=train.pooled_dim)
+                                      context_dim=int(store_md["context_dim"]), pooled_dim=store.metadata.pooled_dim)
     training = to_core(LDMTrainingConfig, completed, "ldm_model.training")
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
     den = training.denoiser
@@ -41,14 +41,20 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
         raise dg.Failure(f"denoiser expects context_dim={den.context_dim}, in_channels={den.in_channels} but the "
                          f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}",
                          allow_retries=False)
-    if takes_pooled(den) and not train.has_pooled:
+    if takes_pooled(den) and not store.has_pooled:
         raise dg.Failure(f"the {den.kind} denoiser conditions on pooled text vectors, and the latent store "
                          f"{store_md['store_url']} was written before they were cached: materialize latent_store "
                          "again, which adds them from the stored captions (no image is re-encoded)", allow_retries=False)
-    if takes_pooled(den) and den.pooled_dim != train.pooled_dim:
+    if takes_pooled(den) and den.pooled_dim != store.metadata.pooled_dim:
         raise dg.Failure(f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
-                         f"width {den.pooled_dim}, the latent store's text encoder gives {train.pooled_dim}; leave it unset",
+                         f"width {den.pooled_dim}, the latent store's text encoder gives {store.metadata.pooled_dim}; "
+                         "leave it unset", allow_retries=False)
+    if training.trainer.sample_posterior and store.metadata.content != "moments":
+        raise dg.Failure(f"ldm_model.training.trainer.sample_posterior needs a latent store of posterior moments; "
+                         f"{store_md['store_url']} holds one {store.metadata.content} per image (latent_store.store."
+                         "content): set content: moments and materialize latent_store again, or leave it unset",
                          allow_retries=False)
+    train = ldm_training_data(store_md["store_url"], training.trainer)
     section = config.training.denoiser
     backbone = backbone_summary(den, section.preset if section is not None else None)
     context.log.info(f"denoiser: {describe_backbone(backbone)}")

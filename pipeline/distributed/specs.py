@@ -31,7 +31,7 @@ from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import Tracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, AutoencoderTrainResult, train_autoencoder
 from ldm_core.trainers.common import resolve_device
-from ldm_core.trainers.ldm import LDMTrainingConfig, LDMTrainResult, train_ldm
+from ldm_core.trainers.ldm import LDMTrainerConfig, LDMTrainingConfig, LDMTrainResult, train_ldm
 
 
 class _Spec(StrictModel):
@@ -103,13 +103,12 @@ class LdmTrainSpec(_Spec):
         return LDMTrainingConfig.model_validate(self.training)
 
     def dataset(self) -> torch.utils.data.Dataset:
-        return LatentDataset(self.store_url, split="train")
+        return ldm_training_data(self.store_url, self.config().trainer)
 
     def sample_fn(
         self, config: LDMTrainingConfig, vae: nn.Module | None = None
     ) -> Callable[[nn.Module, int], np.ndarray]:
         """Validation grids (prompts × seeds) from the model being trained, for the tracker."""
-
         vae = vae if vae is not None else load_autoencoder(self.vae_url)
         text_encoder = TextEncoder(TextEncoderConfig.model_validate(self.text_encoder))
         diffusion = create_diffusion(config.diffusion)
@@ -141,6 +140,12 @@ class LdmTrainSpec(_Spec):
         return load_denoiser(self.output_url)
 
     result_type: ClassVar[type] = LDMTrainResult
+
+
+def ldm_training_data(store_url: str, trainer: LDMTrainerConfig) -> LatentDataset:
+    """The store's train split as `train_ldm` with this trainer config reads it: posterior samples (seeded by the
+    trainer's seed) when ``trainer.sample_posterior``, else the posterior means."""
+    return LatentDataset(store_url, split="train", sample_posterior=trainer.sample_posterior, seed=trainer.seed)
 
 
 TrainSpec = Annotated[VaeTrainSpec | LdmTrainSpec, Field(discriminator="stage")]

@@ -220,10 +220,25 @@ def test_vq_regularizer_uses_the_codebook_weight():
     loss, decoder, z, x = setup(kl_weight=1e-6, codebook_weight=0.25, perceptual_weight=0.0)
     recon = decoder(z)
     total, logs = loss.generator_loss(x, recon, torch.tensor(2.0), step=0, last_layer=None, reg_kind="vq")
-    torch.testing.assert_close(total, logs["nll"] + 0.25 * 2.0)
+    torch.testing.assert_close(total, logs["nll"] + 0.25 * x[0].numel() * 2.0)
     assert "codebook" in logs and "kl" not in logs and "lpips" not in logs
     with pytest.raises(ValueError, match="reg_kind"):
         loss.generator_loss(x, recon, torch.tensor(2.0), step=0, last_layer=None, reg_kind="l2")
+
+
+def test_vq_codebook_term_has_tamings_weight_relative_to_the_reconstruction():
+    # taming's VQLPIPSWithDiscriminator: mean(|x − x̂| + w_p·LPIPS) + codebook_weight · codebook_loss. Our nll sums
+    # over each image's C·H·W elements, so the whole objective must be taming's times C·H·W (at logvar 0), else the
+    # codebook term is C·H·W times too weak against the reconstruction (3072 at 32², 3 channels)
+    loss, decoder, z, x = setup(codebook_weight=1.0, perceptual_weight=0.5)
+    recon = decoder(z).detach()
+    vq_loss = torch.tensor(0.37)
+    terms = loss.generator_terms(x, recon, vq_loss, step=0, reg_kind="vq")
+    p = 2.0 * ((x - recon) ** 2).mean(dim=(1, 2, 3), keepdim=True)  # the stand-in perceptual distance per image
+    taming = ((x - recon).abs() + 0.5 * p).mean() + 1.0 * vq_loss
+    c, h, w = x.shape[1:]
+    torch.testing.assert_close((terms.nll + terms.reg) / (c * h * w), taming)
+    torch.testing.assert_close(terms.reg / terms.nll, vq_loss / ((x - recon).abs() + 0.5 * p).mean())
 
 
 def test_logs_are_detached_scalars():

@@ -5,11 +5,17 @@ import math
 import pytest
 import torch
 
+from ldm_core.checkpoint import CheckpointManager
 from ldm_core.data.memory import InMemoryDataset
 from ldm_core.models.autoencoder import autoencoder_preset
 from ldm_core.tracking import RecordingTracker
-from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, train_autoencoder
-from ldm_core.trainers.common import NonFiniteLossError
+from ldm_core.trainers.autoencoder import (
+    AutoencoderTrainerConfig,
+    AutoencoderTrainingConfig,
+    measure_latent_scale,
+    train_autoencoder,
+)
+from ldm_core.trainers.common import NonFiniteLossError, TrainerConfig
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -58,8 +64,6 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     # the discriminator and the optimizers resumed too: the final checkpoints agree bit for bit
-    from ldm_core.checkpoint import CheckpointManager
-
     sa = CheckpointManager(str(tmp_path / "a")).load(6)
     sb = CheckpointManager(str(tmp_path / "b")).load(6)
     for key in ("loss", "model"):
@@ -75,8 +79,6 @@ def test_discriminator_does_not_train_before_disc_start(tmp_path):
     cfg = _config(steps=2, checkpoint_every=2)
     cfg.loss.disc_start = 100
     train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path), perceptual=None)
-    from ldm_core.checkpoint import CheckpointManager
-
     state = CheckpointManager(str(tmp_path)).load(2)
     assert state["opt_d"]["state"] == {}, "the discriminator optimizer stepped before disc_start"
 
@@ -137,3 +139,52 @@ def test_latent_scale_gives_unit_std():
     scale2, shift2 = measure_latent_scale(model, data, batch_size=8, use_shift=True)
     assert ((z - shift2) * scale2).mean().item() == pytest.approx(0.0, abs=0.05)
     assert math.isclose(scale, scale2, rel_tol=1e-9)
+
+
+def test_the_autoencoder_does_not_clip_by_default_because_its_gradient_norm_is_far_above_one():
+    # the shared trainer default clips at 1.0 (right for the denoiser's mean loss); the summed nll's norm is far above
+    # it from the first step, so that default would clip every step: the autoencoder's own default is no clip
+    assert TrainerConfig().grad_clip == 1.0
+    assert AutoencoderTrainerConfig().grad_clip is None
+    cfg = AutoencoderTrainingConfig.model_validate({
+        "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
+        "discriminator": {"ndf": 8, "n_layers": 2},
+        "loss": {"perceptual_weight": 0.0},
+        "trainer": {"steps": 2, "batch_size": 4, "log_every": 1},
+    })
+    tracker = RecordingTracker()
+    train_autoencoder(cfg, InMemoryDataset(image=_images(4)), tracker, perceptual=None)
+    assert min(v for _, v in tracker.metrics["grad_norm"]) > 10.0
+
+
+def test_fp16_scales_the_loss_so_small_gradients_do_not_underflow():
+    # logvar 16: the nll's gradient per pixel, e^-16 / batch ≈ 3e-8, is below fp16's smallest subnormal (6e-8), so an
+    # unscaled fp16 backward flushes it to zero where the decoder's output meets the loss, and nothing learns
+    data = InMemoryDataset(image=_images(4))
+    cfg = _config(steps=10, batch_size=4, log_every=1, checkpoint_every=1000, precision="fp16")
+    cfg.loss.disc_start = 10_000
+    cfg.loss.logvar_init = 16.0
+    tracker = RecordingTracker()
+    result = train_autoencoder(cfg, data, tracker, perceptual=None)
+    rec = [v for _, v in tracker.metrics["rec"]]
+    assert rec[-1] < 0.8 * rec[0], f"reconstruction L1 went {rec[0]:.4f} -> {rec[-1]:.4f}"
+    assert result.nonfinite_skipped == 0
+
+
+def test_fp16_resumes_its_loss_scales_exactly_and_does_not_count_overflow_skips(tmp_path):
+    data = InMemoryDataset(image=_images(8))
+    cfg = _config(steps=4, checkpoint_every=2, precision="fp16", max_nonfinite_steps=0)  # the GAN from step 2
+    full = train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "a"), perceptual=None)
+    train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "b"), perceptual=None,
+                      should_stop=lambda step: step == 2)
+    at_2 = CheckpointManager(str(tmp_path / "b")).load(2)
+    # the first steps overflowed at the initial scale and were skipped as the scaler backed off: that is no failure
+    assert at_2["scaler_g"]["scale"] < torch.amp.GradScaler("cpu").get_scale()
+    assert full.nonfinite_skipped == 0 and at_2["nonfinite_skipped"] == 0
+    resumed = train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "b"), perceptual=None)
+    assert resumed.resumed_from == 2
+    a, b = _all_weights(full), _all_weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    sa, sb = CheckpointManager(str(tmp_path / "a")).load(4), CheckpointManager(str(tmp_path / "b")).load(4)
+    assert sa["scaler_g"] == sb["scaler_g"] and sa["scaler_d"] == sb["scaler_d"]

@@ -23,6 +23,7 @@ from ldm_core.data.latent_store import (
 from ldm_core.data.synthetic import png_bytes
 from ldm_core.models.autoencoder import AutoencoderKL, autoencoder_preset
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from ldm_core.trainers.common import BatchStream, DataPosition, EpochBatchSampler
 
 N_IMAGES, ROWS_PER_SHARD = 40, 10
 SCALE, SHIFT = 0.7, 0.1
@@ -208,6 +209,28 @@ def test_posterior_sampling_is_deterministic_and_distributed_as_stored(fp32_stor
     assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1.0) < 0.05
     a.set_epoch(1)
     assert not torch.equal(a.get_batch([7])["latents"], full["latents"][[7]])
+
+
+def test_the_training_stream_draws_a_fresh_posterior_sample_every_epoch_and_the_mean_without(fp32_store):
+    store = LatentStore(fp32_store)
+    _, raw = _all(store)
+    whole = EpochBatchSampler(N_IMAGES, N_IMAGES, seed=0, shuffle=False)  # one batch per epoch, rows in order
+
+    def stream(start: DataPosition | None = None, **kw) -> BatchStream:
+        return BatchStream(LatentDataset(fp32_store, None, **kw), whole, start or DataPosition())
+
+    sampled = stream(sample_posterior=True, seed=3)
+    epochs = [sampled.next()["latents"] for _ in range(2)]
+    for z in epochs:  # each epoch's draw is N(mean, exp(logvar)) around the stored moments
+        eps = (unscale_latents(z, SCALE, SHIFT) - raw["latents"]) / torch.exp(0.5 * raw["logvar"])
+        assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1.0) < 0.05
+    assert not torch.equal(epochs[0], epochs[1]), "every epoch must draw anew, as SD-1 does"
+    resumed = stream(DataPosition(1, 0), sample_posterior=True, seed=3).next()["latents"]
+    assert torch.equal(resumed, epochs[1]), "a run resumed in epoch 1 must draw what the uninterrupted run drew"
+
+    means = stream()  # the default: the posterior mean, every epoch, as before the option existed
+    for _ in range(2):
+        assert torch.equal(means.next()["latents"], scale_latents(raw["latents"], SCALE, SHIFT))
 
 
 def test_sample_content_is_reproducible(dataset_url, fp32_store, vae, text, tmp_path):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_core.checkpoint import CheckpointManager
 from ldm_core.data.memory import InMemoryDataset
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import cfg_model
@@ -95,6 +96,24 @@ def test_resume_is_bitwise_equal(text, tmp_path, kind):
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
+def test_fp16_resumes_its_loss_scale_exactly(text, tmp_path):
+    # a narrow UNet: fp16 runs emulated on CPU, several times slower than fp32
+    enc, embs = text
+    cfg = _config(steps=2, batch_size=4, checkpoint_every=1, precision="fp16")
+    cfg.denoiser = cfg.denoiser.model_copy(update={"model_channels": 16, "norm_groups": 4, "num_heads": 2})
+    data, empty = _toy_latents(embs, 8), enc.empty()
+    uncond = (empty.embeddings, empty.mask)
+    full = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "a"))
+    train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "b"), should_stop=lambda s: s == 1)
+    resumed = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "b"))
+    assert resumed.resumed_from == 1
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    # the scale and its count of clean steps towards the next growth carry over the resume
+    sa, sb = CheckpointManager(str(tmp_path / "a")).load(2), CheckpointManager(str(tmp_path / "b")).load(2)
+    assert sa["scaler"] == sb["scaler"] and sa["scaler"]["_growth_tracker"] == 2
+
+
 def test_nan_batch_is_skipped_and_counted(text):
     enc, embs = text
     data = _toy_latents(embs, 16)
@@ -104,6 +123,15 @@ def test_nan_batch_is_skipped_and_counted(text):
     res = train_ldm(_config(steps=4, batch_size=8), data, tracker, uncond=(empty.embeddings, empty.mask))
     assert res.nonfinite_skipped == 2  # one bad batch per epoch, two epochs
     assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())
+
+
+def test_sample_posterior_is_refused_with_a_dataset_that_does_not_draw(text):
+    # the option lives in the trainer config (it changes what is trained on, and the checkpoint's config), the draws in
+    # the dataset: a config asking for samples over fixed latents would silently train on the means
+    enc, embs = text
+    empty = enc.empty()
+    with pytest.raises(ValueError, match="sample_posterior is True, but the latent dataset gives fixed latents"):
+        train_ldm(_config(steps=1, sample_posterior=True), _toy_latents(embs, 8), uncond=(empty.embeddings, empty.mask))
 
 
 def test_validation_samples_reach_the_tracker(text):
