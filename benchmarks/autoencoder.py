@@ -27,7 +27,7 @@ from ldm_core.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm_core.models.discriminator import DiscriminatorConfig
 from ldm_core.trainers.autoencoder import DiscriminatorStep, GeneratorStep
-from ldm_core.trainers.common import make_adam
+from ldm_core.trainers.step import make_adam
 
 # Mid-size config: the kl-f8 layout (4 levels, 2 res blocks, mid attention) at half width, so that one
 # forward+backward fits a 2-core CPU in well under a second.

@@ -26,7 +26,7 @@ from ldm_core.interop import to_diffusers
 from ldm_core.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
 from ldm_core.models.unet import UNET_PRESETS, UNet, UNetConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
-from ldm_core.trainers.common import EMA, make_adam
+from ldm_core.trainers.step import EMA, make_adam
 
 CONFIGS = {
     # the demo: tiny VAE at 32 px (8×8×4 latents), MiniLM tokens, the tiny UNet

@@ -75,7 +75,7 @@ def build_random_store(url: str, size: dict[str, Any], backend: str, seed: int =
 def loader_rates(url: str, batch: int, storage_options: dict[str, Any] | None = None) -> dict[str, float]:
     """Samples/s of get_batch over the trainer's shuffled order: first epoch cold, second warm."""
     from ldm_core.data.latent_dataset import LatentDataset
-    from ldm_core.trainers.common import EpochBatchSampler
+    from ldm_core.trainers.data_order import EpochBatchSampler
 
     t0 = time.perf_counter()
     data = LatentDataset(url, None, storage_options)

@@ -29,7 +29,7 @@ from ldm_core.interop.unet import diffusers_kwargs as unet_kwargs
 from ldm_core.models.autoencoder import AutoencoderKL
 from ldm_core.models.mmdit import MMDiT
 from ldm_core.models.unet import UNet
-from ldm_core.trainers.common import make_adam
+from ldm_core.trainers.step import make_adam
 
 CASES = [  # (model, side, gradient checkpointing)
     ("unet-mid", "ours", False), ("unet-mid", "diffusers", False), ("unet-mid", "ours", True),

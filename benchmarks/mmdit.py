@@ -23,7 +23,7 @@ from ldm_core.flops import count_flops
 from ldm_core.interop import to_diffusers
 from ldm_core.interop.mmdit import diffusers_kwargs
 from ldm_core.models.mmdit import MMDIT_PRESETS, MMDiT, MMDiTConfig
-from ldm_core.trainers.common import make_adam
+from ldm_core.trainers.step import make_adam
 
 CONFIGS = {
     # the demo's MMDiT: 8×8×4 latents, MiniLM tokens

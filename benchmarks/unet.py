@@ -22,7 +22,7 @@ from ldm_core.flops import count_flops
 from ldm_core.interop import to_diffusers
 from ldm_core.interop.unet import diffusers_kwargs
 from ldm_core.models.unet import UNET_PRESETS, UNet, UNetConfig
-from ldm_core.trainers.common import make_adam
+from ldm_core.trainers.step import make_adam
 
 CONFIGS = {
     # the demo's denoiser: 8×8×4 latents, MiniLM tokens

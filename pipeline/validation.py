@@ -23,7 +23,7 @@ from ldm_core.evaluation.evaluate import EvaluationConfig
 from ldm_core.models.mmdit import MMDiTConfig
 from ldm_core.text_encoder import TextEncoderConfig, resolve_model_path, widths_from_config
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
-from ldm_core.trainers.common import Precision
+from ldm_core.trainers.config import Precision
 from ldm_core.trainers.ldm import LDMTrainingConfig
 from pipeline.asset_config import (
     ASSET_CONFIGS,

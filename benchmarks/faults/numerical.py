@@ -14,7 +14,8 @@ from benchmarks.faults import runner
 from benchmarks.faults.injectors import PoisonedAfter
 from benchmarks.faults.table import JOB_NAMES, Row, row
 from ldm_core.checkpoint import CheckpointManager
-from ldm_core.trainers.common import DataPosition, EpochBatchSampler, NonFiniteLossError
+from ldm_core.trainers.data_order import DataPosition, EpochBatchSampler
+from ldm_core.trainers.step import NonFiniteLossError
 
 
 def _expected_skips(n_items: int, micro: int, accum: int, seed: int, steps: int, bad: int) -> int:

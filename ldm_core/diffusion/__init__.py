@@ -23,7 +23,6 @@ import torch
 from pydantic import Field, model_validator
 
 from ldm_core.config import StrictModel
-from ldm_core.distributed import SINGLE, BatchShard
 from ldm_core.diffusion.guidance import cfg_model, drop_conditioning
 from ldm_core.diffusion.objectives import (
     Prediction,
@@ -54,6 +53,7 @@ from ldm_core.diffusion.schedules import (
     sample_t_uniform,
     shift_t,
 )
+from ldm_core.distributed import SINGLE, BatchShard
 
 SamplerName = Literal["ddpm", "ddim", "euler", "heun"]
 _DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "euler"}

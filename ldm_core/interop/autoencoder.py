@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-
 from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
 # (our pattern, diffusers pattern), applied to the key suffix after "encoder."/"decoder."; order matters only

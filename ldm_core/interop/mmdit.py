@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-
-from ldm_core.models.mmdit import MMDiT, MMDiTConfig
 from ldm_core.interop.weights import check_same_keys, like
+from ldm_core.models.mmdit import MMDiT, MMDiTConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # State-dict keys

@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-
-from ldm_core.models.unet import RES_NORM_EPS, TIME_EMBED_MULT, UNet, UNetConfig
 from ldm_core.interop.weights import check_same_keys, like
+from ldm_core.models.unet import RES_NORM_EPS, TIME_EMBED_MULT, UNet, UNetConfig
 
 _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"

@@ -22,30 +22,18 @@ from torch import nn
 
 from ldm_core import distributed
 from ldm_core.config import StrictModel, flatten_dict
-from ldm_core.flops import autoencoder_step_flops
 from ldm_core.distributed import BatchShard
+from ldm_core.flops import autoencoder_step_flops
 from ldm_core.grids import reconstruction_grid
 from ldm_core.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig, GeneratorTerms, build_autoencoder_loss
 from ldm_core.models.autoencoder import AutoencoderConfig, AutoencoderOutput, build_autoencoder
 from ldm_core.models.discriminator import ActNorm, DiscriminatorConfig
 from ldm_core.tracking import NullTracker, Tracker
-from ldm_core.trainers.common import (
-    EMA,
-    BatchStream,
-    LossScaler,
-    MetricWindow,
-    NonFiniteGuard,
-    RunSetup,
-    RunState,
-    TrainerConfig,
-    ThroughputMeter,
-    autocast,
-    grad_norm_and_finite,
-    lr_at,
-    make_adam,
-    optimizer_step,
-    set_lr,
-)
+from ldm_core.trainers.config import TrainerConfig
+from ldm_core.trainers.loop import StepOutput, TrainingLoop
+from ldm_core.trainers.meters import ThroughputMeter
+from ldm_core.trainers.run_setup import RunSetup, autocast
+from ldm_core.trainers.step import EMA, LossScaler, grad_norm_and_finite, lr_at, make_adam, optimizer_step, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +232,6 @@ def train_autoencoder(
     opt_g = make_adam(g_params, device, lr=tc.lr, betas=tc.betas)
     opt_d = make_adam(d_params, device, lr=tc.disc_lr or tc.lr, betas=tc.betas)
 
-    sampler = run.sampler(len(data), tc.seed)
-    ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
-    guard = NonFiniteGuard(tc.max_nonfinite_steps)
     # one loss scale per optimizer: the generator's summed nll and the discriminator's mean hinge differ in scale
     scaler_g, scaler_d = LossScaler(precision, device), LossScaler(precision, device)
     parts: dict[str, Any] = {"model": model, "loss": loss_fn, "opt_g": opt_g, "opt_d": opt_d}
@@ -254,12 +239,10 @@ def train_autoencoder(
         parts["ema"] = ema
     if scaler_g.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
         parts.update(scaler_g=scaler_g, scaler_d=scaler_d)
-    run_state = RunState(config.to_dict(), "model", parts, gen, guard)
+    loop = TrainingLoop(tc, run, data, parts, config.to_dict(), "model", "autoencoder", checkpoint_dir,
+                        storage_options)  # resumes from the newest checkpoint
+    guard, stream = loop.guard, loop.stream
 
-    # ---- resume -------------------------------------------------------------------------------------------------
-    start_step, position, resumed_from = run_state.resume_latest(ckpt, checkpoint_dir, "autoencoder")
-
-    stream = BatchStream(data, sampler, position, num_workers=tc.num_workers)
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
     init_actnorm_from_global_batch(loss_fn.discriminator)
     step_model = torch.compile(model) if tc.compile else model  # same parameters: EMA and checkpoints use `model`
@@ -268,29 +251,25 @@ def train_autoencoder(
     disc_step = distributed.wrap_ddp(DiscriminatorStep(loss_fn), device, sync_buffers=False)
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
-    def save(step: int) -> None:
-        run_state.save(ckpt, step, stream.position, rank)
-
     if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
         tracker.log_params({**flatten_dict(config.to_dict()), "perceptual_used": perceptual_used,
                             "device": str(device), "precision": precision, "world_size": world_size,
-                            "resumed_from_step": resumed_from or 0})
+                            "resumed_from_step": loop.resumed_from or 0})
         tracker.set_tags({"perceptual_used": str(perceptual_used).lower()})
         if not perceptual_used:
             log.warning("training the autoencoder WITHOUT the LPIPS perceptual term (VGG weights unavailable, "
                         "allowed by loss.allow_missing_perceptual)")
 
-    window = MetricWindow()
     image_size = config.model.resolution  # replaced by the batches' own size
     meter = ThroughputMeter(device, precision, world_size,
                             flops=lambda: autoencoder_step_flops(config, image_size, perceptual_used))
     last_images: tuple[torch.Tensor, torch.Tensor] | None = None
     model.train()
     loss_fn.train()
-    step = start_step
-    finished = True
     d_lr = tc.disc_lr or tc.lr
-    while step < tc.steps:
+
+    def train_step(step: int) -> StepOutput:
+        nonlocal image_size, last_images
         disc_on = loss_fn.disc_active(step)
         factor = lr_at(step, 1.0, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
         set_lr(opt_g, tc.lr * factor)
@@ -339,35 +318,22 @@ def train_autoencoder(
             counted = torch.maximum(counted, d_counted)
         guard.record(counted)
         last_images = micro_batches[-1]
-        step += 1
-        meter.add(tc.batch_size)
-
-        # ---- 3) logging, images, checkpoints ----------------------------------------------------------------------
         logs_acc["grad_norm"] = gnorm
-        window.add(logs_acc)
-        if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
-            kinds = ["g_gan", "d"] if disc_on else ["g"]
-            means = window.flush(step, nonfinite_skipped=float(guard.enforce(step)),
-                                 **meter.metrics(kinds, name="images_per_second"))
-            if rank == 0:
-                tracker.log_metrics(means, step)
-        if rank == 0 and tc.image_every and step % tc.image_every == 0 and last_images is not None:
-            tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)
-        stop_now = should_stop is not None and distributed.any_rank(should_stop(step), device)
-        if step % tc.checkpoint_every == 0 or step == tc.steps or stop_now:
-            save(step)
-        if stop_now and step < tc.steps:
-            finished = False
-            break
+        return StepOutput(logs_acc, flops=["g_gan", "d"] if disc_on else ["g"])
 
-    distributed.barrier()  # rank 0's last checkpoint is committed before any rank returns (and may resume from it)
-    if rank == 0 and last_images is not None and finished:
-        tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)
+    def log_reconstructions(step: int) -> None:
+        if last_images is not None:
+            tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)
+
+    finished = loop.run(train_step, tracker, meter, rate_name="images_per_second", should_stop=should_stop,
+                        images=log_reconstructions, image_every=tc.image_every)
+    if rank == 0 and finished:
+        log_reconstructions(loop.step)
     final = (ema.model if ema is not None else model).eval()
     final = final.to(memory_format=torch.contiguous_format).cpu()
     return AutoencoderTrainResult(
-        model=final, step=step, perceptual_used=perceptual_used, nonfinite_skipped=guard.skipped,
-        resumed_from=resumed_from, history=window.history,
+        model=final, step=loop.step, perceptual_used=perceptual_used, nonfinite_skipped=guard.skipped,
+        resumed_from=loop.resumed_from, history=loop.window.history,
         images_per_second=meter.rate(), finished=finished,
     )
 

@@ -6,7 +6,7 @@ training pair, drops captions to the empty prompt with probability ``cond_dropou
 steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. A backbone whose modulation takes
 the pooled text vector (the MMDiT) gets the batch's, and a dropped caption's is the null caption's; the UNet takes
 none, and its steps are exactly those it took before pooled vectors existed. The checkpoint/resume machinery
-is the autoencoder trainer's (``ldm_core.trainers.common``).
+is the autoencoder trainer's (``ldm_core.trainers.loop``).
 
 Under torchrun (see `ldm_core.distributed`) the denoiser is wrapped in DistributedDataParallel and every rank trains
 on its rows of each global batch; timesteps, noise and caption dropout are drawn for the global batch, so N processes
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,23 +32,11 @@ from ldm_core.flops import denoiser_step_flops
 from ldm_core.models.denoiser import DenoiserConfig, build_denoiser, takes_pooled
 from ldm_core.models.unet import UNetConfig
 from ldm_core.tracking import NullTracker, Tracker
-from ldm_core.trainers.common import (
-    EMA,
-    BatchStream,
-    LossScaler,
-    MetricWindow,
-    NonFiniteGuard,
-    RunSetup,
-    RunState,
-    TrainerConfig,
-    ThroughputMeter,
-    autocast,
-    grad_norm_and_finite,
-    lr_at,
-    make_adam,
-    optimizer_step,
-    set_lr,
-)
+from ldm_core.trainers.config import TrainerConfig
+from ldm_core.trainers.loop import StepOutput, TrainingLoop
+from ldm_core.trainers.meters import ThroughputMeter
+from ldm_core.trainers.run_setup import RunSetup, autocast
+from ldm_core.trainers.step import EMA, LossScaler, grad_norm_and_finite, lr_at, make_adam, optimizer_step, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +150,16 @@ def train_ldm(
         raise ValueError(f"trainer.sample_posterior is {tc.sample_posterior}, but the latent dataset "
                          f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
                          f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)")
-    sampler = run.sampler(len(latents), tc.seed)
-    ckpt = run.checkpoints(tc, checkpoint_dir, storage_options)
-    guard = NonFiniteGuard(tc.max_nonfinite_steps)
     scaler = LossScaler(precision, device)
     parts: dict[str, Any] = {"model": model, "opt": opt}
     if ema is not None:
         parts["ema"] = ema
     if scaler.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
         parts["scaler"] = scaler
-    run_state = RunState(config.to_dict(), "denoiser", parts, gen, guard)
+    loop = TrainingLoop(tc, run, latents, parts, config.to_dict(), "denoiser", "LDM", checkpoint_dir,
+                        storage_options)  # resumes from the newest checkpoint
+    guard, stream = loop.guard, loop.stream
 
-    start_step, position, resumed_from = run_state.resume_latest(ckpt, checkpoint_dir, "LDM")
-    stream = BatchStream(latents, sampler, position, num_workers=tc.num_workers)
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -182,22 +167,18 @@ def train_ldm(
     net = distributed.wrap_ddp(torch.compile(model) if tc.compile else model, device)
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
-    def save(step: int) -> None:
-        run_state.save(ckpt, step, stream.position, rank)
-
     if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
         n_params = sum(p.numel() for p in params)
         tracker.log_params({**flatten_dict(config.to_dict()), "device": str(device), "precision": precision,
                             "world_size": world_size, "denoiser_parameters": n_params,
-                            "resumed_from_step": resumed_from or 0})
+                            "resumed_from_step": loop.resumed_from or 0})
 
-    window = MetricWindow()
     shapes: tuple | None = None  # (latent (C, h, w), context (L, D)), known after the first batch
     meter = ThroughputMeter(device, precision, world_size,
                             flops=lambda: {"step": denoiser_step_flops(config.denoiser, *shapes)})
-    step = start_step
-    finished = True
-    while step < tc.steps:
+
+    def train_step(step: int) -> StepOutput:
+        nonlocal shapes
         lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
@@ -233,26 +214,16 @@ def train_ldm(
         guard.record(counted)
         if ema is not None:
             ema.update(model, skip=found_inf)
-        step += 1
-        meter.add(tc.batch_size)
+        return StepOutput({"loss": loss_acc, "grad_norm": gnorm}, extra={"lr": lr})
 
-        window.add({"loss": loss_acc, "grad_norm": gnorm})
-        if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
-            means = window.flush(step, lr=lr, nonfinite_skipped=float(guard.enforce(step)), **meter.metrics(["step"]))
-            if rank == 0:
-                tracker.log_metrics(means, step)
-        if rank == 0 and sample_fn is not None and tc.validation_every and step % tc.validation_every == 0:
-            tracker.log_image(sample_fn(ema.model if ema is not None else model, step), "validation_samples", step)
-        stop_now = should_stop is not None and distributed.any_rank(should_stop(step), device)
-        if step % tc.checkpoint_every == 0 or step == tc.steps or stop_now:
-            save(step)
-        if stop_now and step < tc.steps:
-            finished = False
-            break
+    def log_samples(step: int) -> None:
+        tracker.log_image(sample_fn(ema.model if ema is not None else model, step), "validation_samples", step)
 
-    distributed.barrier()  # rank 0's last checkpoint is committed before any rank returns (and may resume from it)
+    finished = loop.run(train_step, tracker, meter, should_stop=should_stop,
+                        images=log_samples if sample_fn is not None else None, image_every=tc.validation_every)
     final = (ema.model if ema is not None else model).eval()
     if rank == 0 and finished and sample_fn is not None:
-        tracker.log_image(sample_fn(final, step), "validation_samples", step)
-    return LDMTrainResult(model=final.cpu(), step=step, nonfinite_skipped=guard.skipped, resumed_from=resumed_from,
-                          history=window.history, samples_per_second=meter.rate(), finished=finished)
+        tracker.log_image(sample_fn(final, loop.step), "validation_samples", loop.step)
+    return LDMTrainResult(model=final.cpu(), step=loop.step, nonfinite_skipped=guard.skipped,
+                          resumed_from=loop.resumed_from, history=loop.window.history,
+                          samples_per_second=meter.rate(), finished=finished)

@@ -30,8 +30,8 @@ from ldm_core.grids import make_grid, upscale_nearest
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import Tracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, AutoencoderTrainResult, train_autoencoder
-from ldm_core.trainers.common import resolve_device
 from ldm_core.trainers.ldm import LDMTrainerConfig, LDMTrainingConfig, LDMTrainResult, train_ldm
+from ldm_core.trainers.run_setup import resolve_device
 
 
 class _Spec(StrictModel):

@@ -15,7 +15,8 @@ from ldm_core.trainers.autoencoder import (
     measure_latent_scale,
     train_autoencoder,
 )
-from ldm_core.trainers.common import NonFiniteLossError, TrainerConfig
+from ldm_core.trainers.config import TrainerConfig
+from ldm_core.trainers.step import NonFiniteLossError
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

@@ -39,8 +39,8 @@ from ldm_core.models.autoencoder import autoencoder_preset, build_autoencoder
 from ldm_core.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
 from ldm_core.models.unet import UNET_PRESETS
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, init_actnorm_from_global_batch, train_autoencoder
-from ldm_core.trainers.common import split_global_batch
 from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
+from ldm_core.trainers.run_setup import split_global_batch
 
 STEPS, STOP_AT, LR = 4, 2, 1e-4
 MOVED = 0.01 * LR * STEPS  # an element this far apart took a step the other run did not take
@@ -275,7 +275,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_a_warning(two_proc
     shutil.copytree(two_process_runs / "ldm" / "full", tmp_path / "ckpt")
     cfg, data, uncond = _ldm_setup()
     cfg.trainer.steps = STEPS + 1
-    with caplog.at_level("WARNING", logger="ldm_core.trainers.common"):
+    with caplog.at_level("WARNING", logger="ldm_core.trainers.run_state"):
         result = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "ckpt"))
     assert result.resumed_from == STEPS and result.step == STEPS + 1
     assert any("written by 2 processes with 1" in r.getMessage() for r in caplog.records)

@@ -23,7 +23,7 @@ from ldm_core.data.latent_store import (
 from ldm_core.data.synthetic import png_bytes
 from ldm_core.models.autoencoder import AutoencoderKL, autoencoder_preset
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
-from ldm_core.trainers.common import BatchStream, DataPosition, EpochBatchSampler
+from ldm_core.trainers.data_order import BatchStream, DataPosition, EpochBatchSampler
 
 N_IMAGES, ROWS_PER_SHARD = 40, 10
 SCALE, SHIFT = 0.7, 0.1

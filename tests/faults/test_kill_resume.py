@@ -130,7 +130,7 @@ def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path)
     draw its operands from the global RNG at the first log after every start.)"""
     import torch
 
-    import ldm_core.trainers.common as common
+    import ldm_core.trainers.meters as meters
     from benchmarks.faults import runner
     from ldm_core.checkpoint import CheckpointManager, flatten_state
     from ldm_core.flops import measure_matmul_peak
@@ -141,7 +141,7 @@ def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path)
     assert torch.equal(torch.get_rng_state(), state), "measuring the peak drew from the global RNG"
 
     def run(d, stop=None):
-        common._PEAKS.clear()  # what a new process starts with
+        meters._PEAKS.clear()  # what a new process starts with
         return train_autoencoder(runner.ae_config(6), runner.ae_data(), checkpoint_dir=str(d), perceptual=None,
                                  should_stop=(lambda s: s == stop) if stop else None)
 

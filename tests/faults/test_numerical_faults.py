@@ -9,8 +9,8 @@ from benchmarks.faults import runner
 from benchmarks.faults.injectors import PoisonedAfter
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.trainers.autoencoder import train_autoencoder
-from ldm_core.trainers.common import NonFiniteLossError
 from ldm_core.trainers.ldm import train_ldm
+from ldm_core.trainers.step import NonFiniteLossError
 
 
 def _train(job, data, ckpt, steps, max_nonfinite):
