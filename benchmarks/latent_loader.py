@@ -46,7 +46,9 @@ SD = {"name": "sd-like", "latent": (4, 64, 64), "context": (77, 768), "rows": 10
 
 def build_random_store(url: str, size: dict[str, Any], backend: str, seed: int = 0) -> float:
     """Write a store of ``size["rows"]`` random rows through the writer; returns seconds spent."""
-    from ldm_core.data.latent_store import LatentStoreConfig, LatentStoreMetadata, LatentStoreWriter, ShardColumns
+    from ldm_core.data.latent_store.backends import ShardColumns
+    from ldm_core.data.latent_store.schema import LatentStoreConfig, LatentStoreMetadata
+    from ldm_core.data.latent_store.writer import LatentStoreWriter
 
     cfg = LatentStoreConfig(backend=backend, dtype="fp16", content="moments")
     (c, h, w), (L, D) = size["latent"], size["context"]
@@ -183,7 +185,8 @@ def _peak_rss_mb() -> float:
 
 def encode_child(dataset_url: str, store_url: str) -> dict[str, Any]:
     """Runs in a fresh process: load the models, note the peak RSS, encode, note it again."""
-    from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
+    from ldm_core.data.latent_store.encoding import encode_dataset
+    from ldm_core.data.latent_store.schema import LatentStoreConfig
     from ldm_core.models.autoencoder import AutoencoderKL, autoencoder_preset
     from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 

@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from ldm_core.data import IngestConfig
-from ldm_core.data.latent_store import LatentStoreConfig
+from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.data.synthetic import MIN_SHAPE_SIZE
 from ldm_core.evaluation.evaluate import EvaluationConfig
 from ldm_core.evaluation.fidelity import FidelityThresholds

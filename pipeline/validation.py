@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from ldm_core.data.ingest import IngestConfig
-from ldm_core.data.latent_store import LatentStoreConfig
+from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.evaluation.evaluate import EvaluationConfig
 from ldm_core.models.mmdit import MMDiTConfig
 from ldm_core.text_encoder import TextEncoderConfig, resolve_model_path, widths_from_config

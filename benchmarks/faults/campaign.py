@@ -185,14 +185,14 @@ def store_rows(url: str) -> tuple[list[str], dict[str, Any]]:
     """Every row of a latent store in store order: ids and concatenated tensors."""
     import torch
 
-    from ldm_core.data import latent_store as ls
+    from ldm_core.data.latent_store import reader, schema
 
-    store = ls.LatentStore(url)
+    store = reader.LatentStore(url)
     ids: list[str] = []
-    tensors: dict[str, list] = {f: [] for f in ls.TENSOR_FIELDS}
+    tensors: dict[str, list] = {f: [] for f in schema.TENSOR_FIELDS}
     for k in range(len(store.shards)):
         ids += [r["id"] for r in store.read_rows(k)]
-        for f, t in store.read_shard(k, ls.TENSOR_FIELDS).items():
+        for f, t in store.read_shard(k, schema.TENSOR_FIELDS).items():
             tensors[f].append(t)
     return ids, {f: torch.cat(v) for f, v in tensors.items() if v}
 
@@ -201,7 +201,7 @@ def compare_store(ref_url: str, got_url: str, expected_rows: int) -> tuple[bool,
     import torch
 
     from ldm_core import storage
-    from ldm_core.data import latent_store as ls
+    from ldm_core.data.latent_store import schema
 
     ids_a, ta = store_rows(ref_url)
     ids_b, tb = store_rows(got_url)
@@ -214,8 +214,8 @@ def compare_store(ref_url: str, got_url: str, expected_rows: int) -> tuple[bool,
     for f in ta:
         if not torch.equal(ta[f], tb[f]):
             return False, f"{f} differs"
-    meta = ls.read_metadata(got_url)
-    on_disk = set(storage.list_dir(storage.join(got_url, ls.SHARDS_DIR)))
+    meta = schema.read_metadata(got_url)
+    on_disk = set(storage.list_dir(storage.join(got_url, schema.SHARDS_DIR)))
     named = {s.name for s in meta.shards if s.name}
     if on_disk != named:
         return False, f"shards on storage the metadata does not name: {sorted(on_disk - named)}"

@@ -150,7 +150,7 @@ def reference_vae_weights(config: dict[str, Any], dataset_url: str) -> dict[str,
 
 def reference_ldm_weights(config: dict[str, Any], store_md: dict[str, Any]) -> dict[str, Any]:
     """Train the ldm_model's config uninterrupted on the same latent store, in this process, as the asset does."""
-    from ldm_core.data.latent_store import LatentStore
+    from ldm_core.data.latent_store.reader import LatentStore
     from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
     from pipeline.asset_config import LdmModelConfig, complete_ldm_training
     from pipeline.config_bridge import to_core

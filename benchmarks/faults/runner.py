@@ -164,7 +164,8 @@ def encode_vae():
 
 
 def run_encode(dataset_url: str, store_url: str) -> None:
-    from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
+    from ldm_core.data.latent_store.encoding import encode_dataset
+    from ldm_core.data.latent_store.schema import LatentStoreConfig
     from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 
     vae = encode_vae()

@@ -18,7 +18,8 @@ from benchmarks.latent_loader import moto_server
 from ldm_core import storage
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.data import IngestConfig, ingest, write_shapes_source
-from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
+from ldm_core.data.latent_store.encoding import encode_dataset
+from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 
 

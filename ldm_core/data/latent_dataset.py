@@ -35,7 +35,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm_core.data import canonical
-from ldm_core.data.latent_store import TORCH_DTYPE, LatentStore, scale_latents
+from ldm_core.data.latent_store.backends import TORCH_DTYPE
+from ldm_core.data.latent_store.reader import LatentStore
+from ldm_core.models.autoencoder import scale_latents
 
 log = logging.getLogger(__name__)
 

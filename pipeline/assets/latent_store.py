@@ -3,7 +3,8 @@
 import dagster as dg
 
 from ldm_core.bundle import load_autoencoder
-from ldm_core.data.latent_store import LatentStoreConfig, encode_dataset
+from ldm_core.data.latent_store.encoding import encode_dataset
+from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from pipeline.asset_config import LatentStoreAssetConfig
 from pipeline.assets.common import (

@@ -5,13 +5,21 @@ The backbone is the run config's ``denoiser.kind``: the UNet (default) or the MM
 import dagster as dg
 
 from ldm_core.bundle import load_autoencoder, save_text_to_image
-from ldm_core.data.latent_store import LatentStore
+from ldm_core.data.latent_store.reader import LatentStore
 from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_pooled
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
 from pipeline.asset_config import LdmModelConfig, complete_ldm_training
-from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key, upstream_metadata
+from pipeline.assets.common import (
+    GPU_OP_TAGS,
+    GPU_POOL,
+    GPU_RETRY_POLICY,
+    GROUP,
+    json_md,
+    stable_key,
+    upstream_metadata,
+)
 from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS

@@ -10,18 +10,15 @@ import torch
 
 from ldm_core import storage
 from ldm_core.data import ImageShardDataset, IngestConfig, ingest, write_shapes_source
-from ldm_core.data import latent_store as ls
 from ldm_core.data.latent_dataset import LatentDataset
-from ldm_core.data.latent_store import (
-    LatentStore,
-    LatentStoreConfig,
-    LatentStoreMismatchError,
-    encode_dataset,
-    scale_latents,
-    unscale_latents,
-)
+from ldm_core.data.latent_store import backends, schema
+from ldm_core.data.latent_store import writer as store_writer
+from ldm_core.data.latent_store.encoding import encode_dataset
+from ldm_core.data.latent_store.reader import LatentStore
+from ldm_core.data.latent_store.schema import LatentStoreConfig, LatentStoreMismatchError
+from ldm_core.data.latent_store.writer import LatentStoreWriter
 from ldm_core.data.synthetic import png_bytes
-from ldm_core.models.autoencoder import AutoencoderKL, autoencoder_preset
+from ldm_core.models.autoencoder import AutoencoderKL, autoencoder_preset, scale_latents, unscale_latents
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.trainers.data_order import BatchStream, DataPosition, EpochBatchSampler
 
@@ -64,7 +61,7 @@ def fp32_store(dataset_url, vae, text, tmp_path_factory):
     return url
 
 
-def _all(store: LatentStore, fields=ls.TENSOR_FIELDS):
+def _all(store: LatentStore, fields=schema.TENSOR_FIELDS):
     """Every row of a store: ids and tensors concatenated in store order."""
     ids, tensors = [], {f: [] for f in fields}
     for k in range(len(store.shards)):
@@ -147,13 +144,13 @@ def test_zarr_and_parquet_return_identical_tensors(dataset_url, fp32_store, vae,
         stores[backend] = LatentStore(url)
     (zid, z), (pid, p) = _all(stores["zarr"]), _all(stores["parquet"])
     assert zid == pid
-    for f in ls.TENSOR_FIELDS:
+    for f in schema.TENSOR_FIELDS:
         assert z[f].dtype == p[f].dtype and torch.equal(z[f], p[f]), f
-    assert z["latents"].dtype == ls.TORCH_DTYPE[dtype]
+    assert z["latents"].dtype == backends.TORCH_DTYPE[dtype]
     # the reduced-precision store holds exactly the fp32 values rounded to its dtype
     _, ref = _all(LatentStore(fp32_store))
     for f in ("latents", "logvar", "context"):
-        assert torch.equal(z[f], ref[f].to(ls.TORCH_DTYPE[dtype])), f
+        assert torch.equal(z[f], ref[f].to(backends.TORCH_DTYPE[dtype])), f
     rows = [stores[b].read_rows(k) for b in stores for k in range(len(stores[b].shards))]
     assert rows[: len(rows) // 2] == rows[len(rows) // 2 :]
     batch = {b: LatentDataset(stores[b].url, None).get_batch([3, 17, 0, 39]) for b in stores}
@@ -238,7 +235,7 @@ def test_sample_content_is_reproducible(dataset_url, fp32_store, vae, text, tmp_
     for u in urls:
         encode_dataset(dataset_url, u, vae, text, _cfg(dtype="fp32", content="sample", seed=5), vae_identity="v",
                        split="validation")
-    (i0, s0), (i1, s1) = (_all(LatentStore(u), ls.TRAINING_FIELDS) for u in urls)
+    (i0, s0), (i1, s1) = (_all(LatentStore(u), schema.TRAINING_FIELDS) for u in urls)
     assert i0 == i1 and torch.equal(s0["latents"], s1["latents"])
     assert LatentStore(urls[0]).metadata.split == "validation"
     ref_ids, ref = _all(LatentStore(fp32_store))
@@ -262,7 +259,7 @@ def test_resume_after_a_crash_between_shards_and_inside_one(dataset_url, fp32_st
     url = str(tmp_path / "store")
     cfg = _cfg(dtype="fp32")
 
-    def crash_after_two(p: ls.EncodeProgress):
+    def crash_after_two(p: schema.EncodeProgress):
         if p.shards_done == 2:
             raise _Crash
 
@@ -271,7 +268,7 @@ def test_resume_after_a_crash_between_shards_and_inside_one(dataset_url, fp32_st
     assert len(LatentStore(url).shards) == 2
 
     # second crash: the third shard's arrays are written, but the run dies before recording it
-    real_write = ls._write_metadata
+    real_write = store_writer.write_metadata
     calls = {"n": 0}
 
     def dying_write(*a, **kw):
@@ -280,10 +277,10 @@ def test_resume_after_a_crash_between_shards_and_inside_one(dataset_url, fp32_st
             raise _Crash
         real_write(*a, **kw)
 
-    monkeypatch.setattr(ls, "_write_metadata", dying_write)
+    monkeypatch.setattr(store_writer, "write_metadata", dying_write)
     with pytest.raises(_Crash):
         encode_dataset(dataset_url, url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
-    monkeypatch.setattr(ls, "_write_metadata", real_write)
+    monkeypatch.setattr(store_writer, "write_metadata", real_write)
     on_disk = storage.list_dir(os.path.join(url, "shards"))
     recorded = {s.name for s in LatentStore(url).shards}
     assert len(on_disk) == 3 and len(recorded) == 2, "a partial shard is left behind, not recorded"
@@ -294,7 +291,7 @@ def test_resume_after_a_crash_between_shards_and_inside_one(dataset_url, fp32_st
     assert sorted(storage.list_dir(os.path.join(url, "shards"))) == sorted(s.name for s in LatentStore(url).shards)
     (ids, got), (ref_ids, ref) = _all(LatentStore(url)), _all(LatentStore(fp32_store))
     assert len(set(ids)) == len(ids) == N_IMAGES and ids == ref_ids
-    for f in ls.TENSOR_FIELDS:
+    for f in schema.TENSOR_FIELDS:
         assert torch.equal(got[f], ref[f])
     again = encode_dataset(dataset_url, url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
     assert again.rows_new == 0 and again.shards_new == 0 and again.rows_total == N_IMAGES
@@ -319,7 +316,7 @@ def test_incremental_encoding_touches_only_new_shards(vae, text, tmp_path):
 
 
 def test_another_vae_or_text_encoder_is_refused(dataset_url, fp32_store, vae, text):
-    meta_before = storage.read_bytes(ls.metadata_url(fp32_store))
+    meta_before = storage.read_bytes(schema.metadata_url(fp32_store))
     with pytest.raises(LatentStoreMismatchError, match=r"models:/ldm-vae/1.*models:/ldm-vae/2.*never be mixed"):
         encode_dataset(dataset_url, fp32_store, vae, text, _cfg(dtype="fp32"), vae_identity="models:/ldm-vae/2")
 
@@ -333,7 +330,7 @@ def test_another_vae_or_text_encoder_is_refused(dataset_url, fp32_store, vae, te
         encode_dataset(dataset_url, fp32_store, vae, OtherEncoder(), _cfg(dtype="fp32"), vae_identity="models:/ldm-vae/1")
     with pytest.raises(LatentStoreMismatchError, match="dtype"):
         encode_dataset(dataset_url, fp32_store, vae, text, _cfg(dtype="fp16"), vae_identity="models:/ldm-vae/1")
-    assert storage.read_bytes(ls.metadata_url(fp32_store)) == meta_before
+    assert storage.read_bytes(schema.metadata_url(fp32_store)) == meta_before
     with pytest.raises(ValueError, match="divisible"):
         encode_dataset(dataset_url, fp32_store + "-x", vae, text, _cfg().model_copy(update={"resolution": 30}),
                        vae_identity="v")
@@ -435,13 +432,13 @@ def _as_old_store(url: str, old_url: str) -> None:
                                        "validation_rows": 0, "attribute_columns": []})
     ctx, mask, _ = store.uncond()
     cfg = _cfg(backend=meta.backend, dtype=meta.dtype)
-    writer = ls.LatentStoreWriter.open(old_url, template, cfg, (ctx, mask))
+    writer = LatentStoreWriter.open(old_url, template, cfg, (ctx, mask))
     for k, record in enumerate(store.shards):
         arrays = store.format.read(store.shard_url(k), ("latents", "logvar", "context", "context_mask"), None)
         rows = store.format.read_row_table(store.shard_url(k), None)
-        cols = ls.ShardColumns(arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows)
+        cols = backends.ShardColumns(arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows)
         writer.write_shard(record.source, cols, source_rows=record.source_rows, source_bytes=record.source_bytes)
-    path = os.path.join(old_url, ls.METADATA_NAME)
+    path = os.path.join(old_url, schema.METADATA_NAME)
     with open(path) as f:
         doc = json.load(f)
     doc.pop("pooled_dim")
@@ -482,14 +479,14 @@ def test_a_store_without_pooled_vectors_loads_and_encoding_adds_them(dataset_url
         train_ldm(_ldm_config(MMDIT), data, uncond=data.uncond())
 
     # an upgrade killed after its first shard leaves a store every reader still reads whole, without pooled
-    writer = ls.LatentStoreWriter(old_url, ls.read_metadata(old_url), cfg)
+    writer = LatentStoreWriter(old_url, schema.read_metadata(old_url), cfg)
 
     def kill(done: int, todo: int) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         writer.add_pooled(text, progress=kill)
-    meta = ls.read_metadata(old_url)
+    meta = schema.read_metadata(old_url)
     assert meta.pooled_dim is None and [s.pooled for s in meta.shards] == [True, False, False, False]
     halfway = LatentDataset(old_url, None)
     assert not halfway.has_pooled and torch.equal(halfway.get_batch(range(N_IMAGES))["latents"],

@@ -62,7 +62,7 @@ def test_every_mlflow_run_of_a_successful_job_ends_finished(materialized):
 
 
 def test_latent_store_records_the_vae_version_it_encoded_with(materialized):
-    from ldm_core.data.latent_store import LatentStore
+    from ldm_core.data.latent_store.reader import LatentStore
 
     store_md = _metadata(materialized, "latent_store")
     vae_md = _metadata(materialized, "vae_model")

@@ -52,7 +52,7 @@ def test_comparisons_detect_a_differing_result(root, reference):
     import shutil
 
     from ldm_core import storage
-    from ldm_core.data import latent_store as ls
+    from ldm_core.data.latent_store import schema
 
     ref = reference("ae")
     short = root / "ae" / "short"
@@ -64,10 +64,10 @@ def test_comparisons_detect_a_differing_result(root, reference):
     enc = reference("encode")
     damaged = root / "encode" / "damaged-store"
     shutil.copytree(enc.inputs["store"], damaged)
-    meta = ls.read_metadata(str(damaged))
+    meta = schema.read_metadata(str(damaged))
     dropped = meta.shards.pop()
     meta.rows -= dropped.rows
-    storage.write_text_atomic(ls.metadata_url(str(damaged)), meta.model_dump_json())
+    storage.write_text_atomic(schema.metadata_url(str(damaged)), meta.model_dump_json())
     equal, detail = campaign.compare_store(enc.inputs["store"], str(damaged), expected_rows=48)
     assert not equal and "missing" in detail
 

@@ -1,0 +1,239 @@
+"""Writing a latent store: every shard written completely, atomically, before the metadata names it; adding pooled
+text vectors to a store written before they were cached."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm_core import storage
+from ldm_core.data import canonical
+from ldm_core.data.latent_store.backends import (
+    NP_DTYPE,
+    ROW_COLUMNS,
+    SHARD_FORMATS,
+    ShardColumns,
+    attribute_names,
+    to_storage,
+)
+from ldm_core.data.latent_store.schema import (
+    IDENTITY_FIELDS,
+    SHARD_NAME_RE,
+    SHARDS_DIR,
+    TENSOR_FIELDS,
+    EncodeRun,
+    LatentStoreConfig,
+    LatentStoreMetadata,
+    LatentStoreMismatchError,
+    StoreShard,
+    read_metadata,
+    read_uncond,
+    utc_now,
+    write_metadata,
+    write_uncond,
+)
+from ldm_core.data.sources import redact_url
+from ldm_core.text_encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+class LatentStoreWriter:
+    """Adds shards to a store: each is written in full under a fresh name, then recorded in the metadata.
+
+    `encode_dataset` uses it; so can anything that produces latents some other way (the loader benchmark writes
+    random tensors through it). ``open`` creates the store, or checks that an existing one was built by the same
+    autoencoder, text encoder and format.
+    """
+
+    def __init__(self, store_url: str, metadata: LatentStoreMetadata, config: LatentStoreConfig,
+                 storage_options: dict[str, Any] | None = None):
+        self.url, self.metadata, self.config, self.storage_options = store_url, metadata, config, storage_options
+        self.format = SHARD_FORMATS[metadata.backend]
+
+    @classmethod
+    def open(cls, store_url: str, template: LatentStoreMetadata, config: LatentStoreConfig,
+             uncond: tuple[torch.Tensor, ...],
+             storage_options: dict[str, Any] | None = None) -> LatentStoreWriter:
+        """Open ``store_url`` for adding shards described by ``template`` (identities, shapes, format; no shards).
+
+        uncond: the empty prompt's (context (1, L, D), mask (1, L), pooled (1, D_pool)), written when the store is
+        created; pooled is left out exactly when ``template.pooled_dim`` is None (a store without pooled vectors).
+        An existing store without pooled vectors stays so until `add_pooled`.
+        """
+        if (len(uncond) == 3) != (template.pooled_dim is not None):
+            raise ValueError(f"uncond must be (context, mask, pooled) when pooled_dim is set, (context, mask) when "
+                             f"it is None; got {len(uncond)} tensors for pooled_dim={template.pooled_dim}")
+        existing = read_metadata(store_url, storage_options)
+        if existing is None:
+            storage.makedirs(store_url, storage_options)
+            write_uncond(store_url, uncond, storage_options)
+            meta = template.model_copy(deep=True, update={"created_at": utc_now(), "shards": [], "runs": []})
+            write_metadata(store_url, meta, storage_options)  # identities are fixed from the first moment on
+        else:
+            _check_compatible(store_url, existing, template)
+            meta = existing
+        writer = cls(store_url, meta, config, storage_options)
+        writer.remove_orphans()
+        return writer
+
+    def shard_url(self, name: str) -> str:
+        return storage.join(self.url, SHARDS_DIR, name)
+
+    def _new_shard_name(self, source: str) -> str:
+        return f"{posixpath.splitext(source)[0]}-{secrets.token_hex(4)}.{self.format.ext}"
+
+    def remove_orphans(self) -> list[str]:
+        """Delete shard objects the metadata does not name (left by a run killed before recording them)."""
+        known = {s.name for s in self.metadata.shards if s.name}
+        removed = []
+        for name in storage.list_dir(storage.join(self.url, SHARDS_DIR), self.storage_options):
+            if SHARD_NAME_RE.match(name) and name not in known:
+                storage.remove(self.shard_url(name), self.storage_options, recursive=True)
+                removed.append(name)
+        if removed:
+            log.info("removed %d incomplete shard(s) of an interrupted run: %s", len(removed), removed)
+        # and the partial temp files of atomic writes (Parquet shards, the metadata) a kill left behind
+        for directory in (self.url, storage.join(self.url, SHARDS_DIR)):
+            storage.remove_stale_temp_files(directory, self.storage_options)
+        return removed
+
+    def write_shard(self, source: str, cols: ShardColumns, *, source_rows: int, source_bytes: int = 0) -> StoreShard:
+        """Write one shard (rows are regrouped train first), then record it. Returns its record."""
+        meta = self.metadata
+        if source in meta.shard_by_source():
+            raise ValueError(f"{self.url} already holds a shard for {source}")
+        n = len(cols)
+        self._check_shapes(cols)
+        # an attribute called like a tensor field ("context" is a plausible metadata key) keeps its value under
+        # the canonical clash prefix, as ingestion does for attributes named like core columns
+        clash = [c for c in attribute_names(cols.rows) if c in TENSOR_FIELDS]
+        if clash:
+            cols.rows = cols.rows.rename_columns([canonical.ATTRIBUTE_CLASH_PREFIX + c if c in clash else c
+                                                  for c in cols.rows.column_names])
+        splits = np.array(cols.rows.column("split").to_pylist(), dtype=object)
+        if not set(splits) <= set(canonical.SPLITS):
+            raise ValueError(f"split values must be in {canonical.SPLITS}, got {sorted(set(splits))}")
+        order = np.argsort(splits != "train", kind="stable")  # train rows first, each group in its original order
+        if not np.array_equal(order, np.arange(n)):
+            cols = cols.take(order)
+        n_train = int((splits == "train").sum())
+        name, nbytes = None, 0
+        if n:
+            name = self._new_shard_name(source)
+            url = self.shard_url(name)
+            self.format.write(url, cols, self.config, self.storage_options)
+            nbytes = _size_of(url, self.storage_options)
+        record = StoreShard(name=name, source=source, rows=n, train_rows=n_train, validation_rows=n - n_train,
+                            source_rows=source_rows, source_bytes=source_bytes, bytes=nbytes,
+                            pooled=cols.pooled is not None)
+        meta.shards.append(record)
+        meta.rows += n
+        meta.train_rows += n_train
+        meta.validation_rows += n - n_train
+        for a in attribute_names(cols.rows):
+            if a not in meta.attribute_columns:
+                meta.attribute_columns.append(a)
+        # the metadata follows the shard: a reader never sees a record of a shard that is not all there
+        write_metadata(self.url, meta, self.storage_options)
+        return record
+
+    def record_run(self, run: EncodeRun) -> None:
+        self.metadata.runs.append(run)
+        write_metadata(self.url, self.metadata, self.storage_options)
+
+    def add_pooled(self, text_encoder: TextEncoder, progress: Callable[[int, int], None] | None = None) -> int:
+        """Give a store written before pooled vectors were cached (``pooled_dim`` None) its ``pooled`` field and a
+        pooled null caption, from the stored captions through ``text_encoder`` (the one that encoded the store, by
+        identity). Each shard is rewritten whole under a fresh name, then swapped in the metadata, then the old one
+        is removed, so readers only ever see complete shards and a killed run resumes with the shards left.
+        progress(shards_done, shards_todo) after each. Returns the rows given a vector (0 when there was nothing
+        to do)."""
+        meta = self.metadata
+        if meta.pooled_dim is not None:
+            return 0
+        if text_encoder.identity != meta.text_encoder_identity:
+            raise LatentStoreMismatchError(
+                f"the latent store at {self.url} holds text embeddings of {meta.text_encoder_identity!r}; its pooled "
+                f"vectors cannot come from {text_encoder.identity!r}. Encode into a new store URL.")
+        fields = ("latents", "context", "context_mask") + (("logvar",) if meta.content == "moments" else ())
+        todo = [i for i, s in enumerate(meta.shards) if not s.pooled]
+        log.info("adding pooled text vectors to %d shard(s) of %s (written before they were cached)", len(todo),
+                 redact_url(self.url))
+        rows_done = 0
+        for done, i in enumerate(todo, 1):
+            record = meta.shards[i]
+            old_name = record.name
+            if old_name is not None:  # (an empty shard has no object: it only needs its flag)
+                old_url = self.shard_url(old_name)
+                arrays = self.format.read(old_url, fields, self.storage_options)
+                rows = self.format.read_row_table(old_url, self.storage_options)
+                pooled = text_encoder.encode(rows.column("caption").to_pylist()).pooled  # (N, D_pool)
+                cols = ShardColumns(arrays["latents"], arrays.get("logvar"), arrays["context"], arrays["context_mask"],
+                                    rows, to_storage(pooled.float(), meta.dtype))
+                name = self._new_shard_name(record.source)
+                self.format.write(self.shard_url(name), cols, self.config, self.storage_options)
+                record = record.model_copy(update={"name": name, "bytes": _size_of(self.shard_url(name),
+                                                                                   self.storage_options)})
+                rows_done += record.rows
+            meta.shards[i] = record.model_copy(update={"pooled": True})
+            write_metadata(self.url, meta, self.storage_options)  # the swap: readers now open the new shard
+            if old_name is not None:
+                storage.remove(old_url, self.storage_options, recursive=True)
+            if progress is not None:
+                progress(done, len(todo))
+        context, mask = read_uncond(self.url, self.storage_options)[:2]
+        write_uncond(self.url, (context, mask, text_encoder.empty().pooled), self.storage_options)
+        meta.pooled_dim = text_encoder.pooled_dim  # last: from here on readers see (and read) the pooled field
+        write_metadata(self.url, meta, self.storage_options)
+        return rows_done
+
+    def _check_shapes(self, cols: ShardColumns) -> None:
+        m, n = self.metadata, len(cols)
+        want = {"latents": (n, *m.latent_shape), "context": (n, *m.context_shape), "context_mask": (n, m.context_shape[0])}
+        if m.content == "moments":
+            want["logvar"] = (n, *m.latent_shape)
+        if m.pooled_dim is not None:
+            want["pooled"] = (n, m.pooled_dim)
+        got = cols.tensors()
+        if set(got) != set(want):
+            raise ValueError(f"a {m.content} store needs fields {sorted(want)}, got {sorted(got)}")
+        for k, shape in want.items():
+            expected = np.dtype(bool) if k == "context_mask" else NP_DTYPE[m.dtype]
+            if tuple(got[k].shape) != shape or got[k].dtype != expected:
+                raise ValueError(f"{k}: expected {shape} {expected}, got {tuple(got[k].shape)} {got[k].dtype}")
+        if cols.rows.num_rows != n or not set(ROW_COLUMNS) <= set(cols.rows.column_names):
+            raise ValueError(f"rows must be a table of {n} rows with columns {ROW_COLUMNS} (+ attributes)")
+
+
+def _size_of(url: str, storage_options: dict[str, Any] | None) -> int:
+    fs, path = storage.get_fs(url, storage_options)
+    return int(fs.du(path, total=True)) if fs.isdir(path) else int(fs.size(path))
+
+
+def _check_compatible(store_url: str, existing: LatentStoreMetadata, new: LatentStoreMetadata) -> None:
+    if existing.vae_identity != new.vae_identity:
+        raise LatentStoreMismatchError(
+            f"the latent store at {store_url} holds latents of the autoencoder {existing.vae_identity!r}; refusing to "
+            f"add latents of {new.vae_identity!r}: latents of two autoencoders live in different spaces and must "
+            "never be mixed. Encode into a new store URL (one per autoencoder version)."
+        )
+    if existing.text_encoder_identity != new.text_encoder_identity:
+        raise LatentStoreMismatchError(
+            f"the latent store at {store_url} holds text embeddings of {existing.text_encoder_identity!r}; refusing "
+            f"to add embeddings of {new.text_encoder_identity!r}. Encode into a new store URL."
+        )
+    fields = list(IDENTITY_FIELDS) + (["seed"] if existing.content == "sample" else [])
+    if existing.pooled_dim is not None:  # (a store without pooled vectors gets them from add_pooled)
+        fields.append("pooled_dim")
+    diffs = {f: (getattr(existing, f), getattr(new, f)) for f in fields if getattr(existing, f) != getattr(new, f)}
+    if diffs:
+        detail = "; ".join(f"{f}: store has {a!r}, this run {b!r}" for f, (a, b) in diffs.items())
+        raise LatentStoreMismatchError(f"the latent store at {store_url} was built differently ({detail}). "
+                                       "Use the store's settings or a new store URL.")
