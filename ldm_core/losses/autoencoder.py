@@ -172,9 +172,6 @@ class AutoencoderLoss(nn.Module):
         """Parameters of this module that the autoencoder's optimizer must own: logvar when it is learned."""
         return [self.logvar] if self.config.learn_logvar else []
 
-    def discriminator_parameters(self) -> list[nn.Parameter]:
-        return list(self.discriminator.parameters())
-
     # -- schedule ----------------------------------------------------------------------------------------------
 
     def disc_active(self, step: int) -> bool:
