@@ -227,7 +227,7 @@ def train_autoencoder(
         loss_fn = loss_fn.to(memory_format=torch.channels_last)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
 
-    g_params = list(model.parameters()) + ([loss_fn.logvar] if loss_fn.logvar.requires_grad else [])
+    g_params = list(model.parameters()) + loss_fn.generator_parameters()  # logvar when it is learned
     d_params = list(loss_fn.discriminator.parameters())
     opt_g = make_adam(g_params, device, lr=tc.lr, betas=tc.betas)
     opt_d = make_adam(d_params, device, lr=tc.disc_lr or tc.lr, betas=tc.betas)
