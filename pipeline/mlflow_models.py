@@ -8,14 +8,17 @@ registry version in a fresh process needs only this package: ``mlflow.pyfunc.loa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
+
+from ldm_core.bundle import TextToImage, load_text_to_image
 
 class TextToImageModel(mlflow.pyfunc.PythonModel):
     """predict(DataFrame with `prompt` [, `seed`, `steps`, `guidance`]) → uint8 images (N, H, W, 3).
@@ -98,3 +101,11 @@ def autoencoder_signature(channels: int, size: int) -> ModelSignature:
 PYFUNC_DIR = Path(__file__).parent / "pyfunc"
 TEXT_TO_IMAGE_CODE = str(PYFUNC_DIR / "text_to_image.py")
 AUTOENCODER_CODE = str(PYFUNC_DIR / "autoencoder.py")
+
+
+def download_text_to_image(model_uri: str, dst: str) -> TextToImage:
+    """The text-to-image model of a registered version (``models:/ldm/3``), downloaded to ``dst`` and loaded with
+    ldm_core directly: loading it as a pyfunc would run its code copy inside this process."""
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+    bundle = Model.load(local).flavors["python_function"]["artifacts"]["bundle"]["path"]
+    return load_text_to_image(os.path.join(local, bundle))

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from ldm_core import storage as ldm_storage
 from pipeline import settings
+from pipeline.registry import version_by_alias
 from pipeline.tracking import MLflowTracker
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,9 @@ class MLflowResource(dg.ConfigurableResource):
 
     # -- registry ---------------------------------------------------------------------------------------------
     def latest_alias_version(self, name: str, alias: str) -> Any | None:
-        client = self.client()
-        try:
-            return client.get_model_version_by_alias(name, alias)
-        except Exception:
-            return None
+        """The version ``name@alias`` points at; None only when the model or alias does not exist. A registry error
+        raises (a retryable step failure), never passes for "none"."""
+        return version_by_alias(self.client(), name, alias)
 
 
 class TrackedRun:

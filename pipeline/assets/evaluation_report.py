@@ -9,13 +9,21 @@ from pydantic import Field
 from ldm_core.bundle import load_text_to_image
 from ldm_core.data import ImageShardDataset
 from ldm_core.evaluation.attributes import confusion_lines
-from ldm_core.evaluation.evaluate import EvaluationConfig, evaluate, held_out_from_dataset, text_to_image_functions
+from ldm_core.evaluation.evaluate import (
+    EvaluationConfig,
+    evaluate,
+    held_out_from_dataset,
+    measure,
+    text_to_image_functions,
+)
 from ldm_core.grids import to_uint8
 from ldm_core.models.denoiser import backbone_summary, describe_backbone
 from pipeline.assets.common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, upstream_metadata
 from pipeline.assets.ldm_model import REGISTERED_NAME
 from pipeline.config_bridge import dagster_config, to_core
+from pipeline.mlflow_models import download_text_to_image
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+from pipeline.tracking import temp_dir
 
 EvalSection = dagster_config(EvaluationConfig)
 METRICS_TAG = "evaluation_metrics"  # on a registered `ldm` version: its metrics.json "metrics", for the next gate
@@ -64,16 +72,32 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
     generate_fn, reconstruct_fn = text_to_image_functions(model, steps=config.steps, guidance=config.guidance, device=device)
 
     client = mlflow.client()
+    # a registry error raises here and the step is retried: it never passes for "no champion"
     champion = mlflow.latest_alias_version(REGISTERED_NAME, "champion")
-    champion_metrics = json.loads(champion.tags[METRICS_TAG]) if champion is not None and METRICS_TAG in champion.tags else None
+    measure_champion = champion is not None and METRICS_TAG not in champion.tags
+    champion_metrics = json.loads(champion.tags[METRICS_TAG]) if champion is not None and not measure_champion else None
     champion_label = f"{REGISTERED_NAME} v{champion.version}" if champion is not None else None
     runs = {k: v for k, v in (("vae_model", vae_md.get("mlflow_run_id")), ("ldm_model", ldm_md.get("mlflow_run_id"))) if v}
     out_url = storage.url("reports", f"ldm-v{ldm_md['ldm_version']}-{context.run.run_id[:8]}")
 
     with mlflow.materialization_run(context) as run:
         run.tracker.log_params({"ldm_uri": ldm_md["ldm_uri"], "champion_before": champion_label or "none",
+                                "champion_measured_again": measure_champion,
                                 "backbone": describe_backbone(backbone),
                                 "guidance": config.guidance, "steps": config.steps, **eval_cfg.to_dict()})
+        if measure_champion:
+            # its metrics tag is gone (deleted, or a version promoted by hand): measure it again exactly as the
+            # candidate, on the same held-out rows and seeds, rather than judge the candidate on thresholds alone
+            context.log.warning(f"champion {champion_label} has no {METRICS_TAG} tag: measuring it again")
+            with temp_dir() as tmp:
+                champion_model = download_text_to_image(f"models:/{REGISTERED_NAME}/{champion.version}", tmp)
+                champion_generate, champion_reconstruct = text_to_image_functions(
+                    champion_model, steps=config.steps, guidance=config.guidance, device=device)
+                measured = measure(generate_fn=champion_generate, reconstruct_fn=champion_reconstruct,
+                                   held_out=held_out, config=eval_cfg, device=device, photos=photos)
+            champion_metrics = {k: m.to_dict() for k, m in measured.metrics.items()}
+            client.set_model_version_tag(REGISTERED_NAME, str(champion.version), METRICS_TAG,
+                                         json.dumps(champion_metrics))
         result = evaluate(
             out_url, generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=held_out, config=eval_cfg,
             champion_metrics=champion_metrics, champion_label=champion_label, loss_curves=_loss_curves(client, runs),
