@@ -1,11 +1,13 @@
 """`evaluation_report`: metrics, a self-contained HTML report and the promotion gate; moves alias `champion`."""
 
 import json
+import os
 from datetime import datetime, timezone
 
 import dagster as dg
 from pydantic import Field
 
+from ldm_core import storage as ldm_storage
 from ldm_core.bundle import load_text_to_image
 from ldm_core.data import ImageShardDataset
 from ldm_core.evaluation.attributes import confusion_lines
@@ -27,6 +29,7 @@ from pipeline.tracking import temp_dir
 
 EvalSection = dagster_config(EvaluationConfig)
 METRICS_TAG = "evaluation_metrics"  # on a registered `ldm` version: its metrics.json "metrics", for the next gate
+HELD_OUT_DATASET = "image_dataset"  # the MLflow dataset name of the held-out split (its digest: the dataset version)
 
 LOSS_KEYS = {"vae_model": ("rec", "nll", "kl", "g", "d_loss"), "ldm_model": ("loss",)}
 
@@ -79,12 +82,15 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
     champion_label = f"{REGISTERED_NAME} v{champion.version}" if champion is not None else None
     runs = {k: v for k, v in (("vae_model", vae_md.get("mlflow_run_id")), ("ldm_model", ldm_md.get("mlflow_run_id"))) if v}
     out_url = storage.url("reports", f"ldm-v{ldm_md['ldm_version']}-{context.run.run_id[:8]}")
+    model_id = ldm_md.get("mlflow_model_id")  # the logged model (MLflow 3); absent from older materializations
 
     with mlflow.materialization_run(context) as run:
         run.tracker.log_params({"ldm_uri": ldm_md["ldm_uri"], "champion_before": champion_label or "none",
                                 "champion_measured_again": measure_champion,
                                 "backbone": describe_backbone(backbone),
                                 "guidance": config.guidance, "steps": config.steps, **eval_cfg.to_dict()})
+        run.log_dataset(name=HELD_OUT_DATASET, url=ds["dataset_url"], digest=str(ds["dataset_version"]),
+                        context="evaluation", model_id=model_id)
         if measure_champion:
             # its metrics tag is gone (deleted, or a version promoted by hand): measure it again exactly as the
             # candidate, on the same held-out rows and seeds, rather than judge the candidate on thresholds alone
@@ -108,12 +114,18 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
         )
         values = {k: m.value for k, m in result.metrics.items() if m.computed}
         run.tracker.log_metrics(values, step=0)
+        if model_id:  # the same numbers on the logged model itself (MLflow 3), tied to the held-out data measured
+            run.log_model_metrics(values, model_id=model_id, dataset_name=HELD_OUT_DATASET,
+                                  dataset_digest=str(ds["dataset_version"]))
         run.tracker.set_tags({"ldm_uri": ldm_md["ldm_uri"], "gate_passed": str(result.decision.passed).lower()})
-        for name, url in result.report.files.items():
-            if url.startswith("/") or url.startswith("file://"):
-                run.tracker.log_artifact(url.removeprefix("file://"), "report")
-        metrics_only = {k: v for k, v in result.report.metrics.items()}
-        client.set_model_version_tag(REGISTERED_NAME, str(ldm_md["ldm_version"]), METRICS_TAG, json.dumps(metrics_only))
+        # read through storage, so that the report reaches MLflow from S3 as from a local root
+        with temp_dir() as tmp:
+            for name, url in result.report.files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(ldm_storage.read_bytes(url))
+            run.tracker.log_artifact(tmp, "report")
+        client.set_model_version_tag(REGISTERED_NAME, str(ldm_md["ldm_version"]), METRICS_TAG,
+                                     json.dumps(result.report.metrics))
         if result.decision.passed:
             client.set_registered_model_alias(REGISTERED_NAME, "champion", str(ldm_md["ldm_version"]))
             context.log.info(f"gate passed: alias champion → {ldm_md['ldm_uri']}")
