@@ -15,7 +15,14 @@ from pipeline.config_bridge import dagster_config, to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.jobs import VaeTrainJob
-from pipeline.mlflow_models import AUTOENCODER_CODE, autoencoder_signature
+from pipeline.mlflow_models import (
+    AUTOENCODER_CODE,
+    AUTOENCODER_PACKAGES,
+    CODE_PATHS,
+    autoencoder_input_example,
+    autoencoder_signature,
+    pinned_requirements,
+)
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
 
@@ -98,6 +105,8 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
             mv = run.log_and_register_pyfunc(
                 name="vae", registered_name=REGISTERED_NAME, python_model=AUTOENCODER_CODE, artifacts={"vae": tmp},
                 signature=autoencoder_signature(model.config.in_channels, config.resolution), alias="candidate",
+                input_example=autoencoder_input_example(model.config.in_channels, config.resolution),
+                code_paths=CODE_PATHS, pip_requirements=pinned_requirements(AUTOENCODER_PACKAGES),
                 tags={"storage_url": model_url, "dataset_version": str(ds["dataset_version"])},
             )
         context.log.info(f"trained {result.step} steps; latent scale {scale:.5f}; val PSNR {psnr:.2f} dB; "
