@@ -1,4 +1,4 @@
-"""Looking registered models up by URI, with one-line answers when they are not there.
+"""Looking registered models up by URI or alias, telling "not there" apart from "could not ask".
 
 `resolve_model_uri` turns ``models:/name@alias`` or ``models:/name/version`` into the registered version it names, or
 raises `ModelLookupError` whose message is one line a person can act on: the versions and aliases that do exist, a
@@ -15,6 +15,8 @@ from mlflow.exceptions import MlflowException
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 RESOURCE_DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"
+# what the registry answers for an alias that its (existing) model does not have
+INVALID_PARAMETER_VALUE = "INVALID_PARAMETER_VALUE"
 
 
 class ModelLookupError(LookupError):
@@ -35,6 +37,33 @@ def describe_registered(client: Any, name: str) -> str:
     return f"{name} has versions {', '.join(map(str, versions)) or 'none'} and aliases {aliases}"
 
 
+def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+    """The ModelVersion that ``name@alias`` points at, or None when the model or the alias does not exist.
+
+    Any other error (an unreachable or failing store) propagates: a caller such as the promotion gate must never
+    read "could not ask" as "there is none".
+    """
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code == RESOURCE_DOES_NOT_EXIST:
+            return None
+        if e.error_code != INVALID_PARAMETER_VALUE:
+            raise
+    # INVALID_PARAMETER_VALUE is also what a malformed request gets: believe "no such alias" only once the model's
+    # own alias list confirms it
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == RESOURCE_DOES_NOT_EXIST:
+            return None
+        raise
+    if alias in model.aliases:
+        raise MlflowException(f"the registry has alias {name}@{alias} but would not return its version",
+                              error_code="TEMPORARILY_UNAVAILABLE")
+    return None
+
+
 def resolve_model_uri(client: Any, uri: str) -> Any:
     """The ModelVersion a ``models:/`` URI names. Raises ModelLookupError (one line) when it names nothing."""
     m = _MODELS_URI.match(uri.strip())
@@ -48,7 +77,7 @@ def resolve_model_uri(client: Any, uri: str) -> Any:
                     client.get_model_version(name, version))
         except MlflowException as e:
             # a missing name, version or alias; anything else (a broken store) is not a lookup problem
-            if e.error_code not in (RESOURCE_DOES_NOT_EXIST, "INVALID_PARAMETER_VALUE"):
+            if e.error_code not in (RESOURCE_DOES_NOT_EXIST, INVALID_PARAMETER_VALUE):
                 raise
             what = f"alias {alias!r}" if alias else f"version {version}"
             raise ModelLookupError(f"{uri}: no {what}; {describe_registered(client, name)}") from None
@@ -60,4 +89,4 @@ def resolve_model_uri(client: Any, uri: str) -> Any:
                                f"{first[:200]}") from None
 
 
-__all__ = ["ModelLookupError", "describe_registered", "resolve_model_uri"]
+__all__ = ["ModelLookupError", "describe_registered", "resolve_model_uri", "version_by_alias"]

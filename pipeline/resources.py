@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from typing import Any, Iterator
+import time
+import warnings
+from typing import Any, Iterator, NamedTuple
 
 import dagster as dg
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import LoggedModelInput, Metric
+from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from ldm_core import storage as ldm_storage
 from pipeline import settings
+from pipeline.registry import version_by_alias
 from pipeline.tracking import MLflowTracker
 
 log = logging.getLogger(__name__)
@@ -38,9 +47,6 @@ class MLflowResource(dg.ConfigurableResource):
         return self.tracking_uri or settings.mlflow_tracking_uri()
 
     def client(self) -> Any:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
         uri = self.resolved_tracking_uri()
         if uri.startswith("sqlite:///"):
             os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
@@ -135,11 +141,16 @@ class MLflowResource(dg.ConfigurableResource):
 
     # -- registry ---------------------------------------------------------------------------------------------
     def latest_alias_version(self, name: str, alias: str) -> Any | None:
-        client = self.client()
-        try:
-            return client.get_model_version_by_alias(name, alias)
-        except Exception:
-            return None
+        """The version ``name@alias`` points at; None only when the model or alias does not exist. A registry error
+        raises (a retryable step failure), never passes for "none"."""
+        return version_by_alias(self.client(), name, alias)
+
+
+class RegisteredModel(NamedTuple):
+    version: str
+    """The new version of the registered model."""
+    model_id: str
+    """Its MLflow 3 logged model (metrics of the model are logged against this id)."""
 
 
 class TrackedRun:
@@ -154,21 +165,42 @@ class TrackedRun:
         return self.resource.run_url(self.experiment_id, self.run_id)
 
     def log_and_register_pyfunc(self, *, name: str, registered_name: str, python_model: Any, artifacts: dict[str, str],
-                                signature: Any, alias: str | None, tags: dict[str, str] | None = None,
-                                input_example: Any = None) -> Any:
-        """Log a pyfunc model in this run, register a new version, point ``alias`` at it; returns the version."""
-        import mlflow
+                                signature: Any, alias: str | None, code_paths: list[str], pip_requirements: list[str],
+                                tags: dict[str, str] | None = None, input_example: Any = None) -> "RegisteredModel":
+        """Log a pyfunc model in this run, register a new version, point ``alias`` at it.
 
+        ``code_paths`` ship the code the model runs with it, and ``pip_requirements`` pin what that code imports, so
+        that serving it needs neither this project installed nor a guess at versions."""
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=python_model, artifacts=artifacts, signature=signature,
-                # explicit requirements: inferring them would load the model in a subprocess on every log
-                pip_requirements=["ldm-pipeline"], input_example=input_example,
+                code_paths=code_paths, pip_requirements=pip_requirements, input_example=input_example,
             )
         mv = mlflow.register_model(info.model_uri, registered_name, tags=tags or {})
         if alias:
             self.client.set_registered_model_alias(registered_name, alias, mv.version)
-        return mv
+        # the logged model's id from the log call: a SQL registry store returns versions without it
+        return RegisteredModel(str(mv.version), info.model_id)
+
+    def log_dataset(self, *, name: str, url: str, digest: str, context: str, model_id: str | None = None) -> None:
+        """Record a dataset this run used (MLflow's dataset inputs), identified by the pipeline's own version of it
+        as the digest; with ``model_id``, the logged model it was used with is an input of the run as well."""
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source for both "" and "file://", and warns that a path matches both
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            source = resolve_dataset_source(url)
+        dataset = MetaDataset(source, name=name, digest=digest)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.log_input(dataset, context=context, model=LoggedModelInput(model_id) if model_id else None)
+
+    def log_model_metrics(self, metrics: dict[str, float], *, model_id: str, dataset_name: str | None = None,
+                          dataset_digest: str | None = None) -> None:
+        """Log metrics of this run that belong to a logged model (MLflow 3 shows them on the model), measured on
+        the named dataset version."""
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, 0, model_id=model_id, dataset_name=dataset_name,
+                        dataset_digest=dataset_digest) for k, v in metrics.items() if math.isfinite(float(v))]
+        self.client.log_batch(self.run_id, metrics=items)
 
 
 class StorageResource(dg.ConfigurableResource):

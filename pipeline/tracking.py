@@ -53,8 +53,8 @@ class MLflowTracker:
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_image(self, image: np.ndarray, name: str, step: int | None = None) -> None:
-        suffix = f"_step{step:07d}" if step is not None else ""
-        self.client.log_image(self.run_id, np.asarray(image), artifact_file=f"images/{name}{suffix}.png")
+        # key + step: MLflow keeps one image series per key, which its UI browses with a step slider
+        self.client.log_image(self.run_id, np.asarray(image), key=name, step=0 if step is None else int(step))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(local_path)

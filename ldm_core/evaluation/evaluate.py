@@ -7,6 +7,8 @@
     4) the gate against the champion's metrics
     5) the report (HTML, metrics.json, PNGs)
 
+:func:`measure` is steps 1) and 2) alone: how the gate measures a champion again on the candidate's held-out data.
+
 The model comes in as two plain functions (generate, reconstruct), so the evaluation runs the same on a registered
 bundle (:func:`text_to_image_functions`) and on any stand-in a test builds.
 """
@@ -128,28 +130,28 @@ def _cycled(items: Sequence[str], n: int) -> list[str]:
     return [items[i % len(items)] for i in range(n)] if items else []
 
 
-def evaluate(
-    out_url: str,
+@dataclass(frozen=True)
+class Measurements:
+    """What :func:`measure` found: the metrics, and what the report shows beside them."""
+
+    metrics: dict[str, MetricResult]
+    originals: np.ndarray | None = None
+    """The held-out images that were reconstructed, uint8 (N, H, W, 3) (None when none were)."""
+    reconstructions: np.ndarray | None = None
+    color_confusion: dict[str, dict[str, int]] | None = None
+
+
+def measure(
     *,
     generate_fn: GenerateFn,
     reconstruct_fn: ReconstructFn | None,
     held_out: HeldOut,
     config: EvaluationConfig | None = None,
-    champion_metrics: Mapping[str, Any] | None = None,
-    champion_label: str | None = None,
-    loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
-    run_config: Mapping[str, Any] | None = None,
-    created_at: str | None = None,
     device: str | torch.device = "cpu",
-    storage_options: dict[str, Any] | None = None,
     photos: np.ndarray | None = None,
-    model: Mapping[str, Any] | None = None,
-) -> EvaluationResult:
-    """Measure, decide, and write the report under ``out_url``. ``champion_metrics`` None means a first model.
-
-    photos: natural-image crops (uint8 (N, H, W, 3)) also reconstructed, reported as photo_psnr/ssim/lpips.
-    model: the denoiser under evaluation (`backbone_summary`), which the report names.
-    """
+) -> Measurements:
+    """Steps 1) and 2): the metrics of one model on ``held_out``. Two models measured with the same held-out rows,
+    photos and config are measured alike (same images, captions and noise seeds), which is what the gate compares."""
     config = config or EvaluationConfig()
     metrics: dict[str, MetricResult] = {}
     n_rec = min(config.reconstruction_samples, len(held_out.images)) if reconstruct_fn is not None else 0
@@ -195,6 +197,35 @@ def evaluate(
             for name, m in accuracy_metrics(evaluator_accuracy(held_out.images, held_out.attributes)).items():
                 metrics[f"evaluator_{name}"] = MetricResult(f"evaluator_{name}", m.value, m.n, m.computed, m.reason,
                                                             note="evaluator on real held-out images")
+    return Measurements(metrics, originals if reconstructions is not None else None, reconstructions, confusion)
+
+
+def evaluate(
+    out_url: str,
+    *,
+    generate_fn: GenerateFn,
+    reconstruct_fn: ReconstructFn | None,
+    held_out: HeldOut,
+    config: EvaluationConfig | None = None,
+    champion_metrics: Mapping[str, Any] | None = None,
+    champion_label: str | None = None,
+    loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    created_at: str | None = None,
+    device: str | torch.device = "cpu",
+    storage_options: dict[str, Any] | None = None,
+    photos: np.ndarray | None = None,
+    model: Mapping[str, Any] | None = None,
+) -> EvaluationResult:
+    """Measure, decide, and write the report under ``out_url``. ``champion_metrics`` None means a first model.
+
+    photos: natural-image crops (uint8 (N, H, W, 3)) also reconstructed, reported as photo_psnr/ssim/lpips.
+    model: the denoiser under evaluation (`backbone_summary`), which the report names.
+    """
+    config = config or EvaluationConfig()
+    measured = measure(generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=held_out, config=config,
+                       device=device, photos=photos)
+    metrics = measured.metrics
 
     # 3) the prompt × seed grid: column j is generate(prompts, seed_j), so row i's noise is seed_j + i
     prompts = config.grid_prompts or list(dict.fromkeys(held_out.captions))[: config.grid_size]
@@ -206,13 +237,13 @@ def evaluate(
     # 4) the gate, 5) the report
     decision = decide(metrics, champion_metrics, config.gate)
     report = write_report(
-        out_url, metrics=metrics, samples=samples, originals=originals if reconstructions is not None else None,
-        reconstructions=reconstructions, loss_curves=loss_curves,
+        out_url, metrics=metrics, samples=samples, originals=measured.originals,
+        reconstructions=measured.reconstructions, loss_curves=loss_curves,
         config={"evaluation": config.to_dict(), "run": dict(run_config) if run_config is not None else None},
         champion_metrics=champion_metrics, champion_label=champion_label, decision=decision, title=config.title,
-        created_at=created_at, storage_options=storage_options, color_confusion=confusion, model=model,
+        created_at=created_at, storage_options=storage_options, color_confusion=measured.color_confusion, model=model,
     )
-    return EvaluationResult(metrics, decision, report, confusion)
+    return EvaluationResult(metrics, decision, report, measured.color_confusion)
 
 
 __all__ = [
@@ -220,8 +251,10 @@ __all__ = [
     "EvaluationResult",
     "GenerateFn",
     "HeldOut",
+    "Measurements",
     "ReconstructFn",
     "evaluate",
     "held_out_from_dataset",
+    "measure",
     "text_to_image_functions",
 ]

@@ -10,7 +10,7 @@ from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
-from pipeline.asset_config import LdmModelConfig, complete_ldm_training
+from pipeline.asset_config import DEFAULT_PROMPTS, LdmModelConfig, complete_ldm_training
 from pipeline.assets.common import (
     GPU_OP_TAGS,
     GPU_POOL,
@@ -24,7 +24,14 @@ from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.specs import LdmTrainSpec, ldm_training_data
-from pipeline.mlflow_models import TEXT_TO_IMAGE_CODE, text_to_image_signature
+from pipeline.mlflow_models import (
+    CODE_PATHS,
+    TEXT_TO_IMAGE_CODE,
+    TEXT_TO_IMAGE_PACKAGES,
+    pinned_requirements,
+    text_to_image_input_example,
+    text_to_image_signature,
+)
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
 from pipeline.validation import RunConfigCheck
@@ -97,6 +104,9 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
             mv = run.log_and_register_pyfunc(
                 name="ldm", registered_name=REGISTERED_NAME, python_model=TEXT_TO_IMAGE_CODE, artifacts={"bundle": tmp},
                 signature=text_to_image_signature(latent_shape[1] * f, latent_shape[2] * f), alias="candidate",
+                input_example=text_to_image_input_example(config.validation_prompts[0] if config.validation_prompts
+                                                          else DEFAULT_PROMPTS[0]),
+                code_paths=CODE_PATHS, pip_requirements=pinned_requirements(TEXT_TO_IMAGE_PACKAGES),
                 tags={"vae_uri": store_md["vae_uri"], "text_encoder": text_cfg.name, "storage_url": model_url,
                       "latent_store": store_md["store_url"], "backbone": describe_backbone(backbone)},
             )
@@ -109,7 +119,8 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                 "resumed_from": result.resumed_from or 0, "final_loss": final_loss,
                 "samples_per_second": result.samples_per_second, "nonfinite_skipped": result.nonfinite_skipped,
                 "backbone": describe_backbone(backbone), "backbone_info": json_md(backbone),
-                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url), **launch_md,
+                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url),
+                "mlflow_model_id": mv.model_id, **launch_md,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )

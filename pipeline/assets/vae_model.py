@@ -22,7 +22,14 @@ from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.specs import VaeTrainSpec
-from pipeline.mlflow_models import AUTOENCODER_CODE, autoencoder_signature
+from pipeline.mlflow_models import (
+    AUTOENCODER_CODE,
+    AUTOENCODER_PACKAGES,
+    CODE_PATHS,
+    autoencoder_input_example,
+    autoencoder_signature,
+    pinned_requirements,
+)
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.tracking import DagsterProgress, temp_dir
 from pipeline.validation import RunConfigCheck
@@ -96,6 +103,8 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
             mv = run.log_and_register_pyfunc(
                 name="vae", registered_name=REGISTERED_NAME, python_model=AUTOENCODER_CODE, artifacts={"vae": tmp},
                 signature=autoencoder_signature(model.config.in_channels, config.resolution), alias="candidate",
+                input_example=autoencoder_input_example(model.config.in_channels, config.resolution),
+                code_paths=CODE_PATHS, pip_requirements=pinned_requirements(AUTOENCODER_PACKAGES),
                 tags={"storage_url": model_url, "dataset_version": str(ds["dataset_version"])},
             )
         context.log.info(f"trained {result.step} steps; latent scale {scale:.5f}; val PSNR {psnr:.2f} dB; "

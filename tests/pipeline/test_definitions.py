@@ -92,10 +92,10 @@ def test_bad_configs_fail_with_the_field_path():
 def test_posterior_sampling_is_a_trainer_option_that_needs_a_store_of_moments():
     cfg = run_configs.load("demo")
     cfg["ops"]["ldm_model"]["config"]["training"].setdefault("trainer", {})["sample_posterior"] = True
-    validate_run_config(cfg)
+    validate_run_config(cfg, JOB)
     cfg["ops"]["latent_store"]["config"].setdefault("store", {})["content"] = "sample"
     with pytest.raises(ConfigValidationError, match=r"ldm_model\.training\.trainer\.sample_posterior: .* 'sample'"):
-        validate_run_config(cfg)
+        validate_run_config(cfg, JOB)
 
 
 def test_unet_that_cannot_downsample_the_latent_is_refused():

@@ -1,0 +1,191 @@
+"""The registered models as MLflow 3 serves and shows them, with the pipeline's storage root on S3 (moto).
+
+The module materializes the tiny pipeline once (storage on S3, MLflow on SQLite), then checks what a user of MLflow
+meets: `mlflow models predict` on `models:/ldm@candidate` without this project installed, pinned requirements and an
+input example, the evaluation metrics on the logged model, the held-out dataset as a run input with its version as
+the digest, training images as key/step series, and the evaluation report among the run's artifacts.
+"""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import uuid
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pytest
+from mlflow.models import Model
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from mlflow.tracking import MlflowClient
+
+from ldm_core import storage
+from ldm_core.bundle import load_text_to_image
+from pipeline.definitions import defs
+from pipeline.mlflow_models import TEXT_TO_IMAGE_PACKAGES, pinned_requirements
+from tests.e2e.conftest import child_env
+
+PROMPTS = ["a large red circle in the center", "a small blue square in the top left"]
+STEPS = 3
+
+# `mlflow models predict` (MLflow's own CLI) where this project is not importable, as in an environment built from
+# the model's requirements alone; then says where ldm_core came from
+PREDICT_WITHOUT_PROJECT = """
+import importlib.abc, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pipeline", "dagster"):
+            raise ModuleNotFoundError(f"No module named {name!r} (not installed where the model is served)", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+import importlib.metadata, json
+import mlflow.pyfunc
+from mlflow.cli import cli
+
+before = set(sys.modules)
+cli.main(args=sys.argv[1:], prog_name="mlflow", standalone_mode=False)
+# the distributions of what loading and predicting imported (beyond MLflow itself)
+top = {m.split(".")[0] for m in set(sys.modules) - before}
+owners = importlib.metadata.packages_distributions()
+print(json.dumps({"ldm_core": sys.modules["ldm_core"].__file__,
+                  "imported": sorted({d for m in top if m != "ldm_core" for d in owners.get(m, [])})}))
+"""
+
+
+def _metadata(result, key):
+    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(key)[0].metadata.items()}
+
+
+def _asset_run(result, asset: str):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("ldm-pipeline")
+    [run] = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{result.run_id}' and "
+                                                                  f"tags.`dagster.asset_key` = '{asset}'")
+    return run
+
+
+@pytest.fixture(scope="module")
+def on_s3(ldm_home, s3_endpoint, tiny_config):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LDM_STORAGE_ROOT", s3_endpoint.url(f"servable-{uuid.uuid4().hex[:8]}"))
+    try:
+        with dg.DagsterInstance.get() as instance:
+            result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config,
+                                                                               instance=instance)
+        assert result.success
+        yield result
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def served(on_s3, ldm_home, tmp_path_factory):
+    """`mlflow models predict` on models:/ldm@candidate: (images, what the serving process reported)."""
+    tmp_path = tmp_path_factory.mktemp("predict")
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"dataframe_split": {"columns": ["prompt", "seed", "steps"],
+                                                       "data": [[p, i, STEPS] for i, p in enumerate(PROMPTS)]}}))
+    out = tmp_path / "predictions.json"
+    proc = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_PROJECT, "models", "predict", "-m",
+                           "models:/ldm@candidate", "-i", str(request), "-o", str(out), "-t", "json",
+                           "--env-manager", "local"],
+                          capture_output=True, text=True, env=child_env(ldm_home), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.asarray(json.loads(out.read_text())["predictions"]), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_mlflow_models_predict_serves_the_candidate_without_the_project(served, on_s3):
+    images, process = served
+    # the model ran on the copy of ldm_core shipped in its code/, not on this checkout's
+    assert process["ldm_core"].endswith("/code/ldm_core/__init__.py"), process
+    assert images.shape == (2, 32, 32, 3) and images.min() >= 0 and images.max() <= 255
+    assert all(img.std() > 5 for img in images)  # pictures, not a blank fill
+    # exactly what the trained bundle generates for the same prompt, seed and steps
+    bundle = load_text_to_image(_metadata(on_s3, "ldm_model")["ldm_url"])
+    for i, prompt in enumerate(PROMPTS):
+        expected = bundle.generate([prompt], seed=i, steps=STEPS)[0].astype(int)
+        assert np.abs(images[i] - expected).max() <= 1
+
+
+def _with_dependencies(names: list[str]) -> set[str]:
+    """The packages and, transitively, what they require (as installed here; extras left out)."""
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        reqs = [Requirement(r) for r in requires]
+        todo += [canonicalize_name(r.name) for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+    return seen
+
+
+@pytest.mark.slow
+def test_the_model_pins_what_it_imports_and_has_an_input_example(served, tmp_path):
+    local = mlflow.artifacts.download_artifacts("models:/ldm@candidate", dst_path=str(tmp_path))
+    pinned = pinned_requirements(TEXT_TO_IMAGE_PACKAGES)
+    assert (tmp_path / "requirements.txt").read_text().split() == pinned
+    assert (tmp_path / "code" / "ldm_core" / "bundle.py").is_file()
+    # everything the serving process imported is pinned, or comes with a pinned package
+    imported = {canonicalize_name(d) for d in served[1]["imported"]}
+    assert {"torch", "transformers", "safetensors"} <= imported
+    assert imported <= _with_dependencies([r.split("==")[0] for r in pinned]), \
+        imported - _with_dependencies([r.split("==")[0] for r in pinned])
+    example = Model.load(local).load_input_example(local)
+    assert list(example.columns) == ["prompt", "seed", "steps"]
+    assert (tmp_path / "serving_input_example.json").is_file()
+
+
+@pytest.mark.slow
+def test_evaluation_metrics_are_on_the_logged_model_with_their_dataset(on_s3):
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("ldm", "candidate")
+    eval_md, ds_md = _metadata(on_s3, "evaluation_report"), _metadata(on_s3, "image_dataset")
+    model_id = _metadata(on_s3, "ldm_model")["mlflow_model_id"]
+    assert mv.source == f"models:/{model_id}"  # the candidate version is that logged model
+    metrics = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
+    assert {"psnr", "ssim"} <= set(metrics)
+    assert metrics["psnr"].value == pytest.approx(eval_md["psnr"]) and metrics["ssim"].value == pytest.approx(eval_md["ssim"])
+    assert {(m.dataset_name, m.dataset_digest) for m in metrics.values()} == {("image_dataset", ds_md["dataset_version"])}
+
+    run = client.get_run(_asset_run(on_s3, "evaluation_report").info.run_id)  # search results omit model inputs
+    [held_out] = run.inputs.dataset_inputs
+    assert (held_out.dataset.name, held_out.dataset.digest) == ("image_dataset", ds_md["dataset_version"])
+    assert held_out.dataset.source_type == "s3" and ds_md["dataset_url"] in held_out.dataset.source
+    assert {(t.key, t.value) for t in held_out.tags} >= {("mlflow.data.context", "evaluation")}
+    assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
+
+
+def _image_series(run_id: str) -> set[tuple[str, int]]:
+    """(key, step) of every image logged with a key (MLflow names them images/<key>+step+<step>+timestamp+…)."""
+    names = [a.path.removeprefix("images/") for a in MlflowClient().list_artifacts(run_id, "images")]
+    return {(n.split("+")[0], int(n.split("+")[2])) for n in names if "+step+" in n}
+
+
+@pytest.mark.slow
+def test_training_images_are_key_and_step_series(on_s3):
+    ldm_steps = _metadata(on_s3, "ldm_model")["steps"]
+    assert ("validation_samples", ldm_steps) in _image_series(_asset_run(on_s3, "ldm_model").info.run_id)
+    vae_steps = _metadata(on_s3, "vae_model")["steps"]
+    assert ("reconstructions", vae_steps) in _image_series(_asset_run(on_s3, "vae_model").info.run_id)
+
+
+@pytest.mark.slow
+def test_the_report_on_s3_is_copied_into_mlflow(on_s3, tmp_path):
+    md = _metadata(on_s3, "evaluation_report")
+    assert md["report_html"].startswith("s3://")
+    run_id = _asset_run(on_s3, "evaluation_report").info.run_id
+    names = {a.path for a in MlflowClient().list_artifacts(run_id, "report")}
+    assert {"report/report.html", "report/metrics.json", "report/samples.png"} <= names
+    copied = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report/report.html", dst_path=str(tmp_path))
+    assert open(copied, "rb").read() == storage.read_bytes(md["report_html"])
