@@ -37,8 +37,10 @@ BACKBONES = {"unet": "demo.yaml", "mmdit": "demo-mmdit.yaml"}
 def _only(pattern: str) -> str:
     found = sorted(glob.glob(pattern))
     if len(found) != 1:
-        raise SystemExit(f"expected one match for {pattern}, found {found or 'none'}: run `ldm demo` with this LDM_HOME "
-                         "first, and only once")
+        raise SystemExit(
+            f"expected one match for {pattern}, found {found or 'none'}: run `ldm demo` with this LDM_HOME "
+            "first, and only once"
+        )
     return found[0]
 
 
@@ -79,15 +81,16 @@ def run(home: str, seed: int, every: int, threads: int) -> list[dict]:
         paused = 0.0
         start = time.perf_counter()
 
+        # train_ldm calls it during this iteration only, so the loop variables it reads are this iteration's
         def evaluate_at(model: torch.nn.Module, step: int) -> np.ndarray:
             nonlocal paused
             t0 = time.perf_counter()
-            t2i = TextToImage(vae=vae, denoiser=model, text_encoder=text_encoder, diffusion_config=config.diffusion,
-                              latent_shape=tuple(store.latent_shape), guidance=guidance)
+            t2i = TextToImage(vae=vae, denoiser=model, text_encoder=text_encoder, diffusion_config=config.diffusion,  # noqa: B023
+                              latent_shape=tuple(store.latent_shape), guidance=guidance)  # noqa: B023
             images = t2i.generate(prompts, seed=evaluation.seed)
             acc = attribute_accuracy(images, wanted)
-            row = {"backbone": backbone, "seed": seed, "threads": threads, "step": step,
-                   "train_minutes": round((t0 - start - paused) / 60, 2),
+            row = {"backbone": backbone, "seed": seed, "threads": threads, "step": step,  # noqa: B023
+                   "train_minutes": round((t0 - start - paused) / 60, 2),  # noqa: B023
                    **{k: round(acc[f"{k}_acc"], 3) for k in ("color", "shape", "position")},
                    "confusions": confusion_lines(color_confusion(wanted, acc["predictions"]))}
             rows.append(row)

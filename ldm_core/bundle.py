@@ -12,8 +12,9 @@ report load; weights never go through pickle.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ def save_autoencoder(url: str, model: nn.Module, extra: dict[str, Any] | None = 
     return save_model(url, model, "autoencoder", model.config, extra, storage_options)
 
 
-def load_autoencoder(url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def load_autoencoder(
+    url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
     model = load_model(url, "autoencoder", lambda cfg: build_autoencoder(AutoencoderConfig.model_validate(cfg)),
                        storage_options, device)
     return model.eval().requires_grad_(False)
@@ -46,7 +49,9 @@ def save_denoiser(url: str, model: nn.Module, extra: dict[str, Any] | None = Non
     return save_model(url, model, "denoiser", model.config, extra, storage_options)
 
 
-def load_denoiser(url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def load_denoiser(
+    url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
     model = load_model(url, "denoiser", lambda cfg: build_denoiser(parse_denoiser_config(cfg)), storage_options, device)
     return model.eval().requires_grad_(False)
 
@@ -82,7 +87,9 @@ def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusi
         "info": info or {},
     }
     # written last: a directory with bundle.json is complete
-    storage.write_text_atomic(storage.join(url, BUNDLE_FILE), json.dumps(meta, indent=2, sort_keys=True), storage_options)
+    storage.write_text_atomic(
+        storage.join(url, BUNDLE_FILE), json.dumps(meta, indent=2, sort_keys=True), storage_options
+    )
     return url
 
 

@@ -133,7 +133,9 @@ class CheckpointManager:
         url = self._url(name)
         storage.write_bytes_atomic(url, data, self.storage_options)
         # the sidecar is the commit record: it lands only after the body is whole
-        storage.write_text_atomic(self._url(f"step-{step:09d}.sha256"), hashlib.sha256(data).hexdigest(), self.storage_options)
+        storage.write_text_atomic(
+            self._url(f"step-{step:09d}.sha256"), hashlib.sha256(data).hexdigest(), self.storage_options
+        )
         self._prune()
         return url
 
@@ -156,7 +158,9 @@ class CheckpointManager:
         data = storage.read_bytes(body_url, self.storage_options)
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
-            raise CorruptCheckpointError(f"{body_url}: checksum mismatch (expected {expected[:12]}…, got {actual[:12]}…)")
+            raise CorruptCheckpointError(
+                f"{body_url}: checksum mismatch (expected {expected[:12]}…, got {actual[:12]}…)"
+            )
         try:
             return state_from_bytes(data)
         except Exception as e:  # a body that hashes right but does not parse is corrupt too

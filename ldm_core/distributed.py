@@ -21,8 +21,9 @@ import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         return DistributedContext()
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE > 1 but {missing} are not set: launch with torchrun (or set all of {TORCHRUN_ENV})")
+        raise RuntimeError(
+            f"WORLD_SIZE > 1 but {missing} are not set: launch with torchrun (or set all of {TORCHRUN_ENV})"
+        )
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; cannot train with WORLD_SIZE > 1")
     backend = default_backend() if backend == "auto" else backend
@@ -93,7 +96,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
     ctx = current()
-    log.info("joined process group: rank %d of %d (local rank %d, %s)", ctx.rank, ctx.world_size, ctx.local_rank, backend)
+    log.info(
+        "joined process group: rank %d of %d (local rank %d, %s)", ctx.rank, ctx.world_size, ctx.local_rank, backend
+    )
     return ctx
 
 
@@ -216,10 +221,15 @@ def wrap_ddp(module: nn.Module, device: torch.device, sync_buffers: bool = True)
 
     kwargs: dict[str, Any] = {}
     if not sync_buffers:  # newer torch renamed the option (and deprecated the old name)
-        name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        name = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else "broadcast_buffers"
+        )
         kwargs[name] = False
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    device_ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    )
     return DistributedDataParallel(module, device_ids=device_ids, **kwargs)
 
 
@@ -284,7 +294,25 @@ SINGLE = BatchShard()
 
 
 __all__ = [
-    "BatchShard", "DistributedContext", "SINGLE", "all_ranks_agree", "all_reduce_max", "all_reduce_mean", "any_rank",
-    "barrier", "convert_batchnorm", "current", "default_backend", "distributed_session", "gather_global_batch", "init_distributed",
-    "is_distributed", "is_main", "launched_by_torchrun", "no_sync_unless", "resolve_world", "teardown", "wrap_ddp",
+    "BatchShard",
+    "DistributedContext",
+    "SINGLE",
+    "all_ranks_agree",
+    "all_reduce_max",
+    "all_reduce_mean",
+    "any_rank",
+    "barrier",
+    "convert_batchnorm",
+    "current",
+    "default_backend",
+    "distributed_session",
+    "gather_global_batch",
+    "init_distributed",
+    "is_distributed",
+    "is_main",
+    "launched_by_torchrun",
+    "no_sync_unless",
+    "resolve_world",
+    "teardown",
+    "wrap_ddp",
 ]

@@ -9,7 +9,7 @@ in; on a GPU it is the datasheet's dense rate for the precision (`gpu_peak_flops
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -102,7 +102,9 @@ def denoiser_step_flops(denoiser_config: object, latent_shape: tuple[int, ...], 
     return count_flops(lambda: model(x, t, ctx, mask, pooled=pooled).float().pow(2).mean().backward()) / batch
 
 
-def autoencoder_step_flops(training_config: object, image_size: int, perceptual: bool, batch: int = 2) -> dict[str, float]:
+def autoencoder_step_flops(
+    training_config: object, image_size: int, perceptual: bool, batch: int = 2
+) -> dict[str, float]:
     """Per-image FLOPs of the autoencoder's training passes: ``g`` (generator step before the discriminator starts),
     ``g_gan`` (after: the discriminator's forward and backward and the adaptive weight), ``d`` (discriminator step).
     Counted on meta tensors with the trainer's own code paths (`AutoencoderLoss.generator_backward`)."""
@@ -117,7 +119,12 @@ def autoencoder_step_flops(training_config: object, image_size: int, perceptual:
             import lpips
 
             # (its scaling constants are made with torch.Tensor(...), which ignores the device context: move them)
-            net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).eval().requires_grad_(False).to("meta")
+            net = (
+                lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+                .eval()
+                .requires_grad_(False)
+                .to("meta")
+            )
         # FLOPs do not depend on the normalization; GroupNorm has no data-dependent init to run on meta tensors
         disc_cfg = cfg.discriminator.model_copy(update={"norm": "group"})
         loss = AutoencoderLoss(cfg.loss.model_copy(update={"disc_start": 1}), disc_cfg, net)

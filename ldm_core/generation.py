@@ -9,7 +9,7 @@ undoes the latent scale in one place, ``decode_latents``).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,17 +45,28 @@ def generate(
     vae = vae.to(device).eval()
     denoiser = denoiser.to(device).eval()
     empty = text_encoder.empty()
-    u_ctx, u_mask, u_pooled = empty.embeddings.to(device).float(), empty.mask.to(device), empty.pooled.to(device).float()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
+    u_ctx, u_mask, u_pooled = (
+        empty.embeddings.to(device).float(),
+        empty.mask.to(device),
+        empty.pooled.to(device).float(),
+    )
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast(device.type, enabled=False)
+    )
     out: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         emb = text_encoder.encode(chunk)
         ctx, mask, pooled = emb.embeddings.to(device).float(), emb.mask.to(device), emb.pooled.to(device).float()
         # (b, C, h, w): image i's noise comes from seed + i alone
-        noise = torch.stack([
-            torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + start + i)) for i in range(len(chunk))
-        ]).to(device)
+        noise = torch.stack(
+            [
+                torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + start + i))
+                for i in range(len(chunk))
+            ]
+        ).to(device)
         gen = torch.Generator(device=device).manual_seed(seed + start)
         model = cfg_model(denoiser, ctx, mask, u_ctx, u_mask, guidance, pooled=pooled, uncond_pooled=u_pooled)
         with amp:

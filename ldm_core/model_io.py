@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -54,8 +55,13 @@ def load_state_dict(url: str, storage_options: dict[str, Any] | None = None,
     return st_load(data)
 
 
-def load_model(url: str, expected_type: str, build: Callable[[dict[str, Any]], torch.nn.Module],
-               storage_options: dict[str, Any] | None = None, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(
+    url: str,
+    expected_type: str,
+    build: Callable[[dict[str, Any]], torch.nn.Module],
+    storage_options: dict[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> torch.nn.Module:
     meta = read_model_meta(url, storage_options)
     if meta.get("type") != expected_type:
         raise ValueError(f"{url} holds a {meta.get('type')!r}, not a {expected_type!r}")

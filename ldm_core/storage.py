@@ -22,7 +22,8 @@ import os
 import posixpath
 import re
 import tempfile
-from typing import Any, BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -212,7 +213,11 @@ def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[st
     fs, path = get_fs(url, storage_options)
     try:
         with naming_errors(url, "listing"):
-            entries = fs.ls(path, detail=False, refresh=True) if not isinstance(fs, LocalFileSystem) else fs.ls(path, detail=False)
+            entries = (
+                fs.ls(path, detail=False, refresh=True)
+                if not isinstance(fs, LocalFileSystem)
+                else fs.ls(path, detail=False)
+            )
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)

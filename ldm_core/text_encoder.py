@@ -25,8 +25,9 @@ The pooled vector is the model's own sentence embedding (`TextEncoder.pooling`):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import Field

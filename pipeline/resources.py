@@ -12,7 +12,8 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import dagster as dg
 import mlflow
@@ -37,8 +38,13 @@ class MLflowResource(dg.ConfigurableResource):
     """MLflow tracking and model registry. Every materialization is a run nested under one parent run per Dagster
     run, tagged with the Dagster run id, asset key and partition."""
 
-    tracking_uri: str | None = Field(default=None, description="Tracking/registry store; default MLFLOW_TRACKING_URI or sqlite under LDM_HOME.")
-    artifact_location: str | None = Field(default=None, description="Artifact root for the experiment; default LDM_MLFLOW_ARTIFACTS or LDM_HOME/mlartifacts.")
+    tracking_uri: str | None = Field(
+        default=None, description="Tracking/registry store; default MLFLOW_TRACKING_URI or sqlite under LDM_HOME."
+    )
+    artifact_location: str | None = Field(
+        default=None,
+        description="Artifact root for the experiment; default LDM_MLFLOW_ARTIFACTS or LDM_HOME/mlartifacts.",
+    )
     experiment: str = Field(default="ldm-pipeline", description="MLflow experiment name.")
     ui_url: str | None = Field(default=None, description="Base URL of the MLflow UI, for links in Dagster metadata.")
 
@@ -60,7 +66,9 @@ class MLflowResource(dg.ConfigurableResource):
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(self.experiment, artifact_location=self.artifact_location or settings.mlflow_artifact_location())
+            return client.create_experiment(
+                self.experiment, artifact_location=self.artifact_location or settings.mlflow_artifact_location()
+            )
         except Exception:  # created concurrently by another step
             return client.get_experiment_by_name(self.experiment).experiment_id
 
@@ -68,8 +76,11 @@ class MLflowResource(dg.ConfigurableResource):
         return f"{(self.ui_url or settings.mlflow_ui_url()).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def _parent_run(self, client: Any, exp_id: str, dagster_run_id: str, job_name: str) -> str:
-        found = client.search_runs([exp_id], filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}' and tags.`{PARENT_TAG}` = 'true'",
-                                   max_results=1)
+        found = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}' and tags.`{PARENT_TAG}` = 'true'",
+            max_results=1,
+        )
         if found:
             return found[0].info.run_id
         run = client.create_run(exp_id, run_name=f"{job_name}-{dagster_run_id[:8]}",
@@ -77,7 +88,7 @@ class MLflowResource(dg.ConfigurableResource):
         return run.info.run_id
 
     @contextlib.contextmanager
-    def materialization_run(self, context: dg.AssetExecutionContext) -> Iterator["TrackedRun"]:
+    def materialization_run(self, context: dg.AssetExecutionContext) -> Iterator[TrackedRun]:
         """An MLflow run for this materialization, under the Dagster run's parent run, ended with the step: FINISHED,
         FAILED, or KILLED when the step is interrupted (the Dagster run is being terminated).
 
@@ -166,7 +177,7 @@ class TrackedRun:
 
     def log_and_register_pyfunc(self, *, name: str, registered_name: str, python_model: Any, artifacts: dict[str, str],
                                 signature: Any, alias: str | None, code_paths: list[str], pip_requirements: list[str],
-                                tags: dict[str, str] | None = None, input_example: Any = None) -> "RegisteredModel":
+                                tags: dict[str, str] | None = None, input_example: Any = None) -> RegisteredModel:
         """Log a pyfunc model in this run, register a new version, point ``alias`` at it.
 
         ``code_paths`` ship the code the model runs with it, and ``pip_requirements`` pin what that code imports, so
@@ -187,7 +198,9 @@ class TrackedRun:
         as the digest; with ``model_id``, the logged model it was used with is an input of the run as well."""
         with warnings.catch_warnings():
             # MLflow registers its local-file source for both "" and "file://", and warns that a path matches both
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            warnings.filterwarnings(
+                "ignore", message="The specified dataset source can be interpreted in multiple ways"
+            )
             source = resolve_dataset_source(url)
         dataset = MetaDataset(source, name=name, digest=digest)
         with mlflow.start_run(run_id=self.run_id):
@@ -223,7 +236,9 @@ class ComputeResource(dg.ConfigurableResource):
     """Where GPU-tagged work runs. On a machine without a GPU the same assets run on CPU."""
 
     device: str = Field(default="auto", description='"auto" (CUDA if present, else CPU) or a torch device string.')
-    precision: str | None = Field(default=None, description='Overrides the trainers\' precision ("fp32", "bf16", "auto") when set.')
+    precision: str | None = Field(
+        default=None, description='Overrides the trainers\' precision ("fp32", "bf16", "auto") when set.'
+    )
     # typed Any: Dagster config has no int-or-string union, and this takes 2 as well as "auto" (checked below)
     num_processes: Any = Field(default=1, description='Processes per training run: 1 trains in the asset\'s process; '
                                'N > 1 launches torchrun through Dagster Pipes (NCCL, one per GPU; gloo on CPU); '

@@ -11,8 +11,9 @@ import math
 import re
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,9 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        items = [
+            Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        ]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 

@@ -10,7 +10,8 @@ tensors (fine for the tiny embedded datasets, not for real ones).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -6,9 +6,9 @@ fill: memory holds one shard, never the dataset. Each shard is written atomicall
 atomically) — so a run killed at any point leaves a consistent dataset.
 
 Incremental: the manifest remembers every source entry already ingested (path + size + ETag, plus a fingerprint of
-the caption the source gives it, so an image dropped for lack of a caption is retried once the caption lands). A rerun over the
-same source reads nothing; a source that grew is read only for its new or changed entries, which go to new
-shards; existing shards are never rewritten. Duplicates are checked against every shard already written.
+the caption the source gives it, so an image dropped for lack of a caption is retried once the caption lands). A
+rerun over the same source reads nothing; a source that grew is read only for its new or changed entries, which go to
+new shards; existing shards are never rewritten. Duplicates are checked against every shard already written.
 
 Bad input never crashes a run and is never lost silently: every dropped row is counted under a reason
 (`IngestResult.bad`), every repair under an informational counter (`IngestResult.converted`,
@@ -128,7 +128,7 @@ class IngestError(RuntimeError):
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _add(total: dict[str, int], counts: Counter[str] | dict[str, int]) -> dict[str, int]:
@@ -178,7 +178,11 @@ class _ShardWriter:
             self.new_shards.append(name)
             n_val = sum(r["split"] == "validation" for r in self.rows)
             info = ShardInfo(
-                name=name, rows=len(self.rows), train_rows=len(self.rows) - n_val, validation_rows=n_val, bytes=len(data)
+                name=name,
+                rows=len(self.rows),
+                train_rows=len(self.rows) - n_val,
+                validation_rows=n_val,
+                bytes=len(data),
             )
             m = self.manifest
             m.shards.append(info)
@@ -228,10 +232,16 @@ def ingest(config: IngestConfig, output_url: str, storage_options: dict[str, Any
     known = manifest.sources.get(source_key, {})
     entries = source.entries()
     new_entries = [
-        e for e in entries if e.key not in known or known[e.key].model_dump(include={"size", "etag", "caption"}) != e.fingerprint
+        e
+        for e in entries
+        if e.key not in known or known[e.key].model_dump(include={"size", "etag", "caption"}) != e.fingerprint
     ]
     log.info(
-        "ingesting %s (%s): %d entries, %d new", redact_url(config.source), source.layout, len(entries), len(new_entries)
+        "ingesting %s (%s): %d entries, %d new",
+        redact_url(config.source),
+        source.layout,
+        len(entries),
+        len(new_entries),
     )
 
     seen = _existing_hashes(output_url, manifest, storage_options) if new_entries else set()

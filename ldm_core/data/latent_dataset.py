@@ -2,8 +2,8 @@
 
 ``get_batch(indices)`` -> {"latents": (B, C, h, w) float32 in diffusion space (scaled by `scale_latents`),
 "context": (B, L, D) float32, "context_mask": (B, L) bool, "pooled": (B, D_pool) float32}; a store written before
-pooled text vectors were cached gives no "pooled" (``has_pooled`` False). A store of moments gives the posterior mean (the
-default, and what this project trained on before the option existed), or with ``sample_posterior=True`` a draw
+pooled text vectors were cached gives no "pooled" (``has_pooled`` False). A store of moments gives the posterior mean
+(the default, and what this project trained on before the option existed), or with ``sample_posterior=True`` a draw
 from N(mean, exp(logvar)), as SD-1 (CompVis ``get_first_stage_encoding``) and diffusers' ``train_text_to_image.py``
 (``latent_dist.sample()``) train: a fresh draw every time an image is seen. The noise is a pure function of (seed,
 epoch, row), and the trainer's batch stream sets the epoch (`set_epoch`): each epoch draws anew, and a resumed run
@@ -28,7 +28,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,8 @@ class LatentDataset(Dataset):
         # the split is a contiguous range of every shard (train rows first): (store shard, first row, rows)
         self._parts: list[tuple[int, int, int]] = []
         for k, s in enumerate(self.store.shards):
-            lo, n = {"train": (0, s.train_rows), "validation": (s.train_rows, s.validation_rows), None: (0, s.rows)}[split]
+            ranges = {"train": (0, s.train_rows), "validation": (s.train_rows, s.validation_rows), None: (0, s.rows)}
+            lo, n = ranges[split]
             if n:
                 self._parts.append((k, lo, n))
         self._starts = np.cumsum([0] + [n for _, _, n in self._parts])
@@ -250,10 +252,17 @@ class LatentDataset(Dataset):
                     n = len(self)
                     c, h, w = self.latent_shape
                     L, D = self.context_shape
-                    shapes = {"latents": (n, c, h, w), "logvar": (n, c, h, w), "context": (n, L, D), "context_mask": (n, L),
-                              "pooled": (n, self.pooled_dim)}
-                    self._resident = {f: torch.empty(shapes[f], dtype=torch.bool if f == "context_mask" else self._dtype)
-                                      for f in self.fields}
+                    shapes = {
+                        "latents": (n, c, h, w),
+                        "logvar": (n, c, h, w),
+                        "context": (n, L, D),
+                        "context_mask": (n, L),
+                        "pooled": (n, self.pooled_dim),
+                    }
+                    self._resident = {
+                        f: torch.empty(shapes[f], dtype=torch.bool if f == "context_mask" else self._dtype)
+                        for f in self.fields
+                    }
                     if self.prefetch:  # warm the whole split in the background, in store order
                         self._ensure_threads()
                         self._schedule(range(len(self._parts)), urgent=False)

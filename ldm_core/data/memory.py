@@ -5,7 +5,7 @@ Tests and small experiments feed trainers through it; the trainers cannot tell i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -16,8 +16,9 @@ The pure pieces live in `schedules`, `objectives`, `samplers` and `guidance`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -99,7 +100,7 @@ class DiffusionConfig(StrictModel):
     """DDPM samplers only: which T/steps-strided indices to visit; "trailing" starts at T−1 (Lin et al. 2024)."""
 
     @model_validator(mode="after")
-    def _check_combination(self) -> "DiffusionConfig":
+    def _check_combination(self) -> DiffusionConfig:
         if self.sampler is None:
             # Resolve the kind-dependent default, so the saved config names the sampler actually used. Written
             # through __dict__: a validated assignment here would re-enter this validator.
@@ -213,7 +214,8 @@ class GaussianDiffusion(Diffusion):
                         shard: BatchShard = SINGLE) -> TrainingSample:
         B = x0.shape[0]
         gen_device = generator.device if generator is not None else "cpu"
-        t = torch.randint(0, self.T, (B * shard.world_size,), generator=generator, device=gen_device)  # uniform, Algorithm 1
+        # uniform, Algorithm 1
+        t = torch.randint(0, self.T, (B * shard.world_size,), generator=generator, device=gen_device)
         t = shard.take(t).cpu()  # (B,)
         eps = shard.take(_randn(shard.global_shape(x0.shape), generator, x0))  # (B, C, H, W)
         ab = self.alphas_cumprod[t]  # (B,) float64

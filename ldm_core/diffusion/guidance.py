@@ -11,7 +11,7 @@ guiding the raw network output equals guiding ε — the combination can be appl
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

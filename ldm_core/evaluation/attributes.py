@@ -19,8 +19,9 @@ low attribute accuracy on generated images is the model's fault, not the evaluat
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage

@@ -15,8 +15,9 @@ bundle (:func:`text_to_image_functions`) and on any stand-in a test builds.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,8 @@ class EvaluationConfig(StrictModel):
     lpips: bool = True
     """Compute LPIPS (needs the VGG16 weights; reported as not computed, with the missing file, if absent)."""
     fid: bool = True
-    """Compute FID and rFID (needs the Inception weights; reported as not computed, with the missing file, if absent)."""
+    """Compute FID and rFID (needs the Inception weights; reported as not computed, with the missing file, if
+    absent)."""
     fid_feature_dim: int = DEFAULT_FEATURE_DIM
     """Inception feature layer for FID: 2048 is the standard one; smaller ones are only for quick checks."""
     download_weights: bool = True
@@ -105,8 +107,14 @@ def held_out_from_dataset(dataset: Any, max_items: int) -> HeldOut:
     return HeldOut(images, [r["caption"] for r in rows], attributes)
 
 
-def text_to_image_functions(model: Any, *, steps: int | None = None, guidance: float | None = None,
-                            batch_size: int = 16, device: str | torch.device = "cpu") -> tuple[GenerateFn, ReconstructFn]:
+def text_to_image_functions(
+    model: Any,
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> tuple[GenerateFn, ReconstructFn]:
     """(generate, reconstruct) for a :class:`ldm_core.bundle.TextToImage`."""
 
     def generate_fn(prompts: Sequence[str], seed: int) -> np.ndarray:
@@ -168,8 +176,11 @@ def measure(
     if reconstructions is not None:
         metrics["psnr"] = psnr(originals, reconstructions)
         metrics["ssim"] = ssim(originals, reconstructions)
-        metrics["lpips"] = (lpips(originals, reconstructions, download=config.download_weights, device=device)
-                            if config.lpips else MetricResult.not_computed("lpips", "disabled in the evaluation config"))
+        metrics["lpips"] = (
+            lpips(originals, reconstructions, download=config.download_weights, device=device)
+            if config.lpips
+            else MetricResult.not_computed("lpips", "disabled in the evaluation config")
+        )
         metrics["rfid"] = frechet_inception_distance(originals, reconstructions, name="rfid", inception=inception,
                                                      unavailable_reason=inception_missing)
 

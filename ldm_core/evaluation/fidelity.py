@@ -18,8 +18,9 @@ asset check uses both, and blocks everything downstream of an autoencoder that f
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -12,8 +12,9 @@ with a note.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -40,7 +41,7 @@ class MetricRule(StrictModel):
     the allowance is the larger of ``tolerance`` and ``relative_tolerance·|champion|``."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> "MetricRule":
+    def _consistent(self) -> MetricRule:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} > max {self.max}: no value could pass")
         if (self.tolerance is not None and self.tolerance < 0) or self.relative_tolerance < 0:
@@ -53,7 +54,9 @@ def _default_rules() -> dict[str, MetricRule]:
     # the run-to-run noise of each metric at the report's sample sizes.
     tolerances = {"psnr": 0.1, "ssim": 0.005, "lpips": 0.005, "rfid": 0.5, "fid": 1.0,
                   "color_acc": 0.02, "shape_acc": 0.02, "size_acc": 0.02, "position_acc": 0.02}
-    return {name: MetricRule(higher_is_better=HIGHER_IS_BETTER[name], tolerance=tol) for name, tol in tolerances.items()}
+    return {
+        name: MetricRule(higher_is_better=HIGHER_IS_BETTER[name], tolerance=tol) for name, tol in tolerances.items()
+    }
 
 
 class GateConfig(StrictModel):

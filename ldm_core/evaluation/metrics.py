@@ -10,8 +10,9 @@ Images are uint8 (N, H, W, 3) arrays (what :func:`ldm_core.generation.generate` 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,14 +61,14 @@ class MetricResult:
             raise ValueError(f"metric {self.name}: a metric not computed has no value and must say why")
 
     @classmethod
-    def not_computed(cls, name: str, reason: str, n: int = 0) -> "MetricResult":
+    def not_computed(cls, name: str, reason: str, n: int = 0) -> MetricResult:
         return cls(name=name, value=None, n=n, computed=False, reason=reason)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MetricResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> MetricResult:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -158,7 +159,8 @@ def lpips(
     device: str | torch.device = "cpu",
 ) -> MetricResult:
     """Mean LPIPS-VGG distance (lower is better). Not computed — with the missing file named — when the VGG16 or
-    LPIPS weights are absent; ``model`` reuses an LPIPS already built with :func:`ldm_core.losses.perceptual.build_lpips`.
+    LPIPS weights are absent; ``model`` reuses an LPIPS already built with
+    :func:`ldm_core.losses.perceptual.build_lpips`.
     """
     a, b = as_unit_tensor(reference), as_unit_tensor(test)
     _check_pairs(a, b)

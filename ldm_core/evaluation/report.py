@@ -19,8 +19,9 @@ import io
 import json
 import math
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -61,7 +62,7 @@ class SampleGrid:
                              f"got {shape}")
 
     @classmethod
-    def from_flat(cls, prompts: Sequence[str], seeds: Sequence[int], images: np.ndarray) -> "SampleGrid":
+    def from_flat(cls, prompts: Sequence[str], seeds: Sequence[int], images: np.ndarray) -> SampleGrid:
         """From (P·S, H, W, 3) images ordered prompt-major (all seeds of prompt 0, then prompt 1, …)."""
         images = np.asarray(images)
         return cls(prompts, seeds, images.reshape(len(prompts), len(seeds), *images.shape[1:]))

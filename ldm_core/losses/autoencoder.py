@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -154,13 +155,13 @@ class AutoencoderLoss(nn.Module):
         """Whether LPIPS is part of the loss (False when disabled or, with allow_missing_perceptual, unavailable)."""
         return self.perceptual is not None and self.config.perceptual_weight > 0
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> "AutoencoderLoss":  # .to(), .cuda(), .float(), …
+    def _apply(self, fn: Callable, recurse: bool = True) -> AutoencoderLoss:  # .to(), .cuda(), .float(), …
         super()._apply(fn, recurse)
         if self._perceptual:
             self._perceptual[0]._apply(fn)
         return self
 
-    def train(self, mode: bool = True) -> "AutoencoderLoss":
+    def train(self, mode: bool = True) -> AutoencoderLoss:
         super().train(mode)
         if self._perceptual:
             self._perceptual[0].eval()

@@ -74,7 +74,7 @@ class AutoencoderConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "AutoencoderConfig":
+    def _check(self) -> AutoencoderConfig:
         if not self.ch_mult:
             raise ValueError("ch_mult must have at least one level")
         for m in self.ch_mult:
@@ -90,7 +90,9 @@ class AutoencoderConfig(StrictModel):
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size % self.downsample_factor:
-            raise ValueError(f"image size {image_size} is not divisible by the downsampling factor {self.downsample_factor}")
+            raise ValueError(
+                f"image size {image_size} is not divisible by the downsampling factor {self.downsample_factor}"
+            )
         s = image_size // self.downsample_factor
         return (self.z_channels, s, s)
 
@@ -225,8 +227,13 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """One resolution level: residual blocks, then an optional resampler."""
 
-    def __init__(self, blocks: list[ResnetBlock], downsample: nn.Module | None = None, upsample: nn.Module | None = None,
-                 checkpointed: bool = False):
+    def __init__(
+        self,
+        blocks: list[ResnetBlock],
+        downsample: nn.Module | None = None,
+        upsample: nn.Module | None = None,
+        checkpointed: bool = False,
+    ):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.downsample = downsample
@@ -369,7 +376,9 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out.weight
 
     # latent scale: applied once, here, for everything that encodes into or decodes out of diffusion space
-    def encode_latents(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_latents(
+        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         post = self.encode(x)
         z = post.sample(generator) if sample else post.mode()
         return scale_latents(z, self.config.scaling_factor, self.config.shift_factor)
@@ -446,7 +455,9 @@ class VQModel(nn.Module):
     def last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
 
-    def encode_latents(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_latents(
+        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         zq, _, _ = self.quantize(self.encode_pre_quant(x))
         return scale_latents(zq, self.config.scaling_factor, self.config.shift_factor)
 

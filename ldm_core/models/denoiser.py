@@ -7,7 +7,8 @@ checkpoint's saved config rebuilds the right network: ``build_denoiser(parse_den
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Mapping, Protocol, Union, runtime_checkable
+from collections.abc import Mapping
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import torch
 from pydantic import Discriminator, Tag, TypeAdapter
@@ -26,10 +27,7 @@ def _backbone_kind(value: Any) -> str:
 
 # Adding a backbone is one line here (Annotated[DiTConfig, Tag("dit")]) and one case in build_denoiser.
 DenoiserConfig = Annotated[
-    Union[
-        Annotated[UNetConfig, Tag("unet")],
-        Annotated[MMDiTConfig, Tag("mmdit")],
-    ],
+    Annotated[UNetConfig, Tag("unet")] | Annotated[MMDiTConfig, Tag("mmdit")],
     Discriminator(_backbone_kind),
 ]
 """Config of any denoiser backbone, told apart by its `kind` field ("unet" when absent)."""

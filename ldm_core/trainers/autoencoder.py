@@ -13,8 +13,9 @@ ActNorm's init see the global batch, and BatchNorm becomes SyncBatchNorm (GPUs).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -125,7 +126,8 @@ class GeneratorStep(nn.Module):
 
     def backward(self, out: AutoencoderOutput, terms: GeneratorTerms, scale: float,
                  loss_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss's gradients, LPIPS and the discriminator back-propagated once (`AutoencoderLoss.generator_backward`)."""
+        """The loss's gradients, LPIPS and the discriminator back-propagated once
+        (`AutoencoderLoss.generator_backward`)."""
         return self._loss[0].generator_backward(terms, out.reconstruction, self.model.last_layer,
                                                 grad_mean=self.grad_mean, scale=scale, loss_scale=loss_scale)
 
@@ -219,7 +221,10 @@ def train_autoencoder(
     if perceptual == "auto":
         loss_fn, perceptual_used = build_autoencoder_loss(config.loss, config.discriminator)
     else:
-        loss_fn, perceptual_used = AutoencoderLoss(config.loss, config.discriminator, perceptual), perceptual is not None
+        loss_fn, perceptual_used = (
+            AutoencoderLoss(config.loss, config.discriminator, perceptual),
+            perceptual is not None,
+        )
     loss_fn = loss_fn.to(device)
     loss_fn.discriminator = distributed.convert_batchnorm(loss_fn.discriminator, device)  # SyncBatchNorm under DDP
     if tc.channels_last:

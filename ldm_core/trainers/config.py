@@ -54,7 +54,9 @@ class TrainerConfig(StrictModel):
     compilation (minutes on a 2-core CPU, where eager is usually as fast)."""
 
     @model_validator(mode="after")
-    def _check_batch(self) -> "TrainerConfig":
+    def _check_batch(self) -> TrainerConfig:
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
         return self

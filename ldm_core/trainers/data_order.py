@@ -65,7 +65,9 @@ class EpochBatchSampler:
 
 
 def _next_position(pos: DataPosition, batches_per_epoch: int) -> DataPosition:
-    return DataPosition(pos.epoch + 1, 0) if pos.batch + 1 >= batches_per_epoch else DataPosition(pos.epoch, pos.batch + 1)
+    return (
+        DataPosition(pos.epoch + 1, 0) if pos.batch + 1 >= batches_per_epoch else DataPosition(pos.epoch, pos.batch + 1)
+    )
 
 
 class BatchStream:
@@ -87,7 +89,9 @@ class BatchStream:
     def _open_epoch(self) -> None:
         batches = self.sampler.epoch_batches(self.position.epoch)[self.position.batch :]
         set_epoch = getattr(self.dataset, "set_epoch", None)
-        if set_epoch is not None:  # datasets whose items are drawn per epoch (posterior samples): before workers copy it
+        if (
+            set_epoch is not None
+        ):  # datasets whose items are drawn per epoch (posterior samples): before workers copy it
             set_epoch(self.position.epoch)
         fetch = getattr(self.dataset, "get_batch", None)
         if self.num_workers == 0:

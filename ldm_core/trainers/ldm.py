@@ -16,8 +16,9 @@ take the same steps as one process with the same global batch. Rank 0 alone trac
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class LDMTrainerConfig(TrainerConfig):
-    """The stage-2 trainer: the shared fields (`TrainerConfig`) plus AdamW with its schedule, the EMA and classifier-free
-    guidance dropout."""
+    """The stage-2 trainer: the shared fields (`TrainerConfig`) plus AdamW with its schedule, the EMA and
+    classifier-free guidance dropout."""
 
     batch_size: int = Field(32, ge=1)
     """Global batch per optimizer step: micro_batch_size × grad_accum × world size."""

@@ -93,7 +93,7 @@ class RunSetup:
     gen: torch.Generator
 
     @classmethod
-    def create(cls, tc: TrainerConfig, rank: int | None, world_size: int | None) -> "RunSetup":
+    def create(cls, tc: TrainerConfig, rank: int | None, world_size: int | None) -> RunSetup:
         device = resolve_device(tc.device)
         precision = resolve_precision(tc.precision, device)
         rank, world_size = distributed.resolve_world(rank, world_size)

@@ -191,7 +191,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def make_adam(params: list[torch.Tensor], device: torch.device, adamw: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
+def make_adam(
+    params: list[torch.Tensor], device: torch.device, adamw: bool = False, **kwargs: Any
+) -> torch.optim.Optimizer:
     """Adam/AdamW with the fused kernel on CPU and CUDA (one kernel for all parameters, faster than foreach, and it
     can skip a non-finite step on the device), foreach where fused is unsupported."""
     cls = torch.optim.AdamW if adamw else torch.optim.Adam

@@ -2,7 +2,7 @@
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -40,7 +40,9 @@ def _loss_curves(client, runs: dict[str, str]) -> dict[str, dict[str, list[tuple
         for key in LOSS_KEYS[stage]:
             hist = client.get_metric_history(run_id, key)
             if hist:
-                curves.setdefault(stage, {})[key] = [(float(m.step), float(m.value)) for m in sorted(hist, key=lambda m: m.step)]
+                curves.setdefault(stage, {})[key] = [
+                    (float(m.step), float(m.value)) for m in sorted(hist, key=lambda m: m.step)
+                ]
     return curves
 
 
@@ -65,7 +67,9 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
     if config.photo_images and ds.get("photos_url"):
         pds = ImageShardDataset(ds["photos_url"], split=None, resolution=resolution)
         photos = to_uint8(pds.get_batch(list(range(min(len(pds), config.photo_images))))) if len(pds) else None
-    generate_fn, reconstruct_fn = text_to_image_functions(model, steps=config.steps, guidance=config.guidance, device=device)
+    generate_fn, reconstruct_fn = text_to_image_functions(
+        model, steps=config.steps, guidance=config.guidance, device=device
+    )
 
     client = mlflow.client()
     # a registry error raises here and the step is retried: it never passes for "no champion"
@@ -73,7 +77,9 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
     measure_champion = champion is not None and METRICS_TAG not in champion.tags
     champion_metrics = json.loads(champion.tags[METRICS_TAG]) if champion is not None and not measure_champion else None
     champion_label = f"{REGISTERED_NAME} v{champion.version}" if champion is not None else None
-    runs = {k: v for k, v in (("vae_model", vae_md.get("mlflow_run_id")), ("ldm_model", ldm_md.get("mlflow_run_id"))) if v}
+    runs = {
+        k: v for k, v in (("vae_model", vae_md.get("mlflow_run_id")), ("ldm_model", ldm_md.get("mlflow_run_id"))) if v
+    }
     out_url = storage.url("reports", f"ldm-v{ldm_md['ldm_version']}-{context.run.run_id[:8]}")
     model_id = ldm_md.get("mlflow_model_id")  # the logged model (MLflow 3); absent from older materializations
 
@@ -102,7 +108,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationRepor
             champion_metrics=champion_metrics, champion_label=champion_label, loss_curves=_loss_curves(client, runs),
             run_config={"ldm_uri": ldm_md["ldm_uri"], "vae_uri": ldm_md["vae_uri"], "dataset": ds["dataset_url"],
                         "dagster_run_id": context.run.run_id},
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device, photos=photos,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"), device=device, photos=photos,
             model=backbone,
         )
         values = {k: m.value for k, m in result.metrics.items() if m.computed}

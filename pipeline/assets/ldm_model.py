@@ -53,13 +53,18 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
     den = training.denoiser
     if den.context_dim != store_md["context_dim"] or den.in_channels != store_md["latent_shape"][0]:
-        raise dg.Failure(f"denoiser expects context_dim={den.context_dim}, in_channels={den.in_channels} but the "
-                         f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}",
-                         allow_retries=False)
+        raise dg.Failure(
+            f"denoiser expects context_dim={den.context_dim}, in_channels={den.in_channels} but the "
+            f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}",
+            allow_retries=False,
+        )
     if takes_pooled(den) and not store.has_pooled:
-        raise dg.Failure(f"the {den.kind} denoiser conditions on pooled text vectors, and the latent store "
-                         f"{store_md['store_url']} was written before they were cached: materialize latent_store "
-                         "again, which adds them from the stored captions (no image is re-encoded)", allow_retries=False)
+        raise dg.Failure(
+            f"the {den.kind} denoiser conditions on pooled text vectors, and the latent store "
+            f"{store_md['store_url']} was written before they were cached: materialize latent_store "
+            "again, which adds them from the stored captions (no image is re-encoded)",
+            allow_retries=False,
+        )
     if takes_pooled(den) and den.pooled_dim != store.metadata.pooled_dim:
         raise dg.Failure(f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
                          f"width {den.pooled_dim}, the latent store's text encoder gives {store.metadata.pooled_dim}; "
@@ -94,8 +99,15 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
         info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,
                 "steps": result.step, "text_encoder": store_md["text_encoder"], "backbone": backbone}
-        bundle_kw = dict(denoiser=result.model, vae=vae, diffusion_config=training.diffusion, text_encoder_config=text_cfg,
-                         latent_shape=latent_shape, guidance=config.guidance, info=info)
+        bundle_kw = dict(
+            denoiser=result.model,
+            vae=vae,
+            diffusion_config=training.diffusion,
+            text_encoder_config=text_cfg,
+            latent_shape=latent_shape,
+            guidance=config.guidance,
+            info=info,
+        )
         model_url = storage.url("models", "ldm", f"{key}-{context.run.run_id[:8]}")
         save_text_to_image(model_url, **bundle_kw)
         f = vae.config.downsample_factor
@@ -114,13 +126,22 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                          f"v{mv.version} (alias candidate)")
         return dg.MaterializeResult(
             metadata={
-                "ldm_url": model_url, "ldm_uri": f"models:/{REGISTERED_NAME}/{mv.version}", "ldm_version": int(mv.version),
-                "vae_uri": store_md["vae_uri"], "store_url": store_md["store_url"], "steps": result.step,
-                "resumed_from": result.resumed_from or 0, "final_loss": final_loss,
-                "samples_per_second": result.samples_per_second, "nonfinite_skipped": result.nonfinite_skipped,
-                "backbone": describe_backbone(backbone), "backbone_info": json_md(backbone),
-                "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url),
-                "mlflow_model_id": mv.model_id, **launch_md,
+                "ldm_url": model_url,
+                "ldm_uri": f"models:/{REGISTERED_NAME}/{mv.version}",
+                "ldm_version": int(mv.version),
+                "vae_uri": store_md["vae_uri"],
+                "store_url": store_md["store_url"],
+                "steps": result.step,
+                "resumed_from": result.resumed_from or 0,
+                "final_loss": final_loss,
+                "samples_per_second": result.samples_per_second,
+                "nonfinite_skipped": result.nonfinite_skipped,
+                "backbone": describe_backbone(backbone),
+                "backbone_info": json_md(backbone),
+                "mlflow_run_id": run.run_id,
+                "mlflow_run": dg.MetadataValue.url(run.url),
+                "mlflow_model_id": mv.model_id,
+                **launch_md,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )

@@ -125,7 +125,13 @@ def test_presets_shapes(preset):
 
 def test_sd1_first_stage_preset_is_the_published_shape():
     cfg = AUTOENCODER_PRESETS["kl-f8"]
-    assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.downsample_factor) == (128, [1, 2, 4, 4], 2, 4, 8)
+    assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.downsample_factor) == (
+        128,
+        [1, 2, 4, 4],
+        2,
+        4,
+        8,
+    )
     # 83.65M parameters, as diffusers' SD-1 VAE (AutoencoderKL of runwayml/stable-diffusion-v1-5)
     n = sum(p.numel() for p in AutoencoderKL(cfg).parameters())
     assert n == 83_653_863

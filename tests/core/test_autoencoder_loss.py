@@ -350,16 +350,21 @@ def test_generator_backward_needs_fewer_backward_passes_through_lpips_and_the_di
         def tap(name):
             def forward_hook(module, inputs, output):
                 if output.requires_grad:
-                    output.register_hook(lambda grad: seen.__setitem__(name, seen[name] + 1))
+                    output.register_hook(lambda grad: seen.__setitem__(name, seen[name] + 1))  # noqa: B023 (this mode's)
             return forward_hook
 
         last_conv = [m for m in loss_fn.discriminator.modules() if isinstance(m, nn.Conv2d)][-1]
-        hooks = [last_conv.register_forward_hook(tap("disc")), loss_fn.perceptual.register_forward_hook(tap("perceptual"))]
+        hooks = [
+            last_conv.register_forward_hook(tap("disc")),
+            loss_fn.perceptual.register_forward_hook(tap("perceptual")),
+        ]
         recon = decoder(z)
         if mode == "literal":
             loss_fn.generator_loss(x, recon, torch.zeros(()), 20, decoder.conv_out.weight)[0].backward()
         else:
-            loss_fn.generator_backward(loss_fn.generator_terms(x, recon, torch.zeros(()), 20), recon, decoder.conv_out.weight)
+            loss_fn.generator_backward(
+                loss_fn.generator_terms(x, recon, torch.zeros(()), 20), recon, decoder.conv_out.weight
+            )
         for h in hooks:
             h.remove()
         counts[mode] = dict(seen)

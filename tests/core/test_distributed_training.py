@@ -218,11 +218,17 @@ def test_two_processes_take_the_steps_of_one_process(two_process_runs, tmp_path,
     # the logged means are the global batch's: the 2-process history is the 1-process history
     rank0 = torch.load(two_process_runs / kind / "rank0.pt")
     loss_key = "total" if kind == "ae" else "loss"
-    assert [s for s, _ in single.history[loss_key]] == [s for s, _ in rank0["history"][loss_key]] == list(range(1, STEPS + 1))
+    assert (
+        [s for s, _ in single.history[loss_key]]
+        == [s for s, _ in rank0["history"][loss_key]]
+        == list(range(1, STEPS + 1))
+    )
     for (_, v1), (_, v2) in zip(single.history[loss_key], rank0["history"][loss_key]):
         assert v1 == pytest.approx(v2, rel=1e-5, abs=1e-6)
     if kind == "ae":  # the discriminator trained (from step 1) and ActNorm was initialized from the global batch
-        assert [s for s, _ in single.history["d_loss"]] == list(range(2, STEPS + 1))  # steps 1.. (0-based), logged as 2..
+        assert [s for s, _ in single.history["d_loss"]] == list(
+            range(2, STEPS + 1)
+        )  # steps 1.. (0-based), logged as 2..
         actnorm = [k for k in two["loss"] if k.endswith(".initialized")]
         assert actnorm and all(bool(two["loss"][k]) for k in actnorm)
 

@@ -13,8 +13,8 @@ from ldm_core.data.synthetic import ShapeSpec, render_shape
 from ldm_core.evaluation.attributes import parse_caption
 from ldm_core.evaluation.evaluate import (
     EvaluationConfig,
-    held_out_from_dataset,
     evaluate,
+    held_out_from_dataset,
     text_to_image_functions,
 )
 from ldm_core.evaluation.gate import GateConfig, MetricRule
@@ -52,11 +52,20 @@ def offline_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
 
-CONFIG = EvaluationConfig(grid_size=3, grid_seeds=[0, 5], generated_samples=20, reconstruction_samples=8,
-                          download_weights=False,
-                          gate=GateConfig(rules={"color_acc": MetricRule(higher_is_better=True, min=0.9, tolerance=0.02),
-                                                 "shape_acc": MetricRule(higher_is_better=True, min=0.7, tolerance=0.02),
-                                                 "fid": MetricRule(higher_is_better=False, tolerance=1.0)}))
+CONFIG = EvaluationConfig(
+    grid_size=3,
+    grid_seeds=[0, 5],
+    generated_samples=20,
+    reconstruction_samples=8,
+    download_weights=False,
+    gate=GateConfig(
+        rules={
+            "color_acc": MetricRule(higher_is_better=True, min=0.9, tolerance=0.02),
+            "shape_acc": MetricRule(higher_is_better=True, min=0.7, tolerance=0.02),
+            "fid": MetricRule(higher_is_better=False, tolerance=1.0),
+        }
+    ),
+)
 
 
 def test_held_out_rows_carry_images_captions_and_attributes(held_out):

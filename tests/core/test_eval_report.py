@@ -146,7 +146,9 @@ def test_page_is_self_contained_and_embeds_the_given_images(tmp_path, inputs):
         assert np.array_equal(decode_data_uri(img["src"]), grid.images[i, j])
         assert img["alt"] == f"{grid.prompts[i]}, seed {grid.seeds[j]}"  # the parser unescapes: text survived
     recon = next(img for img in parser.images if img.get("id") == "reconstructions")
-    assert np.array_equal(decode_data_uri(recon["src"]), reconstruction_image(inputs["images"][:4], inputs["recon"][:4]))
+    assert np.array_equal(
+        decode_data_uri(recon["src"]), reconstruction_image(inputs["images"][:4], inputs["recon"][:4])
+    )
     assert "a &lt;b&gt;bold&lt;/b&gt; &amp; odd prompt" in page  # prompts are text, never markup
 
     rows = {r[0].split()[0]: r for r in parser.metric_rows[1:]}

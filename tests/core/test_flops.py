@@ -46,7 +46,9 @@ def test_autoencoder_step_flops_grow_with_the_gan_and_the_perceptual_net():
     from ldm_core.flops import autoencoder_step_flops
     from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
 
-    cfg = AutoencoderTrainingConfig.model_validate({"model": {"preset": "tiny"}, "discriminator": {"ndf": 16, "n_layers": 2}})
+    cfg = AutoencoderTrainingConfig.model_validate(
+        {"model": {"preset": "tiny"}, "discriminator": {"ndf": 16, "n_layers": 2}}
+    )
     plain = autoencoder_step_flops(cfg, 32, perceptual=False)
     assert plain["g_gan"] > plain["g"] > 0 and plain["d"] > 0
     with_lpips = autoencoder_step_flops(cfg, 32, perceptual=True)

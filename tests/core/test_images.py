@@ -69,7 +69,7 @@ def test_caption_rules():
     filled = clean_caption("", policy="filename", max_chars=50, filename="dir/a_big-dog.v2.jpg")
     assert (filled.caption, filled.fixes) == ("a big dog v2", ("caption_empty_filled",))
     assert caption_from_filename("x/IMG_0001.JPG") == "IMG 0001"
-    raw = "naïve café ☕".encode("utf-8") + b" \xff\xfe end"
+    raw = "naïve café ☕".encode() + b" \xff\xfe end"
     c = clean_caption(raw, policy="drop", max_chars=100)
     assert c.caption == "naïve café ☕ \ufffd\ufffd end" and c.fixes == ("caption_non_utf8",)
     t = clean_caption("abcdef ghij", policy="drop", max_chars=7)

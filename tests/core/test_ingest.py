@@ -86,7 +86,10 @@ def write_layout(root: str, layout: str) -> list[Image.Image]:
             put(root, f"imgs/{i}.png", encode(im))
         if layout == "jsonl":
             lines = [
-                json.dumps({"file_name": f"imgs/{i}.png", "text": CAPTIONS[i], "city": cities[i], "score": i}, ensure_ascii=False)
+                json.dumps(
+                    {"file_name": f"imgs/{i}.png", "text": CAPTIONS[i], "city": cities[i], "score": i},
+                    ensure_ascii=False,
+                )
                 for i in range(4)
             ]
             put(root, "metadata.jsonl", "\n".join(lines) + "\n")
@@ -101,7 +104,11 @@ def write_layout(root: str, layout: str) -> list[Image.Image]:
             put(root, "metadata.csv", buf.getvalue())
     elif layout == "sidecar":
         for i, im in enumerate(images):
-            put(root, f"{i}.jpg" if i % 2 else f"{i}.png", encode(im, "PNG") if i % 2 == 0 else encode(im, "JPEG", quality=95))
+            put(
+                root,
+                f"{i}.jpg" if i % 2 else f"{i}.png",
+                encode(im, "PNG") if i % 2 == 0 else encode(im, "JPEG", quality=95),
+            )
             put(root, f"{i}.txt", CAPTIONS[i] + "\n")
     elif layout in ("parquet_struct", "parquet_binary"):
         image_type = (
@@ -247,7 +254,7 @@ def write_dirty_corpus(root: str) -> dict:
     add("rotated.jpg", encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif.tobytes()), "rotated")
     add("long.png", encode(pattern(3)), "word " * 100)
     add("latin1.png", encode(pattern(4)), sidecar="caf\xe9 au lait".encode("latin-1"))
-    add("sidecar_ok.png", encode(pattern(5)), sidecar="from a sidecar ".encode())
+    add("sidecar_ok.png", encode(pattern(5)), sidecar=b"from a sidecar ")
     # bad ones
     add("truncated.jpg", encode(pattern(6, (40, 40)), "JPEG")[:700], "truncated")
     add("random.png", np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes(), "noise")

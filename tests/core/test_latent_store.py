@@ -108,7 +108,10 @@ def test_store_equals_fresh_encodes(dataset_url, fp32_store, vae, text):
     assert (got["logvar"] - torch.cat(logvar)).abs().max() <= 1e-6
     assert (got["context"] - torch.cat(emb)).abs().max() <= 1e-6
     assert torch.equal(got["context_mask"], torch.cat(mask))
-    assert (got["pooled"] - torch.cat(pooled)).abs().max() <= 1e-6 and got["pooled"].shape == (N_IMAGES, text.pooled_dim)
+    assert (got["pooled"] - torch.cat(pooled)).abs().max() <= 1e-6 and got["pooled"].shape == (
+        N_IMAGES,
+        text.pooled_dim,
+    )
     meta = store.metadata
     assert meta.vae_identity == "models:/ldm-vae/1" and meta.text_encoder_identity == text.identity
     assert (meta.scaling_factor, meta.shift_factor) == (SCALE, SHIFT)
@@ -117,7 +120,11 @@ def test_store_equals_fresh_encodes(dataset_url, fp32_store, vae, text):
     ctx, mask, pooled = store.uncond()
     empty = text.empty()
     assert torch.equal(ctx, empty.embeddings) and torch.equal(mask, empty.mask) and ctx.shape == (1, 8, text.dim)
-    assert torch.equal(pooled, empty.pooled) and pooled.shape == (1, text.pooled_dim) and meta.pooled_dim == text.pooled_dim
+    assert (
+        torch.equal(pooled, empty.pooled)
+        and pooled.shape == (1, text.pooled_dim)
+        and meta.pooled_dim == text.pooled_dim
+    )
 
 
 def test_rows_are_grouped_by_split_and_datasets_select_them(dataset_url, fp32_store):
@@ -140,7 +147,9 @@ def test_zarr_and_parquet_return_identical_tensors(dataset_url, fp32_store, vae,
     stores = {}
     for backend in ("zarr", "parquet"):
         url = str(tmp_path / backend)
-        encode_dataset(dataset_url, url, vae, text, _cfg(backend=backend, dtype=dtype), vae_identity="models:/ldm-vae/1")
+        encode_dataset(
+            dataset_url, url, vae, text, _cfg(backend=backend, dtype=dtype), vae_identity="models:/ldm-vae/1"
+        )
         stores[backend] = LatentStore(url)
     (zid, z), (pid, p) = _all(stores["zarr"]), _all(stores["parquet"])
     assert zid == pid
@@ -327,7 +336,9 @@ def test_another_vae_or_text_encoder_is_refused(dataset_url, fp32_store, vae, te
         identity = "clip-vit-l-14|L=8|fp32|0123456789ab"
 
     with pytest.raises(LatentStoreMismatchError, match="text embeddings"):
-        encode_dataset(dataset_url, fp32_store, vae, OtherEncoder(), _cfg(dtype="fp32"), vae_identity="models:/ldm-vae/1")
+        encode_dataset(
+            dataset_url, fp32_store, vae, OtherEncoder(), _cfg(dtype="fp32"), vae_identity="models:/ldm-vae/1"
+        )
     with pytest.raises(LatentStoreMismatchError, match="dtype"):
         encode_dataset(dataset_url, fp32_store, vae, text, _cfg(dtype="fp16"), vae_identity="models:/ldm-vae/1")
     assert storage.read_bytes(schema.metadata_url(fp32_store)) == meta_before
@@ -382,7 +393,10 @@ def test_s3_round_trip(dataset_url, vae, text, s3_url, tmp_path, backend):
     result = encode_dataset(dataset_url, s3_url, vae, text, cfg, vae_identity="models:/ldm-vae/1", split="validation")
     encode_dataset(dataset_url, str(tmp_path / "local"), vae, text, cfg, vae_identity="models:/ldm-vae/1",
                    split="validation")
-    remote, local = LatentDataset(s3_url, "validation", prefetch=2), LatentDataset(str(tmp_path / "local"), "validation")
+    remote, local = (
+        LatentDataset(s3_url, "validation", prefetch=2),
+        LatentDataset(str(tmp_path / "local"), "validation"),
+    )
     assert result.rows_total == len(local) > 0 and result.bytes_new > 0
     idx = list(range(len(local)))[::-1]
     got, ref = remote.get_batch(idx), local.get_batch(idx)
@@ -436,7 +450,9 @@ def _as_old_store(url: str, old_url: str) -> None:
     for k, record in enumerate(store.shards):
         arrays = store.format.read(store.shard_url(k), ("latents", "logvar", "context", "context_mask"), None)
         rows = store.format.read_row_table(store.shard_url(k), None)
-        cols = backends.ShardColumns(arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows)
+        cols = backends.ShardColumns(
+            arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows
+        )
         writer.write_shard(record.source, cols, source_rows=record.source_rows, source_bytes=record.source_bytes)
     path = os.path.join(old_url, schema.METADATA_NAME)
     with open(path) as f:

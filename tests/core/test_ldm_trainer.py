@@ -54,7 +54,9 @@ def _class_accuracy(model, text_embs, enc, n_per_class=16, guidance=3.0) -> floa
         e = text_embs[cls]
         noise = torch.randn(n_per_class, 4, 8, 8, generator=torch.Generator().manual_seed(123))
         with torch.no_grad():
-            z = diffusion.sample(cfg_model(model.eval(), e.embeddings, e.mask, empty.embeddings, empty.mask, guidance), noise)
+            z = diffusion.sample(
+                cfg_model(model.eval(), e.embeddings, e.mask, empty.embeddings, empty.mask, guidance), noise
+            )
         correct += int(((z.mean(dim=(1, 2, 3)) * sign) > 0).sum())
     return correct / (2 * n_per_class)
 
@@ -179,7 +181,8 @@ def test_generate_is_deterministic_and_batch_independent(text):
 
 
 def test_torch_compile_option_trains_like_eager(text, monkeypatch):
-    """trainer.compile=True runs the same steps through torch.compile: same losses (to rounding), same checkpoint format.
+    """trainer.compile=True runs the same steps through torch.compile: same losses (to rounding), same checkpoint
+    format.
 
     The graphs are captured and differentiated by dynamo and AOTAutograd as in production, but lowered with the
     "aot_eager" backend: Inductor's C++ code generation is torch's to test and takes minutes on 2 CPU cores.

@@ -116,9 +116,9 @@ def test_photo_crops_are_the_real_photographs(tmp_path):
         assert r["text"] == f"a photo crop of the {r['photo'].replace('_', ' ')} image"
         # an independent recomputation from scikit-image's array: the stored crop is exactly that region
         photo = getattr(skimage.data, r["photo"])()
-        t, l, c = r["crop_top"], r["crop_left"], r["crop_size"]
+        top, left, c = r["crop_top"], r["crop_left"], r["crop_size"]
         assert 32 <= c <= min(photo.shape[:2]) // 2 + 1
-        ref = Image.fromarray(photo[t : t + c, l : l + c]).resize((32, 32), Image.Resampling.LANCZOS)
+        ref = Image.fromarray(photo[top : top + c, left : left + c]).resize((32, 32), Image.Resampling.LANCZOS)
         got = Image.open(io.BytesIO((tmp_path / "a" / r["file_name"]).read_bytes()))
         assert got.size == (32, 32) and np.array_equal(np.asarray(got), np.asarray(ref))
         # natural-image statistics: neighbours are far more alike than random pixel pairs (noise has ratio ~1)

@@ -30,11 +30,14 @@ def test_batching_does_not_change_embeddings(encoder):
     together = encoder.encode(caps)
     single = [encoder.encode([c]) for c in caps]
     for i, s in enumerate(single):
-        torch.testing.assert_close(together.embeddings[i][together.mask[i]], s.embeddings[0][s.mask[0]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            together.embeddings[i][together.mask[i]], s.embeddings[0][s.mask[0]], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_embeddings_carry_meaning(encoder):
-    """Real pretrained weights: captions that differ only in colour are closer to each other than to an unrelated one."""
+    """Real pretrained weights: captions that differ only in colour are closer to each other than to an unrelated
+    one."""
     e = encoder.encode(["a red circle", "a blue circle", "stock market report for tuesday"])
     pooled = torch.stack([(e.embeddings[i] * e.mask[i, :, None]).sum(0) / e.mask[i].sum() for i in range(3)])
     cos = torch.nn.functional.cosine_similarity
@@ -64,7 +67,9 @@ def test_any_local_transformers_path_works(tmp_path):
 
     src = resolve_model_path("all-MiniLM-L6-v2")
     BertTokenizerFast.from_pretrained(src).save_pretrained(tmp_path)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path)
     enc = TextEncoder(TextEncoderConfig(name=str(tmp_path), max_length=8))
     assert enc.dim == 32 and enc.encode(["hello"]).embeddings.shape == (1, 8, 32)
 

@@ -17,9 +17,9 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.models import Model
+from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from mlflow.tracking import MlflowClient
 
 from ldm_core import storage
 from ldm_core.bundle import load_text_to_image
@@ -155,8 +155,12 @@ def test_evaluation_metrics_are_on_the_logged_model_with_their_dataset(on_s3):
     assert mv.source == f"models:/{model_id}"  # the candidate version is that logged model
     metrics = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
     assert {"psnr", "ssim"} <= set(metrics)
-    assert metrics["psnr"].value == pytest.approx(eval_md["psnr"]) and metrics["ssim"].value == pytest.approx(eval_md["ssim"])
-    assert {(m.dataset_name, m.dataset_digest) for m in metrics.values()} == {("image_dataset", ds_md["dataset_version"])}
+    assert metrics["psnr"].value == pytest.approx(eval_md["psnr"]) and metrics["ssim"].value == pytest.approx(
+        eval_md["ssim"]
+    )
+    assert {(m.dataset_name, m.dataset_digest) for m in metrics.values()} == {
+        ("image_dataset", ds_md["dataset_version"])
+    }
 
     run = client.get_run(_asset_run(on_s3, "evaluation_report").info.run_id)  # search results omit model inputs
     [held_out] = run.inputs.dataset_inputs
@@ -187,5 +191,7 @@ def test_the_report_on_s3_is_copied_into_mlflow(on_s3, tmp_path):
     run_id = _asset_run(on_s3, "evaluation_report").info.run_id
     names = {a.path for a in MlflowClient().list_artifacts(run_id, "report")}
     assert {"report/report.html", "report/metrics.json", "report/samples.png"} <= names
-    copied = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report/report.html", dst_path=str(tmp_path))
+    copied = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="report/report.html", dst_path=str(tmp_path)
+    )
     assert open(copied, "rb").read() == storage.read_bytes(md["report_html"])

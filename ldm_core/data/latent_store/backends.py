@@ -118,7 +118,9 @@ class _ZarrShards:
             return None
         return BloscCodec(cname=cfg.compression, clevel=cfg.compression_level, shuffle=shuffle)
 
-    def write(self, url: str, cols: ShardColumns, cfg: LatentStoreConfig, storage_options: dict[str, Any] | None) -> None:
+    def write(
+        self, url: str, cols: ShardColumns, cfg: LatentStoreConfig, storage_options: dict[str, Any] | None
+    ) -> None:
         if storage.is_local(url):
             self._write_group(storage.local_path(url), cols, cfg)
             _fsync_tree(storage.local_path(url))
@@ -148,7 +150,9 @@ class _ZarrShards:
         strings = {c: cols.rows.column(c).to_pylist() for c in ROW_COLUMNS}
         strings["attributes"] = [json.dumps(a, ensure_ascii=False) for a in attrs]
         for name, values in strings.items():
-            arr = group.create_array(name, shape=(n,), chunks=(n,), dtype=str, compressors=self._codec(cfg, "noshuffle"))
+            arr = group.create_array(
+                name, shape=(n,), chunks=(n,), dtype=str, compressors=self._codec(cfg, "noshuffle")
+            )
             arr[...] = np.array(values, dtype=object)
         group.attrs.update({"format": FORMAT, "rows": n})
         # Consolidated metadata: a reader learns every array from the group's zarr.json in one GET instead of one
@@ -158,7 +162,9 @@ class _ZarrShards:
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(group.store)
 
-    def _read_arrays(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    def _read_arrays(
+        self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None
+    ) -> dict[str, np.ndarray]:
         import zarr.api.asynchronous as za
         from zarr.core.sync import sync
 
@@ -194,13 +200,17 @@ class _ParquetShards:
 
     ext = "parquet"
 
-    def write(self, url: str, cols: ShardColumns, cfg: LatentStoreConfig, storage_options: dict[str, Any] | None) -> None:
+    def write(
+        self, url: str, cols: ShardColumns, cfg: LatentStoreConfig, storage_options: dict[str, Any] | None
+    ) -> None:
         n = len(cols)
         arrays, fields = list(cols.rows.columns), list(cols.rows.schema)
         for name, a in cols.tensors().items():
             a = np.ascontiguousarray(a)
             row_bytes = a[0].nbytes if n else 0
-            arrays.append(pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(a.tobytes())]))
+            arrays.append(
+                pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(a.tobytes())])
+            )
             fields.append(pa.field(name, pa.binary(row_bytes),
                                    metadata={"dtype": a.dtype.str, "shape": json.dumps(list(a.shape[1:]))}))
         table = pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata={"format": FORMAT}))

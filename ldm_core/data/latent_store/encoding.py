@@ -148,7 +148,9 @@ def encode_dataset(
             if split is not None:
                 table = table.filter(pc.equal(table.column("split"), split))
             # encode in store order (train rows first), so a row's batch is the one a reader can reproduce
-            table = table.take(pa.array(np.argsort(np.array(table.column("split").to_pylist()) != "train", kind="stable")))
+            table = table.take(
+                pa.array(np.argsort(np.array(table.column("split").to_pylist()) != "train", kind="stable"))
+            )
             with torch.inference_mode():
                 cols = _encode_shard(table, vae, text_encoder, config, device, info.name, manifest.attribute_columns)
             del table

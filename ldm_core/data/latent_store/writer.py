@@ -196,7 +196,11 @@ class LatentStoreWriter:
 
     def _check_shapes(self, cols: ShardColumns) -> None:
         m, n = self.metadata, len(cols)
-        want = {"latents": (n, *m.latent_shape), "context": (n, *m.context_shape), "context_mask": (n, m.context_shape[0])}
+        want = {
+            "latents": (n, *m.latent_shape),
+            "context": (n, *m.context_shape),
+            "context_mask": (n, m.context_shape[0]),
+        }
         if m.content == "moments":
             want["logvar"] = (n, *m.latent_shape)
         if m.pooled_dim is not None:
