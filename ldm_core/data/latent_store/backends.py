@@ -196,7 +196,7 @@ class _ZarrShards:
 class _ParquetShards:
     """A shard is one Parquet file written atomically: id, caption, split and the attribute columns as typed
     columns, and each tensor field as a fixed-size binary column (the row's tensor in C order; dtype and shape in
-    the field metadata). Binary cells decode ~4× faster than Arrow's half-float lists and are exactly the bytes."""
+    the field metadata). Binary cells decode faster than Arrow's half-float lists and are exactly the bytes."""
 
     ext = "parquet"
 
