@@ -5,8 +5,8 @@ latent store, or in tests from tensors in memory through the same dataset interf
 training pair, drops captions to the empty prompt with probability ``cond_dropout`` (classifier-free guidance), and
 steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. A backbone whose modulation takes
 the pooled text vector (the MMDiT) gets the batch's, and a dropped caption's is the null caption's; the UNet takes
-none, and its steps are exactly those it took before pooled vectors existed. The checkpoint/resume machinery
-is the autoencoder trainer's (``ldm_core.trainers.loop``).
+none, and its steps are exactly those it took before pooled vectors existed. The loop around the step (resume,
+logging, checkpoints, early stop) is the autoencoder trainer's: `ldm_core.trainers.loop`.
 
 Under torchrun (see `ldm_core.distributed`) the denoiser is wrapped in DistributedDataParallel and every rank trains
 on its rows of each global batch; timesteps, noise and caption dropout are drawn for the global batch, so N processes
