@@ -10,6 +10,9 @@ The time t enters every residual block through a sinusoidal embedding and an MLP
 transformer through cross-attention (image features are the queries, text tokens the keys and values). The layout,
 the normalisation epsilons and the timestep features are those of the diffusers ``UNet2DConditionModel`` with
 SD-1/2 settings, so ``ldm_core.interop`` converts weights both ways with identical outputs.
+
+One module on purpose, divided by banners like DiT's ``models.py``: the config, the blocks and the model read top
+to bottom in the order the forward pass uses them; split, a reader would follow every block into another file.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ class UNetConfig(StrictModel):
 
 UNET_PRESETS: dict[str, UNetConfig] = {
     # CPU scale: 8x8x4 latents, MiniLM text tokens (384). Two levels (8x8, 4x4); transformers at 4x4 and in the
-    # mid block (adding them at 8x8 costs ~1.5x the step time).
+    # mid block (at 8x8 they would cost more step time than the demo's budget allows).
     "tiny": UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
                        num_heads=4, context_dim=384, norm_groups=8),
     # Stable Diffusion 1.x (64x64x4 latents at 512 px, CLIP ViT-L/14 tokens).
