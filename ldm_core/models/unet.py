@@ -156,7 +156,7 @@ class UNetConfig(StrictModel):
 
 UNET_PRESETS: dict[str, UNetConfig] = {
     # CPU scale: 8x8x4 latents, MiniLM text tokens (384). Two levels (8x8, 4x4); transformers at 4x4 and in the
-    # mid block (at 8x8 they would cost more step time than the demo's budget allows).
+    # mid block (transformers at 8x8 too would make every step markedly slower).
     "tiny": UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
                        num_heads=4, context_dim=384, norm_groups=8),
     # Stable Diffusion 1.x (64x64x4 latents at 512 px, CLIP ViT-L/14 tokens).
