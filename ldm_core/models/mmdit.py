@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.text_mask import has_padding
 from ldm_core.models.unet import MAX_PERIOD, TimestepEmbedder
 
 TIME_FREQ_DIM = 256  # sinusoidal timestep features fed to the time MLP (DiT's and SD3's frequency_embedding_size)
@@ -207,12 +208,6 @@ def masked_mean(context: Tensor, mask: Tensor | None) -> Tensor:
         return context.mean(dim=1)
     weights = mask.to(context.dtype)[..., None]  # (B, L, 1)
     return (context * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
-def has_padding(mask: Tensor) -> bool:
-    """Whether a (B, L) token mask marks any padding. On the meta device (FLOP counting) the values are unknown, so
-    the answer is yes: the count then covers the masked path."""
-    return mask.is_meta or not bool(mask.all())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,7 +420,6 @@ class MMDiT(nn.Module):
         if context_mask is not None and has_padding(context_mask):
             # zero the padding: whatever sits there (even inf/NaN) then cannot leak through a zero attention weight
             context = context.masked_fill(~context_mask[..., None], 0.0)
-            # a mask only when some token is padding: SDPA without one takes its fastest kernel
             image_keys = torch.ones(B, H * W // p**2, dtype=torch.bool, device=x.device)
             key_mask = torch.cat([image_keys, context_mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
         if pooled is None:
