@@ -14,10 +14,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torch import Tensor
-
 from ldm_core.interop.weights import check_same_keys, like
-from ldm_core.models.mmdit import QKV_KEYS, MMDiT, MMDiTConfig
+from ldm_core.models.fused_projections import unfuse
+from ldm_core.models.mmdit import MMDiT, MMDiTConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # State-dict keys
@@ -71,18 +70,6 @@ def diffusers_key(key: str) -> str:
     elif (m := re.fullmatch(r"(.+)\.(weight|bias)", key)) and m[1] in _TOP:
         return f"{_TOP[m[1]]}.{m[2]}"
     raise KeyError(f"no diffusers name for MMDiT parameter {key!r}")
-
-
-def unfuse_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our state dict with every fused ``qkv`` split into ``to_q``, ``to_k``, ``to_v`` (SD3's separate projections,
-    which diffusers_key names); loading that back into our MMDiT stacks them again (StreamBlock's load hook)."""
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if m := re.fullmatch(r"(.+)\.qkv\.(weight|bias)", key):
-            out.update({f"{m[1]}.{name}.{m[2]}": part for name, part in zip(QKV_KEYS, value.chunk(3))})
-        else:
-            out[key] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,7 +130,7 @@ def diffusers_kwargs(config: MMDiTConfig) -> dict[str, Any]:
 def mmdit_from_diffusers(d: Any) -> MMDiT:
     """diffusers SD3Transformer2DModel -> our MMDiT with the same weights (hence the same outputs)."""
     ours = MMDiT(config_from_diffusers(d.config))
-    by_diffusers_key = {diffusers_key(k): k for k in unfuse_qkv(ours.state_dict())}
+    by_diffusers_key = {diffusers_key(k): k for k in unfuse(ours.state_dict())}
     theirs = d.state_dict()
     check_same_keys(set(by_diffusers_key), set(theirs), "diffusers -> ours")
     ours.load_state_dict({by_diffusers_key[k]: v for k, v in theirs.items()})
@@ -155,11 +142,11 @@ def mmdit_to_diffusers(m: MMDiT) -> Any:
     from diffusers import SD3Transformer2DModel
 
     d = SD3Transformer2DModel(**diffusers_kwargs(m.config))
-    state = {diffusers_key(k): v for k, v in unfuse_qkv(m.state_dict()).items()}
+    state = {diffusers_key(k): v for k, v in unfuse(m.state_dict()).items()}
     check_same_keys(set(state), set(d.state_dict()), "ours -> diffusers")
     d.load_state_dict(state)
     return like(d, m)
 
 
 __all__ = ["config_from_diffusers", "diffusers_key", "diffusers_kwargs", "mmdit_from_diffusers",
-           "mmdit_to_diffusers", "unfuse_qkv"]
+           "mmdit_to_diffusers"]

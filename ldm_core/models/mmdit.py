@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.fused_projections import fuse_on_load
 from ldm_core.models.text_mask import has_padding
 from ldm_core.models.unet import MAX_PERIOD, TimestepEmbedder
 
@@ -236,19 +237,6 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-QKV_KEYS = ("to_q", "to_k", "to_v")
-"""The separate projections of SD3 checkpoints (and of our checkpoints before QKV was fused), stacked in this
-order into StreamBlock.qkv."""
-
-
-def _fuse_qkv_on_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
-    """Load-state-dict pre-hook: a checkpoint with separate to_q/to_k/to_v loads into the fused qkv."""
-    for kind in ("weight", "bias"):
-        keys = [f"{prefix}{name}.{kind}" for name in QKV_KEYS]
-        if all(k in state_dict for k in keys):
-            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
-
-
 class StreamBlock(nn.Module):
     """One modality's half of a joint block: its own adaLN-Zero modulation, QKV (+ QK norm), output projection and
     MLP (the SD3 reference code's DismantledBlock). It runs in two halves around the shared attention.
@@ -276,7 +264,7 @@ class StreamBlock(nn.Module):
             self.to_out = nn.Linear(dim, dim)
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
             self.mlp = Mlp(dim, MLP_RATIO * dim)
-        self.register_load_state_dict_pre_hook(_fuse_qkv_on_load)
+        self.register_load_state_dict_pre_hook(fuse_on_load)
 
     def pre_attention(self, x: Tensor, silu_c: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """x (B, N, D), silu_c = SiLU(c) (B, D) -> qkv (B, N, 3, heads, D/heads) and the modulation

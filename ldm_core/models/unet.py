@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.fused_projections import fuse_on_load
 from ldm_core.models.text_mask import has_padding
 
 TIME_EMBED_MULT = 4  # width of the time embedding = 4 x model_channels (DDPM, LDM, SD)
@@ -248,25 +249,37 @@ class Upsample(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Multi-head scaled dot-product attention; keys/values from `context` (cross) or from x itself (self)."""
+    """Multi-head scaled dot-product attention; keys/values from `context` (cross, when context_dim is given) or
+    from x itself (self).
+
+    The projections that read the same input are one Linear (self: q, k, v -> `qkv`; cross: k, v of the text ->
+    `to_kv`), one matmul instead of three or two; checkpoints with separate to_q/to_k/to_v load into them
+    (ldm_core.models.fused_projections), and the interop splits them for diffusers.
+    """
 
     def __init__(self, query_dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        kv_dim = query_dim if context_dim is None else context_dim
         # no biases on q/k/v, a bias on the output: the SD layout
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(kv_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(kv_dim, query_dim, bias=False)
+        if context_dim is None:
+            self.qkv = nn.Linear(query_dim, 3 * query_dim, bias=False)
+        else:
+            self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * query_dim, bias=False)
         self.to_out = nn.Linear(query_dim, query_dim)
+        self.register_load_state_dict_pre_hook(fuse_on_load)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, N, C); context (B, L, D) or None; mask (B, L) bool, True = a real token -> (B, N, C)."""
+        """x (B, N, C); context (B, L, D) for a cross-attention, None for a self-attention; mask (B, L) bool,
+        True = a real token -> (B, N, C)."""
         B, N, C = x.shape
-        context = x if context is None else context
-        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, C/h)
-        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, C/h)
-        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, C/h)
+        if context is None:
+            # SDPA reads the strided views of the one projection in place
+            q, k, v = self.qkv(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, C/h)
+        else:
+            q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, C/h)
+            kv = self.to_kv(context).view(B, context.shape[1], 2, self.heads, -1)  # (B, L, 2, h, C/h)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, C/h) each
         attn_mask = has_keys = None
         if mask is not None:
             # A row with no real token would be all -inf (NaN after softmax). Such a sample attends to nothing:
