@@ -1,6 +1,6 @@
 """The benchmark suite: ours vs diffusers at identical configs and weights, side by side in one run.
 
-    python -m benchmarks [--quick] [--precision fp32|bf16] [--json benchmarks/results/suite.json]
+    python -m benchmarks [--quick] [--precision fp32|bf16] [--threads N] [--json benchmarks/results/suite.json]
 
 Model rows compare like with like: identical weights, the same fused Adam(W) step on both sides, the same memory
 format; each side's FLOPs are counted on its own step (on the meta device) and its MFU is its own FLOPs × its own
@@ -25,7 +25,7 @@ from benchmarks import latent_loader as ll
 from benchmarks import memory as mem_bench
 from benchmarks import mmdit as mmdit_bench
 from benchmarks import unet as unet_bench
-from benchmarks.common import machine_info, print_table, write_json
+from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threads, write_json
 from ldm_core.flops import measure_matmul_peak, mfu
 
 
@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="fewer rounds and smaller sizes (a smoke run)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json", default="benchmarks/results/suite.json")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     a = p.parse_args(argv)
+    set_threads(a.threads)
     result = run(a.quick, a.precision)
     m = result["machine"]
     print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "

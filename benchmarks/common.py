@@ -44,6 +44,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+THREADS_HELP = ("intra-op threads for both sides (default: torch's, one per core); on a loaded machine 1 keeps "
+                "each op from waiting for a descheduled second thread")
+
+
+def set_threads(n: int | None) -> None:
+    """The same intra-op thread count for ours and the reference: torch's setting is per process."""
+    if n is not None:
+        torch.set_num_threads(n)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -1,6 +1,6 @@
 """Our MMDiT vs diffusers' SD3Transformer2DModel at an identical config and identical weights, in one run.
 
-    python -m benchmarks.mmdit [--config tiny|mid|all] [--precision fp32|bf16] [--json out.json]
+    python -m benchmarks.mmdit [--config tiny|mid|all] [--precision fp32|bf16] [--threads N] [--json out.json]
 
 Like for like: the same fused AdamW step on both sides; each side's FLOPs counted on its own step (meta device).
 Sampling: flow matching, Euler, 28 steps (SD3's default) with classifier-free guidance, cond and uncond batched.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from diffusers import SD3Transformer2DModel
 
-from benchmarks.common import machine_info, print_table, time_alternating, write_json
+from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threads, time_alternating, write_json
 from benchmarks.unet import autocast, train_step
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.flops import count_flops
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     a = p.parse_args(argv)
+    set_threads(a.threads)
     names = list(CONFIGS) if a.config == "all" else [a.config]
     results = [run(n, a.rounds, a.iters, a.sample_steps, a.device, a.precision) for n in names]
     rows = []

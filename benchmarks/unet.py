@@ -1,6 +1,6 @@
 """Our UNet vs diffusers' UNet2DConditionModel at an identical config and identical weights, in one run.
 
-    python -m benchmarks.unet [--config demo|mid|all] [--precision fp32|bf16] [--json out.json]
+    python -m benchmarks.unet [--config demo|mid|all] [--precision fp32|bf16] [--threads N] [--json out.json]
 
 Model rows (like for like): both sides take the same fused AdamW step (the optimizer our trainer builds) on the same
 batch in the same memory format; each side's FLOPs are counted on its own step. The "as shipped" row pits our step
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import machine_info, print_table, time_alternating, write_json
+from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threads, time_alternating, write_json
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import cfg_model
 from ldm_core.flops import count_flops
@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     a = p.parse_args(argv)
+    set_threads(a.threads)
     names = list(CONFIGS) if a.config == "all" else [a.config]
     results = [run(n, a.rounds, a.iters, a.sample_steps, a.device, a.precision) for n in names]
     m = results[0]["machine"]

@@ -41,7 +41,8 @@ def _ours_to_diffusers_key(key: str) -> str:
     m = re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key)
     if m:
         return f"{m.group(1)}.conv_norm_out.{m.group(2)}"
-    if re.fullmatch(r"(encoder|decoder)\.conv_(in|out)\.(weight|bias)", key) or key.split(".")[0] in ("quant_conv", "post_quant_conv"):
+    top_level = key.split(".")[0] in ("quant_conv", "post_quant_conv")
+    if top_level or re.fullmatch(r"(encoder|decoder)\.conv_(in|out)\.(weight|bias)", key):
         return key
     raise KeyError(f"no diffusers name for parameter {key!r}")
 
@@ -54,10 +55,14 @@ def config_from_diffusers(dcfg: Any) -> AutoencoderConfig:
             raise ValueError(f"diffusers AutoencoderKL.{name}={get(name)!r} is not supported (only {expected!r})")
     for t in get("down_block_types"):
         if t != "DownEncoderBlock2D":
-            raise ValueError(f"diffusers AutoencoderKL.down_block_types contains {t!r}; only DownEncoderBlock2D is supported")
+            raise ValueError(
+                f"diffusers AutoencoderKL.down_block_types contains {t!r}; only DownEncoderBlock2D is supported"
+            )
     for t in get("up_block_types"):
         if t != "UpDecoderBlock2D":
-            raise ValueError(f"diffusers AutoencoderKL.up_block_types contains {t!r}; only UpDecoderBlock2D is supported")
+            raise ValueError(
+                f"diffusers AutoencoderKL.up_block_types contains {t!r}; only UpDecoderBlock2D is supported"
+            )
     ch = boc[0]
     if any(c % ch for c in boc):
         raise ValueError(f"diffusers AutoencoderKL.block_out_channels={boc} is not a multiple of its first entry")

@@ -1,10 +1,12 @@
 """Our MMDiT <-> diffusers' SD3Transformer2DModel: a config mapping and an explicit, invertible key mapping.
 
 The two networks have the same layers (SD3's layout), so converting is renaming state-dict keys, one tensor to one
-tensor, the positional grid buffer included. Settings diffusers allows but our MMDiT cannot represent (SD3.5's
-dual-attention layers, other QK norms, a caption projection narrower or wider than the blocks) are refused with
-the field named, never approximated. diffusers' SD3 attention takes no text mask and needs the pooled vector
-explicitly: ``ours(x, t, context, None, pooled)`` equals ``theirs(x, context, pooled, t)``.
+tensor, the positional grid buffer included; the one exception is that each of our streams holds its query, key
+and value projections as one fused ``qkv`` Linear, which is split into diffusers' three and stacked back exactly.
+Settings diffusers allows but our MMDiT cannot represent (SD3.5's dual-attention layers, other QK norms, a caption
+projection narrower or wider than the blocks) are refused with the field named, never approximated. diffusers'
+SD3 attention takes no text mask and needs the pooled vector explicitly: ``ours(x, t, context, None, pooled)``
+equals ``theirs(x, context, pooled, t)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from typing import Any
 
 from ldm_core.interop.weights import check_same_keys, like
+from ldm_core.models.fused_projections import unfuse
 from ldm_core.models.mmdit import MMDiT, MMDiTConfig
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,7 +70,6 @@ def diffusers_key(key: str) -> str:
     elif (m := re.fullmatch(r"(.+)\.(weight|bias)", key)) and m[1] in _TOP:
         return f"{_TOP[m[1]]}.{m[2]}"
     raise KeyError(f"no diffusers name for MMDiT parameter {key!r}")
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def diffusers_kwargs(config: MMDiTConfig) -> dict[str, Any]:
 def mmdit_from_diffusers(d: Any) -> MMDiT:
     """diffusers SD3Transformer2DModel -> our MMDiT with the same weights (hence the same outputs)."""
     ours = MMDiT(config_from_diffusers(d.config))
-    by_diffusers_key = {diffusers_key(k): k for k in ours.state_dict()}
+    by_diffusers_key = {diffusers_key(k): k for k in unfuse(ours.state_dict())}
     theirs = d.state_dict()
     check_same_keys(set(by_diffusers_key), set(theirs), "diffusers -> ours")
     ours.load_state_dict({by_diffusers_key[k]: v for k, v in theirs.items()})
@@ -140,7 +142,7 @@ def mmdit_to_diffusers(m: MMDiT) -> Any:
     from diffusers import SD3Transformer2DModel
 
     d = SD3Transformer2DModel(**diffusers_kwargs(m.config))
-    state = {diffusers_key(k): v for k, v in m.state_dict().items()}
+    state = {diffusers_key(k): v for k, v in unfuse(m.state_dict()).items()}
     check_same_keys(set(state), set(d.state_dict()), "ours -> diffusers")
     d.load_state_dict(state)
     return like(d, m)

@@ -1,9 +1,11 @@
 """Our UNet <-> diffusers' UNet2DConditionModel: a config mapping and an explicit, invertible key mapping.
 
 The two networks have the same layers in the same order (diffusers' SD-1/2 layout), so converting is renaming
-state-dict keys; no tensor is reshaped because ``use_linear_projection`` maps one-to-one (Linear vs 1x1-conv
-proj_in/proj_out on both sides). Settings diffusers allows but our UNet cannot represent are refused with the
-field named, never approximated. Our ``context_mask`` is diffusers' ``encoder_attention_mask``.
+state-dict keys, after splitting our fused attention projections (``qkv``, ``to_kv``) into diffusers' separate
+ones (stacked back on the way in, exactly); no tensor is reshaped because ``use_linear_projection`` maps
+one-to-one (Linear vs 1x1-conv proj_in/proj_out on both sides). Settings diffusers allows but our UNet cannot
+represent are refused with the field named, never approximated. Our ``context_mask`` is diffusers'
+``encoder_attention_mask``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from typing import Any
 
 from ldm_core.interop.weights import check_same_keys, like
+from ldm_core.models.fused_projections import unfuse
 from ldm_core.models.unet import RES_NORM_EPS, TIME_EMBED_MULT, UNet, UNetConfig
 
 _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -220,7 +223,7 @@ def unet_from_diffusers(d: Any) -> UNet:
     """diffusers UNet2DConditionModel -> our UNet with the same weights (hence the same outputs)."""
     ours = UNet(config_from_diffusers(d.config))
     n = len(ours.config.channel_mult)
-    by_diffusers_key = {diffusers_key(k, n): k for k in ours.state_dict()}
+    by_diffusers_key = {diffusers_key(k, n): k for k in unfuse(ours.state_dict())}
     theirs = d.state_dict()
     check_same_keys(set(by_diffusers_key), set(theirs), "diffusers -> ours")
     ours.load_state_dict({by_diffusers_key[k]: v for k, v in theirs.items()})
@@ -233,7 +236,7 @@ def unet_to_diffusers(m: UNet) -> Any:
 
     d = UNet2DConditionModel(**diffusers_kwargs(m.config))
     n = len(m.config.channel_mult)
-    state = {diffusers_key(k, n): v for k, v in m.state_dict().items()}
+    state = {diffusers_key(k, n): v for k, v in unfuse(m.state_dict()).items()}
     check_same_keys(set(state), set(d.state_dict()), "ours -> diffusers")
     d.load_state_dict(state)
     return like(d, m)

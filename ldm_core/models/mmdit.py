@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.fused_projections import fuse_on_load
+from ldm_core.models.text_mask import has_padding
 from ldm_core.models.unet import MAX_PERIOD, TimestepEmbedder
 
 TIME_FREQ_DIM = 256  # sinusoidal timestep features fed to the time MLP (DiT's and SD3's frequency_embedding_size)
@@ -215,7 +217,12 @@ def masked_mean(context: Tensor, mask: Tensor | None) -> Tensor:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x (B, N, D) normalised, then scaled and shifted per sample by (B, D) vectors from c."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])  # one fused kernel for x * (1 + scale) + shift
+
+
+def gated_residual(x: Tensor, gate: Tensor, update: Tensor) -> Tensor:
+    """adaLN-Zero's residual x + gate * update, gate (B, D) per sample, in one fused kernel."""
+    return torch.addcmul(x, gate[:, None], update)
 
 
 class Mlp(nn.Module):
@@ -234,6 +241,9 @@ class StreamBlock(nn.Module):
     """One modality's half of a joint block: its own adaLN-Zero modulation, QKV (+ QK norm), output projection and
     MLP (the SD3 reference code's DismantledBlock). It runs in two halves around the shared attention.
 
+    The query, key and value projections are one Linear to 3·D (rows: q, k, v), so a stream makes one matmul, not
+    three; checkpoints with separate to_q/to_k/to_v still load (the interop splits it for diffusers).
+
     `pre_only` (the text stream of the last block): the stream only supplies keys and values for the image tokens,
     so there is no output projection and no MLP, and the modulation is adaLN-continuous (scale, shift; no gates).
     Its queries are still computed, as in SD3 and diffusers: the weights exist in SD3 checkpoints, and keeping
@@ -246,40 +256,38 @@ class StreamBlock(nn.Module):
         self.pre_only = pre_only
         self.modulation = nn.Linear(dim, (2 if pre_only else 6) * dim)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
         # normalised per head, over its channels; a learnt gain per channel, as in SD3.5
-        self.norm_q = nn.RMSNorm(dim // heads, eps=NORM_EPS) if qk_norm == "rms_norm" else nn.Identity()
-        self.norm_k = nn.RMSNorm(dim // heads, eps=NORM_EPS) if qk_norm == "rms_norm" else nn.Identity()
+        self.norm_q = nn.RMSNorm(dim // heads, eps=NORM_EPS) if qk_norm == "rms_norm" else None
+        self.norm_k = nn.RMSNorm(dim // heads, eps=NORM_EPS) if qk_norm == "rms_norm" else None
         if not pre_only:
             self.to_out = nn.Linear(dim, dim)
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
             self.mlp = Mlp(dim, MLP_RATIO * dim)
+        self.register_load_state_dict_pre_hook(fuse_on_load)
 
-    def pre_attention(self, x: Tensor, c: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
-        """x (B, N, D), c (B, D) -> (q, k, v), each (B, heads, N, D/heads), and the modulation post_attention uses."""
+    def pre_attention(self, x: Tensor, silu_c: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """x (B, N, D), silu_c = SiLU(c) (B, D) -> qkv (B, N, 3, heads, D/heads) and the modulation
+        post_attention uses."""
         B, N, D = x.shape
         if self.pre_only:
-            scale, shift = self.modulation(F.silu(c)).chunk(2, dim=-1)  # 2 x (B, D); adaLN-continuous's order
+            scale, shift = self.modulation(silu_c).chunk(2, dim=-1)  # 2 x (B, D); adaLN-continuous's order
             mods: tuple[Tensor, ...] = ()
         else:
-            shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(F.silu(c)).chunk(6, dim=-1)
+            shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(silu_c).chunk(6, dim=-1)
             mods = (gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        h = modulate(self.norm1(x), shift, scale)
-
-        def heads(t: Tensor) -> Tensor:
-            return t.view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, N, D/heads)
-
-        q = self.norm_q(heads(self.to_q(h)))
-        k = self.norm_k(heads(self.to_k(h)))
-        return (q, k, heads(self.to_v(h))), mods
+        qkv = self.qkv(modulate(self.norm1(x), shift, scale)).view(B, N, 3, self.heads, D // self.heads)
+        if self.norm_q is not None:
+            q, k, v = qkv.unbind(2)  # (B, N, heads, D/heads) each
+            qkv = torch.stack([self.norm_q(q), self.norm_k(k), v], dim=2)
+        return qkv, mods
 
     def post_attention(self, x: Tensor, attn: Tensor, mods: tuple[Tensor, ...]) -> Tensor:
         """Gated residual updates: x + gate·Out(attn), then x + gate·MLP(adaLN(x)). attn (B, N, D)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa[:, None] * self.to_out(attn)
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # attn is a slice of the joint sequence; one explicit copy lets the Linear run as a single addmm
+        x = gated_residual(x, gate_msa, self.to_out(attn.contiguous()))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
@@ -292,14 +300,17 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, heads, qk_norm, pre_only=False)
         self.context_block = StreamBlock(dim, heads, qk_norm, pre_only=context_pre_only)
 
-    def forward(self, x: Tensor, context: Tensor, c: Tensor,
+    def forward(self, x: Tensor, context: Tensor, silu_c: Tensor,
                 key_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """x (B, N, D) image tokens, context (B, L, D) text tokens, c (B, D); key_mask (B, 1, 1, N + L) bool,
-        True = may be attended to. Returns the updated (x, context); context is None after the last block."""
+        """x (B, N, D) image tokens, context (B, L, D) text tokens, silu_c = SiLU(c) (B, D); key_mask
+        (B, 1, 1, N + L) bool, True = may be attended to, or None when every token is real. Returns the updated
+        (x, context); context is None after the last block."""
         B, N, D = x.shape
-        (qx, kx, vx), x_mods = self.x_block.pre_attention(x, c)
-        (qc, kc, vc), c_mods = self.context_block.pre_attention(context, c)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, heads, N + L, D/heads)
+        qkv_x, x_mods = self.x_block.pre_attention(x, silu_c)
+        qkv_c, c_mods = self.context_block.pre_attention(context, silu_c)
+        # one concatenation for q, k and v of both streams; SDPA reads the strided views in place
+        qkv = torch.cat([qkv_x, qkv_c], dim=1)  # (B, N + L, 3, heads, D/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N + L, D/heads) each
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, heads, N + L, D/heads)
         out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N + L, D)
         x = self.x_block.post_attention(x, out[:, :N], x_mods)
@@ -317,8 +328,9 @@ class FinalLayer(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        scale, shift = self.modulation(F.silu(c)).chunk(2, dim=-1)  # 2 x (B, D)
+    def forward(self, x: Tensor, silu_c: Tensor) -> Tensor:
+        """x (B, N, D), silu_c = SiLU(c) (B, D)."""
+        scale, shift = self.modulation(silu_c).chunk(2, dim=-1)  # 2 x (B, D)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C_out)
 
 
@@ -393,6 +405,7 @@ class MMDiT(nn.Module):
         key_mask = None
         if context_mask is not None:
             context_mask = context_mask.to(device=x.device, dtype=torch.bool)
+        if context_mask is not None and has_padding(context_mask):
             # zero the padding: whatever sits there (even inf/NaN) then cannot leak through a zero attention weight
             context = context.masked_fill(~context_mask[..., None], 0.0)
             image_keys = torch.ones(B, H * W // p**2, dtype=torch.bool, device=x.device)
@@ -405,14 +418,15 @@ class MMDiT(nn.Module):
             pooled = masked_mean(context, context_mask)  # (B, context_dim)
 
         c = self.t_embedder(t).to(x.dtype) + self.y_embedder(pooled.to(x.dtype))  # (B, D)
+        silu_c = F.silu(c)  # every modulation reads SiLU(c): computed once, not once per layer
         h = self.x_embedder(x)  # (B, N, D)
         ctx: Tensor | None = self.context_embedder(context)  # (B, L, D)
         for block in self.joint_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h, ctx = checkpoint(block, h, ctx, c, key_mask, use_reentrant=False)
+                h, ctx = checkpoint(block, h, ctx, silu_c, key_mask, use_reentrant=False)
             else:
-                h, ctx = block(h, ctx, c, key_mask)
-        h = self.final_layer(h, c)  # (B, N, p*p*C_out)
+                h, ctx = block(h, ctx, silu_c, key_mask)
+        h = self.final_layer(h, silu_c)  # (B, N, p*p*C_out)
         return self.unpatchify(h, H // p, W // p)  # (B, C_out, H, W)
 
 

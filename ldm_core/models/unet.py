@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.fused_projections import fuse_on_load
+from ldm_core.models.text_mask import has_padding
 
 TIME_EMBED_MULT = 4  # width of the time embedding = 4 x model_channels (DDPM, LDM, SD)
 MAX_PERIOD = 10_000  # longest period of the sinusoidal timestep features (as in the Transformer and DDPM)
@@ -215,9 +217,10 @@ class ResBlock(nn.Module):
         # a 1x1 conv only where the width changes, so the residual path stays the identity elsewhere
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, silu_temb: Tensor) -> Tensor:
+        """x (B, C_in, H, W), silu_temb = SiLU(time embedding) (B, time_dim) -> (B, C_out, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + self.time_proj(F.silu(temb))[:, :, None, None]  # time shifts every channel: (B, C_out, 1, 1)
+        h = h + self.time_proj(silu_temb)[:, :, None, None]  # time shifts every channel: (B, C_out, 1, 1)
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.shortcut(x) + h
 
@@ -249,25 +252,37 @@ class Upsample(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Multi-head scaled dot-product attention; keys/values from `context` (cross) or from x itself (self)."""
+    """Multi-head scaled dot-product attention; keys/values from `context` (cross, when context_dim is given) or
+    from x itself (self).
+
+    The projections that read the same input are one Linear (self: q, k, v -> `qkv`; cross: k, v of the text ->
+    `to_kv`), one matmul instead of three or two; checkpoints with separate to_q/to_k/to_v load into them
+    (ldm_core.models.fused_projections), and the interop splits them for diffusers.
+    """
 
     def __init__(self, query_dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        kv_dim = query_dim if context_dim is None else context_dim
         # no biases on q/k/v, a bias on the output: the SD layout
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(kv_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(kv_dim, query_dim, bias=False)
+        if context_dim is None:
+            self.qkv = nn.Linear(query_dim, 3 * query_dim, bias=False)
+        else:
+            self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * query_dim, bias=False)
         self.to_out = nn.Linear(query_dim, query_dim)
+        self.register_load_state_dict_pre_hook(fuse_on_load)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, N, C); context (B, L, D) or None; mask (B, L) bool, True = a real token -> (B, N, C)."""
+        """x (B, N, C); context (B, L, D) for a cross-attention, None for a self-attention; mask (B, L) bool,
+        True = a real token -> (B, N, C)."""
         B, N, C = x.shape
-        context = x if context is None else context
-        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, C/h)
-        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, C/h)
-        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, C/h)
+        if context is None:
+            # SDPA reads the strided views of the one projection in place
+            q, k, v = self.qkv(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, C/h)
+        else:
+            q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, C/h)
+            kv = self.to_kv(context).view(B, context.shape[1], 2, self.heads, -1)  # (B, L, 2, h, C/h)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, C/h) each
         attn_mask = has_keys = None
         if mask is not None:
             # A row with no real token would be all -inf (NaN after softmax). Such a sample attends to nothing:
@@ -375,11 +390,11 @@ class DownLevel(nn.Module):
         )
         self.downsample = Downsample(out_ch) if downsample else None
 
-    def forward(self, h: Tensor, temb: Tensor, context: Tensor, context_mask: Tensor | None,
+    def forward(self, h: Tensor, silu_temb: Tensor, context: Tensor, context_mask: Tensor | None,
                 skips: list[Tensor], checkpointed: bool) -> Tensor:
         """Runs the level and appends every intermediate feature map to `skips` for the way up."""
         for i, res in enumerate(self.res_blocks):
-            h = _call(res, h, temb, checkpointed=checkpointed)
+            h = _call(res, h, silu_temb, checkpointed=checkpointed)
             if self.transformers:
                 h = _call(self.transformers[i], h, context, context_mask, checkpointed=checkpointed)
             skips.append(h)
@@ -399,11 +414,11 @@ class MidBlock(nn.Module):
                                               cfg.norm_groups, cfg.use_linear_projection)
         self.res2 = ResBlock(ch, ch, cfg.time_embed_dim, cfg.norm_groups, cfg.dropout)
 
-    def forward(self, h: Tensor, temb: Tensor, context: Tensor, context_mask: Tensor | None,
+    def forward(self, h: Tensor, silu_temb: Tensor, context: Tensor, context_mask: Tensor | None,
                 checkpointed: bool) -> Tensor:
-        h = _call(self.res1, h, temb, checkpointed=checkpointed)
+        h = _call(self.res1, h, silu_temb, checkpointed=checkpointed)
         h = _call(self.transformer, h, context, context_mask, checkpointed=checkpointed)
-        return _call(self.res2, h, temb, checkpointed=checkpointed)
+        return _call(self.res2, h, silu_temb, checkpointed=checkpointed)
 
 
 class UpLevel(nn.Module):
@@ -424,12 +439,12 @@ class UpLevel(nn.Module):
         )
         self.upsample = Upsample(out_ch) if upsample else None
 
-    def forward(self, h: Tensor, temb: Tensor, context: Tensor, context_mask: Tensor | None,
+    def forward(self, h: Tensor, silu_temb: Tensor, context: Tensor, context_mask: Tensor | None,
                 skips: list[Tensor], checkpointed: bool) -> Tensor:
         """Pops its skips (the latest first) from `skips`."""
         for i, res in enumerate(self.res_blocks):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            h = _call(res, h, temb, checkpointed=checkpointed)
+            h = _call(res, h, silu_temb, checkpointed=checkpointed)
             if self.transformers:
                 h = _call(self.transformers[i], h, context, context_mask, checkpointed=checkpointed)
         if self.upsample is not None:
@@ -493,16 +508,19 @@ class UNet(nn.Module):
             raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
         if context_mask is not None:
             context_mask = context_mask.to(device=x.device, dtype=torch.bool)
+            if not has_padding(context_mask):
+                context_mask = None
         ckpt = self.gradient_checkpointing
 
-        temb = self.time_embedder(t).to(x.dtype)  # (B, 4 * model_channels)
+        # every residual block reads SiLU(temb): computed once, not once per block
+        silu_temb = F.silu(self.time_embedder(t).to(x.dtype))  # (B, 4 * model_channels)
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for level in self.down:
-            h = level(h, temb, context, context_mask, skips, ckpt)
-        h = self.mid(h, temb, context, context_mask, ckpt)  # (B, C_last, H / 2**(n-1), W / 2**(n-1))
+            h = level(h, silu_temb, context, context_mask, skips, ckpt)
+        h = self.mid(h, silu_temb, context, context_mask, ckpt)  # (B, C_last, H / 2**(n-1), W / 2**(n-1))
         for level in reversed(self.up):
-            h = level(h, temb, context, context_mask, skips, ckpt)
+            h = level(h, silu_temb, context, context_mask, skips, ckpt)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
 
 

@@ -256,6 +256,26 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_a_checkpoint_with_separate_q_k_v_projections_loads_into_the_fused_qkv():
+    # SD3's layout, and our checkpoints' before the projections were fused: to_q, to_k, to_v per stream
+    model = small(qk_norm="rms_norm")
+    old = {}
+    for key, value in model.state_dict().items():
+        if ".qkv." in key:
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3)):
+                old[key.replace(".qkv.", f".{name}.")] = part.clone()
+        else:
+            old[key] = value
+    assert len(old) == len(model.state_dict()) + 2 * 2 * 2 * model.config.depth  # 2 streams x (weight, bias)
+    loaded = MMDiT(model.config).eval()
+    loaded.load_state_dict(old, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x, t, context = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, context), model(x, t, context))
+
+
 def test_tiny_preset_overfits_one_batch():
     torch.manual_seed(0)
     assert overfit_ratio(build_denoiser(parse_denoiser_config({"kind": "mmdit", "preset": "tiny"})), steps=20) < 0.25

@@ -197,6 +197,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_a_checkpoint_with_separate_q_k_v_projections_loads_into_the_fused_ones():
+    # SD's layout, and our checkpoints' before the projections were fused: to_q, to_k, to_v per attention
+    model = randomized(UNet(UNetConfig(**SMALL))).eval()
+    old = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(".qkv.weight"):
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3)):
+                old[key.replace(".qkv.", f".{name}.")] = part.clone()
+        elif key.endswith(".to_kv.weight"):
+            for name, part in zip(("to_k", "to_v"), value.chunk(2)):
+                old[key.replace(".to_kv.", f".{name}.")] = part.clone()
+        else:
+            old[key] = value
+    transformers = sum(1 for k in model.state_dict() if k.endswith(".qkv.weight"))  # 2 down, mid, 4 up
+    assert transformers == 7 and len(old) == len(model.state_dict()) + 3 * transformers  # +2 self, +1 cross
+    loaded = UNet(model.config).eval()
+    loaded.load_state_dict(old, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x, t, context = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, context), model(x, t, context))
+
+
 def test_tiny_preset_overfits_one_batch():
     torch.manual_seed(0)
     assert overfit_ratio(build_denoiser(UNET_PRESETS["tiny"]), steps=30) < 0.5
