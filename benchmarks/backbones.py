@@ -13,6 +13,7 @@ steps the run pauses (the pause is not counted as training time), the EMA weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import time
@@ -37,14 +38,13 @@ BACKBONES = {"unet": "demo.yaml", "mmdit": "demo-mmdit.yaml"}
 def _only(pattern: str) -> str:
     found = sorted(glob.glob(pattern))
     if len(found) != 1:
-        raise SystemExit(
-            f"expected one match for {pattern}, found {found or 'none'}: run `ldm demo` with this LDM_HOME "
-            "first, and only once"
-        )
+        raise SystemExit(f"expected one match for {pattern}, found {found or 'none'}: run `ldm demo` with this "
+                         "LDM_HOME first, and only once")
     return found[0]
 
 
-def training_config(config_file: str, store: LatentDataset, seed: int, every: int) -> tuple[LDMTrainingConfig, float]:
+def training_config(config_file: str, store: LatentDataset, seed: int, every: int,
+                    steps: int | None = None) -> tuple[LDMTrainingConfig, float]:
     """The run config's stage-2 training section with the store's shapes filled in (as ldm_model does)."""
     ops = yaml.safe_load((CONFIGS / config_file).read_text())["ops"]["ldm_model"]["config"]
     training = ops["training"]
@@ -56,50 +56,67 @@ def training_config(config_file: str, store: LatentDataset, seed: int, every: in
     if den.get("kind") == "mmdit":
         den.setdefault("pooled_projection_dim", store.pooled_dim)
     training["denoiser"] = den
-    training["trainer"] = {**training["trainer"], "seed": seed, "validation_every": every, "checkpoint_every": 0}
+    training["trainer"] = {**training["trainer"], "seed": seed, "validation_every": every}
+    if steps is not None:
+        training["trainer"]["steps"] = steps
     return LDMTrainingConfig.model_validate(training), float(ops.get("guidance", 4.0))
 
 
-def run(home: str, seed: int, every: int, threads: int) -> list[dict]:
+def run(home: str, seed: int, every: int, threads: int, steps: int | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     store_url = _only(f"{home}/storage/latents/*")
     vae = load_autoencoder(_only(f"{home}/storage/models/vae/*"))
     store = LatentDataset(store_url, split="train")
-    meta = json.loads(Path(store_url, "latent_store.json").read_text())
-    text_encoder = TextEncoder(TextEncoderConfig.model_validate(meta["text_encoder_config"]))
+    # the demo's text encoder, which wrote the store's tokens
+    demo = yaml.safe_load((CONFIGS / BACKBONES["unet"]).read_text())["ops"]["latent_store"]["config"]
+    text_encoder = TextEncoder(TextEncoderConfig.model_validate(demo["text_encoder"]))
     evaluation = EvaluationConfig()
     held_out = held_out_from_dataset(
-        ImageShardDataset(_only(f"{home}/storage/datasets/*"), split="validation", resolution=vae.config.resolution),
+        ImageShardDataset(_only(f"{home}/storage/datasets/default"), split="validation",
+                          resolution=vae.config.resolution),
         evaluation.generated_samples)
     n = evaluation.generated_samples
     prompts = [held_out.captions[i % len(held_out.captions)] for i in range(n)]
     wanted = [held_out.attributes[i % len(held_out.attributes)] for i in range(n)]
 
-    rows = []
+    rows: list[dict] = []
     for backbone, config_file in BACKBONES.items():
-        config, guidance = training_config(config_file, store, seed, every)
-        paused = 0.0
-        start = time.perf_counter()
+        config, guidance = training_config(config_file, store, seed, every, steps)
+        t2i = TextToImage(vae=vae, denoiser=torch.nn.Identity(), text_encoder=text_encoder,
+                          diffusion_config=config.diffusion, latent_shape=tuple(store.latent_shape), guidance=guidance)
+        clock = _TrainingClock()
 
-        # train_ldm calls it during this iteration only, so the loop variables it reads are this iteration's
-        def evaluate_at(model: torch.nn.Module, step: int) -> np.ndarray:
-            nonlocal paused
-            t0 = time.perf_counter()
-            t2i = TextToImage(vae=vae, denoiser=model, text_encoder=text_encoder, diffusion_config=config.diffusion,  # noqa: B023
-                              latent_shape=tuple(store.latent_shape), guidance=guidance)  # noqa: B023
-            images = t2i.generate(prompts, seed=evaluation.seed)
-            acc = attribute_accuracy(images, wanted)
-            row = {"backbone": backbone, "seed": seed, "threads": threads, "step": step,  # noqa: B023
-                   "train_minutes": round((t0 - start - paused) / 60, 2),  # noqa: B023
-                   **{k: round(acc[f"{k}_acc"], 3) for k in ("color", "shape", "position")},
-                   "confusions": confusion_lines(color_confusion(wanted, acc["predictions"]))}
+        def evaluate_at(model: torch.nn.Module, step: int, backbone: str = backbone, t2i: TextToImage = t2i,
+                        clock: _TrainingClock = clock) -> np.ndarray:
+            if any(r["backbone"] == backbone and r["step"] == step for r in rows):  # the end, already evaluated
+                return np.zeros((1, 1, 1, 3), np.uint8)
+            with clock.paused() as minutes:
+                t2i.denoiser = model
+                images = t2i.generate(prompts, seed=evaluation.seed)
+                acc = attribute_accuracy(images, wanted)
+                row = {"backbone": backbone, "seed": seed, "threads": threads, "step": step,
+                       "train_minutes": round(minutes, 2),
+                       **{k: round(acc[f"{k}_acc"], 3) for k in ("color", "shape", "position")},
+                       "confusions": confusion_lines(color_confusion(wanted, acc["predictions"]))}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            paused += time.perf_counter() - t0
             return images[:4]
 
         train_ldm(config, store, uncond=store.uncond(), sample_fn=evaluate_at)
     return rows
+
+
+class _TrainingClock:
+    """Minutes since creation, not counting the time spent inside ``paused()``."""
+
+    def __init__(self) -> None:
+        self.start, self.excluded = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield (t0 - self.start - self.excluded) / 60
+        self.excluded += time.perf_counter() - t0
 
 
 def print_table(rows: list[dict]) -> None:
@@ -116,9 +133,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the trainers' seed")
     p.add_argument("--every", type=int, default=500, help="evaluate every N steps (and at the end)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the config's")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args()
-    rows = run(a.home, a.seed, a.every, a.threads)
+    rows = run(a.home, a.seed, a.every, a.threads, a.steps)
     print_table(rows)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

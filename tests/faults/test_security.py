@@ -3,6 +3,7 @@ servers the project starts listen on 127.0.0.1 unless told otherwise, and S3 cre
 Dagster's event log or the logs."""
 
 import ast
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -83,16 +84,18 @@ def test_no_code_path_can_unpickle_weights():
 # ---------------------------------------------------------------------------------------------------------------
 
 class _FakeProc:
+    """A server that runs until `ldm ui` stops it."""
+
+    pid, returncode = -1, None
+
     def __init__(self, cmd, *a, **k):
         _FakeProc.started.append(cmd)
 
     def poll(self):
-        return 0  # "exited": `ldm ui` stops waiting at once
-
-    def send_signal(self, sig):
-        pass
+        return self.returncode
 
     def wait(self, timeout=None):
+        self.returncode = 0
         return 0
 
 
@@ -104,6 +107,9 @@ def _ui_commands(monkeypatch, tmp_path, *argv):
         monkeypatch.delenv(var, raising=False)
     _FakeProc.started = []
     monkeypatch.setattr(cli.subprocess, "Popen", _FakeProc)
+    monkeypatch.setattr(cli, "_signal_group", lambda pgid, sig: None)  # no real process group behind the fakes
+    # the user presses Ctrl-C while `ldm ui` waits on its servers
+    monkeypatch.setattr(cli.time, "sleep", lambda s: signal.raise_signal(signal.SIGINT))
     assert cli.main(["ui", *argv]) == 0
     return {Path(cmd[0]).name: cmd for cmd in _FakeProc.started}
 
