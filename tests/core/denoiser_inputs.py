@@ -28,3 +28,15 @@ def overfit_ratio(model: nn.Module, steps: int, dim: int = 384) -> float:
         opt.step()
         losses.append(loss.item())
     return losses[-1] / losses[0]
+
+
+def assert_loads_identically(model: nn.Module, old_state: dict[str, torch.Tensor]) -> None:
+    """A fresh model of ``model``'s config, loaded (strictly) from ``old_state``, has ``model``'s weights and
+    outputs, bit for bit."""
+    loaded = type(model)(model.config).eval()
+    loaded.load_state_dict(old_state, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x, t, context = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, context), model(x, t, context))

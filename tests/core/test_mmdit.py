@@ -19,7 +19,7 @@ from ldm_core.models.mmdit import (
     sincos_pos_embed_2d,
 )
 from ldm_core.models.unet import UNET_PRESETS, UNet
-from tests.core.denoiser_inputs import inputs, overfit_ratio
+from tests.core.denoiser_inputs import assert_loads_identically, inputs, overfit_ratio
 
 # milliseconds per forward: 3 joint blocks of width 32, 2x2 patches, tokens of width 12 pooled by the model itself
 SMALL = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "hidden_size": 32, "depth": 3, "num_heads": 4,
@@ -267,13 +267,7 @@ def test_a_checkpoint_with_separate_q_k_v_projections_loads_into_the_fused_qkv()
         else:
             old[key] = value
     assert len(old) == len(model.state_dict()) + 2 * 2 * 2 * model.config.depth  # 2 streams x (weight, bias)
-    loaded = MMDiT(model.config).eval()
-    loaded.load_state_dict(old, strict=True)
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-    x, t, context = inputs()
-    with torch.no_grad():
-        assert torch.equal(loaded(x, t, context), model(x, t, context))
+    assert_loads_identically(model, old)
 
 
 def test_tiny_preset_overfits_one_batch():

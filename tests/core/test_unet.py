@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from ldm_core.models.denoiser import Denoiser, build_denoiser, parse_denoiser_config
 from ldm_core.models.unet import UNET_PRESETS, SpatialTransformer, UNet, UNetConfig, timestep_embedding
-from tests.core.denoiser_inputs import inputs, overfit_ratio
+from tests.core.denoiser_inputs import assert_loads_identically, inputs, overfit_ratio
 
 # small enough to run in milliseconds; two levels, transformers at both and in the mid block
 SMALL = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1], num_heads=2,
@@ -212,13 +212,7 @@ def test_a_checkpoint_with_separate_q_k_v_projections_loads_into_the_fused_ones(
             old[key] = value
     transformers = sum(1 for k in model.state_dict() if k.endswith(".qkv.weight"))  # 2 down, mid, 4 up
     assert transformers == 7 and len(old) == len(model.state_dict()) + 3 * transformers  # +2 self, +1 cross
-    loaded = UNet(model.config).eval()
-    loaded.load_state_dict(old, strict=True)
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-    x, t, context = inputs()
-    with torch.no_grad():
-        assert torch.equal(loaded(x, t, context), model(x, t, context))
+    assert_loads_identically(model, old)
 
 
 def test_tiny_preset_overfits_one_batch():
