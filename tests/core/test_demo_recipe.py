@@ -19,6 +19,10 @@ from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelit
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, train_autoencoder
 from tests.core.shapes_data import ShapesInMemory
 
+# the module's fixture trains three autoencoders (about 2 min on 2 quiet cores); the suite's 600 s per-test limit
+# counts that setup against the first test, which a machine shared with other jobs can exceed
+pytestmark = pytest.mark.timeout(1800)
+
 DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "configs" / "demo.yaml"
 SEEDS = (0, 1, 2)
 STEPS = 350
