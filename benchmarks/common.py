@@ -96,3 +96,11 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in columns))
+
+
+def ratio_row(label: str, result: dict, prefix: str, digits: int = 2) -> dict[str, str]:
+    """One printed row of a side-by-side result: ``result[f"{prefix}_ours_images_per_s"]``, the diffusers side's and
+    ``result[f"{prefix}_ratio"]``."""
+    return {"benchmark": label, "ours img/s": f"{result[f'{prefix}_ours_images_per_s']:.{digits}f}",
+            "diffusers img/s": f"{result[f'{prefix}_diffusers_images_per_s']:.{digits}f}",
+            "ratio": f"{result[f'{prefix}_ratio']:.2f}x"}

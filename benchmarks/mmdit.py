@@ -16,7 +16,15 @@ from collections.abc import Callable
 import torch
 from diffusers import SD3Transformer2DModel
 
-from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threads, time_alternating, write_json
+from benchmarks.common import (
+    THREADS_HELP,
+    machine_info,
+    print_table,
+    ratio_row,
+    set_threads,
+    time_alternating,
+    write_json,
+)
 from benchmarks.unet import autocast, train_step
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.flops import count_flops
@@ -139,22 +147,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = [run(n, a.rounds, a.iters, a.sample_steps, a.device, a.precision) for n in names]
     rows = []
     for r in results:
-        rows.append(
-            {
-                "benchmark": f"MMDiT train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})",
-                "ours img/s": f"{r['train_ours_images_per_s']:.2f}",
-                "diffusers img/s": f"{r['train_diffusers_images_per_s']:.2f}",
-                "ratio": f"{r['train_ratio']:.2f}x",
-            }
-        )
-        rows.append(
-            {
-                "benchmark": f"flow Euler-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})",
-                "ours img/s": f"{r['sample_ours_images_per_s']:.3f}",
-                "diffusers img/s": f"{r['sample_diffusers_images_per_s']:.3f}",
-                "ratio": f"{r['sample_ratio']:.2f}x",
-            }
-        )
+        rows.append(ratio_row(
+            f"MMDiT train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})", r, "train", 2))
+        rows.append(ratio_row(
+            f"flow Euler-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})", r, "sample", 3))
     print_table(rows, ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
     write_json({"results": results}, a.json)
     return results

@@ -15,7 +15,15 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threads, time_alternating, write_json
+from benchmarks.common import (
+    THREADS_HELP,
+    machine_info,
+    print_table,
+    ratio_row,
+    set_threads,
+    time_alternating,
+    write_json,
+)
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import cfg_model
 from ldm_core.flops import count_flops
@@ -186,30 +194,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"device {m['device']}")
     rows = []
     for r in results:
-        rows.append(
-            {
-                "benchmark": f"UNet train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})",
-                "ours img/s": f"{r['train_ours_images_per_s']:.2f}",
-                "diffusers img/s": f"{r['train_diffusers_images_per_s']:.2f}",
-                "ratio": f"{r['train_ratio']:.2f}x",
-            }
-        )
-        rows.append(
-            {
-                "benchmark": f"DDIM-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})",
-                "ours img/s": f"{r['sample_ours_images_per_s']:.3f}",
-                "diffusers img/s": f"{r['sample_diffusers_images_per_s']:.3f}",
-                "ratio": f"{r['sample_ratio']:.2f}x",
-            }
-        )
-        rows.append(
-            {
-                "benchmark": f"as shipped: our step vs diffusers + torch.optim.AdamW defaults ({r['config']})",
-                "ours img/s": f"{r['shipped_ours_images_per_s']:.2f}",
-                "diffusers img/s": f"{r['shipped_diffusers_images_per_s']:.2f}",
-                "ratio": f"{r['shipped_ratio']:.2f}x",
-            }
-        )
+        rows.append(ratio_row(
+            f"UNet train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})", r, "train", 2))
+        rows.append(ratio_row(
+            f"DDIM-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})", r, "sample", 3))
+        rows.append(ratio_row(
+            f"as shipped: our step vs diffusers + torch.optim.AdamW defaults ({r['config']})", r, "shipped", 2))
     print_table(rows, ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
     write_json({"results": results}, a.json)
     return results
