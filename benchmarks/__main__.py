@@ -39,11 +39,34 @@ def _pair(row: str, ours: float, theirs: float | None, ratio: float | None, unit
             "note": note, **extra}
 
 
-def run(quick: bool, precision: str) -> dict:
+class _Rows(list):
+    """The result's rows: each one added is printed with the time so far and the partial result written to disk, so a
+    run stopped part-way (a killed process, a machine taken back) still leaves every row it measured."""
+
+    def __init__(self, result: dict, json_path: str | None, t0: float) -> None:
+        super().__init__()
+        self.result, self.json_path, self.t0 = result, json_path, t0
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        ratio = f"{row['ratio']:.2f}x" if row.get("ratio") is not None else "-"
+        print(f"[{(time.time() - self.t0) / 60:5.1f} min] {row['row']}: ours {row['ours']:.3g} {row['unit']}, "
+              f"ratio {ratio}", flush=True)
+        self.result["seconds"] = time.time() - self.t0
+        write_json(_public(self.result), self.json_path)
+
+
+def _public(result: dict) -> dict:
+    """The result without the per-row working details (what the JSON file holds)."""
+    return {**result, "rows": [{k: v for k, v in r.items() if k != "detail"} for r in result["rows"]]}
+
+
+def run(quick: bool, precision: str, json_path: str | None = None) -> dict:
     t0 = time.time()
     peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
-    result: dict = {"machine": machine_info(), "precision": precision, "matmul_peak_flops": peak, "rows": []}
-    rows = result["rows"]
+    result: dict = {"machine": machine_info(), "precision": precision, "matmul_peak_flops": peak, "quick": quick,
+                    "complete": False}
+    rows = result["rows"] = _Rows(result, json_path, t0)
     rounds = 3 if quick else 8
 
     for name in ("demo", "mid"):
@@ -100,6 +123,8 @@ def run(quick: bool, precision: str) -> dict:
                               "img/s", note=f"peak RSS {e['peak_rss_mb']:.0f} MB"))
     result["memory"] = mem_bench.run(steps=1 if quick else 2)["rows"]
     result["seconds"] = time.time() - t0
+    result["complete"] = True
+    write_json(_public(result), json_path)
     return result
 
 
@@ -111,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     a = p.parse_args(argv)
     set_threads(a.threads)
-    result = run(a.quick, a.precision)
+    result = run(a.quick, a.precision, a.json)
     m = result["machine"]
     print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
           f"device {m['device']} | {a.precision} matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
@@ -134,10 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table([{"model": r["model"], "side": r["side"], "checkpointing": "on" if r["checkpointing"] else "off",
                   "step MB": f"{r['step_mb']:.0f}", "s/step": f"{r['step_s']:.2f}"} for r in result["memory"]],
                 ["model", "side", "checkpointing", "step MB", "s/step"])
-    for r in result["rows"]:
-        r.pop("detail", None)
-    write_json(result, a.json)
-    return result
+    return _public(result)
 
 
 if __name__ == "__main__":

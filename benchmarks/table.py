@@ -1,0 +1,62 @@
+"""The README's benchmark table, rendered from one run's JSON (what `python -m benchmarks` wrote).
+
+    python -m benchmarks.table [benchmarks/results/suite.json]
+
+Prints markdown: the machine line, the side-by-side rows (ours, the reference, the ratio, each side's GFLOP per
+item and MFU) and the memory rows. Nothing is typed in by hand: the README's table is this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _num(v: float | None, fmt: str = ".3g") -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.0f}%"
+
+
+def render(result: dict) -> str:
+    m = result["machine"]
+    minutes = result.get("seconds", 0) / 60
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, device {m['device']}; torch {m['torch']}, "
+        f"diffusers {m.get('diffusers')}, Python {m['python']}. Precision {result['precision']}; matmul peak "
+        f"measured in the run {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; the run took {minutes:.0f} min"
+        + ("" if result.get("complete", True) else " (incomplete: the run stopped before its last rows)")
+        + (" (--quick)" if result.get("quick") else "") + ".",
+        "",
+        "| benchmark | ours | reference | ratio | unit | GFLOP/item ours | GFLOP/item ref | MFU ours | MFU ref |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        label = r["row"] + (f" — {r['note']}" if r.get("note") else "")
+        ratio = f"**{r['ratio']:.2f}×**" if r.get("ratio") is not None else ""
+        lines.append(f"| {label} | {_num(r['ours'])} | {_num(r.get('diffusers'))} | {ratio} | {r['unit']} | "
+                     f"{_num(r.get('gflop_ours'))} | {_num(r.get('gflop_diffusers'))} | {_pct(r.get('mfu_ours'))} | "
+                     f"{_pct(r.get('mfu_diffusers'))} |")
+    if result.get("memory"):
+        lines += ["", "| train step memory | side | gradient checkpointing | step MB | s/step |",
+                  "|---|---|---|---|---|"]
+        for r in result["memory"]:
+            lines.append(f"| {r['model']} | {r['side']} | {'on' if r['checkpointing'] else 'off'} | "
+                         f"{r['step_mb']:.0f} | {r['step_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="?", default="benchmarks/results/suite.json")
+    a = p.parse_args(argv)
+    text = render(json.loads(Path(a.json).read_text()))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The suite's output: every measured row reaches the JSON file as it is measured, and the README table is rendered
+from that file (nothing typed in by hand)."""
+
+import json
+
+from benchmarks.__main__ import _public, _Rows
+from benchmarks.table import render
+
+
+def _row(name: str, ours: float, ref: float | None, ratio: float | None, **extra) -> dict:
+    return {"row": name, "ours": ours, "diffusers": ref, "ratio": ratio, "unit": "img/s", "gflop_ours": 2.0,
+            "gflop_diffusers": 2.0, "mfu_ours": 0.25, "mfu_diffusers": 0.2, "note": "", **extra}
+
+
+def test_each_row_is_written_as_it_is_measured(tmp_path):
+    path = tmp_path / "suite.json"
+    result = {"machine": {}, "precision": "fp32", "matmul_peak_flops": 1e11, "complete": False}
+    rows = result["rows"] = _Rows(result, str(path), t0=0.0)
+    rows.append(_row("UNet train step (demo)", 10.0, 9.0, 1.11, detail={"big": "working data"}))
+    written = json.loads(path.read_text())  # a run killed now still leaves this row
+    assert [r["row"] for r in written["rows"]] == ["UNet train step (demo)"]
+    assert "detail" not in written["rows"][0] and written["complete"] is False
+    rows.append(_row("UNet DDIM-50 + CFG (demo)", 3.0, 2.5, 1.2))
+    assert len(json.loads(path.read_text())["rows"]) == 2
+    assert "detail" in result["rows"][0]  # the in-memory rows keep what later rows read
+    assert all("detail" not in r for r in _public(result)["rows"])
+
+
+def test_the_table_shows_each_rows_own_figures_and_flags_an_incomplete_run():
+    machine = {"cpu": "Some CPU", "cores": 2, "threads": 2, "device": "cpu", "torch": "2.x", "diffusers": "0.x",
+               "python": "3.12"}
+    result = {"machine": machine, "precision": "fp32", "matmul_peak_flops": 3.2e11, "seconds": 1800, "complete": False,
+              "rows": [_row("UNet train step (mid)", 3.1, 3.0, 1.03),
+                       _row("encode 300 images", 40.0, None, None, note="peak RSS 900 MB")],
+              "memory": [{"model": "unet-mid", "side": "ours", "checkpointing": True, "step_mb": 123.4, "step_s": 1.5}]}
+    text = render(result)
+    assert "Some CPU, 2 cores" in text and "320 GFLOP/s" in text and "30 min" in text
+    assert "incomplete" in text
+    lines = text.splitlines()
+    unet = next(line for line in lines if line.startswith("| UNet train step (mid)"))
+    assert "| 3.1 | 3 | **1.03×** |" in unet and "| 25% | 20% |" in unet
+    encode = next(line for line in lines if line.startswith("| encode 300 images"))
+    assert "peak RSS 900 MB" in encode and "×" not in encode
+    assert "| unet-mid | ours | on | 123 | 1.50 |" in text
+    assert "incomplete" not in render({**result, "complete": True})
