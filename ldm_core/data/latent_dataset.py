@@ -46,6 +46,11 @@ DEFAULT_MAX_CACHE_BYTES = 8 * 2**30
 _IDLE_EXIT_S = 5.0  # a loader thread with nothing to do for this long exits (a new one starts on demand)
 
 
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a NumPy array, shared (bf16 seen as int16, which NumPy lacks)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
 class LatentDataset(Dataset):
     """The rows of one split of a latent store, for the LDM trainer (``get_batch``) and evaluation (``rows``).
 
@@ -166,15 +171,24 @@ class LatentDataset(Dataset):
     # -- loading ------------------------------------------------------------------------------------------------
 
     def _load(self, p: int) -> dict[str, torch.Tensor] | None:
-        """Read part ``p`` from storage; resident: copy it into its slot and return None; else return its tensors."""
+        """Read part ``p`` from storage; resident: copy it into its slot and return None; else return its tensors.
+
+        Runs in the loader threads, so it copies with NumPy and calls no torch op that can open a parallel region:
+        a torch op on a large tensor in a second thread gives that thread an OpenMP team of its own, libgomp then
+        counts more threads than cores and throttles its spin-wait for the whole process, and every small op of the
+        training step pays a futex wake. Measured (tiny UNet fwd+bwd, batch 32, 2 threads): 175 ms per step while
+        loader threads that had run a torch copy were alive, against 90-100 ms before they started and after they
+        exited (tests/core/test_latent_store.py::test_loader_threads_call_no_torch_op_that_computes).
+        """
         k, lo, n = self._parts[p]
         tensors = self.store.read_shard(k, self.fields)
         whole = lo == 0 and n == self.store.shards[k].rows
-        tensors = {f: t if whole else t[lo : lo + n].clone() for f, t in tensors.items()}
+        tensors = {f: t if whole else torch.from_numpy(_numpy_view(t)[lo : lo + n].copy()).view(t.dtype)
+                   for f, t in tensors.items()}
         if self._resident is not None:
             s = int(self._starts[p])
             for f, t in tensors.items():
-                self._resident[f][s : s + n].copy_(t)
+                _numpy_view(self._resident[f])[s : s + n] = _numpy_view(t)
             return None
         return tensors
 

@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm_core import storage
 from ldm_core.data import ImageShardDataset, IngestConfig, ingest, write_shapes_source
-from ldm_core.data.latent_dataset import LatentDataset
+from ldm_core.data.latent_dataset import LatentDataset, _numpy_view
 from ldm_core.data.latent_store import backends, schema
 from ldm_core.data.latent_store import writer as store_writer
 from ldm_core.data.latent_store.encoding import encode_dataset
@@ -201,6 +202,41 @@ def test_streaming_cache_modes_agree_with_resident(fp32_store):
                 assert torch.equal(got[f], ref[f]), f
         data.close()
     assert len(variants[0]._lru) <= 1
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])  # train: parts starting at row 0; validation: inside
+@pytest.mark.parametrize("resident", [True, False])
+def test_loader_threads_call_no_torch_op_that_computes(fp32_store, split, resident):
+    """A loading thread that runs a torch copy gets an OpenMP team of its own, and libgomp then throttles its
+    spin-wait for the whole process: the training step ran ~2x slower at 2 threads while such threads lived (see
+    LatentDataset._load). Loading moves memory with NumPy; torch only makes views of it."""
+    data = LatentDataset(fp32_store, split, prefetch=0, cache=resident)
+    ref = data.get_batch(list(range(len(data))))  # loads every part (and allocates the resident tensors)
+    assert data.resident == resident and all(0 < n < ROWS_PER_SHARD for _, _, n in data._parts)
+    for p in range(len(data._parts)):
+        with _AtenOps() as mode:
+            data._load(p)
+        assert set(mode.ops) <= {"view", "slice", "alias", "detach", "lift_fresh"}, mode.ops
+    assert all(torch.equal(data.get_batch(list(range(len(data))))[f], ref[f]) for f in ref)  # reloaded the same
+    data.close()
+
+
+def test_numpy_view_shares_bf16_memory_bit_for_bit():
+    t = torch.randn(5, 3).to(torch.bfloat16)
+    copy = torch.from_numpy(_numpy_view(t)[1:4].copy()).view(torch.bfloat16)
+    assert torch.equal(copy.view(torch.int16), t[1:4].view(torch.int16))
+    _numpy_view(t)[0] = _numpy_view(copy)[0]
+    assert torch.equal(t[0], copy[0])
 
 
 def test_posterior_sampling_is_deterministic_and_distributed_as_stored(fp32_store):
