@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.attention import attention
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -175,7 +176,7 @@ class AttnBlock(nn.Module):
         t = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.q(t), self.k(t), self.v(t)
         # one head of width C; SDPA picks the fused kernel for the device
-        o = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)  # (B, HW, C)
+        o = attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)  # (B, HW, C)
         o = self.proj_out(o).transpose(1, 2).reshape(b, c, h, w)
         return x + o
 

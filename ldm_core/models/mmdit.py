@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.attention import attention
 from ldm_core.models.fused_projections import fuse_on_load
 from ldm_core.models.text_mask import has_padding
 from ldm_core.models.unet import MAX_PERIOD, TimestepEmbedder
@@ -311,7 +312,7 @@ class JointBlock(nn.Module):
         # one concatenation for q, k and v of both streams; SDPA reads the strided views in place
         qkv = torch.cat([qkv_x, qkv_c], dim=1)  # (B, N + L, 3, heads, D/heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N + L, D/heads) each
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, heads, N + L, D/heads)
+        out = attention(q, k, v, attn_mask=key_mask)  # (B, heads, N + L, D/heads)
         out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N + L, D)
         x = self.x_block.post_attention(x, out[:, :N], x_mods)
         if self.context_block.pre_only:

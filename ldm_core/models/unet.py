@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
+from ldm_core.models.attention import attention
 from ldm_core.models.fused_projections import fuse_on_load
 from ldm_core.models.text_mask import has_padding
 
@@ -289,7 +290,7 @@ class Attention(nn.Module):
             # its softmax runs over all keys to stay finite, and its output is zeroed below.
             has_keys = mask.any(dim=-1)  # (B,)
             attn_mask = (mask | ~has_keys[:, None])[:, None, None, :]  # (B, 1, 1, L), broadcast over heads, queries
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, C/h)
+        out = attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, C/h)
         if has_keys is not None:
             out = out.masked_fill(~has_keys[:, None, None, None], 0.0)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
