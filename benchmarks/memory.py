@@ -2,12 +2,13 @@
 
     python -m benchmarks.memory [--json out.json]
 
-Each measurement runs in a fresh process (so no allocation of another lingers): it builds the model, its inputs
-and the fused Adam(W) optimizer, then resets the process's resident-memory high-water mark and takes the steps.
-"Step memory" is the new high-water mark minus the memory held before the step (weights, inputs and the
-optimizer state, allocated by a first step): activations and gradients, what gradient checkpointing acts on. On a GPU it is `torch.cuda.max_memory_allocated` minus the allocation
-before the step. (`ru_maxrss` cannot be used: Linux carries a process's peak across fork and exec, so every child
-of a large parent reports the parent's size; it did, 2.8 GB for every row, in this benchmark's first full run.)
+Each measurement runs in a fresh process (so no allocation of another lingers): it builds the model, its inputs and
+the fused Adam(W) optimizer, takes a first step (which allocates the optimizer state), then resets the process's
+resident-memory high-water mark and takes one more. "Step memory" is the new high-water mark minus the memory held
+before that step (weights, inputs, optimizer state): activations and gradients, what gradient checkpointing acts on.
+On a GPU it is `torch.cuda.max_memory_allocated` minus the allocation before the step. (`ru_maxrss` cannot be used:
+Linux carries a process's peak across fork and exec, so every child of a large parent reports the parent's size; it
+did, 2.8 GB for every row, in this benchmark's first full run.)
 """
 
 from __future__ import annotations

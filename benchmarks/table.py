@@ -21,7 +21,9 @@ def _pct(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.0f}%"
 
 
-def render(result: dict) -> str:
+def render(result: dict, model_rows_only: bool = False) -> str:
+    """The markdown; ``model_rows_only``: just the model-level rows (those with FLOPs: where ``--precision`` applies)
+    and no memory table."""
     m = result["machine"]
     minutes = result.get("seconds", 0) / 60
     lines = [
@@ -35,12 +37,14 @@ def render(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if model_rows_only and not r.get("gflop_ours"):
+            continue
         label = r["row"] + (f" — {r['note']}" if r.get("note") else "")
         ratio = f"**{r['ratio']:.2f}×**" if r.get("ratio") is not None else ""
         lines.append(f"| {label} | {_num(r['ours'])} | {_num(r.get('diffusers'))} | {ratio} | {r['unit']} | "
                      f"{_num(r.get('gflop_ours'))} | {_num(r.get('gflop_diffusers'))} | {_pct(r.get('mfu_ours'))} | "
                      f"{_pct(r.get('mfu_diffusers'))} |")
-    if result.get("memory"):
+    if result.get("memory") and not model_rows_only:
         lines += ["", "| train step memory | side | gradient checkpointing | step MB | s/step |",
                   "|---|---|---|---|---|"]
         for r in result["memory"]:
@@ -52,8 +56,10 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="?", default="benchmarks/results/suite.json")
+    p.add_argument("--model-rows", action="store_true",
+                   help="only the model-level rows (the ones --precision applies to; the others always run in fp32)")
     a = p.parse_args(argv)
-    text = render(json.loads(Path(a.json).read_text()))
+    text = render(json.loads(Path(a.json).read_text()), a.model_rows)
     print(text)
     return text
 
