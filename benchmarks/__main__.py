@@ -26,7 +26,7 @@ from benchmarks import memory as mem_bench
 from benchmarks import mmdit as mmdit_bench
 from benchmarks import unet as unet_bench
 from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threads, write_json
-from ldm_core.flops import measure_matmul_peak, mfu
+from ldm_core.flops import gpu_peak_flops, measure_matmul_peak, mfu
 
 
 def _pair(row: str, ours: float, theirs: float | None, ratio: float | None, unit: str, flops_ours: float | None = None,
@@ -61,17 +61,19 @@ def _public(result: dict) -> dict:
     return {**result, "rows": [{k: v for k, v in r.items() if k != "detail"} for r in result["rows"]]}
 
 
-def run(quick: bool, precision: str, json_path: str | None = None) -> dict:
+def run(quick: bool, precision: str, json_path: str | None = None, device: str = "cpu") -> dict:
     t0 = time.time()
-    peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device=device)
     result: dict = {"machine": machine_info(), "precision": precision, "matmul_peak_flops": peak, "quick": quick,
-                    "complete": False}
+                    "complete": False, "device": device,
+                    # on a GPU, MFU against the datasheet peak too (benchmarks.table adds those columns)
+                    "datasheet_peak_flops": gpu_peak_flops(precision) if torch.device(device).type == "cuda" else None}
     rows = result["rows"] = _Rows(result, json_path, t0)
     rounds = 3 if quick else 8
 
     for name in ("demo", "mid"):
         steps = 10 if quick else 50
-        r = unet_bench.run(name, rounds=rounds, iters=1, sample_steps=steps, precision=precision)
+        r = unet_bench.run(name, rounds=rounds, iters=1, sample_steps=steps, precision=precision, device=device)
         rows.append(_pair(f"UNet train step ({name})", r["train_ours_images_per_s"], r["train_diffusers_images_per_s"],
                           r["train_ratio"], "img/s", r["train_flops_ours"], r["train_flops_diffusers"], peak,
                           detail=r))
@@ -80,14 +82,14 @@ def run(quick: bool, precision: str, json_path: str | None = None) -> dict:
                           r["sample_flops_diffusers"], peak))
     for name in ("tiny", "mid"):
         steps = 6 if quick else mmdit_bench.SAMPLE_STEPS
-        r = mmdit_bench.run(name, rounds=rounds, iters=1, sample_steps=steps, precision=precision)
+        r = mmdit_bench.run(name, rounds=rounds, iters=1, sample_steps=steps, precision=precision, device=device)
         rows.append(_pair(f"MMDiT train step ({name})", r["train_ours_images_per_s"], r["train_diffusers_images_per_s"],
                           r["train_ratio"], "img/s", r["train_flops_ours"], r["train_flops_diffusers"], peak))
         rows.append(_pair(f"MMDiT Euler-{steps} + CFG ({name})", r["sample_ours_images_per_s"],
                           r["sample_diffusers_images_per_s"], r["sample_ratio"], "img/s", r["sample_flops_ours"],
                           r["sample_flops_diffusers"], peak))
     size = 32 if quick else 64
-    a = ae_bench.run(size=size, batch=4, rounds=rounds, precision=precision)
+    a = ae_bench.run(size=size, batch=4, rounds=rounds, precision=precision, device=device)
     rows.append(_pair(f"AutoencoderKL train step ({size}px)", a["ours_images_per_s"], a["diffusers_images_per_s"],
                       a["ratio"], "img/s", a["flops_ours"], a["flops_diffusers"], peak))
 
@@ -97,12 +99,12 @@ def run(quick: bool, precision: str, json_path: str | None = None) -> dict:
         rows.append(_pair(f"as shipped: UNet step, ours vs diffusers + torch.optim.AdamW defaults ({name})",
                           d["shipped_ours_images_per_s"], d["shipped_diffusers_images_per_s"], d["shipped_ratio"],
                           "img/s", note="different optimizers: the product, not the model"))
-    f = ae_bench.run_full_loss(size=size, batch=4, rounds=rounds, precision=precision)
+    f = ae_bench.run_full_loss(size=size, batch=4, rounds=rounds, precision=precision, device=device)
     rows.append(_pair(f"algorithmic: AutoencoderKL step with LPIPS + GAN ({size}px)", f["ours_images_per_s"],
                       f["diffusers_images_per_s"], f["ratio"], "img/s", f["flops_ours"], f["flops_diffusers"], peak,
                       note="one LPIPS/discriminator backward vs CompVis' two"))
     for name in e2e_bench.CONFIGS:
-        e = e2e_bench.run(name, rounds=2 if quick else 4)
+        e = e2e_bench.run(name, rounds=2 if quick else 4, device=device)
         rows.append(_pair(f"end to end: ldm_model step on the latent store vs train_text_to_image ({name}, "
                           f"{e['vae']} {e['resolution']}px)", e["ours_images_per_s"], e["diffusers_images_per_s"],
                           e["ratio"], "img/s", note="the reference encodes with the VAE and text encoder every step"))
@@ -121,7 +123,7 @@ def run(quick: bool, precision: str, json_path: str | None = None) -> dict:
         for e in ll.encode_runs(tmp, [100, 1000] if quick else [300, 3000], rows_per_shard=100):
             rows.append(_pair(f"encode {e['rows']} images (tiny VAE + MiniLM)", e["images_per_second"], None, None,
                               "img/s", note=f"peak RSS {e['peak_rss_mb']:.0f} MB"))
-    result["memory"] = mem_bench.run(steps=1 if quick else 2)["rows"]
+    result["memory"] = mem_bench.run(device=device, steps=1 if quick else 2)["rows"]
     result["seconds"] = time.time() - t0
     result["complete"] = True
     write_json(_public(result), json_path)
@@ -134,9 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json", default="benchmarks/results/suite.json")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model, end-to-end and memory rows run (the latent-loader rows are host work)")
     a = p.parse_args(argv)
     set_threads(a.threads)
-    result = run(a.quick, a.precision, a.json)
+    result = run(a.quick, a.precision, a.json, a.device)
     m = result["machine"]
     print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
           f"device {m['device']} | {a.precision} matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")

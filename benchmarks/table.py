@@ -21,11 +21,17 @@ def _pct(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.0f}%"
 
 
+def _times(v: float | None, k: float) -> float | None:
+    return None if v is None else v * k
+
+
 def render(result: dict, model_rows_only: bool = False) -> str:
     """The markdown; ``model_rows_only``: just the model-level rows (those with FLOPs: where ``--precision`` applies)
     and no memory table."""
     m = result["machine"]
     minutes = result.get("seconds", 0) / 60
+    sheet = result.get("datasheet_peak_flops")
+    scale = result["matmul_peak_flops"] / sheet if sheet else None  # MFU vs the measured peak -> vs the datasheet's
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, device {m['device']}; torch {m['torch']}, "
         f"diffusers {m.get('diffusers')}, Python {m['python']}. Precision {result['precision']}; matmul peak "
@@ -33,9 +39,12 @@ def render(result: dict, model_rows_only: bool = False) -> str:
         + ("" if result.get("complete", True) else " (incomplete: the run stopped before its last rows)")
         + (" (--quick)" if result.get("quick") else "") + ".",
         "",
-        "| benchmark | ours | reference | ratio | unit | GFLOP/item ours | GFLOP/item ref | MFU ours | MFU ref |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| benchmark | ours | reference | ratio | unit | GFLOP/item ours | GFLOP/item ref | MFU ours | MFU ref |"
+        + (" MFU ours (datasheet) | MFU ref (datasheet) |" if scale else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if scale else ""),
     ]
+    if scale:
+        lines[0] += f" Datasheet peak {sheet / 1e12:.0f} TFLOP/s."
     for r in result["rows"]:
         if model_rows_only and not r.get("gflop_ours"):
             continue
@@ -43,7 +52,9 @@ def render(result: dict, model_rows_only: bool = False) -> str:
         ratio = f"**{r['ratio']:.2f}×**" if r.get("ratio") is not None else ""
         lines.append(f"| {label} | {_num(r['ours'])} | {_num(r.get('diffusers'))} | {ratio} | {r['unit']} | "
                      f"{_num(r.get('gflop_ours'))} | {_num(r.get('gflop_diffusers'))} | {_pct(r.get('mfu_ours'))} | "
-                     f"{_pct(r.get('mfu_diffusers'))} |")
+                     f"{_pct(r.get('mfu_diffusers'))} |"
+                     + (f" {_pct(_times(r.get('mfu_ours'), scale))} | {_pct(_times(r.get('mfu_diffusers'), scale))} |"
+                        if scale else ""))
     if result.get("memory") and not model_rows_only:
         lines += ["", "| train step memory | side | gradient checkpointing | step MB | s/step |",
                   "|---|---|---|---|---|"]

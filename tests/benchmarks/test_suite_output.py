@@ -43,5 +43,8 @@ def test_the_table_shows_each_rows_own_figures_and_flags_an_incomplete_run():
     assert "peak RSS 900 MB" in encode and "×" not in encode
     assert "| unet-mid | ours | on | 123 | 1.50 |" in text
     assert "incomplete" not in render({**result, "complete": True})
+    gpu = render({**result, "datasheet_peak_flops": 6.4e11})  # twice the measured peak: half the MFU
+    assert "MFU ours (datasheet)" in gpu and "| 25% | 20% | 12% | 10% |" in gpu
+    assert "datasheet" not in text
     models = render(result, model_rows_only=True)
     assert "UNet train step (mid)" in models and "encode 300" not in models and "unet-mid" not in models
