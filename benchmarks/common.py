@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +43,28 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark (VmHWM; since the last `reset_peak_rss`). Not ``ru_maxrss``:
+    Linux carries that across fork and exec, so a child spawned by a large parent reports the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM: peak memory is measured on Linux only")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current resident size (Linux >= 4.0: writing 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 THREADS_HELP = ("intra-op threads for both sides (default: torch's, one per core); on a loaded machine 1 keeps "

@@ -19,9 +19,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threads, write_json
-from benchmarks.unet import CONFIGS, autocast, train_step
-from ldm_core.interop import to_diffusers
-from ldm_core.models.unet import UNet
+from benchmarks.unet import CONFIGS, autocast, setup, train_step
 from ldm_core.trainers.step import make_adam
 
 
@@ -35,28 +33,17 @@ def _median_s(step: Callable[[], None], n: int) -> float:
 
 
 def run(name: str, sides: list[str], precision: str = "fp32", steps: int = 5) -> list[dict]:
-    spec, dev = CONFIGS[name], torch.device("cpu")
-    torch.manual_seed(0)
-    ours = UNet(spec["unet"])
-    models = {"ours": ours, "diffusers": to_diffusers(ours)}  # identical weights
-    b, L, D, s = spec["batch"], spec["tokens"], spec["unet"].context_dim, spec["latent"]
-    x, t = torch.randn(b, spec["unet"].in_channels, s, s), torch.randint(0, 1000, (b,)).float()
-    ctx, mask = torch.randn(b, L, D), torch.ones(b, L, dtype=torch.bool)
-    target, amp = torch.randn_like(x), autocast(dev, precision)
+    dev = torch.device("cpu")
+    su = setup(name, dev)  # identical weights, one batch
+    amp = autocast(dev, precision)
     rows = []
     for side in sides:
-        net = models[side]
-
-        def forward(m: torch.nn.Module, side: str = side) -> Callable[[], torch.Tensor]:
-            if side == "ours":
-                return lambda: m(x, t, ctx, mask)
-            return lambda: m(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
-
+        net = su.ours if side == "ours" else su.theirs
         opt = make_adam(list(net.parameters()), dev, adamw=True, lr=1e-4)
-        eager = train_step(forward(net), target, opt, amp)
+        eager = train_step(su.forward(side), su.target, opt, amp)
         eager()
         eager_s = _median_s(eager, steps)
-        compiled = train_step(forward(torch.compile(net)), target, opt, amp)
+        compiled = train_step(su.forward(side, torch.compile(net)), su.target, opt, amp)
         t0 = time.perf_counter()
         compiled()
         first_s = time.perf_counter() - t0
@@ -71,7 +58,7 @@ def run(name: str, sides: list[str], precision: str = "fp32", steps: int = 5) ->
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs with a fresh Inductor cache directory unless --warm-cache: a cache left by an earlier run makes the first
-    compiled step a cache load (8 s instead of ~340 s for the mid UNet), which is not what a new run pays."""
+    compiled step a cache load (8 s instead of ~190 s for the mid UNet), which is not what a new run pays."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(CONFIGS), default="mid")
     p.add_argument("--sides", default="ours,diffusers")

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.common import machine_info, print_table, write_json
+from benchmarks.common import machine_info, peak_rss_bytes, print_table, write_json
 
 DEMO = {"name": "demo", "latent": (4, 8, 8), "context": (16, 384), "rows": 4096, "rows_per_shard": 512, "batch": 32}
 SD = {"name": "sd-like", "latent": (4, 64, 64), "context": (77, 768), "rows": 1024, "rows_per_shard": 128, "batch": 32}
@@ -173,16 +173,6 @@ def moto_server() -> Iterator[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def encode_child(dataset_url: str, store_url: str) -> dict[str, Any]:
     """Runs in a fresh process: load the models, note the peak RSS, encode, note it again."""
     from ldm_core.data.latent_store.encoding import encode_dataset
@@ -194,11 +184,11 @@ def encode_child(dataset_url: str, store_url: str) -> dict[str, Any]:
     vae = AutoencoderKL(autoencoder_preset("tiny"))
     text = TextEncoder(TextEncoderConfig(max_length=16))
     text.empty()
-    before = _peak_rss_mb()
+    before = peak_rss_bytes() / 2**20
     r = encode_dataset(dataset_url, store_url, vae, text, LatentStoreConfig(resolution=32, batch_size=128),
                        vae_identity="bench:tiny")
     return {"rows": r.rows_total, "shards": r.shards_total, "images_per_second": r.images_per_second,
-            "seconds": r.seconds, "rss_before_mb": before, "peak_rss_mb": _peak_rss_mb()}
+            "seconds": r.seconds, "rss_before_mb": before, "peak_rss_mb": peak_rss_bytes() / 2**20}
 
 
 def encode_runs(workdir: str, sizes: list[int], rows_per_shard: int) -> list[dict[str, Any]]:

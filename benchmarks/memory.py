@@ -14,7 +14,6 @@ did, 2.8 GB for every row, in this benchmark's first full run.)
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from benchmarks import autoencoder as ae_bench
 from benchmarks import mmdit as mmdit_bench
 from benchmarks import unet as unet_bench
-from benchmarks.common import machine_info, print_table, write_json
+from benchmarks.common import machine_info, peak_rss_bytes, print_table, reset_peak_rss, rss_bytes, write_json
 from ldm_core.interop.autoencoder import diffusers_kwargs as ae_kwargs
 from ldm_core.interop.mmdit import diffusers_kwargs as mmdit_kwargs
 from ldm_core.interop.unet import diffusers_kwargs as unet_kwargs
@@ -76,33 +75,12 @@ def _build(model: str, side: str, checkpointed: bool, dev: torch.device):
     return net, lambda: net.decode(net.encode(x).latent_dist.mode()).sample.abs().mean()
 
 
-def _rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _hwm_bytes() -> int:
-    """This process's resident-memory high-water mark since the last `_reset_hwm` (VmHWM, Linux /proc)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM: step memory is measured on Linux only")
-
-
-def _reset_hwm() -> None:
-    """Start VmHWM again from the current resident size (Linux >= 4.0: writing 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def step_peak_bytes(step: Callable[[], None]) -> int:
     """Peak resident memory that `step()` adds to what the process holds when it is called (CPU)."""
-    before = _rss_bytes()
-    _reset_hwm()
+    before = rss_bytes()
+    reset_peak_rss()
     step()
-    return max(0, _hwm_bytes() - before)
+    return max(0, peak_rss_bytes() - before)
 
 
 def _measure(model: str, side: str, checkpointed: bool, device: str, steps: int, queue) -> None:

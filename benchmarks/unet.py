@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -92,26 +93,46 @@ def meta_flops(spec: dict) -> dict[str, dict[str, float]]:
             "forward": {k: count_flops(f) / b for k, f in fwd.items()}}
 
 
-def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, device: str = "cpu",
-        precision: str = "fp32") -> dict:
+class Setup(NamedTuple):
+    """Both UNets with identical weights and one training batch of a config."""
+
+    ours: UNet
+    theirs: torch.nn.Module
+    x: torch.Tensor
+    t: torch.Tensor
+    ctx: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+
+    def forward(self, side: str, module: Callable | None = None) -> Callable[[], torch.Tensor]:
+        """The side's forward on the batch, through `module` (e.g. its compiled wrapper) or the side's model."""
+        if side == "ours":
+            m = self.ours if module is None else module
+            return lambda: m(self.x, self.t, self.ctx, self.mask)
+        m = self.theirs if module is None else module
+        return lambda: m(self.x, self.t, encoder_hidden_states=self.ctx, encoder_attention_mask=self.mask).sample
+
+
+def setup(name: str, dev: torch.device) -> Setup:
     spec = CONFIGS[name]
-    dev = torch.device(device)
     torch.manual_seed(0)
     ours = UNet(spec["unet"]).to(dev)
     theirs = to_diffusers(ours).to(dev)  # identical weights
     b, L, D, s = spec["batch"], spec["tokens"], spec["unet"].context_dim, spec["latent"]
     x = torch.randn(b, spec["unet"].in_channels, s, s, device=dev)
-    t = torch.randint(0, 1000, (b,), device=dev).float()
-    ctx = torch.randn(b, L, D, device=dev)
-    mask = torch.ones(b, L, dtype=torch.bool, device=dev)
-    target = torch.randn_like(x)
+    return Setup(ours, theirs, x, torch.randint(0, 1000, (b,), device=dev).float(), torch.randn(b, L, D, device=dev),
+                 torch.ones(b, L, dtype=torch.bool, device=dev), torch.randn_like(x))
+
+
+def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, device: str = "cpu",
+        precision: str = "fp32") -> dict:
+    spec = CONFIGS[name]
+    dev = torch.device(device)
+    su = setup(name, dev)
+    ours, theirs, ctx, mask, target = su.ours, su.theirs, su.ctx, su.mask, su.target
+    b, L, D, s = spec["batch"], spec["tokens"], spec["unet"].context_dim, spec["latent"]
     amp = autocast(dev, precision)
-
-    def f_ours() -> torch.Tensor:
-        return ours(x, t, ctx, mask)
-
-    def f_theirs() -> torch.Tensor:
-        return theirs(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+    f_ours, f_theirs = su.forward("ours"), su.forward("diffusers")
 
     # 1) like for like: the same fused AdamW on both sides
     same = {"ours": make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4),

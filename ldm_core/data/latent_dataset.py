@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm_core.data import canonical
-from ldm_core.data.latent_store.backends import TORCH_DTYPE
+from ldm_core.data.latent_store.backends import TORCH_DTYPE, numpy_view
 from ldm_core.data.latent_store.reader import LatentStore
 from ldm_core.models.autoencoder import scale_latents
 
@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CACHE_BYTES = 8 * 2**30
 _IDLE_EXIT_S = 5.0  # a loader thread with nothing to do for this long exits (a new one starts on demand)
-
-
-def _numpy_view(t: torch.Tensor) -> np.ndarray:
-    """The tensor's memory as a NumPy array, shared (bf16 seen as int16, which NumPy lacks)."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 class LatentDataset(Dataset):
@@ -183,12 +178,12 @@ class LatentDataset(Dataset):
         k, lo, n = self._parts[p]
         tensors = self.store.read_shard(k, self.fields)
         whole = lo == 0 and n == self.store.shards[k].rows
-        tensors = {f: t if whole else torch.from_numpy(_numpy_view(t)[lo : lo + n].copy()).view(t.dtype)
+        tensors = {f: t if whole else torch.from_numpy(numpy_view(t)[lo : lo + n].copy()).view(t.dtype)
                    for f, t in tensors.items()}
         if self._resident is not None:
             s = int(self._starts[p])
             for f, t in tensors.items():
-                _numpy_view(self._resident[f])[s : s + n] = _numpy_view(t)
+                numpy_view(self._resident[f])[s : s + n] = numpy_view(t)
             return None
         return tensors
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm_core import storage
 from ldm_core.data import ImageShardDataset, IngestConfig, ingest, write_shapes_source
-from ldm_core.data.latent_dataset import LatentDataset, _numpy_view
+from ldm_core.data.latent_dataset import LatentDataset
 from ldm_core.data.latent_store import backends, schema
 from ldm_core.data.latent_store import writer as store_writer
 from ldm_core.data.latent_store.encoding import encode_dataset
@@ -233,9 +233,9 @@ def test_loader_threads_call_no_torch_op_that_computes(fp32_store, split, reside
 
 def test_numpy_view_shares_bf16_memory_bit_for_bit():
     t = torch.randn(5, 3).to(torch.bfloat16)
-    copy = torch.from_numpy(_numpy_view(t)[1:4].copy()).view(torch.bfloat16)
+    copy = torch.from_numpy(backends.numpy_view(t)[1:4].copy()).view(torch.bfloat16)
     assert torch.equal(copy.view(torch.int16), t[1:4].view(torch.int16))
-    _numpy_view(t)[0] = _numpy_view(copy)[0]
+    backends.numpy_view(t)[0] = backends.numpy_view(copy)[0]
     assert torch.equal(t[0], copy[0])
 
 

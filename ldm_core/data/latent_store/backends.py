@@ -32,12 +32,16 @@ NP_DTYPE = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16), "fp32": n
 TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a NumPy array, shared, without a torch op that computes (bf16, which NumPy lacks,
+    seen as int16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """A float tensor as the NumPy array that is written (bf16: its raw bits as uint16)."""
-    x = x.detach().to("cpu", TORCH_DTYPE[dtype]).contiguous()
-    if dtype == "bf16":
-        return x.view(torch.int16).numpy().view(np.uint16)
-    return x.numpy()
+    a = numpy_view(x.detach().to("cpu", TORCH_DTYPE[dtype]).contiguous())
+    return a.view(np.uint16) if dtype == "bf16" else a
 
 
 def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
