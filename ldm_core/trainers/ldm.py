@@ -102,6 +102,21 @@ _NO_POOLED = ("the {kind} denoiser takes the pooled text vector, and {what}: a l
               "adds them from the stored captions without re-encoding the images.")
 
 
+def load_init_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load starting weights strictly: a missing or unexpected key, or a shape that differs, is a ValueError naming
+    it (the run config's denoiser and the weights describe different networks)."""
+    own = model.state_dict()
+    for k, v in weights.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"init weights: {k} has shape {tuple(v.shape)}, the configured denoiser's is "
+                             f"{tuple(own[k].shape)}")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"init weights do not fit the configured denoiser: {' '.join(str(e).split())[:400]}") \
+            from None
+
+
 def train_ldm(
     config: LDMTrainingConfig,
     latents: torch.utils.data.Dataset,
@@ -111,6 +126,7 @@ def train_ldm(
     checkpoint_dir: str | None = None,
     sample_fn: Callable[[nn.Module, int], np.ndarray] | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -123,6 +139,9 @@ def train_ldm(
     sample_fn(model, step) -> uint8 image grid: validation samples for fixed prompts, sent to the tracker.
     should_stop(step): checked after each step; True ends the run early after a checkpoint (under torchrun: when any
     rank's says so).
+    init_weights: the denoiser's starting weights (a warm start: a registered model, a converted diffusers
+    backbone), loaded strictly into the model built from ``config.denoiser`` before the EMA and the optimizer see it;
+    a checkpoint to resume from still wins. None: the seeded random initialisation.
     rank, world_size: default to the process group's (`ldm_core.distributed.init_distributed`); 0 of 1 without one.
     """
     tracker = tracker or NullTracker()
@@ -133,7 +152,10 @@ def train_ldm(
     diffusion = create_diffusion(config.diffusion)
     model_cfg = config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing}) \
         if hasattr(config.denoiser, "gradient_checkpointing") else config.denoiser
-    model = build_denoiser(model_cfg).to(device).train()
+    model = build_denoiser(model_cfg)
+    if init_weights is not None:
+        load_init_weights(model, init_weights)
+    model = model.to(device).train()
     ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
