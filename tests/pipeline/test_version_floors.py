@@ -23,6 +23,11 @@ FEATURES = [
     ("dagster", "1.10", "pipeline/assets/vae_model.py", r"\bpool=GPU_POOL"),  # @asset(pool=): concurrency pools
     ("mlflow", "3.0", "pipeline/resources.py", r"log_model\(\s*name="),  # log_model(name=) (was artifact_path)
     ("mlflow", "3.5", "deploy/docker-compose.yaml", r"--allowed-hosts="),  # the server's host-header check
+    # the zarr 3 store API (zarr 2 has neither LocalStore nor FsspecStore nor Group.create_array)
+    ("zarr", "3.0", "ldm_core/data/latent_store/backends.py", r"zarr\.storage\.LocalStore\("),
+    ("zarr", "3.0", "ldm_core/data/latent_store/backends.py", r"\.create_array\("),
+    # from_pretrained(dtype=) arrived in 4.56 (before it: torch_dtype=)
+    ("transformers", "4.56", "ldm_core/text_encoder.py", r"from_pretrained\([^)]*\bdtype=dtype"),
 ]
 DAGSTER_LIBRARIES = ("dagster-postgres", "dagster-k8s")
 DAGSTER_PACKAGES = ("dagster-webserver", "dagster-pipes")
