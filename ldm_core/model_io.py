@@ -24,10 +24,19 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+def serialized_weights(model: torch.nn.Module) -> bytes:
+    """The model's weights as the safetensors bytes `save_model` writes."""
+    return st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """The content hash of the model's weights: the ``weights_sha256`` that `save_model` records for them."""
+    return hashlib.sha256(serialized_weights(model)).hexdigest()
+
+
 def save_model(url: str, model: torch.nn.Module, model_type: str, config: Any, extra: dict[str, Any] | None = None,
                storage_options: dict[str, Any] | None = None) -> str:
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = st_save(sd)
+    data = serialized_weights(model)
     # overwriting: withdraw the old commit record first, so a kill below leaves an incomplete model, never a mix
     storage.remove(storage.join(url, CONFIG), storage_options)
     storage.write_bytes_atomic(storage.join(url, WEIGHTS), data, storage_options)

@@ -19,6 +19,7 @@ from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.data.synthetic import MIN_SHAPE_SIZE
 from ldm_core.evaluation.evaluate import EvaluationConfig
 from ldm_core.evaluation.fidelity import FidelityThresholds
+from ldm_core.interop.pretrained_vae import PretrainedAutoencoderConfig
 from ldm_core.text_encoder import TextEncoderConfig
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
 from ldm_core.trainers.ldm import LDMTrainingConfig
@@ -57,6 +58,7 @@ class ImageDatasetConfig(dg.Config):
 
 VaeTrainingSection = dagster_config(AutoencoderTrainingConfig)
 FidelitySection = dagster_config(FidelityThresholds)
+PretrainedVaeSection = dagster_config(PretrainedAutoencoderConfig)
 
 
 class VaeModelConfig(dg.Config):
@@ -75,6 +77,11 @@ class VaeModelConfig(dg.Config):
         description="Asset check (blocking): per-colour accuracy, worst-decile PSNR and channel shift of held-out "
                     "reconstructions.")
     cache_images: bool = Field(default=True, description="Keep decoded training images in memory (small datasets).")
+    pretrained: PretrainedVaeSection | None = Field(default=None,  # type: ignore[valid-type]
+        description="Start from a pretrained diffusers AutoencoderKL instead of training one: mode 'frozen' uses it "
+                    "as is (the training section is not used), 'decoder' fine-tunes its decoder with the training "
+                    "section (whose model comes from the source: leave training.model unset). Unset: train from "
+                    "scratch.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

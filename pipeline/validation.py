@@ -20,6 +20,8 @@ from transformers import AutoConfig
 from ldm_core.data.ingest import IngestConfig
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.evaluation.evaluate import EvaluationConfig
+from ldm_core.interop.folders import PretrainedSourceNotFound
+from ldm_core.interop.pretrained_vae import PretrainedAutoencoderConfig, pretrained_autoencoder_config
 from ldm_core.models.mmdit import MMDiTConfig
 from ldm_core.text_encoder import TextEncoderConfig, resolve_model_path, widths_from_config
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
@@ -92,6 +94,9 @@ def check_sections(run_config: dict[str, Any]) -> None:
         vae = check(to_core, AutoencoderTrainingConfig, vae_section.get("training"), "vae_model.training")
     if vae is not None:
         _check_device(vae.trainer.device, "vae_model.training.trainer.device", errors)
+    if vae is not None and vae_section.get("pretrained") is not None:
+        # the autoencoder the checks below see is the source's (None: not readable before the run, checks skipped)
+        vae = _pretrained_autoencoder(vae_section, vae, errors, check)
 
     # ---- latent_store -------------------------------------------------------------------------------------------
     resolution = vae_section.get("resolution", VaeModelConfig.model_fields["resolution"].default)
@@ -168,6 +173,33 @@ def check_sections(run_config: dict[str, Any]) -> None:
 
     if errors:
         raise ConfigValidationError("invalid run config:\n  " + "\n  ".join(errors))
+
+
+def _pretrained_autoencoder(section: dict[str, Any], training: AutoencoderTrainingConfig, errors: list[str],
+                            check: Any) -> AutoencoderTrainingConfig | None:
+    """The stage-1 config a pretrained source makes (its architecture, the decoder side trained), after refusing what
+    contradicts it; None when the source cannot be read here (a remote one: the asset reads it) or is refused."""
+    pretrained = check(to_core, PretrainedAutoencoderConfig, section["pretrained"], "vae_model.pretrained")
+    if pretrained is None:
+        return None
+    set_training = {k: v for k, v in (section.get("training") or {}).items() if v is not None}
+    if "model" in set_training:
+        errors.append("vae_model.training.model: the autoencoder comes from vae_model.pretrained.source; leave it "
+                      "unset")
+    trainable = (set_training.get("trainer") or {}).get("trainable")
+    if pretrained.mode == "decoder" and trainable not in (None, "decoder"):
+        errors.append(f"vae_model.training.trainer.trainable: {trainable!r}, but vae_model.pretrained.mode 'decoder' "
+                      "keeps the encoder fixed; leave it unset")
+    try:
+        model = pretrained_autoencoder_config(pretrained.source, pretrained.subfolder)
+    except (PretrainedSourceNotFound, ValueError) as e:
+        errors.append(f"vae_model.pretrained.source: {e}")
+        return None
+    if model is None:
+        return None
+    data = training.to_dict()
+    data["model"], data["trainer"]["trainable"] = model.to_dict(), "decoder"
+    return check(to_core, AutoencoderTrainingConfig, data, "vae_model.training")
 
 
 def _check_device(spec: str, path: str, errors: list[str]) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ldm_core import distributed
@@ -35,6 +35,7 @@ from ldm_core.trainers.loop import StepOutput, TrainingLoop
 from ldm_core.trainers.meters import ThroughputMeter
 from ldm_core.trainers.run_setup import RunSetup, autocast
 from ldm_core.trainers.step import EMA, LossScaler, grad_norm_and_finite, lr_at, make_adam, optimizer_step, set_lr
+from ldm_core.trainers.warm_start import load_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ class AutoencoderTrainerConfig(TrainerConfig):
     """Send a reconstruction grid to the tracker every N steps (0 = only at the end)."""
     sample_posterior: bool = True
     """Decode a posterior sample (as LDM) rather than its mean while training."""
+    trainable: Literal["all", "decoder"] = "all"
+    """What the generator step trains: the whole autoencoder, or only its decoder side (``post_quant_conv`` and the
+    decoder) while the encoder and ``quant_conv``, and so the latent space, stay bitwise fixed: how SD's ft-MSE and
+    ft-EMA decoders were fine-tuned from kl-f8, so latents (and any denoiser trained on them) stay valid."""
 
 
 class AutoencoderTrainingConfig(StrictModel):
@@ -74,6 +79,13 @@ class AutoencoderTrainingConfig(StrictModel):
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     loss: AutoencoderLossConfig = Field(default_factory=AutoencoderLossConfig)
     trainer: AutoencoderTrainerConfig = Field(default_factory=AutoencoderTrainerConfig)
+
+    @model_validator(mode="after")
+    def _check_trainable(self) -> AutoencoderTrainingConfig:
+        if self.trainer.trainable == "decoder" and self.model.kind != "kl":
+            raise ValueError(f"trainer.trainable 'decoder' keeps a KL autoencoder's latent space fixed; model.kind is "
+                             f"{self.model.kind!r}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,6 +196,20 @@ def _register_global_init(actnorm: ActNorm) -> None:
     handle = actnorm.register_forward_pre_hook(hook)
 
 
+ENCODER_SIDE = ("encoder", "quant_conv")
+"""The modules that map images to the posterior: what ``trainable: decoder`` keeps fixed."""
+
+
+def freeze_for(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """Freeze what ``trainable`` leaves fixed (for "decoder": `ENCODER_SIDE`) and return the parameters to train.
+    A frozen parameter gets no gradient, so the optimizer, the EMA's lerp and the DDP all-reduce leave it unchanged."""
+    if trainable == "decoder":
+        for name in ENCODER_SIDE:
+            if (module := getattr(model, name, None)) is not None:
+                module.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _to_images(batch: Any) -> torch.Tensor:
     if isinstance(batch, dict):
         return batch["image"]
@@ -203,6 +229,7 @@ def train_autoencoder(
     rank: int | None = None,
     world_size: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
 ) -> AutoencoderTrainResult:
     """Train (or resume training) the autoencoder on ``data`` (items or ``get_batch`` → (B,3,H,W) in [−1, 1]).
 
@@ -211,13 +238,19 @@ def train_autoencoder(
     should_stop(step): checked after each step; True ends the run early, after a checkpoint (resume later). Under
     torchrun the run stops when any rank's should_stop says so.
     rank, world_size: default to the process group's (`ldm_core.distributed.init_distributed`); 0 of 1 without one.
+    init_weights: the autoencoder's starting weights (a pretrained one, e.g. converted from diffusers), loaded strictly
+    into the model built from ``config.model`` before the EMA and the optimizer see it; a checkpoint to resume from
+    still wins. None: the seeded random initialisation.
     """
     tracker = tracker or NullTracker()
     tc = config.trainer
     run = RunSetup.create(tc, rank, world_size)
     device, precision, rank, world_size = run.device, run.precision, run.rank, run.world_size
     shard, accum, gen = run.shard, run.accum, run.gen
-    model = build_autoencoder(config.model).to(device)
+    model = build_autoencoder(config.model)
+    if init_weights is not None:
+        load_init_weights(model, init_weights, "autoencoder")
+    model = model.to(device)
     if perceptual == "auto":
         loss_fn, perceptual_used = build_autoencoder_loss(config.loss, config.discriminator)
     else:
@@ -232,7 +265,7 @@ def train_autoencoder(
         loss_fn = loss_fn.to(memory_format=torch.channels_last)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
 
-    g_params = list(model.parameters()) + loss_fn.generator_parameters()  # logvar when it is learned
+    g_params = freeze_for(model, tc.trainable) + loss_fn.generator_parameters()  # logvar when it is learned
     d_params = list(loss_fn.discriminator.parameters())
     opt_g = make_adam(g_params, device, lr=tc.lr, betas=tc.betas)
     opt_d = make_adam(d_params, device, lr=tc.disc_lr or tc.lr, betas=tc.betas)

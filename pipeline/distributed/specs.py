@@ -60,6 +60,8 @@ class VaeTrainSpec(_Spec):
     """Training image side."""
     cache_images: bool = True
     """Keep decoded training images in memory."""
+    init_url: str | None = None
+    """A saved autoencoder to start from (a converted pretrained one); None: the seeded random initialisation."""
 
     def config(self) -> AutoencoderTrainingConfig:
         return AutoencoderTrainingConfig.model_validate(self.training)
@@ -70,8 +72,9 @@ class VaeTrainSpec(_Spec):
 
     def train(self, tracker: Tracker, data: torch.utils.data.Dataset | None = None) -> AutoencoderTrainResult:
         """Train (or resume); ``data`` lets an in-process caller reuse a dataset it already holds."""
+        init = load_autoencoder(self.init_url).state_dict() if self.init_url else None
         return train_autoencoder(self.config(), data if data is not None else self.dataset(), tracker,
-                                 self.checkpoint_dir)
+                                 self.checkpoint_dir, init_weights=init)
 
     def save_model(self, model: nn.Module) -> None:
         save_autoencoder(self.output_url, model)
