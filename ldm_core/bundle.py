@@ -1,6 +1,8 @@
 """A trained text-to-image model as one self-describing directory: denoiser + frozen VAE + how to sample.
 
     <url>/denoiser/   model.safetensors + config.json (the denoiser backbone config)
+    <url>/denoiser/lora/  a LoRA-trained model's adapter: model.safetensors + config.json (its LoraConfig, and the
+                      base it needs: the content hash of denoiser/'s weights and, when known, their source)
     <url>/vae/        model.safetensors + config.json (the autoencoder, with its latent scale)
     <url>/bundle.json diffusion config, latent shape, text encoder config, provenance (VAE registry version …)
 
@@ -23,12 +25,23 @@ from torch import nn
 from ldm_core import storage
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.generation import generate
-from ldm_core.model_io import load_model, save_model
+from ldm_core.lora import (
+    LoraConfig,
+    adapter_state_dict,
+    add_lora,
+    base_sha256,
+    base_state_dict,
+    has_lora,
+    load_adapter_state_dict,
+    lora_config,
+)
+from ldm_core.model_io import CONFIG, load_model, load_state_dict, read_model_meta, save_model, save_weights
 from ldm_core.models.autoencoder import AutoencoderConfig, build_autoencoder
 from ldm_core.models.denoiser import build_denoiser, parse_denoiser_config
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 
 BUNDLE_FILE = "bundle.json"
+LORA_DIR = "lora"
 
 
 def save_autoencoder(url: str, model: nn.Module, extra: dict[str, Any] | None = None,
@@ -45,15 +58,44 @@ def load_autoencoder(
 
 
 def save_denoiser(url: str, model: nn.Module, extra: dict[str, Any] | None = None,
-                  storage_options: dict[str, Any] | None = None) -> str:
-    return save_model(url, model, "denoiser", model.config, extra, storage_options)
+                  storage_options: dict[str, Any] | None = None, base_source: str | None = None) -> str:
+    """The denoiser at ``url``; one carrying a LoRA adapter as its base there and the adapter in ``lora/``, which
+    records the base's content hash and ``base_source`` (where the base came from, e.g. an init_from URI)."""
+    # the base's config.json is the commit record of both: withdrawn first, written last
+    storage.remove(storage.join(url, CONFIG), storage_options)
+    storage.remove(storage.join(url, LORA_DIR, CONFIG), storage_options)
+    if not has_lora(model):
+        return save_model(url, model, "denoiser", model.config, extra, storage_options)
+    save_weights(storage.join(url, LORA_DIR), adapter_state_dict(model), "lora", lora_config(model),
+                 {"base": {"sha256": base_sha256(model), "source": base_source}}, storage_options)
+    return save_weights(url, base_state_dict(model), "denoiser", model.config, {**(extra or {}), "lora": LORA_DIR},
+                        storage_options)
 
 
 def load_denoiser(
     url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
+    """The denoiser at ``url``, with its LoRA adapter applied when it was saved with one."""
     model = load_model(url, "denoiser", lambda cfg: build_denoiser(parse_denoiser_config(cfg)), storage_options, device)
+    meta = read_model_meta(url, storage_options)
+    if meta.get("lora"):
+        model = load_lora(storage.join(url, meta["lora"]), model, meta["weights_sha256"], storage_options)
     return model.eval().requires_grad_(False)
+
+
+def load_lora(url: str, base: nn.Module, base_sha: str, storage_options: dict[str, Any] | None = None) -> nn.Module:
+    """``base`` (whose weights hash to ``base_sha``) with the adapter saved at ``url`` applied; refused when the
+    adapter was trained on other base weights."""
+    meta = read_model_meta(url, storage_options)
+    needs = meta["base"]
+    if needs["sha256"] != base_sha:
+        source = f" ({needs['source']})" if needs.get("source") else ""
+        raise ValueError(f"the LoRA adapter at {url} needs base weights {needs['sha256'][:12]}…{source}; the base "
+                         f"denoiser beside it is {base_sha[:12]}…")
+    with torch.random.fork_rng(devices=[]):  # the fresh adapter's draws are overwritten: leave the caller's RNG be
+        model = add_lora(base, LoraConfig.model_validate(meta["config"]))
+    load_adapter_state_dict(model, load_state_dict(url, storage_options, meta["weights_sha256"]))
+    return model
 
 
 @dataclass
@@ -76,10 +118,12 @@ class TextToImage:
 
 def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusion_config: DiffusionConfig,
                        text_encoder_config: TextEncoderConfig, latent_shape: Sequence[int], guidance: float = 4.0,
-                       info: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> str:
+                       info: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
+                       base_source: str | None = None) -> str:
+    """base_source: where a LoRA-trained denoiser's base came from (recorded beside its adapter)."""
     # overwriting: withdraw the old commit record first, so a kill midway leaves no bundle rather than a mixed one
     storage.remove(storage.join(url, BUNDLE_FILE), storage_options)
-    save_denoiser(storage.join(url, "denoiser"), denoiser, storage_options=storage_options)
+    save_denoiser(storage.join(url, "denoiser"), denoiser, storage_options=storage_options, base_source=base_source)
     save_autoencoder(storage.join(url, "vae"), vae, storage_options=storage_options)
     meta = {
         "format": "ldm-text-to-image/1", "diffusion": diffusion_config.to_dict(),

@@ -24,19 +24,25 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def serialized_weights(model: torch.nn.Module) -> bytes:
-    """The model's weights as the safetensors bytes `save_model` writes."""
-    return st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors bytes a saved model's weights are, whose sha256 is its ``weights_sha256`` (its content hash)."""
+    return st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
     """The content hash of the model's weights: the ``weights_sha256`` that `save_model` records for them."""
-    return hashlib.sha256(serialized_weights(model)).hexdigest()
+    return hashlib.sha256(weights_bytes(model.state_dict())).hexdigest()
 
 
 def save_model(url: str, model: torch.nn.Module, model_type: str, config: Any, extra: dict[str, Any] | None = None,
                storage_options: dict[str, Any] | None = None) -> str:
-    data = serialized_weights(model)
+    return save_weights(url, model.state_dict(), model_type, config, extra, storage_options)
+
+
+def save_weights(url: str, state_dict: dict[str, torch.Tensor], model_type: str, config: Any,
+                 extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> str:
+    """`save_model` for weights that are not one module's whole state dict (a LoRA model's base, its adapter)."""
+    data = weights_bytes(state_dict)
     # overwriting: withdraw the old commit record first, so a kill below leaves an incomplete model, never a mix
     storage.remove(storage.join(url, CONFIG), storage_options)
     storage.write_bytes_atomic(storage.join(url, WEIGHTS), data, storage_options)

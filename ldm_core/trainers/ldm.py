@@ -30,6 +30,7 @@ from ldm_core.config import StrictModel, flatten_dict
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
 from ldm_core.flops import denoiser_step_flops
+from ldm_core.lora import AdapterEMA, LoraConfig, add_lora, checkpoint_parts
 from ldm_core.models.denoiser import DenoiserConfig, build_denoiser, takes_pooled
 from ldm_core.models.unet import UNetConfig
 from ldm_core.tracking import NullTracker, Tracker
@@ -38,6 +39,7 @@ from ldm_core.trainers.loop import StepOutput, TrainingLoop
 from ldm_core.trainers.meters import ThroughputMeter
 from ldm_core.trainers.run_setup import RunSetup, autocast
 from ldm_core.trainers.step import EMA, LossScaler, grad_norm_and_finite, lr_at, make_adam, optimizer_step, set_lr
+from ldm_core.trainers.warm_start import load_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,15 @@ class LDMTrainingConfig(StrictModel):
     denoiser: DenoiserConfig = Field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     trainer: LDMTrainerConfig = Field(default_factory=LDMTrainerConfig)
+    lora: LoraConfig | None = None
+    """Train a LoRA adapter (peft) on the frozen denoiser instead of the whole denoiser; None = full training."""
 
 
 @dataclass
 class LDMTrainResult:
     model: nn.Module
-    """The trained denoiser on CPU in eval mode (the EMA weights when ema_decay is set)."""
+    """The trained denoiser on CPU in eval mode (the EMA weights when ema_decay is set); with ``lora``, the frozen
+    base carrying the trained adapter (`ldm_core.lora`)."""
     step: int
     nonfinite_skipped: int
     resumed_from: int | None
@@ -100,21 +105,6 @@ class LDMTrainResult:
 _NO_POOLED = ("the {kind} denoiser takes the pooled text vector, and {what}: a latent store written before pooled "
               "vectors were cached? Run encode_dataset on it again (in the pipeline: materialize latent_store), which "
               "adds them from the stored captions without re-encoding the images.")
-
-
-def load_init_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load starting weights strictly: a missing or unexpected key, or a shape that differs, is a ValueError naming
-    it (the run config's denoiser and the weights describe different networks)."""
-    own = model.state_dict()
-    for k, v in weights.items():
-        if k in own and own[k].shape != v.shape:
-            raise ValueError(f"init weights: {k} has shape {tuple(v.shape)}, the configured denoiser's is "
-                             f"{tuple(own[k].shape)}")
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"init weights do not fit the configured denoiser: {' '.join(str(e).split())[:400]}") \
-            from None
 
 
 def train_ldm(
@@ -141,7 +131,8 @@ def train_ldm(
     rank's says so).
     init_weights: the denoiser's starting weights (a warm start: a registered model, a converted diffusers
     backbone), loaded strictly into the model built from ``config.denoiser`` before the EMA and the optimizer see it;
-    a checkpoint to resume from still wins. None: the seeded random initialisation.
+    a checkpoint to resume from still wins. None: the seeded random initialisation. With ``config.lora`` these are
+    the base the adapter trains on, and a resume checks that it is the same base.
     rank, world_size: default to the process group's (`ldm_core.distributed.init_distributed`); 0 of 1 without one.
     """
     tracker = tracker or NullTracker()
@@ -154,9 +145,11 @@ def train_ldm(
         if hasattr(config.denoiser, "gradient_checkpointing") else config.denoiser
     model = build_denoiser(model_cfg)
     if init_weights is not None:
-        load_init_weights(model, init_weights)
+        load_init_weights(model, init_weights, "denoiser")
+    if config.lora is not None:  # the base frozen; only the adapter trains, and only it is checkpointed
+        model = add_lora(model, config.lora)
     model = model.to(device).train()
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
+    ema = (AdapterEMA if config.lora is not None else EMA)(model, tc.ema_decay) if tc.ema_decay else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     uncond_ctx, uncond_mask = uncond[0].to(device).float(), uncond[1].to(device)
@@ -174,13 +167,14 @@ def train_ldm(
                          f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
                          f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)")
     scaler = LossScaler(precision, device)
-    parts: dict[str, Any] = {"model": model, "opt": opt}
+    parts: dict[str, Any] = {**(checkpoint_parts(model) if config.lora is not None else {"model": model}), "opt": opt}
     if ema is not None:
         parts["ema"] = ema
     if scaler.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
         parts["scaler"] = scaler
-    loop = TrainingLoop(tc, run, latents, parts, config.to_dict(), "denoiser", "LDM", checkpoint_dir,
-                        storage_options)  # resumes from the newest checkpoint
+    # resumes from the newest checkpoint, of the same denoiser and adapter configs (a full run's has no adapter)
+    loop = TrainingLoop(tc, run, latents, parts, config.to_dict(), ("denoiser", "lora"), "LDM", checkpoint_dir,
+                        storage_options)
     guard, stream = loop.guard, loop.stream
 
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)

@@ -47,7 +47,7 @@ class TrainingLoop:
     """
 
     def __init__(self, tc: TrainerConfig, run: RunSetup, data: torch.utils.data.Dataset, parts: dict[str, Any],
-                 run_config: dict[str, Any], model_key: str, what: str, checkpoint_dir: str | None,
+                 run_config: dict[str, Any], model_key: str | tuple[str, ...], what: str, checkpoint_dir: str | None,
                  storage_options: dict[str, Any] | None):
         self.tc, self.setup = tc, run
         sampler = run.sampler(len(data), tc.seed)

@@ -58,9 +58,9 @@ class RunState:
     checkpoint is never loaded into a different architecture.
     """
 
-    def __init__(self, run_config: dict[str, Any], model_key: str, parts: dict[str, Any],
+    def __init__(self, run_config: dict[str, Any], model_key: str | tuple[str, ...], parts: dict[str, Any],
                  generator: torch.Generator, guard: NonFiniteGuard):
-        self.run_config, self.model_key = run_config, model_key
+        self.run_config, self.model_keys = run_config, (model_key,) if isinstance(model_key, str) else model_key
         self.parts, self.generator, self.guard = parts, generator, guard
 
     def snapshot(self, step: int, position: DataPosition) -> dict[str, Any]:
@@ -72,10 +72,10 @@ class RunState:
         }
 
     def restore(self, state: dict[str, Any], where: str) -> tuple[int, DataPosition]:
-        saved, ours = state["config"].get(self.model_key), self.run_config.get(self.model_key)
-        if saved != ours:
-            raise ValueError(f"the checkpoint in {where} was trained with a different {self.model_key} config; "
-                             "point the checkpoint directory elsewhere to start a new run")
+        for key in self.model_keys:
+            if state["config"].get(key) != self.run_config.get(key):
+                raise ValueError(f"the checkpoint in {where} was trained with a different {key} config; "
+                                 "point the checkpoint directory elsewhere to start a new run")
         for name, part in self.parts.items():
             if name not in state and isinstance(part, LossScaler):  # an fp16 checkpoint from before the scaler
                 log.warning("the checkpoint in %s has no %s state: the fp16 loss scale starts afresh", where, name)

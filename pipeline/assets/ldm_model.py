@@ -98,7 +98,8 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                                          data=train, vae=vae)
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
         info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,
-                "steps": result.step, "text_encoder": store_md["text_encoder"], "backbone": backbone}
+                "steps": result.step, "text_encoder": store_md["text_encoder"], "backbone": backbone,
+                "lora": training.lora.to_dict() if training.lora is not None else None}
         bundle_kw = dict(
             denoiser=result.model,
             vae=vae,
@@ -138,6 +139,8 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                 "nonfinite_skipped": result.nonfinite_skipped,
                 "backbone": describe_backbone(backbone),
                 "backbone_info": json_md(backbone),
+                # a LoRA run registers the base plus its adapter (the bundle's denoiser/lora/)
+                **({"lora": json_md(training.lora.to_dict())} if training.lora is not None else {}),
                 "mlflow_run_id": run.run_id,
                 "mlflow_run": dg.MetadataValue.url(run.url),
                 "mlflow_model_id": mv.model_id,
