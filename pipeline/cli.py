@@ -1,4 +1,4 @@
-"""The `ldm` command: `ldm demo`, `ldm ui`, `ldm sample`, `ldm weights`, `ldm validate`.
+"""The `ldm` command: `ldm demo`, `ldm ui`, `ldm sample`, `ldm export`, `ldm weights`, `ldm validate`.
 
 Everything defaults to LDM_HOME (./.ldm): the Dagster instance, the MLflow database and artifacts, the storage root.
 """
@@ -258,6 +258,44 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ldm export
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A registered model as a diffusers folder (ldm_core.interop.pipeline_export), with what diffusers will not
+    reproduce said on stdout."""
+    prepare_home()
+    _quiet()
+    import mlflow
+
+    from ldm_core.interop.pipeline_export import check_output_dir, export_diffusers
+    from pipeline.mlflow_models import download_text_to_image
+    from pipeline.registry import ModelLookupError, resolve_model_uri
+    from pipeline.tracking import temp_dir
+
+    try:
+        check_output_dir(args.output)  # before any download
+        if args.model.startswith("models:"):
+            resolve_model_uri(mlflow.MlflowClient(), args.model)
+    except (ModelLookupError, FileExistsError) as e:
+        print(f"ldm export: {e}", file=sys.stderr)
+        return 2
+    with temp_dir() as tmp:
+        try:
+            model = download_text_to_image(args.model, tmp)
+        except Exception as e:  # runs:/…, a path, an artifact store that fails: what went wrong, in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"ldm export: cannot load {args.model}: {first[:300]}", file=sys.stderr)
+            return 2
+        result = export_diffusers(model, args.output)
+    print(f"{args.model} → {result.folder} ({result.pipeline_class} layout: {result.denoiser_dir}/, vae/, "
+          f"text_encoder/, tokenizer/, scheduler/)")
+    print("diffusers will NOT reproduce this model's samples exactly where:")
+    print("\n".join(f"  - {n}" for n in result.divergences))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # ldm weights, ldm validate
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -322,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cols", type=int, default=None)
     s.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the grid (small images)")
     s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("export", help="write a registered model as a diffusers folder (model_index.json)")
+    e.add_argument("--model", default="models:/ldm@champion", help="MLflow model URI")
+    e.add_argument("-o", "--output", required=True, help="new or empty directory")
+    e.set_defaults(fn=cmd_export)
 
     w = sub.add_parser("weights", help="list pretrained components, where they are expected, and whether present")
     w.add_argument("--json", action="store_true")

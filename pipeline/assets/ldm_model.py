@@ -7,7 +7,7 @@ import dagster as dg
 from ldm_core.bundle import load_autoencoder, save_text_to_image
 from ldm_core.data.latent_store.reader import LatentStore
 from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_pooled
-from ldm_core.text_encoder import TextEncoderConfig
+from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
 from pipeline.asset_config import DEFAULT_PROMPTS, LdmModelConfig, complete_ldm_training
@@ -105,6 +105,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
             vae=vae,
             diffusion_config=training.diffusion,
             text_encoder_config=text_cfg,
+            text_encoder=TextEncoder(text_cfg),  # copied into the bundle: the registered model carries it
             latent_shape=latent_shape,
             guidance=config.guidance,
             info=info,

@@ -4,12 +4,10 @@ from transformers import (
     AutoModel,
     AutoTokenizer,
     BertTokenizerFast,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
 )
 
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig, resolve_model_path
+from tests.core.tiny_models import tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,7 @@ def test_bf16_and_identity():
 
 def test_any_local_transformers_path_works(tmp_path):
     """A model saved with save_pretrained (here a tiny random BERT) loads by path, like any transformers id."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
 
     from ldm_core.text_encoder import resolve_model_path
 
@@ -112,16 +110,7 @@ def test_minilm_pooled_vector_is_sentence_transformers_mean_pooling(encoder):
 
 
 def _tiny_clip(tmp_path, with_projection: bool):
-    """A random CLIP text model built offline, with the MiniLM tokenizer; its EOS is BERT's [SEP] (id 102), so the
-    pooled token is the caption's last real one, as with CLIP's own tokenizer."""
-    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                            vocab_size=30522, max_position_embeddings=16, projection_dim=24, eos_token_id=102,
-                            bos_token_id=101, pad_token_id=0)
-    torch.manual_seed(0)
-    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
-    model.save_pretrained(tmp_path)
-    BertTokenizerFast.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(tmp_path)
-    return model
+    return tiny_clip(tmp_path, with_projection)
 
 
 def test_clip_with_projection_pools_the_projected_eos_token(tmp_path):

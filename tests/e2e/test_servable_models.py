@@ -1,13 +1,17 @@
 """The registered models as MLflow 3 serves and shows them, with the pipeline's storage root on S3 (moto).
 
-The module materializes the tiny pipeline once (storage on S3, MLflow on SQLite), then checks what a user of MLflow
-meets: `mlflow models predict` on `models:/ldm@candidate` without this project installed, pinned requirements and an
+The module materializes the tiny pipeline once (storage on S3, MLflow on SQLite) with a tiny CLIP text encoder built
+in a folder that is deleted once the run is done, and serves in processes whose Hugging Face cache is empty and
+offline: the registered model must carry its text encoder. Then it checks what a user of MLflow meets:
+`mlflow models predict` on `models:/ldm@candidate` without this project installed, pinned requirements and an
 input example, the evaluation metrics on the logged model, the held-out dataset as a run input with its version as
 the digest, training images as key/step series, and the evaluation report among the run's artifacts.
 """
 
+import copy
 import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -16,6 +20,7 @@ import dagster as dg
 import mlflow
 import numpy as np
 import pytest
+from diffusers import DiffusionPipeline
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
@@ -25,6 +30,7 @@ from ldm_core import storage
 from ldm_core.bundle import load_text_to_image
 from pipeline.definitions import defs
 from pipeline.mlflow_models import TEXT_TO_IMAGE_PACKAGES, pinned_requirements
+from tests.core.tiny_models import tiny_clip
 from tests.e2e.conftest import child_env
 
 PROMPTS = ["a large red circle in the center", "a small blue square in the top left"]
@@ -68,15 +74,26 @@ def _asset_run(result, asset: str):
     return run
 
 
+def served_env(home, tmp_path) -> dict[str, str]:
+    """A serving machine's environment: offline, with an empty Hugging Face cache."""
+    (tmp_path / "hf_home").mkdir(exist_ok=True)
+    return {**child_env(home), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+
+
 @pytest.fixture(scope="module")
-def on_s3(ldm_home, s3_endpoint, tiny_config):
+def on_s3(ldm_home, s3_endpoint, tiny_config, tmp_path_factory):
+    clip = tmp_path_factory.mktemp("training-machine") / "tiny-clip"
+    tiny_clip(clip, with_projection=True)
+    run_config = copy.deepcopy(tiny_config)
+    run_config["ops"]["latent_store"]["config"]["text_encoder"]["name"] = str(clip)
     mp = pytest.MonkeyPatch()
     mp.setenv("LDM_STORAGE_ROOT", s3_endpoint.url(f"servable-{uuid.uuid4().hex[:8]}"))
     try:
         with dg.DagsterInstance.get() as instance:
-            result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config,
+            result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=run_config,
                                                                                instance=instance)
         assert result.success
+        shutil.rmtree(clip)  # the training machine's path is gone: from here on, only the registered copy exists
         yield result
     finally:
         mp.undo()
@@ -93,7 +110,8 @@ def served(on_s3, ldm_home, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_PROJECT, "models", "predict", "-m",
                            "models:/ldm@candidate", "-i", str(request), "-o", str(out), "-t", "json",
                            "--env-manager", "local"],
-                          capture_output=True, text=True, env=child_env(ldm_home), cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, env=served_env(ldm_home, tmp_path), cwd=tmp_path,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.asarray(json.loads(out.read_text())["predictions"]), json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -195,3 +213,42 @@ def test_the_report_on_s3_is_copied_into_mlflow(on_s3, tmp_path):
         run_id=run_id, artifact_path="report/report.html", dst_path=str(tmp_path)
     )
     assert open(copied, "rb").read() == storage.read_bytes(md["report_html"])
+
+
+def _ldm(home, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          env=served_env(home, tmp_path), cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.slow
+def test_ldm_sample_works_offline_without_the_training_paths(on_s3, ldm_home, tmp_path):
+    proc = _ldm(ldm_home, tmp_path, "sample", "--model", "models:/ldm@candidate", "--prompt", PROMPTS[0], "-n", "2",
+                "--steps", str(STEPS), "-o", str(tmp_path / "grid.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ldm_export_writes_a_folder_that_diffusers_loads_offline(on_s3, ldm_home, tmp_path):
+    out = tmp_path / "exported"
+    proc = _ldm(ldm_home, tmp_path, "export", "--model", "models:/ldm@candidate", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "will NOT reproduce" in proc.stdout and "text padding" in proc.stdout
+    assert {"vae", "unet", "text_encoder", "tokenizer", "scheduler", "model_index.json"} <= {p.name for p in
+                                                                                           out.iterdir()}
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # tiny.yaml trains a flow model
+
+
+@pytest.mark.slow
+def test_ldm_export_refuses_bad_input_in_one_line(on_s3, ldm_home, tmp_path):
+    unknown = _ldm(ldm_home, tmp_path, "export", "--model", "models:/ldm@nonexistent", "-o", str(tmp_path / "a"))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    not_empty = _ldm(ldm_home, tmp_path, "export", "--model", "models:/ldm@candidate", "-o", str(full))
+    for proc, expected in ((unknown, "no alias 'nonexistent'"), (not_empty, "not an empty directory")):
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "a").exists() and [p.name for p in full.iterdir()] == ["keep.txt"]
