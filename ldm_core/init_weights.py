@@ -94,8 +94,10 @@ def shape_mismatches(config: DenoiserConfig, latent_shape: tuple[int, int, int],
     latent_shape: (C, h, w) of one latent. context_dim: the text encoder's token width. pooled_dim: its pooled
     vector's width (None: the store has no pooled vectors), checked for a backbone that takes one (the MMDiT)."""
     channels, h, w = latent_shape
-    errors = [f"{source} has {name} {getattr(config, name)}; the store's latents have {channels} channels"
-              for name in ("in_channels", "out_channels") if getattr(config, name) != channels]
+    errors = []
+    if off := [f"{name} {getattr(config, name)}" for name in ("in_channels", "out_channels")
+               if getattr(config, name) != channels]:
+        errors.append(f"{source} has {', '.join(off)}; the store's latents have {channels} channels")
     if config.context_dim != context_dim:
         errors.append(f"{source} has context_dim {config.context_dim}; the store's text encoder gives {context_dim}")
     if takes_pooled(config) and pooled_dim is not None and config.pooled_dim != pooled_dim:
