@@ -110,7 +110,8 @@ TINY_MMDIT = MMDiTConfig(preset="tiny")  # 4 channels, context 384 pooled by its
 @pytest.mark.parametrize("config, latent, context, pooled, expected", [
     (TINY_UNET.model_copy(update={"context_dim": 768}), (4, 8, 8), 384, 384,
      "init_from has context_dim 768; the store's text encoder gives 384"),
-    (TINY_UNET, (16, 8, 8), 384, 384, "init_from has in_channels 4, out_channels 4; the store's latents have 16 channels"),
+    (TINY_UNET, (16, 8, 8), 384, 384,
+     "init_from has in_channels 4, out_channels 4; the store's latents have 16 channels"),
     (TINY_UNET, (4, 7, 8), 384, 384,
      "init_from has 2 levels (downsamples by 2); the store's latents are 7x8, not a multiple of it"),
     (MMDiTConfig(preset="tiny", pooled_projection_dim=256), (4, 8, 8), 384, 384,
