@@ -44,6 +44,8 @@ def champion(ldm_home, tiny_config, tmp_path_factory):
     write_shapes_source(str(source), 48, seed=1)
     config = copy.deepcopy(tiny_config)
     config["ops"]["image_dataset"]["config"]["source"] = str(source)
+    # no EMA (0): the raw weights, not an average that after 6 steps is still the seeded initialisation
+    config["ops"]["ldm_model"]["config"]["training"]["trainer"]["ema_decay"] = 0.0
     with dg.DagsterInstance.get() as instance:
         result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=config, instance=instance)
     assert result.success
@@ -53,7 +55,8 @@ def champion(ldm_home, tiny_config, tmp_path_factory):
 
 def test_the_sensors_retrain_starts_from_the_champions_weights(champion, ldm_home, tmp_path, monkeypatch):
     config = copy.deepcopy(champion["config"])
-    config["ops"]["ldm_model"]["config"]["training"]["trainer"]["lr"] = RETRAIN_LR
+    # another seed: a start from scratch would be another random network altogether
+    config["ops"]["ldm_model"]["config"]["training"]["trainer"].update(lr=RETRAIN_LR, seed=1)
     _run_request_config(config, tmp_path, monkeypatch)
     sensor = defs.resolve_sensor_def("ldm_new_data_sensor")
     with dg.DagsterInstance.get() as instance:
