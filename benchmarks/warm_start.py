@@ -135,13 +135,22 @@ def train_to_gate(training: LDMTrainingConfig, store_url: str, watch: GateWatch,
             "trace": watch.trace, "model": result.model}
 
 
+_STARTED = time.perf_counter()
+
+
+def say(message: str) -> None:
+    print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", flush=True)
+
+
 def run(scale: Scale, eval_every: int, workdir: str) -> dict[str, Any]:
     cfg = demo_sections()
     source, dataset_url = f"{workdir}/source", f"{workdir}/dataset"
     store_v1, store_v2 = f"{workdir}/latents-v1", f"{workdir}/latents-v2"
     write_shapes_source(source, scale.images, seed=0, size=cfg["image_dataset"]["builtin_size"])
     ingest(IngestConfig(source=source, **cfg["image_dataset"]["ingest"]), dataset_url)
+    say(f"{scale.images} images ingested; training the autoencoder ({scale.vae_steps} steps)")
     vae = build_autoencoder(cfg, dataset_url, scale)
+    say("encoding the latent store")
     text = TextEncoder(TextEncoderConfig.model_validate(cfg["latent_store"]["text_encoder"]))
     grow(source, dataset_url, store_v1, scale.images, cfg, vae, text)
 
@@ -162,10 +171,12 @@ def run(scale: Scale, eval_every: int, workdir: str) -> dict[str, Any]:
         return held_out_from_dataset(ImageShardDataset(dataset_url, split="validation", resolution=res), scale.held_out)
 
     # 1) the champion: from scratch on the first data, until the gate passes (thresholds only: no champion yet)
+    say("the champion: from scratch until the gate passes")
     first = train_to_gate(training, store_v1, GateWatch(make_model, held_out(), eval_cfg, None), None)
     champion = first.pop("model")
 
     # 2) new images of the same kinds at the source; the champion measured on the grown held-out rows
+    say(f"champion passed at step {first['passed_at_step']}; the source grows")
     grow(source, dataset_url, store_v2, scale.images + int(NEW_FRACTION * scale.images), cfg, vae, text)
     rows = held_out()
     generate_fn, reconstruct_fn = text_to_image_functions(make_model(champion))
@@ -174,7 +185,9 @@ def run(scale: Scale, eval_every: int, workdir: str) -> dict[str, Any]:
 
     # 3) retrain twice with the same recipe: from scratch, and from the champion's weights
     init = {k: v.clone() for k, v in champion.state_dict().items()}
+    say("retraining from scratch")
     scratch = train_to_gate(training, store_v2, GateWatch(make_model, rows, eval_cfg, champion_metrics), None)
+    say("retraining from the champion")
     warm = train_to_gate(training, store_v2, GateWatch(make_model, rows, eval_cfg, champion_metrics), init)
     scratch.pop("model"), warm.pop("model")
     ratio = (warm["passed_at_step"] / scratch["passed_at_step"]
