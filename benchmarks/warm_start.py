@@ -56,10 +56,12 @@ class Scale:
     eval_every: int
     held_out: int
     generated: int
+    sample_steps: int | None = None
+    """Sampler steps of the gate's generations (None: the recipe's)."""
 
 
 FULL = Scale(images=2000, vae_steps=500, ldm_steps=2000, eval_every=100, held_out=216, generated=216)
-QUICK = Scale(images=160, vae_steps=20, ldm_steps=20, eval_every=10, held_out=16, generated=16)
+QUICK = Scale(images=160, vae_steps=20, ldm_steps=10, eval_every=10, held_out=8, generated=8, sample_steps=4)
 
 
 def demo_sections() -> dict[str, Any]:
@@ -156,6 +158,8 @@ def run(scale: Scale, eval_every: int, workdir: str) -> dict[str, Any]:
 
     ldm_cfg = copy.deepcopy(cfg["ldm_model"]["training"])
     ldm_cfg["trainer"].update(steps=scale.ldm_steps, validation_every=eval_every)
+    if scale.sample_steps is not None:
+        ldm_cfg["diffusion"]["sample_steps"] = scale.sample_steps
     training = LDMTrainingConfig.model_validate(ldm_cfg)
     eval_cfg = EvaluationConfig.model_validate({**cfg["evaluation_report"]["evaluation"], "fid": False,
                                                 "lpips": False, "generated_samples": scale.generated,
