@@ -121,6 +121,14 @@ class LdmModelConfig(dg.Config):
     validation_prompts: list[str] = Field(default=DEFAULT_PROMPTS,
         description="Prompts of the validation grids sent to MLflow.")
     validation_seeds: int = Field(default=4, ge=1, description="Samples per validation prompt.")
+    init_from: str | None = Field(default=None, description="The denoiser's starting weights: none (unset: from "
+        "scratch); auto (the champion models:/ldm@champion when it is the same network as training.denoiser and was "
+        "trained on the latent store's autoencoder, else from scratch, with the reason recorded: what the retrain "
+        "sensor and the weekly schedule ask for); a registered model (models:/ldm@champion, models:/ldm/3); or a "
+        "diffusers UNet2DConditionModel / SD3Transformer2DModel folder (local or s3://). With weights, the network "
+        "is theirs: leave training.denoiser unset, or it must describe the same network.")
+    init_subfolder: str | None = Field(default=None, description="init_from a diffusers pipeline folder: the "
+        "denoiser's subfolder (unet, transformer); unset: whichever of the two the folder has.")
 
 
 def complete_ldm_training(section: dict[str, Any], latent_channels: int | None, context_dim: int | None = None,

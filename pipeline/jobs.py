@@ -27,10 +27,13 @@ ldm_retrain_job = dg.define_asset_job(
 
 @dg.schedule(name="ldm_weekly_retrain", cron_schedule="0 3 * * 0", job=ldm_training_job,
              default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="Weekly full retrain (Sundays 03:00) with LDM_RUN_CONFIG, default pipeline/configs/demo.yaml.")
+             description="Weekly full retrain (Sundays 03:00) with LDM_RUN_CONFIG, default pipeline/configs/demo.yaml; "
+                         "the LDM warm-starts from the champion when it is a valid start (ldm_model.init_from: auto, "
+                         "unless the config sets init_from).")
 def ldm_weekly_retrain(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     stamp = context.scheduled_execution_time.strftime("%Y-%m-%d") if context.scheduled_execution_time else "manual"
-    return dg.RunRequest(run_key=f"weekly-{stamp}", run_config=run_configs.load(), tags={"ldm.trigger": "schedule"})
+    return dg.RunRequest(run_key=f"weekly-{stamp}", run_config=run_configs.with_warm_start(run_configs.load()),
+                         tags={"ldm.trigger": "schedule"})
 
 
 def source_fingerprint(url: str) -> tuple[str, int]:
@@ -54,7 +57,8 @@ def source_fingerprint(url: str) -> tuple[str, int]:
     job=ldm_retrain_job,
     minimum_interval_seconds=300,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Launches retraining (new shards, new latents, LDM, evaluation) when the dataset source changes.",
+    description="Launches retraining (new shards, new latents, LDM warm-started from the champion when it is a valid "
+                "start, evaluation) when the dataset source changes.",
 )
 def ldm_new_data_sensor(context: dg.SensorEvaluationContext):
     config = run_configs.load()
@@ -69,5 +73,6 @@ def ldm_new_data_sensor(context: dg.SensorEvaluationContext):
     if fingerprint == context.cursor:
         return dg.SkipReason(f"no change at {source} ({n_files} files)")
     context.update_cursor(fingerprint)
-    return dg.RunRequest(run_key=f"new-data-{fingerprint}", run_config=run_configs.for_assets(config, RETRAIN_ASSETS),
+    run_config = run_configs.with_warm_start(run_configs.for_assets(config, RETRAIN_ASSETS))
+    return dg.RunRequest(run_key=f"new-data-{fingerprint}", run_config=run_config,
                          tags={"ldm.trigger": "new_data", "ldm.source_files": str(n_files)})

@@ -41,5 +41,18 @@ def for_assets(run_config: dict[str, Any], asset_names: set[str]) -> dict[str, A
     return out
 
 
+def with_warm_start(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The run config with ``ldm_model.init_from: auto`` (the champion when it is a valid warm start, else from
+    scratch) unless it sets init_from itself: what retraining runs ask for. ``init_from: none`` in the run config
+    keeps them from scratch."""
+    out = copy.deepcopy(run_config)
+    ops = out.get("ops") or {}
+    if "ldm_model" in ops:
+        section = ops["ldm_model"] = dict(ops["ldm_model"] or {})
+        config = section["config"] = dict(section.get("config") or {})
+        config.setdefault("init_from", "auto")
+    return out
+
+
 def dataset_source(run_config: dict[str, Any]) -> str | None:
     return (((run_config.get("ops") or {}).get("image_dataset") or {}).get("config") or {}).get("source")

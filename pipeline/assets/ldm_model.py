@@ -24,6 +24,7 @@ from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.specs import LdmTrainSpec, ldm_training_data
+from pipeline.init_from import StoreShapes, plan_init, stage_weights
 from pipeline.mlflow_models import (
     CODE_PATHS,
     TEXT_TO_IMAGE_CODE,
@@ -51,6 +52,15 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                                       context_dim=int(store_md["context_dim"]), pooled_dim=store.metadata.pooled_dim)
     training = to_core(LDMTrainingConfig, completed, "ldm_model.training")
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
+    # the starting weights (init_from), checked against the store before anything else: a source's network wins
+    init = plan_init(config.init_from, config.init_subfolder, configured=training.denoiser,
+                     denoiser_set=config.training.denoiser is not None, client=mlflow.client(),
+                     store=StoreShapes(tuple(store_md["latent_shape"]), int(store_md["context_dim"]),
+                                       store.metadata.pooled_dim, store_md["vae_uri"]),
+                     registered_name=REGISTERED_NAME)
+    context.log.info(f"init_from: {init.reason}")
+    if init.weights is not None:
+        training = training.model_copy(update={"denoiser": init.weights.config})
     den = training.denoiser
     if den.context_dim != store_md["context_dim"] or den.in_channels != store_md["latent_shape"][0]:
         raise dg.Failure(
@@ -81,16 +91,20 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     text_cfg = TextEncoderConfig.model_validate(store_md["text_encoder_config"])
     vae = load_autoencoder(store_md["vae_url"])
     latent_shape = tuple(store_md["latent_shape"])
-    key = stable_key(store_md["store_url"], store_md["rows_total"], training.to_dict())
+    # a warm start's checkpoints are its own: never resumed by a from-scratch run or one from other weights
+    key = stable_key(store_md["store_url"], store_md["rows_total"], training.to_dict(),
+                     *([init.weights.sha256] if init.weights is not None else []))
     ckpt_dir = storage.url("checkpoints", "ldm", key)
 
     with mlflow.materialization_run(context) as run:
         run.tracker.set_tags({"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"]})
+        run.tracker.log_params(init.record())
         progress = DagsterProgress(context.log, "ldm", keys=PROGRESS_KEYS["ldm"])
         spec = LdmTrainSpec(training=training.to_dict(), store_url=store_md["store_url"], vae_url=store_md["vae_url"],
                           text_encoder=text_cfg.to_dict(), latent_shape=list(latent_shape), guidance=config.guidance,
                           validation_prompts=config.validation_prompts, validation_seeds=config.validation_seeds,
-                          checkpoint_dir=ckpt_dir,
+                          checkpoint_dir=ckpt_dir, init_sha256=init.weights.sha256 if init.weights else None,
+                          init_weights_url=stage_weights(init, lambda h: storage.url("init", "ldm", h)),
                           output_url=storage.url("staging", "ldm", f"{key}-{context.run.run_id[:8]}"),
                           mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_run_id=run.run_id)
         # in this process, or on compute.num_processes processes under torchrun: the same result either way
@@ -99,7 +113,8 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
         info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,
                 "steps": result.step, "text_encoder": store_md["text_encoder"], "backbone": backbone,
-                "lora": training.lora.to_dict() if training.lora is not None else None}
+                "lora": training.lora.to_dict() if training.lora is not None else None,
+                "init_from": init.record()["init_from"], "init_source_hash": init.record()["init_source_hash"]}
         bundle_kw = dict(
             denoiser=result.model,
             vae=vae,
@@ -109,6 +124,8 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
             latent_shape=latent_shape,
             guidance=config.guidance,
             info=info,
+            # a LoRA adapter records the base it needs: the warm start's source, when there is one
+            base_source=info["init_from"] if init.weights is not None else None,
         )
         model_url = storage.url("models", "ldm", f"{key}-{context.run.run_id[:8]}")
         save_text_to_image(model_url, **bundle_kw)
@@ -122,7 +139,8 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                                                           else DEFAULT_PROMPTS[0]),
                 code_paths=CODE_PATHS, pip_requirements=pinned_requirements(TEXT_TO_IMAGE_PACKAGES),
                 tags={"vae_uri": store_md["vae_uri"], "text_encoder": text_cfg.name, "storage_url": model_url,
-                      "latent_store": store_md["store_url"], "backbone": describe_backbone(backbone)},
+                      "latent_store": store_md["store_url"], "backbone": describe_backbone(backbone),
+                      "init_from": info["init_from"], "init_source_hash": info["init_source_hash"]},
             )
         context.log.info(f"trained {result.step} steps (final loss {final_loss:.4f}); registered {REGISTERED_NAME} "
                          f"v{mv.version} (alias candidate)")
@@ -145,6 +163,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                 "mlflow_run_id": run.run_id,
                 "mlflow_run": dg.MetadataValue.url(run.url),
                 "mlflow_model_id": mv.model_id,
+                **init.record(),
                 **launch_md,
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),

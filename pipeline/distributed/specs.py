@@ -27,6 +27,7 @@ from ldm_core.data.latent_dataset import LatentDataset
 from ldm_core.diffusion import create_diffusion
 from ldm_core.generation import generate
 from ldm_core.grids import make_grid, upscale_nearest
+from ldm_core.init_weights import from_saved_denoiser
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import Tracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, AutoencoderTrainResult, train_autoencoder
@@ -101,6 +102,21 @@ class LdmTrainSpec(_Spec):
     """Classifier-free guidance scale of the validation samples."""
     validation_prompts: list[str]
     validation_seeds: int
+    init_weights_url: str | None = None
+    """A warm start: the saved denoiser whose weights the training starts from (`pipeline.init_from`); None: from
+    scratch."""
+    init_sha256: str | None = None
+    """The content hash those weights must have (`ldm_core.init_weights.weights_sha256`)."""
+
+    def init_weights(self) -> dict[str, torch.Tensor] | None:
+        """The starting weights, refused unless they are the ones the asset planned (a copy overwritten since)."""
+        if self.init_weights_url is None:
+            return None
+        init = from_saved_denoiser(self.init_weights_url)
+        if init.sha256 != self.init_sha256:
+            raise ValueError(f"{self.init_weights_url}: init weights hash {init.sha256[:12]}…, the run planned "
+                             f"{str(self.init_sha256)[:12]}…")
+        return init.state_dict
 
     def config(self) -> LDMTrainingConfig:
         return LDMTrainingConfig.model_validate(self.training)
@@ -134,7 +150,7 @@ class LdmTrainSpec(_Spec):
         # only rank 0 renders validation grids: the other ranks need neither the VAE nor the text encoder
         sample_fn = self.sample_fn(config, vae) if distributed.is_main() else None
         return train_ldm(config, data, tracker, uncond=data.uncond(), checkpoint_dir=self.checkpoint_dir,
-                         sample_fn=sample_fn)
+                         sample_fn=sample_fn, init_weights=self.init_weights())
 
     def save_model(self, model: nn.Module) -> None:
         save_denoiser(self.output_url, model)

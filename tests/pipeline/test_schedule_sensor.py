@@ -18,7 +18,10 @@ def test_weekly_schedule_requests_a_full_run_with_the_configured_config():
         )
         req = schedule.evaluate_tick(ctx).run_requests[0]
     assert req.run_key == "weekly-2026-11-29"
-    assert req.run_config == run_configs.load("demo")
+    # the demo config, asking for a warm start from the champion when it is a valid one
+    expected = run_configs.load("demo")
+    expected["ops"]["ldm_model"]["config"]["init_from"] = "auto"
+    assert req.run_config == expected
     assert schedule.job_name == "ldm_training_job"
 
 
@@ -51,4 +54,19 @@ def test_sensor_launches_retraining_when_the_source_grows(tmp_path, monkeypatch)
     ops = req.run_config["ops"]
     assert "vae_model" not in ops and {"image_dataset", "latent_store", "ldm_model"} <= set(ops)
     assert ops["image_dataset"]["config"]["source"] == str(source)
+    assert ops["ldm_model"]["config"]["init_from"] == "auto"
     dg.validate_run_config(defs.resolve_job_def("ldm_retrain_job"), req.run_config)
+
+
+def test_retraining_stays_from_scratch_when_the_config_says_so(tmp_path, monkeypatch):
+    cfg = run_configs.load("demo")
+    cfg["ops"]["ldm_model"]["config"]["init_from"] = "none"
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("LDM_RUN_CONFIG", str(cfg_path))
+    schedule = defs.resolve_schedule_def("ldm_weekly_retrain")
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_schedule_context(instance=instance,
+                                        scheduled_execution_time=datetime.datetime(2026, 11, 29, 3, 0))
+        req = schedule.evaluate_tick(ctx).run_requests[0]
+    assert req.run_config["ops"]["ldm_model"]["config"]["init_from"] == "none"
