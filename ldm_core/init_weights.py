@@ -6,21 +6,20 @@ identity: the pipeline keys checkpoints on it (a warm start never resumes a from
 other weights) and records it, so a run can be checked to have started from exactly these weights.
 
 Sources here: a saved denoiser (``ldm_core.model_io``'s layout: a registered model's bundle holds one) and a diffusers
-``UNet2DConditionModel`` / ``SD3Transformer2DModel`` folder (`ldm_core.interop.folder`). Before training, the
+``UNet2DConditionModel`` / ``SD3Transformer2DModel`` folder (`ldm_core.interop.backbone_folder`). Before training, the
 weights are checked against the data: `shape_mismatches` against the latents and the text encoder,
 `architecture_differences` against a network the run config describes.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ldm_core.interop.folder import load_backbone_folder
-from ldm_core.model_io import load_state_dict, read_model_meta
+from ldm_core.interop.backbone_folder import load_backbone_folder
+from ldm_core.model_io import load_state_dict, read_model_meta, state_dict_sha256
 from ldm_core.models.denoiser import DenoiserConfig, parse_denoiser_config, takes_pooled
 from ldm_core.models.mmdit import MMDiTConfig
 
@@ -37,24 +36,14 @@ class InitWeights:
     source: str
     """Where they came from, for people: a folder URL, ``models:/ldm/3``."""
     sha256: str
-    """`weights_sha256` of ``state_dict``: the same weights from any source give the same hash."""
-
-
-def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """A content hash of weights: each tensor's name, dtype, shape and bytes, in name order (independent of the file
-    format and of the order the tensors were stored in)."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """`ldm_core.model_io.state_dict_sha256` of ``state_dict`` (what a saved denoiser records as its
+    ``weights_sha256``): the same weights from any source give the same hash."""
 
 
 def _init_weights(config: DenoiserConfig, state_dict: dict[str, torch.Tensor], source: str) -> InitWeights:
     # fp32 on CPU, as the trainer builds the model: a half-precision folder hashes as the weights it trains from
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()}
-    return InitWeights(config=config, state_dict=state, source=source, sha256=weights_sha256(state))
+    return InitWeights(config=config, state_dict=state, source=source, sha256=state_dict_sha256(state))
 
 
 def from_saved_denoiser(url: str, source: str | None = None,
@@ -71,7 +60,7 @@ def from_saved_denoiser(url: str, source: str | None = None,
 def from_diffusers_folder(url: str, subfolder: str | None = None,
                           storage_options: dict[str, Any] | None = None) -> InitWeights:
     """The weights of a diffusers UNet2DConditionModel or SD3Transformer2DModel folder (local or s3://; see
-    `ldm_core.interop.folder` for ``subfolder``), converted to our backbone."""
+    `ldm_core.interop.backbone_folder` for ``subfolder``), converted to our backbone."""
     model = load_backbone_folder(url, subfolder, storage_options)
     source = f"{url.rstrip('/')}/{subfolder}" if subfolder else url
     return _init_weights(model.config, model.state_dict(), source)
@@ -120,4 +109,4 @@ def shape_mismatches(config: DenoiserConfig, latent_shape: tuple[int, int, int],
 
 
 __all__ = ["InitWeights", "architecture_differences", "from_diffusers_folder", "from_saved_denoiser",
-           "shape_mismatches", "weights_sha256"]
+           "shape_mismatches"]

@@ -23,7 +23,6 @@ adapter is never resumed on other base weights.
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 
 import peft
@@ -34,7 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from ldm_core.config import StrictModel
-from ldm_core.model_io import weights_bytes
+from ldm_core.model_io import state_dict_sha256
 from ldm_core.trainers.step import EMA
 
 ATTENTION_PROJECTIONS = ("qkv", "to_q", "to_kv", "to_out")
@@ -134,7 +133,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def base_sha256(model: nn.Module) -> str:
     """The base weights' content hash: the ``weights_sha256`` they have when saved alone (`ldm_core.model_io`)."""
-    return hashlib.sha256(weights_bytes(base_state_dict(model))).hexdigest()
+    return state_dict_sha256(base_state_dict(model))
 
 
 def merged(model: nn.Module) -> nn.Module:

@@ -29,9 +29,15 @@ def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
     return st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
 
 
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """The content hash of weights: the ``weights_sha256`` that `save_weights` records for them. safetensors orders
+    tensors itself, so the same tensors give the same hash whatever order they come in."""
+    return hashlib.sha256(weights_bytes(state_dict)).hexdigest()
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
     """The content hash of the model's weights: the ``weights_sha256`` that `save_model` records for them."""
-    return hashlib.sha256(weights_bytes(model.state_dict())).hexdigest()
+    return state_dict_sha256(model.state_dict())
 
 
 def save_model(url: str, model: torch.nn.Module, model_type: str, config: Any, extra: dict[str, Any] | None = None,

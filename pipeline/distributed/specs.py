@@ -106,7 +106,7 @@ class LdmTrainSpec(_Spec):
     """A warm start: the saved denoiser whose weights the training starts from (`pipeline.init_from`); None: from
     scratch."""
     init_sha256: str | None = None
-    """The content hash those weights must have (`ldm_core.init_weights.weights_sha256`)."""
+    """The content hash those weights must have (`ldm_core.model_io.state_dict_sha256`)."""
 
     def init_weights(self) -> dict[str, torch.Tensor] | None:
         """The starting weights, refused unless they are the ones the asset planned (a copy overwritten since)."""

@@ -15,10 +15,10 @@ from ldm_core.init_weights import (
     from_diffusers_folder,
     from_saved_denoiser,
     shape_mismatches,
-    weights_sha256,
 )
 from ldm_core.interop import from_diffusers
-from ldm_core.interop.folder import backbone_config_of_folder
+from ldm_core.interop.backbone_folder import backbone_config_of_folder
+from ldm_core.model_io import state_dict_sha256
 from ldm_core.models.denoiser import build_denoiser
 from ldm_core.models.mmdit import MMDiTConfig
 from ldm_core.models.unet import UNET_PRESETS, UNetConfig
@@ -60,7 +60,7 @@ def test_unet_folder_becomes_our_unet_with_the_same_outputs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample,
                                    atol=1e-4, rtol=1e-4)
-    assert init.sha256 == weights_sha256(from_diffusers(theirs).state_dict())
+    assert init.sha256 == state_dict_sha256(from_diffusers(theirs).state_dict())
 
 
 def test_pipeline_folder_finds_its_transformer_and_s3_gives_the_same_weights(tmp_path, s3_url):
@@ -91,16 +91,16 @@ def test_saved_denoiser_resolves_to_its_weights_and_hash(tmp_path):
     save_denoiser(str(tmp_path / "d"), model)
     init = from_saved_denoiser(str(tmp_path / "d"), source="models:/ldm/1")
     assert init.config == UNET_PRESETS["tiny"] and init.source == "models:/ldm/1"
-    assert init.sha256 == weights_sha256(model.state_dict())
+    assert init.sha256 == state_dict_sha256(model.state_dict())
 
 
 def test_the_hash_is_the_weights_identity():
     sd = build_denoiser(UNET_PRESETS["tiny"]).state_dict()
     reordered = dict(reversed(list(sd.items())))
-    assert weights_sha256(reordered) == weights_sha256(sd)
+    assert state_dict_sha256(reordered) == state_dict_sha256(sd)
     changed = {k: v.clone() for k, v in sd.items()}
     changed["conv_in.bias"][0] += 1e-3
-    assert weights_sha256(changed) != weights_sha256(sd)
+    assert state_dict_sha256(changed) != state_dict_sha256(sd)
 
 
 TINY_UNET = UNET_PRESETS["tiny"]  # 4 channels, context 384, 2 levels

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ldm_core.init_weights import from_diffusers_folder, weights_sha256
+from ldm_core.init_weights import from_diffusers_folder
+from ldm_core.model_io import state_dict_sha256
 from pipeline import run_configs
 from pipeline.jobs import RETRAIN_ASSETS
 from pipeline.mlflow_models import download_text_to_image
@@ -101,4 +102,4 @@ def test_champion_config(ldm_home, tiny_config, tmp_path):
     md = execute("ldm_retrain_job", shrunk("champion", tiny_config, "models:/ldm@champion"), ldm_home, tmp_path)
     weights = download_text_to_image(f"models:/ldm/{candidate}", str(tmp_path / "c")).denoiser.state_dict()
     assert md["warm_start"] is True and md["init_from"] == f"models:/ldm/{candidate}"
-    assert md["init_source_hash"] == weights_sha256(weights)
+    assert md["init_source_hash"] == state_dict_sha256(weights)

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from ldm_core.bundle import load_denoiser
 from ldm_core.data.synthetic import write_shapes_source
-from ldm_core.init_weights import weights_sha256
+from ldm_core.model_io import state_dict_sha256
 from pipeline.definitions import defs
 from pipeline.mlflow_models import download_text_to_image
 
@@ -72,7 +72,7 @@ def test_the_sensors_retrain_starts_from_the_champions_weights(champion, ldm_hom
     with torch.no_grad():
         champion_weights = download_text_to_image(champion["uri"], str(tmp_path / "c")).denoiser.state_dict()
     assert md["warm_start"] is True and md["init_from"] == champion["uri"]
-    assert md["init_source_hash"] == weights_sha256(champion_weights)
+    assert md["init_source_hash"] == state_dict_sha256(champion_weights)
     assert "warm start from the champion" in md["warm_start_reason"]
     retrained = load_denoiser(md["ldm_url"] + "/denoiser").state_dict()
     for name, tensor in champion_weights.items():

@@ -10,13 +10,13 @@ reads it without loading a tensor (for checks before any work), `load_backbone_f
 from __future__ import annotations
 
 import json
-import tempfile
 from typing import Any
 
 from torch import nn
 
 from ldm_core import storage
 from ldm_core.interop import from_diffusers
+from ldm_core.interop.folders import local_copy
 from ldm_core.interop.mmdit import config_from_diffusers as mmdit_config
 from ldm_core.interop.unet import config_from_diffusers as unet_config
 from ldm_core.models.denoiser import DenoiserConfig
@@ -65,13 +65,8 @@ def load_backbone_folder(url: str, subfolder: str | None = None,
 
     folder = model_folder(url, subfolder, storage_options)
     cls = getattr(diffusers, _read_config(folder, storage_options)["_class_name"])
-    if storage.is_local(folder):
-        theirs = cls.from_pretrained(storage.local_path(folder))
-    else:  # diffusers reads local folders and hub ids only: copy the folder down first
-        fs, path = storage.get_fs(folder, storage_options)
-        with tempfile.TemporaryDirectory(prefix="ldm-diffusers-") as tmp:
-            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-            theirs = cls.from_pretrained(tmp)
+    with local_copy(folder, storage_options=storage_options) as local:  # diffusers reads local folders only
+        theirs = cls.from_pretrained(local)
     return from_diffusers(theirs.float()).train()
 
 
