@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from ldm_core.bundle import load_denoiser
 from ldm_core.interop.backbone_folder import load_backbone_folder
+from ldm_core.lora import merged
 from ldm_core.model_io import load_state_dict, read_model_meta, state_dict_sha256
 from ldm_core.models.denoiser import DenoiserConfig, parse_denoiser_config, takes_pooled
 from ldm_core.models.mmdit import MMDiTConfig
@@ -53,6 +55,9 @@ def from_saved_denoiser(url: str, source: str | None = None,
     meta = read_model_meta(url, storage_options)
     if meta.get("type") != "denoiser":
         raise ValueError(f"{url} holds a {meta.get('type')!r}, not a denoiser")
+    if meta.get("lora"):  # a LoRA-trained model's network is its base with the adapter merged in
+        model = merged(load_denoiser(url, storage_options))
+        return _init_weights(model.config, model.state_dict(), source or url)
     state = load_state_dict(url, storage_options, meta.get("weights_sha256"))
     return _init_weights(parse_denoiser_config(meta["config"]), state, source or url)
 

@@ -36,7 +36,7 @@ from ldm_core.init_weights import (
     shape_mismatches,
 )
 from ldm_core.models.denoiser import DenoiserConfig, build_denoiser
-from ldm_core.trainers.ldm import load_init_weights
+from ldm_core.trainers.warm_start import load_init_weights
 from pipeline.registry import ModelLookupError, resolve_model_uri, version_by_alias
 from pipeline.tracking import temp_dir
 
@@ -156,7 +156,7 @@ def stage_weights(plan: InitPlan, url_for: Any) -> str | None:
         return None
     url = url_for(plan.weights.sha256[:16])
     model = build_denoiser(plan.weights.config)
-    load_init_weights(model, plan.weights.state_dict)
+    load_init_weights(model, plan.weights.state_dict, "denoiser")
     save_denoiser(url, model)
     return url
 

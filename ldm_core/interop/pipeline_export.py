@@ -25,6 +25,7 @@ from ldm_core.bundle import TextToImage
 from ldm_core.diffusion import DiffusionConfig
 from ldm_core.diffusion.schedules import DEFAULT_BETA_RANGE
 from ldm_core.interop import to_diffusers
+from ldm_core.lora import has_lora, merged
 
 _BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 _PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -140,7 +141,9 @@ def _tokenizer(model: TextToImage) -> Any:
 
 
 def _denoiser(model: TextToImage) -> Any:
-    d = to_diffusers(model.denoiser).eval()
+    # diffusers' UNet/transformer classes know no peft adapter: a LoRA-trained model is exported merged (W + s·B·A)
+    plain = merged(model.denoiser) if has_lora(model.denoiser) else model.denoiser
+    d = to_diffusers(plain).eval()
     if model.denoiser.config.kind == "unet":
         # the pipeline's default image size is sample_size x the VAE's factor
         d.register_to_config(sample_size=list(model.latent_shape[1:]))

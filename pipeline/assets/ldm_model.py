@@ -89,6 +89,12 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     backbone = backbone_summary(den, section.preset if section is not None else None)
     context.log.info(f"denoiser: {describe_backbone(backbone)}")
     text_cfg = TextEncoderConfig.model_validate(store_md["text_encoder_config"])
+    # the registered model carries a copy of the text encoder: it must be the one the store's captions came from
+    text_encoder = TextEncoder(text_cfg)
+    if text_encoder.identity != store_md["text_encoder"]:
+        raise dg.Failure(f"the text encoder {text_cfg.name!r} now loads as {text_encoder.identity}, but the latent "
+                         f"store's captions were embedded by {store_md['text_encoder']}: materialize latent_store "
+                         "again", allow_retries=False)
     vae = load_autoencoder(store_md["vae_url"])
     latent_shape = tuple(store_md["latent_shape"])
     # a warm start's checkpoints are its own: never resumed by a from-scratch run or one from other weights
@@ -120,7 +126,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
             vae=vae,
             diffusion_config=training.diffusion,
             text_encoder_config=text_cfg,
-            text_encoder=TextEncoder(text_cfg),  # copied into the bundle: the registered model carries it
+            text_encoder=text_encoder,  # copied into the bundle: the registered model carries it
             latent_shape=latent_shape,
             guidance=config.guidance,
             info=info,
