@@ -28,6 +28,9 @@ FEATURES = [
     ("zarr", "3.0", "ldm_core/data/latent_store/backends.py", r"\.create_array\("),
     # from_pretrained(dtype=) arrived in 4.56 (before it: torch_dtype=)
     ("transformers", "4.56", "ldm_core/text_encoder.py", r"from_pretrained\([^)]*\bdtype=dtype"),
+    # LoRA through peft: peft 0.17 fails at import beside transformers 5 (which the transformers floor admits); 0.18.0
+    # runs tests/core/test_lora.py, checked with it installed over the venv's
+    ("peft", "0.18", "ldm_core/lora.py", r"inject_adapter_in_model\("),
 ]
 DAGSTER_LIBRARIES = ("dagster-postgres", "dagster-k8s")
 DAGSTER_PACKAGES = ("dagster-webserver", "dagster-pipes")
