@@ -1,3 +1,4 @@
+import diffusers
 import pytest
 import torch
 
@@ -11,8 +12,6 @@ from ldm_core.models.autoencoder import (
     autoencoder_preset,
     build_autoencoder,
 )
-
-diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = {
     # with mid attention, two levels, 1 res block

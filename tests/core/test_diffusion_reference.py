@@ -1,13 +1,12 @@
 """Parity with the reference implementation (diffusers' DDPM/DDIM schedulers) for identical inputs and noise."""
 
+import diffusers
 import pytest
 import torch
 from diffusion_gaussian_oracle import eps_oracle, single_thread  # noqa: F401
 
 from ldm_core.diffusion.samplers import ddim_timesteps, sample_ddim, sample_ddpm
 from ldm_core.diffusion.schedules import alphas_cumprod, make_betas
-
-diffusers = pytest.importorskip("diffusers")
 
 MU = torch.tensor([1.5, -0.5]).view(1, 2, 1, 1)
 SIGMA = torch.tensor([0.5, 2.0]).view(1, 2, 1, 1)

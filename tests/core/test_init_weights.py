@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import fsspec
 import pytest
 import torch
@@ -22,8 +23,6 @@ from ldm_core.model_io import state_dict_sha256
 from ldm_core.models.denoiser import build_denoiser
 from ldm_core.models.mmdit import MMDiTConfig
 from ldm_core.models.unet import UNET_PRESETS, UNetConfig
-
-diffusers = pytest.importorskip("diffusers")
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

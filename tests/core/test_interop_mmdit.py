@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
+# diffusers is an optional dependency of ldm_core (interop imports it lazily): without it, skip this module
+from diffusers import SD3Transformer2DModel
+
 from ldm_core.interop import from_diffusers, to_diffusers
 from ldm_core.interop.mmdit import config_from_diffusers
 from ldm_core.models.mmdit import MMDIT_PRESETS, MMDiT, MMDiTConfig, sincos_pos_embed_2d
 
-# diffusers is an optional dependency of ldm_core (interop imports it lazily): without it, skip this module
-SD3Transformer2DModel = pytest.importorskip("diffusers").SD3Transformer2DModel
 get_2d_sincos_pos_embed = pytest.importorskip("diffusers.models.embeddings").get_2d_sincos_pos_embed
 
 TOL = 1e-4

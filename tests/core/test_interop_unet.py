@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 

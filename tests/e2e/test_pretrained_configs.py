@@ -1,6 +1,6 @@
 """The example configs of pipeline/configs/pretrained/ run as written, through `dagster job execute`: each loaded from
 its file, its placeholder replaced by a tiny model this test builds (a diffusers UNet folder, an SD3 pipeline folder
-on S3, the registered champion), shrunk to tests/e2e/tiny.yaml's sizes."""
+on S3, the registered champion, a LoRA on it), shrunk to tests/e2e/tiny.yaml's sizes."""
 
 from __future__ import annotations
 
@@ -10,24 +10,25 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import diffusers
 import fsspec
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ldm_core.bundle import load_text_to_image
+from ldm_core.checkpoint import CheckpointManager
 from ldm_core.init_weights import from_diffusers_folder
-from ldm_core.model_io import state_dict_sha256
+from ldm_core.lora import adapter_state_dict, has_lora, lora_config
+from ldm_core.model_io import read_model_meta, state_dict_sha256
 from pipeline import run_configs
 from pipeline.jobs import RETRAIN_ASSETS
 from pipeline.mlflow_models import download_text_to_image
 from tests.e2e.conftest import child_env
 
-diffusers = pytest.importorskip("diffusers")
-
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAINED = ROOT / "pipeline" / "configs" / "pretrained"
 PLACEHOLDERS = {"unet": "/path/to/diffusers/unet", "sd3-transformer": "/path/to/diffusers/pipeline",
-                "champion": "models:/ldm@champion"}
+                "champion": "models:/ldm@champion", "lora": "models:/ldm@champion"}
 
 
 def shrunk(name: str, tiny: dict, init_from: str) -> dict:
@@ -103,3 +104,34 @@ def test_champion_config(ldm_home, tiny_config, tmp_path):
     weights = download_text_to_image(f"models:/ldm/{candidate}", str(tmp_path / "c")).denoiser.state_dict()
     assert md["warm_start"] is True and md["init_from"] == f"models:/ldm/{candidate}"
     assert md["init_source_hash"] == state_dict_sha256(weights)
+
+
+def test_lora_config(ldm_home, tiny_config, tmp_path):
+    """A LoRA on the champion: the denoiser trains an adapter only, checkpoints it without the base, and registers the
+    base plus the adapter, which records the champion as its base and generates."""
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("ldm", "champion").version
+    config = shrunk("lora", tiny_config, "models:/ldm@champion")
+    assert config["ops"]["ldm_model"]["config"]["training"]["lora"] == {"rank": 8, "alpha": 8, "dropout": 0.0}
+    md = execute("ldm_retrain_job", config, ldm_home, tmp_path)
+    assert md["warm_start"] is True and md["init_from"] == f"models:/ldm/{champion}"
+    version = client.get_model_version("ldm", str(md["ldm_version"]))
+    url = version.tags["storage_url"]
+    model = load_text_to_image(url)
+    assert has_lora(model.denoiser) and lora_config(model.denoiser).rank == 8
+    base = read_model_meta(f"{url}/denoiser/lora")["base"]
+    assert base == {"sha256": read_model_meta(f"{url}/denoiser")["weights_sha256"],
+                    "source": f"models:/ldm/{champion}"}
+    # the base is the champion's weights, bit for bit: LoRA never moved them
+    champion_weights = download_text_to_image(f"models:/ldm/{champion}", str(tmp_path / "c")).denoiser.state_dict()
+    assert base["sha256"] == state_dict_sha256(champion_weights) == md["init_source_hash"]
+    assert model.generate(["a large red circle in the center"], steps=2).shape == (1, 32, 32, 3)
+    # only the adapter trained: the run's parameter count is the adapter's, and the checkpoint holds nothing else
+    params = client.get_run(version.run_id).data.params
+    n_adapter = sum(v.numel() for v in adapter_state_dict(model.denoiser).values())
+    assert params["lora.rank"] == "8" and params["denoiser_parameters"] == str(n_adapter)
+    ckpt_dir = ldm_home / "storage" / "checkpoints" / "ldm"
+    newest = max(ckpt_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+    _, state = CheckpointManager(str(newest)).load_latest()
+    assert state["model"] and all(".lora_" in k for k in state["model"])
+    assert state["base"]["sha256"] == base["sha256"]

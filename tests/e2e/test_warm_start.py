@@ -8,6 +8,7 @@ import copy
 import datetime
 
 import dagster as dg
+import diffusers
 import pytest
 import torch
 import yaml
@@ -18,8 +19,6 @@ from ldm_core.data.synthetic import write_shapes_source
 from ldm_core.model_io import state_dict_sha256
 from pipeline.definitions import defs
 from pipeline.mlflow_models import download_text_to_image
-
-diffusers = pytest.importorskip("diffusers")
 
 # the retrain's steps barely move the weights: its registered (EMA) denoiser is then its starting weights to within
 # lr x steps, which tells a start from the champion apart from a random one without reading any internal state
