@@ -39,7 +39,7 @@ from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.data.synthetic import write_shapes_source
 from ldm_core.evaluation.evaluate import EvaluationConfig, held_out_from_dataset, measure, text_to_image_functions
 from ldm_core.evaluation.gate import decide
-from ldm_core.init_weights import weights_sha256
+from ldm_core.model_io import state_dict_sha256
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale, train_autoencoder
 from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
@@ -144,7 +144,7 @@ def say(message: str) -> None:
     print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", flush=True)
 
 
-def run(scale: Scale, eval_every: int, workdir: str) -> dict[str, Any]:
+def run(scale: Scale, eval_every: int, workdir: str, seed: int = 0) -> dict[str, Any]:
     cfg = demo_sections()
     source, dataset_url = f"{workdir}/source", f"{workdir}/dataset"
     store_v1, store_v2 = f"{workdir}/latents-v1", f"{workdir}/latents-v2"
@@ -157,7 +157,7 @@ def run(scale: Scale, eval_every: int, workdir: str) -> dict[str, Any]:
     grow(source, dataset_url, store_v1, scale.images, cfg, vae, text)
 
     ldm_cfg = copy.deepcopy(cfg["ldm_model"]["training"])
-    ldm_cfg["trainer"].update(steps=scale.ldm_steps, validation_every=eval_every)
+    ldm_cfg["trainer"].update(steps=scale.ldm_steps, validation_every=eval_every, seed=seed)
     if scale.sample_steps is not None:
         ldm_cfg["diffusion"]["sample_steps"] = scale.sample_steps
     training = LDMTrainingConfig.model_validate(ldm_cfg)
@@ -196,8 +196,8 @@ def run(scale: Scale, eval_every: int, workdir: str) -> dict[str, Any]:
     scratch.pop("model"), warm.pop("model")
     ratio = (warm["passed_at_step"] / scratch["passed_at_step"]
              if warm["passed_at_step"] and scratch["passed_at_step"] else None)
-    return {"scale": scale.__dict__, "eval_every": eval_every, "champion_first_run": first,
-            "champion_sha256": weights_sha256(init), "retrain_from_scratch": scratch, "retrain_warm": warm,
+    return {"scale": scale.__dict__, "eval_every": eval_every, "seed": seed, "champion_first_run": first,
+            "champion_sha256": state_dict_sha256(init), "retrain_from_scratch": scratch, "retrain_warm": warm,
             "warm_over_scratch_steps": ratio, "machine": machine_info()}
 
 
@@ -205,12 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of the path, not a figure")
     parser.add_argument("--eval-every", type=int, default=None, help="gate check every K steps")
+    parser.add_argument("--seed", type=int, default=0, help="the denoiser trainer's seed (all three runs)")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
     scale = QUICK if args.quick else FULL
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="ldm-warm-start-") as workdir:
-        result = run(scale, args.eval_every or scale.eval_every, workdir)
+        result = run(scale, args.eval_every or scale.eval_every, workdir, args.seed)
     rows = [{"run": name, "steps to pass the gate": r["passed_at_step"] or f"not within {r['steps_run']}",
              "training minutes": r["train_minutes"]}
             for name, r in (("champion (first data, from scratch)", result["champion_first_run"]),

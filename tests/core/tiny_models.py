@@ -13,13 +13,13 @@ from ldm_core.models.denoiser import build_denoiser, parse_denoiser_config
 from ldm_core.text_encoder import TextEncoder, resolve_model_path
 
 
-def tiny_clip(folder: Path, with_projection: bool) -> torch.nn.Module:
+def tiny_clip(folder: Path, with_projection: bool, seed: int = 0) -> torch.nn.Module:
     """A random CLIP text model with the MiniLM tokenizer; its EOS is BERT's [SEP] (id 102), so the pooled token is
     the caption's last real one, as with CLIP's own tokenizer."""
     config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             vocab_size=30522, max_position_embeddings=16, projection_dim=24, eos_token_id=102,
                             bos_token_id=101, pad_token_id=0)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
     model.save_pretrained(folder)
     BertTokenizerFast.from_pretrained(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(folder)

@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -19,10 +20,15 @@ def ldm_home(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LDM_HOME", str(home))
     mp.setenv("DAGSTER_HOME", str(home / "dagster"))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for var in ("LDM_STORAGE_ROOT", "LDM_MLFLOW_ARTIFACTS", "LDM_RUN_CONFIG"):
+    for var in ("LDM_STORAGE_ROOT", "LDM_MLFLOW_ARTIFACTS", "LDM_RUN_CONFIG", "MLFLOW_REGISTRY_URI"):
         mp.delenv(var, raising=False)
+    # an earlier module's MLflowResource set MLflow's process-wide URIs (a server it has stopped since): a plain
+    # MlflowClient() here must reach this module's store
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     (home / "dagster").mkdir()
     (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     yield home

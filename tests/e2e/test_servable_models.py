@@ -81,8 +81,14 @@ def served_env(home, tmp_path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def on_s3(ldm_home, s3_endpoint, tiny_config, tmp_path_factory):
-    clip = tmp_path_factory.mktemp("training-machine") / "tiny-clip"
+def training_clip(tmp_path_factory):
+    """Where the training machine keeps its text encoder (the store's text_encoder name)."""
+    return tmp_path_factory.mktemp("training-machine") / "tiny-clip"
+
+
+@pytest.fixture(scope="module")
+def on_s3(ldm_home, s3_endpoint, tiny_config, training_clip):
+    clip = training_clip
     tiny_clip(clip, with_projection=True)
     run_config = copy.deepcopy(tiny_config)
     run_config["ops"]["latent_store"]["config"]["text_encoder"]["name"] = str(clip)
@@ -252,3 +258,20 @@ def test_ldm_export_refuses_bad_input_in_one_line(on_s3, ldm_home, tmp_path):
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "a").exists() and [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_a_text_encoder_changed_since_the_store_was_written_is_not_copied_into_the_model(on_s3, training_clip):
+    """The model carries the encoder its captions were embedded with: when the source now holds other weights under
+    the same name, ldm_model refuses before training, in one line."""
+    tiny_clip(training_clip, with_projection=True, seed=1)
+    try:
+        ops = {"ldm_model": copy.deepcopy(on_s3.dagster_run.run_config["ops"]["ldm_model"])}
+        with dg.DagsterInstance.get() as instance:
+            job = defs.resolve_job_def("ldm_training_job").get_subset(asset_selection={dg.AssetKey("ldm_model")})
+            result = job.execute_in_process(run_config={"ops": ops}, instance=instance, raise_on_error=False)
+    finally:
+        shutil.rmtree(training_clip)
+    [failure] = result.get_step_failure_events()
+    message = failure.step_failure_data.error.message
+    assert "now loads as" in message and "materialize latent_store again" in message, message
