@@ -16,7 +16,8 @@ LoRA script keeps none):
   rank-r adapter where diffusers has one per projection (q, k, v: 3; k, v: 2), so our adapter is smaller: both
   sides' trainable parameter counts are reported;
 - ours, full: the step of ours, LoRA, with every UNet weight trained.
-The reference's pixels are already decoded tensors and its captions already tokenized, which favours it. Speed is
+The reference's pixels are already decoded tensors and its captions already tokenized, which favours it; it passes
+no text mask to its UNet, as the script does (ours masks padded tokens). Speed is
 timed in alternating rounds of the three in this process (ratios: of the median step times); memory in a fresh process
 per side, as in benchmarks.memory: "step MB" is the peak during a step above what the process held before it
 (activations, gradients), "peak MB" the peak itself (with the weights and the optimizer state, where LoRA saves).
@@ -89,7 +90,8 @@ def _diffusers_lora(spec: dict, rank: int, dev: torch.device) -> tuple[Callable[
                             return_tensors="pt").to(dev)
 
     def model(x, t, ctx, mask):
-        return unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+        # the script passes no text mask (diffusers' masked attention path would cost it time it does not spend)
+        return unet(x, t, encoder_hidden_states=ctx).sample
 
     def diffusers_step() -> None:
         with torch.no_grad():  # both encoders frozen, run every step
