@@ -23,6 +23,7 @@ from ldm_core.model_io import state_dict_sha256
 from ldm_core.models.denoiser import build_denoiser
 from ldm_core.models.mmdit import MMDiTConfig
 from ldm_core.models.unet import UNET_PRESETS, UNetConfig
+from tests.core.tiny_models import tiny_diffusers_unet
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -35,10 +36,7 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def diffusers_unet(cross_attention_dim: int = 12):
-    return randomized(diffusers.UNet2DConditionModel(
-        in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")))
+    return randomized(tiny_diffusers_unet(cross_attention_dim))
 
 
 def diffusers_sd3():

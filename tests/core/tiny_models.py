@@ -1,8 +1,9 @@
-"""Tiny real models for tests, built offline: a CLIP text model with the MiniLM tokenizer, and a text-to-image
-bundle of random (not zero-initialised) weights around any text encoder."""
+"""Tiny real models for tests, built offline: a CLIP text model with the MiniLM tokenizer, a diffusers UNet, and a
+text-to-image bundle of random (not zero-initialised) weights around any text encoder."""
 
 from pathlib import Path
 
+import diffusers
 import torch
 from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -11,6 +12,15 @@ from ldm_core.diffusion import DiffusionConfig
 from ldm_core.models.autoencoder import AutoencoderConfig, build_autoencoder
 from ldm_core.models.denoiser import build_denoiser, parse_denoiser_config
 from ldm_core.text_encoder import TextEncoder, resolve_model_path
+
+
+def tiny_diffusers_unet(cross_attention_dim: int = 384) -> diffusers.UNet2DConditionModel:
+    """A two-level UNet2DConditionModel for 4-channel latents (the tiny autoencoder's) and tokens of the given width
+    (384: MiniLM's, the tiny pipeline's text encoder)."""
+    return diffusers.UNet2DConditionModel(
+        in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 
 
 def tiny_clip(folder: Path, with_projection: bool, seed: int = 0) -> torch.nn.Module:

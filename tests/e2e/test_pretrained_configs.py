@@ -23,6 +23,7 @@ from ldm_core.model_io import read_model_meta, state_dict_sha256
 from pipeline import run_configs
 from pipeline.jobs import RETRAIN_ASSETS
 from pipeline.mlflow_models import download_text_to_image
+from tests.core.tiny_models import tiny_diffusers_unet
 from tests.e2e.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,10 +69,7 @@ def execute(job: str, config: dict, home: Path, tmp_path: Path) -> dict:
 def test_unet_folder_config(ldm_home, tiny_config, tmp_path):
     folder = tmp_path / "unet"
     # the tiny store's shapes: 4 latent channels (tiny autoencoder), 8x8 latents, MiniLM's 384-wide tokens
-    diffusers.UNet2DConditionModel(
-        in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=384, attention_head_dim=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).save_pretrained(folder)
+    tiny_diffusers_unet(cross_attention_dim=384).save_pretrained(folder)
     md = execute("ldm_training_job", shrunk("unet", tiny_config, str(folder)), ldm_home, tmp_path)
     assert md["warm_start"] is True and md["init_from"] == str(folder)
     assert md["init_source_hash"] == from_diffusers_folder(str(folder)).sha256

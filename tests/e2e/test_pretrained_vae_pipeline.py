@@ -1,8 +1,9 @@
 """A pretrained diffusers AutoencoderKL as stage 1 through `dagster job execute`, from the example configs in
 pipeline/configs/pretrained/ (their placeholder source replaced by a tiny autoencoder built here, their sizes shrunk to
 tests/e2e/tiny.yaml's): frozen 4-channel from a local pipeline folder (the whole job), frozen 16-channel from S3,
-the decoder fine-tuned with the encoder bitwise kept; registry tags, metadata, one latent store per autoencoder, reuse
-keyed on the weights' hash, and the blocking checks as for a trained autoencoder.
+the decoder fine-tuned with the encoder bitwise kept (4-channel local, 16-channel from S3); registry tags, metadata,
+one latent store per autoencoder, reuse keyed on the weights' hash, and the blocking checks as for a trained
+autoencoder.
 
 The tests share one Dagster instance and MLflow store and run in order.
 """
@@ -157,6 +158,20 @@ def test_decoder_example_fine_tunes_the_decoder_and_keeps_the_encoder_bitwise(ld
     assert tags["pretrained_mode"] == "decoder" and params["trainer.trainable"] == "decoder"
     stores["decoder"] = _latest("latent_store")["store_url"]
     assert len(set(stores.values())) == 3  # one latent store per autoencoder
+
+
+def test_decoder_mode_on_a_16_channel_autoencoder_from_s3(ldm_home, tiny_config, sources, s3_url):
+    """The decoder example with the 16-channel source on S3: 16-channel latents, the encoder side kept bit for bit."""
+    source = upload_folder(sources["c16"], f"{s3_url}/sd3-ft/vae")
+    _ok(_execute(ldm_home, _example("sd-vae-decoder.yaml", source, tiny_config), UPTO_STORE))
+    md = _latest("vae_model")
+    assert md["pretrained_mode"] == "decoder" and md["latent_shape"][0] == 16
+    start = load_pretrained_autoencoder(str(sources["c16"]))
+    assert md["pretrained_sha256"] == start.weights_sha256 != md["weights_sha256"]
+    tuned, kept = load_autoencoder(md["vae_url"]).state_dict(), start.model.state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in tuned.items() if k.startswith(ENCODER_SIDE))
+    assert not torch.equal(tuned["decoder.conv_out.weight"], kept["decoder.conv_out.weight"])
+    assert _latest("latent_store")["latent_shape"][0] == 16
 
 
 def test_a_psnr_floor_the_pretrained_autoencoder_misses_blocks_the_latent_store(ldm_home, tiny_config, sources):

@@ -8,7 +8,6 @@ import copy
 import datetime
 
 import dagster as dg
-import diffusers
 import pytest
 import torch
 import yaml
@@ -19,6 +18,7 @@ from ldm_core.data.synthetic import write_shapes_source
 from ldm_core.model_io import state_dict_sha256
 from pipeline.definitions import defs
 from pipeline.mlflow_models import download_text_to_image
+from tests.core.tiny_models import tiny_diffusers_unet
 
 # the retrain's steps barely move the weights: its registered (EMA) denoiser is then its starting weights to within
 # lr x steps, which tells a start from the champion apart from a random one without reading any internal state
@@ -83,10 +83,7 @@ def test_the_sensors_retrain_starts_from_the_champions_weights(champion, ldm_hom
 
 def test_a_folder_that_does_not_fit_the_store_is_refused_before_training(champion, ldm_home, tmp_path):
     folder = tmp_path / "unet768"
-    diffusers.UNet2DConditionModel(
-        in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=768, attention_head_dim=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).save_pretrained(folder)
+    tiny_diffusers_unet(cross_attention_dim=768).save_pretrained(folder)
     config = copy.deepcopy(champion["config"])
     del config["ops"]["vae_model"]
     ldm = config["ops"]["ldm_model"]["config"]
