@@ -71,6 +71,18 @@ THREADS_HELP = ("intra-op threads for both sides (default: torch's, one per core
                 "each op from waiting for a descheduled second thread")
 
 
+def in_fresh_process(target: Callable[..., None], *args: Any) -> Any:
+    """What ``target(*args, queue)`` puts on the queue, run in a spawned process: a memory figure starts from nothing
+    (no peak, allocator cache or thread pool carried over from this process)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def set_threads(n: int | None) -> None:
     """The same intra-op thread count for ours and the reference: torch's setting is per process."""
     if n is not None:

@@ -32,9 +32,16 @@ from contextlib import ExitStack
 
 import peft
 import torch
-import torch.multiprocessing as mp
 
-from benchmarks.common import machine_info, peak_rss_bytes, print_table, set_threads, time_alternating, write_json
+from benchmarks.common import (
+    in_fresh_process,
+    machine_info,
+    peak_rss_bytes,
+    print_table,
+    set_threads,
+    time_alternating,
+    write_json,
+)
 from benchmarks.end_to_end import CAPTION, CONFIGS
 from benchmarks.latent_loader import build_random_store
 from benchmarks.memory import step_peak_bytes
@@ -156,13 +163,7 @@ def _memory(name: str, side: str, rank: int, device: str, threads: int | None, q
 
 
 def measure_memory(name: str, side: str, rank: int, device: str, threads: int | None) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory, args=(name, side, rank, device, threads, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(_memory, name, side, rank, device, threads)
 
 
 def run(name: str, rank: int = 4, rounds: int = 4, device: str = "cpu", threads: int | None = None) -> dict:

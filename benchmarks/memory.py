@@ -18,14 +18,21 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.multiprocessing as mp
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
 from benchmarks import autoencoder as ae_bench
 from benchmarks import mmdit as mmdit_bench
 from benchmarks import unet as unet_bench
-from benchmarks.common import machine_info, peak_rss_bytes, print_table, reset_peak_rss, rss_bytes, write_json
+from benchmarks.common import (
+    in_fresh_process,
+    machine_info,
+    peak_rss_bytes,
+    print_table,
+    reset_peak_rss,
+    rss_bytes,
+    write_json,
+)
 from ldm_core.interop.autoencoder import diffusers_kwargs as ae_kwargs
 from ldm_core.interop.mmdit import diffusers_kwargs as mmdit_kwargs
 from ldm_core.interop.unet import diffusers_kwargs as unet_kwargs
@@ -113,13 +120,7 @@ def _measure(model: str, side: str, checkpointed: bool, device: str, steps: int,
 
 
 def measure(model: str, side: str, checkpointed: bool, device: str = "cpu", steps: int = 2) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(model, side, checkpointed, device, steps, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(_measure, model, side, checkpointed, device, steps)
 
 
 def run(device: str = "cpu", steps: int = 2) -> dict:
