@@ -11,15 +11,19 @@ error names its field path.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, get_args
 
 import dagster as dg
 import torch
 from transformers import AutoConfig
 
+from ldm_core import storage
 from ldm_core.data.ingest import IngestConfig
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.evaluation.evaluate import EvaluationConfig
+from ldm_core.init_weights import shape_mismatches
+from ldm_core.interop.backbone_folder import backbone_config_of_folder
 from ldm_core.interop.folders import PretrainedSourceNotFound
 from ldm_core.interop.pretrained_vae import PretrainedAutoencoderConfig, pretrained_autoencoder_config
 from ldm_core.models.mmdit import MMDiTConfig
@@ -35,6 +39,7 @@ from pipeline.asset_config import (
     complete_ldm_training,
 )
 from pipeline.config_bridge import ConfigValidationError, to_core
+from pipeline.init_from import AUTO, NONE, REGISTERED_PREFIX
 
 PRECISIONS = get_args(Precision)
 
@@ -149,6 +154,11 @@ def check_sections(run_config: dict[str, Any]) -> None:
         errors.append(f"ldm_model.training.denoiser.pooled_projection_dim: {den_set['pooled_projection_dim']}, but "
                       f"the text encoder {text.name!r} (latent_store.text_encoder.name) pools its captions to "
                       f"{widths[1]}-dim vectors; leave it unset")
+    init_section = _section(run_config, "ldm_model")
+    if vae is not None and widths is not None and not latent_resolution % vae.model.downsample_factor:
+        side = latent_resolution // vae.model.downsample_factor
+        errors.extend(_init_from_errors(init_section.get("init_from"), init_section.get("init_subfolder"),
+                                        (vae.model.z_channels, side, side), widths))
     if ldm is not None and store_cfg is not None and ldm.trainer.sample_posterior and store_cfg.content != "moments":
         errors.append(f"ldm_model.training.trainer.sample_posterior: draws from the stored posterior, but "
                       f"latent_store.store.content is {store_cfg.content!r} (one fixed sample per image); set it to "
@@ -200,6 +210,22 @@ def _pretrained_autoencoder(section: dict[str, Any], training: AutoencoderTraini
     data = training.to_dict()
     data["model"], data["trainer"]["trainable"] = model.to_dict(), "decoder"
     return check(to_core, AutoencoderTrainingConfig, data, "vae_model.training")
+
+
+def _init_from_errors(init_from: str | None, subfolder: str | None, latent_shape: tuple[int, int, int],
+                      widths: tuple[int, int]) -> list[str]:
+    """A local diffusers folder named by ldm_model.init_from, checked against the latents and the text encoder from
+    its config alone (no weights read). Registered models, ``auto``/``none`` and remote folders are the asset's to
+    check when it resolves them."""
+    if not init_from or init_from in (NONE, AUTO) or init_from.startswith(REGISTERED_PREFIX):
+        return []
+    if not storage.is_local(init_from) or not Path(storage.local_path(init_from)).exists():
+        return []
+    try:
+        config = backbone_config_of_folder(init_from, subfolder)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        return [f"ldm_model.init_from: {' '.join(str(e).split())}"]
+    return [f"ldm_model.init_from: {problem}" for problem in shape_mismatches(config, latent_shape, *widths)]
 
 
 def _check_device(spec: str, path: str, errors: list[str]) -> None:
