@@ -12,7 +12,8 @@ config's recipe), and once more from the champion with the fine-tuning lr and wa
 pipeline/configs/pretrained/champion.yaml. Every K steps the EMA model is measured as the
 evaluation report measures it and judged by the gate against the champion (measured on the same held-out rows); a
 run stops at its first pass. Reported: steps and minutes to pass for each (the measuring time excluded), each
-check's gated metrics and the gate's reasons, and the warm / scratch ratio. The issue's goal: warm start needs at most a third of the from-scratch steps.
+check's gated metrics and the gate's reasons, and the warm / scratch ratio. The issue's goal: warm start needs at
+most a third of the from-scratch steps.
 
 ``--quick`` runs the same path at toy sizes (a smoke test of the plumbing, minutes on 2 cores); its gate rarely
 passes and its figures mean nothing.
