@@ -7,10 +7,10 @@ denoiser recipe and gate rules): train the autoencoder once and the denoiser fro
 ldm_training_job does, gated once (the first model: thresholds only); that model is the champion. Then a new batch of
 images of the same kinds lands at the source, is ingested and encoded (the autoencoder stays frozen, as in
 ldm_retrain_job), and the denoiser is retrained on the grown store: from scratch, and from the champion's weights
-(`train_ldm(init_weights=...)`, what `ldm_model.init_from` hands it) with the same recipe (what the sensor's `init_from: auto` run does with the run
-config's recipe), and once more from the champion with the fine-tuning lr and warmup of
-pipeline/configs/pretrained/champion.yaml. Every K steps the EMA model is measured as the
-evaluation report measures it and judged by the gate against the champion (measured on the same held-out rows); a
+(`train_ldm(init_weights=...)`, what `ldm_model.init_from` hands it) with the same recipe (what the sensor's
+`init_from: auto` run does with the run config's recipe), and once more from the champion with the fine-tuning lr
+and warmup of pipeline/configs/pretrained/champion.yaml. Every K steps the EMA model is measured as the evaluation
+report measures it and judged by the gate against the champion (measured on the same held-out rows); a
 run stops at its first pass. Reported: steps and minutes to pass for each (the measuring time excluded), each
 check's gated metrics and the gate's reasons, and the warm / scratch ratio. The issue's goal: warm start needs at
 most a third of the from-scratch steps.
