@@ -36,7 +36,6 @@ import torch
 from benchmarks.common import (
     in_fresh_process,
     machine_info,
-    peak_rss_bytes,
     print_table,
     set_threads,
     time_alternating,
@@ -44,7 +43,7 @@ from benchmarks.common import (
 )
 from benchmarks.end_to_end import CAPTION, CONFIGS
 from benchmarks.latent_loader import build_random_store
-from benchmarks.memory import step_peak_bytes
+from benchmarks.memory import step_memory
 from ldm_core.data.latent_dataset import LatentDataset
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.interop import to_diffusers
@@ -149,17 +148,8 @@ def _memory(name: str, side: str, rank: int, device: str, threads: int | None, q
     with ExitStack() as stack:
         step, _ = build_step(name, side, rank, dev, stack)
         step()  # the first step allocates the optimizer state, held from then on
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            queue.put({"step_mb": (peak - before) / 2**20, "peak_mb": peak / 2**20})
-        else:
-            added = step_peak_bytes(step)
-            queue.put({"step_mb": added / 2**20, "peak_mb": peak_rss_bytes() / 2**20})
+        added, peak = step_memory(step, dev)
+        queue.put({"step_mb": added / 2**20, "peak_mb": peak / 2**20})
 
 
 def measure_memory(name: str, side: str, rank: int, device: str, threads: int | None) -> dict:

@@ -90,6 +90,20 @@ def step_peak_bytes(step: Callable[[], None]) -> int:
     return max(0, peak_rss_bytes() - before)
 
 
+def step_memory(step: Callable[[], None], dev: torch.device) -> tuple[int, int]:
+    """(bytes `step()` adds at its peak to what the process holds, the peak itself): the CUDA allocator's on a GPU,
+    resident memory on the CPU."""
+    if dev.type != "cuda":
+        return step_peak_bytes(step), peak_rss_bytes()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak - before, peak
+
+
 def _measure(model: str, side: str, checkpointed: bool, device: str, steps: int, queue) -> None:
     dev = torch.device(device)
     net, loss_fn = _build(model, side, checkpointed, dev)
@@ -101,15 +115,7 @@ def _measure(model: str, side: str, checkpointed: bool, device: str, steps: int,
         opt.zero_grad(set_to_none=True)
 
     step()  # the first step allocates the optimizer state, held from then on: measure a step of steady training
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        step_bytes = torch.cuda.max_memory_allocated() - before
-    else:
-        step_bytes = step_peak_bytes(step)
+    step_bytes, _ = step_memory(step, dev)
     t = time.perf_counter()
     for _ in range(steps):
         step()
