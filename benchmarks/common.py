@@ -96,14 +96,17 @@ def sync(device: torch.device) -> None:
 
 def time_alternating(fns: dict[str, Callable[[], None]], rounds: int, iters: int, warmup: int,
                      device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in alternating rounds (see `paired_ratio` for their ratio)."""
+    """Median seconds per call of each fn, timed in alternating rounds (see `paired_ratio` for their ratio); each
+    round starts with the next side, so no side always runs first (on a warm cache, or right after another's)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            fn = fns[name]
             sync(device)
             t = time.perf_counter()
             for _ in range(iters):

@@ -3,7 +3,10 @@ from that file (nothing typed in by hand)."""
 
 import json
 
+import torch
+
 from benchmarks.__main__ import _public, _Rows
+from benchmarks.common import time_alternating
 from benchmarks.table import render
 
 
@@ -48,3 +51,11 @@ def test_the_table_shows_each_rows_own_figures_and_flags_an_incomplete_run():
     assert "datasheet" not in text
     models = render(result, model_rows_only=True)
     assert "UNet train step (mid)" in models and "encode 300" not in models and "unet-mid" not in models
+
+
+def test_alternating_rounds_start_with_each_side_in_turn():
+    calls: list[str] = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("ours", "reference", "third")}
+    time_alternating(fns, rounds=3, iters=1, warmup=0, device=torch.device("cpu"))
+    firsts = [calls[3 * r] for r in range(3)]
+    assert sorted(firsts) == ["ours", "reference", "third"]  # fixed order would start every round with "ours"
