@@ -24,6 +24,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
+from urllib.parse import unquote
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -73,9 +74,29 @@ class StorageError(OSError):
     """A storage operation that failed for good (after the retries); the message names the URL."""
 
 
+# The ``user:password@`` (or ``user@``) part of a URL. A pasted secret may hold "/" (AWS secret keys do), so once a
+# ":" comes before any "/", everything up to the next "@" is the password.
+_USERINFO = re.compile(r"(?<=://)(?:[^/@:]*:[^@]*|[^/@:]*)@")
+
+
 def redact_url(url: str) -> str:
-    """The URL without any ``user:password@`` part, safe for logs and errors."""
-    return re.sub(r"(?<=://)[^/@]*@", "", str(url))
+    """The URL without any ``user:password@`` part, safe for logs, errors, params, metadata and manifests."""
+    return _USERINFO.sub("", str(url), count=1)
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` carries a ``user:password@`` (or ``user@``) part."""
+    return redact_url(url) != str(url)
+
+
+def _s3_inline_credentials(url: str, opts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``s3://key:secret@bucket/…`` -> (``s3://bucket/…``, options with key and secret): s3fs itself would take
+    ``key:secret@bucket`` for the bucket's name and put it, secret and all, into its error messages."""
+    m = _USERINFO.search(url)
+    if not m:
+        return url, opts
+    key, _, secret = m.group(0)[:-1].partition(":")
+    return redact_url(url), {**opts, "key": unquote(key), "secret": unquote(secret)}
 
 
 @contextlib.contextmanager
@@ -108,7 +129,7 @@ def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fss
     url = str(url)
     opts = dict(storage_options or {})
     if protocol_of(url) == "s3":
-        opts = {**s3_options_from_env(), **opts}
+        url, opts = _s3_inline_credentials(url, {**s3_options_from_env(), **opts})
     fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path
 
@@ -143,10 +164,19 @@ def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
     # object stores have no directories to create
 
 
-def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+class TooLarge(ValueError):
+    """A file over the byte limit its reader set (`read_bytes` ``max_bytes``)."""
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
+    """The file's bytes. With ``max_bytes``, at most that many are read: a larger file (or one that never ends,
+    like ``/dev/zero``) raises `TooLarge` after reading ``max_bytes + 1`` bytes, whatever size its listing gave."""
     fs, path = get_fs(url, storage_options)
     with naming_errors(url, "reading"), fs.open(path, "rb") as f:
-        return f.read()
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLarge(f"{redact_url(url)}: more than {max_bytes} bytes")
+    return data
 
 
 def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:

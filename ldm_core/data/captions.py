@@ -3,7 +3,10 @@
 Non-UTF-8 captions are *kept*, decoded with U+FFFD replacement characters, and counted (``caption_non_utf8``):
 a caption with one mangled accent still describes its image, and dropping the pair would lose a good image.
 Metadata files and sidecar ``.txt`` files are read with ``errors="surrogateescape"`` so that the bytes that were
-not UTF-8 survive the parse as lone surrogates; `clean_caption` finds them per caption, replaces them, counts.
+not UTF-8 survive the parse as lone surrogates; `clean_caption` finds them per caption, replaces them, counts. A
+lone surrogate written as a JSON escape (``"\\ud800"``) is no character either (no UTF-8 encodes it, so Parquet
+cannot store it): it is replaced and counted the same way. `valid_text` does the same for any other text a row
+carries (attribute names and values).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from typing import Literal
 
 CaptionPolicy = Literal["drop", "empty", "filename"]
 
-# Lone surrogates U+DC80..U+DCFF are what surrogateescape makes of undecodable bytes 0x80..0xFF.
-_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
+# Lone surrogates: U+DC80..U+DCFF are what surrogateescape makes of undecodable bytes 0x80..0xFF; the rest of
+# U+D800..U+DFFF come from JSON escapes. No UTF-8 encodes any of them.
+_SURROGATES = re.compile("[\ud800-\udfff]+")
 _REPLACEMENT = "\ufffd"
 
 
@@ -35,6 +39,11 @@ class CaptionResult:
 def decode_text(data: bytes) -> str:
     """Bytes of a text file as str; a UTF-8 BOM is dropped and non-UTF-8 bytes survive as lone surrogates."""
     return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD: a string that UTF-8 (and so Parquet, JSON) can store."""
+    return _SURROGATES.sub(lambda m: _REPLACEMENT * len(m.group()), text)
 
 
 def caption_from_filename(name: str) -> str:
@@ -56,8 +65,8 @@ def clean_caption(
         raw = decode_text(bytes(raw))
     if raw is not None and not isinstance(raw, str):
         raw = str(raw)  # a number or bool in a metadata column
-    if raw is not None and _ESCAPED_BYTES.search(raw):
-        raw = _ESCAPED_BYTES.sub(lambda m: _REPLACEMENT * len(m.group()), raw)
+    if raw is not None and _SURROGATES.search(raw):
+        raw = valid_text(raw)
         fixes.append("caption_non_utf8")
     text = raw.strip() if raw is not None else None
 

@@ -21,6 +21,7 @@ raised.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 from collections import Counter
@@ -32,9 +33,19 @@ from ldm_core import storage
 from ldm_core.config import StrictModel
 from ldm_core.data import canonical
 from ldm_core.data.canonical import EntryRecord, Manifest, RunRecord, ShardInfo
-from ldm_core.data.captions import CaptionPolicy, clean_caption
+from ldm_core.data.captions import CaptionPolicy, clean_caption, valid_text
 from ldm_core.data.images import ImageRejected, clean_image
-from ldm_core.data.sources import Source, SourceEntry, UnreadableEntry, canonical_source_url, open_source, redact_url
+from ldm_core.data.sources import (
+    MAX_IMAGE_BYTES,
+    MAX_METADATA_BYTES,
+    ReadLimits,
+    Source,
+    SourceEntry,
+    UnreadableEntry,
+    canonical_source_url,
+    open_source,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,11 @@ class IngestConfig(StrictModel):
     """Images whose shorter side is below this many pixels are dropped (``too_small``)."""
     max_pixels: int = Field(50_000_000, ge=1)
     """Decompression-bomb limit: images with more pixels (from the header) are dropped before decoding."""
+    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1)
+    """Images (files, or a Parquet row's image value) over this many bytes are dropped (``too_large``); no more
+    than this is ever read for one image."""
+    max_metadata_bytes: int = Field(MAX_METADATA_BYTES, ge=1)
+    """A metadata.jsonl / metadata.csv over this many bytes (each is read whole) refuses the source, naming it."""
     caption_policy: CaptionPolicy = "drop"
     """Missing or empty caption: ``drop`` the pair, keep it with an ``empty`` caption (still useful to the
     unconditional branch of classifier-free guidance), or caption it from its ``filename``."""
@@ -95,7 +111,8 @@ class IngestResult(BaseModel):
     rows_examined: int
     """Rows read from new source entries: rows_new + sum(bad) + skipped_duplicates."""
     bad: dict[str, int]
-    """Dropped rows by reason (corrupt, not_an_image, too_small, decompression_bomb, missing_caption, …)."""
+    """Dropped rows by reason (corrupt, not_an_image, too_small, decompression_bomb, too_large, missing_caption,
+    path_outside_source, not_a_regular_file, invalid_file_name, caption_too_large, corrupt_parquet, …)."""
     converted: dict[str, int]
     """Kept images that were repaired, by conversion (converted_cmyk, converted_16bit, converted_alpha, …)."""
     caption_fixes: dict[str, int]
@@ -225,6 +242,7 @@ def ingest(config: IngestConfig, output_url: str, storage_options: dict[str, Any
         src_opts,
         image_column=config.image_column,
         caption_column=config.caption_column,
+        limits=ReadLimits(max_image_bytes=config.max_image_bytes, max_metadata_bytes=config.max_metadata_bytes),
     )
     source_key = canonical_source_url(config.source, src_opts)
     storage.makedirs(output_url, storage_options)
@@ -234,7 +252,8 @@ def ingest(config: IngestConfig, output_url: str, storage_options: dict[str, Any
     new_entries = [
         e
         for e in entries
-        if e.key not in known or known[e.key].model_dump(include={"size", "etag", "caption"}) != e.fingerprint
+        if valid_text(e.key) not in known
+        or known[valid_text(e.key)].model_dump(include={"size", "etag", "caption"}) != e.fingerprint
     ]
     log.info(
         "ingesting %s (%s): %d entries, %d new",
@@ -256,11 +275,19 @@ def ingest(config: IngestConfig, output_url: str, storage_options: dict[str, Any
     for entry in new_entries:
         written = dupes = 0
         reasons: Counter[str] = Counter()
+        if valid_text(entry.key) != entry.key:
+            # a local file name that is not UTF-8: no shard or manifest can hold it, so it is counted and remembered
+            # under its name with U+FFFD for the undecodable bytes
+            examined += 1
+            bad["invalid_file_name"] += 1
+            log.warning("skipped %r: the file name is not valid UTF-8", entry.key)
+            unwritten.append((dataclasses.replace(entry, key=valid_text(entry.key)), "bad:invalid_file_name"))
+            continue
         try:
             for record in source.records(entry):
                 examined += 1
                 if record.data is None:
-                    reasons["missing_image"] += 1
+                    reasons[record.problem or "missing_image"] += 1
                     continue
                 try:
                     image = clean_image(record.data, min_size=config.min_size, max_pixels=config.max_pixels)

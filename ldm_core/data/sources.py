@@ -14,11 +14,19 @@ Two layouts, auto-detected (`detect_layout`) or forced:
 A source is a list of `SourceEntry` (a file, with the size and ETag that tell whether it changed) and, per entry,
 the `RawRecord` rows it holds: an image folder entry is one image, a Parquet entry is a whole shard.
 Nothing here decodes images or judges captions: that is `images` and `captions`.
+
+Input that cannot hurt: every path a source names (a metadata ``file_name``, a Parquet ``image.path``) stays under
+the source — an absolute path, a ``..`` that climbs out of it or a URL is refused (``path_outside_source``), so an
+``s3://`` source never reads a local file. Every read is bounded (`ReadLimits`): an image over ``max_image_bytes``
+is ``too_large`` (read no further than the limit, so even ``/dev/zero`` costs no more), a sidecar caption over
+`MAX_SIDECAR_BYTES` is ``caption_too_large``, and a metadata file over ``max_metadata_bytes`` refuses the source
+with one line naming it. Text that UTF-8 cannot encode (lone surrogates) is replaced, never passed on to Parquet.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import csv
 import hashlib
 import io
@@ -26,7 +34,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,8 +43,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ldm_core import storage
-from ldm_core.data.captions import decode_text
+from ldm_core.data.captions import decode_text, valid_text
 from ldm_core.data.images import IMAGE_EXTENSIONS
+from ldm_core.storage import TooLarge, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,23 @@ IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes
 SIDECAR_EXTENSION = ".txt"
 # Python types an attribute value may have in the canonical shards; anything else is stored as JSON text.
 _SCALARS = (bool, int, float, str)
+# An integer attribute beyond int64 (Parquet's widest integer) is stored as its text.
+_INT64 = (-(2**63), 2**63 - 1)
+
+MAX_IMAGE_BYTES = 64 * 2**20
+"""Default byte limit of one image file (or one image value of a Parquet row): larger ones are ``too_large``."""
+MAX_METADATA_BYTES = 256 * 2**20
+"""Default byte limit of one metadata.jsonl / metadata.csv, which is read whole into memory."""
+MAX_SIDECAR_BYTES = 2**20
+"""Byte limit of one sidecar caption .txt file (captions are truncated far below this anyway)."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """The most bytes a source reads for one thing (see the module doc)."""
+
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_metadata_bytes: int = MAX_METADATA_BYTES
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,16 @@ class RawRecord:
     attributes: dict[str, Any] = field(default_factory=dict)
     filename: str = ""
     """A file name to derive a caption from under the ``filename`` policy."""
+    problem: str | None = None
+    """Why ``data`` is None when the reason is not simply a missing image (``path_outside_source``, ``too_large``)."""
+
+
+def _regular(info: dict[str, Any]) -> bool:
+    return info.get("type", "file") == "file"
+
+
+class NotARegularFile(OSError):
+    """A local path that is a device, a FIFO or a directory: never opened."""
 
 
 class UnreadableEntry(Exception):
@@ -95,9 +130,25 @@ class UnreadableEntry(Exception):
 
 
 def _scalar(value: Any) -> Any:
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        return str(value)
     if value is None or isinstance(value, _SCALARS):
         return value
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return valid_text(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def contained_path(rel: str) -> str | None:
+    """``rel`` normalized, or None when it does not name a file under the source root: an absolute path, one that
+    climbs out with ``..``, a URL (``file://…``, ``s3://other-bucket/…``) or a name with a NUL byte."""
+    rel = str(rel)
+    if not rel or "\x00" in rel or "://" in rel or rel.startswith(("/", "\\")):
+        return None
+    norm = posixpath.normpath(rel)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    return norm
 
 
 def _is_hidden(rel: str) -> bool:
@@ -109,7 +160,10 @@ def _ext(rel: str) -> str:
 
 
 def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Every file under ``url``: relative path -> fsspec info (``size``, ``ETag`` on S3). Fresh, never cached."""
+    """Every file under ``url``: relative path -> fsspec info (``size``, ``ETag`` on S3). Fresh, never cached.
+
+    Local entries that are no regular file (a device, a FIFO, a symlink to one) are listed with ``type`` "other":
+    they are counted, never opened (a FIFO would block, ``/dev/zero`` never ends)."""
     fs, root = storage.get_fs(url, storage_options)
     root = root.rstrip("/")
     # A long-lived process (a Dagster code server) must see files that landed since its last listing.
@@ -119,7 +173,7 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[
     found = fs.find(root, detail=True)
     out: dict[str, dict[str, Any]] = {}
     for path, info in found.items():
-        if info.get("type", "file") != "file":
+        if info.get("type", "file") not in ("file", "other"):
             continue
         rel = path[len(root):].lstrip("/")
         if rel:
@@ -138,7 +192,11 @@ def _entry(rel: str, info: dict[str, Any], caption: str | None = None) -> Source
 
 def _digest(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (a JSON "\ud800"): kept as it is
+        data = text.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def detect_layout(files: dict[str, dict[str, Any]]) -> Literal["imagefolder", "parquet"]:
@@ -156,11 +214,6 @@ def detect_layout(files: dict[str, dict[str, Any]]) -> Literal["imagefolder", "p
     )
 
 
-def redact_url(url: str) -> str:
-    """The URL without any ``user:password@`` part, safe for logs, errors and manifests."""
-    return re.sub(r"(?<=://)[^/@]*@", "", str(url))
-
-
 def canonical_source_url(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """One spelling per source (``./data``, ``/abs/data`` and ``file:///abs/data`` agree): the manifest's key."""
     _, path = storage.get_fs(url, storage_options)
@@ -171,15 +224,33 @@ def canonical_source_url(url: str, storage_options: dict[str, Any] | None = None
     return redact_url(f"{protocol}://{path}")
 
 
+@contextlib.contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """The csv module's field limit (process-wide state) raised to ``limit`` while one file is parsed."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, limit))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
 class Source(abc.ABC):
     """A readable ingestion source: its entries, and the records inside each."""
 
     layout: str
 
-    def __init__(self, url: str, files: dict[str, dict[str, Any]], storage_options: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        files: dict[str, dict[str, Any]],
+        storage_options: dict[str, Any] | None,
+        limits: ReadLimits | None = None,
+    ) -> None:
         self.url = str(url).rstrip("/")
         self._files = files
         self._storage_options = storage_options
+        self.limits = limits or ReadLimits()
         self.ignored_files: list[str] = []
         """Files that are neither images, captions, metadata nor data (README, .DS_Store, …)."""
         self.problems: Counter[str] = Counter()
@@ -193,8 +264,17 @@ class Source(abc.ABC):
     def records(self, entry: SourceEntry) -> Iterator[RawRecord]:
         """The rows of one entry, in order. Raises `UnreadableEntry` when the entry cannot be read."""
 
-    def _read(self, rel: str) -> bytes:
-        return storage.read_bytes(storage.join(self.url, rel), self._storage_options)
+    def _read(self, rel: str, max_bytes: int) -> bytes:
+        """At most ``max_bytes`` of the file ``rel`` under the source (`TooLarge` beyond); never a path outside it."""
+        inside = contained_path(rel)
+        if inside is None:
+            raise ValueError(f"{rel!r} is not a path under the source {redact_url(self.url)}")
+        url = storage.join(self.url, inside)
+        if storage.is_local(url) and os.path.exists(storage.local_path(url)) and not os.path.isfile(
+            storage.local_path(url)
+        ):
+            raise NotARegularFile(f"{rel}: not a regular file")
+        return storage.read_bytes(url, self._storage_options, max_bytes=max_bytes)
 
 
 class ImageFolderSource(Source):
@@ -208,8 +288,9 @@ class ImageFolderSource(Source):
         files: dict[str, dict[str, Any]],
         storage_options: dict[str, Any] | None = None,
         caption_column: str | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
-        super().__init__(url, files, storage_options)
+        super().__init__(url, files, storage_options, limits)
         self._caption_column = caption_column
         # relative image path -> (caption as found, attributes). The caption index is held in memory; the
         # images are not (they are read one entry at a time).
@@ -218,7 +299,7 @@ class ImageFolderSource(Source):
         self._sidecars: set[str] = set()
         metadata_files: dict[str, str] = {}  # folder -> metadata file (jsonl preferred)
         for rel in files:
-            if _is_hidden(rel):
+            if _is_hidden(rel) or not (_regular(files[rel]) or _ext(rel) in IMAGE_EXTENSIONS):
                 self.ignored_files.append(rel)
                 continue
             base = posixpath.basename(rel)
@@ -254,8 +335,20 @@ class ImageFolderSource(Source):
                 return lower[name]
         return None
 
+    def _read_metadata(self, rel: str) -> str:
+        limit = self.limits.max_metadata_bytes
+        try:
+            if int(self._files[rel].get("size") or 0) > limit:
+                raise TooLarge(rel)
+            return decode_text(self._read(rel, limit))
+        except TooLarge:
+            raise ValueError(
+                f"metadata file {rel} of the source {redact_url(self.url)} is over max_metadata_bytes ({limit} "
+                "bytes): split it into one metadata file per subfolder, or raise ingest.max_metadata_bytes"
+            ) from None
+
     def _load_metadata(self, folder: str, rel: str) -> None:
-        text = decode_text(self._read(rel))
+        text = self._read_metadata(rel)
         if rel.endswith(".jsonl"):
             rows: list[dict[str, Any]] = []
             for lineno, line in enumerate(text.splitlines(), 1):
@@ -263,26 +356,34 @@ class ImageFolderSource(Source):
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    row = e.msg
+                except (ValueError, RecursionError) as e:  # not JSON, an int of 5000 digits, nesting 100k deep
+                    row = str(e)
                 if not isinstance(row, dict):
                     log.warning("%s, line %d: not a JSON object; line skipped", rel, lineno)
                     self.problems["bad_metadata_line"] += 1
                     continue
                 rows.append(row)
         else:
-            # CSV values stay strings: a CSV has no types, and guessing them per column breaks round trips.
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            # CSV values stay strings: a CSV has no types, and guessing them per column breaks round trips. A field
+            # may be as long as the file (its size is bounded above), not just the csv module's default 128 KiB.
+            with _csv_field_limit(len(text) + 1):
+                rows = list(csv.DictReader(io.StringIO(text, newline="")))
         for i, row in enumerate(rows):
+            if None in row:  # a CSV row with more fields than the header: the extra ones have no name
+                log.warning("%s, row %d: more fields than the header names; the extra ones are ignored", rel, i + 1)
+                self.problems["metadata_extra_fields"] += 1
+                del row[None]
             name = row.get("file_name")
             if not name:
                 log.warning("%s, row %d: no file_name (the imagefolder convention needs one); row skipped", rel, i + 1)
                 self.problems["metadata_row_without_file_name"] += 1
                 continue
-            key = posixpath.normpath(posixpath.join(folder, str(name)))
+            # a file_name outside the source stays an entry of its own, refused when read (path_outside_source)
+            key = posixpath.join(folder, str(name))
+            key = contained_path(key) or key
             caption_key = self._caption_key(row)
             caption = row.get(caption_key) if caption_key else None
-            attrs = {k: _scalar(v) for k, v in row.items() if k not in ("file_name", caption_key)}
+            attrs = {valid_text(k): _scalar(v) for k, v in row.items() if k not in ("file_name", caption_key)}
             self._metadata[key] = (caption, attrs)
 
     def entries(self) -> list[SourceEntry]:
@@ -302,12 +403,23 @@ class ImageFolderSource(Source):
 
     def records(self, entry: SourceEntry) -> Iterator[RawRecord]:
         rel = entry.key
+        if contained_path(rel) is None:  # a metadata row naming /etc/passwd or ../../secret.png
+            raise UnreadableEntry("path_outside_source", f"{rel!r} is not under the source")
+        if rel in self._files and not _regular(self._files[rel]):
+            raise UnreadableEntry("not_a_regular_file", f"{rel}: a device, FIFO or link to one")
+        limit = self.limits.max_image_bytes
+        if entry.size is not None and entry.size > limit:
+            raise UnreadableEntry("too_large", f"{rel}: {entry.size} bytes > max_image_bytes {limit}")
         try:
             if rel in self._metadata:
                 caption, attrs = self._metadata[rel]
             else:
                 caption, attrs = self._sidecar_caption(rel), {}
-            data = self._read(rel) if entry.size is not None else None
+            data = self._read(rel, limit) if entry.size is not None else None
+        except TooLarge:  # the listing's size was wrong (a file that grew, a device)
+            raise UnreadableEntry("too_large", f"{rel}: over max_image_bytes {limit}") from None
+        except NotARegularFile as e:
+            raise UnreadableEntry("not_a_regular_file", str(e)) from None
         except OSError as e:
             raise UnreadableEntry("unreadable", f"{rel}: {e}") from None
         yield RawRecord(source=rel, data=data, caption=caption, attributes=dict(attrs), filename=rel)
@@ -316,7 +428,10 @@ class ImageFolderSource(Source):
         sidecar = posixpath.splitext(rel)[0] + SIDECAR_EXTENSION
         if sidecar not in self._sidecars:
             return None
-        return decode_text(self._read(sidecar))
+        try:
+            return decode_text(self._read(sidecar, MAX_SIDECAR_BYTES))
+        except TooLarge:
+            raise UnreadableEntry("caption_too_large", f"{sidecar}: over {MAX_SIDECAR_BYTES} bytes") from None
 
 
 class ParquetSource(Source):
@@ -332,13 +447,14 @@ class ParquetSource(Source):
         storage_options: dict[str, Any] | None = None,
         image_column: str | None = None,
         caption_column: str | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
-        super().__init__(url, files, storage_options)
+        super().__init__(url, files, storage_options, limits)
         self._image_column = image_column
         self._caption_column = caption_column
         self._shards = []
         for rel in files:
-            if not _is_hidden(rel) and _ext(rel) == ".parquet":
+            if not _is_hidden(rel) and _ext(rel) == ".parquet" and _regular(files[rel]):
                 self._shards.append(rel)
             else:
                 self.ignored_files.append(rel)
@@ -398,7 +514,10 @@ class ParquetSource(Source):
         except (OSError, pa.ArrowInvalid) as e:
             raise UnreadableEntry("corrupt_parquet", f"{rel}: {e}") from None
         with f:
-            image_col, caption_col, attr_cols = self._columns(parquet.schema_arrow, rel)
+            try:
+                image_col, caption_col, attr_cols = self._columns(parquet.schema_arrow, rel)
+            except ValueError as e:  # no image column: this file is counted, the others are still read
+                raise UnreadableEntry("no_image_column", str(e)) from None
             columns = [image_col] + ([caption_col] if caption_col else []) + attr_cols
             row = 0
             try:
@@ -415,25 +534,40 @@ class ParquetSource(Source):
     ) -> RawRecord:
         image = values[image_col]
         path = ""
+        problem = None
         if isinstance(image, dict):  # the datasets Image feature: {"bytes": …, "path": …}
-            path = image.get("path") or ""
+            path = valid_text(str(image.get("path") or ""))
             data = image.get("bytes")
             if data is None and path:
-                # a non-embedded Image feature: the path is relative to the shard's folder
-                data = self._read_referenced(posixpath.join(posixpath.dirname(rel), path))
+                # a non-embedded Image feature: the path is relative to the shard's folder, and must stay under it
+                inside = contained_path(path)
+                if inside is None:
+                    problem = "path_outside_source"
+                else:
+                    data, problem = self._read_referenced(posixpath.join(posixpath.dirname(rel), inside))
         else:
             data = image
+        if data is not None and len(data) > self.limits.max_image_bytes:
+            data, problem = None, "too_large"
         caption = values.get(caption_col) if caption_col else None
         if isinstance(caption, list):  # several captions per image (COCO style): the first non-empty one
             caption = next((c for c in caption if c and str(c).strip()), caption[0] if caption else None)
         attrs = {k: _scalar(values[k]) for k in attr_cols}
-        return RawRecord(source=f"{rel}#{row}", data=data, caption=caption, attributes=attrs, filename=path or rel)
+        return RawRecord(source=f"{rel}#{row}", data=data, caption=caption, attributes=attrs, filename=path or rel,
+                         problem=problem)
 
-    def _read_referenced(self, rel: str) -> bytes | None:
+    def _read_referenced(self, rel: str) -> tuple[bytes | None, str | None]:
+        """(bytes, None), or (None, why): ``too_large``, or None for a file that is not there."""
+        if contained_path(rel) is None:  # the shard's folder plus the path climbed out after all
+            return None, "path_outside_source"
         try:
-            return self._read(rel)
-        except (OSError, FileNotFoundError):
-            return None
+            return self._read(rel, self.limits.max_image_bytes), None
+        except TooLarge:
+            return None, "too_large"
+        except NotARegularFile:
+            return None, "not_a_regular_file"
+        except OSError:
+            return None, None
 
 
 def open_source(
@@ -443,12 +577,15 @@ def open_source(
     *,
     image_column: str | None = None,
     caption_column: str | None = None,
+    limits: ReadLimits | None = None,
 ) -> Source:
     """List ``url`` and return the `Source` for its layout (detected when ``layout="auto"``)."""
     files = list_files(url, storage_options)
     chosen = detect_layout(files) if layout == "auto" else layout
     if chosen == "parquet":
-        return ParquetSource(url, files, storage_options, image_column=image_column, caption_column=caption_column)
+        return ParquetSource(
+            url, files, storage_options, image_column=image_column, caption_column=caption_column, limits=limits
+        )
     if chosen == "imagefolder":
-        return ImageFolderSource(url, files, storage_options, caption_column=caption_column)
+        return ImageFolderSource(url, files, storage_options, caption_column=caption_column, limits=limits)
     raise ValueError(f"unknown layout {layout!r}")
