@@ -134,6 +134,18 @@ def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fss
     return fs, path
 
 
+def contained_path(rel: str) -> str | None:
+    """``rel`` normalized, or None when it names nothing under the root it is joined to: an absolute path, one that
+    climbs out with ``..``, a URL (``file://…``, ``s3://other-bucket/…``), a NUL byte, or the root itself."""
+    rel = str(rel)
+    if not rel or "\x00" in rel or "://" in rel or rel.startswith(("/", "\\")):
+        return None
+    norm = posixpath.normpath(rel)
+    if norm in ("..", ".") or norm.startswith("../"):
+        return None
+    return norm
+
+
 def join(url: str, *parts: str) -> str:
     url = str(url).rstrip("/")
     if protocol_of(url) == "file" and "://" not in url:

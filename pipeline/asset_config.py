@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from ldm_core import storage
 from ldm_core.data import IngestConfig
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.data.synthetic import MIN_SHAPE_SIZE
@@ -27,6 +28,8 @@ from pipeline.config_bridge import dagster_config
 
 BUILTIN_SHAPES = "builtin://shapes"
 """The source of the embedded default dataset (generated shapes with captions)."""
+PHOTOS_DATASET = "photos"
+"""The dataset name of the natural-photo crops (<storage>/datasets/photos), which no user dataset may take."""
 
 # ---------------------------------------------------------------------------------------------------------------
 # image_dataset
@@ -50,6 +53,17 @@ class ImageDatasetConfig(dg.Config):
                                           "ingest.max_bad_fraction).")
     ingest: IngestSection = Field(default_factory=IngestSection,  # type: ignore[valid-type]
         description="Ingestion options (ldm_core IngestConfig).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_under_datasets(cls, v: str) -> str:
+        name = storage.contained_path(v)
+        if name is None:
+            raise ValueError(f"{v!r} is not a relative folder name under <storage>/datasets (no absolute path, "
+                             "no '..', no URL)")
+        if name == PHOTOS_DATASET:
+            raise ValueError(f"{v!r} is the natural-photo crops' dataset; choose another name")
+        return name
 
 
 # ---------------------------------------------------------------------------------------------------------------

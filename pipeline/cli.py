@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ldm_core import request_limits as limits
+from ldm_core.request_limits import RequestRefused, check_request
 from pipeline import settings
 
 DAGSTER_YAML = """\
@@ -216,7 +218,23 @@ def _signal_group(pgid: int, sig: int) -> None:
 # ldm sample
 # ---------------------------------------------------------------------------------------------------------------
 
+def _sample_request_error(args: argparse.Namespace) -> str | None:
+    """One line when the request is beyond ldm_core.request_limits (the bounds the served model applies too)."""
+    if not 1 <= args.n <= limits.MAX_ROWS:
+        return f"-n must be in 1..{limits.MAX_ROWS}, got {args.n}"
+    n = args.n
+    try:
+        check_request([args.prompt] * n, [args.seed + i for i in range(n)], [args.steps] * n, [args.guidance] * n)
+    except RequestRefused as e:
+        return str(e).replace(" of row 0", "")  # steps, guidance and prompt are the same for every row
+    return None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    refused = _sample_request_error(args)  # the request's bounds first: a refused one costs no model load
+    if refused:
+        print(f"ldm sample: {refused}", file=sys.stderr)
+        return 2
     prepare_home()
     _quiet()
     # a tracking server that does not answer should say so in seconds, not after MLflow's minutes of retries
@@ -351,12 +369,14 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("sample", help="generate an image grid from a registered model")
     s.add_argument("--model", default="models:/ldm@champion", help="MLflow model URI")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("-n", type=int, default=8)
+    s.add_argument("--prompt", required=True, help=f"at most {limits.MAX_PROMPT_CHARS} characters")
+    s.add_argument("-n", type=int, default=8, help=f"images, 1..{limits.MAX_ROWS} (seeds --seed, --seed+1, …)")
     s.add_argument("-o", "--output", default="grid.png")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0, help=f"first seed, 0..{limits.MAX_SEED}")
+    s.add_argument("--steps", type=int, default=None,
+                   help=f"sampler steps, 1..{limits.MAX_STEPS} (default: the model's)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale, finite, 0..{limits.MAX_GUIDANCE:g} (default: the model's)")
     s.add_argument("--cols", type=int, default=None)
     s.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the grid (small images)")
     s.set_defaults(fn=cmd_sample)

@@ -67,11 +67,12 @@ def ldm_new_data_sensor(context: dg.SensorEvaluationContext):
         return dg.SkipReason(f"the configured source {source or 'builtin://shapes'} is generated, not watched; set "
                              "LDM_RUN_CONFIG to a config whose image_dataset.source is a real location")
     fingerprint, n_files = source_fingerprint(source)
+    shown = ldm_storage.redact_url(source)  # sensor ticks are kept and shown in the UI
     if context.cursor is None:
         context.update_cursor(fingerprint)
-        return dg.SkipReason(f"baseline recorded for {source} ({n_files} files)")
+        return dg.SkipReason(f"baseline recorded for {shown} ({n_files} files)")
     if fingerprint == context.cursor:
-        return dg.SkipReason(f"no change at {source} ({n_files} files)")
+        return dg.SkipReason(f"no change at {shown} ({n_files} files)")
     context.update_cursor(fingerprint)
     run_config = run_configs.with_warm_start(run_configs.for_assets(config, RETRAIN_ASSETS))
     return dg.RunRequest(run_key=f"new-data-{fingerprint}", run_config=run_config,

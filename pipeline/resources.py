@@ -223,9 +223,18 @@ class StorageResource(dg.ConfigurableResource):
                              "S3 endpoint/credentials come from the environment, never from here.")
 
     def resolved_root(self) -> str:
-        return self.root or settings.storage_root()
+        root = self.root or settings.storage_root()
+        if ldm_storage.has_credentials(root):
+            # every artifact URL is built on the root and travels in Dagster metadata and MLflow tags
+            raise ValueError(f"resources.storage.root: {ldm_storage.redact_url(root)} with credentials in the URL; "
+                             "give them through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+        return root
 
     def url(self, *parts: str) -> str:
+        """The URL of ``parts`` under the root; a part that would leave it (absolute, ``..``, a URL) is refused."""
+        for part in parts:
+            if ldm_storage.contained_path(part) is None:
+                raise ValueError(f"storage path {part!r} does not stay under the storage root")
         return ldm_storage.join(self.resolved_root(), *parts)
 
     def storage_options(self) -> dict[str, Any] | None:

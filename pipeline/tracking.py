@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ldm_core.config import flatten_dict
+from ldm_core.storage import redact_url
 from ldm_core.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,10 @@ _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session)
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop anything that looks like a credential before it reaches a tracker or a UI."""
-    return {k: ("<redacted>" if _SECRET_KEY.search(k) else v) for k, v in params.items()}
+    """Drop anything that looks like a credential before it reaches a tracker or a UI: values under a secret-like
+    key, and the ``user:password@`` part of any URL in a text value."""
+    return {k: ("<redacted>" if _SECRET_KEY.search(k) else redact_url(v) if isinstance(v, str) else v)
+            for k, v in params.items()}
 
 
 class MLflowTracker:

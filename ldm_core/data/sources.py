@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from ldm_core import storage
 from ldm_core.data.captions import decode_text, valid_text
 from ldm_core.data.images import IMAGE_EXTENSIONS
-from ldm_core.storage import TooLarge, redact_url
+from ldm_core.storage import TooLarge, contained_path, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +137,6 @@ def _scalar(value: Any) -> Any:
     if value is None or isinstance(value, _SCALARS):
         return value
     return valid_text(json.dumps(value, ensure_ascii=False, default=str))
-
-
-def contained_path(rel: str) -> str | None:
-    """``rel`` normalized, or None when it does not name a file under the source root: an absolute path, one that
-    climbs out with ``..``, a URL (``file://…``, ``s3://other-bucket/…``) or a name with a NUL byte."""
-    rel = str(rel)
-    if not rel or "\x00" in rel or "://" in rel or rel.startswith(("/", "\\")):
-        return None
-    norm = posixpath.normpath(rel)
-    if norm == ".." or norm.startswith("../") or norm == ".":
-        return None
-    return norm
 
 
 def _is_hidden(rel: str) -> bool:

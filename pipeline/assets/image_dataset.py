@@ -5,7 +5,8 @@ import dagster as dg
 from ldm_core import storage as ldm_storage
 from ldm_core.data import IngestConfig, ingest, write_photo_crops_source, write_shapes_source
 from ldm_core.data.canonical import read_manifest
-from pipeline.asset_config import BUILTIN_SHAPES, ImageDatasetConfig
+from ldm_core.storage import redact_url
+from pipeline.asset_config import BUILTIN_SHAPES, PHOTOS_DATASET, ImageDatasetConfig
 from pipeline.assets.common import GROUP, json_md, stable_key
 from pipeline.config_bridge import to_core
 from pipeline.resources import MLflowResource, StorageResource
@@ -26,14 +27,15 @@ def image_dataset(context: dg.AssetExecutionContext, config: ImageDatasetConfig,
     ingest_cfg = to_core(IngestConfig, {**config.ingest.model_dump(), "source": source}, "image_dataset.ingest")
     out_url = storage.url("datasets", config.name)
     with mlflow.materialization_run(context) as run:
-        run.tracker.log_params({"source": config.source, **ingest_cfg.to_dict()})
+        # the source as a user may type it, s3://key:secret@bucket/…: params, metadata and logs get it redacted
+        run.tracker.log_params({**ingest_cfg.to_dict(), "source": redact_url(ingest_cfg.source)})
         result = ingest(ingest_cfg, out_url)
         photos_url = None
         if config.photo_crops > 0:
             photo_src = storage.url("sources", f"photos-{config.photo_size}-{config.photo_crops}")
             if not ldm_storage.exists(ldm_storage.join(photo_src, "metadata.jsonl")):
                 write_photo_crops_source(photo_src, size=config.photo_size, per_image=config.photo_crops)
-            photos_url = storage.url("datasets", "photos")
+            photos_url = storage.url("datasets", PHOTOS_DATASET)
             ingest(IngestConfig(source=photo_src, val_fraction=1.0), photos_url)  # all held out
         bad_total = sum(result.bad.values())
         bad_fraction = bad_total / max(result.rows_examined, 1)
