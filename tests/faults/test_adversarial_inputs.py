@@ -31,6 +31,7 @@ from pipeline.validation import check_sections
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(120)  # a FIFO or /dev/zero opened and read would hang the ingestion: fail, not hang
 @pytest.mark.parametrize("layout", ["imagefolder", "parquet"])
 def test_adversarial_corpus_local_each_bad_row_counted_secret_unread_rerun_passes(tmp_path, layout):
     corpus = adv.build_corpus(tmp_path / "corpus")
@@ -57,6 +58,16 @@ def test_adversarial_corpus_on_s3_with_inline_credentials_reads_no_local_file(
     for where, text in (("manifest", manifest), ("result", result), ("logs", logs)):
         assert not any(c in text for c in adv.CREDENTIALS), f"credentials in the {where}"
     assert f"s3://{s3_endpoint.bucket}/" in manifest  # the source is recorded, without its credentials
+
+
+def test_metadata_file_over_the_limit_refuses_the_source_in_one_line_naming_it(tmp_path):
+    corpus = adv.build_corpus(tmp_path / "corpus", local_extras=False)
+    src, _ = corpus.sources["imagefolder"]
+    config = adv.ingest_config(str(src), "imagefolder").model_copy(update={"max_metadata_bytes": 2**20})
+    with pytest.raises(ValueError) as e:  # metadata.jsonl holds a 2 MiB line
+        ingest(config, str(tmp_path / "ds"))
+    assert "metadata.jsonl" in str(e.value) and "max_metadata_bytes" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "ds" / MANIFEST_NAME).exists()
 
 
 def test_redact_url_removes_userinfo_even_with_a_slash_in_the_secret():
