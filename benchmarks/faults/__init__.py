@@ -26,6 +26,11 @@ those after which the outcome was exactly the right one):
    data that turns NaN for good stops the run with the last good checkpoint intact and resumable.
 7. configs: every bad field of `bad_configs.py` fails validation naming its field; `ldm demo` and a
    `dagster job execute` with a bad config fail before any work.
+8. adversarial: a corpus built to hurt the ingestion (paths out of the source towards a planted secret, /dev/zero,
+   a FIFO, an image over the byte limit, a decompression bomb, non-image bytes, lone surrogates, invalid UTF-8, NUL
+   bytes, a CSV field over 128 KiB, hostile JSON lines, corrupt Parquet) ingested locally and from s3:// with inline
+   credentials, twice: every bad row counted under its reason, good rows kept, the secret never read, the rerun
+   reads nothing (`adversarial.py`).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -35,5 +40,6 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     injectors.py      faults injected in process: poisoned data, a failure after a checkpoint, a torn-write loop
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
+    adversarial.py    the adversarial input corpus and its expected counts
     kills.py … configs.py   the campaign's sections; table.py its rows; __main__.py the command
 """
