@@ -24,6 +24,7 @@ from ldm_core.lora import merged
 from ldm_core.model_io import load_state_dict, read_model_meta, state_dict_sha256
 from ldm_core.models.denoiser import DenoiserConfig, parse_denoiser_config, takes_pooled
 from ldm_core.models.mmdit import MMDiTConfig
+from ldm_core.storage import redact_url
 
 # fields of a backbone config that change how it is computed, not which network (and weights) it is
 _NOT_ARCHITECTURE = frozenset({"gradient_checkpointing"})
@@ -45,7 +46,7 @@ class InitWeights:
 def _init_weights(config: DenoiserConfig, state_dict: dict[str, torch.Tensor], source: str) -> InitWeights:
     # fp32 on CPU, as the trainer builds the model: a half-precision folder hashes as the weights it trains from
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()}
-    return InitWeights(config=config, state_dict=state, source=source, sha256=state_dict_sha256(state))
+    return InitWeights(config=config, state_dict=state, source=redact_url(source), sha256=state_dict_sha256(state))
 
 
 def from_saved_denoiser(url: str, source: str | None = None,

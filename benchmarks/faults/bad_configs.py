@@ -37,6 +37,7 @@ BAD = [
     (f"{L}.training.trainer.device", "gpu0", "ldm_model.training.trainer.device"),
     (f"{S}.text_encoder.max_length", 0, "latent_store.text_encoder.max_length"),
     (f"{D}.builtin_size", 8, "image_dataset.builtin_size"),
+    (f"{D}.name", "../../etc", "image_dataset.name"),  # would leave <storage>/datasets
     (f"{L}.validation_seeds", 0, "ldm_model.validation_seeds"),
     (f"{L}.guidance", -1.0, "ldm_model.guidance"),
     ("resources.compute.config.precision", "fp4", "resources.compute.precision"),

@@ -32,7 +32,8 @@ class PretrainedSourceNotFound(FileNotFoundError):
 
 
 def describe(source: str, subfolder: str | None) -> str:
-    """The source as a user wrote it: ``s3://b/sd (subfolder vae)``."""
+    """The source as a user wrote it, less any credentials in its URL: ``s3://b/sd (subfolder vae)``."""
+    source = storage.redact_url(source)
     return f"{source} (subfolder {subfolder})" if subfolder else source
 
 

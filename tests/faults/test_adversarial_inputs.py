@@ -13,11 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import s3fs
+import torch
 
 from benchmarks.faults import adversarial as adv
 from ldm_core import storage
 from ldm_core.data import ingest
 from ldm_core.data.canonical import MANIFEST_NAME
+from ldm_core.init_weights import _init_weights
+from ldm_core.interop.folders import describe
+from ldm_core.models.unet import UNetConfig
 from ldm_core.request_limits import MAX_GUIDANCE, MAX_ROWS, MAX_SEED, MAX_STEPS, RequestRefused
 from pipeline import cli
 from pipeline.config_bridge import ConfigValidationError
@@ -148,6 +152,13 @@ def test_image_dataset_with_inline_credentials_keeps_them_out_of_mlflow_and_dags
     texts["mlflow artifacts"] = "\n".join(p.read_text(errors="replace") for p in artifacts.rglob("*.json"))
     leaks = [where for where, text in texts.items() if any(c in text for c in adv.CREDENTIALS)]
     assert leaks == []
+
+
+def test_pretrained_and_init_sources_are_described_without_credentials():
+    # what vae_model and ldm_model record of where their starting weights came from (metadata, params, logs)
+    assert describe("s3://AKIA:se/cret@bucket/sd", "vae") == "s3://bucket/sd (subfolder vae)"
+    weights = _init_weights(UNetConfig(), {"w": torch.zeros(2)}, source="https://u:p@host/unet")
+    assert weights.source == "https://host/unet"
 
 
 # ---------------------------------------------------------------------------------------------------------------
