@@ -1,6 +1,7 @@
 """Section 8 of the fault campaign: adversarial input. A corpus of sources built to hurt the ingestion — paths that
 climb out of the source (absolute, ``..``, ``file://``, ``/dev/zero``) towards a planted secret image, an image over
-the byte limit, a decompression bomb, bytes that are no image, a truncated PNG, lone surrogates and invalid UTF-8 in
+the byte limit, a decompression bomb (pixels) and a text-chunk bomb (a zTXt inflating to 16 MiB), bytes that are no
+image, a truncated PNG, lone surrogates and invalid UTF-8 in
 captions and attributes, NUL bytes, a CSV field over the csv module's 128 KiB, a 2 MiB metadata line, JSON nested
 100 000 deep, an int of 5000 digits, an oversized sidecar caption, a CSV row with extra fields, a corrupt and a
 columnless Parquet file and, on a local disk, a symlink to ``/dev/zero``, a FIFO and a file name that is not UTF-8 —
@@ -85,6 +86,14 @@ def bomb_png(side: int = 100_000) -> bytes:
     )
 
 
+def text_bomb_png() -> bytes:
+    """A good 16×16 PNG carrying a zTXt chunk of ~16 KiB that inflates to 16 MiB (Pillow refuses it: ``corrupt``)."""
+    good = png((7, 7, 7))
+    data = b"Comment\x00\x00" + zlib.compress(b"\x00" * (16 * 2**20), 9)
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    return good[:33] + chunk + good[33:]  # after the signature (8) and IHDR (25)
+
+
 def secret_sha(secret: Path) -> str:
     return clean_image(secret.read_bytes(), min_size=1, max_pixels=10**6).sha256
 
@@ -106,7 +115,8 @@ def build_imagefolder(src: Path, secret: Path, local_extras: bool) -> Expected:
     (src / "bad" / "bomb.png").write_bytes(bomb_png())
     (src / "bad" / "notimage.png").write_bytes(os.urandom(300))
     (src / "bad" / "trunc.png").write_bytes(good_png(99)[:60])
-    exp.bad.update(too_large=1, decompression_bomb=1, not_an_image=1, corrupt=1)
+    (src / "bad" / "textbomb.png").write_bytes(text_bomb_png())
+    exp.bad.update(too_large=1, decompression_bomb=1, not_an_image=1, corrupt=2)
     meta: list[Any] = [{"file_name": f"good/g{i}.png", "text": f"good image {i}"} for i in range(4)]
     # json.dumps escapes the lone surrogates: the file holds the six characters \ud800, as a hostile writer would
     meta.append({"file_name": "good/g4.png", "text": "\ud800 lone surrogate", "note": "\udfff", "big": 10**30})
@@ -116,7 +126,7 @@ def build_imagefolder(src: Path, secret: Path, local_extras: bool) -> Expected:
     for path in (str(secret), os.path.relpath(secret, src), "/dev/zero"):
         meta.append({"file_name": path, "text": "must not be read"})
     exp.bad["path_outside_source"] += 3
-    for name in ("big", "bomb", "notimage", "trunc"):
+    for name in ("big", "bomb", "notimage", "trunc", "textbomb"):
         meta.append({"file_name": f"bad/{name}.png", "text": f"bad {name}"})
     meta.append(b"x" * (2 * 2**20))  # a 2 MiB line that is no JSON
     meta.append(b"[" * 100_000 + b"]" * 100_000)  # nesting deeper than any recursion limit
