@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import s3fs
 import torch
+import yaml
 
 from benchmarks.faults import adversarial as adv
 from ldm_core import storage
@@ -152,6 +153,22 @@ def test_image_dataset_with_inline_credentials_keeps_them_out_of_mlflow_and_dags
     texts["mlflow artifacts"] = "\n".join(p.read_text(errors="replace") for p in artifacts.rglob("*.json"))
     leaks = [where for where, text in texts.items() if any(c in text for c in adv.CREDENTIALS)]
     assert leaks == []
+
+
+def test_new_data_sensor_ticks_show_the_source_without_credentials(s3_endpoint, s3_url, tmp_path, monkeypatch):
+    storage.write_bytes_atomic(f"{s3_url}/src/a.png", adv.good_png(0))
+    source = adv.s3_source_url(f"s3://{s3_endpoint.bucket}", f"{s3_url.split('/', 3)[3]}/src")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"ops": {"image_dataset": {"config": {"source": source}}}}))
+    monkeypatch.setenv("LDM_RUN_CONFIG", str(cfg))
+    s3fs.S3FileSystem.clear_instance_cache()
+    sensor = defs.resolve_sensor_def("ldm_new_data_sensor")
+    with dg.instance_for_test() as instance:
+        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+        same = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+    assert "baseline" in first.skip_message and "no change" in same.skip_message
+    for message in (first.skip_message, same.skip_message):
+        assert f"s3://{s3_endpoint.bucket}/" in message and not any(c in message for c in adv.CREDENTIALS)
 
 
 def test_pretrained_and_init_sources_are_described_without_credentials():
