@@ -46,6 +46,8 @@ def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
 
 
 def text_to_image_signature(height: int, width: int) -> ModelSignature:
+    """One image per row; the values are bounded by ldm_core.request_limits (rows 1..MAX_ROWS, steps 1..MAX_STEPS,
+    guidance finite in 0..MAX_GUIDANCE, seed 0..MAX_SEED, prompts up to MAX_PROMPT_CHARS), which the model applies."""
     return ModelSignature(
         inputs=Schema([
             ColSpec("string", "prompt"),
