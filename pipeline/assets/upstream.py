@@ -37,8 +37,9 @@ def _of_run(instance: dg.DagsterInstance, run_id: str, key: dg.AssetKey) -> dg.A
     return next((r.asset_materialization for r in records if r.asset_key == key), None)
 
 
-def _lookup(instance: dg.DagsterInstance, run: dg.DagsterRun,
-            key: dg.AssetKey) -> tuple[dg.AssetMaterialization, str, Source] | None:
+def find_upstream(instance: dg.DagsterInstance, run: dg.DagsterRun,
+                  key: dg.AssetKey) -> tuple[dg.AssetMaterialization, str, Source] | None:
+    """(materialization, the run that made it, why that one) of ``key`` for a step of ``run``; None: there is none."""
     found = _of_run(instance, run.run_id, key)
     if found is not None:
         return found, run.run_id, "this run"
@@ -59,7 +60,7 @@ def _lookup(instance: dg.DagsterInstance, run: dg.DagsterRun,
 
 def read_upstream(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: str) -> UpstreamRead:
     """The materialization of the asset ``key`` that a step of this run must read (see the module's docstring)."""
-    found = _lookup(context.instance, context.run, dg.AssetKey(key))
+    found = find_upstream(context.instance, context.run, dg.AssetKey(key))
     if found is None:
         raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first",
                          allow_retries=False)
@@ -79,4 +80,4 @@ def lineage_metadata(*reads: UpstreamRead) -> dict[str, str]:
     return out
 
 
-__all__ = ["UpstreamRead", "lineage_metadata", "read_upstream"]
+__all__ = ["UpstreamRead", "find_upstream", "lineage_metadata", "read_upstream"]
