@@ -39,7 +39,7 @@ def registry(registry_uri, request, tmp_path):
     name = "ldm-" + request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[-60:]
     client.create_registered_model(name)
     versions = {}
-    for label, value in (("old", OLD), ("better", BETTER), ("worse", WORSE)):
+    for label in ("old", "better", "worse"):
         mv = client.create_model_version(name, source=str(tmp_path), tags={"label": label})
         versions[label] = str(mv.version)
     client.set_model_version_tag(name, versions["old"], METRICS_TAG, json.dumps(_metrics(OLD)))
@@ -153,3 +153,29 @@ def test_the_re_read_and_the_move_are_one_step_across_gates(registry, registry_u
     assert str(client.get_model_version_by_alias(name, "champion").version) == versions["better"]
     assert alias_history[-1] == versions["better"] and alias_history in (
         [versions["better"]], [versions["worse"], versions["better"]])
+
+
+def test_a_new_champion_without_recorded_metrics_is_measured_before_the_move(registry, registry_uri, alias_history,
+                                                                            monkeypatch, tmp_path):
+    """Between the gate's read and its move, the alias was put by hand on a version with no recorded metrics: the
+    gate measures it (outside the lock) and judges its candidate against it, never on thresholds alone."""
+    client, name, versions = registry
+    measured = []
+
+    def promoted_by_hand(champion):
+        client.set_registered_model_alias(name, "champion", versions["better"])
+
+    def measure(version):
+        measured.append(version)
+        client.set_model_version_tag(name, version, METRICS_TAG, json.dumps(_metrics(BETTER)))
+        return _metrics(BETTER)
+
+    monkeypatch.setattr(promotion, "after_champion_read", promoted_by_hand)
+    champion = read_champion_for_gate(client, name)
+    result = promote(client, name, versions["worse"], _metrics(WORSE), judged_against=champion,
+                     decision=decide(_metrics(WORSE), champion.metrics, GATE), gate=GATE,
+                     lock=storage_lock(str(tmp_path / "root"), f"promotion-{name}"), measure=measure)
+    assert measured == [versions["better"]]
+    assert result.describe() == f"kept_champion (re-compared with v{versions['better']})"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == versions["better"]
+    assert alias_history == [versions["better"]]  # the hand's move only
