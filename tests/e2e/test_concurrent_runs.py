@@ -89,18 +89,18 @@ def test_each_run_trains_and_evaluates_its_own_artifacts(two_runs, which):
     ds, vae, store, ldm, report = (md[k] for k in ("image_dataset", "vae_model", "latent_store", "ldm_model",
                                                     "evaluation_report"))
     assert ds["dataset_url"].endswith(f"set-{which}")
-    # each asset names the run its upstream came from: this one
+    # the artifacts each asset used are its run's: the URLs and versions its upstream materializations recorded
+    assert vae["dataset_version"] == ds["dataset_version"]
+    assert store["vae_uri"] == vae["vae_uri"] and store["vae_url"] == vae["vae_url"]
+    assert ldm["store_url"] == store["store_url"] and ldm["vae_uri"] == vae["vae_uri"]
+    assert report["ldm_uri"] == ldm["ldm_uri"]
+    # and each names the run its upstream came from: this one
     for asset, upstream in (("vae_model", ["image_dataset"]), ("latent_store", ["image_dataset", "vae_model"]),
                             ("ldm_model", ["latent_store"]),
                             ("evaluation_report", ["ldm_model", "image_dataset", "vae_model"])):
         for key in upstream:
             assert md[asset][f"upstream.{key}.run_id"] == run_id, (asset, key)
             assert md[asset][f"upstream.{key}.source"] == "this run", (asset, key)
-    # and the artifacts it used are that run's: the URLs and versions its upstream materializations recorded
-    assert vae["dataset_version"] == ds["dataset_version"]
-    assert store["vae_uri"] == vae["vae_uri"] and store["vae_url"] == vae["vae_url"]
-    assert ldm["store_url"] == store["store_url"] and ldm["vae_uri"] == vae["vae_uri"]
-    assert report["ldm_uri"] == ldm["ldm_uri"]
 
 
 @pytest.mark.slow
