@@ -8,15 +8,20 @@ Metrics that were not computed (e.g. FID without the Inception weights on an off
 an offline newcomer can still promote a model; ``"fail"`` makes any ruled metric that is missing a failure, for
 deployments where every metric must be measured. A metric the champion lacks cannot be compared and is skipped
 with a note.
+
+The gate fails closed: thresholds and tolerances must be finite numbers (a NaN compares false with everything, so a
+``.nan`` minimum would let any value through), and a NaN metric value, the candidate's or the champion's, fails the
+checks it takes part in, because each check is written as "the candidate is good enough" rather than "it is bad".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, FiniteFloat, model_validator
 
 from ldm_core.config import StrictModel
 from ldm_core.evaluation.metrics import HIGHER_IS_BETTER, MetricResult, metric_value
@@ -29,14 +34,14 @@ class MetricRule(StrictModel):
 
     higher_is_better: bool
     """Direction: True for accuracies, PSNR and SSIM; False for LPIPS, FID and rFID."""
-    min: float | None = None
+    min: FiniteFloat | None = None
     """The candidate must reach at least this value (None: no lower threshold)."""
-    max: float | None = None
+    max: FiniteFloat | None = None
     """The candidate must not exceed this value (None: no upper threshold)."""
-    tolerance: float | None = 0.0
+    tolerance: FiniteFloat | None = 0.0
     """How much worse than the champion the candidate may be, in the metric's units (absolute). None: this metric
     is not compared with the champion at all."""
-    relative_tolerance: float = 0.0
+    relative_tolerance: FiniteFloat = 0.0
     """Extra allowance as a fraction of the champion's value (e.g. 0.05 for FID, whose scale depends on n and data);
     the allowance is the larger of ``tolerance`` and ``relative_tolerance·|champion|``."""
 
@@ -125,15 +130,21 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
                                                 "not compared", None, "not computed"))
             continue
 
-        # 1) absolute thresholds
+        if math.isnan(cand):
+            failures.append(f"{name} = nan: not a number, so it meets no threshold and beats no champion")
+            comparisons.append(MetricComparison(name, cand, champ, rule.higher_is_better, None, None, "worse", False,
+                                                "not a number"))
+            continue
+
+        # 1) absolute thresholds: "not (meets it)", so that a NaN on either side fails
         threshold_ok: bool | None = None
         if rule.min is not None or rule.max is not None:
             threshold_ok = True
-            if rule.min is not None and cand < rule.min:
+            if rule.min is not None and not cand >= rule.min:
                 threshold_ok = False
                 failures.append(f"{name} = {_fmt(cand)} is below the minimum {_fmt(rule.min)} "
                                 f"(short by {_fmt(rule.min - cand)})")
-            if rule.max is not None and cand > rule.max:
+            if rule.max is not None and not cand <= rule.max:
                 threshold_ok = False
                 failures.append(f"{name} = {_fmt(cand)} is above the maximum {_fmt(rule.max)} "
                                 f"(over by {_fmt(cand - rule.max)})")
@@ -145,10 +156,10 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
             comparisons.append(MetricComparison(name, cand, champ, rule.higher_is_better, None, None,
                                                 "not compared", threshold_ok, note))
             continue
-        delta = cand - champ
+        delta = 0.0 if cand == champ else cand - champ  # equal infinities (a perfect PSNR) are equal, not NaN apart
         worse_by = -delta if rule.higher_is_better else delta  # > 0: the candidate is worse
         allowed = max(rule.tolerance, rule.relative_tolerance * abs(champ))
-        if worse_by > allowed:
+        if not worse_by <= allowed:  # NaN (a NaN metric on either side) is not within the tolerance
             verdict: Verdict = "worse"
             direction = "higher" if rule.higher_is_better else "lower"
             failures.append(f"{name} = {_fmt(cand)} is worse than the champion's {_fmt(champ)} by {_fmt(worse_by)} "

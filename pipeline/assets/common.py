@@ -1,4 +1,4 @@
-"""What the asset modules share: the group, GPU tagging, upstream lookups, stable keys."""
+"""What the asset modules share: the group, GPU tagging, stable keys."""
 
 from __future__ import annotations
 
@@ -32,15 +32,6 @@ GPU_OP_TAGS = {
 # The backoff gives a preempted node time to be replaced. Config errors are never retried (dg.Failure with
 # allow_retries=False); a run whose worker died is retried as a whole by the instance's run_retries (deploy/).
 GPU_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
-
-
-def upstream_metadata(context: dg.AssetExecutionContext, key: str) -> dict[str, Any]:
-    """The metadata the upstream asset recorded at its latest materialization (its exact version and URLs)."""
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first",
-                         allow_retries=False)
-    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
 
 
 def stable_key(*parts: Any, n: int = 12) -> str:

@@ -14,8 +14,8 @@ from pipeline.assets.common import (
     GROUP,
     json_md,
     stable_key,
-    upstream_metadata,
 )
+from pipeline.assets.upstream import lineage_metadata, read_upstream
 from pipeline.config_bridge import to_core
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.validation import RunConfigCheck
@@ -26,8 +26,8 @@ from pipeline.validation import RunConfigCheck
 def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConfig, mlflow: MLflowResource,
                  storage: StorageResource, compute: ComputeResource,
                  run_config_check: RunConfigCheck) -> dg.MaterializeResult:
-    ds = upstream_metadata(context, "image_dataset")
-    vae_md = upstream_metadata(context, "vae_model")
+    reads = read_upstream(context, "image_dataset"), read_upstream(context, "vae_model")
+    ds, vae_md = (r.metadata for r in reads)
     store_data = {k: v for k, v in config.store.model_dump().items() if v is not None}
     store_data.setdefault("resolution", vae_md.get("resolution"))
     store_cfg = to_core(LatentStoreConfig, store_data, "latent_store.store")
@@ -74,7 +74,7 @@ def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConf
                 "pooled_rows_added": result.pooled_rows_added,
                 "latent_shape": vae_md["latent_shape"], "backend": store_cfg.backend,
                 "check_std_tolerance": config.check_std_tolerance, "check_sample_rows": config.check_sample_rows,
-                "mlflow_run": dg.MetadataValue.url(run.url),
+                "mlflow_run": dg.MetadataValue.url(run.url), **lineage_metadata(*reads),
             },
             data_version=dg.DataVersion(f"{vae_md['vae_uri']}|rows={result.rows_total}"),
         )

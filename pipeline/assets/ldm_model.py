@@ -18,8 +18,8 @@ from pipeline.assets.common import (
     GROUP,
     json_md,
     stable_key,
-    upstream_metadata,
 )
+from pipeline.assets.upstream import lineage_metadata, read_upstream
 from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -45,7 +45,8 @@ REGISTERED_NAME = "ldm"
 def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow: MLflowResource,
               storage: StorageResource, compute: ComputeResource,
               run_config_check: RunConfigCheck) -> dg.MaterializeResult:
-    store_md = upstream_metadata(context, "latent_store")
+    store_read = read_upstream(context, "latent_store")
+    store_md = store_read.metadata
     store = LatentStore(store_md["store_url"])
     # the shapes the latent store dictates, where the run config leaves them unset
     completed = complete_ldm_training(config.training.model_dump(), latent_channels=int(store_md["latent_shape"][0]),
@@ -171,6 +172,7 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
                 "mlflow_model_id": mv.model_id,
                 **init.record(),
                 **launch_md,
+                **lineage_metadata(store_read),
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )

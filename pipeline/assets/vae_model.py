@@ -27,8 +27,8 @@ from pipeline.assets.common import (
     GROUP,
     json_md,
     stable_key,
-    upstream_metadata,
 )
+from pipeline.assets.upstream import lineage_metadata, read_upstream
 from pipeline.config_bridge import to_core
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
@@ -160,7 +160,8 @@ def _register(run: TrackedRun, model: nn.Module, resolution: int, tags: dict[str
 def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow: MLflowResource,
               storage: StorageResource, compute: ComputeResource,
               run_config_check: RunConfigCheck) -> dg.MaterializeResult:
-    ds = upstream_metadata(context, "image_dataset")
+    ds_read = read_upstream(context, "image_dataset")
+    ds = ds_read.metadata
     thresholds = to_core(FidelityThresholds, config.fidelity, "vae_model.fidelity")
     pretrained = (to_core(PretrainedAutoencoderConfig, config.pretrained, "vae_model.pretrained")
                   if config.pretrained is not None else None)
@@ -183,7 +184,7 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
                                      None if frozen else training.to_dict(), *origin)
     if (previous := _previous(context, mlflow, materialization_key)) is not None:
         context.log.info(f"this dataset version and config already produced {previous['vae_uri'].value}; reusing it")
-        return dg.MaterializeResult(metadata={**previous, "reused": True},
+        return dg.MaterializeResult(metadata={**previous, **lineage_metadata(ds_read), "reused": True},
                                     data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{previous['vae_version'].value}"))
 
     with mlflow.materialization_run(context) as run:
@@ -241,6 +242,7 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
                 "mlflow_run": dg.MetadataValue.url(run.url),
                 "materialization_key": materialization_key,
                 "reused": False,
+                **lineage_metadata(ds_read),
             },
             data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
         )
