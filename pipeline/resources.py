@@ -30,6 +30,9 @@ from pipeline.tracking import MLflowTracker
 
 log = logging.getLogger(__name__)
 
+# How long a stopping torchrun training gets from SIGTERM to exit: one step plus one checkpoint write of the largest
+# preset must fit (the stop's latency is logged with each stop: "checkpoint committed N s after the signal").
+TERMINATION_GRACE_S = 120
 PARENT_TAG = "ldm.parent"
 SEARCH_MAX_RESULTS = 1000  # the MLflow runs of one Dagster run: one per materialization attempt, and the parent
 
@@ -244,6 +247,10 @@ class ComputeResource(dg.ConfigurableResource):
                                'N > 1 launches torchrun through Dagster Pipes (NCCL, one per GPU; gloo on CPU); '
                                '"auto" = one per visible GPU (1 without GPUs).')
     threads: int | None = Field(default=None, description="torch CPU threads; default: torch's own choice.")
+    termination_grace_s: int = Field(
+        default=TERMINATION_GRACE_S, description="After SIGTERM/SIGINT, how long torchrun's processes get to "
+        "checkpoint at the next step and exit before they are killed. It must cover one step plus one checkpoint "
+        "write, and stay below the pod's terminationGracePeriodSeconds (pipeline/assets/common.py).")
 
     def apply(self, trainer_cfg: Any) -> Any:
         """A copy of a trainer config with this resource's device/precision applied."""
