@@ -26,6 +26,11 @@ those after which the outcome was exactly the right one):
    data that turns NaN for good stops the run with the last good checkpoint intact and resumable.
 7. configs: every bad field of `bad_configs.py` fails validation naming its field; `ldm demo` and a
    `dagster job execute` with a bad config fail before any work.
+8. preemption: SIGTERM to the vae_model step of `dagster job execute` at random moments (half the kill trials per
+   case), on 1 process and on 2 under torchrun: a checkpoint is committed within the grace period (the latency from
+   the signal is reported), the step is retried on `TrainingInterrupted`, the retry resumes from that checkpoint and
+   the registered weights equal an uninterrupted run's bit for bit; and SIGKILL to the step process alone while 2
+   ranks train leaves no rank or torchrun agent alive (`preemption.py`).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -35,5 +40,5 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     injectors.py      faults injected in process: poisoned data, a failure after a checkpoint, a torn-write loop
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
-    kills.py … configs.py   the campaign's sections; table.py its rows; __main__.py the command
+    kills.py … preemption.py   the campaign's sections; table.py its rows; __main__.py the command
 """
