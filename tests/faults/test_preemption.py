@@ -3,13 +3,17 @@ period, the step fails as retryable (Dagster retries it) and the retry resumes f
 killed outright leaves no torchrun rank behind. The fault script (`python -m benchmarks.faults --only preemption`)
 runs the same trials at random moments, more times."""
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from benchmarks.faults import campaign, preemption
 from ldm_core.trainers.preemption import StopRequest, TrainingInterrupted, stop_on_signals, train_stoppable
+from pipeline.distributed import lifetime
 
 
 def test_a_signal_is_recorded_only_inside_the_block_and_the_previous_handlers_come_back():
@@ -40,6 +44,25 @@ def test_a_stopped_training_raises_an_ordinary_exception_after_it_returns():
         train_stoppable("test", train)
     assert isinstance(e.value, Exception) and e.value.step == 4
     assert train_stoppable("test", lambda stop: Result()).step == 4  # no signal, no error
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_dies_at_once():
+    """The race a parent-death signal leaves open: the parent dies between fork and prctl. The child, reparented,
+    must notice (its parent is not the expected one) and end itself; with its real parent it lives on."""
+    probe = ("import sys; from pipeline.distributed.lifetime import die_with_parent; "
+             "die_with_parent(int(sys.argv[1])); print('alive')")
+    env = {**os.environ, "PYTHONPATH": str(campaign.ROOT)}
+    orphaned = subprocess.run([sys.executable, "-c", probe, "1"], env=env, capture_output=True, text=True)
+    assert orphaned.returncode == -signal.SIGKILL and "alive" not in orphaned.stdout
+    kept = subprocess.run([sys.executable, "-c", probe, str(os.getpid())], env=env, capture_output=True, text=True)
+    assert kept.returncode == 0 and kept.stdout.strip() == "alive"
+    # the wrapper that starts torchrun: the command it execs has the signal set, and learns its own pid
+    status = subprocess.run(lifetime.tied_command([sys.executable, "-c", (
+        "import ctypes, os; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); "
+        f"print(v.value, os.environ['{lifetime.AGENT_PID_ENV}'] == str(os.getpid()))")]), env=env,
+        capture_output=True, text=True)
+    assert status.stdout.split() == [str(int(signal.SIGKILL)), "True"], status.stderr
 
 
 @pytest.mark.slow
