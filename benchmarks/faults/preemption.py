@@ -141,15 +141,20 @@ def sigterm_trial(workdir: Path, processes: int = 1, after_step: int = CHECKPOIN
             out["ranks_at_signal"] = len(training_processes(proc.pid)[1])
         sent = time.time()
         os.kill(proc.pid, signal.SIGTERM)  # the step process only, as the kubelet signals a container's process
-        # the first checkpoint committed after the signal, before the retry could have made one (its delay is 10 s)
-        new: dict[int, float] = {}
+        # the stop the trainer reports (TrainingInterrupted's message), and the commit record of that step's
+        # checkpoint, both looked for within the grace period (the retry's own checkpoints come 10 s later or more)
+        commits: dict[int, float] = {}
+        stop_step = None
         deadline = time.monotonic() + GRACE_S
-        while not new and time.monotonic() < deadline and proc.poll() is None:
-            new = {s: t for s, t in checkpoint_dir_commits(home).items() if s not in before and t >= sent - 0.01}
+        while stop_step is None and time.monotonic() < deadline and proc.poll() is None:
+            commits.update({s: t for s, t in checkpoint_dir_commits(home).items() if s not in before})
+            if m := re.search(r"stopped on SIGTERM at step (\d+)", (workdir / "job.log").read_text(errors="replace")):
+                stop_step = int(m.group(1))
             time.sleep(0.01)
+        commits.update({s: t for s, t in checkpoint_dir_commits(home).items() if s not in before})
         out["steps_before_signal"] = sorted(before)
-        out["stop_step"] = min(new) if new else None
-        out["latency_s"] = round(new[min(new)] - sent, 3) if new else None
+        out["stop_step"] = stop_step
+        out["latency_s"] = round(commits[stop_step] - sent, 3) if stop_step in commits else None
         proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
