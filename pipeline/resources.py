@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from ldm_core import storage as ldm_storage
+from ldm_core.trainers.preemption import TrainingInterrupted
 from pipeline import settings
 from pipeline.registry import version_by_alias
 from pipeline.tracking import MLflowTracker
@@ -115,6 +116,9 @@ class MLflowResource(dg.ConfigurableResource):
         except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
             for run_id in (run.info.run_id, parent):
                 client.set_terminated(run_id, "KILLED")
+            raise
+        except TrainingInterrupted:  # stopped by a signal after a checkpoint: this attempt was killed, and is retried
+            client.set_terminated(run.info.run_id, "KILLED")
             raise
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
