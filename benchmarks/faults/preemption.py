@@ -9,8 +9,9 @@ period ends in SIGKILL, and must keep its work; a step process killed outright m
   uninterrupted run's.
 - ``orphan_trial``: the same job on 2 processes; once the ranks train, the step process alone gets SIGKILL. No rank
   and no torchrun agent may be left alive a few seconds later.
-- ``rank_sigterm_trial``: torchrun run by hand on a spec, SIGTERM to rank 1 alone: every rank must stop at the same
-  step (the stop is a collective), rank 0 commits that step's checkpoint, and every rank exits.
+- ``rank_sigterm_trial``: torchrun run by hand on a spec, SIGTERM to rank 1 alone (the agent signals the ranks one
+  after the other, and each sees it at its own moment): every rank must stop at the same step (the stop is a
+  collective), rank 0 commits that step's checkpoint, and every rank exits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import psutil
 import yaml
 
+from benchmarks.faults import campaign
 from benchmarks.faults.dagster_trial import (
     ROOT,
     asset_metadata,
@@ -321,6 +323,15 @@ def preemption(root: Path, trials: int, rng: random.Random, log: Callable[[str],
                         f"signal to committed checkpoint: max {max(latencies, default=float('nan')):.2f}s, "
                         f"mean {sum(latencies) / max(1, len(latencies)):.2f}s"))
         details.append({"processes": processes, "trials": done})
+    t0 = time.monotonic()
+    shared = campaign.prepare_inputs(root / "inputs", images=32)
+    ranks = [rank_sigterm_trial(root / f"rank-sigterm-{i}", shared["dataset"],
+                                after_step=rng.choice(range(2, 8))) for i in range(trials)]
+    good = sum(o["survived"] for o in ranks)
+    rows.append(row("preemption", "SIGTERM to rank 1 alone (torchrun, 2 processes)", trials, trials, good,
+                    f"{good}/{trials} every rank stopped at one step, rank 0 checkpointed it, all exited",
+                    time.monotonic() - t0, f"all exited within {max(o.get('seconds', 0) for o in ranks):.2f}s"))
+    details.append({"rank_sigterm": ranks})
     t0 = time.monotonic()
     orphans = [orphan_trial(root / f"orphan-{i}") for i in range(max(1, trials // 2))]
     good = sum(o["survived"] for o in orphans)
