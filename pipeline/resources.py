@@ -32,7 +32,7 @@ from pipeline.tracking import MLflowTracker
 log = logging.getLogger(__name__)
 
 # How long a stopping torchrun training gets from SIGTERM to exit: one step plus one checkpoint write of the largest
-# preset must fit (the stop's latency is logged with each stop: "checkpoint committed N s after the signal").
+# preset must fit (each stop logs its latency: "stopped on SIGTERM at step N, S s after the signal").
 TERMINATION_GRACE_S = 120
 PARENT_TAG = "ldm.parent"
 SEARCH_MAX_RESULTS = 1000  # the MLflow runs of one Dagster run: one per materialization attempt, and the parent
