@@ -24,12 +24,16 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from ldm_core import storage as ldm_storage
+from ldm_core.trainers.preemption import TrainingInterrupted
 from pipeline import settings
 from pipeline.registry import version_by_alias
 from pipeline.tracking import MLflowTracker
 
 log = logging.getLogger(__name__)
 
+# How long a stopping torchrun training gets from SIGTERM to exit: one step plus one checkpoint write of the largest
+# preset must fit (each stop logs its latency: "stopped on SIGTERM at step N, S s after the signal").
+TERMINATION_GRACE_S = 120
 PARENT_TAG = "ldm.parent"
 SEARCH_MAX_RESULTS = 1000  # the MLflow runs of one Dagster run: one per materialization attempt, and the parent
 
@@ -112,6 +116,9 @@ class MLflowResource(dg.ConfigurableResource):
         except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
             for run_id in (run.info.run_id, parent):
                 client.set_terminated(run_id, "KILLED")
+            raise
+        except TrainingInterrupted:  # stopped by a signal after a checkpoint: this attempt was killed, and is retried
+            client.set_terminated(run.info.run_id, "KILLED")
             raise
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
@@ -253,6 +260,10 @@ class ComputeResource(dg.ConfigurableResource):
                                'N > 1 launches torchrun through Dagster Pipes (NCCL, one per GPU; gloo on CPU); '
                                '"auto" = one per visible GPU (1 without GPUs).')
     threads: int | None = Field(default=None, description="torch CPU threads; default: torch's own choice.")
+    termination_grace_s: int = Field(
+        default=TERMINATION_GRACE_S, description="After SIGTERM/SIGINT, how long torchrun's processes get to "
+        "checkpoint at the next step and exit before they are killed. It must cover one step plus one checkpoint "
+        "write, and stay below the pod's terminationGracePeriodSeconds (pipeline/assets/common.py).")
 
     def apply(self, trainer_cfg: Any) -> Any:
         """A copy of a trainer config with this resource's device/precision applied."""

@@ -31,6 +31,11 @@ those after which the outcome was exactly the right one):
    bytes, a CSV field over 128 KiB, hostile JSON lines, corrupt Parquet) ingested locally and from s3:// with inline
    credentials, twice: every bad row counted under its reason, good rows kept, the secret never read, the rerun
    reads nothing (`adversarial.py`).
+9. preemption: SIGTERM to the vae_model step of `dagster job execute` at random moments (half the kill trials per
+   case), on 1 process and on 2 under torchrun: a checkpoint is committed within the grace period (the latency from
+   the signal is reported), the step is retried on `TrainingInterrupted`, the retry resumes from that checkpoint and
+   the registered weights equal an uninterrupted run's bit for bit; and SIGKILL to the step process alone while 2
+   ranks train leaves no rank or torchrun agent alive (`preemption.py`).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -41,5 +46,5 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
     adversarial.py    the adversarial input corpus and its expected counts
-    kills.py … configs.py   the campaign's sections; table.py its rows; __main__.py the command
+    kills.py … preemption.py   the campaign's sections; table.py its rows; __main__.py the command
 """

@@ -17,10 +17,20 @@ import torch  # noqa: E402  (after the thread count is set)
 
 import benchmarks.faults  # noqa: E402
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
-from benchmarks.faults import adversarial, atomic, checkpoints, configs, kills, numerical, storage_faults  # noqa: E402
+from benchmarks.faults import (  # noqa: E402
+    adversarial,
+    atomic,
+    checkpoints,
+    configs,
+    kills,
+    numerical,
+    preemption,
+    storage_faults,
+)
 from benchmarks.faults.table import Row  # noqa: E402
 
-SECTIONS = ("kills", "dagster", "atomic", "checkpoints", "storage", "numerical", "configs", "adversarial")
+SECTIONS = ("kills", "dagster", "atomic", "checkpoints", "storage", "numerical", "configs", "adversarial",
+            "preemption")
 
 
 def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_trials: int,
@@ -39,6 +49,7 @@ def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_tr
         "numerical": lambda: numerical.numerical(workdir / "numerical", log),
         "configs": lambda: configs.configs(workdir, log),
         "adversarial": lambda: adversarial.adversarial(workdir, log),
+        "preemption": lambda: preemption.preemption(workdir / "preemption", max(1, trials // 2), rng, log),
     }
     for name in SECTIONS:
         if name not in only:

@@ -9,4 +9,5 @@ model and their step, and share the rest:
     run_state.py   what a checkpoint holds (parts, RNG, data position) and the resume that reverses it
     meters.py      metric means over a logging interval; throughput, FLOPs and MFU
     loop.py        the loop around a trainer's step: resume, log, images, checkpoint, stop
+    preemption.py  SIGTERM / SIGINT turned into a checkpoint at the next step, then `TrainingInterrupted`
 """

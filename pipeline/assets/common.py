@@ -8,11 +8,17 @@ from typing import Any
 
 import dagster as dg
 
+from pipeline.resources import TERMINATION_GRACE_S
+
 GROUP = "ldm"
 
 # GPU work: at most as many at once as the `gpu` concurrency pool allows (deploy/dagster.yaml), and on the
 # Kubernetes executor each step asks for a GPU. On a machine without one the same assets run on CPU.
 GPU_POOL = "gpu"
+# Preemption sends SIGTERM, then SIGKILL this long after: the training steps use it to checkpoint at the next step
+# and exit (pipeline.distributed.launch), so it exceeds their own grace (TERMINATION_GRACE_S) by the time the step
+# needs to report its retry. A spot node's own shutdown notice can be shorter: see deploy/README.md.
+POD_TERMINATION_GRACE_S = TERMINATION_GRACE_S + 60
 GPU_OP_TAGS = {
     "dagster-k8s/config": {
         # dagster-k8s deep-merges a step's config onto the run launcher's (deploy/helm/values.yaml: the run pod's CPU
@@ -21,7 +27,8 @@ GPU_OP_TAGS = {
         "merge_behavior": "SHALLOW",
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
         # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule so that only pods asking for one land there
-        "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
+        "pod_spec_config": {"termination_grace_period_seconds": POD_TERMINATION_GRACE_S,
+                            "node_selector": {"nvidia.com/gpu.present": "true"},
                             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
     },
 }

@@ -5,6 +5,10 @@ happen, its MLflow tracker writes to the asset's MLflow run, and at the end it s
 ``output_url`` and reports the train result (a custom message the asset rebuilds the result from) and metadata (a
 materialization the asset merges into its own). Other ranks train silently. Run by hand (no Dagster), rank 0 logs
 to the console instead.
+
+A rank dies with its torchrun agent (`pipeline.distributed.lifetime`). SIGTERM (which the agent forwards to every
+rank) stops all ranks at the same step with a checkpoint; rank 0 then reports it (``INTERRUPTED_MESSAGE``) and every
+rank exits with ``EXIT_INTERRUPTED``, so the asset raises a retryable error and the retry resumes there.
 """
 
 from __future__ import annotations
@@ -21,11 +25,17 @@ from mlflow.tracking import MlflowClient
 
 from ldm_core import distributed
 from ldm_core.tracking import FanoutTracker, NullTracker, Tracker
+from ldm_core.trainers.preemption import TrainingInterrupted
+from pipeline.distributed import lifetime
 from pipeline.distributed.specs import LdmTrainSpec, VaeTrainSpec, read_spec, result_summary
 from pipeline.tracking import DagsterProgress, MLflowTracker
 
 RESULT_MESSAGE = "ldm.train_result"
 """The ``type`` of the custom Pipes message that carries the train result."""
+INTERRUPTED_MESSAGE = "ldm.train_interrupted"
+"""The ``type`` of the custom Pipes message saying that training stopped on a signal after a checkpoint."""
+EXIT_INTERRUPTED = 75
+"""A rank's exit status after such a stop (EX_TEMPFAIL: run it again)."""
 PROGRESS_KEYS = {
     "vae": ("rec", "nll", "kl", "d_loss", "images_per_second"),
     "ldm": ("loss", "grad_norm", "lr", "samples_per_second"),
@@ -54,6 +64,7 @@ def _tracker(spec: VaeTrainSpec | LdmTrainSpec, progress_log: Any) -> Tracker:
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
+    lifetime.rank_dies_with_agent()  # first: an orphaned rank must not get as far as training
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.distributed.train_{stage}",
                                      description=f"Train stage {stage!r} on this torchrun rank from a spec file.")
     parser.add_argument("spec", help="the spec JSON written by the asset (pipeline.distributed.specs)")
@@ -71,7 +82,15 @@ def main(stage: str, argv: list[str] | None = None) -> int:
                 console.info(f"{stage}: rank 0 of {ctx.world_size} processes ({ctx.backend or 'no process group'}), "
                              f"checkpoints in {spec.checkpoint_dir}")
             tracker = _tracker(spec, console) if ctx.is_main else NullTracker()
-            result = spec.train(tracker)
+            try:
+                result = spec.train(tracker)
+            except TrainingInterrupted as e:
+                if ctx.is_main:
+                    console.warning(str(e))
+                    if pipes is not None:
+                        pipes.report_custom_message({"type": INTERRUPTED_MESSAGE, "step": e.step,
+                                                     "signal": e.signame, "seconds": e.seconds})
+                return EXIT_INTERRUPTED
             if ctx.is_main:
                 spec.save_model(result.model)
                 console.info(f"{stage}: trained {result.step} steps on {ctx.world_size} processes; "

@@ -4,6 +4,8 @@ The asset builds a spec from its config and inputs; `pipeline.distributed.launch
 asset's own process or writes it to a JSON file for ``torchrun`` to hand to every rank
 (``python -m pipeline.distributed.train_vae spec.json``). Either way the same ``spec.train(tracker)`` runs, so
 the two paths cannot drift apart. Rank 0 writes the trained model to ``output_url``; the asset loads it from there.
+A SIGTERM or SIGINT during ``train`` ends it at the next step with a checkpoint, then raises `TrainingInterrupted`
+(`ldm_core.trainers.preemption`): the retry resumes there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import Tracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, AutoencoderTrainResult, train_autoencoder
 from ldm_core.trainers.ldm import LDMTrainerConfig, LDMTrainingConfig, LDMTrainResult, train_ldm
+from ldm_core.trainers.preemption import train_stoppable
 from ldm_core.trainers.run_setup import resolve_device
 
 
@@ -74,8 +77,9 @@ class VaeTrainSpec(_Spec):
     def train(self, tracker: Tracker, data: torch.utils.data.Dataset | None = None) -> AutoencoderTrainResult:
         """Train (or resume); ``data`` lets an in-process caller reuse a dataset it already holds."""
         init = load_autoencoder(self.init_url).state_dict() if self.init_url else None
-        return train_autoencoder(self.config(), data if data is not None else self.dataset(), tracker,
-                                 self.checkpoint_dir, init_weights=init)
+        data = data if data is not None else self.dataset()
+        return train_stoppable("autoencoder", lambda stop: train_autoencoder(
+            self.config(), data, tracker, self.checkpoint_dir, init_weights=init, should_stop=stop))
 
     def save_model(self, model: nn.Module) -> None:
         save_autoencoder(self.output_url, model)
@@ -149,8 +153,10 @@ class LdmTrainSpec(_Spec):
         data = data if data is not None else self.dataset()
         # only rank 0 renders validation grids: the other ranks need neither the VAE nor the text encoder
         sample_fn = self.sample_fn(config, vae) if distributed.is_main() else None
-        return train_ldm(config, data, tracker, uncond=data.uncond(), checkpoint_dir=self.checkpoint_dir,
-                         sample_fn=sample_fn, init_weights=self.init_weights())
+        init = self.init_weights()
+        return train_stoppable("LDM", lambda stop: train_ldm(
+            config, data, tracker, uncond=data.uncond(), checkpoint_dir=self.checkpoint_dir, sample_fn=sample_fn,
+            init_weights=init, should_stop=stop))
 
     def save_model(self, model: nn.Module) -> None:
         save_denoiser(self.output_url, model)

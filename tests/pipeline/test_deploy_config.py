@@ -269,3 +269,13 @@ def test_helm_uses_the_postgres_secret_the_readme_creates():
     assert values.get("generatePostgresqlPasswordSecret", True) is False  # the chart's default is True
     secret = values["global"]["postgresqlSecretName"]
     assert f"create secret generic {secret} --from-literal=postgresql-password=" in (DEPLOY / "README.md").read_text()
+
+
+@pytest.mark.parametrize("asset", [*GPU_STEPS, "image_dataset"])
+def test_every_step_pod_gives_a_stopping_training_more_time_than_the_training_takes(asset):
+    """SIGTERM to SIGKILL: the pod's grace must exceed the time a training step is given to checkpoint and stop
+    (`ComputeResource.termination_grace_s`), or a preempted step is killed before it commits its checkpoint."""
+    from pipeline.resources import ComputeResource
+
+    grace = _step_pod(asset)["terminationGracePeriodSeconds"]
+    assert grace > ComputeResource().termination_grace_s + 30
