@@ -274,9 +274,9 @@ def _fsync_dir(directory: str) -> None:
 # that read the same version, one wins and the other learns it lost instead of silently overwriting.
 #
 # S3 (and moto) does the compare on the server: PUT with If-Match / If-None-Match, DELETE with If-Match, answering
-# 412 PreconditionFailed or 409 ConditionalRequestConflict when it does not hold. Locally, an exclusive flock on a
-# sidecar ``.<name>.lock`` beside the object serializes the compare and the atomic rename; flock is advisory and
-# must work on the filesystem (local disks do; some network filesystems do not).
+# 412 PreconditionFailed or 409 ConditionalRequestConflict when it does not hold. Locally, an exclusive
+# flock on the object's directory serializes the compare and the atomic rename; flock is advisory and must work
+# on the filesystem (local disks do; some network filesystems do not).
 
 _CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
@@ -327,10 +327,11 @@ def _s3_get(fs: Any, path: str) -> tuple[bytes, str] | None:
 
 @contextlib.contextmanager
 def _local_lock(path: str) -> Iterator[None]:
-    """An exclusive flock on ``.<name>.lock`` beside ``path``: held around a local compare-and-swap."""
+    """An exclusive flock on the directory holding ``path``, around a local compare-and-swap (on the directory
+    itself, so no lock file is left beside the data; the writes it guards are tiny)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd = os.open(os.path.join(directory, f".{os.path.basename(path)}.lock"), os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    fd = os.open(directory, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
