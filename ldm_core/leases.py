@@ -6,10 +6,11 @@ limit misconfigured), sharing only the storage (a local disk or S3). A lock that
 with a killed process; a lease expires by itself. But a lease cannot stop a process that was paused past its expiry
 (SIGSTOP, a VM migration, a long GC) and then resumes believing it still holds it: only the storage can refuse that
 zombie's writes. So every writer of a directory commits its manifest with a compare-and-swap against the version it
-last read or wrote (`storage.write_if_version`), and a new holder first stamps the manifest with its fencing token
-(`fence`): the zombie's next commit finds a version it never saw and fails with `LeaseLostError`, and nothing the
-live writer recorded is lost. Data files are never overwritten by another writer: they are created exclusively
-(`storage.write_if_absent`) or under names unique to the writer.
+last read or wrote (`storage.write_if_version`), and a new holder first stamps the manifest, bumping a generation in
+it (`FencedFile.fence`): the zombie's next commit finds a version it never saw and fails with `LeaseLostError`, and
+nothing the live writer recorded is lost. Data files are never overwritten by another writer: they are created
+exclusively (`storage.write_if_absent`) or under names unique to the writer. Cleanup (orphans, temp files) is done
+by a holder right after it fenced the manifest, when nothing an earlier holder left can be recorded any more.
 
 The lease is ``<dir>/_writer_lease.json``: owner id, fencing token, pid, host, process start time, run id, and
 ``expires_at`` (wall-clock seconds). It is acquired and renewed by compare-and-swap, renewed by a daemon thread
@@ -241,8 +242,8 @@ def _describe(record: LeaseRecord) -> str:
 class FencedFile:
     """A manifest committed only by the lease holder, by compare-and-swap against the version it last read or wrote.
 
-    `fence` stamps it when the lease is taken (the caller writes its token into the content), so a previous
-    holder's later commit fails even if that one never looks at the lease again."""
+    `fence` stamps it when the lease is taken (the caller bumps a generation counter in the content, so the version
+    always changes), so a previous holder's later commit fails even if that one never looks at the lease again."""
 
     def __init__(self, url: str, lease: WriterLease, storage_options: dict[str, Any] | None = None):
         self.url, self.lease, self.storage_options = url, lease, storage_options
@@ -254,7 +255,7 @@ class FencedFile:
         return None if got is None else got[0]
 
     def fence(self, load: Callable[[bytes | None], M], dump: Callable[[M], bytes]) -> M:
-        """Read the manifest, let ``load`` parse it and stamp this holder's token into it, and write it back: from
+        """Read the manifest, let ``load`` parse it and stamp it (bump its generation), and write it back: from
         here on a previous holder's commit fails. Retried when that one commits in between (its commit was made
         under its lease and stays). Returns the stamped manifest."""
         for _ in range(20):

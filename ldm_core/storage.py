@@ -385,13 +385,13 @@ def write_if_version(url: str, data: bytes, expected: str | None,
     return resp["ETag"]
 
 
-def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> bool:
+def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> str | None:
     """Create ``url`` with ``data`` only if nothing is there yet (an immutable file no other writer may replace).
-    False when something already was (nothing was written). Locally the file is written whole to a temp file and
-    hard-linked to its name, which fails if the name exists."""
+    Returns its version, or None when something already was there (nothing was written). Locally the file is
+    written whole to a temp file and hard-linked to its name, which fails if the name exists."""
     fs, path = get_fs(url, storage_options)
     if not isinstance(fs, LocalFileSystem):
-        return write_if_version(url, data, None, storage_options) is not None
+        return write_if_version(url, data, None, storage_options)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = _temp_path(directory, path)
@@ -404,12 +404,12 @@ def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | Non
         try:
             os.link(tmp, path)
         except FileExistsError:
-            return False
+            return None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     _fsync_dir(directory)
-    return True
+    return _version_of(data)
 
 
 def delete_if_version(url: str, expected: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -136,9 +136,9 @@ class Manifest(_Data):
     """canonical source URL -> entry key -> what was ingested from it."""
     counts: Counts = Field(default_factory=Counts)
     runs: list[RunRecord] = Field(default_factory=list)
-    writer_token: int | None = None
-    """Fencing token of the writer lease under which the manifest was last written (`ldm_core.leases`); absent in
-    datasets written before leases."""
+    writer_generation: int | None = None
+    """Incremented by every writer when it takes the dataset's lease (the fence of `ldm_core.leases`: a previous
+    holder's commit fails from then on); absent in datasets written before leases."""
 
     def shard_names(self) -> list[str]:
         return [s.name for s in self.shards]

@@ -246,9 +246,9 @@ def ingest(config: IngestConfig, output_url: str, storage_options: dict[str, Any
         return _ingest(config, source, source_key, output_url, storage_options, lease, started)
 
 
-def _stamped(raw: bytes | None, url: str, token: int) -> Manifest:
+def _stamped(raw: bytes | None, url: str) -> Manifest:
     manifest = canonical.parse_manifest(raw, url) if raw is not None else Manifest()
-    manifest.writer_token = token
+    manifest.writer_generation = (manifest.writer_generation or 0) + 1
     return manifest
 
 
@@ -256,7 +256,7 @@ def _ingest(config: IngestConfig, source: Source, source_key: str, output_url: s
             lease: WriterLease, started: str) -> IngestResult:
     """`ingest` under the dataset's writer lease: everything from reading the manifest to the last commit."""
     fenced = FencedFile(canonical.manifest_url(output_url), lease, storage_options)
-    manifest = fenced.fence(lambda raw: _stamped(raw, fenced.url, lease.token), canonical.manifest_bytes)
+    manifest = fenced.fence(lambda raw: _stamped(raw, fenced.url), canonical.manifest_bytes)
     known = manifest.sources.get(source_key, {})
     entries = source.entries()
     new_entries = [
