@@ -135,6 +135,8 @@ def local_path(url: str) -> str:
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = get_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache(path)  # asked of storage, not of a listing cached before another writer wrote
     with naming_errors(url, "checking"):
         return fs.exists(path)
 
@@ -148,6 +150,11 @@ def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = get_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        # one GET of the current object: fs.open would check it against an ETag cached by an earlier read, and
+        # fail (FileExpired) on a manifest another writer has committed since
+        with naming_errors(url, "reading"):
+            return fs.cat_file(path)
     with naming_errors(url, "reading"), fs.open(path, "rb") as f:
         return f.read()
 
