@@ -143,11 +143,12 @@ class CheckpointManager:
 
     # -- the writer lease ---------------------------------------------------------------------------------------
 
-    def acquire(self, run_id: str | None = None) -> WriterLease:
-        """Take the directory's writer lease until `release` (waiting for a live peer, see `WriterLease`), then
-        delete what killed writers left: their partial temp files. A trainer holds it for its whole run."""
+    def acquire(self, run_id: str | None = None, lease: WriterLease | None = None) -> WriterLease:
+        """Take the directory's writer lease until `release` (waiting for a live peer, see `WriterLease`; ``lease``:
+        one made by the caller, e.g. with its own ttl), then delete what killed writers left: their partial temp
+        files. A trainer holds it for its whole run."""
         if self.lease is None:
-            lease = WriterLease(self.directory, self.storage_options, run_id=run_id).acquire()
+            lease = (lease or WriterLease(self.directory, self.storage_options, run_id=run_id)).acquire()
             self.lease, self._created = lease, {}
             # a save killed mid-write left a partial temp file (as large as a checkpoint): ours to delete now
             storage.remove_stale_temp_files(self.directory, self.storage_options)

@@ -85,13 +85,14 @@ class LatentStoreWriter:
     @classmethod
     def open(cls, store_url: str, template: LatentStoreMetadata, config: LatentStoreConfig,
              uncond: tuple[torch.Tensor, ...],
-             storage_options: dict[str, Any] | None = None) -> LatentStoreWriter:
+             storage_options: dict[str, Any] | None = None, lease: WriterLease | None = None) -> LatentStoreWriter:
         """Open ``store_url`` for adding shards described by ``template`` (identities, shapes, format; no shards).
 
         uncond: the empty prompt's (context (1, L, D), mask (1, L), pooled (1, D_pool)), written when the store is
         created; pooled is left out exactly when ``template.pooled_dim`` is None (a store without pooled vectors).
         An existing store without pooled vectors stays so until `add_pooled`. Waits for (then refuses) another
-        live writer of the store (`ldm_core.leases.LeaseHeldError`).
+        live writer of the store (`ldm_core.leases.LeaseHeldError`); ``lease``: one made by the caller (its own
+        ttl, wait or clock), not yet acquired.
         """
         if (len(uncond) == 3) != (template.pooled_dim is not None):
             raise ValueError(f"uncond must be (context, mask, pooled) when pooled_dim is set, (context, mask) when "
@@ -105,7 +106,7 @@ class LatentStoreWriter:
             return meta
 
         # identities are fixed from the first moment on
-        fenced, meta = _take(store_url, storage_options, load)
+        fenced, meta = _take(store_url, storage_options, load, lease)
         return cls(store_url, meta, config, storage_options, fenced)
 
     def close(self) -> None:
@@ -264,11 +265,12 @@ class LatentStoreWriter:
 
 
 def _take(store_url: str, storage_options: dict[str, Any] | None,
-          load: Callable[[bytes | None, str], LatentStoreMetadata]) -> tuple[FencedFile, LatentStoreMetadata]:
+          load: Callable[[bytes | None, str], LatentStoreMetadata],
+          lease: WriterLease | None = None) -> tuple[FencedFile, LatentStoreMetadata]:
     """Take the store's writer lease and fence its metadata (``load`` parses it, or makes it for a new store): from
     here on an earlier holder cannot commit. The lease is given back if this fails."""
     storage.makedirs(store_url, storage_options)
-    lease = WriterLease(store_url, storage_options).acquire()
+    lease = (lease or WriterLease(store_url, storage_options)).acquire()
     fenced = FencedFile(metadata_url(store_url), lease, storage_options)
 
     def stamp(raw: bytes | None) -> LatentStoreMetadata:
