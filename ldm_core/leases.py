@@ -48,6 +48,9 @@ TTL_ENV, WAIT_ENV = "LDM_WRITER_LEASE_TTL", "LDM_WRITER_LEASE_WAIT"
 DEFAULT_TTL, DEFAULT_WAIT = 60.0, 600.0
 PAUSE_ENV = "LDM_TEST_PAUSE_BEFORE_COMMIT"
 """Test hook: seconds every writer sleeps between writing its data and committing it (`pause_before_commit`)."""
+PAUSE_MARKER_ENV = "LDM_TEST_PAUSE_MARKER"
+"""Test hook: a local file that `pause_before_commit` creates as it starts to sleep (a test then knows the writer
+is inside its commit window)."""
 
 
 class LeaseHeldError(RuntimeError):
@@ -95,6 +98,9 @@ def pause_before_commit() -> None:
     """Test hook between writing data and committing it; does nothing unless ``LDM_TEST_PAUSE_BEFORE_COMMIT`` is set."""
     seconds = env_seconds(PAUSE_ENV, 0.0)
     if seconds > 0:
+        if marker := os.environ.get(PAUSE_MARKER_ENV):
+            with open(marker, "a"):
+                pass
         time.sleep(seconds)
 
 

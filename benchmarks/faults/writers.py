@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 from benchmarks.faults.table import Row, row
 from ldm_core import storage
 from ldm_core.data import canonical
-from ldm_core.leases import LEASE_NAME, PAUSE_ENV, TTL_ENV, WAIT_ENV
+from ldm_core.leases import LEASE_NAME, PAUSE_ENV, PAUSE_MARKER_ENV, TTL_ENV, WAIT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES, ROWS_PER_SHARD = 8, 2
@@ -58,9 +60,13 @@ def _job(kind: str, a: str, b: str) -> None:
     print(json.dumps({"rows_new": result.rows_new}), flush=True)
 
 
-def spawn(kind: str, a: str, b: str, *, ttl: float, pause: float, wait: float = 120.0) -> subprocess.Popen:
+def spawn(kind: str, a: str, b: str, *, ttl: float, pause: float, wait: float = 120.0,
+          marker: str | None = None) -> subprocess.Popen:
+    """A writer job; ``marker``: a local file it creates when it first pauses at a commit point."""
     env = {**os.environ, TTL_ENV: str(ttl), WAIT_ENV: str(wait), PAUSE_ENV: str(pause), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if marker:
+        env[PAUSE_MARKER_ENV] = marker
     return subprocess.Popen([sys.executable, "-m", "benchmarks.faults.writers", kind, a, b], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -200,10 +206,13 @@ def zombie(root: str, kind: str, ttl: float = 1.0) -> dict[str, Any]:
         ingest(_ingest_config(src), ds)
         a, b, target = ds, store, store
     out: dict[str, Any] = {"problems": []}
-    zombie_proc = spawn(kind, a, b, ttl=ttl, pause=4 * ttl)
+    marker = Path(tempfile.mkdtemp(prefix="ldm-zombie-")) / "paused"
+    zombie_proc = spawn(kind, a, b, ttl=ttl, pause=4 * ttl, marker=str(marker))
     live = None
     try:
-        _poll(lambda: _unrecorded(kind, target), 90, "the first writer wrote data it has not recorded")
+        _poll(marker.exists, 90, "the first writer is in its commit window")
+        if not _unrecorded(kind, target):
+            raise AssertionError("the first writer paused at its commit point without unrecorded data")
         zombie_proc.send_signal(signal.SIGSTOP)
         token = _lease_token(target)
         live = spawn(kind, a, b, ttl=ttl, pause=ttl)
@@ -213,9 +222,11 @@ def zombie(root: str, kind: str, ttl: float = 1.0) -> dict[str, Any]:
         zombie_proc.send_signal(signal.SIGCONT)
     rc_zombie, err_zombie = finish(zombie_proc)
     rc_live, err_live = finish(live)
+    shutil.rmtree(marker.parent, ignore_errors=True)
     out["zombie_refused"] = rc_zombie != 0 and "LeaseLostError" in err_zombie
     if not out["zombie_refused"]:
-        out["problems"].append(f"the zombie writer was not refused (exit {rc_zombie})")
+        last = err_zombie.strip().splitlines()[-1:]
+        out["problems"].append(f"the zombie writer was not refused (exit {rc_zombie}): {last}")
     if rc_live != 0:
         out["problems"].append(f"the live writer failed (exit {rc_live}): {err_live.strip().splitlines()[-1:]}")
     out["problems"] += dataset_problems(ds, expected)
