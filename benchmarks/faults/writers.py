@@ -85,16 +85,20 @@ def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
 # What must hold afterwards
 # ---------------------------------------------------------------------------------------------------------------
 
-def make_source(root: str) -> tuple[str, set[str]]:
-    """The shapes source under ``root`` and the image hashes one uncontended ingestion records from it."""
+def make_source(root: str, seeds: tuple[int, ...] = (0,)) -> tuple[list[str], set[str]]:
+    """A shapes source per seed under ``root``, and the image hashes that one uncontended ingestion of them all, one
+    after the other, records."""
     from ldm_core.data.ingest import ingest
     from ldm_core.data.synthetic import write_shapes_source
 
-    src = storage.join(root, "src")
-    write_shapes_source(src, N_IMAGES, seed=0)
     ref = storage.join(root, "reference")
-    ingest(_ingest_config(src), ref)
-    return src, _recorded_hashes(ref, [])
+    sources = []
+    for seed in seeds:
+        src = storage.join(root, f"src-{seed}")
+        write_shapes_source(src, N_IMAGES, seed=seed)
+        ingest(_ingest_config(src), ref)
+        sources.append(src)
+    return sources, _recorded_hashes(ref, [])
 
 
 def _recorded_hashes(ds: str, problems: list[str]) -> set[str]:
@@ -152,16 +156,23 @@ def store_problems(store: str, ds: str) -> list[str]:
 # The cases
 # ---------------------------------------------------------------------------------------------------------------
 
-def two_writers(root: str, pause: float = 0.3) -> dict[str, Any]:
-    """Two ingestions into one dataset at once, then two encodings into one store at once."""
-    src, expected = make_source(root)
+def two_writers(root: str, pause: float = 0.5) -> dict[str, Any]:
+    """Two ingestions of two sources into one dataset, then two encodings of it into one store; the second writer
+    of each starts while the first is inside a commit window (its data written, not yet recorded)."""
+    (src_a, src_b), expected = make_source(root, seeds=(0, 1))
     ds, store = storage.join(root, "ds"), storage.join(root, "store")
     out: dict[str, Any] = {"problems": []}
-    for kind, a, b in (("ingest", src, ds), ("encode", ds, store)):
-        procs = [spawn(kind, a, b, ttl=5.0, pause=pause) for _ in range(2)]
-        for i, (rc, err) in enumerate(finish(p) for p in procs):
+    for kind, a1, a2, b in (("ingest", src_a, src_b, ds), ("encode", ds, ds, store)):
+        marker = Path(tempfile.mkdtemp(prefix="ldm-writers-")) / "paused"
+        first = spawn(kind, a1, b, ttl=5.0, pause=pause, marker=str(marker))
+        try:
+            _poll(marker.exists, 90, f"the first {kind} writer is in its commit window")
+        finally:
+            second = spawn(kind, a2, b, ttl=5.0, pause=pause)
+        for i, (rc, err) in enumerate(finish(p) for p in (first, second)):
             if rc != 0:
                 out["problems"].append(f"{kind} writer {i} failed (exit {rc}): {err.strip().splitlines()[-1:]}")
+        shutil.rmtree(marker.parent, ignore_errors=True)
     out["problems"] += dataset_problems(ds, expected) + store_problems(store, ds)
     return out
 
@@ -196,7 +207,7 @@ def zombie(root: str, kind: str, ttl: float = 1.0) -> dict[str, Any]:
     """Writer A is SIGSTOPped between writing data and committing it, past its lease; writer B takes the directory
     over; A resumes inside B's own commit window. A's commit must be refused, B must succeed, nothing B recorded
     may be lost."""
-    src, expected = make_source(root)
+    (src,), expected = make_source(root)
     ds, store = storage.join(root, "ds"), storage.join(root, "store")
     if kind == "ingest":
         a, b, target = src, ds, ds
