@@ -156,7 +156,7 @@ def store_problems(store: str, ds: str) -> list[str]:
 # The cases
 # ---------------------------------------------------------------------------------------------------------------
 
-def two_writers(root: str, pause: float = 0.5) -> dict[str, Any]:
+def two_writers(root: str, pause: float = 2.0) -> dict[str, Any]:
     """Two ingestions of two sources into one dataset, then two encodings of it into one store; the second writer
     of each starts while the first is inside a commit window (its data written, not yet recorded)."""
     (src_a, src_b), expected = make_source(root, seeds=(0, 1))
