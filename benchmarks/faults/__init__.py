@@ -26,6 +26,11 @@ those after which the outcome was exactly the right one):
    data that turns NaN for good stops the run with the last good checkpoint intact and resumable.
 7. configs: every bad field of `bad_configs.py` fails validation naming its field; `ldm demo` and a
    `dagster job execute` with a bad config fail before any work.
+8. writers: two runs ingesting two sources into one dataset and encoding it into one store, the second started
+   inside the first's commit window; and a zombie writer (SIGSTOPped between writing a shard and recording it, past
+   its lease, resumed once a second run took over): both runs succeed, the zombie's commit is refused, every
+   recorded row exists exactly once and the manifests name only existing shards (`writers.py`; local disk,
+   ``--trials``/2 times each).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -35,5 +40,5 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     injectors.py      faults injected in process: poisoned data, a failure after a checkpoint, a torn-write loop
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
-    kills.py … configs.py   the campaign's sections; table.py its rows; __main__.py the command
+    kills.py … writers.py   the campaign's sections; table.py its rows; __main__.py the command
 """
