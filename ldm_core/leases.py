@@ -213,6 +213,10 @@ class WriterLease:
             if self._lost:
                 raise LeaseLostError(self._lost)
             current = self._read()
+            if current is not None and current[1] == self._version and self._expires_at <= self.clock():
+                # expired by our clock (a late heartbeat) but nobody took it: renewing by compare-and-swap is safe
+                if self._put(self._record(), self._version):
+                    return
             if current is None or current[1] != self._version or self._expires_at <= self.clock():
                 self._lost = (f"lost the writer lease of {storage.redact_url(self.directory)} (token {self.token}, "
                               f"expired {self.clock() - self._expires_at:.0f} s ago): now held by "

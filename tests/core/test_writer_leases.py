@@ -53,6 +53,16 @@ def test_an_expired_holder_is_taken_over_and_then_fails_its_checks(tmp_path):
     live.release()
 
 
+def test_a_holder_late_to_renew_keeps_the_lease_nobody_took(tmp_path):
+    now = [time.time()]
+    lease = WriterLease(str(tmp_path), ttl=30, clock=lambda: now[0]).acquire()
+    now[0] += 120  # its heartbeat was starved for longer than the ttl, but no other writer came
+    lease.assert_held()  # renewed by compare-and-swap, not lost
+    now[0] += 20
+    lease.assert_held()
+    lease.release()
+
+
 def test_a_second_trainer_waits_for_the_checkpoint_directory_then_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_WRITER_LEASE_WAIT", "0.5")
     first = CheckpointManager(str(tmp_path))
