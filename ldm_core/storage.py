@@ -202,7 +202,8 @@ def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | Non
 def remove_stale_temp_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Delete the temporary files that atomic writes killed mid-way left directly under the directory ``url``;
     returns their names. Only for a directory this process is the one writer of (a checkpoint directory, a latent
-    store, a dataset): a live writer's temporary file would be deleted too. Object stores have none (a PUT is
+    store, a dataset: its writer lease's holder, `ldm_core.leases`): a live writer's temporary file would be
+    deleted too. Object stores have none (a PUT is
     atomic), so this is a no-op there."""
     fs, path = get_fs(url, storage_options)
     if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
