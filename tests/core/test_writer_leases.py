@@ -75,6 +75,25 @@ def test_a_second_trainer_waits_for_the_checkpoint_directory_then_is_refused(tmp
     CheckpointManager(str(tmp_path)).save(2, {"w": torch.zeros(2)})  # free again
 
 
+def test_a_trainer_holds_its_checkpoint_directory_from_before_it_resumes(tmp_path, monkeypatch):
+    """A second trainer on a directory in use is refused before it resumes or steps, naming the run that holds it."""
+    from benchmarks.faults import runner
+    from ldm_core.trainers.autoencoder import train_autoencoder
+
+    monkeypatch.setenv("LDM_WRITER_LEASE_WAIT", "0.5")
+    holder = CheckpointManager(str(tmp_path))
+    holder.acquire(run_id="run-1")
+    steps = []
+    with pytest.raises(LeaseHeldError, match="run-1"):
+        train_autoencoder(runner.ae_config(2), runner.ae_data(), checkpoint_dir=str(tmp_path), perceptual=None,
+                          should_stop=lambda s: steps.append(s) or False)
+    assert steps == [], "the second trainer trained"
+    holder.release()
+    done = train_autoencoder(runner.ae_config(2), runner.ae_data(), checkpoint_dir=str(tmp_path), perceptual=None)
+    assert done.step == 2 and CheckpointManager(str(tmp_path)).steps()[-1] == 2
+    assert not storage.exists(storage.join(str(tmp_path), "_writer_lease.json")), "the trainer kept its lease"
+
+
 def test_a_zombie_trainer_cannot_save_over_or_prune_the_live_ones_checkpoints(tmp_path):
     zombie = CheckpointManager(str(tmp_path), keep=2)
     zombie.acquire()
