@@ -46,7 +46,6 @@ SD = {"name": "sd-like", "latent": (4, 64, 64), "context": (77, 768), "rows": 10
 
 def build_random_store(url: str, size: dict[str, Any], backend: str, seed: int = 0) -> float:
     """Write a store of ``size["rows"]`` random rows through the writer; returns seconds spent."""
-    from ldm_core.data.latent_store.backends import ShardColumns
     from ldm_core.data.latent_store.schema import LatentStoreConfig, LatentStoreMetadata
     from ldm_core.data.latent_store.writer import LatentStoreWriter
 
@@ -57,7 +56,16 @@ def build_random_store(url: str, size: dict[str, Any], backend: str, seed: int =
                                    text_encoder_identity="bench:random", latent_shape=[c, h, w], context_shape=[L, D])
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
-    writer = LatentStoreWriter.open(url, template, cfg, (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool)))
+    uncond = (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool))
+    with LatentStoreWriter.open(url, template, cfg, uncond) as writer:
+        _write_random_shards(writer, size, rng)
+    return time.perf_counter() - t
+
+
+def _write_random_shards(writer: Any, size: dict[str, Any], rng: np.random.Generator) -> None:
+    from ldm_core.data.latent_store.backends import ShardColumns
+
+    (c, h, w), (L, D) = size["latent"], size["context"]
     n, per = size["rows"], size["rows_per_shard"]
     for k, start in enumerate(range(0, n, per)):
         m = min(per, n - start)
@@ -71,7 +79,6 @@ def build_random_store(url: str, size: dict[str, Any], backend: str, seed: int =
             context=rng.standard_normal((m, L, D), dtype=np.float32).astype(np.float16),
             context_mask=np.arange(L)[None, :] < lengths[:, None], rows=rows)
         writer.write_shard(f"shard-{k:05d}.parquet", cols, source_rows=m)
-    return time.perf_counter() - t
 
 
 def loader_rates(url: str, batch: int, storage_options: dict[str, Any] | None = None) -> dict[str, float]:

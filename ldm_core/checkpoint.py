@@ -5,14 +5,22 @@ tensors go into the safetensors body, everything else into a JSON skeleton in it
 pickled and loading never executes code. After the body lands, a ``.sha256`` sidecar is written; a checkpoint
 without a matching sidecar is incomplete or corrupt, and loading falls back to the previous good one with a
 warning.
+
+One writer per directory: saving holds the directory's writer lease (`ldm_core.leases`), a trainer for its whole
+run (`CheckpointManager.acquire`), a lone `save` for its own duration. Files are created exclusively, never
+replaced by a peer; a writer deletes (prunes, cleans temp files) only what it found when it took the lease or
+created itself, and checks on storage that it still holds the lease before each write and each prune, so a zombie
+trainer (paused past its lease) stops instead of pruning or overwriting the live one's checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ldm_core import storage
+from ldm_core.leases import LeaseLostError, WriterLease, pause_before_commit
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +123,11 @@ class CheckpointManager:
         self.directory = str(directory)
         self.keep = max(1, keep)
         self.storage_options = storage_options
+        self.lease: WriterLease | None = None
+        self._found: set[str] = set()
+        """Names in the directory when the lease was taken: left by earlier writers, this one may prune them."""
+        self._created: dict[str, str] = {}
+        """URL -> version of every file this writer created (it prunes them only if still unchanged)."""
 
     def _url(self, name: str) -> str:
         return storage.join(self.directory, name)
@@ -127,26 +141,80 @@ class CheckpointManager:
                 out.append(int(m.group(1)))
         return sorted(out)
 
+    # -- the writer lease ---------------------------------------------------------------------------------------
+
+    def acquire(self, run_id: str | None = None, lease: WriterLease | None = None) -> WriterLease:
+        """Take the directory's writer lease until `release` (waiting for a live peer, see `WriterLease`; ``lease``:
+        one made by the caller, e.g. with its own ttl), then delete what killed writers left: their partial temp
+        files. A trainer holds it for its whole run."""
+        if self.lease is None:
+            lease = (lease or WriterLease(self.directory, self.storage_options, run_id=run_id)).acquire()
+            self.lease, self._created = lease, {}
+            # a save killed mid-write left a partial temp file (as large as a checkpoint): ours to delete now
+            storage.remove_stale_temp_files(self.directory, self.storage_options)
+            self._found = set(storage.list_dir(self.directory, self.storage_options))
+        return self.lease
+
+    def release(self) -> None:
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            lease.release()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[WriterLease]:
+        if self.lease is not None:
+            yield self.lease
+            return
+        try:
+            yield self.acquire()
+        finally:
+            self.release()
+
+    # -- saving -------------------------------------------------------------------------------------------------
+
     def save(self, step: int, state: Any) -> str:
         data = state_to_bytes(state)
         name = f"step-{step:09d}.safetensors"
         url = self._url(name)
-        storage.write_bytes_atomic(url, data, self.storage_options)
-        # the sidecar is the commit record: it lands only after the body is whole
-        storage.write_text_atomic(
-            self._url(f"step-{step:09d}.sha256"), hashlib.sha256(data).hexdigest(), self.storage_options
-        )
-        self._prune()
+        with self._writing():
+            sidecar = self._url(f"step-{step:09d}.sha256")
+            self._create(url, data, also_remove=sidecar)
+            pause_before_commit()
+            # the sidecar is the commit record: it lands only after the body is whole
+            self._create(sidecar, hashlib.sha256(data).hexdigest().encode())
+            self._prune()
         return url
 
+    def _create(self, url: str, data: bytes, also_remove: str | None = None) -> None:
+        """Create ``url`` exclusively. A file already there is not this run's (it never saves a step twice): one
+        left by a killed run, or by a zombie peer; the holder, once sure it still holds the lease, replaces it
+        (its commit record ``also_remove`` first)."""
+        for _ in range(3):
+            assert self.lease is not None
+            self.lease.assert_held()
+            version = storage.write_if_absent(url, data, self.storage_options)
+            if version is not None:
+                self._created[url] = version
+                return
+            log.warning("replacing %s, left by an earlier writer of %s", url, self.directory)
+            for stale in (also_remove, url):
+                if stale is not None:
+                    storage.remove(stale, self.storage_options)
+        raise LeaseLostError(f"{url} keeps reappearing: another writer is saving into {self.directory}")
+
     def _prune(self) -> None:
-        # a run killed mid-write left a partial temp file (as large as a checkpoint); the run that follows deletes it
-        storage.remove_stale_temp_files(self.directory, self.storage_options)
-        steps = self.steps()
-        for s in steps[: -self.keep]:
+        assert self.lease is not None
+        self.lease.assert_held()
+        for s in self.steps()[: -self.keep]:
             # remove the commit record first, so a kill in between leaves an ignorable body, never a bad record
-            storage.remove(self._url(f"step-{s:09d}.sha256"), self.storage_options)
-            storage.remove(self._url(f"step-{s:09d}.safetensors"), self.storage_options)
+            for name in (f"step-{s:09d}.sha256", f"step-{s:09d}.safetensors"):
+                url = self._url(name)
+                if url in self._created:  # ours: only if no one replaced it since
+                    storage.delete_if_version(url, self._created.pop(url), self.storage_options)
+                elif name in self._found:  # there before we took the lease
+                    storage.remove(url, self.storage_options)
+                    self._found.discard(name)
+                # else another writer's, made after we took the lease: not ours to delete
 
     def load(self, step: int) -> Any:
         body_url = self._url(f"step-{step:09d}.safetensors")

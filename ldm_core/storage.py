@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import io
 import os
 import posixpath
@@ -27,6 +29,7 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 # Options s3fs understands that we derive from the environment; nothing here is ever logged.
@@ -165,6 +168,8 @@ def local_path(url: str) -> str:
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = get_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache(path)  # asked of storage, not of a listing cached before another writer wrote
     with naming_errors(url, "checking"):
         return fs.exists(path)
 
@@ -184,6 +189,11 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None, max_byte
     """The file's bytes. With ``max_bytes``, at most that many are read: a larger file (or one that never ends,
     like ``/dev/zero``) raises `TooLarge` after reading ``max_bytes + 1`` bytes, whatever size its listing gave."""
     fs, path = get_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        # one GET of the current object: fs.open would check it against an ETag cached by an earlier read, and
+        # fail (FileExpired) on a manifest another writer has committed since
+        with naming_errors(url, "reading"):
+            return fs.cat_file(path)
     with naming_errors(url, "reading"), fs.open(path, "rb") as f:
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
@@ -234,7 +244,8 @@ def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | Non
 def remove_stale_temp_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Delete the temporary files that atomic writes killed mid-way left directly under the directory ``url``;
     returns their names. Only for a directory this process is the one writer of (a checkpoint directory, a latent
-    store, a dataset): a live writer's temporary file would be deleted too. Object stores have none (a PUT is
+    store, a dataset: its writer lease's holder, `ldm_core.leases`): a live writer's temporary file would be
+    deleted too. Object stores have none (a PUT is
     atomic), so this is a no-op there."""
     fs, path = get_fs(url, storage_options)
     if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
@@ -302,3 +313,177 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditional writes: the primitives that let several processes share one directory safely (`ldm_core.leases`)
+# ---------------------------------------------------------------------------------------------------------------
+#
+# A version names one content of one object: on S3 its ETag, locally the sha256 of its bytes. A conditional write
+# replaces the object only if it still holds the version the writer last saw (compare-and-swap), so of two writers
+# that read the same version, one wins and the other learns it lost instead of silently overwriting.
+#
+# S3 (and moto) does the compare on the server: PUT with If-Match / If-None-Match, DELETE with If-Match, answering
+# 412 PreconditionFailed or 409 ConditionalRequestConflict when it does not hold. Locally, an exclusive
+# flock on the object's directory serializes the compare and the atomic rename; flock is advisory and must work
+# on the filesystem (local disks do; some network filesystems do not).
+
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+def _version_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _s3_conflict(e: BaseException) -> bool:
+    """Whether an S3 failure (s3fs wraps botocore's ClientError) is a failed precondition."""
+    err: BaseException | None = e
+    for _ in range(4):  # (naming_errors and s3fs each wrap it once)
+        if err is None:
+            break
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _CONFLICT_CODES or status in ("412", "409"):
+                return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _s3_bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _s3_call(fs: Any, method: str, **kwargs: Any) -> Any:
+    return fsspec.asyn.sync(fs.loop, fs._call_s3, method, **kwargs)
+
+
+def _s3_get(fs: Any, path: str) -> tuple[bytes, str] | None:
+    bucket, key = _s3_bucket_key(path)
+
+    async def get() -> tuple[bytes, str]:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with resp["Body"] as body:
+            data = await body.read()
+        return data, resp["ETag"]
+
+    try:
+        return fsspec.asyn.sync(fs.loop, get)
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive flock on the directory holding ``path``, around a local compare-and-swap (on the directory
+    itself, so no lock file is left beside the data; the writes it guards are tiny)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_local(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def read_versioned(url: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, str] | None:
+    """(content, version) of ``url`` read in one request, or None when it does not exist."""
+    fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        data = _read_local(path)
+        return None if data is None else (data, _version_of(data))
+    with naming_errors(url, "reading"):
+        return _s3_get(fs, path)
+
+
+def write_if_version(url: str, data: bytes, expected: str | None,
+                     storage_options: dict[str, Any] | None = None) -> str | None:
+    """Write ``data`` to ``url`` only if it still holds version ``expected`` (None: only if it does not exist).
+    Returns the new version, or None when the object had changed (nothing was written)."""
+    fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        with _local_lock(path):
+            current = _read_local(path)
+            if (None if current is None else _version_of(current)) != expected:
+                return None
+            _write_local_atomic(path, lambda f: f.write(data))
+        return _version_of(data)
+    bucket, key = _s3_bucket_key(path)
+    condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+    try:
+        with naming_errors(url, "writing"):
+            resp = _s3_call(fs, "put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except OSError as e:
+        if not _s3_conflict(e):
+            raise
+        # a retried PUT whose first attempt landed also fails its precondition: then the object is ours
+        now = _s3_get(fs, path)
+        return now[1] if now is not None and now[0] == data else None
+    finally:
+        fs.invalidate_cache(path)
+    return resp["ETag"]
+
+
+def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Create ``url`` with ``data`` only if nothing is there yet (an immutable file no other writer may replace).
+    Returns its version, or None when something already was there (nothing was written). Locally the file is
+    written whole to a temp file and hard-linked to its name, which fails if the name exists."""
+    fs, path = get_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        return write_if_version(url, data, None, storage_options)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = _temp_path(directory, path)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(directory)
+    return _version_of(data)
+
+
+def delete_if_version(url: str, expected: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Delete ``url`` only if it still holds version ``expected``; False when it changed or is gone."""
+    fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        with _local_lock(path):
+            current = _read_local(path)
+            if current is None or _version_of(current) != expected:
+                return False
+            os.unlink(path)
+        return True
+    bucket, key = _s3_bucket_key(path)
+    try:
+        _s3_call(fs, "head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return False  # (S3 answers a DELETE of a missing key with success)
+    try:
+        with naming_errors(url, "removing"):
+            _s3_call(fs, "delete_object", Bucket=bucket, Key=key, IfMatch=expected)
+    except OSError as e:
+        if not _s3_conflict(e):
+            raise
+        return False
+    finally:
+        fs.invalidate_cache(path)
+    return True

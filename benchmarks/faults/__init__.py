@@ -36,6 +36,11 @@ those after which the outcome was exactly the right one):
    the signal is reported), the step is retried on `TrainingInterrupted`, the retry resumes from that checkpoint and
    the registered weights equal an uninterrupted run's bit for bit; and SIGKILL to the step process alone while 2
    ranks train leaves no rank or torchrun agent alive (`preemption.py`).
+10. writers: two runs ingesting two sources into one dataset and encoding it into one store, the second started
+    inside the first's commit window; and a zombie writer (SIGSTOPped between writing a shard and recording it, past
+    its lease, resumed once a second run took over): both runs succeed, the zombie's commit is refused, every
+    recorded row exists exactly once and the manifests name only existing shards (`writers.py`; local disk,
+    ``--trials``/2 times each).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -46,5 +51,5 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
     adversarial.py    the adversarial input corpus and its expected counts
-    kills.py … preemption.py   the campaign's sections; table.py its rows; __main__.py the command
+    kills.py … writers.py   the campaign's sections; table.py its rows; __main__.py the command
 """

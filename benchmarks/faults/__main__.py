@@ -26,11 +26,12 @@ from benchmarks.faults import (  # noqa: E402
     numerical,
     preemption,
     storage_faults,
+    writers,
 )
 from benchmarks.faults.table import Row  # noqa: E402
 
 SECTIONS = ("kills", "dagster", "atomic", "checkpoints", "storage", "numerical", "configs", "adversarial",
-            "preemption")
+            "preemption", "writers")
 
 
 def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_trials: int,
@@ -50,6 +51,7 @@ def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_tr
         "configs": lambda: configs.configs(workdir, log),
         "adversarial": lambda: adversarial.adversarial(workdir, log),
         "preemption": lambda: preemption.preemption(workdir / "preemption", max(1, trials // 2), rng, log),
+        "writers": lambda: writers.writers(workdir / "writers", max(1, trials // 2), log),
     }
     for name in SECTIONS:
         if name not in only:

@@ -136,6 +136,9 @@ class Manifest(_Data):
     """canonical source URL -> entry key -> what was ingested from it."""
     counts: Counts = Field(default_factory=Counts)
     runs: list[RunRecord] = Field(default_factory=list)
+    writer_generation: int | None = None
+    """Incremented by every writer when it takes the dataset's lease (the fence of `ldm_core.leases`: a previous
+    holder's commit fails from then on); absent in datasets written before leases."""
 
     def shard_names(self) -> list[str]:
         return [s.name for s in self.shards]
@@ -145,20 +148,29 @@ def manifest_url(dataset_url: str) -> str:
     return storage.join(dataset_url, MANIFEST_NAME)
 
 
-def read_manifest(dataset_url: str, storage_options: dict[str, Any] | None = None) -> Manifest | None:
-    """The dataset's manifest, or None when nothing has been ingested there yet."""
-    url = manifest_url(dataset_url)
-    if not storage.exists(url, storage_options):
-        return None
-    manifest = Manifest.model_validate_json(storage.read_bytes(url, storage_options))
+def parse_manifest(data: bytes, url: str) -> Manifest:
+    manifest = Manifest.model_validate_json(data)
     if manifest.format != FORMAT:
         raise ValueError(f"{url}: unknown dataset format {manifest.format!r} (this code reads {FORMAT!r})")
     return manifest
 
 
-def write_manifest(dataset_url: str, manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
+def read_manifest(dataset_url: str, storage_options: dict[str, Any] | None = None) -> Manifest | None:
+    """The dataset's manifest, or None when nothing has been ingested there yet."""
+    url = manifest_url(dataset_url)
+    if not storage.exists(url, storage_options):
+        return None
+    return parse_manifest(storage.read_bytes(url, storage_options), url)
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
     text = json.dumps(manifest.model_dump(mode="json"), indent=1, ensure_ascii=False, sort_keys=False)
-    storage.write_text_atomic(manifest_url(dataset_url), text + "\n", storage_options)
+    return (text + "\n").encode("utf-8")
+
+
+def write_manifest(dataset_url: str, manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
+    """Unconditionally (tests and tools); ingestion commits through its writer lease's fence instead."""
+    storage.write_bytes_atomic(manifest_url(dataset_url), manifest_bytes(manifest), storage_options)
 
 
 def _column_type(values: list[Any]) -> tuple[pa.DataType, list[Any]]:

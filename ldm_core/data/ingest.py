@@ -10,6 +10,12 @@ the caption the source gives it, so an image dropped for lack of a caption is re
 rerun over the same source reads nothing; a source that grew is read only for its new or changed entries, which go to
 new shards; existing shards are never rewritten. Duplicates are checked against every shard already written.
 
+Concurrent runs: a run holds the dataset's writer lease (`ldm_core.leases`) from reading the manifest to its last
+commit, so a second run into the same dataset waits and then finds the entries already ingested. Shards are created
+exclusively (a name that exists is never replaced: the next index is taken), and each manifest commit is a
+compare-and-swap fenced by the lease, so a writer that lost its lease (paused past it) fails at its next commit
+instead of dropping the rows another run recorded.
+
 Bad input never crashes a run and is never lost silently: every dropped row is counted under a reason
 (`IngestResult.bad`), every repair under an informational counter (`IngestResult.converted`,
 `IngestResult.caption_fixes`). When the dropped fraction of the rows this run examined exceeds
@@ -46,6 +52,7 @@ from ldm_core.data.sources import (
     open_source,
     redact_url,
 )
+from ldm_core.leases import FencedFile, WriterLease, pause_before_commit
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +165,12 @@ class _ShardWriter:
     """Buffers rows, writes a shard when full, then the manifest; knows which entries each flush commits."""
 
     def __init__(
-        self, output_url: str, manifest: Manifest, source_key: str, rows_per_shard: int, storage_options: Any
+        self, output_url: str, manifest: Manifest, fenced: FencedFile, source_key: str, rows_per_shard: int,
+        storage_options: Any,
     ) -> None:
         self.output_url = output_url
         self.manifest = manifest
+        self.fenced = fenced
         self.source_key = source_key
         self.rows_per_shard = rows_per_shard
         self.storage_options = storage_options
@@ -169,7 +178,8 @@ class _ShardWriter:
         # entries fully read whose rows are all written or in the buffer: committed by the next flush
         self.finished: list[tuple[SourceEntry, str]] = []
         self.new_shards: list[str] = []
-        storage.remove_stale_temp_files(output_url, storage_options)  # partial writes of a killed run
+        # partial writes of a killed run (or of a previous lease holder: its commits are fenced off by now)
+        storage.remove_stale_temp_files(output_url, storage_options)
         existing = [canonical.shard_index(n) for n in storage.list_dir(output_url, storage_options)]
         existing += [canonical.shard_index(n) for n in manifest.shard_names()]
         # never reuse a shard name, not even one an interrupted run left behind without a manifest entry
@@ -189,8 +199,11 @@ class _ShardWriter:
         if self.rows:
             table = canonical.build_table(self.rows)
             data = canonical.table_bytes(table)
+            # created exclusively: a name another writer took (even one it never recorded) is skipped, not replaced
+            while not storage.write_if_absent(storage.join(self.output_url, canonical.shard_name(self.next_index)),
+                                              data, self.storage_options):
+                self.next_index += 1
             name = canonical.shard_name(self.next_index)
-            storage.write_bytes_atomic(storage.join(self.output_url, name), data, self.storage_options)
             self.next_index += 1
             self.new_shards.append(name)
             n_val = sum(r["split"] == "validation" for r in self.rows)
@@ -217,7 +230,8 @@ class _ShardWriter:
                 known[entry.key] = EntryRecord(**entry.fingerprint, status=status)
             self.finished = []
         # the manifest follows the shard: a reader never sees a manifest naming a shard that is not there
-        canonical.write_manifest(self.output_url, self.manifest, self.storage_options)
+        pause_before_commit()
+        self.fenced.commit(canonical.manifest_bytes(self.manifest))
 
 
 def _existing_hashes(output_url: str, manifest: Manifest, storage_options: Any) -> set[str]:
@@ -246,7 +260,21 @@ def ingest(config: IngestConfig, output_url: str, storage_options: dict[str, Any
     )
     source_key = canonical_source_url(config.source, src_opts)
     storage.makedirs(output_url, storage_options)
-    manifest = canonical.read_manifest(output_url, storage_options) or Manifest()
+    with WriterLease(output_url, storage_options) as lease:
+        return _ingest(config, source, source_key, output_url, storage_options, lease, started)
+
+
+def _stamped(raw: bytes | None, url: str) -> Manifest:
+    manifest = canonical.parse_manifest(raw, url) if raw is not None else Manifest()
+    manifest.writer_generation = (manifest.writer_generation or 0) + 1
+    return manifest
+
+
+def _ingest(config: IngestConfig, source: Source, source_key: str, output_url: str, storage_options: Any,
+            lease: WriterLease, started: str) -> IngestResult:
+    """`ingest` under the dataset's writer lease: everything from reading the manifest to the last commit."""
+    fenced = FencedFile(canonical.manifest_url(output_url), lease, storage_options)
+    manifest = fenced.fence(lambda raw: _stamped(raw, fenced.url), canonical.manifest_bytes)
     known = manifest.sources.get(source_key, {})
     entries = source.entries()
     new_entries = [
@@ -264,7 +292,7 @@ def ingest(config: IngestConfig, output_url: str, storage_options: dict[str, Any
     )
 
     seen = _existing_hashes(output_url, manifest, storage_options) if new_entries else set()
-    writer = _ShardWriter(output_url, manifest, source_key, config.rows_per_shard, storage_options)
+    writer = _ShardWriter(output_url, manifest, fenced, source_key, config.rows_per_shard, storage_options)
     bad: Counter[str] = Counter()
     converted: Counter[str] = Counter()
     caption_fixes: Counter[str] = Counter()

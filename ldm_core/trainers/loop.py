@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,13 @@ class TrainingLoop:
         self.tc, self.setup = tc, run
         sampler = run.sampler(len(data), tc.seed)
         self.checkpoints = run.checkpoints(tc, checkpoint_dir, storage_options)
+        if self.checkpoints is not None:
+            if run.rank == 0:  # the one rank that writes holds the directory for the whole run (`checkpoint`)
+                self.checkpoints.acquire()
+                # released when the run ends, or when the loop is dropped after an error (else the lease's
+                # heartbeat would keep a dead run's directory locked for as long as this process lives)
+                weakref.finalize(self, self.checkpoints.release)
+            distributed.barrier()  # every rank reads the checkpoint the lease holder found, not an older one
         self.guard = NonFiniteGuard(tc.max_nonfinite_steps)
         self.state = RunState(run_config, model_key, parts, run.gen, self.guard)
         self.step, position, self.resumed_from = self.state.resume_latest(self.checkpoints, checkpoint_dir, what)
@@ -64,6 +72,16 @@ class TrainingLoop:
         """Step until ``trainer.steps`` (``train_step`` takes the 0-based step); False when ``should_stop`` ended
         the run early, after a checkpoint (resume later). Every rank returns once rank 0's last checkpoint is
         committed."""
+        try:
+            return self._run(train_step, tracker, meter, rate_name=rate_name, should_stop=should_stop,
+                             images=images, image_every=image_every)
+        finally:
+            if self.checkpoints is not None:
+                self.checkpoints.release()
+
+    def _run(self, train_step: Callable[[int], StepOutput], tracker: Tracker, meter: ThroughputMeter, *,
+             rate_name: str, should_stop: Callable[[int], bool] | None, images: Callable[[int], None] | None,
+             image_every: int) -> bool:
         tc, rank = self.tc, self.setup.rank
         finished = True
         while self.step < tc.steps:

@@ -313,19 +313,13 @@ def test_resume_after_a_crash_between_shards_and_inside_one(dataset_url, fp32_st
     assert len(LatentStore(url).shards) == 2
 
     # second crash: the third shard's arrays are written, but the run dies before recording it
-    real_write = store_writer.write_metadata
-    calls = {"n": 0}
+    def die_before_recording(writer):
+        raise _Crash
 
-    def dying_write(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise _Crash
-        real_write(*a, **kw)
-
-    monkeypatch.setattr(store_writer, "write_metadata", dying_write)
+    monkeypatch.setattr(store_writer.LatentStoreWriter, "_commit", die_before_recording)
     with pytest.raises(_Crash):
         encode_dataset(dataset_url, url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
-    monkeypatch.setattr(store_writer, "write_metadata", real_write)
+    monkeypatch.undo()
     on_disk = storage.list_dir(os.path.join(url, "shards"))
     recorded = {s.name for s in LatentStore(url).shards}
     assert len(on_disk) == 3 and len(recorded) == 2, "a partial shard is left behind, not recorded"
@@ -482,14 +476,8 @@ def _as_old_store(url: str, old_url: str) -> None:
                                        "validation_rows": 0, "attribute_columns": []})
     ctx, mask, _ = store.uncond()
     cfg = _cfg(backend=meta.backend, dtype=meta.dtype)
-    writer = LatentStoreWriter.open(old_url, template, cfg, (ctx, mask))
-    for k, record in enumerate(store.shards):
-        arrays = store.format.read(store.shard_url(k), ("latents", "logvar", "context", "context_mask"), None)
-        rows = store.format.read_row_table(store.shard_url(k), None)
-        cols = backends.ShardColumns(
-            arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows
-        )
-        writer.write_shard(record.source, cols, source_rows=record.source_rows, source_bytes=record.source_bytes)
+    with LatentStoreWriter.open(old_url, template, cfg, (ctx, mask)) as writer:
+        _copy_shards(store, writer)
     path = os.path.join(old_url, schema.METADATA_NAME)
     with open(path) as f:
         doc = json.load(f)
@@ -498,6 +486,16 @@ def _as_old_store(url: str, old_url: str) -> None:
         s.pop("pooled")
     with open(path, "w") as f:
         json.dump(doc, f)
+
+
+def _copy_shards(store: LatentStore, writer: LatentStoreWriter) -> None:
+    for k, record in enumerate(store.shards):
+        arrays = store.format.read(store.shard_url(k), ("latents", "logvar", "context", "context_mask"), None)
+        rows = store.format.read_row_table(store.shard_url(k), None)
+        cols = backends.ShardColumns(
+            arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows
+        )
+        writer.write_shard(record.source, cols, source_rows=record.source_rows, source_bytes=record.source_bytes)
 
 
 def _ldm_config(denoiser: dict):
@@ -536,7 +534,7 @@ def test_a_store_without_pooled_vectors_loads_and_encoding_adds_them(dataset_url
     def kill(done: int, todo: int) -> None:
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), writer:
         writer.add_pooled(text, progress=kill)
     meta = schema.read_metadata(old_url)
     assert meta.pooled_dim is None and [s.pooled for s in meta.shards] == [True, False, False, False]

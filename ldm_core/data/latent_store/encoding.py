@@ -120,6 +120,17 @@ def encode_dataset(
     empty = text_encoder.empty()
     writer = LatentStoreWriter.open(store_url, template, config, (empty.embeddings, empty.mask, empty.pooled),
                                     storage_options)
+    with writer:  # holds the store's writer lease until the last commit
+        return _encode_into(writer, dataset_url, store_url, manifest, vae, text_encoder, config, split=split,
+                            storage_options=storage_options, device=device, progress=progress, started=started,
+                            t0=t0)
+
+
+def _encode_into(writer: LatentStoreWriter, dataset_url: str, store_url: str, manifest: canonical.Manifest,
+                 vae: torch.nn.Module, text_encoder: TextEncoder, config: LatentStoreConfig, *, split: str | None,
+                 storage_options: dict[str, Any] | None, device: str | torch.device,
+                 progress: Callable[[EncodeProgress], None] | None, started: str, t0: float) -> EncodeResult:
+    """`encode_dataset` once the store is open (and its lease held): the shards the store does not have yet."""
     # a store written before pooled vectors were cached gets them first, so that every shard is alike afterwards
     pooled_rows_added = writer.add_pooled(text_encoder)
 

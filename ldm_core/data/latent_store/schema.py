@@ -37,6 +37,10 @@ SHARDS_DIR = "shards"
 SHARD_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<token>[0-9a-f]{8})\.(?P<ext>zarr|parquet)$")
 
 
+SHARD_GENERATION_RE = re.compile(r"-g(?P<generation>\d+)-[0-9a-f]{8}\.(zarr|parquet)$")
+"""The writer generation in a shard's name (``shard-00000-g3-1a2b3c4d.zarr``); names from before leases lack it."""
+
+
 TENSOR_FIELDS = ("latents", "logvar", "context", "context_mask", "pooled")
 
 
@@ -137,6 +141,9 @@ class LatentStoreMetadata(_Data):
     shards: list[StoreShard] = Field(default_factory=list)
     runs: list[EncodeRun] = Field(default_factory=list)
     created_at: str = ""
+    writer_generation: int | None = None
+    """Incremented by every writer when it takes the store's lease (the fence of `ldm_core.leases`), and part of
+    the names of the shards it writes; absent in stores written before leases."""
 
     def shard_by_source(self) -> dict[str, StoreShard]:
         return {s.source: s for s in self.shards}
@@ -200,15 +207,23 @@ def read_metadata(store_url: str, storage_options: dict[str, Any] | None = None)
     url = metadata_url(store_url)
     if not storage.exists(url, storage_options):
         return None
-    meta = LatentStoreMetadata.model_validate_json(storage.read_bytes(url, storage_options))
+    return parse_metadata(storage.read_bytes(url, storage_options), url)
+
+
+def parse_metadata(data: bytes, url: str) -> LatentStoreMetadata:
+    meta = LatentStoreMetadata.model_validate_json(data)
     if meta.format != FORMAT:
         raise ValueError(f"{url}: unknown latent store format {meta.format!r} (this code reads {FORMAT!r})")
     return meta
 
 
+def metadata_bytes(meta: LatentStoreMetadata) -> bytes:
+    return (json.dumps(meta.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_metadata(store_url: str, meta: LatentStoreMetadata, storage_options: dict[str, Any] | None) -> None:
-    text = json.dumps(meta.model_dump(mode="json"), indent=1, ensure_ascii=False)
-    storage.write_text_atomic(metadata_url(store_url), text + "\n", storage_options)
+    """Unconditionally (tools and tests); `LatentStoreWriter` commits through its writer lease's fence instead."""
+    storage.write_bytes_atomic(metadata_url(store_url), metadata_bytes(meta), storage_options)
 
 
 _UNCOND_KEYS = ("context", "mask", "pooled")

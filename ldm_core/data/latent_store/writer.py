@@ -1,5 +1,11 @@
 """Writing a latent store: every shard written completely, atomically, before the metadata names it; adding pooled
-text vectors to a store written before they were cached."""
+text vectors to a store written before they were cached.
+
+One writer at a time: `LatentStoreWriter.open` takes the store's writer lease (`ldm_core.leases`) and holds it
+until `close`; it bumps the metadata's ``writer_generation`` (the fence) and commits the metadata only by
+compare-and-swap, so a writer that lost the lease (a zombie) fails at its next commit. Shards are named with the
+writer's generation (``<source stem>-g<generation>-<random>.<ext>``) and a writer removes only orphans of earlier
+generations: a zombie that resumes its cleanup can never delete a shard the live writer has not recorded yet."""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from ldm_core.data.latent_store.backends import (
 )
 from ldm_core.data.latent_store.schema import (
     IDENTITY_FIELDS,
+    SHARD_GENERATION_RE,
     SHARD_NAME_RE,
     SHARDS_DIR,
     TENSOR_FIELDS,
@@ -32,13 +39,15 @@ from ldm_core.data.latent_store.schema import (
     LatentStoreMetadata,
     LatentStoreMismatchError,
     StoreShard,
-    read_metadata,
+    metadata_bytes,
+    metadata_url,
+    parse_metadata,
     read_uncond,
     utc_now,
-    write_metadata,
     write_uncond,
 )
 from ldm_core.data.sources import redact_url
+from ldm_core.leases import FencedFile, WriterLease, pause_before_commit
 from ldm_core.text_encoder import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -49,54 +58,92 @@ class LatentStoreWriter:
 
     `encode_dataset` uses it; so can anything that produces latents some other way (the loader benchmark writes
     random tensors through it). ``open`` creates the store, or checks that an existing one was built by the same
-    autoencoder, text encoder and format.
+    autoencoder, text encoder and format; it holds the store's writer lease until `close` (or the ``with`` block
+    ends).
     """
 
     def __init__(self, store_url: str, metadata: LatentStoreMetadata, config: LatentStoreConfig,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, fenced: FencedFile | None = None):
+        """``fenced``: the metadata under this writer's lease, as `open` makes it; None takes the lease of the
+        existing store here (``metadata`` is then re-read under it)."""
+        if fenced is None:
+            def existing(raw: bytes | None, url: str) -> LatentStoreMetadata:
+                if raw is None:
+                    raise FileNotFoundError(f"no latent store at {redact_url(store_url)}")
+                return parse_metadata(raw, url)
+
+            fenced, metadata = _take(store_url, storage_options, existing)
         self.url, self.metadata, self.config, self.storage_options = store_url, metadata, config, storage_options
+        self.fenced, self.lease = fenced, fenced.lease
         self.format = SHARD_FORMATS[metadata.backend]
+        try:
+            self.remove_orphans()
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def open(cls, store_url: str, template: LatentStoreMetadata, config: LatentStoreConfig,
              uncond: tuple[torch.Tensor, ...],
-             storage_options: dict[str, Any] | None = None) -> LatentStoreWriter:
+             storage_options: dict[str, Any] | None = None, lease: WriterLease | None = None) -> LatentStoreWriter:
         """Open ``store_url`` for adding shards described by ``template`` (identities, shapes, format; no shards).
 
         uncond: the empty prompt's (context (1, L, D), mask (1, L), pooled (1, D_pool)), written when the store is
         created; pooled is left out exactly when ``template.pooled_dim`` is None (a store without pooled vectors).
-        An existing store without pooled vectors stays so until `add_pooled`.
+        An existing store without pooled vectors stays so until `add_pooled`. Waits for (then refuses) another
+        live writer of the store (`ldm_core.leases.LeaseHeldError`); ``lease``: one made by the caller (its own
+        ttl, wait or clock), not yet acquired.
         """
         if (len(uncond) == 3) != (template.pooled_dim is not None):
             raise ValueError(f"uncond must be (context, mask, pooled) when pooled_dim is set, (context, mask) when "
                              f"it is None; got {len(uncond)} tensors for pooled_dim={template.pooled_dim}")
-        existing = read_metadata(store_url, storage_options)
-        if existing is None:
-            storage.makedirs(store_url, storage_options)
-            write_uncond(store_url, uncond, storage_options)
-            meta = template.model_copy(deep=True, update={"created_at": utc_now(), "shards": [], "runs": []})
-            write_metadata(store_url, meta, storage_options)  # identities are fixed from the first moment on
-        else:
-            _check_compatible(store_url, existing, template)
-            meta = existing
-        writer = cls(store_url, meta, config, storage_options)
-        writer.remove_orphans()
-        return writer
+        def load(raw: bytes | None, url: str) -> LatentStoreMetadata:
+            if raw is None:
+                write_uncond(store_url, uncond, storage_options)  # before the metadata that names the store
+                return template.model_copy(deep=True, update={"created_at": utc_now(), "shards": [], "runs": []})
+            meta = parse_metadata(raw, url)
+            _check_compatible(store_url, meta, template)
+            return meta
+
+        # identities are fixed from the first moment on
+        fenced, meta = _take(store_url, storage_options, load, lease)
+        return cls(store_url, meta, config, storage_options, fenced)
+
+    def close(self) -> None:
+        """Give the store's writer lease back (another writer may open the store)."""
+        self.lease.release()
+
+    def __enter__(self) -> LatentStoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _commit(self) -> None:
+        # the metadata follows the shards: a reader never sees a record of a shard that is not all there
+        self.fenced.commit(metadata_bytes(self.metadata))
 
     def shard_url(self, name: str) -> str:
         return storage.join(self.url, SHARDS_DIR, name)
 
     def _new_shard_name(self, source: str) -> str:
-        return f"{posixpath.splitext(source)[0]}-{secrets.token_hex(4)}.{self.format.ext}"
+        generation = self.metadata.writer_generation or 0
+        return f"{posixpath.splitext(source)[0]}-g{generation}-{secrets.token_hex(4)}.{self.format.ext}"
 
     def remove_orphans(self) -> list[str]:
-        """Delete shard objects the metadata does not name (left by a run killed before recording them)."""
+        """Delete shard objects the metadata does not name, left by a run killed (or a writer fenced off) before
+        recording them: only those of earlier writer generations, never one a later (live) writer may record."""
         known = {s.name for s in self.metadata.shards if s.name}
+        generation = self.metadata.writer_generation or 0
         removed = []
         for name in storage.list_dir(storage.join(self.url, SHARDS_DIR), self.storage_options):
-            if SHARD_NAME_RE.match(name) and name not in known:
-                storage.remove(self.shard_url(name), self.storage_options, recursive=True)
-                removed.append(name)
+            if not SHARD_NAME_RE.match(name) or name in known:
+                continue
+            m = SHARD_GENERATION_RE.search(name)
+            if m is not None and int(m.group("generation")) >= generation:
+                continue  # this writer's own, or a later writer's: not an orphan of ours to delete
+            storage.remove(self.shard_url(name), self.storage_options, recursive=True)
+            removed.append(name)
         if removed:
             log.info("removed %d incomplete shard(s) of an interrupted run: %s", len(removed), removed)
         # and the partial temp files of atomic writes (Parquet shards, the metadata) a kill left behind
@@ -140,13 +187,13 @@ class LatentStoreWriter:
         for a in attribute_names(cols.rows):
             if a not in meta.attribute_columns:
                 meta.attribute_columns.append(a)
-        # the metadata follows the shard: a reader never sees a record of a shard that is not all there
-        write_metadata(self.url, meta, self.storage_options)
+        pause_before_commit()
+        self._commit()
         return record
 
     def record_run(self, run: EncodeRun) -> None:
         self.metadata.runs.append(run)
-        write_metadata(self.url, self.metadata, self.storage_options)
+        self._commit()
 
     def add_pooled(self, text_encoder: TextEncoder, progress: Callable[[int, int], None] | None = None) -> int:
         """Give a store written before pooled vectors were cached (``pooled_dim`` None) its ``pooled`` field and a
@@ -183,15 +230,16 @@ class LatentStoreWriter:
                                                                                    self.storage_options)})
                 rows_done += record.rows
             meta.shards[i] = record.model_copy(update={"pooled": True})
-            write_metadata(self.url, meta, self.storage_options)  # the swap: readers now open the new shard
+            self._commit()  # the swap: readers now open the new shard
             if old_name is not None:
                 storage.remove(old_url, self.storage_options, recursive=True)
             if progress is not None:
                 progress(done, len(todo))
         context, mask = read_uncond(self.url, self.storage_options)[:2]
+        self.lease.assert_held()
         write_uncond(self.url, (context, mask, text_encoder.empty().pooled), self.storage_options)
         meta.pooled_dim = text_encoder.pooled_dim  # last: from here on readers see (and read) the pooled field
-        write_metadata(self.url, meta, self.storage_options)
+        self._commit()
         return rows_done
 
     def _check_shapes(self, cols: ShardColumns) -> None:
@@ -214,6 +262,27 @@ class LatentStoreWriter:
                 raise ValueError(f"{k}: expected {shape} {expected}, got {tuple(got[k].shape)} {got[k].dtype}")
         if cols.rows.num_rows != n or not set(ROW_COLUMNS) <= set(cols.rows.column_names):
             raise ValueError(f"rows must be a table of {n} rows with columns {ROW_COLUMNS} (+ attributes)")
+
+
+def _take(store_url: str, storage_options: dict[str, Any] | None,
+          load: Callable[[bytes | None, str], LatentStoreMetadata],
+          lease: WriterLease | None = None) -> tuple[FencedFile, LatentStoreMetadata]:
+    """Take the store's writer lease and fence its metadata (``load`` parses it, or makes it for a new store): from
+    here on an earlier holder cannot commit. The lease is given back if this fails."""
+    storage.makedirs(store_url, storage_options)
+    lease = (lease or WriterLease(store_url, storage_options)).acquire()
+    fenced = FencedFile(metadata_url(store_url), lease, storage_options)
+
+    def stamp(raw: bytes | None) -> LatentStoreMetadata:
+        meta = load(raw, fenced.url)
+        meta.writer_generation = (meta.writer_generation or 0) + 1
+        return meta
+
+    try:
+        return fenced, fenced.fence(stamp, metadata_bytes)
+    except BaseException:
+        lease.release()
+        raise
 
 
 def _size_of(url: str, storage_options: dict[str, Any] | None) -> int:
