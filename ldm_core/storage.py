@@ -192,10 +192,12 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None, max_byte
     if not isinstance(fs, LocalFileSystem):
         # one GET of the current object: fs.open would check it against an ETag cached by an earlier read, and
         # fail (FileExpired) on a manifest another writer has committed since
+        # (a ranged GET of at most max_bytes + 1 bytes when there is a limit)
         with naming_errors(url, "reading"):
-            return fs.cat_file(path)
-    with naming_errors(url, "reading"), fs.open(path, "rb") as f:
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+            data = fs.cat_file(path) if max_bytes is None else fs.cat_file(path, start=0, end=max_bytes + 1)
+    else:
+        with naming_errors(url, "reading"), fs.open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
         raise TooLarge(f"{redact_url(url)}: more than {max_bytes} bytes")
     return data
