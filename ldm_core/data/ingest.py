@@ -34,6 +34,7 @@ from ldm_core.data import canonical
 from ldm_core.data.canonical import EntryRecord, Manifest, RunRecord, ShardInfo
 from ldm_core.data.captions import CaptionPolicy, clean_caption
 from ldm_core.data.images import ImageRejected, clean_image
+from ldm_core.data.integrity import sha256_hex
 from ldm_core.data.sources import Source, SourceEntry, UnreadableEntry, canonical_source_url, open_source, redact_url
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ class _ShardWriter:
                 train_rows=len(self.rows) - n_val,
                 validation_rows=n_val,
                 bytes=len(data),
+                sha256=sha256_hex(data),
             )
             m = self.manifest
             m.shards.append(info)
