@@ -26,6 +26,9 @@ those after which the outcome was exactly the right one):
    data that turns NaN for good stops the run with the last good checkpoint intact and resumable.
 7. configs: every bad field of `bad_configs.py` fails validation naming its field; `ldm demo` and a
    `dagster job execute` with a bad config fail before any work.
+8. bitrot: a dataset shard or a latent store shard (Zarr, Parquet) flipped, truncated, replaced by another valid
+   file, or (Zarr) missing a file after it was written: every reader refuses it naming the shard; a clean copy
+   reads whole; and the check's cost on the first load of an SD-like store (`bitrot.py`).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -35,5 +38,5 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     injectors.py      faults injected in process: poisoned data, a failure after a checkpoint, a torn-write loop
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
-    kills.py … configs.py   the campaign's sections; table.py its rows; __main__.py the command
+    kills.py … bitrot.py    the campaign's sections; table.py its rows; __main__.py the command
 """

@@ -17,10 +17,10 @@ import torch  # noqa: E402  (after the thread count is set)
 
 import benchmarks.faults  # noqa: E402
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
-from benchmarks.faults import atomic, checkpoints, configs, kills, numerical, storage_faults  # noqa: E402
+from benchmarks.faults import atomic, bitrot, checkpoints, configs, kills, numerical, storage_faults  # noqa: E402
 from benchmarks.faults.table import Row  # noqa: E402
 
-SECTIONS = ("kills", "dagster", "atomic", "checkpoints", "storage", "numerical", "configs")
+SECTIONS = ("kills", "dagster", "atomic", "checkpoints", "storage", "numerical", "configs", "bitrot")
 
 
 def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_trials: int,
@@ -38,6 +38,7 @@ def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_tr
         "storage": lambda: storage_faults.storage_faults(workdir, log),
         "numerical": lambda: numerical.numerical(workdir / "numerical", log),
         "configs": lambda: configs.configs(workdir, log),
+        "bitrot": lambda: bitrot.bitrot(workdir / "bitrot", rng, log),
     }
     for name in SECTIONS:
         if name not in only:

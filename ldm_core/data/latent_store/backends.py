@@ -152,9 +152,10 @@ class _ZarrShards:
         return checksums
 
     @staticmethod
-    def verify(url: str, checksums: Checksums, fields: Sequence[str], storage_options: dict[str, Any] | None) -> None:
-        """Read the group's own files and those of ``fields``' arrays and check each against its recorded sha256
-        (`CorruptShardError` at the first that differs or is missing)."""
+    def fetch_verified(url: str, checksums: Checksums, fields: Sequence[str],
+                       storage_options: dict[str, Any] | None) -> dict[str, bytes]:
+        """The group's own files and those of ``fields``' arrays, each checked against its recorded sha256
+        (`CorruptShardError` at the first that differs or is missing): path in the group -> bytes."""
         wanted = sorted(rel for rel in checksums if "/" not in rel or rel.split("/", 1)[0] in fields)
         fs, root = storage.get_fs(url, storage_options)
         paths = [posixpath.join(root, rel) for rel in wanted]
@@ -162,14 +163,17 @@ class _ZarrShards:
             # one concurrent batch of GETs on an object store (exceptions returned, not raised: a missing chunk
             # is corruption, named as such)
             got = fs.cat(paths, on_error="return") if paths else {}
+        files = {}
         for rel, path in zip(wanted, paths):
             data = got.get(path, got.get(fs._strip_protocol(path)))
-            if data is None or isinstance(data, BaseException):
-                if data is not None and not isinstance(data, FileNotFoundError):
-                    raise data
+            if data is None or isinstance(data, FileNotFoundError):
                 raise _corrupt(url, f"its file {rel} is missing")
+            if isinstance(data, BaseException):
+                raise data
             if (why := mismatch(data, checksums[rel])) is not None:
                 raise _corrupt(url, f"its file {rel}: {why}")
+            files[rel] = data
+        return files
 
     def _write_group(self, path: str, cols: ShardColumns, cfg: LatentStoreConfig) -> None:
         import zarr
@@ -199,12 +203,20 @@ class _ZarrShards:
             zarr.consolidate_metadata(group.store)
 
     def _read_arrays(
-        self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None
+        self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
+        checksums: Checksums | None = None,
     ) -> dict[str, np.ndarray]:
         import zarr.api.asynchronous as za
+        import zarr.storage
+        from zarr.core.buffer import cpu
         from zarr.core.sync import sync
 
-        store = self._store(url, storage_options, read_only=True)
+        if checksums is not None:
+            # the checked bytes are the ones decoded: a checked read costs a hash, not a second read
+            files = self.fetch_verified(url, checksums, fields, storage_options)
+            store = zarr.storage.MemoryStore({k: cpu.Buffer.from_bytes(v) for k, v in files.items()}, read_only=True)
+        else:
+            store = self._store(url, storage_options, read_only=True)
 
         async def read() -> dict[str, np.ndarray]:
             # all arrays of the shard requested at once: one round trip of latency, not one per array
@@ -218,10 +230,8 @@ class _ZarrShards:
 
     def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
              checksums: Checksums | None = None) -> dict[str, np.ndarray]:
-        """The arrays of ``fields``; with ``checksums``, their files are checked first (one more read of them)."""
-        if checksums is not None:
-            self.verify(url, checksums, fields, storage_options)
-        return self._read_arrays(url, fields, storage_options)
+        """The arrays of ``fields``; with ``checksums``, decoded from their files once these are checked."""
+        return self._read_arrays(url, fields, storage_options, checksums)
 
     def read_rows(self, url: str, storage_options: dict[str, Any] | None,
                   checksums: Checksums | None = None) -> list[dict[str, Any]]:
@@ -230,9 +240,10 @@ class _ZarrShards:
         return [{"id": i, "caption": c, "split": s, **json.loads(a)}
                 for i, c, s, a in zip(cols["id"], cols["caption"], cols["split"], cols["attributes"])]
 
-    def read_row_table(self, url: str, storage_options: dict[str, Any] | None) -> pa.Table:
+    def read_row_table(self, url: str, storage_options: dict[str, Any] | None,
+                       checksums: Checksums | None = None) -> pa.Table:
         """The rows as a table (attributes are JSON here: a row without one reads as null, as readers see it)."""
-        return pa.Table.from_pylist(self.read_rows(url, storage_options))
+        return pa.Table.from_pylist(self.read_rows(url, storage_options, checksums))
 
 
 class _ParquetShards:
