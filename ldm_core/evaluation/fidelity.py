@@ -61,9 +61,10 @@ class FidelityThresholds(StrictModel):
     """Floor (dB) of the mean PSNR of the 10% worst-reconstructed images."""
     max_channel_shift: float | None = Field(8.0, ge=0)
     """Bound (0–255 levels) on each RGB channel's mean shift between originals and reconstructions."""
-    max_foreground_shift: float | None = Field(20.0, ge=0)
+    max_foreground_shift: float | None = Field(40.0, ge=0)
     """Bound (0–255 levels, RGB length) on the worst-decile foreground shift: how far the colour of what stands out
-    from the background moved off its line to the background. A hue decoded as another moves it; blur does not."""
+    from the background moved off its line to the background. A hue decoded as another moves it; blur does not;
+    a trained autoencoder's small hue errors do, by less than half this (README, "The demo's recipe")."""
 
 
 @dataclass(frozen=True)
