@@ -46,8 +46,8 @@ def vae_reconstruction_psnr(context: dg.AssetCheckExecutionContext) -> dg.AssetC
 
 @dg.asset_check(asset="vae_model", blocking=True,
                 description="Held-out reconstructions keep every colour (per colour class where the data has one), "
-                            "their worst decile stays above a PSNR floor and no RGB channel shifts: failures a mean "
-                            "PSNR hides.")
+                            "their worst decile stays above a PSNR floor, no RGB channel shifts, and what stands out "
+                            "from the background keeps its colour: failures a mean PSNR hides.")
 def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     read = read_upstream(context, "vae_model")
     md = read.metadata
@@ -57,6 +57,8 @@ def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.As
     metadata = {
         "worst_decile_psnr": fidelity["worst_decile_psnr"],
         "channel_shift": dg.MetadataValue.json(fidelity["channel_shift"]),
+        **({"worst_decile_foreground_shift": fidelity["worst_decile_foreground_shift"]}
+           if fidelity.get("worst_decile_foreground_shift") is not None else {}),
         **{f"{name}_accuracy": c["accuracy"] for name, c in classes.items()},
         "thresholds": dg.MetadataValue.json(md["fidelity_thresholds"]),
         **lineage_metadata(read),

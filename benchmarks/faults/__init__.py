@@ -41,6 +41,9 @@ those after which the outcome was exactly the right one):
     its lease, resumed once a second run took over): both runs succeed, the zombie's commit is refused, every
     recorded row exists exactly once and the manifests name only existing shards (`writers.py`; local disk,
     ``--trials``/2 times each).
+11. bitrot: a dataset shard or a latent store shard (Zarr, Parquet) flipped, truncated, replaced by another valid
+    file, or (Zarr) missing a file after it was written: every reader refuses it naming the shard; a clean copy
+    reads whole; and the check's cost on the first load of an SD-like store (`bitrot.py`).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -51,5 +54,5 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
     adversarial.py    the adversarial input corpus and its expected counts
-    kills.py … writers.py   the campaign's sections; table.py its rows; __main__.py the command
+    kills.py … bitrot.py    the campaign's sections; table.py its rows; __main__.py the command
 """

@@ -20,6 +20,7 @@ from benchmarks.common import machine_info, print_table, write_json  # noqa: E40
 from benchmarks.faults import (  # noqa: E402
     adversarial,
     atomic,
+    bitrot,
     checkpoints,
     configs,
     kills,
@@ -31,7 +32,7 @@ from benchmarks.faults import (  # noqa: E402
 from benchmarks.faults.table import Row  # noqa: E402
 
 SECTIONS = ("kills", "dagster", "atomic", "checkpoints", "storage", "numerical", "configs", "adversarial",
-            "preemption", "writers")
+            "preemption", "writers", "bitrot")
 
 
 def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_trials: int,
@@ -52,6 +53,7 @@ def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_tr
         "adversarial": lambda: adversarial.adversarial(workdir, log),
         "preemption": lambda: preemption.preemption(workdir / "preemption", max(1, trials // 2), rng, log),
         "writers": lambda: writers.writers(workdir / "writers", max(1, trials // 2), log),
+        "bitrot": lambda: bitrot.bitrot(workdir / "bitrot", rng, log),
     }
     for name in SECTIONS:
         if name not in only:

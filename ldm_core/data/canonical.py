@@ -10,7 +10,8 @@ Layout under the dataset URL::
 
 The manifest is the truth: a shard file it does not list (left by a run killed between writing the shard and
 the manifest) is ignored by readers and never overwritten; its rows are ingested again into a new shard.
-Shards are immutable once written.
+Shards are immutable once written: the manifest records each one's sha256, and `read_shard` given its `ShardInfo`
+refuses a shard whose bytes changed since (`ldm_core.data.integrity`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldm_core import storage
+from ldm_core.data.integrity import CorruptShardError, mismatch
 
 FORMAT = "ldm-image-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -88,6 +90,8 @@ class ShardInfo(_Data):
     train_rows: int
     validation_rows: int
     bytes: int
+    sha256: str | None = None
+    """Of the shard file as written; None in manifests written before it was recorded (read unchecked)."""
 
 
 class EntryRecord(_Data):
@@ -214,10 +218,20 @@ def read_shard(
     name: str,
     columns: list[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    *,
+    verify: ShardInfo | None = None,
 ) -> pa.Table:
-    """One shard (or some of its columns)."""
-    with storage.open_url(storage.join(dataset_url, name), "rb", storage_options) as f:
-        return pq.read_table(f, columns=columns)
+    """One shard (or some of its columns). ``verify``: the shard's manifest record; the whole file is read and
+    checked against its recorded size and sha256 (`CorruptShardError` when they differ; unchecked when the record
+    has no sha256)."""
+    url = storage.join(dataset_url, name)
+    if verify is None or verify.sha256 is None:
+        with storage.open_url(url, "rb", storage_options) as f:
+            return pq.read_table(f, columns=columns)
+    data = storage.read_bytes(url, storage_options)
+    if (why := mismatch(data, verify.sha256, verify.bytes)) is not None:
+        raise CorruptShardError("dataset", name, url, why, "ingest the source again into a new dataset URL")
+    return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
 def shard_columns(dataset_url: str, name: str, storage_options: dict[str, Any] | None = None) -> list[str]:

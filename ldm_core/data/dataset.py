@@ -5,10 +5,15 @@ Only the small columns (caption, size, attributes, …) are loaded up front. Ima
 time, when an index in that shard is first asked for, and kept (all shards by default, or the most recently used
 ``max_cached_shards``); they are decoded on every access unless ``cache_decoded=True``, which keeps the model-ready
 tensors (fine for the tiny embedded datasets, not for real ones).
+
+Bit rot is refused (`ldm_core.data.integrity`): opening checks each shard's size against the manifest, and the
+first time a shard's images are fetched in a process the whole file is read and its sha256 checked (the image
+column is most of a shard, so this costs one hash, not another read).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -19,8 +24,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm_core import storage
 from ldm_core.data import canonical
 from ldm_core.data.images import decode_rgb
+from ldm_core.data.integrity import CorruptShardError
+
+log = logging.getLogger(__name__)
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -72,13 +81,27 @@ class ImageShardDataset(Dataset):
         self.max_cached_shards = max_cached_shards
         self.attribute_names: list[str] = list(manifest.attribute_columns)
         self._shards: list[str] = manifest.shard_names()
+        self._infos: list[canonical.ShardInfo] = list(manifest.shards)
+        self._verified: set[int] = set()  # shards whose sha256 this process has checked
+        self.unchecked_shards = sum(info.sha256 is None for info in self._infos)
+        """Shards of a manifest written before sha256s were recorded: read without a check."""
+        if self.unchecked_shards:
+            log.warning("%d of %d shards of %s have no recorded sha256 (written before it was recorded): they are "
+                        "read unchecked", self.unchecked_shards, len(self._infos), storage.redact_url(url))
         # per selected row: (shard number, row within the shard) and its small columns
         self._where: list[tuple[int, int]] = []
         self._meta: list[dict[str, Any]] = []
         for k, name in enumerate(self._shards):
-            present = canonical.shard_columns(url, name, storage_options)
-            columns = [c for c in present if c != "image"]
-            table = canonical.read_shard(url, name, columns=columns, storage_options=storage_options)
+            _check_size(url, self._infos[k], storage_options)
+            try:
+                present = canonical.shard_columns(url, name, storage_options)
+                columns = [c for c in present if c != "image"]
+                table = canonical.read_shard(url, name, columns=columns, storage_options=storage_options)
+            except Exception as e:
+                # a shard that does not parse: bit rot when its sha256 says so (then named as such), else as it is
+                if self._infos[k].sha256 is not None:
+                    canonical.read_shard(url, name, columns=[], storage_options=storage_options, verify=self._infos[k])
+                raise e
             for j, row in enumerate(table.to_pylist()):
                 if split is None or row["split"] == split:
                     for a in self.attribute_names:
@@ -109,7 +132,10 @@ class ImageShardDataset(Dataset):
         if k in self._images:
             self._images.move_to_end(k)
             return self._images[k]
-        table = canonical.read_shard(self.url, self._shards[k], columns=["image"], storage_options=self.storage_options)
+        info = None if k in self._verified else self._infos[k]
+        table = canonical.read_shard(self.url, self._shards[k], columns=["image"], storage_options=self.storage_options,
+                                     verify=info)
+        self._verified.add(k)
         images = table.column("image").combine_chunks()
         self._images[k] = images
         if self.max_cached_shards is not None:
@@ -147,3 +173,14 @@ class ImageShardDataset(Dataset):
         state["_images"] = OrderedDict()
         state["_decoded"] = {} if not self.cache_decoded else dict(self._decoded)
         return state
+
+
+def _check_size(url: str, info: canonical.ShardInfo, storage_options: dict[str, Any] | None) -> None:
+    """A truncated or replaced shard is refused at open already (one stat, no read)."""
+    shard_url = storage.join(url, info.name)
+    fs, path = storage.get_fs(shard_url, storage_options)
+    with storage.naming_errors(shard_url, "checking the shard"):
+        size = int(fs.size(path))
+    if info.sha256 is not None and size != info.bytes:  # (an older manifest: unchecked, as its sha256)
+        raise CorruptShardError("dataset", info.name, shard_url, f"{size} bytes, {info.bytes} recorded",
+                                "ingest the source again into a new dataset URL")

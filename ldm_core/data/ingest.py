@@ -41,6 +41,7 @@ from ldm_core.data import canonical
 from ldm_core.data.canonical import EntryRecord, Manifest, RunRecord, ShardInfo
 from ldm_core.data.captions import CaptionPolicy, clean_caption, valid_text
 from ldm_core.data.images import ImageRejected, clean_image
+from ldm_core.data.integrity import sha256_hex
 from ldm_core.data.sources import (
     MAX_IMAGE_BYTES,
     MAX_METADATA_BYTES,
@@ -213,6 +214,7 @@ class _ShardWriter:
                 train_rows=len(self.rows) - n_val,
                 validation_rows=n_val,
                 bytes=len(data),
+                sha256=sha256_hex(data),
             )
             m = self.manifest
             m.shards.append(info)

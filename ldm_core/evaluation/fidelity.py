@@ -11,6 +11,14 @@ PSNR: the wrong pixels are a small share of each image, and the images with that
    its images into that decile.
 3. Channel shift (any data): per RGB channel, the mean over images of (reconstruction − original), in 0–255 levels.
    A hue that is decoded as another moves the channel that tells them apart.
+4. Foreground shift (any data, no labels needed): signals 2 and 3 average the lost colour with everything that was
+   reconstructed well (the background most of all), so a decoder that paints every red shape yellow passes their
+   library defaults. Per image, the foreground is the pixels that differ from the image's own background (the
+   median of its border ring, as the attribute evaluator finds it). Of each foreground pixel's change, only the part
+   off the line from its original colour to the background counts: blending with the background (a blurry or
+   soft-edged decoder) moves a pixel along that line, a hue decoded as another moves it off. The image's shift is
+   the RGB length of the per-channel median of that part over its foreground; the signal is the mean shift of the
+   10% of images with a foreground that shift most, which a lost colour fills.
 
 :func:`fidelity_verdict` turns the measurement into pass/fail against :class:`FidelityThresholds`; the ``vae_model``
 asset check uses both, and blocks everything downstream of an autoencoder that fails.
@@ -27,12 +35,21 @@ import torch
 from pydantic import Field
 
 from ldm_core.config import StrictModel
-from ldm_core.evaluation.attributes import confusion_lines, foreground, nearest_color
+from ldm_core.evaluation.attributes import (
+    MIN_CONTRAST,
+    confusion_lines,
+    estimate_background,
+    foreground,
+    nearest_color,
+)
 from ldm_core.evaluation.metrics import psnr_per_image
 from ldm_core.grids import to_uint8
 
 WORST_FRACTION = 0.1
-"""The share of images (the worst-reconstructed) whose mean PSNR is the worst-decile signal."""
+"""The share of images (the worst-reconstructed) whose mean PSNR (and foreground shift) is the worst-decile signal."""
+MIN_FOREGROUND_SHARE = 0.01
+"""An image whose foreground (pixels at least ``MIN_CONTRAST`` from its background) is a smaller share of its pixels
+has nothing that could lose a colour: it is left out of the foreground shift."""
 
 
 class FidelityThresholds(StrictModel):
@@ -44,6 +61,10 @@ class FidelityThresholds(StrictModel):
     """Floor (dB) of the mean PSNR of the 10% worst-reconstructed images."""
     max_channel_shift: float | None = Field(8.0, ge=0)
     """Bound (0–255 levels) on each RGB channel's mean shift between originals and reconstructions."""
+    max_foreground_shift: float | None = Field(40.0, ge=0)
+    """Bound (0–255 levels, RGB length) on the worst-decile foreground shift: how far the colour of what stands out
+    from the background moved off its line to the background. A hue decoded as another moves it; blur does not;
+    a trained autoencoder's small hue errors do, by less than half this (README, "The demo's recipe")."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,13 @@ class ReconstructionFidelity:
     """Mean over images of (reconstruction − original) per RGB channel, in 0–255 levels."""
     classes: dict[str, ClassFidelity] | None = None
     """Per colour class, when the images came with a colour each."""
+    foreground_images: int = 0
+    """Images with a foreground (see ``MIN_FOREGROUND_SHARE``): the ones the foreground shift is measured on."""
+    worst_decile_foreground_shift: float | None = None
+    """Mean foreground shift (0–255 levels, RGB length; see `foreground_shift`) of the ceil(10%) of foreground images
+    that shift most; None when no image has a foreground."""
+    worst_decile_foreground_channels: tuple[float, float, float] | None = None
+    """The same images' mean signed foreground shift per RGB channel: which way the colour went."""
 
     @property
     def max_channel_shift(self) -> float:
@@ -98,7 +126,36 @@ def reconstruction_fidelity(originals: np.ndarray, reconstructions: np.ndarray,
     diff = reconstructions.astype(np.float64) - originals.astype(np.float64)  # (N, H, W, 3)
     shift = tuple(float(v) for v in diff.mean(axis=(0, 1, 2)))
     classes = _per_class(originals, reconstructions, colours) if colours is not None else None
-    return ReconstructionFidelity(len(originals), float(per_image.mean()), float(worst.mean()), shift, classes)
+    fg_shift = foreground_shift(originals, reconstructions)  # (N, 3), NaN rows: no foreground
+    has_fg = ~np.isnan(fg_shift[:, 0])
+    worst_fg = worst_channels = None
+    if has_fg.any():
+        shifts = fg_shift[has_fg]  # (M, 3)
+        lengths = np.linalg.norm(shifts, axis=1)  # (M,)
+        top = np.argsort(-lengths, kind="stable")[: max(1, int(np.ceil(WORST_FRACTION * len(lengths))))]
+        worst_fg = float(lengths[top].mean())
+        worst_channels = tuple(float(v) for v in shifts[top].mean(axis=0))
+    return ReconstructionFidelity(len(originals), float(per_image.mean()), float(worst.mean()), shift, classes,
+                                  int(has_fg.sum()), worst_fg, worst_channels)
+
+
+def foreground_shift(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """(N, 3) float: per image, the per-channel median over the original's foreground of the part of
+    (reconstruction − original) off the line from the pixel's colour to the image's background, in 0–255 levels;
+    a row of NaN for an image without foreground (see ``MIN_FOREGROUND_SHARE``)."""
+    out = np.full((len(originals), 3), np.nan)
+    for i, (original, recon) in enumerate(zip(originals, reconstructions)):
+        a = original.astype(np.float64)  # (H, W, 3)
+        to_background = estimate_background(a) - a  # (H, W, 3)
+        distance = np.linalg.norm(to_background, axis=-1)  # (H, W)
+        mask = distance >= MIN_CONTRAST
+        if mask.mean() >= MIN_FOREGROUND_SHARE:
+            d = recon.astype(np.float64)[mask] - a[mask]  # (n_fg, 3)
+            u = to_background[mask] / distance[mask, None]  # (n_fg, 3) unit vectors toward the background
+            # what blending with the background (blur, a soft edge) cannot do: leave that line
+            off_line = d - (d * u).sum(axis=1, keepdims=True) * u  # (n_fg, 3)
+            out[i] = np.median(off_line, axis=0)
+    return out
 
 
 @torch.inference_mode()
@@ -161,15 +218,22 @@ def fidelity_verdict(fidelity: ReconstructionFidelity | Mapping[str, Any],
         for channel, v in zip("RGB", f["channel_shift"]):
             if not abs(v) <= thresholds.max_channel_shift:
                 reasons.append(f"channel {channel} shifted by {v:+.1f} levels (bound ±{thresholds.max_channel_shift})")
+    bound, fg = thresholds.max_foreground_shift, f.get("worst_decile_foreground_shift")
+    if bound is not None and fg is not None and not fg <= bound:
+        channels = ", ".join(f"{c} {v:+.0f}" for c, v in zip("RGB", f["worst_decile_foreground_channels"]))
+        reasons.append(f"foreground colour shifted by {fg:.1f} levels in the worst {WORST_FRACTION:.0%} of "
+                       f"{f['foreground_images']} images ({channels}; bound {bound})")
     return not reasons, reasons
 
 
 __all__ = [
     "ClassFidelity",
     "FidelityThresholds",
+    "MIN_FOREGROUND_SHARE",
     "ReconstructionFidelity",
     "WORST_FRACTION",
     "autoencoder_fidelity",
     "fidelity_verdict",
+    "foreground_shift",
     "reconstruction_fidelity",
 ]

@@ -207,6 +207,8 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
         run.tracker.log_metrics({"latent_scale": scale, "latent_shift": shift, "val_psnr": psnr,
                                  "val_worst_decile_psnr": fidelity.worst_decile_psnr,
                                  "val_max_channel_shift": fidelity.max_channel_shift,
+                                 **({"val_worst_decile_foreground_shift": fidelity.worst_decile_foreground_shift}
+                                    if fidelity.worst_decile_foreground_shift is not None else {}),
                                  **{f"val_{c}_accuracy": v.accuracy for c, v in (fidelity.classes or {}).items()}},
                                 step=trained_md["steps"])
         model_url = storage.url("models", "vae", f"{key}-{context.run.run_id[:8]}")

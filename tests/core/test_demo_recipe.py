@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from torch import nn
 
@@ -18,6 +17,7 @@ from ldm_core.data.synthetic import COLORS
 from ldm_core.evaluation.fidelity import FidelityThresholds, autoencoder_fidelity, fidelity_verdict
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, train_autoencoder
 from tests.core.shapes_data import ShapesInMemory
+from tests.tiny_autoencoders import RedDecodedAsYellow
 
 # the module's fixture trains three autoencoders (about 2 min on 2 quiet cores); the suite's 600 s per-test limit
 # counts that setup against the first test, which a machine shared with other jobs can exceed
@@ -72,27 +72,11 @@ def test_every_colour_survives_reconstruction(trained, held_out, seed):
     assert set(fidelity.classes) == set(COLORS)
     passed, reasons = fidelity_verdict(fidelity, THRESHOLDS)
     assert passed, reasons
-
-
-class RedDecodedAsYellow(nn.Module):
-    """A trained autoencoder whose decoder paints red pixels yellow (every other colour untouched)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        red, yellow = (torch.tensor(COLORS[c], dtype=torch.float32) / 127.5 - 1 for c in ("red", "yellow"))
-        self.register_buffer("red", red.view(1, 3, 1, 1))
-        self.register_buffer("shift", (yellow - red).view(1, 3, 1, 1))
-
-    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_latents(x)
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.model.decode_latents(z)  # (B, 3, H, W) in [-1, 1]
-        # red coverage of each pixel: 1 on red, 0 at the background's distance from red and beyond
-        distance = (x - self.red).norm(dim=1, keepdim=True)  # (B, 1, H, W)
-        weight = (1 - distance / 1.2).clamp(0, 1)
-        return x + weight * self.shift
+    # and on the same images without colour labels, at the library's default bounds
+    print(f"seed {seed}: worst-decile foreground shift {fidelity.worst_decile_foreground_shift:.2f}, channel shift "
+          f"{np.round(fidelity.channel_shift, 2)}")
+    passed, reasons = fidelity_verdict(fidelity.to_dict() | {"classes": None}, FidelityThresholds())
+    assert passed, reasons
 
 
 def test_the_fidelity_check_fails_an_autoencoder_that_decodes_red_as_yellow(trained, held_out):
@@ -100,7 +84,9 @@ def test_the_fidelity_check_fails_an_autoencoder_that_decodes_red_as_yellow(trai
     broken = autoencoder_fidelity(RedDecodedAsYellow(trained[0]), held_out)
     print(f"healthy: psnr {healthy.psnr:.2f}, worst decile {healthy.worst_decile_psnr:.2f}, shift "
           f"{np.round(healthy.channel_shift, 2)}; broken: psnr {broken.psnr:.2f}, worst decile "
-          f"{broken.worst_decile_psnr:.2f}, shift {np.round(broken.channel_shift, 2)}, {broken.confusions()}")
+          f"{broken.worst_decile_psnr:.2f}, shift {np.round(broken.channel_shift, 2)}, {broken.confusions()}; "
+          f"foreground shift healthy {healthy.worst_decile_foreground_shift:.2f}, broken "
+          f"{broken.worst_decile_foreground_shift:.2f}")
     assert broken.psnr >= PSNR_FLOOR  # the mean PSNR alone would let it through
     assert broken.classes["red"].confusion.get("yellow", 0) == broken.classes["red"].n
     assert all(broken.classes[c].accuracy == 1.0 for c in ("green", "blue", "yellow"))
@@ -113,3 +99,7 @@ def test_the_fidelity_check_fails_an_autoencoder_that_decodes_red_as_yellow(trai
     passed, reasons = fidelity_verdict(unlabelled, THRESHOLDS)
     assert not passed and any("worst-decile" in r or "channel G" in r for r in reasons), reasons
     assert fidelity_verdict(healthy.to_dict() | {"classes": None}, THRESHOLDS)[0]
+    # and at the library's default bounds, which the foreground shift holds (issue 22)
+    passed, reasons = fidelity_verdict(unlabelled, FidelityThresholds())
+    assert not passed and any("foreground colour shifted" in r for r in reasons), reasons
+    assert fidelity_verdict(healthy.to_dict() | {"classes": None}, FidelityThresholds())[0]

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ldm_core import storage
+from ldm_core.data.integrity import CorruptShardError, mismatch, sha256_hex
 from ldm_core.data.latent_store.schema import FORMAT, TENSOR_FIELDS, LatentStoreConfig
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,15 @@ def attribute_names(rows: pa.Table) -> list[str]:
     return [c for c in rows.column_names if c not in ROW_COLUMNS]
 
 
+Checksums = dict[str, str]
+"""File of a shard (its path inside a Zarr group; ``""`` for a one-file Parquet shard) -> sha256 as written."""
+
+
+def _corrupt(url: str, detail: str) -> CorruptShardError:
+    return CorruptShardError("latent store", posixpath.basename(url.rstrip("/")), url, detail,
+                             "encode the dataset again into a new store URL")
+
+
 class _ZarrShards:
     """A shard is a Zarr v3 group: one array per tensor field, chunked by ``chunk_rows`` rows and Blosc-compressed,
     plus UTF-8 string arrays for id, caption, split, and ``attributes`` (one JSON object per row)."""
@@ -124,20 +134,46 @@ class _ZarrShards:
 
     def write(
         self, url: str, cols: ShardColumns, cfg: LatentStoreConfig, storage_options: dict[str, Any] | None
-    ) -> None:
+    ) -> Checksums:
+        """Write the group; return the sha256 of each of its files, as written."""
         if storage.is_local(url):
             self._write_group(storage.local_path(url), cols, cfg)
-            _fsync_tree(storage.local_path(url))
-            return
+            return _fsync_and_hash_tree(storage.local_path(url))
         # object store: build the group on local disk, then upload its files concurrently (a few requests in
         # flight instead of ~20 sequential round trips per shard)
         with tempfile.TemporaryDirectory(prefix="latent-shard-") as tmp:
             self._write_group(tmp, cols, cfg)
+            checksums = _fsync_and_hash_tree(tmp, fsync=False)
             fs, root = storage.get_fs(url, storage_options)
-            local = [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files]
-            remote = [posixpath.join(root, os.path.relpath(p, tmp).replace(os.sep, "/")) for p in local]
+            local = [os.path.join(tmp, *rel.split("/")) for rel in checksums]
+            remote = [posixpath.join(root, rel) for rel in checksums]
             with storage.naming_errors(url, "writing the shard"):
                 fs.put(local, remote)
+        return checksums
+
+    @staticmethod
+    def fetch_verified(url: str, checksums: Checksums, fields: Sequence[str],
+                       storage_options: dict[str, Any] | None) -> dict[str, bytes]:
+        """The group's own files and those of ``fields``' arrays, each checked against its recorded sha256
+        (`CorruptShardError` at the first that differs or is missing): path in the group -> bytes."""
+        wanted = sorted(rel for rel in checksums if "/" not in rel or rel.split("/", 1)[0] in fields)
+        fs, root = storage.get_fs(url, storage_options)
+        paths = [posixpath.join(root, rel) for rel in wanted]
+        with storage.naming_errors(url, "reading the shard"):
+            # one concurrent batch of GETs on an object store (exceptions returned, not raised: a missing chunk
+            # is corruption, named as such)
+            got = fs.cat(paths, on_error="return") if paths else {}
+        files = {}
+        for rel, path in zip(wanted, paths):
+            data = got.get(path, got.get(fs._strip_protocol(path)))
+            if data is None or isinstance(data, FileNotFoundError):
+                raise _corrupt(url, f"its file {rel} is missing")
+            if isinstance(data, BaseException):
+                raise data
+            if (why := mismatch(data, checksums[rel])) is not None:
+                raise _corrupt(url, f"its file {rel}: {why}")
+            files[rel] = data
+        return files
 
     def _write_group(self, path: str, cols: ShardColumns, cfg: LatentStoreConfig) -> None:
         import zarr
@@ -167,12 +203,20 @@ class _ZarrShards:
             zarr.consolidate_metadata(group.store)
 
     def _read_arrays(
-        self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None
+        self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
+        checksums: Checksums | None = None,
     ) -> dict[str, np.ndarray]:
         import zarr.api.asynchronous as za
+        import zarr.storage
+        from zarr.core.buffer import cpu
         from zarr.core.sync import sync
 
-        store = self._store(url, storage_options, read_only=True)
+        if checksums is not None:
+            # the checked bytes are the ones decoded: a checked read costs a hash, not a second read
+            files = self.fetch_verified(url, checksums, fields, storage_options)
+            store = zarr.storage.MemoryStore({k: cpu.Buffer.from_bytes(v) for k, v in files.items()}, read_only=True)
+        else:
+            store = self._store(url, storage_options, read_only=True)
 
         async def read() -> dict[str, np.ndarray]:
             # all arrays of the shard requested at once: one round trip of latency, not one per array
@@ -184,17 +228,22 @@ class _ZarrShards:
         with storage.naming_errors(url, "reading the shard"):
             return sync(read())
 
-    def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
-        return self._read_arrays(url, fields, storage_options)
+    def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
+             checksums: Checksums | None = None) -> dict[str, np.ndarray]:
+        """The arrays of ``fields``; with ``checksums``, decoded from their files once these are checked."""
+        return self._read_arrays(url, fields, storage_options, checksums)
 
-    def read_rows(self, url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-        cols = {c: a.tolist() for c, a in self._read_arrays(url, (*ROW_COLUMNS, "attributes"), storage_options).items()}
+    def read_rows(self, url: str, storage_options: dict[str, Any] | None,
+                  checksums: Checksums | None = None) -> list[dict[str, Any]]:
+        cols = {c: a.tolist() for c, a in self.read(url, (*ROW_COLUMNS, "attributes"), storage_options,
+                                                    checksums).items()}
         return [{"id": i, "caption": c, "split": s, **json.loads(a)}
                 for i, c, s, a in zip(cols["id"], cols["caption"], cols["split"], cols["attributes"])]
 
-    def read_row_table(self, url: str, storage_options: dict[str, Any] | None) -> pa.Table:
+    def read_row_table(self, url: str, storage_options: dict[str, Any] | None,
+                       checksums: Checksums | None = None) -> pa.Table:
         """The rows as a table (attributes are JSON here: a row without one reads as null, as readers see it)."""
-        return pa.Table.from_pylist(self.read_rows(url, storage_options))
+        return pa.Table.from_pylist(self.read_rows(url, storage_options, checksums))
 
 
 class _ParquetShards:
@@ -206,7 +255,8 @@ class _ParquetShards:
 
     def write(
         self, url: str, cols: ShardColumns, cfg: LatentStoreConfig, storage_options: dict[str, Any] | None
-    ) -> None:
+    ) -> Checksums:
+        """Write the file; return its sha256 as written (keyed ``""``)."""
         n = len(cols)
         arrays, fields = list(cols.rows.columns), list(cols.rows.schema)
         for name, a in cols.tensors().items():
@@ -223,15 +273,23 @@ class _ParquetShards:
         dictionary = [c for c in cols.rows.column_names if c not in ("id", "caption")]  # repeated values only
         pq.write_table(table, buf, compression=cfg.compression, row_group_size=max(n, 1), use_dictionary=dictionary,
                        **({"compression_level": cfg.compression_level} if cfg.compression == "zstd" else {}))
-        storage.write_bytes_atomic(url, buf.getvalue(), storage_options)
+        data = buf.getvalue()
+        storage.write_bytes_atomic(url, data, storage_options)
+        return {"": sha256_hex(data)}
 
     @staticmethod
-    def _table(url: str, columns: Sequence[str] | None, storage_options: dict[str, Any] | None) -> pa.Table:
-        # one GET of the whole object: cheaper than Parquet's ranged reads through a high-latency object store
-        return pq.read_table(pa.BufferReader(storage.read_bytes(url, storage_options)), columns=columns)
+    def _bytes(url: str, storage_options: dict[str, Any] | None, checksums: Checksums | None) -> bytes:
+        # one GET of the whole object: cheaper than Parquet's ranged reads through a high-latency object store, and
+        # what the recorded sha256 is checked on (no second read)
+        data = storage.read_bytes(url, storage_options)
+        if checksums is not None and (why := mismatch(data, checksums[""])) is not None:
+            raise _corrupt(url, why)
+        return data
 
-    def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
-        table = self._table(url, list(fields), storage_options)
+    def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
+             checksums: Checksums | None = None) -> dict[str, np.ndarray]:
+        """The tensors of ``fields``; with ``checksums``, the file is checked against its sha256 first."""
+        table = pq.read_table(pa.BufferReader(self._bytes(url, storage_options, checksums)), columns=list(fields))
         out = {}
         for f in fields:
             field = table.schema.field(f)
@@ -243,23 +301,28 @@ class _ParquetShards:
             out[f] = data[start : start + len(col) * col.type.byte_width].view(dtype).reshape(len(col), *shape).copy()
         return out
 
-    def read_rows(self, url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-        return self.read_row_table(url, storage_options).to_pylist()
+    def read_rows(self, url: str, storage_options: dict[str, Any] | None,
+                  checksums: Checksums | None = None) -> list[dict[str, Any]]:
+        return self.read_row_table(url, storage_options, checksums).to_pylist()
 
-    def read_row_table(self, url: str, storage_options: dict[str, Any] | None) -> pa.Table:
-        pf = pq.ParquetFile(pa.BufferReader(storage.read_bytes(url, storage_options)))
+    def read_row_table(self, url: str, storage_options: dict[str, Any] | None,
+                       checksums: Checksums | None = None) -> pa.Table:
+        pf = pq.ParquetFile(pa.BufferReader(self._bytes(url, storage_options, checksums)))
         return pf.read(columns=[c for c in pf.schema_arrow.names if c not in TENSOR_FIELDS])
 
 
 SHARD_FORMATS: dict[str, _ZarrShards | _ParquetShards] = {"zarr": _ZarrShards(), "parquet": _ParquetShards()}
 
 
-def _fsync_tree(path: str) -> None:
-    """Make a locally written Zarr group durable before the metadata names it (one fsync per file)."""
+def _fsync_and_hash_tree(path: str, fsync: bool = True) -> Checksums:
+    """The sha256 of every file of a locally written Zarr group, by its path inside the group; ``fsync``: make each
+    durable before the metadata names the group (one open per file serves both)."""
+    checksums = {}
     for root, _, files in os.walk(path):
         for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            full = os.path.join(root, f)
+            with open(full, "rb") as fh:
+                checksums[os.path.relpath(full, path).replace(os.sep, "/")] = sha256_hex(fh.read())
+                if fsync:
+                    os.fsync(fh.fileno())
+    return dict(sorted(checksums.items()))

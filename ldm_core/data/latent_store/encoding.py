@@ -155,7 +155,8 @@ def _encode_into(writer: LatentStoreWriter, dataset_url: str, store_url: str, ma
     new_shards: list[str] = []
     try:
         for i, info in enumerate(todo):
-            table = canonical.read_shard(dataset_url, info.name, storage_options=storage_options)
+            # the whole file is read anyway: checking it costs one sha256 (a corrupt shard stops the encoding)
+            table = canonical.read_shard(dataset_url, info.name, storage_options=storage_options, verify=info)
             if split is not None:
                 table = table.filter(pc.equal(table.column("split"), split))
             # encode in store order (train rows first), so a row's batch is the one a reader can reproduce

@@ -23,6 +23,8 @@ from ldm_core.data.sources import redact_url
 
 log = logging.getLogger(__name__)
 
+ROW_FIELDS = ("id", "caption", "split", "attributes")
+
 
 class LatentStore:
     """An encoded store, opened for reading. Shards are numbered 0… in metadata order (empty ones skipped);
@@ -30,6 +32,11 @@ class LatentStore:
 
     ``read_shard(k)`` gives tensors in the storage dtype, unscaled; `LatentDataset` is the fast, cached,
     training-ready view (scaled latents, float32).
+
+    The first read of each field of a shard in this object checks its files against the sha256s recorded when the
+    shard was written and raises `CorruptShardError` (naming the shard and its URL) when they differ: training
+    stops rather than skip data, or learn from flipped bits. Shards recorded without checksums (older stores) are
+    read unchecked and counted in ``unchecked_shards``.
     """
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
@@ -42,6 +49,12 @@ class LatentStore:
         self.shards: list[StoreShard] = [s for s in meta.shards if s.rows > 0]
         self.offsets = np.cumsum([0] + [s.rows for s in self.shards])
         self._uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._verified: set[tuple[int, str]] = set()  # (shard, field) whose files this object has checked
+        self.unchecked_shards = sum(s.checksums is None for s in self.shards)
+        if self.unchecked_shards:
+            log.warning("%d of %d shards of the latent store at %s have no recorded checksums (written before they "
+                        "were recorded): they are read unchecked", self.unchecked_shards, len(self.shards),
+                        redact_url(store_url))
 
     @property
     def num_rows(self) -> int:
@@ -89,13 +102,20 @@ class LatentStore:
         if "pooled" in fields and not self.has_pooled:
             raise ValueError(f"the latent store at {redact_url(self.url)} was written before pooled text vectors were "
                              "cached: it has no pooled field (encode_dataset on it adds one)")
-        arrays = self.format.read(self.shard_url(k), fields, self.storage_options)
+        arrays = self.format.read(self.shard_url(k), fields, self.storage_options, self._to_verify(k, fields))
+        self._verified.update((k, f) for f in fields)
         return {f: torch.from_numpy(a) if f == "context_mask" else from_storage(a, self.metadata.dtype)
                 for f, a in arrays.items()}
 
+    def _to_verify(self, k: int, fields: Sequence[str]) -> dict[str, str] | None:
+        """The shard's checksums when some of ``fields`` is read from it for the first time, else None."""
+        checksums = self.shards[k].checksums
+        return checksums if checksums is not None and any((k, f) not in self._verified for f in fields) else None
+
     def read_rows(self, k: int) -> list[dict[str, Any]]:
         """id, caption, split and every attribute column (None where a shard lacks one) of shard ``k``'s rows."""
-        rows = self.format.read_rows(self.shard_url(k), self.storage_options)
+        rows = self.format.read_rows(self.shard_url(k), self.storage_options, self._to_verify(k, ROW_FIELDS))
+        self._verified.update((k, f) for f in ROW_FIELDS)
         for r in rows:
             for a in self.metadata.attribute_columns:
                 r.setdefault(a, None)

@@ -97,6 +97,10 @@ class StoreShard(_Data):
     """Stored bytes of this shard."""
     pooled: bool = False
     """The shard has the ``pooled`` field (False: recorded before pooled vectors were cached; see add_pooled)."""
+    checksums: dict[str, str] | None = None
+    """sha256 of each file of the shard as written (its path in a Zarr group; ``""`` for a Parquet file): readers
+    refuse a shard that changed since (`ldm_core.data.integrity`). None: written before they were recorded (read
+    unchecked)."""
 
 
 class EncodeRun(_Data):

@@ -171,15 +171,15 @@ class LatentStoreWriter:
         if not np.array_equal(order, np.arange(n)):
             cols = cols.take(order)
         n_train = int((splits == "train").sum())
-        name, nbytes = None, 0
+        name, nbytes, checksums = None, 0, None
         if n:
             name = self._new_shard_name(source)
             url = self.shard_url(name)
-            self.format.write(url, cols, self.config, self.storage_options)
+            checksums = self.format.write(url, cols, self.config, self.storage_options)
             nbytes = _size_of(url, self.storage_options)
         record = StoreShard(name=name, source=source, rows=n, train_rows=n_train, validation_rows=n - n_train,
                             source_rows=source_rows, source_bytes=source_bytes, bytes=nbytes,
-                            pooled=cols.pooled is not None)
+                            pooled=cols.pooled is not None, checksums=checksums)
         meta.shards.append(record)
         meta.rows += n
         meta.train_rows += n_train
@@ -219,15 +219,16 @@ class LatentStoreWriter:
             old_name = record.name
             if old_name is not None:  # (an empty shard has no object: it only needs its flag)
                 old_url = self.shard_url(old_name)
-                arrays = self.format.read(old_url, fields, self.storage_options)
-                rows = self.format.read_row_table(old_url, self.storage_options)
+                # a shard that rotted is refused here too, rather than copied under a fresh checksum
+                arrays = self.format.read(old_url, fields, self.storage_options, record.checksums)
+                rows = self.format.read_row_table(old_url, self.storage_options, record.checksums)
                 pooled = text_encoder.encode(rows.column("caption").to_pylist()).pooled  # (N, D_pool)
                 cols = ShardColumns(arrays["latents"], arrays.get("logvar"), arrays["context"], arrays["context_mask"],
                                     rows, to_storage(pooled.float(), meta.dtype))
                 name = self._new_shard_name(record.source)
-                self.format.write(self.shard_url(name), cols, self.config, self.storage_options)
-                record = record.model_copy(update={"name": name, "bytes": _size_of(self.shard_url(name),
-                                                                                   self.storage_options)})
+                checksums = self.format.write(self.shard_url(name), cols, self.config, self.storage_options)
+                record = record.model_copy(update={"name": name, "checksums": checksums,
+                                                   "bytes": _size_of(self.shard_url(name), self.storage_options)})
                 rows_done += record.rows
             meta.shards[i] = record.model_copy(update={"pooled": True})
             self._commit()  # the swap: readers now open the new shard
