@@ -29,8 +29,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import fsspec.asyn
-
 from ldm_core import storage
 
 LEASE_SECONDS = 300.0
@@ -88,57 +86,42 @@ class LocalLock:
 
 
 class S3Lease:
-    """A lease object on S3 written with conditional PUTs (see the module's docstring)."""
+    """A lease object on S3 written with conditional PUTs (see the module's docstring), through the conditional
+    writes of `ldm_core.storage` (`write_if_version`, `read_versioned`, `delete_if_version`)."""
 
     def __init__(self, url: str, *, lease: float = LEASE_SECONDS, margin: float = SAFETY_MARGIN_SECONDS,
                  wait: float = WAIT_SECONDS, poll: float = POLL_SECONDS, clock: Callable[[], float] = time.time):
-        fs, path = storage.get_fs(url)
-        self.url, self.fs = url, fs
-        self.bucket, self.key, _ = fs.split_path(path)
+        self.url = url
         self.lease, self.margin, self.wait, self.poll, self.clock = lease, margin, wait, poll, clock
         self._etag: str | None = None
         self._expires_at = 0.0
 
-    def _body(self) -> tuple[bytes, float]:
+    def _put(self, expected: str | None) -> bool:
+        """One conditional PUT of a fresh lease (``expected`` None: only if there is none); False when the
+        condition did not hold (another process won)."""
         expires_at = self.clock() + self.lease
-        return json.dumps({**_holder(), "expires_at": expires_at}).encode(), expires_at
-
-    def _put(self, **condition: str) -> bool:
-        """One conditional PUT of a fresh lease; False when the condition did not hold (another process won)."""
-        body, expires_at = self._body()
+        body = json.dumps({**_holder(), "expires_at": expires_at}).encode()
         try:
-            out = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **condition)
-        except (PermissionError, FileNotFoundError) as e:
-            if isinstance(e, FileNotFoundError) and "IfMatch" in condition:
+            etag = storage.write_if_version(self.url, body, expected)
+        except FileNotFoundError:
+            if expected is not None:
                 return False  # released between our read and our takeover: try creating it again
             raise
-        except OSError as e:
-            # 412 Precondition Failed (s3fs raises FileExistsError or EINVAL), or 409 ConditionalRequestConflict
-            # when two conditional writes race on AWS: either way another process got there first
-            if isinstance(e, FileExistsError) or "condition" in str(e).lower():
-                return False
-            raise
-        self._etag, self._expires_at = out["ETag"], expires_at
+        if etag is None:
+            return False
+        self._etag, self._expires_at = etag, expires_at
         return True
-
-    def _current(self) -> tuple[dict[str, Any], str] | None:
-        """The lease as it is now and its ETag, from one GET (so that the two belong together), or None."""
-        try:
-            body, etag = fsspec.asyn.sync(self.fs.loop, _get_object, self.fs, self.bucket, self.key)
-        except FileNotFoundError:
-            return None
-        return json.loads(body), etag
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
         holder: dict[str, Any] = {}
         while True:
-            if self._put(IfNoneMatch="*"):
+            if self._put(None):
                 return
-            current = self._current()
+            current = storage.read_versioned(self.url)  # one GET: the lease and its ETag belong together
             if current is not None:
-                holder, etag = current
-                if float(holder.get("expires_at", 0.0)) < self.clock() and self._put(IfMatch=etag):
+                holder, etag = json.loads(current[0]), current[1]
+                if float(holder.get("expires_at", 0.0)) < self.clock() and self._put(etag):
                     return  # its holder died without releasing it: taken over
             if time.monotonic() >= deadline:
                 raise LockTimeout(f"{self.url}: held by {holder or 'another process'} for over {self.wait:.0f}s")
@@ -152,9 +135,9 @@ class S3Lease:
         if self._etag is None:
             return
         etag, self._etag = self._etag, None
-        with contextlib.suppress(FileNotFoundError, OSError):
+        with contextlib.suppress(OSError):
             # only our own lease: after an expiry it may be another holder's, which must stay
-            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=etag)
+            storage.delete_if_version(self.url, etag)
 
 
 Lock = LocalLock | S3Lease
@@ -178,11 +161,6 @@ def held(lock: Lock) -> Iterator[Lock]:
     finally:
         lock.release()
 
-
-async def _get_object(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
-    out = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-    async with out["Body"] as body:
-        return await body.read(), out["ETag"]
 
 
 def _holder() -> dict[str, Any]:
