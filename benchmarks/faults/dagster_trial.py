@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,19 @@ def job_command(config_path: Path, only_vae: bool = False) -> list[str]:
     cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
            "-c", str(config_path)]
     return cmd + (["-o", "*vae_model"] if only_vae else [])
+
+
+def wait_for_job(cond: Callable[[], Any], proc: subprocess.Popen, what: str, log_path: Path, timeout: float,
+                 poll: float = 0.02) -> None:
+    """Poll ``cond`` until it holds; fail naming ``what`` (with the job's log tail) if the job ends or time runs out."""
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}:\n"
+                                 f"{log_path.read_text(errors='replace')[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"no {what} within {timeout:.0f}s")
+        time.sleep(poll)
 
 
 def committed_steps(home: Path, stage: str) -> list[int]:
@@ -190,13 +204,9 @@ def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24
         proc = subprocess.Popen(job_command(config_path, only_vae), cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            while not (steps := committed_steps(home, stage)) or steps[-1] < kill_at_step:
-                if proc.poll() is not None:
-                    raise AssertionError(f"the job ended (rc {proc.returncode}) before {asset} reached step "
-                                         f"{kill_at_step}:\n{(workdir / 'killed.log').read_text()[-3000:]}")
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"{asset} did not reach the kill step in time")
-                time.sleep(0.05)
+            wait_for_job(lambda: max(committed_steps(home, stage), default=-1) >= kill_at_step, proc,
+                         f"{asset} reached step {kill_at_step}", workdir / "killed.log",
+                         timeout - (time.monotonic() - t0), poll=0.05)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -41,6 +41,7 @@ from benchmarks.faults.dagster_trial import (
     job_command,
     kill_config,
     reference_vae_weights,
+    wait_for_job,
 )
 from benchmarks.faults.table import Row, row
 
@@ -100,17 +101,6 @@ def _start(workdir: Path, processes: int, vae_steps: int) -> tuple[Path, dict[st
     return home, config, proc, log
 
 
-def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen, what: str, workdir: Path, timeout: float) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}:\n"
-                                 f"{(workdir / 'job.log').read_text()[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"no {what} within {timeout}s")
-        time.sleep(0.02)
-
-
 def _retry_errors(home: Path, run_id: str) -> list[str]:
     """The errors of vae_model's attempts that Dagster put up for retry."""
     import dagster as dg
@@ -135,8 +125,8 @@ def sigterm_trial(workdir: Path, processes: int = 1, after_step: int = CHECKPOIN
     home, config, proc, log = _start(workdir, processes, vae_steps)
     out: dict[str, Any] = {"processes": processes, "after_step": after_step, "delay_s": round(delay_s, 3)}
     try:
-        _wait_for(lambda: max(checkpoint_dir_commits(home), default=0) >= after_step, proc,
-                  f"a checkpoint at step {after_step}", workdir, timeout)
+        wait_for_job(lambda: max(checkpoint_dir_commits(home), default=0) >= after_step, proc,
+                     f"a checkpoint at step {after_step}", workdir / "job.log", timeout)
         time.sleep(delay_s)
         before = checkpoint_dir_commits(home)
         if processes > 1:
@@ -214,8 +204,8 @@ def orphan_trial(workdir: Path, vae_steps: int = 200, after_step: int = CHECKPOI
     home, _, proc, log = _start(workdir, 2, vae_steps)
     out: dict[str, Any] = {}
     try:
-        _wait_for(lambda: max(checkpoint_dir_commits(home), default=0) >= after_step, proc,
-                  f"a checkpoint at step {after_step}", workdir, timeout)
+        wait_for_job(lambda: max(checkpoint_dir_commits(home), default=0) >= after_step, proc,
+                     f"a checkpoint at step {after_step}", workdir / "job.log", timeout)
         agents, ranks = training_processes(proc.pid)
         out["agents"], out["ranks"] = len(agents), len(ranks)
         t0 = time.monotonic()
@@ -264,8 +254,8 @@ def rank_sigterm_trial(workdir: Path, dataset_url: str, steps: int = 400, after_
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     out: dict[str, Any] = {}
     try:
-        _wait_for(lambda: bool(CheckpointManager(str(ckpt)).steps()) and max(CheckpointManager(str(ckpt)).steps())
-                  >= after_step, proc, f"a checkpoint at step {after_step}", workdir, timeout)
+        wait_for_job(lambda: max(CheckpointManager(str(ckpt)).steps(), default=0) >= after_step, proc,
+                     f"a checkpoint at step {after_step}", workdir / "torchrun.log", timeout)
         _, ranks = training_processes(proc.pid)
         rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
         out["ranks"] = len(ranks)
