@@ -37,9 +37,10 @@ system-deps:
 test: install system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# the rules are [tool.ruff] in pyproject.toml
+# the rules are [tool.ruff] in pyproject.toml; the formatter's output is the house style (`ruff format .` applies it)
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: install
 	$(VENV)/bin/ldm demo

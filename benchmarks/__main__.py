@@ -29,14 +29,31 @@ from benchmarks.common import THREADS_HELP, machine_info, print_table, set_threa
 from ldm_core.flops import gpu_peak_flops, measure_matmul_peak, mfu
 
 
-def _pair(row: str, ours: float, theirs: float | None, ratio: float | None, unit: str, flops_ours: float | None = None,
-          flops_theirs: float | None = None, peak: float | None = None, note: str = "", **extra) -> dict:
-    return {"row": row, "ours": ours, "diffusers": theirs, "ratio": ratio, "unit": unit,
-            "gflop_ours": flops_ours / 1e9 if flops_ours else None,
-            "gflop_diffusers": flops_theirs / 1e9 if flops_theirs else None,
-            "mfu_ours": mfu(flops_ours, ours, peak) if flops_ours else None,
-            "mfu_diffusers": mfu(flops_theirs, theirs, peak) if flops_theirs and theirs else None,
-            "note": note, **extra}
+def _pair(
+    row: str,
+    ours: float,
+    theirs: float | None,
+    ratio: float | None,
+    unit: str,
+    flops_ours: float | None = None,
+    flops_theirs: float | None = None,
+    peak: float | None = None,
+    note: str = "",
+    **extra,
+) -> dict:
+    return {
+        "row": row,
+        "ours": ours,
+        "diffusers": theirs,
+        "ratio": ratio,
+        "unit": unit,
+        "gflop_ours": flops_ours / 1e9 if flops_ours else None,
+        "gflop_diffusers": flops_theirs / 1e9 if flops_theirs else None,
+        "mfu_ours": mfu(flops_ours, ours, peak) if flops_ours else None,
+        "mfu_diffusers": mfu(flops_theirs, theirs, peak) if flops_theirs and theirs else None,
+        "note": note,
+        **extra,
+    }
 
 
 class _Rows(list):
@@ -50,8 +67,11 @@ class _Rows(list):
     def append(self, row: dict) -> None:
         super().append(row)
         ratio = f"{row['ratio']:.2f}x" if row.get("ratio") is not None else "-"
-        print(f"[{(time.time() - self.t0) / 60:5.1f} min] {row['row']}: ours {row['ours']:.3g} {row['unit']}, "
-              f"ratio {ratio}", flush=True)
+        print(
+            f"[{(time.time() - self.t0) / 60:5.1f} min] {row['row']}: ours {row['ours']:.3g} {row['unit']}, "
+            f"ratio {ratio}",
+            flush=True,
+        )
         self.result["seconds"] = time.time() - self.t0
         write_json(_public(self.result), self.json_path)
 
@@ -64,50 +84,129 @@ def _public(result: dict) -> dict:
 def run(quick: bool, precision: str, json_path: str | None = None, device: str = "cpu") -> dict:
     t0 = time.time()
     peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device=device)
-    result: dict = {"machine": machine_info(), "precision": precision, "matmul_peak_flops": peak, "quick": quick,
-                    "complete": False, "device": device,
-                    # on a GPU, MFU against the datasheet peak too (benchmarks.table adds those columns)
-                    "datasheet_peak_flops": gpu_peak_flops(precision) if torch.device(device).type == "cuda" else None}
+    result: dict = {
+        "machine": machine_info(),
+        "precision": precision,
+        "matmul_peak_flops": peak,
+        "quick": quick,
+        "complete": False,
+        "device": device,
+        # on a GPU, MFU against the datasheet peak too (benchmarks.table adds those columns)
+        "datasheet_peak_flops": gpu_peak_flops(precision) if torch.device(device).type == "cuda" else None,
+    }
     rows = result["rows"] = _Rows(result, json_path, t0)
     rounds = 3 if quick else 8
 
     for name in ("demo", "mid"):
         steps = 10 if quick else 50
         r = unet_bench.run(name, rounds=rounds, iters=1, sample_steps=steps, precision=precision, device=device)
-        rows.append(_pair(f"UNet train step ({name})", r["train_ours_images_per_s"], r["train_diffusers_images_per_s"],
-                          r["train_ratio"], "img/s", r["train_flops_ours"], r["train_flops_diffusers"], peak,
-                          detail=r))
-        rows.append(_pair(f"UNet DDIM-{steps} + CFG ({name})", r["sample_ours_images_per_s"],
-                          r["sample_diffusers_images_per_s"], r["sample_ratio"], "img/s", r["sample_flops_ours"],
-                          r["sample_flops_diffusers"], peak))
+        rows.append(
+            _pair(
+                f"UNet train step ({name})",
+                r["train_ours_images_per_s"],
+                r["train_diffusers_images_per_s"],
+                r["train_ratio"],
+                "img/s",
+                r["train_flops_ours"],
+                r["train_flops_diffusers"],
+                peak,
+                detail=r,
+            )
+        )
+        rows.append(
+            _pair(
+                f"UNet DDIM-{steps} + CFG ({name})",
+                r["sample_ours_images_per_s"],
+                r["sample_diffusers_images_per_s"],
+                r["sample_ratio"],
+                "img/s",
+                r["sample_flops_ours"],
+                r["sample_flops_diffusers"],
+                peak,
+            )
+        )
     for name in ("tiny", "mid"):
         steps = 6 if quick else mmdit_bench.SAMPLE_STEPS
         r = mmdit_bench.run(name, rounds=rounds, iters=1, sample_steps=steps, precision=precision, device=device)
-        rows.append(_pair(f"MMDiT train step ({name})", r["train_ours_images_per_s"], r["train_diffusers_images_per_s"],
-                          r["train_ratio"], "img/s", r["train_flops_ours"], r["train_flops_diffusers"], peak))
-        rows.append(_pair(f"MMDiT Euler-{steps} + CFG ({name})", r["sample_ours_images_per_s"],
-                          r["sample_diffusers_images_per_s"], r["sample_ratio"], "img/s", r["sample_flops_ours"],
-                          r["sample_flops_diffusers"], peak))
+        rows.append(
+            _pair(
+                f"MMDiT train step ({name})",
+                r["train_ours_images_per_s"],
+                r["train_diffusers_images_per_s"],
+                r["train_ratio"],
+                "img/s",
+                r["train_flops_ours"],
+                r["train_flops_diffusers"],
+                peak,
+            )
+        )
+        rows.append(
+            _pair(
+                f"MMDiT Euler-{steps} + CFG ({name})",
+                r["sample_ours_images_per_s"],
+                r["sample_diffusers_images_per_s"],
+                r["sample_ratio"],
+                "img/s",
+                r["sample_flops_ours"],
+                r["sample_flops_diffusers"],
+                peak,
+            )
+        )
     size = 32 if quick else 64
     a = ae_bench.run(size=size, batch=4, rounds=rounds, precision=precision, device=device)
-    rows.append(_pair(f"AutoencoderKL train step ({size}px)", a["ours_images_per_s"], a["diffusers_images_per_s"],
-                      a["ratio"], "img/s", a["flops_ours"], a["flops_diffusers"], peak))
+    rows.append(
+        _pair(
+            f"AutoencoderKL train step ({size}px)",
+            a["ours_images_per_s"],
+            a["diffusers_images_per_s"],
+            a["ratio"],
+            "img/s",
+            a["flops_ours"],
+            a["flops_diffusers"],
+            peak,
+        )
+    )
 
     # rows where the two sides do different work, labelled
     for name in ("demo", "mid"):
         d = next(r["detail"] for r in rows if r["row"] == f"UNet train step ({name})")
-        rows.append(_pair(f"as shipped: UNet step, ours vs diffusers + torch.optim.AdamW defaults ({name})",
-                          d["shipped_ours_images_per_s"], d["shipped_diffusers_images_per_s"], d["shipped_ratio"],
-                          "img/s", note="different optimizers: the product, not the model"))
+        rows.append(
+            _pair(
+                f"as shipped: UNet step, ours vs diffusers + torch.optim.AdamW defaults ({name})",
+                d["shipped_ours_images_per_s"],
+                d["shipped_diffusers_images_per_s"],
+                d["shipped_ratio"],
+                "img/s",
+                note="different optimizers: the product, not the model",
+            )
+        )
     f = ae_bench.run_full_loss(size=size, batch=4, rounds=rounds, precision=precision, device=device)
-    rows.append(_pair(f"algorithmic: AutoencoderKL step with LPIPS + GAN ({size}px)", f["ours_images_per_s"],
-                      f["diffusers_images_per_s"], f["ratio"], "img/s", f["flops_ours"], f["flops_diffusers"], peak,
-                      note="one LPIPS/discriminator backward vs CompVis' two"))
+    rows.append(
+        _pair(
+            f"algorithmic: AutoencoderKL step with LPIPS + GAN ({size}px)",
+            f["ours_images_per_s"],
+            f["diffusers_images_per_s"],
+            f["ratio"],
+            "img/s",
+            f["flops_ours"],
+            f["flops_diffusers"],
+            peak,
+            note="one LPIPS/discriminator backward vs CompVis' two",
+        )
+    )
     for name in e2e_bench.CONFIGS:
         e = e2e_bench.run(name, rounds=2 if quick else 4, device=device)
-        rows.append(_pair(f"end to end: ldm_model step on the latent store vs train_text_to_image ({name}, "
-                          f"{e['vae']} {e['resolution']}px)", e["ours_images_per_s"], e["diffusers_images_per_s"],
-                          e["ratio"], "img/s", note="the reference encodes with the VAE and text encoder every step"))
+        rows.append(
+            _pair(
+                f"end to end: ldm_model step on the latent store vs train_text_to_image ({name}, "
+                f"{e['vae']} {e['resolution']}px)",
+                e["ours_images_per_s"],
+                e["diffusers_images_per_s"],
+                e["ratio"],
+                "img/s",
+                note="the reference encodes with the VAE and text encoder every step",
+            )
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         size = dict(ll.DEMO)
@@ -115,14 +214,34 @@ def run(quick: bool, precision: str, json_path: str | None = None, device: str =
             size.update(rows=1024, rows_per_shard=256)
         ll.build_random_store(f"{tmp}/store", size, "zarr")
         rates = ll.loader_rates(f"{tmp}/store", batch=size["batch"])
-        consumption = ll.trainer_rate(unet_bench.CONFIGS["demo"]["unet"], tuple(size["latent"]), tuple(size["context"]),
-                                      batch=size["batch"], steps=10 if quick else 40)
-        rows.append(_pair("latent loader vs UNet step (demo, local zarr)", rates["cold_samples_per_s"], consumption,
-                          rates["cold_samples_per_s"] / consumption, "samples/s",
-                          note="reference column: the trainer's consumption; ratio = loader (cold) ÷ consumption"))
+        consumption = ll.trainer_rate(
+            unet_bench.CONFIGS["demo"]["unet"],
+            tuple(size["latent"]),
+            tuple(size["context"]),
+            batch=size["batch"],
+            steps=10 if quick else 40,
+        )
+        rows.append(
+            _pair(
+                "latent loader vs UNet step (demo, local zarr)",
+                rates["cold_samples_per_s"],
+                consumption,
+                rates["cold_samples_per_s"] / consumption,
+                "samples/s",
+                note="reference column: the trainer's consumption; ratio = loader (cold) ÷ consumption",
+            )
+        )
         for e in ll.encode_runs(tmp, [100, 1000] if quick else [300, 3000], rows_per_shard=100):
-            rows.append(_pair(f"encode {e['rows']} images (tiny VAE + MiniLM)", e["images_per_second"], None, None,
-                              "img/s", note=f"peak RSS {e['peak_rss_mb']:.0f} MB"))
+            rows.append(
+                _pair(
+                    f"encode {e['rows']} images (tiny VAE + MiniLM)",
+                    e["images_per_second"],
+                    None,
+                    None,
+                    "img/s",
+                    note=f"peak RSS {e['peak_rss_mb']:.0f} MB",
+                )
+            )
     result["memory"] = mem_bench.run(device=device, steps=1 if quick else 2)["rows"]
     result["seconds"] = time.time() - t0
     result["complete"] = True
@@ -136,14 +255,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json", default="benchmarks/results/suite.json")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the model, end-to-end and memory rows run (the latent-loader rows are host work)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model, end-to-end and memory rows run (the latent-loader rows are host work)",
+    )
     a = p.parse_args(argv)
     set_threads(a.threads)
     result = run(a.quick, a.precision, a.json, a.device)
     m = result["machine"]
-    print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
-          f"device {m['device']} | {a.precision} matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    print(
+        f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
+        f"device {m['device']} | {a.precision} matmul peak {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+    )
 
     def pct(v: float | None) -> str:
         return f"{100 * v:.0f}%" if v is not None else ""
@@ -151,18 +275,50 @@ def main(argv: list[str] | None = None) -> dict:
     def gf(v: float | None) -> str:
         return f"{v:.3g}" if v else ""
 
-    table = [{"benchmark": r["row"], "ours": f"{r['ours']:.2f}",
-              "diffusers / reference": f"{r['diffusers']:.2f}" if r.get("diffusers") is not None else "",
-              "ratio": f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "", "unit": r["unit"],
-              "GFLOP/item ours": gf(r["gflop_ours"]), "GFLOP/item ref": gf(r["gflop_diffusers"]),
-              "MFU ours": pct(r["mfu_ours"]), "MFU ref": pct(r["mfu_diffusers"]), "note": r.get("note", "")}
-             for r in result["rows"]]
-    print_table(table, ["benchmark", "ours", "diffusers / reference", "ratio", "unit", "GFLOP/item ours",
-                        "GFLOP/item ref", "MFU ours", "MFU ref", "note"])
+    table = [
+        {
+            "benchmark": r["row"],
+            "ours": f"{r['ours']:.2f}",
+            "diffusers / reference": f"{r['diffusers']:.2f}" if r.get("diffusers") is not None else "",
+            "ratio": f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "",
+            "unit": r["unit"],
+            "GFLOP/item ours": gf(r["gflop_ours"]),
+            "GFLOP/item ref": gf(r["gflop_diffusers"]),
+            "MFU ours": pct(r["mfu_ours"]),
+            "MFU ref": pct(r["mfu_diffusers"]),
+            "note": r.get("note", ""),
+        }
+        for r in result["rows"]
+    ]
+    print_table(
+        table,
+        [
+            "benchmark",
+            "ours",
+            "diffusers / reference",
+            "ratio",
+            "unit",
+            "GFLOP/item ours",
+            "GFLOP/item ref",
+            "MFU ours",
+            "MFU ref",
+            "note",
+        ],
+    )
     print()
-    print_table([{"model": r["model"], "side": r["side"], "checkpointing": "on" if r["checkpointing"] else "off",
-                  "step MB": f"{r['step_mb']:.0f}", "s/step": f"{r['step_s']:.2f}"} for r in result["memory"]],
-                ["model", "side", "checkpointing", "step MB", "s/step"])
+    print_table(
+        [
+            {
+                "model": r["model"],
+                "side": r["side"],
+                "checkpointing": "on" if r["checkpointing"] else "off",
+                "step MB": f"{r['step_mb']:.0f}",
+                "s/step": f"{r['step_s']:.2f}",
+            }
+            for r in result["memory"]
+        ],
+        ["model", "side", "checkpointing", "step MB", "s/step"],
+    )
     return _public(result)
 
 

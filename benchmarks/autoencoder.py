@@ -34,8 +34,15 @@ from ldm_core.trainers.step import make_adam
 BENCH_CONFIG = AutoencoderConfig(ch=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, norm_groups=32)
 
 
-def run(size: int = 64, batch: int = 4, rounds: int = 10, iters: int = 1, precision: str = "fp32",
-        device: str = "cpu", channels_last: bool = False) -> dict:
+def run(
+    size: int = 64,
+    batch: int = 4,
+    rounds: int = 10,
+    iters: int = 1,
+    precision: str = "fp32",
+    device: str = "cpu",
+    channels_last: bool = False,
+) -> dict:
     """Like for like: forward + backward + the same fused Adam step on both sides, in the same memory format."""
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -45,8 +52,10 @@ def run(size: int = 64, batch: int = 4, rounds: int = 10, iters: int = 1, precis
     if channels_last:  # both sides, or the comparison would be of memory formats
         ours, theirs = (m.to(memory_format=torch.channels_last) for m in (ours, theirs))
         x = x.contiguous(memory_format=torch.channels_last)
-    opts = {"ours": make_adam(list(ours.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
-            "diffusers": make_adam(list(theirs.parameters()), dev, lr=1e-5, betas=(0.5, 0.9))}
+    opts = {
+        "ours": make_adam(list(ours.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
+        "diffusers": make_adam(list(theirs.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
+    }
     gen = torch.Generator(device=dev)
     amp = (
         torch.autocast(dev.type, dtype=torch.bfloat16)
@@ -77,11 +86,18 @@ def run(size: int = 64, batch: int = 4, rounds: int = 10, iters: int = 1, precis
         {"ours": step_ours, "diffusers": step_theirs}, rounds=rounds, iters=iters, warmup=1, device=dev
     )
     return {
-        "benchmark": "autoencoder_train_step", "config": BENCH_CONFIG.to_dict(), "image_size": size, "batch": batch,
-        "precision": precision, "channels_last": channels_last, "machine": machine_info(),
+        "benchmark": "autoencoder_train_step",
+        "config": BENCH_CONFIG.to_dict(),
+        "image_size": size,
+        "batch": batch,
+        "precision": precision,
+        "channels_last": channels_last,
+        "machine": machine_info(),
         "optimizer": "fused Adam on both sides",
-        "ours_images_per_s": batch / t["ours"], "diffusers_images_per_s": batch / t["diffusers"],
-        "ratio": t["ratio"], **{f"flops_{k}": v for k, v in fwd_bwd_flops(size).items()},
+        "ours_images_per_s": batch / t["ours"],
+        "diffusers_images_per_s": batch / t["diffusers"],
+        "ratio": t["ratio"],
+        **{f"flops_{k}": v for k, v in fwd_bwd_flops(size).items()},
     }
 
 
@@ -117,12 +133,18 @@ def main(argv: list[str] | None = None) -> dict:
     r = run(a.size, a.batch, a.rounds, a.iters, a.precision, a.device, a.channels_last)
     m = r["machine"]
     print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | device {m['device']}")
-    print_table([{
-        "benchmark": f"AutoencoderKL train step (same fused Adam) {a.size}px b{a.batch} {a.precision}"
-                     f"{' channels_last' if a.channels_last else ''}",
-        "ours img/s": f"{r['ours_images_per_s']:.2f}", "diffusers img/s": f"{r['diffusers_images_per_s']:.2f}",
-        "ratio": f"{r['ratio']:.2f}x",
-    }], ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
+    print_table(
+        [
+            {
+                "benchmark": f"AutoencoderKL train step (same fused Adam) {a.size}px b{a.batch} {a.precision}"
+                f"{' channels_last' if a.channels_last else ''}",
+                "ours img/s": f"{r['ours_images_per_s']:.2f}",
+                "diffusers img/s": f"{r['diffusers_images_per_s']:.2f}",
+                "ratio": f"{r['ratio']:.2f}x",
+            }
+        ],
+        ["benchmark", "ours img/s", "diffusers img/s", "ratio"],
+    )
     write_json(r, a.json)
     return r
 
@@ -134,6 +156,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------------------------
 # Full training step with the loss (LPIPS + discriminator), after disc_start: ours vs the reference recipe
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def reference_generator_step(ae, lpips_net, disc, x, gen, disc_weight=0.5, kl_weight=1e-6):
     """The CompVis LPIPSWithDiscriminator step as published (contperceptual.py), on a diffusers AutoencoderKL: nll and
@@ -217,10 +240,14 @@ def run_full_loss(
         loss_fn.discriminator(x)
         ref_disc(x)
     opts = {
-        "ours": (make_adam(list(ours.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
-                 make_adam(list(loss_fn.discriminator.parameters()), dev, lr=1e-5, betas=(0.5, 0.9))),
-        "diffusers": (make_adam(list(theirs.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
-                      make_adam(list(ref_disc.parameters()), dev, lr=1e-5, betas=(0.5, 0.9))),
+        "ours": (
+            make_adam(list(ours.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
+            make_adam(list(loss_fn.discriminator.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
+        ),
+        "diffusers": (
+            make_adam(list(theirs.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
+            make_adam(list(ref_disc.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
+        ),
     }
     gen = torch.Generator(device=dev)
     amp = (
@@ -262,8 +289,16 @@ def run_full_loss(
     t = time_alternating({"ours": step_ours, "diffusers": step_theirs}, rounds=rounds, iters=1, warmup=1, device=dev)
     flops = full_loss_flops(size)
     return {
-        "benchmark": "autoencoder_train_step_full_loss", "config": BENCH_CONFIG.to_dict(), "image_size": size,
-        "batch": batch, "precision": precision, "machine": machine_info(), "optimizer": "fused Adam on both sides",
-        "ours_images_per_s": batch / t["ours"], "diffusers_images_per_s": batch / t["diffusers"], "ratio": t["ratio"],
-        "flops_ours": flops["ours"], "flops_diffusers": flops["diffusers"],
+        "benchmark": "autoencoder_train_step_full_loss",
+        "config": BENCH_CONFIG.to_dict(),
+        "image_size": size,
+        "batch": batch,
+        "precision": precision,
+        "machine": machine_info(),
+        "optimizer": "fused Adam on both sides",
+        "ours_images_per_s": batch / t["ours"],
+        "diffusers_images_per_s": batch / t["diffusers"],
+        "ratio": t["ratio"],
+        "flops_ours": flops["ours"],
+        "flops_diffusers": flops["diffusers"],
     }

@@ -38,13 +38,16 @@ BACKBONES = {"unet": "demo.yaml", "mmdit": "demo-mmdit.yaml"}
 def _only(pattern: str) -> str:
     found = sorted(glob.glob(pattern))
     if len(found) != 1:
-        raise SystemExit(f"expected one match for {pattern}, found {found or 'none'}: run `ldm demo` with this "
-                         "LDM_HOME first, and only once")
+        raise SystemExit(
+            f"expected one match for {pattern}, found {found or 'none'}: run `ldm demo` with this "
+            "LDM_HOME first, and only once"
+        )
     return found[0]
 
 
-def training_config(config_file: str, store: LatentDataset, seed: int, every: int,
-                    steps: int | None = None) -> tuple[LDMTrainingConfig, float]:
+def training_config(
+    config_file: str, store: LatentDataset, seed: int, every: int, steps: int | None = None
+) -> tuple[LDMTrainingConfig, float]:
     """The run config's stage-2 training section with the store's shapes filled in (as ldm_model does)."""
     ops = yaml.safe_load((CONFIGS / config_file).read_text())["ops"]["ldm_model"]["config"]
     training = ops["training"]
@@ -72,9 +75,11 @@ def run(home: str, seed: int, every: int, threads: int, steps: int | None = None
     text_encoder = TextEncoder(TextEncoderConfig.model_validate(demo["text_encoder"]))
     evaluation = EvaluationConfig()
     held_out = held_out_from_dataset(
-        ImageShardDataset(_only(f"{home}/storage/datasets/default"), split="validation",
-                          resolution=vae.config.resolution),
-        evaluation.generated_samples)
+        ImageShardDataset(
+            _only(f"{home}/storage/datasets/default"), split="validation", resolution=vae.config.resolution
+        ),
+        evaluation.generated_samples,
+    )
     n = evaluation.generated_samples
     prompts = [held_out.captions[i % len(held_out.captions)] for i in range(n)]
     wanted = [held_out.attributes[i % len(held_out.attributes)] for i in range(n)]
@@ -82,22 +87,38 @@ def run(home: str, seed: int, every: int, threads: int, steps: int | None = None
     rows: list[dict] = []
     for backbone, config_file in BACKBONES.items():
         config, guidance = training_config(config_file, store, seed, every, steps)
-        t2i = TextToImage(vae=vae, denoiser=torch.nn.Identity(), text_encoder=text_encoder,
-                          diffusion_config=config.diffusion, latent_shape=tuple(store.latent_shape), guidance=guidance)
+        t2i = TextToImage(
+            vae=vae,
+            denoiser=torch.nn.Identity(),
+            text_encoder=text_encoder,
+            diffusion_config=config.diffusion,
+            latent_shape=tuple(store.latent_shape),
+            guidance=guidance,
+        )
         clock = _TrainingClock()
 
-        def evaluate_at(model: torch.nn.Module, step: int, backbone: str = backbone, t2i: TextToImage = t2i,
-                        clock: _TrainingClock = clock) -> np.ndarray:
+        def evaluate_at(
+            model: torch.nn.Module,
+            step: int,
+            backbone: str = backbone,
+            t2i: TextToImage = t2i,
+            clock: _TrainingClock = clock,
+        ) -> np.ndarray:
             if any(r["backbone"] == backbone and r["step"] == step for r in rows):  # the end, already evaluated
                 return np.zeros((1, 1, 1, 3), np.uint8)
             with clock.paused() as minutes:
                 t2i.denoiser = model
                 images = t2i.generate(prompts, seed=evaluation.seed)
                 acc = attribute_accuracy(images, wanted)
-                row = {"backbone": backbone, "seed": seed, "threads": threads, "step": step,
-                       "train_minutes": round(minutes, 2),
-                       **{k: round(acc[f"{k}_acc"], 3) for k in ("color", "shape", "position")},
-                       "confusions": confusion_lines(color_confusion(wanted, acc["predictions"]))}
+                row = {
+                    "backbone": backbone,
+                    "seed": seed,
+                    "threads": threads,
+                    "step": step,
+                    "train_minutes": round(minutes, 2),
+                    **{k: round(acc[f"{k}_acc"], 3) for k in ("color", "shape", "position")},
+                    "confusions": confusion_lines(color_confusion(wanted, acc["predictions"])),
+                }
             rows.append(row)
             print(json.dumps(row), flush=True)
             return images[:4]
@@ -123,8 +144,10 @@ def print_table(rows: list[dict]) -> None:
     print("| backbone | steps | training minutes | colour | shape | position |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backbone']} | {r['step']} | {r['train_minutes']:.1f} | {r['color']:.3f} | {r['shape']:.3f} "
-              f"| {r['position']:.3f} |")
+        print(
+            f"| {r['backbone']} | {r['step']} | {r['train_minutes']:.1f} | {r['color']:.3f} | {r['shape']:.3f} "
+            f"| {r['position']:.3f} |"
+        )
 
 
 def main() -> None:

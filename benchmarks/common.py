@@ -30,8 +30,12 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     info = {
-        "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "device": "cpu",
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
     }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
@@ -67,8 +71,10 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-THREADS_HELP = ("intra-op threads for both sides (default: torch's, one per core); on a loaded machine 1 keeps "
-                "each op from waiting for a descheduled second thread")
+THREADS_HELP = (
+    "intra-op threads for both sides (default: torch's, one per core); on a loaded machine 1 keeps "
+    "each op from waiting for a descheduled second thread"
+)
 
 
 def in_fresh_process(target: Callable[..., None], *args: Any) -> Any:
@@ -94,8 +100,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_alternating(fns: dict[str, Callable[[], None]], rounds: int, iters: int, warmup: int,
-                     device: torch.device) -> dict[str, float]:
+def time_alternating(
+    fns: dict[str, Callable[[], None]], rounds: int, iters: int, warmup: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds per call of each fn, timed in alternating rounds (see `paired_ratio` for their ratio); each
     round starts with the next side, so no side always runs first (on a warm cache, or right after another's)."""
     for fn in fns.values():
@@ -105,7 +112,7 @@ def time_alternating(fns: dict[str, Callable[[], None]], rounds: int, iters: int
     samples: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             fn = fns[name]
             sync(device)
             t = time.perf_counter()
@@ -139,6 +146,9 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 def ratio_row(label: str, result: dict, prefix: str, digits: int = 2) -> dict[str, str]:
     """One printed row of a side-by-side result: ``result[f"{prefix}_ours_images_per_s"]``, the diffusers side's and
     ``result[f"{prefix}_ratio"]``."""
-    return {"benchmark": label, "ours img/s": f"{result[f'{prefix}_ours_images_per_s']:.{digits}f}",
-            "diffusers img/s": f"{result[f'{prefix}_diffusers_images_per_s']:.{digits}f}",
-            "ratio": f"{result[f'{prefix}_ratio']:.2f}x"}
+    return {
+        "benchmark": label,
+        "ours img/s": f"{result[f'{prefix}_ours_images_per_s']:.{digits}f}",
+        "diffusers img/s": f"{result[f'{prefix}_diffusers_images_per_s']:.{digits}f}",
+        "ratio": f"{result[f'{prefix}_ratio']:.2f}x",
+    }

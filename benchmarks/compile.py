@@ -49,10 +49,19 @@ def run(name: str, sides: list[str], precision: str = "fp32", steps: int = 5) ->
         first_s = time.perf_counter() - t0
         compiled()
         compiled_s = _median_s(compiled, steps)
-        rows.append({"config": name, "side": side, "precision": precision, "eager_s": eager_s,
-                     "first_compiled_step_s": first_s, "compiled_s": compiled_s, "speedup": eager_s / compiled_s,
-                     # steps after which the compiled run has caught up with eager (None: never)
-                     "break_even_steps": first_s / (eager_s - compiled_s) if compiled_s < eager_s else None})
+        rows.append(
+            {
+                "config": name,
+                "side": side,
+                "precision": precision,
+                "eager_s": eager_s,
+                "first_compiled_step_s": first_s,
+                "compiled_s": compiled_s,
+                "speedup": eager_s / compiled_s,
+                # steps after which the compiled run has caught up with eager (None: never)
+                "break_even_steps": first_s / (eager_s - compiled_s) if compiled_s < eager_s else None,
+            }
+        )
     return rows
 
 
@@ -74,12 +83,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(a.config, a.sides.split(","), a.precision, a.steps)
     m = machine_info()
     print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']}")
-    print_table([{"side": r["side"], "eager s/step": f"{r['eager_s']:.3f}",
-                  "first compiled step s": f"{r['first_compiled_step_s']:.1f}",
-                  "compiled s/step": f"{r['compiled_s']:.3f}", "speedup": f"{r['speedup']:.2f}x",
-                  "break-even steps": f"{r['break_even_steps']:.0f}" if r["break_even_steps"] else "never"}
-                 for r in rows],
-                ["side", "eager s/step", "first compiled step s", "compiled s/step", "speedup", "break-even steps"])
+    print_table(
+        [
+            {
+                "side": r["side"],
+                "eager s/step": f"{r['eager_s']:.3f}",
+                "first compiled step s": f"{r['first_compiled_step_s']:.1f}",
+                "compiled s/step": f"{r['compiled_s']:.3f}",
+                "speedup": f"{r['speedup']:.2f}x",
+                "break-even steps": f"{r['break_even_steps']:.0f}" if r["break_even_steps"] else "never",
+            }
+            for r in rows
+        ],
+        ["side", "eager s/step", "first compiled step s", "compiled s/step", "speedup", "break-even steps"],
+    )
     write_json({"machine": m, "rows": rows, "inductor_cache": "warm" if a.warm_cache else "fresh"}, a.json)
     return rows
 

@@ -33,9 +33,21 @@ CONFIGS = {
     "demo": dict(vae="tiny", resolution=32, unet=UNET_PRESETS["tiny"], tokens=16, batch=32),
     # SD-like: the kl-f8 first stage at 256 px (32×32×4 latents), MiniLM tokens (the CLIP of SD is not available
     # offline), the mid-size UNet of benchmarks.unet at MiniLM's width
-    "sd-like": dict(vae="kl-f8", resolution=256, tokens=77, batch=4,
-                    unet=UNetConfig(model_channels=64, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
-                                    attention_levels=[0, 1, 2], num_heads=8, context_dim=384, norm_groups=32)),
+    "sd-like": dict(
+        vae="kl-f8",
+        resolution=256,
+        tokens=77,
+        batch=4,
+        unet=UNetConfig(
+            model_channels=64,
+            channel_mult=[1, 2, 4, 4],
+            num_res_blocks=2,
+            attention_levels=[0, 1, 2],
+            num_heads=8,
+            context_dim=384,
+            norm_groups=32,
+        ),
+    ),
 }
 CAPTION = "a small red circle in the top left"
 
@@ -54,8 +66,15 @@ def run(name: str, rounds: int = 4, device: str = "cpu") -> dict:
     latent = vae.config.latent_shape(res)
     gen = torch.Generator(device=dev)
 
-    def trainer_step(model: Callable, opt: torch.optim.Optimizer, ema: EMA, net: torch.nn.Module,
-                     x0: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> None:
+    def trainer_step(
+        model: Callable,
+        opt: torch.optim.Optimizer,
+        ema: EMA,
+        net: torch.nn.Module,
+        x0: torch.Tensor,
+        ctx: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> None:
         sample = diffusion.training_sample(x0, gen)
         loss = diffusion.loss(model(sample.x_t, sample.t_model, ctx, mask).float(), sample)
         loss.backward()
@@ -66,8 +85,11 @@ def run(name: str, rounds: int = 4, device: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store_url = f"{tmp}/store"
         rows = max(8 * b, 64)
-        build_random_store(store_url, {"latent": latent, "context": (spec["tokens"], text.dim), "rows": rows,
-                                       "rows_per_shard": rows, "batch": b}, "zarr")
+        build_random_store(
+            store_url,
+            {"latent": latent, "context": (spec["tokens"], text.dim), "rows": rows, "rows_per_shard": rows, "batch": b},
+            "zarr",
+        )
         store = LatentDataset(store_url, split=None)
         order = iter(range(10**9))
         opt_ours = make_adam(list(unet.parameters()), dev, adamw=True, lr=1e-4)
@@ -76,12 +98,20 @@ def run(name: str, rounds: int = 4, device: str = "cpu") -> dict:
         def ours() -> None:
             start = (next(order) * b) % (rows - b)
             batch = store.get_batch(list(range(start, start + b)))  # cached latents and text embeddings
-            trainer_step(unet, opt_ours, ema_ours, unet, batch["latents"].to(dev), batch["context"].to(dev).float(),
-                         batch["context_mask"].to(dev))
+            trainer_step(
+                unet,
+                opt_ours,
+                ema_ours,
+                unet,
+                batch["latents"].to(dev),
+                batch["context"].to(dev).float(),
+                batch["context_mask"].to(dev),
+            )
 
         pixels = torch.rand(b, 3, res, res, device=dev) * 2 - 1  # decoded and transformed by the DataLoader
-        tokens = text.tokenizer([CAPTION] * b, padding="max_length", truncation=True, max_length=spec["tokens"],
-                                return_tensors="pt").to(dev)
+        tokens = text.tokenizer(
+            [CAPTION] * b, padding="max_length", truncation=True, max_length=spec["tokens"], return_tensors="pt"
+        ).to(dev)
         opt_theirs = make_adam(list(unet_theirs.parameters()), dev, adamw=True, lr=1e-4)
         ema_theirs = EMA(unet_theirs, 0.999)
 
@@ -92,14 +122,24 @@ def run(name: str, rounds: int = 4, device: str = "cpu") -> dict:
             with torch.no_grad():  # train_text_to_image.py: both encoders frozen, run every step
                 latents = vae_theirs.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
                 ctx = text.model(**tokens).last_hidden_state
-            trainer_step(theirs_unet, opt_theirs, ema_theirs, unet_theirs, latents, ctx,
-                         tokens["attention_mask"].bool())
+            trainer_step(
+                theirs_unet, opt_theirs, ema_theirs, unet_theirs, latents, ctx, tokens["attention_mask"].bool()
+            )
 
         t = time_alternating({"ours": ours, "diffusers": theirs}, rounds=rounds, iters=1, warmup=1, device=dev)
         store.close()
-    return {"benchmark": "end_to_end", "config": name, "resolution": res, "vae": spec["vae"], "batch": b,
-            "unet": spec["unet"].to_dict(), "machine": machine_info(),
-            "ours_images_per_s": b / t["ours"], "diffusers_images_per_s": b / t["diffusers"], "ratio": t["ratio"]}
+    return {
+        "benchmark": "end_to_end",
+        "config": name,
+        "resolution": res,
+        "vae": spec["vae"],
+        "batch": b,
+        "unet": spec["unet"].to_dict(),
+        "machine": machine_info(),
+        "ours_images_per_s": b / t["ours"],
+        "diffusers_images_per_s": b / t["diffusers"],
+        "ratio": t["ratio"],
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

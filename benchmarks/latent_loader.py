@@ -51,9 +51,19 @@ def build_random_store(url: str, size: dict[str, Any], backend: str, seed: int =
 
     cfg = LatentStoreConfig(backend=backend, dtype="fp16", content="moments")
     (c, h, w), (L, D) = size["latent"], size["context"]
-    template = LatentStoreMetadata(backend=backend, dtype="fp16", content="moments", resolution=8 * h, seed=0,
-                                   vae_identity="bench:random", scaling_factor=0.18215, shift_factor=0.0,
-                                   text_encoder_identity="bench:random", latent_shape=[c, h, w], context_shape=[L, D])
+    template = LatentStoreMetadata(
+        backend=backend,
+        dtype="fp16",
+        content="moments",
+        resolution=8 * h,
+        seed=0,
+        vae_identity="bench:random",
+        scaling_factor=0.18215,
+        shift_factor=0.0,
+        text_encoder_identity="bench:random",
+        latent_shape=[c, h, w],
+        context_shape=[L, D],
+    )
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
     uncond = (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool))
@@ -70,14 +80,21 @@ def _write_random_shards(writer: Any, size: dict[str, Any], rng: np.random.Gener
     for k, start in enumerate(range(0, n, per)):
         m = min(per, n - start)
         lengths = rng.integers(3, L + 1, m)
-        rows = pa.table({"id": [f"{start + i:016x}" for i in range(m)],
-                         "caption": [f"caption {start + i}" for i in range(m)],
-                         "split": ["train"] * m, "color": rng.choice(["red", "green", "blue"], m).tolist()})
+        rows = pa.table(
+            {
+                "id": [f"{start + i:016x}" for i in range(m)],
+                "caption": [f"caption {start + i}" for i in range(m)],
+                "split": ["train"] * m,
+                "color": rng.choice(["red", "green", "blue"], m).tolist(),
+            }
+        )
         cols = ShardColumns(
             latents=rng.standard_normal((m, c, h, w), dtype=np.float32).astype(np.float16),
             logvar=(rng.standard_normal((m, c, h, w), dtype=np.float32) - 5).astype(np.float16),
             context=rng.standard_normal((m, L, D), dtype=np.float32).astype(np.float16),
-            context_mask=np.arange(L)[None, :] < lengths[:, None], rows=rows)
+            context_mask=np.arange(L)[None, :] < lengths[:, None],
+            rows=rows,
+        )
         writer.write_shard(f"shard-{k:05d}.parquet", cols, source_rows=m)
 
 
@@ -106,8 +123,12 @@ def loader_rates(url: str, batch: int, storage_options: dict[str, Any] | None = 
     warm = time.perf_counter() - t
     data.close()
     n_epoch = sampler.batches_per_epoch * batch
-    return {"cold_samples_per_s": n_epoch / cold, "warm_samples_per_s": reps * n_epoch / warm,
-            "first_batch_s": first, "cold_epoch_s": cold}
+    return {
+        "cold_samples_per_s": n_epoch / cold,
+        "warm_samples_per_s": reps * n_epoch / warm,
+        "first_batch_s": first,
+        "cold_epoch_s": cold,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,13 +143,26 @@ def trainer_rate(unet_config, latent: tuple, context: tuple, batch: int, steps: 
 
     n = max(2 * batch, 64)
     g = torch.Generator().manual_seed(0)
-    data = InMemoryDataset(latents=torch.randn(n, *latent, generator=g), context=torch.randn(n, *context, generator=g),
-                           context_mask=torch.ones(n, context[0], dtype=torch.bool))
-    cfg = LDMTrainingConfig.model_validate({
-        "denoiser": unet_config.to_dict(), "diffusion": {"kind": "flow"},
-        "trainer": {"steps": steps, "batch_size": batch, "ema_decay": 0.999, "log_every": 10**6,
-                    "checkpoint_every": 10**9, "device": "cpu", "precision": "fp32"},
-    })
+    data = InMemoryDataset(
+        latents=torch.randn(n, *latent, generator=g),
+        context=torch.randn(n, *context, generator=g),
+        context_mask=torch.ones(n, context[0], dtype=torch.bool),
+    )
+    cfg = LDMTrainingConfig.model_validate(
+        {
+            "denoiser": unet_config.to_dict(),
+            "diffusion": {"kind": "flow"},
+            "trainer": {
+                "steps": steps,
+                "batch_size": batch,
+                "ema_decay": 0.999,
+                "log_every": 10**6,
+                "checkpoint_every": 10**9,
+                "device": "cpu",
+                "precision": "fp32",
+            },
+        }
+    )
     uncond = (torch.zeros(1, *context), torch.ones(1, context[0], dtype=torch.bool))
     warmup = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"steps": 1})})
     train_ldm(warmup, data, uncond=uncond)  # first-call allocations and kernel selection out of the timing
@@ -145,8 +179,11 @@ def moto_server() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
@@ -155,8 +192,12 @@ def moto_server() -> Iterator[str]:
                 break
             except OSError:
                 time.sleep(0.1)
-        env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": endpoint}
+        env = {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         import s3fs
@@ -192,10 +233,17 @@ def encode_child(dataset_url: str, store_url: str) -> dict[str, Any]:
     text = TextEncoder(TextEncoderConfig(max_length=16))
     text.empty()
     before = peak_rss_bytes() / 2**20
-    r = encode_dataset(dataset_url, store_url, vae, text, LatentStoreConfig(resolution=32, batch_size=128),
-                       vae_identity="bench:tiny")
-    return {"rows": r.rows_total, "shards": r.shards_total, "images_per_second": r.images_per_second,
-            "seconds": r.seconds, "rss_before_mb": before, "peak_rss_mb": peak_rss_bytes() / 2**20}
+    r = encode_dataset(
+        dataset_url, store_url, vae, text, LatentStoreConfig(resolution=32, batch_size=128), vae_identity="bench:tiny"
+    )
+    return {
+        "rows": r.rows_total,
+        "shards": r.shards_total,
+        "images_per_second": r.images_per_second,
+        "seconds": r.seconds,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+    }
 
 
 def encode_runs(workdir: str, sizes: list[int], rows_per_shard: int) -> list[dict[str, Any]]:
@@ -234,8 +282,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "latent_loader", "machine": machine_info(), "sizes": sizes}
 
     # 1) what the trainer consumes
-    sd_small = UNetConfig(model_channels=64, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_levels=[0, 1, 2],
-                          num_heads=8, context_dim=768, norm_groups=32)
+    sd_small = UNetConfig(
+        model_channels=64,
+        channel_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attention_levels=[0, 1, 2],
+        num_heads=8,
+        context_dim=768,
+        norm_groups=32,
+    )
     # the faster of two measurements: the machine is shared, and a higher consumption makes the ratio conservative
     consume = {
         "demo": max(
@@ -245,8 +300,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         "sd-like": max(trainer_rate(sd_small, SD["latent"], SD["context"], 2, 2) for _ in range(2)),
     }
     result["trainer_samples_per_s"] = consume
-    result["trainer_models"] = {"demo": "UNET_PRESETS['tiny'], batch 32, 8x8x4 latents",
-                                "sd-like": "SD-1 layout UNet at width 64 (SD-1: 320), batch 2, 64x64x4 latents"}
+    result["trainer_models"] = {
+        "demo": "UNET_PRESETS['tiny'], batch 32, 8x8x4 latents",
+        "sd-like": "SD-1 layout UNet at width 64 (SD-1: 320), batch 2, 64x64x4 latents",
+    }
 
     # 2) what the loader delivers
     rows = []
@@ -258,9 +315,18 @@ def run(quick: bool = False) -> dict[str, Any]:
                     write_s = build_random_store(url, size, backend)
                     r = loader_rates(url, size["batch"])
                     c = consume[size["name"]]
-                    rows.append({"size": size["name"], "backend": backend, "where": where, "write_s": write_s, **r,
-                                 "trainer_samples_per_s": c, "ratio_cold": r["cold_samples_per_s"] / c,
-                                 "ratio_warm": r["warm_samples_per_s"] / c})
+                    rows.append(
+                        {
+                            "size": size["name"],
+                            "backend": backend,
+                            "where": where,
+                            "write_s": write_s,
+                            **r,
+                            "trainer_samples_per_s": c,
+                            "ratio_cold": r["cold_samples_per_s"] / c,
+                            "ratio_warm": r["warm_samples_per_s"] / c,
+                        }
+                    )
     result["loader"] = rows
 
     # 3) encoding throughput and memory at N and 10·N images
@@ -283,18 +349,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     m = r["machine"]
     print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | device {m['device']}")
     print("\nLoader (LatentDataset.get_batch, shuffled batches of 32) vs trainer consumption (samples/s)")
-    print_table([{
-        "store": f"{x['size']} {x['backend']} {x['where']}", "cold": f"{x['cold_samples_per_s']:,.0f}",
-        "warm": f"{x['warm_samples_per_s']:,.0f}", "1st batch s": f"{x['first_batch_s']:.2f}",
-        "trainer": f"{x['trainer_samples_per_s']:,.1f}", "cold ratio": f"{x['ratio_cold']:,.0f}x",
-        "warm ratio": f"{x['ratio_warm']:,.0f}x",
-    } for x in r["loader"]], ["store", "cold", "warm", "1st batch s", "trainer", "cold ratio", "warm ratio"])
+    print_table(
+        [
+            {
+                "store": f"{x['size']} {x['backend']} {x['where']}",
+                "cold": f"{x['cold_samples_per_s']:,.0f}",
+                "warm": f"{x['warm_samples_per_s']:,.0f}",
+                "1st batch s": f"{x['first_batch_s']:.2f}",
+                "trainer": f"{x['trainer_samples_per_s']:,.1f}",
+                "cold ratio": f"{x['ratio_cold']:,.0f}x",
+                "warm ratio": f"{x['ratio_warm']:,.0f}x",
+            }
+            for x in r["loader"]
+        ],
+        ["store", "cold", "warm", "1st batch s", "trainer", "cold ratio", "warm ratio"],
+    )
     print("\nEncoding (tiny VAE + MiniLM, 32x32, fp16 Zarr), each run in its own process")
-    print_table([{
-        "images": e["rows"], "shards": e["shards"], "images/s": f"{e['images_per_second']:.0f}",
-        "RSS before MB": f"{e['rss_before_mb']:.0f}", "peak RSS MB": f"{e['peak_rss_mb']:.0f}",
-        "growth MB": f"{e['peak_rss_mb'] - e['rss_before_mb']:.0f}",
-    } for e in r["encoding"]], ["images", "shards", "images/s", "RSS before MB", "peak RSS MB", "growth MB"])
+    print_table(
+        [
+            {
+                "images": e["rows"],
+                "shards": e["shards"],
+                "images/s": f"{e['images_per_second']:.0f}",
+                "RSS before MB": f"{e['rss_before_mb']:.0f}",
+                "peak RSS MB": f"{e['peak_rss_mb']:.0f}",
+                "growth MB": f"{e['peak_rss_mb'] - e['rss_before_mb']:.0f}",
+            }
+            for e in r["encoding"]
+        ],
+        ["images", "shards", "images/s", "RSS before MB", "peak RSS MB", "growth MB"],
+    )
     write_json(r, a.json)
     if a.json:
         print(f"\nwrote {a.json}")

@@ -63,8 +63,7 @@ def _base_unet(spec: dict, dev: torch.device) -> UNet:
     return UNet(spec["unet"]).to(dev)
 
 
-def _train_step(gen: torch.Generator, params: list[torch.Tensor],
-                opt: torch.optim.Optimizer) -> Callable[..., None]:
+def _train_step(gen: torch.Generator, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> Callable[..., None]:
     """The step both sides take once they hold latents and text embeddings."""
     diffusion = create_diffusion(DiffusionConfig(kind="ddpm", prediction="eps"))
 
@@ -82,8 +81,9 @@ def _diffusers_lora(spec: dict, rank: int, dev: torch.device) -> tuple[Callable[
     """train_text_to_image_lora.py's step: encode pixels and captions, then step the adapted UNet."""
     b, res = spec["batch"], spec["resolution"]
     unet = to_diffusers(_base_unet(spec, dev)).to(dev).requires_grad_(False)
-    unet.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                     target_modules=DIFFUSERS_TARGETS))
+    unet.add_adapter(
+        peft.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=DIFFUSERS_TARGETS)
+    )
     unet.train()
     vae_config = AUTOENCODER_PRESETS[spec["vae"]].model_copy(update={"scaling_factor": 0.18215})
     vae = to_diffusers(AutoencoderKL(vae_config)).to(dev).eval().requires_grad_(False)
@@ -92,8 +92,9 @@ def _diffusers_lora(spec: dict, rank: int, dev: torch.device) -> tuple[Callable[
     params = [p for p in unet.parameters() if p.requires_grad]
     step = _train_step(gen, params, make_adam(params, dev, adamw=True, lr=LR))
     pixels = torch.rand(b, 3, res, res, device=dev) * 2 - 1  # decoded and transformed by the DataLoader
-    tokens = text.tokenizer([CAPTION] * b, padding="max_length", truncation=True, max_length=spec["tokens"],
-                            return_tensors="pt").to(dev)
+    tokens = text.tokenizer(
+        [CAPTION] * b, padding="max_length", truncation=True, max_length=spec["tokens"], return_tensors="pt"
+    ).to(dev)
 
     def model(x, t, ctx, mask):
         # the script passes no text mask (diffusers' masked attention path would cost it time it does not spend)
@@ -120,8 +121,17 @@ def _ours(spec: dict, lora_rank: int | None, dev: torch.device, stack: ExitStack
     tmp = stack.enter_context(tempfile.TemporaryDirectory())
     rows = max(8 * b, 64)
     latent = AUTOENCODER_PRESETS[spec["vae"]].latent_shape(res)
-    build_random_store(f"{tmp}/store", {"latent": latent, "context": (spec["tokens"], spec["unet"].context_dim),
-                                        "rows": rows, "rows_per_shard": rows, "batch": b}, "zarr")
+    build_random_store(
+        f"{tmp}/store",
+        {
+            "latent": latent,
+            "context": (spec["tokens"], spec["unet"].context_dim),
+            "rows": rows,
+            "rows_per_shard": rows,
+            "batch": b,
+        },
+        "zarr",
+    )
     store = LatentDataset(f"{tmp}/store", split=None)
     stack.callback(store.close)
     order = iter(range(10**9))
@@ -166,12 +176,22 @@ def run(name: str, rank: int = 4, rounds: int = 4, device: str = "cpu", threads:
             steps[side], trainable[side] = build_step(name, side, rank, dev, stack)
         seconds = time_alternating(steps, rounds=rounds, iters=1, warmup=1, device=dev)  # median s/step of each
     memory = {side: measure_memory(name, side, rank, device, threads) for side in SIDES}
-    return {"benchmark": "lora", "config": name, "rank": rank, "batch": b, "resolution": CONFIGS[name]["resolution"],
-            "vae": CONFIGS[name]["vae"], "unet": CONFIGS[name]["unet"].to_dict(), "machine": machine_info(),
-            "sides": {side: {"images_per_s": b / seconds[side], "trainable_parameters": trainable[side], **memory[side]}
-                      for side in SIDES},
-            "ratio_vs_diffusers": seconds["diffusers_lora"] / seconds["ours_lora"],
-            "lora_vs_full": seconds["ours_full"] / seconds["ours_lora"]}
+    return {
+        "benchmark": "lora",
+        "config": name,
+        "rank": rank,
+        "batch": b,
+        "resolution": CONFIGS[name]["resolution"],
+        "vae": CONFIGS[name]["vae"],
+        "unet": CONFIGS[name]["unet"].to_dict(),
+        "machine": machine_info(),
+        "sides": {
+            side: {"images_per_s": b / seconds[side], "trainable_parameters": trainable[side], **memory[side]}
+            for side in SIDES
+        },
+        "ratio_vs_diffusers": seconds["diffusers_lora"] / seconds["ours_lora"],
+        "lora_vs_full": seconds["ours_full"] / seconds["ours_lora"],
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -185,16 +205,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     names = list(CONFIGS) if a.config == "all" else [a.config]
     results = [run(n, a.rank, a.rounds, a.device, a.threads) for n in names]
-    labels = {"ours_lora": "ours, LoRA (cached latents)", "diffusers_lora": "diffusers LoRA script loop",
-              "ours_full": "ours, full fine-tuning (cached latents)"}
-    print_table([{"config": f"{r['config']} ({r['vae']} at {r['resolution']} px, b{r['batch']}, rank {r['rank']})",
-                  "step": labels[side], "img/s": f"{s['images_per_s']:.2f}", "step MB": f"{s['step_mb']:.0f}",
-                  "peak MB": f"{s['peak_mb']:.0f}", "trainable": f"{s['trainable_parameters']:,}"}
-                 for r in results for side, s in r["sides"].items()],
-                ["config", "step", "img/s", "step MB", "peak MB", "trainable"])
+    labels = {
+        "ours_lora": "ours, LoRA (cached latents)",
+        "diffusers_lora": "diffusers LoRA script loop",
+        "ours_full": "ours, full fine-tuning (cached latents)",
+    }
+    print_table(
+        [
+            {
+                "config": f"{r['config']} ({r['vae']} at {r['resolution']} px, b{r['batch']}, rank {r['rank']})",
+                "step": labels[side],
+                "img/s": f"{s['images_per_s']:.2f}",
+                "step MB": f"{s['step_mb']:.0f}",
+                "peak MB": f"{s['peak_mb']:.0f}",
+                "trainable": f"{s['trainable_parameters']:,}",
+            }
+            for r in results
+            for side, s in r["sides"].items()
+        ],
+        ["config", "step", "img/s", "step MB", "peak MB", "trainable"],
+    )
     for r in results:
-        print(f"{r['config']}: ours LoRA {r['ratio_vs_diffusers']:.2f}x diffusers' LoRA loop; "
-              f"LoRA {r['lora_vs_full']:.2f}x our full fine-tuning (ratios of the median step times)")
+        print(
+            f"{r['config']}: ours LoRA {r['ratio_vs_diffusers']:.2f}x diffusers' LoRA loop; "
+            f"LoRA {r['lora_vs_full']:.2f}x our full fine-tuning (ratios of the median step times)"
+        )
     write_json({"results": results}, a.json)
     return results
 

@@ -42,9 +42,15 @@ from ldm_core.models.unet import UNet
 from ldm_core.trainers.step import make_adam
 
 CASES = [  # (model, side, gradient checkpointing)
-    ("unet-mid", "ours", False), ("unet-mid", "diffusers", False), ("unet-mid", "ours", True),
-    ("mmdit-mid", "ours", False), ("mmdit-mid", "diffusers", False), ("mmdit-mid", "ours", True),
-    ("autoencoder-64px", "ours", False), ("autoencoder-64px", "diffusers", False), ("autoencoder-64px", "ours", True),
+    ("unet-mid", "ours", False),
+    ("unet-mid", "diffusers", False),
+    ("unet-mid", "ours", True),
+    ("mmdit-mid", "ours", False),
+    ("mmdit-mid", "diffusers", False),
+    ("mmdit-mid", "ours", True),
+    ("autoencoder-64px", "ours", False),
+    ("autoencoder-64px", "diffusers", False),
+    ("autoencoder-64px", "ours", True),
 ]
 
 
@@ -121,8 +127,15 @@ def _measure(model: str, side: str, checkpointed: bool, device: str, steps: int,
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    queue.put({"model": model, "side": side, "checkpointing": checkpointed, "step_mb": step_bytes / 2**20,
-               "step_s": (time.perf_counter() - t) / steps})
+    queue.put(
+        {
+            "model": model,
+            "side": side,
+            "checkpointing": checkpointed,
+            "step_mb": step_bytes / 2**20,
+            "step_s": (time.perf_counter() - t) / steps,
+        }
+    )
 
 
 def measure(model: str, side: str, checkpointed: bool, device: str = "cpu", steps: int = 2) -> dict:
@@ -141,9 +154,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     result = run(a.device, a.steps)
-    print_table([{"model": r["model"], "side": r["side"], "checkpointing": "on" if r["checkpointing"] else "off",
-                  "step MB": f"{r['step_mb']:.0f}", "s/step": f"{r['step_s']:.2f}"}
-                 for r in result["rows"]], ["model", "side", "checkpointing", "step MB", "s/step"])
+    print_table(
+        [
+            {
+                "model": r["model"],
+                "side": r["side"],
+                "checkpointing": "on" if r["checkpointing"] else "off",
+                "step MB": f"{r['step_mb']:.0f}",
+                "s/step": f"{r['step_s']:.2f}",
+            }
+            for r in result["rows"]
+        ],
+        ["model", "side", "checkpointing", "step MB", "s/step"],
+    )
     write_json(result, a.json)
     return result
 

@@ -37,10 +37,24 @@ CONFIGS = {
     # the demo's MMDiT: 8×8×4 latents, MiniLM tokens
     "tiny": dict(mmdit=MMDIT_PRESETS["tiny"], latent=8, tokens=16, batch=32, sample_batch=8),
     # a mid-size SD3 layout: 32×32×16 latents (256 tokens), 8 blocks of 384 channels, CLIP-width tokens
-    "mid": dict(mmdit=MMDiTConfig(in_channels=16, out_channels=16, patch_size=2, hidden_size=384, depth=8,
-                                  num_heads=6, context_dim=768, pooled_projection_dim=768, sample_size=32,
-                                  pos_embed_max_size=32),
-                latent=32, tokens=77, batch=4, sample_batch=1),
+    "mid": dict(
+        mmdit=MMDiTConfig(
+            in_channels=16,
+            out_channels=16,
+            patch_size=2,
+            hidden_size=384,
+            depth=8,
+            num_heads=6,
+            context_dim=768,
+            pooled_projection_dim=768,
+            sample_size=32,
+            pos_embed_max_size=32,
+        ),
+        latent=32,
+        tokens=77,
+        batch=4,
+        sample_batch=1,
+    ),
 }
 SAMPLE_STEPS = 28
 
@@ -55,14 +69,21 @@ def meta_flops(spec: dict) -> dict[str, dict[str, float]]:
         t = torch.empty(b)
         ctx = torch.empty(b, L, cfg.context_dim)
         pooled = torch.empty(b, cfg.pooled_projection_dim or cfg.context_dim)
-    fwd = {"ours": lambda: ours(x, t, ctx, None, pooled),
-           "diffusers": lambda: theirs(x, ctx, pooled, t).sample}
-    return {"train": {k: count_flops(lambda f=f: f().float().pow(2).mean().backward()) / b for k, f in fwd.items()},
-            "forward": {k: count_flops(f) / b for k, f in fwd.items()}}
+    fwd = {"ours": lambda: ours(x, t, ctx, None, pooled), "diffusers": lambda: theirs(x, ctx, pooled, t).sample}
+    return {
+        "train": {k: count_flops(lambda f=f: f().float().pow(2).mean().backward()) / b for k, f in fwd.items()},
+        "forward": {k: count_flops(f) / b for k, f in fwd.items()},
+    }
 
 
-def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = SAMPLE_STEPS, device: str = "cpu",
-        precision: str = "fp32") -> dict:
+def run(
+    name: str,
+    rounds: int = 5,
+    iters: int = 2,
+    sample_steps: int = SAMPLE_STEPS,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict:
     spec = CONFIGS[name]
     cfg = spec["mmdit"]
     dev = torch.device(device)
@@ -86,11 +107,20 @@ def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = SAMPLE_S
     def f_theirs() -> torch.Tensor:
         return theirs(x, ctx, pooled, t).sample
 
-    opts = {"ours": make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4),
-            "diffusers": make_adam(list(theirs.parameters()), dev, adamw=True, lr=1e-4)}
-    train = time_alternating({"ours": train_step(f_ours, target, opts["ours"], amp),
-                              "diffusers": train_step(f_theirs, target, opts["diffusers"], amp)},
-                             rounds=rounds, iters=iters, warmup=1, device=dev)
+    opts = {
+        "ours": make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4),
+        "diffusers": make_adam(list(theirs.parameters()), dev, adamw=True, lr=1e-4),
+    }
+    train = time_alternating(
+        {
+            "ours": train_step(f_ours, target, opts["ours"], amp),
+            "diffusers": train_step(f_theirs, target, opts["diffusers"], amp),
+        },
+        rounds=rounds,
+        iters=iters,
+        warmup=1,
+        device=dev,
+    )
     flops = meta_flops(spec)
 
     diffusion = create_diffusion(DiffusionConfig(kind="flow", sample_steps=sample_steps))
@@ -105,28 +135,45 @@ def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = SAMPLE_S
             tt = torch.as_tensor(t_model, dtype=torch.float32, device=dev).expand(sb).repeat(2)  # (2·sb,)
             cond, uncond = call(torch.cat([x_t, x_t]), tt).chunk(2)
             return uncond + scale * (cond - uncond)
+
         return model
 
-    calls = {"ours": lambda xx, tt: ours(xx, tt, both_ctx, None, both_pooled),
-             "diffusers": lambda xx, tt: theirs(xx, both_ctx, both_pooled, tt).sample}
+    calls = {
+        "ours": lambda xx, tt: ours(xx, tt, both_ctx, None, both_pooled),
+        "diffusers": lambda xx, tt: theirs(xx, both_ctx, both_pooled, tt).sample,
+    }
 
     def sample(call) -> Callable[[], None]:
         def fn() -> None:
             with torch.inference_mode(), amp():
                 diffusion.sample(guided(call), noise.clone())
+
         return fn
 
-    samp = time_alternating({k: sample(c) for k, c in calls.items()}, rounds=max(2, rounds // 2), iters=1, warmup=1,
-                            device=dev)
+    samp = time_alternating(
+        {k: sample(c) for k, c in calls.items()}, rounds=max(2, rounds // 2), iters=1, warmup=1, device=dev
+    )
     return {
-        "benchmark": "mmdit", "config": name, "mmdit": cfg.to_dict(), "latent": s, "tokens": L, "batch": b,
-        "precision": precision, "machine": machine_info(), "optimizer": "fused AdamW on both sides",
-        "train_ours_images_per_s": b / train["ours"], "train_diffusers_images_per_s": b / train["diffusers"],
-        "train_ratio": train["ratio"], "train_flops_ours": flops["train"]["ours"],
+        "benchmark": "mmdit",
+        "config": name,
+        "mmdit": cfg.to_dict(),
+        "latent": s,
+        "tokens": L,
+        "batch": b,
+        "precision": precision,
+        "machine": machine_info(),
+        "optimizer": "fused AdamW on both sides",
+        "train_ours_images_per_s": b / train["ours"],
+        "train_diffusers_images_per_s": b / train["diffusers"],
+        "train_ratio": train["ratio"],
+        "train_flops_ours": flops["train"]["ours"],
         "train_flops_diffusers": flops["train"]["diffusers"],
-        "sample_steps": sample_steps, "sample_batch": sb,
-        "sample_ours_images_per_s": sb / samp["ours"], "sample_diffusers_images_per_s": sb / samp["diffusers"],
-        "sample_ratio": samp["ratio"], "sample_flops_ours": 2 * flops["forward"]["ours"] * sample_steps,
+        "sample_steps": sample_steps,
+        "sample_batch": sb,
+        "sample_ours_images_per_s": sb / samp["ours"],
+        "sample_diffusers_images_per_s": sb / samp["diffusers"],
+        "sample_ratio": samp["ratio"],
+        "sample_flops_ours": 2 * flops["forward"]["ours"] * sample_steps,
         "sample_flops_diffusers": 2 * flops["forward"]["diffusers"] * sample_steps,
     }
 
@@ -147,10 +194,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = [run(n, a.rounds, a.iters, a.sample_steps, a.device, a.precision) for n in names]
     rows = []
     for r in results:
-        rows.append(ratio_row(
-            f"MMDiT train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})", r, "train", 2))
-        rows.append(ratio_row(
-            f"flow Euler-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})", r, "sample", 3))
+        rows.append(
+            ratio_row(
+                f"MMDiT train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})", r, "train", 2
+            )
+        )
+        rows.append(
+            ratio_row(f"flow Euler-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})", r, "sample", 3)
+        )
     print_table(rows, ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
     write_json({"results": results}, a.json)
     return results

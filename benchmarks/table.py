@@ -37,7 +37,8 @@ def render(result: dict, model_rows_only: bool = False) -> str:
         f"diffusers {m.get('diffusers')}, Python {m['python']}. Precision {result['precision']}; matmul peak "
         f"measured in the run {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; the run took {minutes:.0f} min"
         + ("" if result.get("complete", True) else " (incomplete: the run stopped before its last rows)")
-        + (" (--quick)" if result.get("quick") else "") + ".",
+        + (" (--quick)" if result.get("quick") else "")
+        + ".",
         "",
         "| benchmark | ours | reference | ratio | unit | GFLOP/item ours | GFLOP/item ref | MFU ours | MFU ref |"
         + (" MFU ours (datasheet) | MFU ref (datasheet) |" if scale else ""),
@@ -50,25 +51,38 @@ def render(result: dict, model_rows_only: bool = False) -> str:
             continue
         label = r["row"] + (f" — {r['note']}" if r.get("note") else "")
         ratio = f"**{r['ratio']:.2f}×**" if r.get("ratio") is not None else ""
-        lines.append(f"| {label} | {_num(r['ours'])} | {_num(r.get('diffusers'))} | {ratio} | {r['unit']} | "
-                     f"{_num(r.get('gflop_ours'))} | {_num(r.get('gflop_diffusers'))} | {_pct(r.get('mfu_ours'))} | "
-                     f"{_pct(r.get('mfu_diffusers'))} |"
-                     + (f" {_pct(_times(r.get('mfu_ours'), scale))} | {_pct(_times(r.get('mfu_diffusers'), scale))} |"
-                        if scale else ""))
+        lines.append(
+            f"| {label} | {_num(r['ours'])} | {_num(r.get('diffusers'))} | {ratio} | {r['unit']} | "
+            f"{_num(r.get('gflop_ours'))} | {_num(r.get('gflop_diffusers'))} | {_pct(r.get('mfu_ours'))} | "
+            f"{_pct(r.get('mfu_diffusers'))} |"
+            + (
+                f" {_pct(_times(r.get('mfu_ours'), scale))} | {_pct(_times(r.get('mfu_diffusers'), scale))} |"
+                if scale
+                else ""
+            )
+        )
     if result.get("memory") and not model_rows_only:
-        lines += ["", "| train step memory | side | gradient checkpointing | step MB | s/step |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| train step memory | side | gradient checkpointing | step MB | s/step |",
+            "|---|---|---|---|---|",
+        ]
         for r in result["memory"]:
-            lines.append(f"| {r['model']} | {r['side']} | {'on' if r['checkpointing'] else 'off'} | "
-                         f"{r['step_mb']:.0f} | {r['step_s']:.2f} |")
+            lines.append(
+                f"| {r['model']} | {r['side']} | {'on' if r['checkpointing'] else 'off'} | "
+                f"{r['step_mb']:.0f} | {r['step_s']:.2f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="?", default="benchmarks/results/suite.json")
-    p.add_argument("--model-rows", action="store_true",
-                   help="only the model-level rows (the ones --precision applies to; the others always run in fp32)")
+    p.add_argument(
+        "--model-rows",
+        action="store_true",
+        help="only the model-level rows (the ones --precision applies to; the others always run in fp32)",
+    )
     a = p.parse_args(argv)
     text = render(json.loads(Path(a.json).read_text()), a.model_rows)
     print(text)

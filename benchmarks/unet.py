@@ -60,9 +60,14 @@ def autocast(device: torch.device, precision: str) -> Callable[[], torch.autocas
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_step(forward: Callable[[], torch.Tensor], target: torch.Tensor, optimizer: torch.optim.Optimizer | None,
-               amp: Callable[[], torch.autocast]) -> Callable[[], None]:
+def train_step(
+    forward: Callable[[], torch.Tensor],
+    target: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    amp: Callable[[], torch.autocast],
+) -> Callable[[], None]:
     """forward + MSE + backward (+ the optimizer step and zero_grad when given): one training step."""
+
     def step() -> None:
         with amp():
             loss = (forward().float() - target).pow(2).mean()
@@ -70,6 +75,7 @@ def train_step(forward: Callable[[], torch.Tensor], target: torch.Tensor, optimi
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -87,10 +93,14 @@ def meta_flops(spec: dict) -> dict[str, dict[str, float]]:
         t = torch.empty(b)
         ctx = torch.empty(b, L, cfg.context_dim)
         mask = torch.ones(b, L, dtype=torch.bool)
-    fwd = {"ours": lambda: ours(x, t, ctx, mask),
-           "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample}
-    return {"train": {k: count_flops(lambda f=f: f().float().pow(2).mean().backward()) / b for k, f in fwd.items()},
-            "forward": {k: count_flops(f) / b for k, f in fwd.items()}}
+    fwd = {
+        "ours": lambda: ours(x, t, ctx, mask),
+        "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample,
+    }
+    return {
+        "train": {k: count_flops(lambda f=f: f().float().pow(2).mean().backward()) / b for k, f in fwd.items()},
+        "forward": {k: count_flops(f) / b for k, f in fwd.items()},
+    }
 
 
 class Setup(NamedTuple):
@@ -120,12 +130,20 @@ def setup(name: str, dev: torch.device) -> Setup:
     theirs = to_diffusers(ours).to(dev)  # identical weights
     b, L, D, s = spec["batch"], spec["tokens"], spec["unet"].context_dim, spec["latent"]
     x = torch.randn(b, spec["unet"].in_channels, s, s, device=dev)
-    return Setup(ours, theirs, x, torch.randint(0, 1000, (b,), device=dev).float(), torch.randn(b, L, D, device=dev),
-                 torch.ones(b, L, dtype=torch.bool, device=dev), torch.randn_like(x))
+    return Setup(
+        ours,
+        theirs,
+        x,
+        torch.randint(0, 1000, (b,), device=dev).float(),
+        torch.randn(b, L, D, device=dev),
+        torch.ones(b, L, dtype=torch.bool, device=dev),
+        torch.randn_like(x),
+    )
 
 
-def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, device: str = "cpu",
-        precision: str = "fp32") -> dict:
+def run(
+    name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, device: str = "cpu", precision: str = "fp32"
+) -> dict:
     spec = CONFIGS[name]
     dev = torch.device(device)
     su = setup(name, dev)
@@ -135,17 +153,26 @@ def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, devi
     f_ours, f_theirs = su.forward("ours"), su.forward("diffusers")
 
     # 1) like for like: the same fused AdamW on both sides
-    same = {"ours": make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4),
-            "diffusers": make_adam(list(theirs.parameters()), dev, adamw=True, lr=1e-4)}
-    steps = {"ours": train_step(f_ours, target, same["ours"], amp),
-             "diffusers": train_step(f_theirs, target, same["diffusers"], amp)}
+    same = {
+        "ours": make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4),
+        "diffusers": make_adam(list(theirs.parameters()), dev, adamw=True, lr=1e-4),
+    }
+    steps = {
+        "ours": train_step(f_ours, target, same["ours"], amp),
+        "diffusers": train_step(f_theirs, target, same["diffusers"], amp),
+    }
     train = time_alternating(steps, rounds=rounds, iters=iters, warmup=1, device=dev)
     flops = meta_flops(spec)
 
     # 2) as shipped: diffusers' training scripts build torch.optim.AdamW with its defaults
     shipped_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
-    shipped = time_alternating({"ours": steps["ours"], "diffusers": train_step(f_theirs, target, shipped_opt, amp)},
-                               rounds=max(2, rounds // 2), iters=iters, warmup=1, device=dev)
+    shipped = time_alternating(
+        {"ours": steps["ours"], "diffusers": train_step(f_theirs, target, shipped_opt, amp)},
+        rounds=max(2, rounds // 2),
+        iters=iters,
+        warmup=1,
+        device=dev,
+    )
 
     # 3) DDIM-50 with guidance 7.5: cond and uncond in one batched forward, for both models
     diffusion = create_diffusion(DiffusionConfig(kind="ddpm", sampler="ddim", sample_steps=sample_steps))
@@ -163,10 +190,16 @@ def run(name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, devi
         def fn() -> None:
             with torch.inference_mode(), amp():
                 diffusion.sample(cfg_model(model, c, mask[:sb], u, m1, 7.5), noise.clone())
+
         return fn
 
-    samp = time_alternating({"ours": sample(ours), "diffusers": sample(theirs_fn)}, rounds=max(2, rounds // 2),
-                            iters=1, warmup=1, device=dev)
+    samp = time_alternating(
+        {"ours": sample(ours), "diffusers": sample(theirs_fn)},
+        rounds=max(2, rounds // 2),
+        iters=1,
+        warmup=1,
+        device=dev,
+    )
     sample_flops = {side: 2 * f * sample_steps for side, f in flops["forward"].items()}  # cond + uncond per step
     return {
         "benchmark": "unet",
@@ -211,16 +244,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = list(CONFIGS) if a.config == "all" else [a.config]
     results = [run(n, a.rounds, a.iters, a.sample_steps, a.device, a.precision) for n in names]
     m = results[0]["machine"]
-    print(f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
-          f"device {m['device']}")
+    print(
+        f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
+        f"device {m['device']}"
+    )
     rows = []
     for r in results:
-        rows.append(ratio_row(
-            f"UNet train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})", r, "train", 2))
-        rows.append(ratio_row(
-            f"DDIM-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})", r, "sample", 3))
-        rows.append(ratio_row(
-            f"as shipped: our step vs diffusers + torch.optim.AdamW defaults ({r['config']})", r, "shipped", 2))
+        rows.append(
+            ratio_row(
+                f"UNet train step, same fused AdamW ({r['config']}, b{r['batch']}, {r['precision']})", r, "train", 2
+            )
+        )
+        rows.append(ratio_row(f"DDIM-{r['sample_steps']} + CFG ({r['config']}, b{r['sample_batch']})", r, "sample", 3))
+        rows.append(
+            ratio_row(
+                f"as shipped: our step vs diffusers + torch.optim.AdamW defaults ({r['config']})", r, "shipped", 2
+            )
+        )
     print_table(rows, ["benchmark", "ours img/s", "diffusers img/s", "ratio"])
     write_json({"results": results}, a.json)
     return results

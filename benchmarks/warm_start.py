@@ -79,6 +79,7 @@ def demo_sections() -> dict[str, Any]:
 # Stage 1 and the data (what image_dataset, vae_model and latent_store do)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def build_autoencoder(cfg: dict, dataset_url: str, scale: Scale) -> torch.nn.Module:
     vae_cfg = copy.deepcopy(cfg["vae_model"]["training"])
     vae_cfg["trainer"]["steps"] = scale.vae_steps
@@ -89,19 +90,22 @@ def build_autoencoder(cfg: dict, dataset_url: str, scale: Scale) -> torch.nn.Mod
     return model.eval().requires_grad_(False)
 
 
-def grow(source: str, dataset_url: str, store_url: str, n: int, cfg: dict, vae: torch.nn.Module,
-         text: TextEncoder) -> None:
+def grow(
+    source: str, dataset_url: str, store_url: str, n: int, cfg: dict, vae: torch.nn.Module, text: TextEncoder
+) -> None:
     """The source holds n images (the first ones unchanged); ingest and encode what is new."""
     write_shapes_source(source, n, seed=0, size=cfg["image_dataset"]["builtin_size"])
     ingest(IngestConfig(source=source, **cfg["image_dataset"]["ingest"]), dataset_url)
-    store = LatentStoreConfig.model_validate({**cfg["latent_store"]["store"],
-                                              "resolution": cfg["vae_model"]["resolution"]})
+    store = LatentStoreConfig.model_validate(
+        {**cfg["latent_store"]["store"], "resolution": cfg["vae_model"]["resolution"]}
+    )
     encode_dataset(dataset_url, store_url, vae, text, store, vae_identity="benchmark-vae")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training to the gate
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class GateWatch:
     """Measures the EMA model every K steps (as `train_ldm`'s validation hook) and stops the run at the first pass;
@@ -119,14 +123,21 @@ class GateWatch:
     def sample(self, denoiser: torch.nn.Module, step: int) -> np.ndarray:
         started = time.perf_counter()
         generate_fn, reconstruct_fn = text_to_image_functions(self.make_model(denoiser))
-        found = measure(generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=self.held_out,
-                        config=self.eval_cfg)
+        found = measure(
+            generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=self.held_out, config=self.eval_cfg
+        )
         metrics = {k: m.to_dict() for k, m in found.metrics.items()}
         decision = decide(metrics, self.champion, self.eval_cfg.gate)
         passed = decision.passed
         self.trace.append((step, passed))
-        self.checks.append({"step": step, "passed": passed, "reasons": decision.reasons,
-                            **{k: metric_value(metrics.get(k)) for k in self.eval_cfg.gate.rules}})
+        self.checks.append(
+            {
+                "step": step,
+                "passed": passed,
+                "reasons": decision.reasons,
+                **{k: metric_value(metrics.get(k)) for k in self.eval_cfg.gate.rules},
+            }
+        )
         if passed and self.passed_at is None:
             self.passed_at, self.metrics = step, metrics
         denoiser.train()
@@ -137,15 +148,23 @@ class GateWatch:
         return self.passed_at is not None
 
 
-def train_to_gate(training: LDMTrainingConfig, store_url: str, watch: GateWatch,
-                  init: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+def train_to_gate(
+    training: LDMTrainingConfig, store_url: str, watch: GateWatch, init: dict[str, torch.Tensor] | None
+) -> dict[str, Any]:
     data = LatentDataset(store_url, split="train")
     started = time.perf_counter()
-    result = train_ldm(training, data, uncond=data.uncond(), sample_fn=watch.sample, should_stop=watch.should_stop,
-                       init_weights=init)
+    result = train_ldm(
+        training, data, uncond=data.uncond(), sample_fn=watch.sample, should_stop=watch.should_stop, init_weights=init
+    )
     minutes = (time.perf_counter() - started - watch.eval_seconds) / 60
-    return {"passed_at_step": watch.passed_at, "steps_run": result.step, "train_minutes": round(minutes, 2),
-            "trace": watch.trace, "checks": watch.checks, "model": result.model}
+    return {
+        "passed_at_step": watch.passed_at,
+        "steps_run": result.step,
+        "train_minutes": round(minutes, 2),
+        "trace": watch.trace,
+        "checks": watch.checks,
+        "model": result.model,
+    }
 
 
 _STARTED = time.perf_counter()
@@ -172,14 +191,26 @@ def run(scale: Scale, eval_every: int, workdir: str, seed: int = 0) -> dict[str,
     if scale.sample_steps is not None:
         ldm_cfg["diffusion"]["sample_steps"] = scale.sample_steps
     training = LDMTrainingConfig.model_validate(ldm_cfg)
-    eval_cfg = EvaluationConfig.model_validate({**cfg["evaluation_report"]["evaluation"], "fid": False,
-                                                "lpips": False, "generated_samples": scale.generated,
-                                                "reconstruction_samples": scale.held_out})
+    eval_cfg = EvaluationConfig.model_validate(
+        {
+            **cfg["evaluation_report"]["evaluation"],
+            "fid": False,
+            "lpips": False,
+            "generated_samples": scale.generated,
+            "reconstruction_samples": scale.held_out,
+        }
+    )
     latent_shape = LatentDataset(store_v1, split="train")[0]["latents"].shape
 
     def make_model(denoiser: torch.nn.Module) -> TextToImage:
-        return TextToImage(vae=vae, denoiser=denoiser, text_encoder=text, diffusion_config=training.diffusion,
-                           latent_shape=tuple(latent_shape), guidance=cfg["ldm_model"].get("guidance", 4.0))
+        return TextToImage(
+            vae=vae,
+            denoiser=denoiser,
+            text_encoder=text,
+            diffusion_config=training.diffusion,
+            latent_shape=tuple(latent_shape),
+            guidance=cfg["ldm_model"].get("guidance", 4.0),
+        )
 
     def held_out() -> Any:
         res = cfg["vae_model"]["resolution"]
@@ -198,8 +229,12 @@ def run(scale: Scale, eval_every: int, workdir: str, seed: int = 0) -> dict[str,
     grow(source, dataset_url, store_v2, scale.images + int(NEW_FRACTION * scale.images), cfg, vae, text)
     rows = held_out()
     generate_fn, reconstruct_fn = text_to_image_functions(make_model(champion))
-    champion_metrics = {k: m.to_dict() for k, m in measure(generate_fn=generate_fn, reconstruct_fn=reconstruct_fn,
-                                                           held_out=rows, config=eval_cfg).metrics.items()}
+    champion_metrics = {
+        k: m.to_dict()
+        for k, m in measure(
+            generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=rows, config=eval_cfg
+        ).metrics.items()
+    }
 
     # 3) retrain twice with the same recipe: from scratch, and from the champion's weights
     init = {k: v.clone() for k, v in champion.state_dict().items()}
@@ -209,18 +244,30 @@ def run(scale: Scale, eval_every: int, workdir: str, seed: int = 0) -> dict[str,
     warm = train_to_gate(training, store_v2, GateWatch(make_model, rows, eval_cfg, champion_metrics), init)
     # 4) from the champion with the fine-tuning recipe of pipeline/configs/pretrained/champion.yaml (lr, warmup)
     fine = yaml.safe_load(CHAMPION.read_text())["ops"]["ldm_model"]["config"]["training"]["trainer"]
-    fine_tuning = training.model_copy(update={"trainer": training.trainer.model_copy(
-        update={"lr": fine["lr"], "warmup_steps": fine["warmup_steps"]})})
+    fine_tuning = training.model_copy(
+        update={"trainer": training.trainer.model_copy(update={"lr": fine["lr"], "warmup_steps": fine["warmup_steps"]})}
+    )
     say(f"retraining from the champion at champion.yaml's lr {fine['lr']}, warmup {fine['warmup_steps']}")
     warm_ft = train_to_gate(fine_tuning, store_v2, GateWatch(make_model, rows, eval_cfg, champion_metrics), init)
     scratch.pop("model"), warm.pop("model"), warm_ft.pop("model")
-    ratio = (warm["passed_at_step"] / scratch["passed_at_step"]
-             if warm["passed_at_step"] and scratch["passed_at_step"] else None)
-    return {"scale": scale.__dict__, "eval_every": eval_every, "seed": seed, "champion_first_run": first,
-            "champion_sha256": state_dict_sha256(init), "retrain_from_scratch": scratch, "retrain_warm": warm,
-            "retrain_warm_fine_tuning": warm_ft,
-            "fine_tuning": {"lr": fine["lr"], "warmup_steps": fine["warmup_steps"]},
-            "warm_over_scratch_steps": ratio, "machine": machine_info()}
+    ratio = (
+        warm["passed_at_step"] / scratch["passed_at_step"]
+        if warm["passed_at_step"] and scratch["passed_at_step"]
+        else None
+    )
+    return {
+        "scale": scale.__dict__,
+        "eval_every": eval_every,
+        "seed": seed,
+        "champion_first_run": first,
+        "champion_sha256": state_dict_sha256(init),
+        "retrain_from_scratch": scratch,
+        "retrain_warm": warm,
+        "retrain_warm_fine_tuning": warm_ft,
+        "fine_tuning": {"lr": fine["lr"], "warmup_steps": fine["warmup_steps"]},
+        "warm_over_scratch_steps": ratio,
+        "machine": machine_info(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,13 +281,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="ldm-warm-start-") as workdir:
         result = run(scale, args.eval_every or scale.eval_every, workdir, args.seed)
-    rows = [{"run": name, "steps to pass the gate": r["passed_at_step"] or f"not within {r['steps_run']}",
-             "training minutes": r["train_minutes"]}
-            for name, r in (("champion (first data, the recipe's whole run)", result["champion_first_run"]),
-                            ("retrain from scratch", result["retrain_from_scratch"]),
-                            ("retrain from the champion (same recipe)", result["retrain_warm"]),
-                            ("retrain from the champion (champion.yaml's lr and warmup)",
-                             result["retrain_warm_fine_tuning"]))]
+    rows = [
+        {
+            "run": name,
+            "steps to pass the gate": r["passed_at_step"] or f"not within {r['steps_run']}",
+            "training minutes": r["train_minutes"],
+        }
+        for name, r in (
+            ("champion (first data, the recipe's whole run)", result["champion_first_run"]),
+            ("retrain from scratch", result["retrain_from_scratch"]),
+            ("retrain from the champion (same recipe)", result["retrain_warm"]),
+            ("retrain from the champion (champion.yaml's lr and warmup)", result["retrain_warm_fine_tuning"]),
+        )
+    ]
     print_table(rows, ["run", "steps to pass the gate", "training minutes"])
     print(f"warm / scratch steps: {result['warm_over_scratch_steps']}")
     write_json(result, args.json)

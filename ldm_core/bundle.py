@@ -56,21 +56,32 @@ LORA_DIR = "lora"
 TEXT_ENCODER_DIR = "text_encoder"
 
 
-def save_autoencoder(url: str, model: nn.Module, extra: dict[str, Any] | None = None,
-                     storage_options: dict[str, Any] | None = None) -> str:
+def save_autoencoder(
+    url: str, model: nn.Module, extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None
+) -> str:
     return save_model(url, model, "autoencoder", model.config, extra, storage_options)
 
 
 def load_autoencoder(
     url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    model = load_model(url, "autoencoder", lambda cfg: build_autoencoder(AutoencoderConfig.model_validate(cfg)),
-                       storage_options, device)
+    model = load_model(
+        url,
+        "autoencoder",
+        lambda cfg: build_autoencoder(AutoencoderConfig.model_validate(cfg)),
+        storage_options,
+        device,
+    )
     return model.eval().requires_grad_(False)
 
 
-def save_denoiser(url: str, model: nn.Module, extra: dict[str, Any] | None = None,
-                  storage_options: dict[str, Any] | None = None, base_source: str | None = None) -> str:
+def save_denoiser(
+    url: str,
+    model: nn.Module,
+    extra: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    base_source: str | None = None,
+) -> str:
     """The denoiser at ``url``; one carrying a LoRA adapter as its base there and the adapter in ``lora/``, which
     records the base's content hash and ``base_source`` (where the base came from, e.g. an init_from URI)."""
     # the base's config.json is the commit record of both: withdrawn first, written last
@@ -78,10 +89,17 @@ def save_denoiser(url: str, model: nn.Module, extra: dict[str, Any] | None = Non
     storage.remove(storage.join(url, LORA_DIR, CONFIG), storage_options)
     if not has_lora(model):
         return save_model(url, model, "denoiser", model.config, extra, storage_options)
-    save_weights(storage.join(url, LORA_DIR), adapter_state_dict(model), "lora", lora_config(model),
-                 {"base": {"sha256": base_sha256(model), "source": base_source}}, storage_options)
-    return save_weights(url, base_state_dict(model), "denoiser", model.config, {**(extra or {}), "lora": LORA_DIR},
-                        storage_options)
+    save_weights(
+        storage.join(url, LORA_DIR),
+        adapter_state_dict(model),
+        "lora",
+        lora_config(model),
+        {"base": {"sha256": base_sha256(model), "source": base_source}},
+        storage_options,
+    )
+    return save_weights(
+        url, base_state_dict(model), "denoiser", model.config, {**(extra or {}), "lora": LORA_DIR}, storage_options
+    )
 
 
 def load_denoiser(
@@ -102,8 +120,10 @@ def load_lora(url: str, base: nn.Module, base_sha: str, storage_options: dict[st
     needs = meta["base"]
     if needs["sha256"] != base_sha:
         source = f" ({needs['source']})" if needs.get("source") else ""
-        raise ValueError(f"the LoRA adapter at {url} needs base weights {needs['sha256'][:12]}…{source}; the base "
-                         f"denoiser beside it is {base_sha[:12]}…")
+        raise ValueError(
+            f"the LoRA adapter at {url} needs base weights {needs['sha256'][:12]}…{source}; the base "
+            f"denoiser beside it is {base_sha[:12]}…"
+        )
     with torch.random.fork_rng(devices=[]):  # the fresh adapter's draws are overwritten: leave the caller's RNG be
         model = add_lora(base, LoraConfig.model_validate(meta["config"]))
     load_adapter_state_dict(model, load_state_dict(url, storage_options, meta["weights_sha256"]))
@@ -120,12 +140,31 @@ class TextToImage:
     guidance: float = 4.0
     info: dict[str, Any] = field(default_factory=dict)
 
-    def generate(self, prompts: Sequence[str], *, seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, sampler: str | None = None, batch_size: int = 16,
-                 device: str | torch.device = "cpu") -> np.ndarray:
-        return generate(prompts, self.vae, self.denoiser, self.text_encoder, create_diffusion(self.diffusion_config),
-                        self.latent_shape, steps=steps, guidance=self.guidance if guidance is None else guidance,
-                        seed=seed, sampler=sampler, batch_size=batch_size, device=device)
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        batch_size: int = 16,
+        device: str | torch.device = "cpu",
+    ) -> np.ndarray:
+        return generate(
+            prompts,
+            self.vae,
+            self.denoiser,
+            self.text_encoder,
+            create_diffusion(self.diffusion_config),
+            self.latent_shape,
+            steps=steps,
+            guidance=self.guidance if guidance is None else guidance,
+            seed=seed,
+            sampler=sampler,
+            batch_size=batch_size,
+            device=device,
+        )
 
 
 def _save_text_encoder_copy(url: str, encoder: TextEncoder, storage_options: dict[str, Any] | None) -> SavedTextEncoder:
@@ -138,10 +177,20 @@ def _save_text_encoder_copy(url: str, encoder: TextEncoder, storage_options: dic
     return saved
 
 
-def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusion_config: DiffusionConfig,
-                       text_encoder_config: TextEncoderConfig, latent_shape: Sequence[int], guidance: float = 4.0,
-                       info: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
-                       base_source: str | None = None, text_encoder: TextEncoder | None = None) -> str:
+def save_text_to_image(
+    url: str,
+    *,
+    denoiser: nn.Module,
+    vae: nn.Module,
+    diffusion_config: DiffusionConfig,
+    text_encoder_config: TextEncoderConfig,
+    latent_shape: Sequence[int],
+    guidance: float = 4.0,
+    info: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    base_source: str | None = None,
+    text_encoder: TextEncoder | None = None,
+) -> str:
     """base_source: where a LoRA-trained denoiser's base came from (recorded beside its adapter).
     text_encoder: the loaded encoder of ``text_encoder_config``, to copy into the bundle (loaded here when not
     given)."""
@@ -154,9 +203,13 @@ def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusi
         raise ValueError(f"text_encoder was loaded with {encoder.config}, the bundle records {text_encoder_config}")
     copy = _save_text_encoder_copy(storage.join(url, TEXT_ENCODER_DIR), encoder, storage_options)
     meta = {
-        "format": "ldm-text-to-image/1", "diffusion": diffusion_config.to_dict(),
-        "text_encoder": text_encoder_config.to_dict(), "text_encoder_copy": copy.to_dict(),
-        "latent_shape": list(latent_shape), "guidance": guidance, "info": info or {},
+        "format": "ldm-text-to-image/1",
+        "diffusion": diffusion_config.to_dict(),
+        "text_encoder": text_encoder_config.to_dict(),
+        "text_encoder_copy": copy.to_dict(),
+        "latent_shape": list(latent_shape),
+        "guidance": guidance,
+        "info": info or {},
     }
     # written last: a directory with bundle.json is complete
     storage.write_text_atomic(
@@ -165,8 +218,9 @@ def save_text_to_image(url: str, *, denoiser: nn.Module, vae: nn.Module, diffusi
     return url
 
 
-def load_text_to_image(url: str, storage_options: dict[str, Any] | None = None,
-                       device: str | torch.device = "cpu") -> TextToImage:
+def load_text_to_image(
+    url: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> TextToImage:
     try:
         meta = json.loads(storage.read_text(storage.join(url, BUNDLE_FILE), storage_options))
     except FileNotFoundError as e:
@@ -176,12 +230,15 @@ def load_text_to_image(url: str, storage_options: dict[str, Any] | None = None,
         denoiser=load_denoiser(storage.join(url, "denoiser"), storage_options, device),
         text_encoder=_load_text_encoder(url, meta, storage_options, device),
         diffusion_config=DiffusionConfig.model_validate(meta["diffusion"]),
-        latent_shape=tuple(meta["latent_shape"]), guidance=float(meta.get("guidance", 4.0)), info=meta.get("info", {}),
+        latent_shape=tuple(meta["latent_shape"]),
+        guidance=float(meta.get("guidance", 4.0)),
+        info=meta.get("info", {}),
     )
 
 
-def _load_text_encoder(url: str, meta: dict[str, Any], storage_options: dict[str, Any] | None,
-                       device: str | torch.device) -> TextEncoder:
+def _load_text_encoder(
+    url: str, meta: dict[str, Any], storage_options: dict[str, Any] | None, device: str | torch.device
+) -> TextEncoder:
     """From the bundle's copy, after checking its weights against the recorded hash; by name for older bundles."""
     config = TextEncoderConfig.model_validate(meta["text_encoder"])
     if "text_encoder_copy" not in meta:
@@ -196,9 +253,12 @@ def _load_text_encoder(url: str, meta: dict[str, Any], storage_options: dict[str
         return _verified_text_encoder(tmp, copy, config, device)
 
 
-def _verified_text_encoder(folder: str, copy: SavedTextEncoder, config: TextEncoderConfig,
-                           device: str | torch.device) -> TextEncoder:
+def _verified_text_encoder(
+    folder: str, copy: SavedTextEncoder, config: TextEncoderConfig, device: str | torch.device
+) -> TextEncoder:
     if (actual := weights_sha256(folder)) != copy.weights_sha256:
-        raise ValueError(f"{folder}: text encoder weights hash {actual[:12]}…, bundle.json records "
-                         f"{copy.weights_sha256[:12]}… ({copy.source}): not the copy this bundle was saved with")
+        raise ValueError(
+            f"{folder}: text encoder weights hash {actual[:12]}…, bundle.json records "
+            f"{copy.weights_sha256[:12]}… ({copy.source}): not the copy this bundle was saved with"
+        )
     return TextEncoder(config, device=device, path=folder)

@@ -40,6 +40,7 @@ _SKELETON_KEY = "ldm_checkpoint_state"
 # Nested state <-> (tensors, JSON skeleton)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Replace every tensor in a nested structure by a reference; return (tensors, JSON-able skeleton)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -111,6 +112,7 @@ def state_from_bytes(data: bytes) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint directory
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class CorruptCheckpointError(RuntimeError):
     pass

@@ -23,7 +23,6 @@ class StrictModel(BaseModel):
         return self.model_dump(mode="json")
 
 
-
 def flatten_dict(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values. Used to log a nested config as flat params."""
     out: dict[str, Any] = {}

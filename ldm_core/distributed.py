@@ -39,6 +39,7 @@ DEFAULT_TIMEOUT_S = 1800.0  # a collective that waits longer than this means a r
 # The process group
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DistributedContext:
     """Where this process stands: its rank among world_size processes, its GPU index on the node, the backend."""
@@ -91,8 +92,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
         if not torch.cuda.is_available():
             raise RuntimeError("backend 'nccl' needs CUDA GPUs; use 'gloo' on CPUs")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                               "start at most one process per GPU (torchrun --nproc-per-node)")
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
     ctx = current()
@@ -106,8 +109,12 @@ def current() -> DistributedContext:
     """This process's place in the initialized process group (rank 0 of 1 when there is none)."""
     if not (dist.is_available() and dist.is_initialized()):
         return DistributedContext()
-    return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                              local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=dist.get_backend())
+    return DistributedContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        backend=dist.get_backend(),
+    )
 
 
 def is_distributed() -> bool:
@@ -151,16 +158,21 @@ def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     world_size = ctx.world_size if world_size is None else world_size
     if (rank, world_size) != (ctx.rank, ctx.world_size):
         if world_size > 1 and not is_distributed():
-            raise ValueError(f"world_size={world_size} needs an initialized process group: launch with torchrun and "
-                             "call ldm_core.distributed.init_distributed() first")
-        raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group "
-                         f"(rank {ctx.rank} of {ctx.world_size})")
+            raise ValueError(
+                f"world_size={world_size} needs an initialized process group: launch with torchrun and "
+                "call ldm_core.distributed.init_distributed() first"
+            )
+        raise ValueError(
+            f"rank={rank}, world_size={world_size} disagree with the process group "
+            f"(rank {ctx.rank} of {ctx.world_size})"
+        )
     return rank, world_size
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Collectives the trainers use (each a no-op / identity in a single process)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _all_reduced(t: torch.Tensor, op: Any) -> torch.Tensor:
     """A detached copy of ``t`` reduced with ``op`` over ranks (the input is untouched)."""
@@ -248,14 +260,17 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed() or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
         return module
     if device.type != "cuda":
-        raise ValueError("BatchNorm under multi-process training needs SyncBatchNorm, which runs on GPUs only; on CPUs "
-                         "use a batch-size-independent norm (e.g. discriminator.norm: actnorm or group)")
+        raise ValueError(
+            "BatchNorm under multi-process training needs SyncBatchNorm, which runs on GPUs only; on CPUs "
+            "use a batch-size-independent norm (e.g. discriminator.norm: actnorm or group)"
+        )
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The split of a global batch, and randomness drawn for the whole of it
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BatchShard:
@@ -280,8 +295,9 @@ class BatchShard:
     def global_shape(self, local_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
         return (local_shape[0] * self.world_size, *local_shape[1:])
 
-    def randn(self, local_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
-              **kwargs: Any) -> torch.Tensor:
+    def randn(
+        self, local_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """N(0, 1) of ``local_shape``: this rank's rows of one draw for the global batch (kwargs: device, dtype)."""
         return self.take(torch.randn(self.global_shape(local_shape), generator=generator, **kwargs))
 

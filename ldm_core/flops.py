@@ -31,8 +31,9 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0,
-                        device: str | torch.device = "cpu") -> float:
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0, device: str | torch.device = "cpu"
+) -> float:
     """Dense matmul FLOP/s on this device in ``dtype`` (the CPU's practical peak: what MFU is relative to)."""
     device = torch.device(device)
     # a private generator: trainers measure this mid-run, and a draw from the global RNG would make a resumed run's
@@ -86,8 +87,10 @@ def mfu(flops_per_sample: float, samples_per_second: float, peak: float | None) 
 # Training-step FLOPs of the two stages, counted on the meta device (no memory, no compute, no side effects)
 # ---------------------------------------------------------------------------------------------------------------
 
-def denoiser_step_flops(denoiser_config: object, latent_shape: tuple[int, ...], context_shape: tuple[int, int],
-                        batch: int = 2) -> float:
+
+def denoiser_step_flops(
+    denoiser_config: object, latent_shape: tuple[int, ...], context_shape: tuple[int, int], batch: int = 2
+) -> float:
     """Forward + backward FLOPs per sample of the denoiser at these shapes (C, h, w) and (L, D), with the pooled
     text vector where the backbone takes one (as the trainer passes it)."""
     from ldm_core.models.denoiser import build_denoiser, takes_pooled
@@ -131,6 +134,7 @@ def autoencoder_step_flops(
         x = torch.empty(batch, cfg.model.in_channels, image_size, image_size)
     out: dict[str, float] = {}
     for kind, step in (("g", 0), ("g_gan", 1)):
+
         def g_pass(step: int = step) -> None:
             o = model(x, sample_posterior=False)
             terms = loss.generator_terms(x, o.reconstruction, o.reg_loss, step, reg_kind=o.reg_kind)

@@ -49,8 +49,9 @@ def _init_weights(config: DenoiserConfig, state_dict: dict[str, torch.Tensor], s
     return InitWeights(config=config, state_dict=state, source=redact_url(source), sha256=state_dict_sha256(state))
 
 
-def from_saved_denoiser(url: str, source: str | None = None,
-                        storage_options: dict[str, Any] | None = None) -> InitWeights:
+def from_saved_denoiser(
+    url: str, source: str | None = None, storage_options: dict[str, Any] | None = None
+) -> InitWeights:
     """The weights of a saved denoiser (``save_denoiser``'s directory, e.g. a bundle's ``denoiser/``), checksum
     verified. ``source``: how to name it (default: the URL)."""
     meta = read_model_meta(url, storage_options)
@@ -63,8 +64,9 @@ def from_saved_denoiser(url: str, source: str | None = None,
     return _init_weights(parse_denoiser_config(meta["config"]), state, source or url)
 
 
-def from_diffusers_folder(url: str, subfolder: str | None = None,
-                          storage_options: dict[str, Any] | None = None) -> InitWeights:
+def from_diffusers_folder(
+    url: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None
+) -> InitWeights:
     """The weights of a diffusers UNet2DConditionModel or SD3Transformer2DModel folder (local or s3://; see
     `ldm_core.interop.backbone_folder` for ``subfolder``), converted to our backbone."""
     model = load_backbone_folder(url, subfolder, storage_options)
@@ -81,8 +83,13 @@ def architecture_differences(init: DenoiserConfig, configured: DenoiserConfig) -
     return [f"{k} {a[k]} vs {b[k]}" for k in sorted(a) if k not in _NOT_ARCHITECTURE and a[k] != b.get(k)]
 
 
-def shape_mismatches(config: DenoiserConfig, latent_shape: tuple[int, int, int], context_dim: int,
-                     pooled_dim: int | None, source: str = "init_from") -> list[str]:
+def shape_mismatches(
+    config: DenoiserConfig,
+    latent_shape: tuple[int, int, int],
+    context_dim: int,
+    pooled_dim: int | None,
+    source: str = "init_from",
+) -> list[str]:
     """What stops a denoiser of ``config`` from training on these latents and text embeddings, one line each naming
     both sides: "init_from has context_dim 768; the store's text encoder gives 384".
 
@@ -90,29 +97,42 @@ def shape_mismatches(config: DenoiserConfig, latent_shape: tuple[int, int, int],
     vector's width (None: the store has no pooled vectors), checked for a backbone that takes one (the MMDiT)."""
     channels, h, w = latent_shape
     errors = []
-    if off := [f"{name} {getattr(config, name)}" for name in ("in_channels", "out_channels")
-               if getattr(config, name) != channels]:
+    if off := [
+        f"{name} {getattr(config, name)}"
+        for name in ("in_channels", "out_channels")
+        if getattr(config, name) != channels
+    ]:
         errors.append(f"{source} has {', '.join(off)}; the store's latents have {channels} channels")
     if config.context_dim != context_dim:
         errors.append(f"{source} has context_dim {config.context_dim}; the store's text encoder gives {context_dim}")
     if takes_pooled(config) and pooled_dim is not None and config.pooled_dim != pooled_dim:
-        errors.append(f"{source} takes pooled vectors of width {config.pooled_dim}; the store's text encoder gives "
-                      f"{pooled_dim}")
+        errors.append(
+            f"{source} takes pooled vectors of width {config.pooled_dim}; the store's text encoder gives {pooled_dim}"
+        )
     if isinstance(config, MMDiTConfig):
         p = config.patch_size
         if h % p or w % p:
             errors.append(f"{source} has patch_size {p}; the store's latents are {h}x{w}, not a multiple of it")
         elif max(h, w) > p * config.pos_embed_max_size:
-            errors.append(f"{source} has positions for latents up to {p * config.pos_embed_max_size} per side "
-                          f"(pos_embed_max_size {config.pos_embed_max_size} x patch_size {p}); the store's latents "
-                          f"are {h}x{w}")
+            errors.append(
+                f"{source} has positions for latents up to {p * config.pos_embed_max_size} per side "
+                f"(pos_embed_max_size {config.pos_embed_max_size} x patch_size {p}); the store's latents "
+                f"are {h}x{w}"
+            )
     else:
         factor = 2 ** (len(config.channel_mult) - 1)
         if h % factor or w % factor:
-            errors.append(f"{source} has {len(config.channel_mult)} levels (downsamples by {factor}); the store's "
-                          f"latents are {h}x{w}, not a multiple of it")
+            errors.append(
+                f"{source} has {len(config.channel_mult)} levels (downsamples by {factor}); the store's "
+                f"latents are {h}x{w}, not a multiple of it"
+            )
     return errors
 
 
-__all__ = ["InitWeights", "architecture_differences", "from_diffusers_folder", "from_saved_denoiser",
-           "shape_mismatches"]
+__all__ = [
+    "InitWeights",
+    "architecture_differences",
+    "from_diffusers_folder",
+    "from_saved_denoiser",
+    "shape_mismatches",
+]

@@ -111,9 +111,17 @@ class WriterLease:
     waiting writer gets. clock: wall-clock seconds (tests pass a fake).
     """
 
-    def __init__(self, directory: str, storage_options: dict[str, Any] | None = None, *, ttl: float | None = None,
-                 wait: float | None = None, run_id: str | None = None, poll: float | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        directory: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        ttl: float | None = None,
+        wait: float | None = None,
+        run_id: str | None = None,
+        poll: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.directory, self.storage_options = str(directory), storage_options
         self.url = storage.join(self.directory, LEASE_NAME)
         self.ttl = ttl if ttl is not None else env_seconds(TTL_ENV, DEFAULT_TTL)
@@ -133,12 +141,14 @@ class WriterLease:
 
     def _record(self) -> LeaseRecord:
         pid = os.getpid()
-        return LeaseRecord(self.owner, self.token, pid, socket.gethostname(), _process_start(pid), self.run_id,
-                           self.clock() + self.ttl)
+        return LeaseRecord(
+            self.owner, self.token, pid, socket.gethostname(), _process_start(pid), self.run_id, self.clock() + self.ttl
+        )
 
     def _put(self, record: LeaseRecord, expected: str | None) -> bool:
-        version = storage.write_if_version(self.url, json.dumps(asdict(record)).encode(), expected,
-                                           self.storage_options)
+        version = storage.write_if_version(
+            self.url, json.dumps(asdict(record)).encode(), expected, self.storage_options
+        )
         if version is None:
             return False
         self._version, self._expires_at = version, record.expires_at
@@ -168,9 +178,13 @@ class WriterLease:
             if holder.expires_at <= self.clock() or _process_gone(holder):
                 self.token = holder.token + 1
                 if self._put(self._record(), version):
-                    log.info("took over the writer lease of %s from %s (token %d; it had %s)",
-                             storage.redact_url(self.directory), _describe(holder), self.token,
-                             "expired" if holder.expires_at <= self.clock() else "its process gone")
+                    log.info(
+                        "took over the writer lease of %s from %s (token %d; it had %s)",
+                        storage.redact_url(self.directory),
+                        _describe(holder),
+                        self.token,
+                        "expired" if holder.expires_at <= self.clock() else "its process gone",
+                    )
                     break
                 continue
             if time.monotonic() >= deadline:
@@ -178,7 +192,8 @@ class WriterLease:
                     f"{storage.redact_url(self.directory)} is being written by another writer: {_describe(holder)}, "
                     f"lease expires at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(holder.expires_at))} "
                     f"unless renewed; waited {self.wait:.0f} s. Only one run may write a directory at a time: "
-                    f"let it finish (or set {WAIT_ENV} to wait longer).")
+                    f"let it finish (or set {WAIT_ENV} to wait longer)."
+                )
             time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())) or self.poll)
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.owner}", daemon=True)
@@ -202,8 +217,10 @@ class WriterLease:
             record = self._record()
             if not self._put(record, self._version):
                 now = self._read()
-                self._lost = (f"lost the writer lease of {storage.redact_url(self.directory)} (token {self.token}): "
-                              f"now held by {_describe(now[0]) if now else 'nobody'}")
+                self._lost = (
+                    f"lost the writer lease of {storage.redact_url(self.directory)} (token {self.token}): "
+                    f"now held by {_describe(now[0]) if now else 'nobody'}"
+                )
                 raise LeaseLostError(self._lost)
 
     def assert_held(self) -> None:
@@ -218,9 +235,11 @@ class WriterLease:
                 if self._put(self._record(), self._version):
                     return
             if current is None or current[1] != self._version or self._expires_at <= self.clock():
-                self._lost = (f"lost the writer lease of {storage.redact_url(self.directory)} (token {self.token}, "
-                              f"expired {self.clock() - self._expires_at:.0f} s ago): now held by "
-                              f"{_describe(current[0]) if current else 'nobody'}")
+                self._lost = (
+                    f"lost the writer lease of {storage.redact_url(self.directory)} (token {self.token}, "
+                    f"expired {self.clock() - self._expires_at:.0f} s ago): now held by "
+                    f"{_describe(current[0]) if current else 'nobody'}"
+                )
                 raise LeaseLostError(self._lost)
 
     def release(self) -> None:
@@ -285,5 +304,6 @@ class FencedFile:
             raise LeaseLostError(
                 f"{storage.redact_url(self.url)} was changed by another writer since this one (token "
                 f"{self.lease.token}) last wrote it; the writer lease is now held by "
-                f"{_describe(now[0]) if now else 'nobody'}. This writer stops; what it had committed stays.")
+                f"{_describe(now[0]) if now else 'nobody'}. This writer stops; what it had committed stays."
+            )
         self.version = version

@@ -60,13 +60,20 @@ class LoraConfig(StrictModel):
     N processes no longer take exactly the steps of one."""
 
     def peft_config(self, targets: list[str]) -> peft.LoraConfig:
-        return peft.LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, lora_dropout=self.dropout,
-                               target_modules=targets, init_lora_weights="gaussian", bias="none")
+        return peft.LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha or self.rank,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            init_lora_weights="gaussian",
+            bias="none",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The adapted model
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The configured targets, each checked to name a Linear of ``model`` (peft only refuses when none does), or
@@ -79,9 +86,11 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
     own = [t for t in ATTENTION_PROJECTIONS if names_one(t)]
     for target in config.target_modules or []:
         if not names_one(target):
-            raise ValueError(f"lora.target_modules: {target!r} names no Linear layer of the "
-                             f"{getattr(model.config, 'kind', 'denoiser')} denoiser; its attention projections are "
-                             f"{', '.join(own)}")
+            raise ValueError(
+                f"lora.target_modules: {target!r} names no Linear layer of the "
+                f"{getattr(model.config, 'kind', 'denoiser')} denoiser; its attention projections are "
+                f"{', '.join(own)}"
+            )
     return list(config.target_modules or own)
 
 
@@ -101,8 +110,7 @@ def has_lora(model: nn.Module) -> bool:
 def lora_config(model: nn.Module) -> LoraConfig:
     """The config of the adapter ``model`` carries (its targets resolved: the layer names it adapts)."""
     pc = model.peft_config[_ADAPTER]
-    return LoraConfig(rank=pc.r, alpha=pc.lora_alpha, target_modules=sorted(pc.target_modules),
-                      dropout=pc.lora_dropout)
+    return LoraConfig(rank=pc.r, alpha=pc.lora_alpha, target_modules=sorted(pc.target_modules), dropout=pc.lora_dropout)
 
 
 def is_adapter_weight(name: str) -> bool:
@@ -121,8 +129,10 @@ def load_adapter_state_dict(model: nn.Module, weights: dict[str, torch.Tensor]) 
     wrong = [k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]
     if missing or unexpected or wrong:
         first = (missing or unexpected or wrong)[0]
-        raise ValueError(f"the adapter weights do not fit this LoRA config (rank, target_modules): {len(missing)} "
-                         f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape (e.g. {first})")
+        raise ValueError(
+            f"the adapter weights do not fit this LoRA config (rank, target_modules): {len(missing)} "
+            f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape (e.g. {first})"
+        )
     set_peft_model_state_dict(model, weights, adapter_name=_ADAPTER)
 
 
@@ -152,6 +162,7 @@ def merged(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # Training: the EMA and the checkpoint parts of an adapter
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class AdapterEMA(EMA):
     """The EMA of the adapter alone. Its model shares the frozen base tensors with the trained model (no second
@@ -207,9 +218,11 @@ class BaseIdentity:
 
     def load_state_dict(self, sd: dict[str, str]) -> None:
         if sd["sha256"] != self.sha256:
-            raise ValueError(f"the checkpoint's LoRA adapter was trained on base weights {sd['sha256'][:12]}…, this "
-                             f"run's base is {self.sha256[:12]}…: resume with the same base (seed, init weights), or "
-                             "point the checkpoint directory elsewhere to start a new run")
+            raise ValueError(
+                f"the checkpoint's LoRA adapter was trained on base weights {sd['sha256'][:12]}…, this "
+                f"run's base is {self.sha256[:12]}…: resume with the same base (seed, init weights), or "
+                "point the checkpoint directory elsewhere to start a new run"
+            )
 
 
 def checkpoint_parts(model: nn.Module) -> dict[str, BaseIdentity | AdapterWeights]:
@@ -218,6 +231,18 @@ def checkpoint_parts(model: nn.Module) -> dict[str, BaseIdentity | AdapterWeight
     return {"base": BaseIdentity(model), "model": AdapterWeights(model)}
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "AdapterEMA", "LoraConfig", "adapter_state_dict", "add_lora", "base_sha256",
-           "base_state_dict", "checkpoint_parts", "has_lora", "is_adapter_weight", "load_adapter_state_dict",
-           "lora_config", "merged"]
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "AdapterEMA",
+    "LoraConfig",
+    "adapter_state_dict",
+    "add_lora",
+    "base_sha256",
+    "base_state_dict",
+    "checkpoint_parts",
+    "has_lora",
+    "is_adapter_weight",
+    "load_adapter_state_dict",
+    "lora_config",
+    "merged",
+]

@@ -40,20 +40,36 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return state_dict_sha256(model.state_dict())
 
 
-def save_model(url: str, model: torch.nn.Module, model_type: str, config: Any, extra: dict[str, Any] | None = None,
-               storage_options: dict[str, Any] | None = None) -> str:
+def save_model(
+    url: str,
+    model: torch.nn.Module,
+    model_type: str,
+    config: Any,
+    extra: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     return save_weights(url, model.state_dict(), model_type, config, extra, storage_options)
 
 
-def save_weights(url: str, state_dict: dict[str, torch.Tensor], model_type: str, config: Any,
-                 extra: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> str:
+def save_weights(
+    url: str,
+    state_dict: dict[str, torch.Tensor],
+    model_type: str,
+    config: Any,
+    extra: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """`save_model` for weights that are not one module's whole state dict (a LoRA model's base, its adapter)."""
     data = weights_bytes(state_dict)
     # overwriting: withdraw the old commit record first, so a kill below leaves an incomplete model, never a mix
     storage.remove(storage.join(url, CONFIG), storage_options)
     storage.write_bytes_atomic(storage.join(url, WEIGHTS), data, storage_options)
-    meta = {"type": model_type, "config": config.to_dict() if hasattr(config, "to_dict") else config, **(extra or {}),
-            "weights_sha256": hashlib.sha256(data).hexdigest()}
+    meta = {
+        "type": model_type,
+        "config": config.to_dict() if hasattr(config, "to_dict") else config,
+        **(extra or {}),
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+    }
     storage.write_text_atomic(storage.join(url, CONFIG), json.dumps(meta, indent=2, sort_keys=True), storage_options)
     return url
 
@@ -65,14 +81,17 @@ def read_model_meta(url: str, storage_options: dict[str, Any] | None = None) -> 
         raise FileNotFoundError(f"no saved model at {url} (missing {CONFIG})") from e
 
 
-def load_state_dict(url: str, storage_options: dict[str, Any] | None = None,
-                    expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    url: str, storage_options: dict[str, Any] | None = None, expected_sha256: str | None = None
+) -> dict[str, torch.Tensor]:
     """The weights at ``url``; with ``expected_sha256`` (the config's record) they must be the recorded ones."""
     weights_url = storage.join(url, WEIGHTS)
     data = storage.read_bytes(weights_url, storage_options)
     if expected_sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != expected_sha256:
-        raise ValueError(f"{weights_url}: checksum mismatch (config.json records {expected_sha256[:12]}…, the file "
-                         f"is {actual[:12]}…): the weights are not the ones this model was saved with")
+        raise ValueError(
+            f"{weights_url}: checksum mismatch (config.json records {expected_sha256[:12]}…, the file "
+            f"is {actual[:12]}…): the weights are not the ones this model was saved with"
+        )
     return st_load(data)
 
 

@@ -78,8 +78,10 @@ class MissingPretrainedWeights(FileNotFoundError):
         if spec.package is not None:
             how = f"it ships inside the '{spec.package}' package: reinstall that package (source: {url})"
         else:
-            how = (f"download it from {url} and place it in that directory (or point TORCH_HOME at a directory "
-                   "whose hub/checkpoints holds it)")
+            how = (
+                f"download it from {url} and place it in that directory (or point TORCH_HOME at a directory "
+                "whose hub/checkpoints holds it)"
+            )
         super().__init__(
             f"Pretrained weights '{name}' ({spec.used_for}) are missing: expected the file '{path.name}' in the "
             f"directory '{path.parent}'; {how}. ({reason})"

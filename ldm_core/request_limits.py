@@ -35,8 +35,10 @@ def _plain(value: object) -> object:
 
 def _integer(field: str, value: object, low: int, high: int) -> int:
     value = _plain(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not value.is_integer()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
     ):
         raise RequestRefused(f"{field} must be an integer in {low}..{high}, got {value!r}")
     if not low <= value <= high:
@@ -68,8 +70,12 @@ def check_request(
     out_guid: list[float | None] = []
     for i, g in enumerate(guidance):
         g = _plain(g)
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
-                              or not 0.0 <= g <= MAX_GUIDANCE):
+        if g is not None and (
+            isinstance(g, bool)
+            or not isinstance(g, (int, float))
+            or not math.isfinite(g)
+            or not 0.0 <= g <= MAX_GUIDANCE
+        ):
             raise RequestRefused(f"guidance of row {i} must be a finite number in 0..{MAX_GUIDANCE:g}, got {g!r}")
         out_guid.append(None if g is None else float(g))
     return out_seeds, out_steps, out_guid

@@ -163,7 +163,7 @@ def is_local(url: str) -> bool:
 def local_path(url: str) -> str:
     """The filesystem path of a local URL (``file:///x`` -> ``/x``)."""
     url = str(url)
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -294,7 +294,7 @@ def walk_files(url: str, storage_options: dict[str, Any] | None = None) -> Itera
     with naming_errors(url, "listing"):
         found = sorted(fs.find(root))
     for path in found:
-        rel = path[len(root):].lstrip("/")
+        rel = path[len(root) :].lstrip("/")
         yield rel
 
 
@@ -409,8 +409,9 @@ def read_versioned(url: str, storage_options: dict[str, Any] | None = None) -> t
         return _s3_get(fs, path)
 
 
-def write_if_version(url: str, data: bytes, expected: str | None,
-                     storage_options: dict[str, Any] | None = None) -> str | None:
+def write_if_version(
+    url: str, data: bytes, expected: str | None, storage_options: dict[str, Any] | None = None
+) -> str | None:
     """Write ``data`` to ``url`` only if it still holds version ``expected`` (None: only if it does not exist).
     Returns the new version, or None when the object had changed (nothing was written)."""
     fs, path = get_fs(url, storage_options)

@@ -120,8 +120,9 @@ def _load_clip(path: str, hf_config: Any, dtype: torch.dtype) -> tuple[torch.nn.
 class TextEncoder:
     """Frozen; call ``encode(captions)``. ``empty()`` is the embedding of "" used for classifier-free guidance."""
 
-    def __init__(self, config: TextEncoderConfig | None = None, device: str | torch.device = "cpu",
-                 path: str | None = None):
+    def __init__(
+        self, config: TextEncoderConfig | None = None, device: str | torch.device = "cpu", path: str | None = None
+    ):
         """``path``: a local folder written by `save_text_encoder` to load the weights and tokenizer from instead of
         resolving ``config.name``; the config (the source's name included) stays what it was."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -163,8 +164,9 @@ class TextEncoder:
         embs, masks, pooled = [], [], []
         for start in range(0, len(captions), self.config.batch_size):
             chunk = list(captions[start : start + self.config.batch_size])
-            tok = self.tokenizer(chunk, padding="max_length", truncation=True, max_length=self.config.max_length,
-                                 return_tensors="pt").to(self.device)
+            tok = self.tokenizer(
+                chunk, padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
+            ).to(self.device)
             mask = tok["attention_mask"].bool()  # (b, L)
             out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
             embs.append(out.last_hidden_state)  # (b, L, D)
@@ -177,8 +179,9 @@ class TextEncoder:
                 pooled.append(masked_mean(out.last_hidden_state, mask))  # (b, D)
         if not embs:
             L = self.config.max_length
-            return TextEmbeddings(torch.zeros(0, L, self.dim), torch.zeros(0, L, dtype=torch.bool),
-                                  torch.zeros(0, self.pooled_dim))
+            return TextEmbeddings(
+                torch.zeros(0, L, self.dim), torch.zeros(0, L, dtype=torch.bool), torch.zeros(0, self.pooled_dim)
+            )
         return TextEmbeddings(torch.cat(embs).clone(), torch.cat(masks).clone(), torch.cat(pooled).clone())
 
     def empty(self) -> TextEmbeddings:
@@ -188,10 +191,10 @@ class TextEncoder:
         return self._empty
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # A self-contained copy (what a registered model carries)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class SavedTextEncoder(StrictModel):
     """Where a copy written by `save_text_encoder` came from, and the hash that identifies its weights."""
@@ -224,5 +227,6 @@ def save_text_encoder(encoder: TextEncoder, folder: str | Path) -> SavedTextEnco
     (a CLIPTextModelWithProjection keeps its text projection), in the dtype it runs in."""
     encoder.model.save_pretrained(folder, safe_serialization=True)
     encoder.tokenizer.save_pretrained(folder)
-    return SavedTextEncoder(source=encoder.config.name, revision=encoder.revision,
-                            weights_sha256=weights_sha256(folder))
+    return SavedTextEncoder(
+        source=encoder.config.name, revision=encoder.revision, weights_sha256=weights_sha256(folder)
+    )

@@ -20,34 +20,47 @@ def _default(config_class: type[dg.Config], field: str) -> object:
     return config_class.model_fields[field].default
 
 
-@dg.asset_check(asset="image_dataset", description="The dataset is non-empty and its bad-input fraction is below "
-                                                   "the configured threshold.")
+@dg.asset_check(
+    asset="image_dataset",
+    description="The dataset is non-empty and its bad-input fraction is below the configured threshold.",
+)
 def image_dataset_quality(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     read = read_upstream(context, "image_dataset")
     md = read.metadata
     rows, frac = md["rows_total"], md["bad_fraction"]
     limit = md.get("check_max_bad_fraction", _default(ImageDatasetConfig, "check_max_bad_fraction"))
     passed = rows > 0 and frac <= limit
-    return dg.AssetCheckResult(passed=passed, metadata={"rows_total": rows, "bad_fraction": frac, "threshold": limit,
-                                         **lineage_metadata(read)},
-                               description=None if passed else f"rows={rows}, bad fraction {frac:.3f} (limit {limit})")
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"rows_total": rows, "bad_fraction": frac, "threshold": limit, **lineage_metadata(read)},
+        description=None if passed else f"rows={rows}, bad fraction {frac:.3f} (limit {limit})",
+    )
 
 
-@dg.asset_check(asset="vae_model", blocking=True,
-                description="Held-out reconstruction PSNR of the trained autoencoder is above the configured floor.")
+@dg.asset_check(
+    asset="vae_model",
+    blocking=True,
+    description="Held-out reconstruction PSNR of the trained autoencoder is above the configured floor.",
+)
 def vae_reconstruction_psnr(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     read = read_upstream(context, "vae_model")
     md = read.metadata
     psnr, floor = md["val_psnr"], md.get("psnr_floor", _default(VaeModelConfig, "psnr_floor"))
     passed = math.isfinite(psnr) and psnr >= floor
-    return dg.AssetCheckResult(passed=passed, metadata={"val_psnr": psnr, "floor": floor, **lineage_metadata(read)},
-                               description=None if passed else f"PSNR {psnr:.2f} dB below the floor {floor} dB")
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"val_psnr": psnr, "floor": floor, **lineage_metadata(read)},
+        description=None if passed else f"PSNR {psnr:.2f} dB below the floor {floor} dB",
+    )
 
 
-@dg.asset_check(asset="vae_model", blocking=True,
-                description="Held-out reconstructions keep every colour (per colour class where the data has one), "
-                            "their worst decile stays above a PSNR floor, no RGB channel shifts, and what stands out "
-                            "from the background keeps its colour: failures a mean PSNR hides.")
+@dg.asset_check(
+    asset="vae_model",
+    blocking=True,
+    description="Held-out reconstructions keep every colour (per colour class where the data has one), "
+    "their worst decile stays above a PSNR floor, no RGB channel shifts, and what stands out "
+    "from the background keeps its colour: failures a mean PSNR hides.",
+)
 def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     read = read_upstream(context, "vae_model")
     md = read.metadata
@@ -57,8 +70,11 @@ def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.As
     metadata = {
         "worst_decile_psnr": fidelity["worst_decile_psnr"],
         "channel_shift": dg.MetadataValue.json(fidelity["channel_shift"]),
-        **({"worst_decile_foreground_shift": fidelity["worst_decile_foreground_shift"]}
-           if fidelity.get("worst_decile_foreground_shift") is not None else {}),
+        **(
+            {"worst_decile_foreground_shift": fidelity["worst_decile_foreground_shift"]}
+            if fidelity.get("worst_decile_foreground_shift") is not None
+            else {}
+        ),
         **{f"{name}_accuracy": c["accuracy"] for name, c in classes.items()},
         "thresholds": dg.MetadataValue.json(md["fidelity_thresholds"]),
         **lineage_metadata(read),
@@ -66,8 +82,11 @@ def vae_reconstruction_fidelity(context: dg.AssetCheckExecutionContext) -> dg.As
     return dg.AssetCheckResult(passed=passed, metadata=metadata, description="; ".join(reasons) or None)
 
 
-@dg.asset_check(asset="latent_store", blocking=True,
-                description="Stored latents are finite and have std ≈ 1 after the latent scale.")
+@dg.asset_check(
+    asset="latent_store",
+    blocking=True,
+    description="Stored latents are finite and have std ≈ 1 after the latent scale.",
+)
 def latents_finite_and_scaled(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     read = read_upstream(context, "latent_store")
     md = read.metadata

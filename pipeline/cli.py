@@ -59,6 +59,7 @@ def _quiet() -> None:
 # ldm demo
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _quiet()
     import dagster as dg
@@ -80,18 +81,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"LDM_HOME={home}\nrunning ldm_training_job with {args.config or 'demo'} (progress below)…", flush=True)
     t0 = time.time()
     with dg.DagsterInstance.get() as instance:
-        result = dg.execute_job(dg.reconstructable(get_training_job), instance=instance, run_config=run_config,
-                                tags={"ldm.trigger": "ldm demo"})
+        result = dg.execute_job(
+            dg.reconstructable(get_training_job),
+            instance=instance,
+            run_config=run_config,
+            tags={"ldm.trigger": "ldm demo"},
+        )
         # no daemon runs the run-status sensors here (pipeline/mlflow_runs.py): end what the steps could not
         mlflow_config = ((run_config.get("resources") or {}).get("mlflow") or {}).get("config") or {}
         MLflowResource(**mlflow_config).end_dagster_run(result.run_id, "FINISHED" if result.success else "FAILED")
-        failed_checks = [f"  check {e.check_name} on {e.asset_key.to_user_string()} failed: {e.description or ''}"
-                         for e in result.get_asset_check_evaluations() if not e.passed]
+        failed_checks = [
+            f"  check {e.check_name} on {e.asset_key.to_user_string()} failed: {e.description or ''}"
+            for e in result.get_asset_check_evaluations()
+            if not e.passed
+        ]
         if not result.success:
             print(f"\nthe run failed (run id {result.run_id}); see the log above or `ldm ui`", file=sys.stderr)
             if failed_checks:
-                print("\n".join(failed_checks) + "\n  (a blocking check stops every asset downstream of it)",
-                      file=sys.stderr)
+                print(
+                    "\n".join(failed_checks) + "\n  (a blocking check stops every asset downstream of it)",
+                    file=sys.stderr,
+                )
             return 1
         print(summary(instance, result.run_id, time.time() - t0))
     return 0
@@ -108,7 +118,8 @@ def summary(instance: Any, run_id: str, seconds: float) -> str:
         md(k) for k in ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")
     )
     lines = [
-        "", f"ldm_training_job finished in {seconds / 60:.1f} min (run {run_id[:8]})",
+        "",
+        f"ldm_training_job finished in {seconds / 60:.1f} min (run {run_id[:8]})",
         f"  dataset        {ds.get('rows_total')} images ({ds.get('bad_total', 0)} bad inputs dropped)",
         f"  ldm-vae        {vae.get('vae_uri')} (alias candidate); val PSNR {_fmt(vae.get('val_psnr'))} dB",
         f"  latent store   {store.get('rows_total')} rows at {store.get('store_url')}",
@@ -118,8 +129,10 @@ def summary(instance: Any, run_id: str, seconds: float) -> str:
         lines.append(f"                 denoiser {ldm['backbone']}")
     passed = bool(rep.get("gate_passed"))
     if rep:
-        lines.append(f"  evaluation     gate {'PASSED' if passed else 'did not pass'}"
-                     f"{' → alias champion moved to ' + str(rep.get('ldm_uri')) if passed else ''}")
+        lines.append(
+            f"  evaluation     gate {'PASSED' if passed else 'did not pass'}"
+            f"{' → alias champion moved to ' + str(rep.get('ldm_uri')) if passed else ''}"
+        )
         if not passed:  # the gate lists its failures first, then its notes
             reasons = rep.get("gate_reasons") or ["(no reason recorded)"]
             more = f" (+{len(reasons) - 1} more in the report)" if len(reasons) > 1 else ""
@@ -133,7 +146,9 @@ def summary(instance: Any, run_id: str, seconds: float) -> str:
     # champion moves only when the gate passes: otherwise the model to look at is the candidate
     alias = "champion" if passed else "candidate"
     lines += [
-        "", "Browse the result:", "  ldm ui        # Dagster at http://127.0.0.1:3000, MLflow at http://127.0.0.1:5000",
+        "",
+        "Browse the result:",
+        "  ldm ui        # Dagster at http://127.0.0.1:3000, MLflow at http://127.0.0.1:5000",
         f'  ldm sample --model models:/ldm@{alias} --prompt "a large red circle in the center" -n 8 -o grid.png',
     ]
     return "\n".join(lines)
@@ -159,9 +174,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     workspace = Path("workspace.yaml")
     target = ["-w", str(workspace)] if workspace.exists() else ["-m", "pipeline.definitions"]
     dagster = [str(bin_dir / "dagster"), "dev", *target, "-h", args.host, "-p", str(args.dagster_port)]
-    mlflow = [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", settings.mlflow_tracking_uri(),
-              "--default-artifact-root", settings.mlflow_artifact_location(), "--host", args.host,
-              "--port", str(args.mlflow_port)]
+    mlflow = [
+        str(bin_dir / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        settings.mlflow_tracking_uri(),
+        "--default-artifact-root",
+        settings.mlflow_artifact_location(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.mlflow_port),
+    ]
     stop_requested: list[int] = []
 
     def request_stop(signum: int, _frame: Any) -> None:
@@ -176,8 +200,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         for name, cmd in (("Dagster", dagster), ("MLflow", mlflow)):
             if not stop_requested:
                 servers[name] = subprocess.Popen(cmd, start_new_session=True)
-        print(f"Dagster: http://{args.host}:{args.dagster_port}   MLflow: http://{args.host}:{args.mlflow_port}   "
-              "(Ctrl-C stops both)", flush=True)
+        print(
+            f"Dagster: http://{args.host}:{args.dagster_port}   MLflow: http://{args.host}:{args.mlflow_port}   "
+            "(Ctrl-C stops both)",
+            flush=True,
+        )
         while not stop_requested and all(p.poll() is None for p in servers.values()):
             time.sleep(0.5)
     finally:
@@ -217,6 +244,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # ldm sample
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _sample_request_error(args: argparse.Namespace) -> str | None:
     """One line when the request is beyond ldm_core.request_limits (the bounds the served model applies too)."""
@@ -279,6 +307,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 # ldm export
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A registered model as a diffusers folder (ldm_core.interop.pipeline_export), with what diffusers will not
     reproduce said on stdout."""
@@ -306,8 +335,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"ldm export: cannot load {args.model}: {first[:300]}", file=sys.stderr)
             return 2
         result = export_diffusers(model, args.output)
-    print(f"{args.model} → {result.folder} ({result.pipeline_class} layout: {result.denoiser_dir}/, vae/, "
-          f"text_encoder/, tokenizer/, scheduler/)")
+    print(
+        f"{args.model} → {result.folder} ({result.pipeline_class} layout: {result.denoiser_dir}/, vae/, "
+        f"text_encoder/, tokenizer/, scheduler/)"
+    )
     print("diffusers will NOT reproduce this model's samples exactly where:")
     print("\n".join(f"  - {n}" for n in result.divergences))
     return 0
@@ -316,6 +347,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # ldm weights, ldm validate
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def cmd_weights(args: argparse.Namespace) -> int:
     from ldm_core.pretrained import status
@@ -353,8 +385,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ldm", description="ldm-pipeline: train latent diffusion "
-                                                        "models with Dagster + MLflow.")
+    p = argparse.ArgumentParser(
+        prog="ldm", description="ldm-pipeline: train latent diffusion models with Dagster + MLflow."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="materialize ldm_training_job on the embedded default (demo.yaml)")
@@ -373,10 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("-n", type=int, default=8, help=f"images, 1..{limits.MAX_ROWS} (seeds --seed, --seed+1, …)")
     s.add_argument("-o", "--output", default="grid.png")
     s.add_argument("--seed", type=int, default=0, help=f"first seed, 0..{limits.MAX_SEED}")
-    s.add_argument("--steps", type=int, default=None,
-                   help=f"sampler steps, 1..{limits.MAX_STEPS} (default: the model's)")
-    s.add_argument("--guidance", type=float, default=None,
-                   help=f"classifier-free guidance scale, finite, 0..{limits.MAX_GUIDANCE:g} (default: the model's)")
+    s.add_argument(
+        "--steps", type=int, default=None, help=f"sampler steps, 1..{limits.MAX_STEPS} (default: the model's)"
+    )
+    s.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale, finite, 0..{limits.MAX_GUIDANCE:g} (default: the model's)",
+    )
     s.add_argument("--cols", type=int, default=None)
     s.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the grid (small images)")
     s.set_defaults(fn=cmd_sample)

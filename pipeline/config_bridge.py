@@ -117,8 +117,12 @@ def _union_config(models: tuple[type[BaseModel], ...]) -> type[dg.Config]:
             info.description = f"Which one: one of {list(kinds.values())} (default: {kinds[models[0]]!r})."
         elif len(owners[name]) < len(models):
             info.description = f"[{', '.join(owners[name])} only] {info.description}"
-    cls = create_model("Or".join(m.__name__ for m in models) + "Dagster", __base__=dg.Config,
-                       __doc__=" | ".join(kinds.values()), **fields)
+    cls = create_model(
+        "Or".join(m.__name__ for m in models) + "Dagster",
+        __base__=dg.Config,
+        __doc__=" | ".join(kinds.values()),
+        **fields,
+    )
     _CACHE[(models, ())] = cls
     return cls
 
@@ -156,8 +160,11 @@ def _union_members(tp: Any) -> dict[str, type[BaseModel]]:
     if get_origin(tp) not in (Union, types.UnionType):
         return {}
     members = [_unannotated(a) for a in get_args(tp)]
-    return {m.model_fields["kind"].default: m for m in members
-            if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields}
+    return {
+        m.model_fields["kind"].default: m
+        for m in members
+        if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields
+    }
 
 
 def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> list[Any]:

@@ -22,9 +22,13 @@ defs = dg.Definitions(
     jobs=[ldm_training_job, ldm_retrain_job],
     schedules=[ldm_weekly_retrain],
     sensors=[ldm_new_data_sensor, *MLFLOW_RUN_SENSORS],
-    resources={"mlflow": MLflowResource(), "storage": StorageResource(), "compute": ComputeResource(),
-               # every asset takes it: a run whose config ldm_core refuses fails before its first asset starts
-               "run_config_check": RunConfigCheck()},
+    resources={
+        "mlflow": MLflowResource(),
+        "storage": StorageResource(),
+        "compute": ComputeResource(),
+        # every asset takes it: a run whose config ldm_core refuses fails before its first asset starts
+        "run_config_check": RunConfigCheck(),
+    },
     # one process per run by default (the assets form a chain, and torch is imported once); deploy/ picks the k8s
     # executor through LDM_EXECUTOR
     executor=executor_from_env(),

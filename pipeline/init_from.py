@@ -72,9 +72,13 @@ class InitPlan:
 
     def record(self) -> dict[str, Any]:
         """What the run says about its start: asset metadata, MLflow params, the bundle's info."""
-        return {"init_from": self.weights.source if self.weights else NONE, "init_setting": self.setting,
-                "init_source_hash": self.weights.sha256 if self.weights else "", "warm_start": self.warm_start,
-                "warm_start_reason": self.reason}
+        return {
+            "init_from": self.weights.source if self.weights else NONE,
+            "init_setting": self.setting,
+            "init_source_hash": self.weights.sha256 if self.weights else "",
+            "warm_start": self.warm_start,
+            "warm_start_reason": self.reason,
+        }
 
 
 def _fail(message: str) -> dg.Failure:
@@ -110,21 +114,40 @@ def _champion(registered_name: str, configured: DenoiserConfig, store: StoreShap
     uri = f"models:/{registered_name}/{champion.version}"
     vae_uri = champion.tags.get("vae_uri")
     if vae_uri != store.vae_uri:  # checked first: it needs no download
-        return InitPlan(AUTO, None, f"from scratch: the champion {uri} was trained on latents of {vae_uri}; the "
-                                    f"latent store was encoded with {store.vae_uri}", vae_uri)
+        return InitPlan(
+            AUTO,
+            None,
+            f"from scratch: the champion {uri} was trained on latents of {vae_uri}; the "
+            f"latent store was encoded with {store.vae_uri}",
+            vae_uri,
+        )
     weights, _ = registered_weights(client, uri)
     if diffs := architecture_differences(weights.config, configured):
-        return InitPlan(AUTO, None, f"from scratch: the champion {uri}'s network differs from "
-                                    f"ldm_model.training.denoiser ({', '.join(diffs)})", vae_uri)
-    if problems := shape_mismatches(weights.config, store.latent_shape, store.context_dim, store.pooled_dim,
-                                    source=f"the champion {uri}"):
+        return InitPlan(
+            AUTO,
+            None,
+            f"from scratch: the champion {uri}'s network differs from ldm_model.training.denoiser ({', '.join(diffs)})",
+            vae_uri,
+        )
+    if problems := shape_mismatches(
+        weights.config, store.latent_shape, store.context_dim, store.pooled_dim, source=f"the champion {uri}"
+    ):
         return InitPlan(AUTO, None, "from scratch: " + "; ".join(problems), vae_uri)
-    return InitPlan(AUTO, weights, f"warm start from the champion {uri} (same network, same autoencoder {vae_uri})",
-                    vae_uri)
+    return InitPlan(
+        AUTO, weights, f"warm start from the champion {uri} (same network, same autoencoder {vae_uri})", vae_uri
+    )
 
 
-def plan_init(setting: str | None, subfolder: str | None, *, configured: DenoiserConfig, denoiser_set: bool,
-              store: StoreShapes, client: Any, registered_name: str) -> InitPlan:
+def plan_init(
+    setting: str | None,
+    subfolder: str | None,
+    *,
+    configured: DenoiserConfig,
+    denoiser_set: bool,
+    store: StoreShapes,
+    client: Any,
+    registered_name: str,
+) -> InitPlan:
     """The starting weights a run trains from (see the module docstring).
 
     configured: the run config's denoiser (completed with the store's shapes); denoiser_set: whether the run config
@@ -138,14 +161,18 @@ def plan_init(setting: str | None, subfolder: str | None, *, configured: Denoise
     weights, vae_uri = _explicit(setting, subfolder, client)
     problems = shape_mismatches(weights.config, store.latent_shape, store.context_dim, store.pooled_dim)
     if denoiser_set and (diffs := architecture_differences(weights.config, configured)):
-        problems.append(f"init_from's network differs from ldm_model.training.denoiser ({', '.join(diffs)}): leave "
-                        "training.denoiser unset to train the source's network")
+        problems.append(
+            f"init_from's network differs from ldm_model.training.denoiser ({', '.join(diffs)}): leave "
+            "training.denoiser unset to train the source's network"
+        )
     if problems:
         raise _fail("; ".join(problems))
     reason = f"warm start from {weights.source}"
     if vae_uri is not None and vae_uri != store.vae_uri:
-        reason += (f" (trained on latents of {vae_uri}; the latent store was encoded with {store.vae_uri}: a "
-                   "different autoencoder, kept because init_from names this model)")
+        reason += (
+            f" (trained on latents of {vae_uri}; the latent store was encoded with {store.vae_uri}: a "
+            "different autoencoder, kept because init_from names this model)"
+        )
     return InitPlan(setting, weights, reason, vae_uri)
 
 

@@ -36,8 +36,16 @@ CODE_PATHS = [str(Path(ldm_core.__file__).parent)]
 # those are installed, so the served environment gets the ones it was tested with: transformers imports torchvision,
 # and peft's accelerate imports boto3.
 AUTOENCODER_PACKAGES = ("mlflow", "torch", "numpy", "pydantic", "safetensors", "fsspec")
-TEXT_TO_IMAGE_PACKAGES = (*AUTOENCODER_PACKAGES, "pandas", "pillow", "transformers", "tokenizers", "torchvision",
-                          "peft", "boto3")
+TEXT_TO_IMAGE_PACKAGES = (
+    *AUTOENCODER_PACKAGES,
+    "pandas",
+    "pillow",
+    "transformers",
+    "tokenizers",
+    "torchvision",
+    "peft",
+    "boto3",
+)
 
 
 def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
@@ -49,12 +57,14 @@ def text_to_image_signature(height: int, width: int) -> ModelSignature:
     """One image per row; the values are bounded by ldm_core.request_limits (rows 1..MAX_ROWS, steps 1..MAX_STEPS,
     guidance finite in 0..MAX_GUIDANCE, seed 0..MAX_SEED, prompts up to MAX_PROMPT_CHARS), which the model applies."""
     return ModelSignature(
-        inputs=Schema([
-            ColSpec("string", "prompt"),
-            ColSpec("long", "seed", required=False),
-            ColSpec("long", "steps", required=False),
-            ColSpec("double", "guidance", required=False),
-        ]),
+        inputs=Schema(
+            [
+                ColSpec("string", "prompt"),
+                ColSpec("long", "seed", required=False),
+                ColSpec("long", "steps", required=False),
+                ColSpec("double", "guidance", required=False),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, height, width, 3))]),
     )
 

@@ -30,31 +30,45 @@ def _end(context: dg.RunStatusSensorContext, mlflow: MLflowResource, outcome: st
     run_id = context.dagster_run.run_id
     changed = mlflow.end_dagster_run(run_id, outcome)
     if changed:
-        context.log.info(f"Dagster run {run_id}: MLflow runs ended " +
-                         ", ".join(f"{mlflow_run} {status}" for mlflow_run, status in changed.items()))
+        context.log.info(
+            f"Dagster run {run_id}: MLflow runs ended "
+            + ", ".join(f"{mlflow_run} {status}" for mlflow_run, status in changed.items())
+        )
 
 
-@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, name="mlflow_runs_end_on_success",
-                      minimum_interval_seconds=INTERVAL_SECONDS, monitor_all_code_locations=ALL_CODE_LOCATIONS,
-                      default_status=dg.DefaultSensorStatus.RUNNING,
-                      description="Marks the MLflow parent run of a succeeded Dagster run FINISHED (and any "
-                                  "materialization run a killed attempt left open KILLED).")
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    name="mlflow_runs_end_on_success",
+    minimum_interval_seconds=INTERVAL_SECONDS,
+    monitor_all_code_locations=ALL_CODE_LOCATIONS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks the MLflow parent run of a succeeded Dagster run FINISHED (and any "
+    "materialization run a killed attempt left open KILLED).",
+)
 def mlflow_runs_end_on_success(context: dg.RunStatusSensorContext, mlflow: MLflowResource) -> None:
     _end(context, mlflow, "FINISHED")
 
 
-@dg.run_failure_sensor(name="mlflow_runs_end_on_failure", minimum_interval_seconds=INTERVAL_SECONDS,
-                       monitor_all_code_locations=ALL_CODE_LOCATIONS, default_status=dg.DefaultSensorStatus.RUNNING,
-                       description="Marks the MLflow runs of a failed Dagster run FAILED, or KILLED where a "
-                                   "materialization never ended (its process died).")
+@dg.run_failure_sensor(
+    name="mlflow_runs_end_on_failure",
+    minimum_interval_seconds=INTERVAL_SECONDS,
+    monitor_all_code_locations=ALL_CODE_LOCATIONS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks the MLflow runs of a failed Dagster run FAILED, or KILLED where a "
+    "materialization never ended (its process died).",
+)
 def mlflow_runs_end_on_failure(context: dg.RunFailureSensorContext, mlflow: MLflowResource) -> None:
     _end(context, mlflow, "FAILED")
 
 
-@dg.run_status_sensor(run_status=dg.DagsterRunStatus.CANCELED, name="mlflow_runs_end_on_cancel",
-                      minimum_interval_seconds=INTERVAL_SECONDS, monitor_all_code_locations=ALL_CODE_LOCATIONS,
-                      default_status=dg.DefaultSensorStatus.RUNNING,
-                      description="Marks the MLflow runs of a canceled Dagster run KILLED.")
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.CANCELED,
+    name="mlflow_runs_end_on_cancel",
+    minimum_interval_seconds=INTERVAL_SECONDS,
+    monitor_all_code_locations=ALL_CODE_LOCATIONS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks the MLflow runs of a canceled Dagster run KILLED.",
+)
 def mlflow_runs_end_on_cancel(context: dg.RunStatusSensorContext, mlflow: MLflowResource) -> None:
     _end(context, mlflow, "KILLED")
 

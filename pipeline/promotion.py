@@ -81,9 +81,17 @@ def read_champion_for_gate(client: Any, name: str) -> Champion:
     return champion
 
 
-def promote(client: Any, name: str, candidate: str, candidate_metrics: Mapping[str, Any], judged_against: Champion,
-            decision: GateDecision, gate: GateConfig, lock: Lock,
-            measure: Callable[[str], dict[str, Any]]) -> Promotion:
+def promote(
+    client: Any,
+    name: str,
+    candidate: str,
+    candidate_metrics: Mapping[str, Any],
+    judged_against: Champion,
+    decision: GateDecision,
+    gate: GateConfig,
+    lock: Lock,
+    measure: Callable[[str], dict[str, Any]],
+) -> Promotion:
     """Move `champion` to ``candidate`` if it passed against the champion that holds the alias at the moment of the
     move (see the module's docstring). ``measure(version)`` measures a champion without recorded metrics exactly as
     the candidate was measured, and records them on it."""

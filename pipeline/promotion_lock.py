@@ -89,8 +89,16 @@ class S3Lease:
     """A lease object on S3 written with conditional PUTs (see the module's docstring), through the conditional
     writes of `ldm_core.storage` (`write_if_version`, `read_versioned`, `delete_if_version`)."""
 
-    def __init__(self, url: str, *, lease: float = LEASE_SECONDS, margin: float = SAFETY_MARGIN_SECONDS,
-                 wait: float = WAIT_SECONDS, poll: float = POLL_SECONDS, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease: float = LEASE_SECONDS,
+        margin: float = SAFETY_MARGIN_SECONDS,
+        wait: float = WAIT_SECONDS,
+        poll: float = POLL_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ):
         self.url = url
         self.lease, self.margin, self.wait, self.poll, self.clock = lease, margin, wait, poll, clock
         self._etag: str | None = None
@@ -160,7 +168,6 @@ def held(lock: Lock) -> Iterator[Lock]:
         yield lock
     finally:
         lock.release()
-
 
 
 def _holder() -> dict[str, Any]:

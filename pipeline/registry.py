@@ -59,8 +59,10 @@ def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
             return None
         raise
     if alias in model.aliases:
-        raise MlflowException(f"the registry has alias {name}@{alias} but would not return its version",
-                              error_code="TEMPORARILY_UNAVAILABLE")
+        raise MlflowException(
+            f"the registry has alias {name}@{alias} but would not return its version",
+            error_code="TEMPORARILY_UNAVAILABLE",
+        )
     return None
 
 
@@ -68,13 +70,14 @@ def resolve_model_uri(client: Any, uri: str) -> Any:
     """The ModelVersion a ``models:/`` URI names. Raises ModelLookupError (one line) when it names nothing."""
     m = _MODELS_URI.match(uri.strip())
     if m is None:
-        raise ModelLookupError(f"{uri!r} is not a registered-model URI: use models:/<name>@<alias> or "
-                               "models:/<name>/<version>, e.g. models:/ldm@champion")
+        raise ModelLookupError(
+            f"{uri!r} is not a registered-model URI: use models:/<name>@<alias> or "
+            "models:/<name>/<version>, e.g. models:/ldm@champion"
+        )
     name, alias, version = m["name"], m["alias"], m["version"]
     try:
         try:
-            return (client.get_model_version_by_alias(name, alias) if alias else
-                    client.get_model_version(name, version))
+            return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
         except MlflowException as e:
             # a missing name, version or alias; anything else (a broken store) is not a lookup problem
             if e.error_code not in (RESOURCE_DOES_NOT_EXIST, INVALID_PARAMETER_VALUE):
@@ -85,8 +88,9 @@ def resolve_model_uri(client: Any, uri: str) -> Any:
         raise
     except Exception as e:  # the tracking store itself: unreachable server, unreadable database
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLookupError(f"cannot reach the MLflow tracking store at {mlflow.get_tracking_uri()}: "
-                               f"{first[:200]}") from None
+        raise ModelLookupError(
+            f"cannot reach the MLflow tracking store at {mlflow.get_tracking_uri()}: {first[:200]}"
+        ) from None
 
 
 __all__ = ["ModelLookupError", "describe_registered", "resolve_model_uri", "version_by_alias"]

@@ -59,7 +59,7 @@ class MLflowResource(dg.ConfigurableResource):
     def client(self) -> Any:
         uri = self.resolved_tracking_uri()
         if uri.startswith("sqlite:///"):
-            os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
+            os.makedirs(os.path.dirname(uri[len("sqlite:///") :]) or ".", exist_ok=True)
         # the fluent API (log_model, register_model) reads the global URI; keep it consistent with the client
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
@@ -87,8 +87,11 @@ class MLflowResource(dg.ConfigurableResource):
         )
         if found:
             return found[0].info.run_id
-        run = client.create_run(exp_id, run_name=f"{job_name}-{dagster_run_id[:8]}",
-                                tags={"dagster.run_id": dagster_run_id, "dagster.job": job_name, PARENT_TAG: "true"})
+        run = client.create_run(
+            exp_id,
+            run_name=f"{job_name}-{dagster_run_id[:8]}",
+            tags={"dagster.run_id": dagster_run_id, "dagster.job": job_name, PARENT_TAG: "true"},
+        )
         return run.info.run_id
 
     @contextlib.contextmanager
@@ -106,10 +109,17 @@ class MLflowResource(dg.ConfigurableResource):
         partition = context.partition_key if context.has_partition_key else ""
         parent = self._parent_run(client, exp_id, dagster_run_id, context.job_name or "adhoc")
         client.update_run(parent, status="RUNNING")  # reopened by the retry of a run or step that ended it
-        run = client.create_run(exp_id, run_name=f"{asset_key}-{dagster_run_id[:8]}", tags={
-            "mlflow.parentRunId": parent, "dagster.run_id": dagster_run_id, "dagster.asset_key": asset_key,
-            "dagster.partition": partition, "dagster.job": context.job_name or "",
-        })
+        run = client.create_run(
+            exp_id,
+            run_name=f"{asset_key}-{dagster_run_id[:8]}",
+            tags={
+                "mlflow.parentRunId": parent,
+                "dagster.run_id": dagster_run_id,
+                "dagster.asset_key": asset_key,
+                "dagster.partition": partition,
+                "dagster.job": context.job_name or "",
+            },
+        )
         tracked = TrackedRun(self, client, exp_id, run.info.run_id)
         try:
             yield tracked
@@ -130,8 +140,11 @@ class MLflowResource(dg.ConfigurableResource):
         exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
             return []
-        return client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}'",
-                                  max_results=SEARCH_MAX_RESULTS)
+        return client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}'",
+            max_results=SEARCH_MAX_RESULTS,
+        )
 
     def end_parent_run(self, dagster_run_id: str, status: str) -> None:
         """End the parent run of a Dagster run with ``status`` (FINISHED, FAILED), unless it was KILLED: an
@@ -148,11 +161,19 @@ class MLflowResource(dg.ConfigurableResource):
         had to be. Returns {MLflow run id: status} of the runs it changed."""
         client = self.client()
         runs = self._dagster_runs(client, dagster_run_id)
-        changed = {r.info.run_id: "KILLED" for r in runs
-                   if r.data.tags.get(PARENT_TAG) != "true" and r.info.status == "RUNNING"}
+        changed = {
+            r.info.run_id: "KILLED"
+            for r in runs
+            if r.data.tags.get(PARENT_TAG) != "true" and r.info.status == "RUNNING"
+        }
         parent_status = "KILLED" if changed and outcome != "FINISHED" else outcome
-        changed.update({r.info.run_id: parent_status for r in runs
-                        if r.data.tags.get(PARENT_TAG) == "true" and r.info.status != parent_status})
+        changed.update(
+            {
+                r.info.run_id: parent_status
+                for r in runs
+                if r.data.tags.get(PARENT_TAG) == "true" and r.info.status != parent_status
+            }
+        )
         for run_id, status in changed.items():
             client.set_terminated(run_id, status)
         return changed
@@ -182,17 +203,33 @@ class TrackedRun:
     def url(self) -> str:
         return self.resource.run_url(self.experiment_id, self.run_id)
 
-    def log_and_register_pyfunc(self, *, name: str, registered_name: str, python_model: Any, artifacts: dict[str, str],
-                                signature: Any, alias: str | None, code_paths: list[str], pip_requirements: list[str],
-                                tags: dict[str, str] | None = None, input_example: Any = None) -> RegisteredModel:
+    def log_and_register_pyfunc(
+        self,
+        *,
+        name: str,
+        registered_name: str,
+        python_model: Any,
+        artifacts: dict[str, str],
+        signature: Any,
+        alias: str | None,
+        code_paths: list[str],
+        pip_requirements: list[str],
+        tags: dict[str, str] | None = None,
+        input_example: Any = None,
+    ) -> RegisteredModel:
         """Log a pyfunc model in this run, register a new version, point ``alias`` at it.
 
         ``code_paths`` ship the code the model runs with it, and ``pip_requirements`` pin what that code imports, so
         that serving it needs neither this project installed nor a guess at versions."""
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(
-                name=name, python_model=python_model, artifacts=artifacts, signature=signature,
-                code_paths=code_paths, pip_requirements=pip_requirements, input_example=input_example,
+                name=name,
+                python_model=python_model,
+                artifacts=artifacts,
+                signature=signature,
+                code_paths=code_paths,
+                pip_requirements=pip_requirements,
+                input_example=input_example,
             )
         mv = mlflow.register_model(info.model_uri, registered_name, tags=tags or {})
         if alias:
@@ -213,28 +250,42 @@ class TrackedRun:
         with mlflow.start_run(run_id=self.run_id):
             mlflow.log_input(dataset, context=context, model=LoggedModelInput(model_id) if model_id else None)
 
-    def log_model_metrics(self, metrics: dict[str, float], *, model_id: str, dataset_name: str | None = None,
-                          dataset_digest: str | None = None) -> None:
+    def log_model_metrics(
+        self,
+        metrics: dict[str, float],
+        *,
+        model_id: str,
+        dataset_name: str | None = None,
+        dataset_digest: str | None = None,
+    ) -> None:
         """Log metrics of this run that belong to a logged model (MLflow 3 shows them on the model), measured on
         the named dataset version."""
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, 0, model_id=model_id, dataset_name=dataset_name,
-                        dataset_digest=dataset_digest) for k, v in metrics.items() if math.isfinite(float(v))]
+        items = [
+            Metric(k, float(v), ts, 0, model_id=model_id, dataset_name=dataset_name, dataset_digest=dataset_digest)
+            for k, v in metrics.items()
+            if math.isfinite(float(v))
+        ]
         self.client.log_batch(self.run_id, metrics=items)
 
 
 class StorageResource(dg.ConfigurableResource):
     """The storage root: every artifact of the pipeline lives under it (local path or s3://bucket/prefix)."""
 
-    root: str | None = Field(default=None, description="fsspec URL; default LDM_STORAGE_ROOT or LDM_HOME/storage. "
-                             "S3 endpoint/credentials come from the environment, never from here.")
+    root: str | None = Field(
+        default=None,
+        description="fsspec URL; default LDM_STORAGE_ROOT or LDM_HOME/storage. "
+        "S3 endpoint/credentials come from the environment, never from here.",
+    )
 
     def resolved_root(self) -> str:
         root = self.root or settings.storage_root()
         if ldm_storage.has_credentials(root):
             # every artifact URL is built on the root and travels in Dagster metadata and MLflow tags
-            raise ValueError(f"resources.storage.root: {ldm_storage.redact_url(root)} with credentials in the URL; "
-                             "give them through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+            raise ValueError(
+                f"resources.storage.root: {ldm_storage.redact_url(root)} with credentials in the URL; "
+                "give them through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+            )
         return root
 
     def url(self, *parts: str) -> str:
@@ -256,14 +307,19 @@ class ComputeResource(dg.ConfigurableResource):
         default=None, description='Overrides the trainers\' precision ("fp32", "bf16", "auto") when set.'
     )
     # typed Any: Dagster config has no int-or-string union, and this takes 2 as well as "auto" (checked below)
-    num_processes: Any = Field(default=1, description='Processes per training run: 1 trains in the asset\'s process; '
-                               'N > 1 launches torchrun through Dagster Pipes (NCCL, one per GPU; gloo on CPU); '
-                               '"auto" = one per visible GPU (1 without GPUs).')
+    num_processes: Any = Field(
+        default=1,
+        description="Processes per training run: 1 trains in the asset's process; "
+        "N > 1 launches torchrun through Dagster Pipes (NCCL, one per GPU; gloo on CPU); "
+        '"auto" = one per visible GPU (1 without GPUs).',
+    )
     threads: int | None = Field(default=None, description="torch CPU threads; default: torch's own choice.")
     termination_grace_s: int = Field(
-        default=TERMINATION_GRACE_S, description="After SIGTERM/SIGINT, how long torchrun's processes get to "
+        default=TERMINATION_GRACE_S,
+        description="After SIGTERM/SIGINT, how long torchrun's processes get to "
         "checkpoint at the next step and exit before they are killed. It must cover one step plus one checkpoint "
-        "write, and stay below the pod's terminationGracePeriodSeconds (pipeline/assets/common.py).")
+        "write, and stay below the pod's terminationGracePeriodSeconds (pipeline/assets/common.py).",
+    )
 
     def apply(self, trainer_cfg: Any) -> Any:
         """A copy of a trainer config with this resource's device/precision applied."""
@@ -286,8 +342,9 @@ class ComputeResource(dg.ConfigurableResource):
 
             return max(1, torch.cuda.device_count()) if self.torch_device().startswith("cuda") else 1
         if isinstance(n, bool) or not isinstance(n, int) and not (isinstance(n, str) and n.isdigit()):
-            raise dg.Failure(f'compute.num_processes must be a positive integer or "auto", got {n!r}',
-                             allow_retries=False)
+            raise dg.Failure(
+                f'compute.num_processes must be a positive integer or "auto", got {n!r}', allow_retries=False
+            )
         n = int(n)
         if n < 1:
             raise dg.Failure(f"compute.num_processes must be >= 1, got {n}", allow_retries=False)
@@ -295,8 +352,11 @@ class ComputeResource(dg.ConfigurableResource):
             import torch
 
             if n > torch.cuda.device_count():
-                raise dg.Failure(f"compute.num_processes={n} but only {torch.cuda.device_count()} GPUs are visible: "
-                                 "one process per GPU", allow_retries=False)
+                raise dg.Failure(
+                    f"compute.num_processes={n} but only {torch.cuda.device_count()} GPUs are visible: "
+                    "one process per GPU",
+                    allow_retries=False,
+                )
         return n
 
     def torch_device(self) -> str:

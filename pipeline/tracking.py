@@ -30,8 +30,10 @@ _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session)
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     """Drop anything that looks like a credential before it reaches a tracker or a UI: values under a secret-like
     key, and the ``user:password@`` part of any URL in a text value."""
-    return {k: ("<redacted>" if _SECRET_KEY.search(k) else redact_url(v) if isinstance(v, str) else v)
-            for k, v in params.items()}
+    return {
+        k: ("<redacted>" if _SECRET_KEY.search(k) else redact_url(v) if isinstance(v, str) else v)
+        for k, v in params.items()
+    }
 
 
 class MLflowTracker:

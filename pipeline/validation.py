@@ -113,8 +113,10 @@ def check_sections(run_config: dict[str, Any]) -> None:
         store_cfg = check(to_core, LatentStoreConfig, store, "latent_store.store")
         text = check(to_core, TextEncoderConfig, store_section.get("text_encoder"), "latent_store.text_encoder")
         if store_cfg is not None and vae is not None and store_cfg.resolution % vae.model.downsample_factor:
-            errors.append(f"latent_store.store.resolution: {store_cfg.resolution} is not divisible by the "
-                          f"autoencoder's downsampling factor {vae.model.downsample_factor}")
+            errors.append(
+                f"latent_store.store.resolution: {store_cfg.resolution} is not divisible by the "
+                f"autoencoder's downsampling factor {vae.model.downsample_factor}"
+            )
 
     # ---- ldm_model ----------------------------------------------------------------------------------------------
     ldm_section = _section(run_config, "ldm_model").get("training") or {}
@@ -128,13 +130,19 @@ def check_sections(run_config: dict[str, Any]) -> None:
 
     # ---- evaluation_report --------------------------------------------------------------------------------------
     if "evaluation_report" in ops:
-        check(to_core, EvaluationConfig, _section(run_config, "evaluation_report").get("evaluation"),
-              "evaluation_report.evaluation")
+        check(
+            to_core,
+            EvaluationConfig,
+            _section(run_config, "evaluation_report").get("evaluation"),
+            "evaluation_report.evaluation",
+        )
 
     # ---- combinations across assets -----------------------------------------------------------------------------
     if vae is not None and resolution % vae.model.downsample_factor:
-        errors.append(f"vae_model.resolution: {resolution} is not divisible by the autoencoder's downsampling factor "
-                      f"{vae.model.downsample_factor}")
+        errors.append(
+            f"vae_model.resolution: {resolution} is not divisible by the autoencoder's downsampling factor "
+            f"{vae.model.downsample_factor}"
+        )
     # the denoiser's shapes against the latents the store will hold (encoded at the store's resolution)
     latent_resolution = store_cfg.resolution if store_cfg is not None else resolution
     if vae is not None and ldm is not None and not latent_resolution % vae.model.downsample_factor:
@@ -143,32 +151,48 @@ def check_sections(run_config: dict[str, Any]) -> None:
     if vae is not None and ldm is not None:
         for name in ("in_channels", "out_channels"):
             if name in den_set and den_set[name] != vae.model.z_channels:
-                errors.append(f"ldm_model.training.denoiser.{name}: {den_set[name]}, but the autoencoder's "
-                              f"latents have {vae.model.z_channels} channels (vae_model.training.model.z_channels); "
-                              "leave it unset")
+                errors.append(
+                    f"ldm_model.training.denoiser.{name}: {den_set[name]}, but the autoencoder's "
+                    f"latents have {vae.model.z_channels} channels (vae_model.training.model.z_channels); "
+                    "leave it unset"
+                )
     widths = _text_widths(text) if "latent_store" in ops and text is not None else None
     if "context_dim" in den_set and widths is not None and den_set["context_dim"] != widths[0]:
-        errors.append(f"ldm_model.training.denoiser.context_dim: {den_set['context_dim']}, but the text encoder "
-                      f"{text.name!r} (latent_store.text_encoder.name) produces {widths[0]}-dim tokens; leave it unset")
+        errors.append(
+            f"ldm_model.training.denoiser.context_dim: {den_set['context_dim']}, but the text encoder "
+            f"{text.name!r} (latent_store.text_encoder.name) produces {widths[0]}-dim tokens; leave it unset"
+        )
     if "pooled_projection_dim" in den_set and widths is not None and den_set["pooled_projection_dim"] != widths[1]:
-        errors.append(f"ldm_model.training.denoiser.pooled_projection_dim: {den_set['pooled_projection_dim']}, but "
-                      f"the text encoder {text.name!r} (latent_store.text_encoder.name) pools its captions to "
-                      f"{widths[1]}-dim vectors; leave it unset")
+        errors.append(
+            f"ldm_model.training.denoiser.pooled_projection_dim: {den_set['pooled_projection_dim']}, but "
+            f"the text encoder {text.name!r} (latent_store.text_encoder.name) pools its captions to "
+            f"{widths[1]}-dim vectors; leave it unset"
+        )
     init_section = _section(run_config, "ldm_model")
     if vae is not None and widths is not None and not latent_resolution % vae.model.downsample_factor:
         side = latent_resolution // vae.model.downsample_factor
-        errors.extend(_init_from_errors(init_section.get("init_from"), init_section.get("init_subfolder"),
-                                        (vae.model.z_channels, side, side), widths))
+        errors.extend(
+            _init_from_errors(
+                init_section.get("init_from"),
+                init_section.get("init_subfolder"),
+                (vae.model.z_channels, side, side),
+                widths,
+            )
+        )
     if ldm is not None and store_cfg is not None and ldm.trainer.sample_posterior and store_cfg.content != "moments":
-        errors.append(f"ldm_model.training.trainer.sample_posterior: draws from the stored posterior, but "
-                      f"latent_store.store.content is {store_cfg.content!r} (one fixed sample per image); set it to "
-                      "'moments'")
+        errors.append(
+            f"ldm_model.training.trainer.sample_posterior: draws from the stored posterior, but "
+            f"latent_store.store.content is {store_cfg.content!r} (one fixed sample per image); set it to "
+            "'moments'"
+        )
     if ds_section.get("source", BUILTIN_SHAPES) == BUILTIN_SHAPES and "image_dataset" in ops:
         count = ds_section.get("builtin_count", ImageDatasetConfig.model_fields["builtin_count"].default)
         for asset, cfg in (("vae_model", vae), ("ldm_model", ldm)):
             if cfg is not None and isinstance(count, int) and count < cfg.trainer.batch_size:
-                errors.append(f"{asset}.training.trainer.batch_size: {cfg.trainer.batch_size} is more than the "
-                              f"{count} images image_dataset.builtin_count generates (every step needs a full batch)")
+                errors.append(
+                    f"{asset}.training.trainer.batch_size: {cfg.trainer.batch_size} is more than the "
+                    f"{count} images image_dataset.builtin_count generates (every step needs a full batch)"
+                )
 
     # ---- resources ----------------------------------------------------------------------------------------------
     compute = ((run_config.get("resources") or {}).get("compute") or {}).get("config") or {}
@@ -185,8 +209,9 @@ def check_sections(run_config: dict[str, Any]) -> None:
         raise ConfigValidationError("invalid run config:\n  " + "\n  ".join(errors))
 
 
-def _pretrained_autoencoder(section: dict[str, Any], training: AutoencoderTrainingConfig, errors: list[str],
-                            check: Any) -> AutoencoderTrainingConfig | None:
+def _pretrained_autoencoder(
+    section: dict[str, Any], training: AutoencoderTrainingConfig, errors: list[str], check: Any
+) -> AutoencoderTrainingConfig | None:
     """The stage-1 config a pretrained source makes (its architecture, the decoder side trained), after refusing what
     contradicts it; None when the source cannot be read here (a remote one: the asset reads it) or is refused."""
     pretrained = check(to_core, PretrainedAutoencoderConfig, section["pretrained"], "vae_model.pretrained")
@@ -194,12 +219,15 @@ def _pretrained_autoencoder(section: dict[str, Any], training: AutoencoderTraini
         return None
     set_training = {k: v for k, v in (section.get("training") or {}).items() if v is not None}
     if "model" in set_training:
-        errors.append("vae_model.training.model: the autoencoder comes from vae_model.pretrained.source; leave it "
-                      "unset")
+        errors.append(
+            "vae_model.training.model: the autoencoder comes from vae_model.pretrained.source; leave it unset"
+        )
     trainable = (set_training.get("trainer") or {}).get("trainable")
     if pretrained.mode == "decoder" and trainable not in (None, "decoder"):
-        errors.append(f"vae_model.training.trainer.trainable: {trainable!r}, but vae_model.pretrained.mode 'decoder' "
-                      "keeps the encoder fixed; leave it unset")
+        errors.append(
+            f"vae_model.training.trainer.trainable: {trainable!r}, but vae_model.pretrained.mode 'decoder' "
+            "keeps the encoder fixed; leave it unset"
+        )
     try:
         model = pretrained_autoencoder_config(pretrained.source, pretrained.subfolder)
     except (PretrainedSourceNotFound, ValueError) as e:
@@ -212,8 +240,9 @@ def _pretrained_autoencoder(section: dict[str, Any], training: AutoencoderTraini
     return check(to_core, AutoencoderTrainingConfig, data, "vae_model.training")
 
 
-def _init_from_errors(init_from: str | None, subfolder: str | None, latent_shape: tuple[int, int, int],
-                      widths: tuple[int, int]) -> list[str]:
+def _init_from_errors(
+    init_from: str | None, subfolder: str | None, latent_shape: tuple[int, int, int], widths: tuple[int, int]
+) -> list[str]:
     """A local diffusers folder named by ldm_model.init_from, checked against the latents and the text encoder from
     its config alone (no weights read). Registered models, ``auto``/``none`` and remote folders are the asset's to
     check when it resolves them."""
@@ -245,17 +274,29 @@ def _denoiser_shape_errors(den: Any, resolution: int, factor: int) -> list[str]:
     if isinstance(den, MMDiTConfig):
         p = den.patch_size
         if latent % p:
-            return [(f"{path}.patch_size: {p} does not divide the latent side {latent} (= {where}): the patches must "
-                     "tile the latent")]
+            return [
+                (
+                    f"{path}.patch_size: {p} does not divide the latent side {latent} (= {where}): the patches must "
+                    "tile the latent"
+                )
+            ]
         if latent > p * den.pos_embed_max_size:
-            return [(f"{path}.pos_embed_max_size: {den.pos_embed_max_size} positions of {p}x{p} patches cover latents "
-                     f"up to {p * den.pos_embed_max_size} per side, but the latent side is {latent} (= {where}); it "
-                     f"needs at least {-(-latent // p)}")]
+            return [
+                (
+                    f"{path}.pos_embed_max_size: {den.pos_embed_max_size} positions of {p}x{p} patches cover latents "
+                    f"up to {p * den.pos_embed_max_size} per side, but the latent side is {latent} (= {where}); it "
+                    f"needs at least {-(-latent // p)}"
+                )
+            ]
         return []
     levels = len(den.channel_mult)
     if latent % 2 ** (levels - 1):
-        return [(f"{path}.channel_mult: {levels} levels downsample {levels - 1} times, but the latent resolution "
-                 f"{latent} (= {where}) is not divisible by {2 ** (levels - 1)}")]
+        return [
+            (
+                f"{path}.channel_mult: {levels} levels downsample {levels - 1} times, but the latent resolution "
+                f"{latent} (= {where}) is not divisible by {2 ** (levels - 1)}"
+            )
+        ]
     return []
 
 
@@ -266,4 +307,3 @@ def _text_widths(text: Any) -> tuple[int, int] | None:
         return widths_from_config(AutoConfig.from_pretrained(resolve_model_path(text.name)))
     except Exception:  # not available here (a hub id offline): the asset checks it when it loads the encoder
         return None
-

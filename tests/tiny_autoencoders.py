@@ -20,13 +20,24 @@ from ldm_core.data.synthetic import COLORS
 BLOCKS = (16, 32, 32)
 
 
-def save_tiny_autoencoder_kl(folder: Path, latent_channels: int = 4, seed: int = 0, scaling_factor: float = 0.5,
-                             shift_factor: float | None = None) -> Path:
+def save_tiny_autoencoder_kl(
+    folder: Path,
+    latent_channels: int = 4,
+    seed: int = 0,
+    scaling_factor: float = 0.5,
+    shift_factor: float | None = None,
+) -> Path:
     torch.manual_seed(seed)
     model = AutoencoderKL(
-        block_out_channels=BLOCKS, down_block_types=("DownEncoderBlock2D",) * len(BLOCKS),
-        up_block_types=("UpDecoderBlock2D",) * len(BLOCKS), layers_per_block=1, latent_channels=latent_channels,
-        norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        block_out_channels=BLOCKS,
+        down_block_types=("DownEncoderBlock2D",) * len(BLOCKS),
+        up_block_types=("UpDecoderBlock2D",) * len(BLOCKS),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
     model.save_pretrained(folder)
     return folder

@@ -31,12 +31,29 @@ from benchmarks.faults import (  # noqa: E402
 )
 from benchmarks.faults.table import Row  # noqa: E402
 
-SECTIONS = ("kills", "dagster", "atomic", "checkpoints", "storage", "numerical", "configs", "adversarial",
-            "preemption", "writers", "bitrot")
+SECTIONS = (
+    "kills",
+    "dagster",
+    "atomic",
+    "checkpoints",
+    "storage",
+    "numerical",
+    "configs",
+    "adversarial",
+    "preemption",
+    "writers",
+    "bitrot",
+)
 
 
-def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_trials: int,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    trials: int,
+    seed: int,
+    workdir: Path,
+    only: tuple[str, ...],
+    dagster_trials: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     torch.set_num_threads(1)
     rng = random.Random(seed)
     result: dict[str, Any] = {"machine": machine_info(), "seed": seed, "trials_per_job": trials, "sections": {}}
@@ -64,9 +81,13 @@ def run(trials: int, seed: int, workdir: Path, only: tuple[str, ...], dagster_tr
         rows += section_rows
         result["sections"][name] = {"rows": section_rows, "details": details, "seconds": time.monotonic() - s}
     result["rows"] = rows
-    result["totals"] = {"rows": len(rows), "trials": sum(r["trials"] for r in rows),
-                        "faults": sum(r["faults"] for r in rows), "survived": sum(r["survived"] for r in rows),
-                        "all_survived": all(r["faults"] == r["survived"] for r in rows)}
+    result["totals"] = {
+        "rows": len(rows),
+        "trials": sum(r["trials"] for r in rows),
+        "faults": sum(r["faults"] for r in rows),
+        "survived": sum(r["survived"] for r in rows),
+        "all_survived": all(r["faults"] == r["survived"] for r in rows),
+    }
     result["seconds"] = time.monotonic() - t0
     return result
 
@@ -99,11 +120,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if tmp is not None:
             tmp.cleanup()
     m, t = result["machine"], result["totals"]
-    print(f"\nfault campaign: seed {a.seed}, {trials} kill trials per job | {m['cpu']} | torch {m['torch']} | "
-          f"{result['seconds'] / 60:.1f} min")
+    print(
+        f"\nfault campaign: seed {a.seed}, {trials} kill trials per job | {m['cpu']} | torch {m['torch']} | "
+        f"{result['seconds'] / 60:.1f} min"
+    )
     print_table(result["rows"], ["category", "case", "trials", "faults", "survived", "result", "seconds", "notes"])
-    print(f"\ntotal: {t['trials']} trials, {t['faults']} faults injected, {t['survived']} survived"
-          f"{'' if t['all_survived'] else '  <-- NOT ALL SURVIVED'}")
+    print(
+        f"\ntotal: {t['trials']} trials, {t['faults']} faults injected, {t['survived']} survived"
+        f"{'' if t['all_survived'] else '  <-- NOT ALL SURVIVED'}"
+    )
     write_json(result, a.json)
     return result
 

@@ -81,8 +81,8 @@ def bomb_png(side: int = 100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
     )
 
 
@@ -187,10 +187,12 @@ def build_parquet(src: Path, secret: Path, local_extras: bool) -> Expected:
         images.append({"bytes": None, "path": "imgs/zero.png"})
         captions.append("a device")
         exp.bad["not_a_regular_file"] += 1
-    table = pa.table({
-        "image": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        "text": captions,
-    })
+    table = pa.table(
+        {
+            "image": pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            "text": captions,
+        }
+    )
     pq.write_table(table, data / "train-00000.parquet")
     (data / "train-00001.parquet").write_bytes(b"PAR1 this is no parquet file")
     pq.write_table(pa.table({"text": ["no image column here"]}), data / "train-00002.parquet")
@@ -225,8 +227,10 @@ def upload(local: Path, url: str) -> int:
     for dirpath, _, files in os.walk(local):
         for name in files:
             path = Path(dirpath) / name
-            if path.is_symlink() or not path.is_file() or name.encode("utf-8", "surrogateescape") != name.encode(
-                "utf-8", "replace"
+            if (
+                path.is_symlink()
+                or not path.is_file()
+                or name.encode("utf-8", "surrogateescape") != name.encode("utf-8", "replace")
             ):
                 continue
             storage.write_bytes_atomic(storage.join(url, path.relative_to(local).as_posix()), path.read_bytes())
@@ -235,8 +239,14 @@ def upload(local: Path, url: str) -> int:
 
 
 def ingest_config(source: str, layout: str) -> IngestConfig:
-    return IngestConfig(source=source, layout=layout, rows_per_shard=4, max_image_bytes=MAX_IMAGE_BYTES,
-                        max_bad_fraction=MAX_BAD_FRACTION, val_fraction=0.0)
+    return IngestConfig(
+        source=source,
+        layout=layout,
+        rows_per_shard=4,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_bad_fraction=MAX_BAD_FRACTION,
+        val_fraction=0.0,
+    )
 
 
 def check(result: IngestResult, dataset_url: str, exp: Expected, secret: Path) -> list[str]:
@@ -292,9 +302,17 @@ def adversarial(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]
         t0 = time.monotonic()
         problems = run_case(str(src), name, str(root / "adversarial" / f"ds-{name}"), exp, corpus.secret)
         cases = sum(exp.bad.values()) + sum(exp.caption_fixes.values()) + sum(exp.source_problems.values())
-        rows.append(row("adversarial input", f"{name}, local (ingested twice)", 1, cases, 0 if problems else cases,
-                        "; ".join(problems) or "each counted under its reason, good rows kept, secret unread",
-                        time.monotonic() - t0))
+        rows.append(
+            row(
+                "adversarial input",
+                f"{name}, local (ingested twice)",
+                1,
+                cases,
+                0 if problems else cases,
+                "; ".join(problems) or "each counted under its reason, good rows kept, secret unread",
+                time.monotonic() - t0,
+            )
+        )
         details[f"{name}-local"] = problems
     s3_corpus = build_corpus(root / "adversarial-s3", local_extras=False)
     with moto_server() as bucket:
@@ -304,9 +322,17 @@ def adversarial(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]
             url = s3_source_url(bucket, f"src-{name}")
             problems = run_case(url, name, f"{bucket}/ds-{name}", exp, s3_corpus.secret)
             cases = sum(exp.bad.values()) + sum(exp.caption_fixes.values()) + sum(exp.source_problems.values())
-            rows.append(row("adversarial input", f"{name}, s3:// with inline credentials (twice)", 1, cases,
-                            0 if problems else cases,
-                            "; ".join(problems) or "each counted, no local file read", time.monotonic() - t0))
+            rows.append(
+                row(
+                    "adversarial input",
+                    f"{name}, s3:// with inline credentials (twice)",
+                    1,
+                    cases,
+                    0 if problems else cases,
+                    "; ".join(problems) or "each counted, no local file read",
+                    time.monotonic() - t0,
+                )
+            )
             details[f"{name}-s3"] = problems
     log(f"  adversarial: {details}")
     return rows, details

@@ -24,8 +24,12 @@ def atomic(root: Path, kills_n: int, rng: random.Random, log: Callable[[str], No
     target = d / "artifact.bin"
     whole, versions = 0, set()
     for _ in range(kills_n):
-        proc = subprocess.Popen([sys.executable, "-c", WRITE_LOOP, str(target), str(8 << 20)], cwd=campaign.ROOT,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITE_LOOP, str(target), str(8 << 20)],
+            cwd=campaign.ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         proc.stdout.readline()
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
@@ -38,6 +42,15 @@ def atomic(root: Path, kills_n: int, rng: random.Random, log: Callable[[str], No
     removed = storage.remove_stale_temp_files(str(d))
     clean = [p.name for p in d.iterdir()] == [target.name]
     result = f"{whole}/{kills_n} whole; {leftovers} temp files left by kills, {len(removed)} removed"
-    return [row("atomic write", "write_bytes_atomic under SIGKILL (8 MiB)", kills_n, kills_n, whole if clean else 0,
-                 result, time.monotonic() - t0, f"{len(versions)} distinct versions seen")], \
-        {"kills": kills_n, "whole": whole, "leftovers": leftovers, "removed": len(removed)}
+    return [
+        row(
+            "atomic write",
+            "write_bytes_atomic under SIGKILL (8 MiB)",
+            kills_n,
+            kills_n,
+            whole if clean else 0,
+            result,
+            time.monotonic() - t0,
+            f"{len(versions)} distinct versions seen",
+        )
+    ], {"kills": kills_n, "whole": whole, "leftovers": leftovers, "removed": len(removed)}

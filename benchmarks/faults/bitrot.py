@@ -85,8 +85,14 @@ def _build(root: Path) -> tuple[str, dict[str, str], tuple[Any, Any]]:
     stores = {}
     for backend in ("zarr", "parquet"):
         stores[backend] = str(root / backend)
-        encode_dataset(ds, stores[backend], *models, LatentStoreConfig(resolution=32, batch_size=8, backend=backend),
-                       vae_identity="bench:tiny", split=None)
+        encode_dataset(
+            ds,
+            stores[backend],
+            *models,
+            LatentStoreConfig(resolution=32, batch_size=8, backend=backend),
+            vae_identity="bench:tiny",
+            split=None,
+        )
     return ds, stores, models
 
 
@@ -102,16 +108,35 @@ def _dataset_rows(root: Path, clean: str, models: tuple[Any, Any], rng: random.R
             _rot(os.path.join(url, name), kind, os.path.join(url, canonical.shard_name((k + 1) % SHARDS)), rng)
             store = str(root / f"ds-{kind}-{trial}-store")
             by_dataset = _refused(name, _read_dataset, url)
-            by_encoder = _refused(name, encode_dataset, url, store, *models,
-                                  LatentStoreConfig(resolution=32, batch_size=8), vae_identity="bench:tiny", split=None)
+            by_encoder = _refused(
+                name,
+                encode_dataset,
+                url,
+                store,
+                *models,
+                LatentStoreConfig(resolution=32, batch_size=8),
+                vae_identity="bench:tiny",
+                split=None,
+            )
             meta = schema.read_metadata(store)
             kept_out = meta is None or name not in {s.source for s in meta.shards}
             survived += by_dataset and by_encoder and kept_out
-            notes.append(f"{name}: dataset {'refused' if by_dataset else 'MISSED'}, encoder "
-                         f"{'refused' if by_encoder else 'MISSED'}")
+            notes.append(
+                f"{name}: dataset {'refused' if by_dataset else 'MISSED'}, encoder "
+                f"{'refused' if by_encoder else 'MISSED'}"
+            )
         details[kind] = notes
-        rows.append(row("bit rot", f"dataset shard {kind} -> ImageShardDataset, encode_dataset", TRIALS, TRIALS,
-                        survived, f"{survived}/{TRIALS} refused by both, naming the shard", time.monotonic() - t0))
+        rows.append(
+            row(
+                "bit rot",
+                f"dataset shard {kind} -> ImageShardDataset, encode_dataset",
+                TRIALS,
+                TRIALS,
+                survived,
+                f"{survived}/{TRIALS} refused by both, naming the shard",
+                time.monotonic() - t0,
+            )
+        )
     return rows, details
 
 
@@ -131,9 +156,15 @@ def _store_rows(root: Path, stores: dict[str, str], rng: random.Random) -> tuple
                 if backend == "zarr":  # any file a trainer reads: a chunk, an array's or the group's zarr.json
                     files = schema.read_metadata(url).shards[k].checksums
                     donor_files = schema.read_metadata(url).shards[(k + 1) % len(shards)].checksums
-                    rel = rng.choice(sorted(f for f in files if not f.startswith("logvar/")  # (not read here)
-                                            # a replacement must differ (arrays' zarr.json are alike across shards)
-                                            and (kind != "replace" or files[f] != donor_files.get(f))))
+                    rel = rng.choice(
+                        sorted(
+                            f
+                            for f in files
+                            if not f.startswith("logvar/")  # (not read here)
+                            # a replacement must differ (arrays' zarr.json are alike across shards)
+                            and (kind != "replace" or files[f] != donor_files.get(f))
+                        )
+                    )
                     target, donor = os.path.join(shard_dir, name, rel), os.path.join(shard_dir, donor_name, rel)
                 else:
                     rel, target, donor = "", os.path.join(shard_dir, name), os.path.join(shard_dir, donor_name)
@@ -141,11 +172,21 @@ def _store_rows(root: Path, stores: dict[str, str], rng: random.Random) -> tuple
                 resident = trial % 2 == 0
                 ok = _refused(name, _read_store, url, resident)
                 survived += ok
-                notes.append(f"{name}/{rel} ({'resident' if resident else 'streaming'}): "
-                             f"{'refused' if ok else 'MISSED'}")
+                notes.append(
+                    f"{name}/{rel} ({'resident' if resident else 'streaming'}): {'refused' if ok else 'MISSED'}"
+                )
             details[f"{backend}-{kind}"] = notes
-            rows.append(row("bit rot", f"{backend} latent shard {kind} -> LatentDataset", TRIALS, TRIALS, survived,
-                            f"{survived}/{TRIALS} refused, naming the shard", time.monotonic() - t0))
+            rows.append(
+                row(
+                    "bit rot",
+                    f"{backend} latent shard {kind} -> LatentDataset",
+                    TRIALS,
+                    TRIALS,
+                    survived,
+                    f"{survived}/{TRIALS} refused, naming the shard",
+                    time.monotonic() - t0,
+                )
+            )
     return rows, details
 
 
@@ -169,8 +210,16 @@ def verification_overhead(root: Path, backend: str) -> dict[str, Any]:
             unchecked.append(_cold_load(url))
     c, u = statistics.median(checked), statistics.median(unchecked)
     shutil.rmtree(url)
-    return {"backend": backend, "rows": OVERHEAD_ROWS, "store_mb": size / 2**20, "checked_s": c, "unchecked_s": u,
-            "overhead_pct": 100 * (c - u) / u, "checked_all_s": checked, "unchecked_all_s": unchecked}
+    return {
+        "backend": backend,
+        "rows": OVERHEAD_ROWS,
+        "store_mb": size / 2**20,
+        "checked_s": c,
+        "unchecked_s": u,
+        "overhead_pct": 100 * (c - u) / u,
+        "checked_all_s": checked,
+        "unchecked_all_s": unchecked,
+    }
 
 
 def bitrot(root: Path, rng: random.Random, log: Callable[[str], None]) -> tuple[list[Row], Any]:
@@ -185,8 +234,17 @@ def bitrot(root: Path, rng: random.Random, log: Callable[[str], None]) -> tuple[
             _read_store(url, resident=False)
     except CorruptShardError:
         clean_ok = False
-    rows = [row("bit rot", "clean dataset and stores read whole", 1, 0, 0,
-                "read whole" if clean_ok else "A CLEAN STORE WAS REFUSED", time.monotonic() - t0)]
+    rows = [
+        row(
+            "bit rot",
+            "clean dataset and stores read whole",
+            1,
+            0,
+            0,
+            "read whole" if clean_ok else "A CLEAN STORE WAS REFUSED",
+            time.monotonic() - t0,
+        )
+    ]
     if not clean_ok:
         rows[0]["faults"] = 1  # counts as a failure in the totals
     log("  dataset shards")
@@ -196,9 +254,21 @@ def bitrot(root: Path, rng: random.Random, log: Callable[[str], None]) -> tuple[
     log("  overhead")
     t = time.monotonic()
     overhead = [verification_overhead(root, backend) for backend in ("zarr", "parquet")]
-    note = "; ".join(f"{o['backend']} {o['store_mb']:.0f} MB: {o['unchecked_s']:.2f} s -> {o['checked_s']:.2f} s "
-                     f"({o['overhead_pct']:+.0f}%)" for o in overhead)
-    rows.append(row("bit rot", "cost: first load of an SD-like store, checked vs unchecked", OVERHEAD_REPS, 0, 0,
-                    note, time.monotonic() - t, "once per shard per process; later epochs read no more"))
-    return rows + dataset_rows + store_rows, {"dataset": dataset_details, "stores": store_details,
-                                               "overhead": overhead}
+    note = "; ".join(
+        f"{o['backend']} {o['store_mb']:.0f} MB: {o['unchecked_s']:.2f} s -> {o['checked_s']:.2f} s "
+        f"({o['overhead_pct']:+.0f}%)"
+        for o in overhead
+    )
+    rows.append(
+        row(
+            "bit rot",
+            "cost: first load of an SD-like store, checked vs unchecked",
+            OVERHEAD_REPS,
+            0,
+            0,
+            note,
+            time.monotonic() - t,
+            "once per shard per process; later epochs read no more",
+        )
+    )
+    return rows + dataset_rows + store_rows, {"dataset": dataset_details, "stores": store_details, "overhead": overhead}

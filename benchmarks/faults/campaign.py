@@ -39,6 +39,7 @@ RUN_TIMEOUT = 300.0
 # One run of a job, optionally killed
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class JobRun:
     returncode: int | None
@@ -72,12 +73,14 @@ def runner_command(job: str, workdir: Path, inputs: dict[str, str]) -> list[str]
     return cmd
 
 
-def run_job(cmd: list[str], kill_after: float | None = None, env: dict[str, str] | None = None,
-            timeout: float = RUN_TIMEOUT) -> JobRun:
+def run_job(
+    cmd: list[str], kill_after: float | None = None, env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT
+) -> JobRun:
     """Run ``cmd``; when ``kill_after`` is set, SIGKILL its process group that many seconds after READY."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     ready = threading.Event()
     state: dict[str, Any] = {"ready_at": None, "progress": None, "done": False, "progress_at": []}
     err: list[str] = []
@@ -126,15 +129,23 @@ def run_job(cmd: list[str], kill_after: float | None = None, env: dict[str, str]
             r.join(timeout=5)
     end = time.monotonic()
     ready_at = state["ready_at"]
-    return JobRun(returncode=proc.returncode, seconds=end - t0, window=None if ready_at is None else end - ready_at,
-                  killed=killed, kill_after=kill_after, last_progress=state["progress"], done=state["done"],
-                  progress_at=state["progress_at"],
-                  stderr_tail="".join(err)[-3000:])
+    return JobRun(
+        returncode=proc.returncode,
+        seconds=end - t0,
+        window=None if ready_at is None else end - ready_at,
+        killed=killed,
+        kill_after=kill_after,
+        last_progress=state["progress"],
+        done=state["done"],
+        progress_at=state["progress_at"],
+        stderr_tail="".join(err)[-3000:],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs and comparisons
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def prepare_inputs(root: Path, images: int = 96) -> dict[str, str]:
     """The shared inputs of the encode and ingest jobs: a shapes source and its canonical dataset (8 rows a shard)."""
@@ -247,8 +258,9 @@ def stale_temp_files(workdir: Path) -> list[str]:
     return sorted(str(p.relative_to(workdir)) for p in workdir.rglob(".*.tmp"))
 
 
-def compare(job: str, ref: Path, got: Path, shared: dict[str, str], ref_inputs: dict[str, str],
-            got_inputs: dict[str, str]) -> tuple[bool, str]:
+def compare(
+    job: str, ref: Path, got: Path, shared: dict[str, str], ref_inputs: dict[str, str], got_inputs: dict[str, str]
+) -> tuple[bool, str]:
     if job in ("ae", "ldm"):
         return compare_trainer(ref, got)
     if job == "encode":
@@ -261,6 +273,7 @@ def compare(job: str, ref: Path, got: Path, shared: dict[str, str], ref_inputs: 
 # ---------------------------------------------------------------------------------------------------------------
 # Trials
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Trial:
@@ -308,8 +321,16 @@ def reference_run(job: str, root: Path, shared: dict[str, str], env: dict[str, s
     return Reference(job, workdir, inputs, run.window or run.seconds, span)
 
 
-def kill_trial(ref: Reference, trial: int, root: Path, shared: dict[str, str], rng: random.Random | None = None,
-               kills: int = 1, fractions: list[float] | None = None, env: dict[str, str] | None = None) -> Trial:
+def kill_trial(
+    ref: Reference,
+    trial: int,
+    root: Path,
+    shared: dict[str, str],
+    rng: random.Random | None = None,
+    kills: int = 1,
+    fractions: list[float] | None = None,
+    env: dict[str, str] | None = None,
+) -> Trial:
     """Start the job, SIGKILL it ``kills`` times (each rerun is killed again), then rerun it to completion and
     compare with the reference. Kill moments: drawn with ``rng`` as the module doc says, or the given ``fractions``
     of the reference's working window."""
@@ -323,8 +344,10 @@ def kill_trial(ref: Reference, trial: int, root: Path, shared: dict[str, str], r
     if fractions is not None:
         delays = [f * ref.window for f in fractions]
     else:
-        delays = [rng.uniform(*ref.work_span) if ref.work_span and rng.random() < 0.5 else rng.uniform(0.0, ref.window)
-                  for _ in range(kills)]
+        delays = [
+            rng.uniform(*ref.work_span) if ref.work_span and rng.random() < 0.5 else rng.uniform(0.0, ref.window)
+            for _ in range(kills)
+        ]
     for delay in delays:
         run = run_job(cmd, kill_after=delay, env=env)
         out.runs += 1
@@ -352,8 +375,19 @@ def summarize(trials: list[Trial]) -> dict[str, dict[str, Any]]:
     """Per job: trials, kills that hit a running job, resumes equal to the reference, stale temp files."""
     out: dict[str, dict[str, Any]] = {}
     for t in trials:
-        s = out.setdefault(t.job, {"trials": 0, "kills_sent": 0, "faults_hit": 0, "equal": 0, "survived": 0,
-                                   "stale_temp_files": 0, "seconds": 0.0, "failures": []})
+        s = out.setdefault(
+            t.job,
+            {
+                "trials": 0,
+                "kills_sent": 0,
+                "faults_hit": 0,
+                "equal": 0,
+                "survived": 0,
+                "stale_temp_files": 0,
+                "seconds": 0.0,
+                "failures": [],
+            },
+        )
         s["trials"] += 1
         s["kills_sent"] += len(t.kills)
         s["faults_hit"] += t.faults

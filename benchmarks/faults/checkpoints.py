@@ -57,7 +57,16 @@ def checkpoints(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]
             ok += good
             details.append({"job": job, "damage": how, "resumed_from": res.resumed_from, "ok": good})
             log(f"  {job} {how}: resumed_from {res.resumed_from}, equal {runner.same_weights(res, ref)}")
-        rows.append(row("corrupt checkpoint", f"{JOB_NAMES[job]}: {', '.join(damages)}", len(damages), len(damages),
-                         ok, f"{ok}/{len(damages)} fell back with a warning, bitwise equal", time.monotonic() - t0,
-                         "resumed from step 3 (previous good); every-checkpoint-corrupt starts over"))
+        rows.append(
+            row(
+                "corrupt checkpoint",
+                f"{JOB_NAMES[job]}: {', '.join(damages)}",
+                len(damages),
+                len(damages),
+                ok,
+                f"{ok}/{len(damages)} fell back with a warning, bitwise equal",
+                time.monotonic() - t0,
+                "resumed from step 3 (previous good); every-checkpoint-corrupt starts over",
+            )
+        )
     return rows, details

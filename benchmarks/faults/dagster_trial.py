@@ -39,11 +39,13 @@ def kill_config(vae_steps: int = 24, only_vae: bool = False, ldm_steps: int | No
     ``ldm_steps`` is set, ldm_model (every 5). ``only_vae``: the image_dataset and vae_model sections alone, for a
     run of the op selection ``*vae_model``."""
     cfg = copy.deepcopy(yaml.safe_load(TINY.read_text()))
-    cfg["ops"]["vae_model"]["config"]["training"]["trainer"].update({"steps": vae_steps, "checkpoint_every": 2,
-                                                                       "log_every": 4})
+    cfg["ops"]["vae_model"]["config"]["training"]["trainer"].update(
+        {"steps": vae_steps, "checkpoint_every": 2, "log_every": 4}
+    )
     if ldm_steps:
-        cfg["ops"]["ldm_model"]["config"]["training"]["trainer"].update({"steps": ldm_steps, "checkpoint_every": 5,
-                                                                           "log_every": 5})
+        cfg["ops"]["ldm_model"]["config"]["training"]["trainer"].update(
+            {"steps": ldm_steps, "checkpoint_every": 5, "log_every": 5}
+        )
     if only_vae:
         cfg["ops"] = {k: v for k, v in cfg["ops"].items() if k in ("image_dataset", "vae_model")}
     return cfg
@@ -59,28 +61,46 @@ def home_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("LDM_STORAGE_ROOT", "LDM_MLFLOW_ARTIFACTS", "LDM_RUN_CONFIG"):
         env.pop(var, None)
-    env.update({"LDM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
-                "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                # one torch thread: fast on a busy shared box, and the references below train with the same
-                "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "LDM_HOME": str(home),
+            "DAGSTER_HOME": str(home / "dagster"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            # one torch thread: fast on a busy shared box, and the references below train with the same
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     return env
 
 
 def job_command(config_path: Path, only_vae: bool = False) -> list[str]:
-    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
-           "-c", str(config_path)]
+    cmd = [
+        str(BIN / "dagster"),
+        "job",
+        "execute",
+        "-m",
+        "pipeline.definitions",
+        "-j",
+        "ldm_training_job",
+        "-c",
+        str(config_path),
+    ]
     return cmd + (["-o", "*vae_model"] if only_vae else [])
 
 
-def wait_for_job(cond: Callable[[], Any], proc: subprocess.Popen, what: str, log_path: Path, timeout: float,
-                 poll: float = 0.02) -> None:
+def wait_for_job(
+    cond: Callable[[], Any], proc: subprocess.Popen, what: str, log_path: Path, timeout: float, poll: float = 0.02
+) -> None:
     """Poll ``cond`` until it holds; fail naming ``what`` (with the job's log tail) if the job ends or time runs out."""
     t0 = time.monotonic()
     while not cond():
         if proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}:\n"
-                                 f"{log_path.read_text(errors='replace')[-3000:]}")
+            raise AssertionError(
+                f"the job ended (rc {proc.returncode}) before {what}:\n{log_path.read_text(errors='replace')[-3000:]}"
+            )
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"no {what} within {timeout:.0f}s")
         time.sleep(poll)
@@ -88,8 +108,11 @@ def wait_for_job(cond: Callable[[], Any], proc: subprocess.Popen, what: str, log
 
 def committed_steps(home: Path, stage: str) -> list[int]:
     """Steps with a commit record (.sha256) in any checkpoint directory of ``stage`` ("vae", "ldm")."""
-    return sorted(int(m.group(1)) for p in (home / "storage" / "checkpoints" / stage).glob("*/step-*.sha256")
-                  if (m := re.match(r"step-(\d+)\.sha256", p.name)))
+    return sorted(
+        int(m.group(1))
+        for p in (home / "storage" / "checkpoints" / stage).glob("*/step-*.sha256")
+        if (m := re.match(r"step-(\d+)\.sha256", p.name))
+    )
 
 
 def registered_versions(home: Path, name: str) -> list[Any]:
@@ -123,8 +146,10 @@ def mlflow_statuses(home: Path, dagster_run_id: str | None = None) -> dict[str, 
     if dagster_run_id is None:
         return {r.info.run_id: r.info.status for r in client.search_runs([exp.experiment_id])}
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{dagster_run_id}'")
-    return {("parent" if r.data.tags.get(PARENT_TAG) == "true" else r.data.tags["dagster.asset_key"]): r.info.status
-            for r in runs}
+    return {
+        ("parent" if r.data.tags.get(PARENT_TAG) == "true" else r.data.tags["dagster.asset_key"]): r.info.status
+        for r in runs
+    }
 
 
 def asset_metadata(home: Path, asset: str) -> dict[str, Any]:
@@ -173,8 +198,12 @@ def reference_ldm_weights(config: dict[str, Any], store_md: dict[str, Any]) -> d
 
     pooled_dim = LatentStore(store_md["store_url"]).metadata.pooled_dim
     section = LdmModelConfig.model_validate(config["ops"]["ldm_model"]["config"]).training.model_dump()
-    section = complete_ldm_training(section, latent_channels=int(store_md["latent_shape"][0]),
-                                    context_dim=int(store_md["context_dim"]), pooled_dim=pooled_dim)
+    section = complete_ldm_training(
+        section,
+        latent_channels=int(store_md["latent_shape"][0]),
+        context_dim=int(store_md["context_dim"]),
+        pooled_dim=pooled_dim,
+    )
     training = to_core(LDMTrainingConfig, section, "ldm_model.training")
     training = training.model_copy(update={"trainer": ComputeResource().apply(training.trainer)})
     data = ldm_training_data(store_md["store_url"], training.trainer)
@@ -182,8 +211,15 @@ def reference_ldm_weights(config: dict[str, Any], store_md: dict[str, Any]) -> d
     return {k: v.clone() for k, v in result.model.state_dict().items()}
 
 
-def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24, only_vae: bool = False,
-                       asset: str = "vae_model", ldm_steps: int = 40, timeout: float = 420.0) -> dict[str, Any]:
+def dagster_kill_trial(
+    workdir: Path,
+    kill_at_step: int = 8,
+    vae_steps: int = 24,
+    only_vae: bool = False,
+    asset: str = "vae_model",
+    ldm_steps: int = 40,
+    timeout: float = 420.0,
+) -> dict[str, Any]:
     """``only_vae``: run the op selection ``*vae_model`` (image_dataset, vae_model) instead of the whole job: the
     same kill and resume, without the downstream assets' time (the test suite's variant)."""
     import torch
@@ -201,12 +237,23 @@ def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24
 
     # 1) the run that is killed mid-training
     with open(workdir / "killed.log", "wb") as log:
-        proc = subprocess.Popen(job_command(config_path, only_vae), cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            job_command(config_path, only_vae),
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            wait_for_job(lambda: max(committed_steps(home, stage), default=-1) >= kill_at_step, proc,
-                         f"{asset} reached step {kill_at_step}", workdir / "killed.log",
-                         timeout - (time.monotonic() - t0), poll=0.05)
+            wait_for_job(
+                lambda: max(committed_steps(home, stage), default=-1) >= kill_at_step,
+                proc,
+                f"{asset} reached step {kill_at_step}",
+                workdir / "killed.log",
+                timeout - (time.monotonic() - t0),
+                poll=0.05,
+            )
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -218,8 +265,9 @@ def dagster_kill_trial(workdir: Path, kill_at_step: int = 8, vae_steps: int = 24
         out["vae_uri_before"] = asset_metadata(home, "vae_model")["vae_uri"]
 
     # 2) the same command again, to the end
-    rerun = subprocess.run(job_command(config_path, only_vae), cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=timeout)
+    rerun = subprocess.run(
+        job_command(config_path, only_vae), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     out["rerun_success"] = rerun.returncode == 0 and "RUN_SUCCESS" in rerun.stdout + rerun.stderr
     out["rerun_id"] = dagster_run_ids(home)[-1]
     if not out["rerun_success"]:

@@ -40,9 +40,17 @@ def numerical(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]:
         expected = _expected_skips(len(data), micro, tc.batch_size // micro, tc.seed, steps, bad=5)
         finite = all(torch.isfinite(v).all() for v in res.model.state_dict().values())
         good = res.nonfinite_skipped == expected and finite
-        rows.append(row("numerical", f"{JOB_NAMES[job]}: one NaN row in the data", 1, expected, expected if good else 0,
-                         f"{res.nonfinite_skipped} steps skipped and counted (expected {expected}), weights finite",
-                         time.monotonic() - t0))
+        rows.append(
+            row(
+                "numerical",
+                f"{JOB_NAMES[job]}: one NaN row in the data",
+                1,
+                expected,
+                expected if good else 0,
+                f"{res.nonfinite_skipped} steps skipped and counted (expected {expected}), weights finite",
+                time.monotonic() - t0,
+            )
+        )
         details.append({"job": job, "case": "isolated", "skipped": res.nonfinite_skipped, "expected": expected})
 
         # data that turns NaN for good: stop, last good checkpoint intact, resumable
@@ -58,9 +66,19 @@ def numerical(root: Path, log: Callable[[str], None]) -> tuple[list[Row], Any]:
         intact = step == 5 and all(torch.equal(v, mgr.load(4)["model"][k]) for k, v in last["model"].items())
         resumed = runner.train(job, runner.clean_data(job), d, steps=7, max_nonfinite=1)
         good = stopped and intact and resumed.resumed_from == 5
-        rows.append(row("numerical", f"{JOB_NAMES[job]}: data NaN for good", 1, 2, 2 if good else 0,
-                         "stopped; last checkpoint verifies, unchanged by the skipped step; resumes"
-                         if good else f"FAILED stopped={stopped} intact={intact}", time.monotonic() - t0))
+        rows.append(
+            row(
+                "numerical",
+                f"{JOB_NAMES[job]}: data NaN for good",
+                1,
+                2,
+                2 if good else 0,
+                "stopped; last checkpoint verifies, unchanged by the skipped step; resumes"
+                if good
+                else f"FAILED stopped={stopped} intact={intact}",
+                time.monotonic() - t0,
+            )
+        )
         details.append({"job": job, "case": "persistent", "stopped": stopped, "intact": intact})
         log(f"  {job}: isolated {res.nonfinite_skipped}/{expected}, persistent stopped={stopped} intact={intact}")
     return rows, details

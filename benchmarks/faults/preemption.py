@@ -96,8 +96,14 @@ def _start(workdir: Path, processes: int, vae_steps: int) -> tuple[Path, dict[st
     path = workdir / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     log = open(workdir / "job.log", "wb")  # noqa: SIM115 (closed by the caller)
-    proc = subprocess.Popen(job_command(path, only_vae=True), cwd=ROOT, env=home_env(home), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        job_command(path, only_vae=True),
+        cwd=ROOT,
+        env=home_env(home),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return home, config, proc, log
 
 
@@ -107,13 +113,22 @@ def _retry_errors(home: Path, run_id: str) -> list[str]:
 
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY).records
-        return [json.dumps(r.event_log_entry.dagster_event.event_specific_data.error.to_string())
-                for r in records if r.event_log_entry.dagster_event.step_key == "vae_model"]
+        return [
+            json.dumps(r.event_log_entry.dagster_event.event_specific_data.error.to_string())
+            for r in records
+            if r.event_log_entry.dagster_event.step_key == "vae_model"
+        ]
 
 
-def sigterm_trial(workdir: Path, processes: int = 1, after_step: int = CHECKPOINT_EVERY, delay_s: float = 0.0,
-                  vae_steps: int = VAE_STEPS, reference: dict[str, Any] | None = None,
-                  timeout: float = 400.0) -> dict[str, Any]:
+def sigterm_trial(
+    workdir: Path,
+    processes: int = 1,
+    after_step: int = CHECKPOINT_EVERY,
+    delay_s: float = 0.0,
+    vae_steps: int = VAE_STEPS,
+    reference: dict[str, Any] | None = None,
+    timeout: float = 400.0,
+) -> dict[str, Any]:
     """SIGTERM to the step process ``delay_s`` after vae_model committed its checkpoint at ``after_step``; then the run
     goes on (its retry) to the end. ``reference``: the uninterrupted run's weights (None: trained here, in process,
     for 1 process; not compared for 2)."""
@@ -125,8 +140,13 @@ def sigterm_trial(workdir: Path, processes: int = 1, after_step: int = CHECKPOIN
     home, config, proc, log = _start(workdir, processes, vae_steps)
     out: dict[str, Any] = {"processes": processes, "after_step": after_step, "delay_s": round(delay_s, 3)}
     try:
-        wait_for_job(lambda: max(checkpoint_dir_commits(home), default=0) >= after_step, proc,
-                     f"a checkpoint at step {after_step}", workdir / "job.log", timeout)
+        wait_for_job(
+            lambda: max(checkpoint_dir_commits(home), default=0) >= after_step,
+            proc,
+            f"a checkpoint at step {after_step}",
+            workdir / "job.log",
+            timeout,
+        )
         time.sleep(delay_s)
         before = checkpoint_dir_commits(home)
         if processes > 1:
@@ -171,17 +191,23 @@ def sigterm_trial(workdir: Path, processes: int = 1, after_step: int = CHECKPOIN
         dataset_url = str(home / "storage" / "datasets" / name)
         reference = reference_vae_weights(config, dataset_url)
     if reference is not None:
-        out["weights_equal"] = got.keys() == reference.keys() and all(torch.equal(got[k], reference[k])
-                                                                      for k in reference)
+        out["weights_equal"] = got.keys() == reference.keys() and all(
+            torch.equal(got[k], reference[k]) for k in reference
+        )
     out["weights"] = got
     out["within_grace"] = out["latency_s"] is not None and out["latency_s"] <= GRACE_S
-    out["survived"] = bool(out["within_grace"] and out["retried_on_training_interrupted"]
-                           and out["resumed_from_stop_step"] and out.get("weights_equal", True))
+    out["survived"] = bool(
+        out["within_grace"]
+        and out["retried_on_training_interrupted"]
+        and out["resumed_from_stop_step"]
+        and out.get("weights_equal", True)
+    )
     return out
 
 
-def uninterrupted_weights(workdir: Path, processes: int, vae_steps: int = VAE_STEPS,
-                          timeout: float = 400.0) -> dict[str, Any]:
+def uninterrupted_weights(
+    workdir: Path, processes: int, vae_steps: int = VAE_STEPS, timeout: float = 400.0
+) -> dict[str, Any]:
     """The registered weights of the same job run to the end without a signal."""
     from ldm_core.model_io import load_state_dict
 
@@ -196,16 +222,22 @@ def uninterrupted_weights(workdir: Path, processes: int, vae_steps: int = VAE_ST
     return load_state_dict(asset_metadata(home, "vae_model")["vae_url"])
 
 
-def orphan_trial(workdir: Path, vae_steps: int = 200, after_step: int = CHECKPOINT_EVERY,
-                 timeout: float = 400.0) -> dict[str, Any]:
+def orphan_trial(
+    workdir: Path, vae_steps: int = 200, after_step: int = CHECKPOINT_EVERY, timeout: float = 400.0
+) -> dict[str, Any]:
     """SIGKILL to the step process alone while its 2 ranks train: {"pids": …, "alive_after": pids still running
     ``wait_s`` later, "seconds": how long they took to go}."""
     workdir.mkdir(parents=True, exist_ok=True)
     home, _, proc, log = _start(workdir, 2, vae_steps)
     out: dict[str, Any] = {}
     try:
-        wait_for_job(lambda: max(checkpoint_dir_commits(home), default=0) >= after_step, proc,
-                     f"a checkpoint at step {after_step}", workdir / "job.log", timeout)
+        wait_for_job(
+            lambda: max(checkpoint_dir_commits(home), default=0) >= after_step,
+            proc,
+            f"a checkpoint at step {after_step}",
+            workdir / "job.log",
+            timeout,
+        )
         agents, ranks = training_processes(proc.pid)
         out["agents"], out["ranks"] = len(agents), len(ranks)
         t0 = time.monotonic()
@@ -229,8 +261,10 @@ def orphan_trial(workdir: Path, vae_steps: int = 200, after_step: int = CHECKPOI
 # torchrun by hand: SIGTERM to one rank
 # ---------------------------------------------------------------------------------------------------------------
 
-def rank_sigterm_trial(workdir: Path, dataset_url: str, steps: int = 400, after_step: int = 2,
-                       timeout: float = 300.0) -> dict[str, Any]:
+
+def rank_sigterm_trial(
+    workdir: Path, dataset_url: str, steps: int = 400, after_step: int = 2, timeout: float = 300.0
+) -> dict[str, Any]:
     """``torchrun --nproc-per-node 2 -m pipeline.distributed.train_vae spec.json`` (the campaign's tiny autoencoder,
     no Dagster), SIGTERM to rank 1 alone once step ``after_step`` is committed: the step every rank stopped at and
     whether rank 0 committed it, every process's end, and the seconds they took."""
@@ -244,18 +278,34 @@ def rank_sigterm_trial(workdir: Path, dataset_url: str, steps: int = 400, after_
     cfg = runner.ae_config(steps)
     cfg.trainer.checkpoint_every = after_step
     ckpt = workdir / "ckpt"
-    spec = VaeTrainSpec(training=cfg.to_dict(), dataset_url=dataset_url, resolution=16, checkpoint_dir=str(ckpt),
-                        output_url=str(workdir / "out"))
+    spec = VaeTrainSpec(
+        training=cfg.to_dict(),
+        dataset_url=dataset_url,
+        resolution=16,
+        checkpoint_dir=str(ckpt),
+        output_url=str(workdir / "out"),
+    )
     spec.to_json_file(workdir / "spec.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DAGSTER_PIPES_CONTEXT", None)
     log = open(workdir / "torchrun.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(tied_command(torchrun_command("vae", 2, workdir / "spec.json", GRACE_S)), cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        tied_command(torchrun_command("vae", 2, workdir / "spec.json", GRACE_S)),
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     out: dict[str, Any] = {}
     try:
-        wait_for_job(lambda: max(CheckpointManager(str(ckpt)).steps(), default=0) >= after_step, proc,
-                     f"a checkpoint at step {after_step}", workdir / "torchrun.log", timeout)
+        wait_for_job(
+            lambda: max(CheckpointManager(str(ckpt)).steps(), default=0) >= after_step,
+            proc,
+            f"a checkpoint at step {after_step}",
+            workdir / "torchrun.log",
+            timeout,
+        )
         _, ranks = training_processes(proc.pid)
         rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
         out["ranks"] = len(ranks)
@@ -279,15 +329,20 @@ def rank_sigterm_trial(workdir: Path, dataset_url: str, steps: int = 400, after_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    out["survived"] = bool(out.get("exited_within_grace") and len(out.get("stop_steps", [])) == 1
-                           and out["new_checkpoints"] and max(out["new_checkpoints"]) == out["stop_steps"][0]
-                           and out["ranks_exit_interrupted"] == 2)
+    out["survived"] = bool(
+        out.get("exited_within_grace")
+        and len(out.get("stop_steps", [])) == 1
+        and out["new_checkpoints"]
+        and max(out["new_checkpoints"]) == out["stop_steps"][0]
+        and out["ranks_exit_interrupted"] == 2
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The section
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def preemption(root: Path, trials: int, rng: random.Random, log: Callable[[str], None]) -> tuple[list[Row], Any]:
     rows, details = [], []
@@ -297,37 +352,72 @@ def preemption(root: Path, trials: int, rng: random.Random, log: Callable[[str],
         done = []
         for i in range(trials):
             after = rng.choice(range(CHECKPOINT_EVERY, VAE_STEPS - CHECKPOINT_EVERY, CHECKPOINT_EVERY))
-            out = sigterm_trial(root / f"sigterm-{processes}-{i}", processes, after_step=after,
-                                delay_s=rng.uniform(0.0, 1.0), reference=ref)
+            out = sigterm_trial(
+                root / f"sigterm-{processes}-{i}",
+                processes,
+                after_step=after,
+                delay_s=rng.uniform(0.0, 1.0),
+                reference=ref,
+            )
             out.pop("weights", None)
             done.append(out)
-            log(f"  SIGTERM, {processes} process(es), trial {i}: stop at step {out.get('stop_step')} "
+            log(
+                f"  SIGTERM, {processes} process(es), trial {i}: stop at step {out.get('stop_step')} "
                 f"({out.get('latency_s')}s after the signal), resumed_from {out.get('resumed_from')}, "
-                f"equal {out.get('weights_equal')}")
+                f"equal {out.get('weights_equal')}"
+            )
         good = sum(bool(o.get("survived")) for o in done)
         latencies = [o["latency_s"] for o in done if o.get("latency_s") is not None]
         case = f"SIGTERM to the vae_model step, {processes} process{'es' if processes > 1 else ''}"
-        rows.append(row("preemption", case, trials, trials, good,
-                        f"{good}/{trials} checkpoint within {GRACE_S}s, retried, resumed there, bitwise equal",
-                        time.monotonic() - t0,
-                        f"signal to committed checkpoint: max {max(latencies, default=float('nan')):.2f}s, "
-                        f"mean {sum(latencies) / max(1, len(latencies)):.2f}s"))
+        rows.append(
+            row(
+                "preemption",
+                case,
+                trials,
+                trials,
+                good,
+                f"{good}/{trials} checkpoint within {GRACE_S}s, retried, resumed there, bitwise equal",
+                time.monotonic() - t0,
+                f"signal to committed checkpoint: max {max(latencies, default=float('nan')):.2f}s, "
+                f"mean {sum(latencies) / max(1, len(latencies)):.2f}s",
+            )
+        )
         details.append({"processes": processes, "trials": done})
     t0 = time.monotonic()
     shared = campaign.prepare_inputs(root / "inputs", images=32)
-    ranks = [rank_sigterm_trial(root / f"rank-sigterm-{i}", shared["dataset"],
-                                after_step=rng.choice(range(2, 8))) for i in range(trials)]
+    ranks = [
+        rank_sigterm_trial(root / f"rank-sigterm-{i}", shared["dataset"], after_step=rng.choice(range(2, 8)))
+        for i in range(trials)
+    ]
     good = sum(o["survived"] for o in ranks)
-    rows.append(row("preemption", "SIGTERM to rank 1 alone (torchrun, 2 processes)", trials, trials, good,
-                    f"{good}/{trials} every rank stopped at one step, rank 0 checkpointed it, all exited",
-                    time.monotonic() - t0, f"all exited within {max(o.get('seconds', 0) for o in ranks):.2f}s"))
+    rows.append(
+        row(
+            "preemption",
+            "SIGTERM to rank 1 alone (torchrun, 2 processes)",
+            trials,
+            trials,
+            good,
+            f"{good}/{trials} every rank stopped at one step, rank 0 checkpointed it, all exited",
+            time.monotonic() - t0,
+            f"all exited within {max(o.get('seconds', 0) for o in ranks):.2f}s",
+        )
+    )
     details.append({"rank_sigterm": ranks})
     t0 = time.monotonic()
     orphans = [orphan_trial(root / f"orphan-{i}") for i in range(max(1, trials // 2))]
     good = sum(o["survived"] for o in orphans)
-    rows.append(row("preemption", "SIGKILL to the step process alone, 2 processes", len(orphans), len(orphans), good,
-                    f"{good}/{len(orphans)} no rank or agent left", time.monotonic() - t0,
-                    f"gone after at most {max(o.get('seconds', 0) for o in orphans):.2f}s"))
+    rows.append(
+        row(
+            "preemption",
+            "SIGKILL to the step process alone, 2 processes",
+            len(orphans),
+            len(orphans),
+            good,
+            f"{good}/{len(orphans)} no rank or agent left",
+            time.monotonic() - t0,
+            f"gone after at most {max(o.get('seconds', 0) for o in orphans):.2f}s",
+        )
+    )
     details.append({"orphans": orphans})
     return rows, details
 

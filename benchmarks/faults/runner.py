@@ -45,18 +45,30 @@ def _progress(step: int) -> bool:
 # Trainers
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def ae_config(steps: int):
     from ldm_core.models.autoencoder import autoencoder_preset
     from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig
 
     # accumulation, EMA and the discriminator (from step 2) all active: every part of the state must resume
-    return AutoencoderTrainingConfig.model_validate({
-        "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
-        "discriminator": {"ndf": 8, "n_layers": 2, "norm": "actnorm"},
-        "loss": {"disc_start": 2, "perceptual_weight": 0.0},
-        "trainer": {"steps": steps, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "ema_decay": 0.9,
-                    "checkpoint_every": 1, "log_every": 1, "device": "cpu", "precision": "fp32"},
-    })
+    return AutoencoderTrainingConfig.model_validate(
+        {
+            "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
+            "discriminator": {"ndf": 8, "n_layers": 2, "norm": "actnorm"},
+            "loss": {"disc_start": 2, "perceptual_weight": 0.0},
+            "trainer": {
+                "steps": steps,
+                "batch_size": 4,
+                "micro_batch_size": 2,
+                "lr": 1e-3,
+                "ema_decay": 0.9,
+                "checkpoint_every": 1,
+                "log_every": 1,
+                "device": "cpu",
+                "precision": "fp32",
+            },
+        }
+    )
 
 
 def ae_data():
@@ -66,21 +78,35 @@ def ae_data():
 
     g = torch.Generator().manual_seed(0)
     low = torch.rand(16, 3, 4, 4, generator=g) * 2 - 1
-    return InMemoryDataset(image=torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear",
-                                                                 align_corners=False))  # (16, 3, 16, 16)
+    return InMemoryDataset(
+        image=torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+    )  # (16, 3, 16, 16)
 
 
 def ldm_config(steps: int):
     from ldm_core.models.unet import UNET_PRESETS
     from ldm_core.trainers.ldm import LDMTrainingConfig
 
-    return LDMTrainingConfig.model_validate({
-        "denoiser": {**UNET_PRESETS["tiny"].to_dict(), "context_dim": LDM_CONTEXT[1]},
-        "diffusion": {"kind": "flow"},
-        "trainer": {"steps": steps, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-3, "ema_decay": 0.9,
-                    "warmup_steps": 3, "lr_schedule": "cosine", "cond_dropout": 0.2, "checkpoint_every": 1,
-                    "log_every": 1, "device": "cpu", "precision": "fp32"},
-    })
+    return LDMTrainingConfig.model_validate(
+        {
+            "denoiser": {**UNET_PRESETS["tiny"].to_dict(), "context_dim": LDM_CONTEXT[1]},
+            "diffusion": {"kind": "flow"},
+            "trainer": {
+                "steps": steps,
+                "batch_size": 8,
+                "micro_batch_size": 4,
+                "lr": 1e-3,
+                "ema_decay": 0.9,
+                "warmup_steps": 3,
+                "lr_schedule": "cosine",
+                "cond_dropout": 0.2,
+                "checkpoint_every": 1,
+                "log_every": 1,
+                "device": "cpu",
+                "precision": "fp32",
+            },
+        }
+    )
 
 
 def ldm_data():
@@ -91,8 +117,9 @@ def ldm_data():
     g = torch.Generator().manual_seed(0)
     n, (L, D) = 24, LDM_CONTEXT
     mask = torch.arange(L).expand(n, L) < torch.randint(2, L + 1, (n, 1), generator=g)  # (n, L) ragged captions
-    data = InMemoryDataset(latents=torch.randn(n, 4, 8, 8, generator=g), context=torch.randn(n, L, D, generator=g),
-                           context_mask=mask)
+    data = InMemoryDataset(
+        latents=torch.randn(n, 4, 8, 8, generator=g), context=torch.randn(n, L, D, generator=g), context_mask=mask
+    )
     uncond = (torch.zeros(1, L, D), torch.arange(L).view(1, L) < 1)
     return data, uncond
 
@@ -145,14 +172,20 @@ def run_trainer(job: str, workdir: str, steps: int | None) -> None:
         say("READY")
         result = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=ckpt, should_stop=_progress)
         model_cfg = cfg.denoiser
-    save_model(os.path.join(workdir, "final"), result.model, job, model_cfg,
-               extra={"step": result.step, "resumed_from": result.resumed_from})
+    save_model(
+        os.path.join(workdir, "final"),
+        result.model,
+        job,
+        model_cfg,
+        extra={"step": result.step, "resumed_from": result.resumed_from},
+    )
     say(f"RESUMED_FROM {result.resumed_from or 0}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Encoding and ingestion
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def encode_vae():
     import torch
@@ -172,8 +205,15 @@ def run_encode(dataset_url: str, store_url: str) -> None:
     text = TextEncoder(TextEncoderConfig(max_length=8))
     cfg = LatentStoreConfig(resolution=32, batch_size=8, dtype="fp32")
     say("READY")
-    encode_dataset(dataset_url, store_url, vae, text, cfg, vae_identity=VAE_IDENTITY,
-                   progress=lambda p: say(f"PROGRESS {p.shards_done}"))
+    encode_dataset(
+        dataset_url,
+        store_url,
+        vae,
+        text,
+        cfg,
+        vae_identity=VAE_IDENTITY,
+        progress=lambda p: say(f"PROGRESS {p.shards_done}"),
+    )
 
 
 def run_ingest(source_url: str, dataset_url: str) -> None:

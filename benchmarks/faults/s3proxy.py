@@ -91,8 +91,10 @@ class FaultProxy:
 
             def _error(self, kind: str) -> None:
                 status, code, message = _ERRORS[kind]
-                body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}'
-                        f"</Message><RequestId>fault-proxy</RequestId></Error>").encode()
+                body = (
+                    f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}'
+                    f"</Message><RequestId>fault-proxy</RequestId></Error>"
+                ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))

@@ -58,8 +58,9 @@ def storage_faults(root: Path, log: Callable[[str], None]) -> tuple[list[Row], A
                     try:
                         ing(src, f"{base}/ds")
                         checks["dataset"] = campaign.compare_dataset(ref_ds, f"{base}/ds")[0]
-                        encode_dataset(f"{base}/ds", f"{base}/store", vae, text, store_cfg,
-                                       vae_identity=runner.VAE_IDENTITY)
+                        encode_dataset(
+                            f"{base}/ds", f"{base}/store", vae, text, store_cfg, vae_identity=runner.VAE_IDENTITY
+                        )
                         checks["latent store"] = campaign.compare_store(ref_store, f"{base}/store", 24)[0]
                         runner.train("ae", runner.ae_data(), f"{base}/ckpt", steps=3, stop_at=2)  # type: ignore[arg-type]
                         res = runner.train("ae", runner.ae_data(), f"{base}/ckpt", steps=3)  # type: ignore[arg-type]
@@ -70,17 +71,31 @@ def storage_faults(root: Path, log: Callable[[str], None]) -> tuple[list[Row], A
                     proxy.set_policy(FaultPolicy())
                     hit = sum(proxy.injected.values()) - sum(before.values())
                     survived = hit if checks and all(checks.values()) and not error else 0
-                    rows.append(row("s3 transient", f"{name} (1 in {policy.every} requests)", 1, hit, survived,
-                                     "complete, equal to fault-free" if survived == hit and not error
-                                     else f"FAILED {error or checks}", time.monotonic() - t0,
-                                     "ingest + zarr latent store + trainer checkpoints/resume"))
+                    rows.append(
+                        row(
+                            "s3 transient",
+                            f"{name} (1 in {policy.every} requests)",
+                            1,
+                            hit,
+                            survived,
+                            "complete, equal to fault-free"
+                            if survived == hit and not error
+                            else f"FAILED {error or checks}",
+                            time.monotonic() - t0,
+                            "ingest + zarr latent store + trainer checkpoints/resume",
+                        )
+                    )
                     details.append({"case": name, "faults": hit, "checks": checks, "error": error})
                     log(f"  s3 {name}: {hit} faults, {checks} {error}")
 
                 # permanent errors: named URL, earlier writes intact, completion once healed
                 os.environ["LDM_S3_MAX_ATTEMPTS"] = "2"
-                for fault, error_type in (("403", PermissionError), ("nobucket", FileNotFoundError),
-                                          ("reset", storage.StorageError), ("503", storage.StorageError)):
+                for fault, error_type in (
+                    ("403", PermissionError),
+                    ("nobucket", FileNotFoundError),
+                    ("reset", storage.StorageError),
+                    ("503", storage.StorageError),
+                ):
                     t0 = time.monotonic()
                     proxy.set_policy(FaultPolicy())
                     ds, ckpt = f"{bucket}/permanent-{fault}/ds", f"{bucket}/permanent-{fault}/ckpt"
@@ -90,8 +105,10 @@ def storage_faults(root: Path, log: Callable[[str], None]) -> tuple[list[Row], A
                     mgr.save(1, {"w": torch.arange(4.0)})
                     proxy.set_policy(FaultPolicy(always=fault))
                     outcome = {}
-                    for what, fn, url in (("ingest", lambda ds=ds: ing(grown, ds), ds),
-                                          ("checkpoint", lambda mgr=mgr: mgr.save(2, {"w": torch.zeros(4)}), ckpt)):
+                    for what, fn, url in (
+                        ("ingest", lambda ds=ds: ing(grown, ds), ds),
+                        ("checkpoint", lambda mgr=mgr: mgr.save(2, {"w": torch.zeros(4)}), ckpt),
+                    ):
                         try:
                             fn()
                             outcome[what] = "no error"
@@ -103,13 +120,23 @@ def storage_faults(root: Path, log: Callable[[str], None]) -> tuple[list[Row], A
                     intact = campaign.dataset_rows(ds) == rows_before and mgr.load_latest()[0] == 1
                     completed = ing(grown, ds).rows_total == 32
                     good = all(v == "named" for v in outcome.values()) and intact and completed
-                    rows.append(row("s3 permanent", f"{fault} on every request", 2, 2, 2 if good else 0,
-                                     f"{error_type.__name__} naming the URL, earlier writes "
-                                     "intact, completes when healed"
-                                     if good else f"FAILED {outcome} intact={intact} completed={completed}",
-                                     time.monotonic() - t0, "LDM_S3_MAX_ATTEMPTS=2"))
-                    details.append({"case": f"permanent {fault}", "outcome": outcome, "intact": intact,
-                                    "completed": completed})
+                    rows.append(
+                        row(
+                            "s3 permanent",
+                            f"{fault} on every request",
+                            2,
+                            2,
+                            2 if good else 0,
+                            f"{error_type.__name__} naming the URL, earlier writes intact, completes when healed"
+                            if good
+                            else f"FAILED {outcome} intact={intact} completed={completed}",
+                            time.monotonic() - t0,
+                            "LDM_S3_MAX_ATTEMPTS=2",
+                        )
+                    )
+                    details.append(
+                        {"case": f"permanent {fault}", "outcome": outcome, "intact": intact, "completed": completed}
+                    )
                     log(f"  s3 permanent {fault}: {outcome}, intact {intact}, completed {completed}")
             finally:
                 os.environ.pop("LDM_S3_MAX_ATTEMPTS", None)

@@ -55,20 +55,32 @@ def _job(kind: str, a: str, b: str) -> None:
     torch.manual_seed(0)
     vae = AutoencoderKL(autoencoder_preset("tiny")).eval()
     text = TextEncoder(TextEncoderConfig(max_length=8))
-    result = encode_dataset(a, b, vae, text, LatentStoreConfig(resolution=32, batch_size=8),
-                            vae_identity="bench:tiny")
+    result = encode_dataset(a, b, vae, text, LatentStoreConfig(resolution=32, batch_size=8), vae_identity="bench:tiny")
     print(json.dumps({"rows_new": result.rows_new}), flush=True)
 
 
-def spawn(kind: str, a: str, b: str, *, ttl: float, pause: float, wait: float = 120.0,
-          marker: str | None = None) -> subprocess.Popen:
+def spawn(
+    kind: str, a: str, b: str, *, ttl: float, pause: float, wait: float = 120.0, marker: str | None = None
+) -> subprocess.Popen:
     """A writer job; ``marker``: a local file it creates when it first pauses at a commit point."""
-    env = {**os.environ, TTL_ENV: str(ttl), WAIT_ENV: str(wait), PAUSE_ENV: str(pause), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        TTL_ENV: str(ttl),
+        WAIT_ENV: str(wait),
+        PAUSE_ENV: str(pause),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     if marker:
         env[PAUSE_MARKER_ENV] = marker
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.faults.writers", kind, a, b], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.faults.writers", kind, a, b],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
@@ -84,6 +96,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # What must hold afterwards
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def make_source(root: str, seeds: tuple[int, ...] = (0,)) -> tuple[list[str], set[str]]:
     """A shapes source per seed under ``root``, and the image hashes that one uncontended ingestion of them all, one
@@ -143,8 +156,11 @@ def store_problems(store: str, ds: str) -> list[str]:
         return problems
     ids = [r["id"] for k in range(len(meta.shards)) for r in reader.read_rows(k)]
     manifest = canonical.read_manifest(ds)
-    want = {canonical.row_id(h) for name in (manifest.shard_names() if manifest else [])
-            for h in canonical.read_shard(ds, name, columns=["sha256"]).column("sha256").to_pylist()}
+    want = {
+        canonical.row_id(h)
+        for name in (manifest.shard_names() if manifest else [])
+        for h in canonical.read_shard(ds, name, columns=["sha256"]).column("sha256").to_pylist()
+    }
     if len(ids) != len(set(ids)):
         problems.append(f"{len(ids) - len(set(ids))} rows encoded twice")
     if set(ids) != want or meta.rows != len(ids):
@@ -155,6 +171,7 @@ def store_problems(store: str, ds: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # The cases
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def two_writers(root: str, pause: float = 2.0) -> dict[str, Any]:
     """Two ingestions of two sources into one dataset, then two encodings of it into one store; the second writer
@@ -267,9 +284,18 @@ def writers(workdir: Path, trials: int, log: Callable[[str], None]) -> tuple[lis
             problems += got
             log(f"  {case} #{t}: {'ok' if not got else got}")
         details[case] = problems
-        rows.append(row("concurrent writers", case, trials, trials, survived,
-                        f"{survived}/{trials} consistent", time.monotonic() - t0,
-                        problems[0] if problems else "local disk"))
+        rows.append(
+            row(
+                "concurrent writers",
+                case,
+                trials,
+                trials,
+                survived,
+                f"{survived}/{trials} consistent",
+                time.monotonic() - t0,
+                problems[0] if problems else "local disk",
+            )
+        )
     return rows, details
 
 

@@ -86,8 +86,13 @@ class ImageShardDataset(Dataset):
         self.unchecked_shards = sum(info.sha256 is None for info in self._infos)
         """Shards of a manifest written before sha256s were recorded: read without a check."""
         if self.unchecked_shards:
-            log.warning("%d of %d shards of %s have no recorded sha256 (written before it was recorded): they are "
-                        "read unchecked", self.unchecked_shards, len(self._infos), storage.redact_url(url))
+            log.warning(
+                "%d of %d shards of %s have no recorded sha256 (written before it was recorded): they are "
+                "read unchecked",
+                self.unchecked_shards,
+                len(self._infos),
+                storage.redact_url(url),
+            )
         # per selected row: (shard number, row within the shard) and its small columns
         self._where: list[tuple[int, int]] = []
         self._meta: list[dict[str, Any]] = []
@@ -133,8 +138,9 @@ class ImageShardDataset(Dataset):
             self._images.move_to_end(k)
             return self._images[k]
         info = None if k in self._verified else self._infos[k]
-        table = canonical.read_shard(self.url, self._shards[k], columns=["image"], storage_options=self.storage_options,
-                                     verify=info)
+        table = canonical.read_shard(
+            self.url, self._shards[k], columns=["image"], storage_options=self.storage_options, verify=info
+        )
         self._verified.add(k)
         images = table.column("image").combine_chunks()
         self._images[k] = images
@@ -182,5 +188,10 @@ def _check_size(url: str, info: canonical.ShardInfo, storage_options: dict[str, 
     with storage.naming_errors(shard_url, "checking the shard"):
         size = int(fs.size(path))
     if info.sha256 is not None and size != info.bytes:  # (an older manifest: unchecked, as its sha256)
-        raise CorruptShardError("dataset", info.name, shard_url, f"{size} bytes, {info.bytes} recorded",
-                                "ingest the source again into a new dataset URL")
+        raise CorruptShardError(
+            "dataset",
+            info.name,
+            shard_url,
+            f"{size} bytes, {info.bytes} recorded",
+            "ingest the source again into a new dataset URL",
+        )

@@ -166,7 +166,12 @@ class _ShardWriter:
     """Buffers rows, writes a shard when full, then the manifest; knows which entries each flush commits."""
 
     def __init__(
-        self, output_url: str, manifest: Manifest, fenced: FencedFile, source_key: str, rows_per_shard: int,
+        self,
+        output_url: str,
+        manifest: Manifest,
+        fenced: FencedFile,
+        source_key: str,
+        rows_per_shard: int,
         storage_options: Any,
     ) -> None:
         self.output_url = output_url
@@ -201,8 +206,9 @@ class _ShardWriter:
             table = canonical.build_table(self.rows)
             data = canonical.table_bytes(table)
             # created exclusively: a name another writer took (even one it never recorded) is skipped, not replaced
-            while not storage.write_if_absent(storage.join(self.output_url, canonical.shard_name(self.next_index)),
-                                              data, self.storage_options):
+            while not storage.write_if_absent(
+                storage.join(self.output_url, canonical.shard_name(self.next_index)), data, self.storage_options
+            ):
                 self.next_index += 1
             name = canonical.shard_name(self.next_index)
             self.next_index += 1
@@ -221,7 +227,7 @@ class _ShardWriter:
             m.counts.rows += info.rows
             m.counts.train_rows += info.train_rows
             m.counts.validation_rows += info.validation_rows
-            for col in table.column_names[len(canonical.CORE_COLUMNS):]:
+            for col in table.column_names[len(canonical.CORE_COLUMNS) :]:
                 if col not in m.attribute_columns:
                     m.attribute_columns.append(col)
             log.info("wrote %s (%d rows)", storage.join(redact_url(self.output_url), name), info.rows)
@@ -272,8 +278,15 @@ def _stamped(raw: bytes | None, url: str) -> Manifest:
     return manifest
 
 
-def _ingest(config: IngestConfig, source: Source, source_key: str, output_url: str, storage_options: Any,
-            lease: WriterLease, started: str) -> IngestResult:
+def _ingest(
+    config: IngestConfig,
+    source: Source,
+    source_key: str,
+    output_url: str,
+    storage_options: Any,
+    lease: WriterLease,
+    started: str,
+) -> IngestResult:
     """`ingest` under the dataset's writer lease: everything from reading the manifest to the last commit."""
     fenced = FencedFile(canonical.manifest_url(output_url), lease, storage_options)
     manifest = fenced.fence(lambda raw: _stamped(raw, fenced.url), canonical.manifest_bytes)

@@ -21,8 +21,10 @@ class CorruptShardError(OSError):
 
     def __init__(self, kind: str, name: str, url: str, detail: str, remedy: str):
         self.kind, self.name, self.url = kind, name, redact_url(url)
-        super().__init__(f"corrupt {kind} shard {name} at {self.url}: {detail}; it changed on storage after it was "
-                         f"written, refusing to read it ({remedy})")
+        super().__init__(
+            f"corrupt {kind} shard {name} at {self.url}: {detail}; it changed on storage after it was "
+            f"written, refusing to read it ({remedy})"
+        )
 
 
 def sha256_hex(data: bytes | memoryview) -> str:

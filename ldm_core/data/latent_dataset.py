@@ -94,8 +94,13 @@ class LatentDataset(Dataset):
         self.row_bytes = (c * h * w * (2 if sample_posterior else 1) + L * D + (self.pooled_dim or 0)) * itemsize + L
         largest = max((n for _, _, n in self._parts), default=0)
         self.resident = cache and len(self) * self.row_bytes <= max_cache_bytes
-        self.max_cached_shards = 0 if not cache else len(self._parts) if self.resident else \
-            max(1, max_cache_bytes // max(1, largest * self.row_bytes))
+        self.max_cached_shards = (
+            0
+            if not cache
+            else len(self._parts)
+            if self.resident
+            else max(1, max_cache_bytes // max(1, largest * self.row_bytes))
+        )
         self._rows: dict[int, list[dict[str, Any]]] = {}
         self._init_runtime()
 
@@ -114,8 +119,11 @@ class LatentDataset(Dataset):
         self._closed = False
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_cv", "_state", "_errors", "_queue", "_lru", "_pins", "_resident", "_threads")}
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_cv", "_state", "_errors", "_queue", "_lru", "_pins", "_resident", "_threads")
+        }
         state["_rows"] = {}
         return state
 
@@ -178,8 +186,10 @@ class LatentDataset(Dataset):
         k, lo, n = self._parts[p]
         tensors = self.store.read_shard(k, self.fields)
         whole = lo == 0 and n == self.store.shards[k].rows
-        tensors = {f: t if whole else torch.from_numpy(numpy_view(t)[lo : lo + n].copy()).view(t.dtype)
-                   for f, t in tensors.items()}
+        tensors = {
+            f: t if whole else torch.from_numpy(numpy_view(t)[lo : lo + n].copy()).view(t.dtype)
+            for f, t in tensors.items()
+        }
         if self._resident is not None:
             s = int(self._starts[p])
             for f, t in tensors.items():
@@ -332,8 +342,11 @@ class LatentDataset(Dataset):
         needed = [int(p) for p in np.unique(part)]
         if not self._all_ready:
             tensors = self._acquire(needed)
-            if self._resident is not None and len(self._state) == len(self._parts) and \
-                    all(s == "ready" for s in self._state.values()):
+            if (
+                self._resident is not None
+                and len(self._state) == len(self._parts)
+                and all(s == "ready" for s in self._state.values())
+            ):
                 self._all_ready = True
         else:
             tensors = {}
@@ -341,8 +354,11 @@ class LatentDataset(Dataset):
             it = torch.from_numpy(idx)
             raw = {f: t.index_select(0, it) for f, t in self._resident.items()}
         else:
-            raw = {f: torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype) for f, t in tensors[needed[0]].items()} \
-                if needed else {}
+            raw = (
+                {f: torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype) for f, t in tensors[needed[0]].items()}
+                if needed
+                else {}
+            )
             for p in needed:
                 sel = torch.from_numpy(np.nonzero(part == p)[0])
                 rows = torch.from_numpy(local[part == p])
@@ -351,15 +367,21 @@ class LatentDataset(Dataset):
             if not needed:
                 c, h, w = self.latent_shape
                 L, D = self.context_shape
-                raw = {"latents": torch.empty(0, c, h, w), "context": torch.empty(0, L, D),
-                       "context_mask": torch.empty(0, L, dtype=torch.bool)}
+                raw = {
+                    "latents": torch.empty(0, c, h, w),
+                    "context": torch.empty(0, L, D),
+                    "context_mask": torch.empty(0, L, dtype=torch.bool),
+                }
                 if self.pooled_dim is not None:
                     raw["pooled"] = torch.empty(0, self.pooled_dim)
         z = raw["latents"].float()  # (B, C, h, w), autoencoder space
         if self.sample_posterior:
             z = z + torch.exp(0.5 * raw["logvar"].float()) * self._posterior_noise(idx, z.shape[1:])
-        batch = {"latents": scale_latents(z, self.scaling_factor, self.shift_factor),
-                 "context": raw["context"].float(), "context_mask": raw["context_mask"].bool()}
+        batch = {
+            "latents": scale_latents(z, self.scaling_factor, self.shift_factor),
+            "context": raw["context"].float(),
+            "context_mask": raw["context_mask"].bool(),
+        }
         if "pooled" in raw:
             batch["pooled"] = raw["pooled"].float()  # (B, D_pool)
         return batch

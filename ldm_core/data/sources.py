@@ -163,7 +163,7 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[
     for path, info in found.items():
         if info.get("type", "file") not in ("file", "other"):
             continue
-        rel = path[len(root):].lstrip("/")
+        rel = path[len(root) :].lstrip("/")
         if rel:
             out[rel] = info
     return dict(sorted(out.items()))
@@ -258,8 +258,10 @@ class Source(abc.ABC):
         if inside is None:
             raise ValueError(f"{rel!r} is not a path under the source {redact_url(self.url)}")
         url = storage.join(self.url, inside)
-        if storage.is_local(url) and os.path.exists(storage.local_path(url)) and not os.path.isfile(
-            storage.local_path(url)
+        if (
+            storage.is_local(url)
+            and os.path.exists(storage.local_path(url))
+            and not os.path.isfile(storage.local_path(url))
         ):
             raise NotARegularFile(f"{rel}: not a regular file")
         return storage.read_bytes(url, self._storage_options, max_bytes=max_bytes)
@@ -486,9 +488,13 @@ class ParquetSource(Source):
             if n in (image, caption):
                 continue
             t = schema.field(n).type
-            if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(
-                t
-            ) or pa.types.is_large_string(t):
+            if (
+                pa.types.is_integer(t)
+                or pa.types.is_floating(t)
+                or pa.types.is_boolean(t)
+                or pa.types.is_string(t)
+                or pa.types.is_large_string(t)
+            ):
                 attrs.append(n)
             else:
                 log.info("%s: column %r (%s) is not a scalar and is not carried as an attribute", rel, n, t)
@@ -541,8 +547,9 @@ class ParquetSource(Source):
         if isinstance(caption, list):  # several captions per image (COCO style): the first non-empty one
             caption = next((c for c in caption if c and str(c).strip()), caption[0] if caption else None)
         attrs = {k: _scalar(values[k]) for k in attr_cols}
-        return RawRecord(source=f"{rel}#{row}", data=data, caption=caption, attributes=attrs, filename=path or rel,
-                         problem=problem)
+        return RawRecord(
+            source=f"{rel}#{row}", data=data, caption=caption, attributes=attrs, filename=path or rel, problem=problem
+        )
 
     def _read_referenced(self, rel: str) -> tuple[bytes | None, str | None]:
         """(bytes, None), or (None, why): ``too_large``, or None for a file that is not there."""

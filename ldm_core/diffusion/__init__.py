@@ -64,6 +64,7 @@ _DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "euler"}
 # Config
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class DiffusionConfig(StrictModel):
     """The diffusion process of stage 2: forward process, training objective and default sampler."""
 
@@ -111,9 +112,12 @@ class DiffusionConfig(StrictModel):
         if not ddpm and self.sampler not in FLOW_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} needs an ᾱ table; kind 'flow' needs one of {FLOW_SAMPLERS}")
         if not ddpm:
-            flow_meaningless = {"prediction": self.prediction != "eps",
-                                "min_snr_gamma": self.min_snr_gamma is not None,
-                                "beta_start": self.beta_start is not None, "beta_end": self.beta_end is not None}
+            flow_meaningless = {
+                "prediction": self.prediction != "eps",
+                "min_snr_gamma": self.min_snr_gamma is not None,
+                "beta_start": self.beta_start is not None,
+                "beta_end": self.beta_end is not None,
+            }
             bad = [k for k, v in flow_meaningless.items() if v]
             if bad:
                 raise ValueError(f"{bad} only apply to kind 'ddpm' (a flow model predicts the velocity ε − x0)")
@@ -136,6 +140,7 @@ class DiffusionConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------------------------
 # The process objects
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TrainingSample:
@@ -164,8 +169,9 @@ class Diffusion(ABC):
         self.T = config.num_train_timesteps
 
     @abstractmethod
-    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None,
-                        shard: BatchShard = SINGLE) -> TrainingSample:
+    def training_sample(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None, shard: BatchShard = SINGLE
+    ) -> TrainingSample:
         """Draws t, then the noise (in that order) from ``generator`` and builds the regression pair.
 
         shard: when x0 is one process's rows of a global batch, t and the noise are drawn for the whole global batch
@@ -176,8 +182,9 @@ class Diffusion(ABC):
         """The clean sample x0 implied by a raw network prediction at (x_t, t_model)."""
 
     @abstractmethod
-    def _sampler_inputs(self, model: ModelFn, sampler: str, steps: int,
-                        eta: float) -> tuple[ModelFn, torch.Tensor, dict[str, Any]]:
+    def _sampler_inputs(
+        self, model: ModelFn, sampler: str, steps: int, eta: float
+    ) -> tuple[ModelFn, torch.Tensor, dict[str, Any]]:
         """(model in the sampler's native form and time, the time grid, sampler options)."""
 
     def loss(self, pred: torch.Tensor, sample: TrainingSample) -> torch.Tensor:
@@ -185,9 +192,16 @@ class Diffusion(ABC):
         per_sample = (pred.float() - sample.target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))  # (B,)
         return (per_sample * sample.weight.to(per_sample)).mean()
 
-    def sample(self, model: ModelFn, noise: torch.Tensor, steps: int | None = None, sampler: str | None = None,
-               eta: float | None = None, generator: torch.Generator | None = None,
-               callback: Callback | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        model: ModelFn,
+        noise: torch.Tensor,
+        steps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
         """Integrates from ``noise`` (B, C, H, W) ~ N(0, I) to data with ``model(x, t_model) -> raw prediction``
         (wrap a text-conditioned denoiser with `cfg_model`). Unset arguments take the config's defaults."""
         steps = self.config.sample_steps if steps is None else steps
@@ -210,8 +224,9 @@ class GaussianDiffusion(Diffusion):
     def _ab(self, t_model: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod[t_model.detach().round().long().cpu()]  # (B,) float64
 
-    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None,
-                        shard: BatchShard = SINGLE) -> TrainingSample:
+    def training_sample(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None, shard: BatchShard = SINGLE
+    ) -> TrainingSample:
         B = x0.shape[0]
         gen_device = generator.device if generator is not None else "cpu"
         # uniform, Algorithm 1
@@ -233,8 +248,9 @@ class GaussianDiffusion(Diffusion):
     def denoised(self, pred: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
         return convert_prediction(pred, self.config.prediction, "x0", x_t, self._ab(t_model))
 
-    def _sampler_inputs(self, model: ModelFn, sampler: str, steps: int,
-                        eta: float) -> tuple[ModelFn, torch.Tensor, dict[str, Any]]:
+    def _sampler_inputs(
+        self, model: ModelFn, sampler: str, steps: int, eta: float
+    ) -> tuple[ModelFn, torch.Tensor, dict[str, Any]]:
         if sampler not in DDPM_SAMPLERS:
             raise ValueError(f"sampler {sampler!r} does not apply to kind 'ddpm'; use one of {DDPM_SAMPLERS}")
         if eta != 0.0 and sampler != "ddim":
@@ -263,8 +279,9 @@ class RectifiedFlow(Diffusion):
             t = sample_t_logit_normal(n, c.logit_mean, c.logit_std, generator, device)
         return shift_t(t, c.shift)  # (n,) float32 in [0, 1]
 
-    def training_sample(self, x0: torch.Tensor, generator: torch.Generator | None = None,
-                        shard: BatchShard = SINGLE) -> TrainingSample:
+    def training_sample(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None, shard: BatchShard = SINGLE
+    ) -> TrainingSample:
         t = shard.take(self._t(x0.shape[0] * shard.world_size, generator, x0.device))  # (B,)
         eps = shard.take(_randn(shard.global_shape(x0.shape), generator, x0))  # (B, C, H, W)
         return TrainingSample(
@@ -277,8 +294,9 @@ class RectifiedFlow(Diffusion):
     def denoised(self, pred: torch.Tensor, x_t: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
         return x0_from_velocity(x_t, pred, t_model / self.T)
 
-    def _sampler_inputs(self, model: ModelFn, sampler: str, steps: int,
-                        eta: float) -> tuple[ModelFn, torch.Tensor, dict[str, Any]]:
+    def _sampler_inputs(
+        self, model: ModelFn, sampler: str, steps: int, eta: float
+    ) -> tuple[ModelFn, torch.Tensor, dict[str, Any]]:
         if sampler not in FLOW_SAMPLERS:
             raise ValueError(f"sampler {sampler!r} does not apply to kind 'flow'; use one of {FLOW_SAMPLERS}")
         if eta != 0.0:
@@ -297,6 +315,12 @@ def create_diffusion(config: DiffusionConfig | None = None) -> Diffusion:
 
 
 __all__ = [
-    "Diffusion", "DiffusionConfig", "GaussianDiffusion", "RectifiedFlow", "TrainingSample", "cfg_model",
-    "create_diffusion", "drop_conditioning",
+    "Diffusion",
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "RectifiedFlow",
+    "TrainingSample",
+    "cfg_model",
+    "create_diffusion",
+    "drop_conditioning",
 ]

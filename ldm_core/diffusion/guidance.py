@@ -30,12 +30,15 @@ def _batch(ctx: torch.Tensor, B: int) -> torch.Tensor:
     return ctx.expand(B, *ctx.shape[1:])
 
 
-def _masks(cond_ctx: torch.Tensor, cond_mask: torch.Tensor | None, uncond_ctx: torch.Tensor,
-           uncond_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _masks(
+    cond_ctx: torch.Tensor, cond_mask: torch.Tensor | None, uncond_ctx: torch.Tensor, uncond_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Both masks or neither: where only one side has a mask, the other attends to all its tokens."""
     if cond_ctx.shape[1:] != uncond_ctx.shape[1:]:
-        raise ValueError(f"conditional context {tuple(cond_ctx.shape[1:])} and unconditional context "
-                         f"{tuple(uncond_ctx.shape[1:])} differ in (L, D): encode both with the same padding")
+        raise ValueError(
+            f"conditional context {tuple(cond_ctx.shape[1:])} and unconditional context "
+            f"{tuple(uncond_ctx.shape[1:])} differ in (L, D): encode both with the same padding"
+        )
     if cond_mask is None and uncond_mask is None:
         return None, None
     if cond_mask is None:
@@ -48,15 +51,24 @@ def _masks(cond_ctx: torch.Tensor, cond_mask: torch.Tensor | None, uncond_ctx: t
 def _pooled_pair(pooled: torch.Tensor | None, uncond_pooled: torch.Tensor | None) -> bool:
     """Whether there are pooled vectors: both or neither (a null caption's vector cannot be made up)."""
     if (pooled is None) != (uncond_pooled is None):
-        raise ValueError("pooled and uncond_pooled go together: pass the null caption's pooled vector with the "
-                         "captions' (or neither)")
+        raise ValueError(
+            "pooled and uncond_pooled go together: pass the null caption's pooled vector with the "
+            "captions' (or neither)"
+        )
     return pooled is not None
 
 
-def cfg_model(model: Denoiser, context: torch.Tensor, context_mask: torch.Tensor | None,
-              uncond_context: torch.Tensor, uncond_mask: torch.Tensor | None,
-              scale: float, *, pooled: torch.Tensor | None = None,
-              uncond_pooled: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def cfg_model(
+    model: Denoiser,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None,
+    uncond_context: torch.Tensor,
+    uncond_mask: torch.Tensor | None,
+    scale: float,
+    *,
+    pooled: torch.Tensor | None = None,
+    uncond_pooled: torch.Tensor | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A plain ``(x, t) -> prediction`` callable applying classifier-free guidance,
     pred = pred_uncond + s·(pred_cond − pred_uncond) (Eq. 6 of Ho & Salimans 2022 with s = 1 + w).
 
@@ -67,6 +79,7 @@ def cfg_model(model: Denoiser, context: torch.Tensor, context_mask: torch.Tensor
     has_pooled = _pooled_pair(pooled, uncond_pooled)
 
     if scale == 1:
+
         def conditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             B = x.shape[0]
             mask = None if context_mask is None else _batch(context_mask, B)
@@ -95,12 +108,18 @@ def cfg_model(model: Denoiser, context: torch.Tensor, context_mask: torch.Tensor
     return guided
 
 
-def drop_conditioning(context: torch.Tensor, mask: torch.Tensor | None, uncond_context: torch.Tensor,
-                      uncond_mask: torch.Tensor | None, p: float,
-                      generator: torch.Generator | None = None,
-                      shard: BatchShard = SINGLE, *, pooled: torch.Tensor | None = None,
-                      uncond_pooled: torch.Tensor | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def drop_conditioning(
+    context: torch.Tensor,
+    mask: torch.Tensor | None,
+    uncond_context: torch.Tensor,
+    uncond_mask: torch.Tensor | None,
+    p: float,
+    generator: torch.Generator | None = None,
+    shard: BatchShard = SINGLE,
+    *,
+    pooled: torch.Tensor | None = None,
+    uncond_pooled: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Caption dropout for classifier-free guidance training (Algorithm 1 of Ho & Salimans 2022): each sample's caption
     is replaced by the empty prompt with probability ``p``, independently: its token embeddings, its mask and its
     pooled vector together, so a dropped caption leaves no trace in either conditioning path of the MMDiT.

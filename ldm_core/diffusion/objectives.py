@@ -37,6 +37,7 @@ def _sqrt_ab(ab: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
 # DDPM: forward process and the eps / v / x0 conversions
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def q_sample(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor | float) -> torch.Tensor:
     """A draw from q(x_t | x0) = N(√ᾱ·x0, (1−ᾱ)·I), Eq. 4 of Ho et al. 2020, with the given noise ε."""
     a, s = _sqrt_ab(ab)
@@ -80,22 +81,25 @@ def v_from_x0(x_t: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor | float) -> 
 
 
 _CONVERSIONS = {
-    ("eps", "x0"): x0_from_eps, ("x0", "eps"): eps_from_x0,
-    ("eps", "v"): v_from_eps, ("v", "eps"): eps_from_v,
-    ("v", "x0"): x0_from_v, ("x0", "v"): v_from_x0,
+    ("eps", "x0"): x0_from_eps,
+    ("x0", "eps"): eps_from_x0,
+    ("eps", "v"): v_from_eps,
+    ("v", "eps"): eps_from_v,
+    ("v", "x0"): x0_from_v,
+    ("x0", "v"): v_from_x0,
 }
 
 
-def convert_prediction(pred: torch.Tensor, src: Prediction, dst: Prediction, x_t: torch.Tensor,
-                       ab: torch.Tensor | float) -> torch.Tensor:
+def convert_prediction(
+    pred: torch.Tensor, src: Prediction, dst: Prediction, x_t: torch.Tensor, ab: torch.Tensor | float
+) -> torch.Tensor:
     """A prediction of kind ``src`` at (x_t, ᾱ) re-expressed as kind ``dst`` (identity when they are equal)."""
     if src == dst:
         return pred
     return _CONVERSIONS[(src, dst)](x_t, pred, ab)
 
 
-def ddpm_target(prediction: Prediction, x0: torch.Tensor, eps: torch.Tensor,
-                ab: torch.Tensor | float) -> torch.Tensor:
+def ddpm_target(prediction: Prediction, x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor | float) -> torch.Tensor:
     """What a network of the given prediction type is trained to output for the pair (x0, ε)."""
     if prediction == "eps":
         return eps
@@ -108,6 +112,7 @@ def ddpm_target(prediction: Prediction, x0: torch.Tensor, eps: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------------------
 # Loss weighting: Min-SNR-γ (Hang et al. 2023)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def snr(ab: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio of x_t: ᾱ/(1−ᾱ) (Kingma et al. 2021, Variational Diffusion Models)."""
@@ -134,6 +139,7 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction: Prediction) ->
 # Rectified flow
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def flow_interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     """x_t = (1−t)·x0 + t·ε: the straight path from data (t=0) to noise (t=1), Esser et al. 2024 §2 with
     the rectified-flow choice a_t = 1−t, b_t = t."""
@@ -157,7 +163,20 @@ def eps_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | floa
 
 
 __all__ = [
-    "Prediction", "convert_prediction", "ddpm_target", "eps_from_v", "eps_from_velocity", "eps_from_x0",
-    "flow_interpolate", "flow_velocity_target", "min_snr_weight", "q_sample", "snr", "v_from_eps", "v_from_x0",
-    "x0_from_eps", "x0_from_v", "x0_from_velocity",
+    "Prediction",
+    "convert_prediction",
+    "ddpm_target",
+    "eps_from_v",
+    "eps_from_velocity",
+    "eps_from_x0",
+    "flow_interpolate",
+    "flow_velocity_target",
+    "min_snr_weight",
+    "q_sample",
+    "snr",
+    "v_from_eps",
+    "v_from_x0",
+    "x0_from_eps",
+    "x0_from_v",
+    "x0_from_velocity",
 ]

@@ -36,6 +36,7 @@ Spacing = Literal["leading", "trailing"]
 # Time grids
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def ddim_timesteps(T: int, steps: int, spacing: Spacing = "trailing") -> torch.Tensor:
     """``steps`` decreasing timestep indices out of 0..T−1 for a strided DDPM/DDIM sampler. Returns (steps,) int64.
 
@@ -71,6 +72,7 @@ def flow_timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _time_batch(t: float, x: torch.Tensor) -> torch.Tensor:
     # float32 even when x is bf16: bf16 cannot tell timestep 999 from 1000.
     return torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
@@ -82,8 +84,9 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device, x.dtype)
 
 
-def _ddpm_pairs(timesteps: Sequence[int] | torch.Tensor,
-                alphas_cumprod: torch.Tensor) -> list[tuple[int, float, float]]:
+def _ddpm_pairs(
+    timesteps: Sequence[int] | torch.Tensor, alphas_cumprod: torch.Tensor
+) -> list[tuple[int, float, float]]:
     """(t, ᾱ_t, ᾱ_prev) per step; the last step's ᾱ_prev is 1 (the clean sample)."""
     ts = [int(t) for t in timesteps]
     if any(a <= b for a, b in zip(ts, ts[1:])):
@@ -103,10 +106,17 @@ def _flow_pairs(timesteps: Sequence[float] | torch.Tensor) -> list[tuple[float, 
 # DDPM samplers (eps-model, ᾱ table)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def sample_ddpm(model: Model, x: torch.Tensor, timesteps: Sequence[int] | torch.Tensor, *,
-                alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None,
-                callback: Callback | None = None) -> torch.Tensor:
+def sample_ddpm(
+    model: Model,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    *,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, with σ_t² = β̃_t (the posterior variance, Eq. 7).
 
     On a strided grid the per-step β is β' = 1 − ᾱ_t/ᾱ_prev, which makes each step the exact posterior
@@ -125,9 +135,16 @@ def sample_ddpm(model: Model, x: torch.Tensor, timesteps: Sequence[int] | torch.
 
 
 @torch.no_grad()
-def sample_ddim(model: Model, x: torch.Tensor, timesteps: Sequence[int] | torch.Tensor, *,
-                alphas_cumprod: torch.Tensor, eta: float = 0.0, generator: torch.Generator | None = None,
-                callback: Callback | None = None) -> torch.Tensor:
+def sample_ddim(
+    model: Model,
+    x: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    *,
+    alphas_cumprod: torch.Tensor,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DDIM, Eq. 12 of Song et al. 2021, with σ_t(η) of their Eq. 16.
 
     η = 0 is the deterministic DDIM (no noise drawn: the result depends on x alone); η = 1 is the ancestral
@@ -152,9 +169,16 @@ def sample_ddim(model: Model, x: torch.Tensor, timesteps: Sequence[int] | torch.
 # Flow samplers (velocity model, time grid 1 → 0)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def sample_euler(model: Model, x: torch.Tensor, timesteps: Sequence[float] | torch.Tensor, *,
-                 generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+def sample_euler(
+    model: Model,
+    x: torch.Tensor,
+    timesteps: Sequence[float] | torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Euler's method on the probability-flow ODE dx/dt = v(x, t) from t = 1 to 0 (Liu et al. 2022 §2;
     the sampler of Esser et al. 2024). Deterministic: ``generator`` is accepted for the common signature."""
     for i, (t, t_next) in enumerate(_flow_pairs(timesteps)):
@@ -166,8 +190,14 @@ def sample_euler(model: Model, x: torch.Tensor, timesteps: Sequence[float] | tor
 
 
 @torch.no_grad()
-def sample_heun(model: Model, x: torch.Tensor, timesteps: Sequence[float] | torch.Tensor, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+def sample_heun(
+    model: Model,
+    x: torch.Tensor,
+    timesteps: Sequence[float] | torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Heun's 2nd-order method, Algorithm 1 of Karras et al. 2022 applied to the velocity ODE.
 
     Unlike Karras (whose derivative (x − D(x))/σ is undefined at σ = 0) the velocity is finite at t = 0, so the
@@ -184,12 +214,22 @@ def sample_heun(model: Model, x: torch.Tensor, timesteps: Sequence[float] | torc
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun,
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
 }
 DDPM_SAMPLERS = ("ddpm", "ddim")
 FLOW_SAMPLERS = ("euler", "heun")
 
 __all__ = [
-    "DDPM_SAMPLERS", "FLOW_SAMPLERS", "SAMPLERS", "ddim_timesteps", "flow_timesteps", "sample_ddim", "sample_ddpm",
-    "sample_euler", "sample_heun",
+    "DDPM_SAMPLERS",
+    "FLOW_SAMPLERS",
+    "SAMPLERS",
+    "ddim_timesteps",
+    "flow_timesteps",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_euler",
+    "sample_heun",
 ]

@@ -25,6 +25,7 @@ DEFAULT_BETA_RANGE: dict[str, tuple[float, float]] = {
 # DDPM: β_t for t = 0..T-1 (index 0 is the least noisy step)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def betas_linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """β linear in t, the schedule of Ho et al. 2020 §4. Returns (T,) float64."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
@@ -50,8 +51,9 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1 - betas.double(), dim=0)
 
 
-def make_betas(schedule: Schedule, T: int, beta_start: float | None = None,
-               beta_end: float | None = None) -> torch.Tensor:
+def make_betas(
+    schedule: Schedule, T: int, beta_start: float | None = None, beta_end: float | None = None
+) -> torch.Tensor:
     """The β table of a named schedule; ``None`` bounds take the schedule's defaults (cosine takes none)."""
     if schedule == "cosine":
         if beta_start is not None or beta_end is not None:
@@ -66,20 +68,27 @@ def make_betas(schedule: Schedule, T: int, beta_start: float | None = None,
 # Flow matching: the training-time distribution of t ∈ [0, 1] (t = 0 data, t = 1 noise)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _rand(fn, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> torch.Tensor:
     # Draw on the generator's own device, then move: the same seed gives the same times on CPU and on GPU.
     gen_device = generator.device if generator is not None else "cpu"
     return fn(n, generator=generator, device=gen_device).to(device or "cpu")
 
 
-def sample_t_uniform(n: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+def sample_t_uniform(
+    n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """t ~ U[0, 1): the rectified-flow default (Liu et al. 2022). Returns (n,) float32."""
     return _rand(torch.rand, n, generator, device)
 
 
-def sample_t_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None,
-                          device: torch.device | str | None = None) -> torch.Tensor:
+def sample_t_logit_normal(
+    n: int,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """t = sigmoid(u), u ~ N(mean, std²): logit-normal sampling, Esser et al. 2024 (SD3) §3.1.
 
     It puts more training steps at intermediate t, where the velocity is hardest to predict. Returns (n,) float32.
@@ -97,6 +106,14 @@ def shift_t(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
 
 
 __all__ = [
-    "DEFAULT_BETA_RANGE", "Schedule", "alphas_cumprod", "betas_cosine", "betas_linear", "betas_scaled_linear",
-    "make_betas", "sample_t_logit_normal", "sample_t_uniform", "shift_t",
+    "DEFAULT_BETA_RANGE",
+    "Schedule",
+    "alphas_cumprod",
+    "betas_cosine",
+    "betas_linear",
+    "betas_scaled_linear",
+    "make_betas",
+    "sample_t_logit_normal",
+    "sample_t_uniform",
+    "shift_t",
 ]

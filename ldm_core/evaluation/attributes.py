@@ -175,9 +175,15 @@ def predict_attributes(image: np.ndarray) -> ShapePrediction:
 # Captions ------------------------------------------------------------------------------------------------------------
 
 _POSITION_PHRASES = {
-    "in the top left": "top left", "at the top": "top", "in the top right": "top right", "on the left": "left",
-    "in the center": "center", "on the right": "right", "in the bottom left": "bottom left",
-    "at the bottom": "bottom", "in the bottom right": "bottom right",
+    "in the top left": "top left",
+    "at the top": "top",
+    "in the top right": "top right",
+    "on the left": "left",
+    "in the center": "center",
+    "on the right": "right",
+    "in the bottom left": "bottom left",
+    "at the bottom": "bottom",
+    "in the bottom right": "bottom right",
 }
 _CAPTION_RE = re.compile(
     rf"^a (?P<size>{'|'.join(SIZES)}) (?P<color>{'|'.join(COLORS)}) (?P<shape>{'|'.join(SHAPES)}) "
@@ -249,8 +255,9 @@ def evaluator_accuracy(
     return result
 
 
-def color_confusion(prompts_attributes: Sequence[Mapping[str, str] | str],
-                    predictions: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+def color_confusion(
+    prompts_attributes: Sequence[Mapping[str, str] | str], predictions: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, int]]:
     """Asked-for colour → colour the evaluator saw → count ("none": no shape found), from :func:`attribute_accuracy`'s
     ``predictions``; a model that paints red prompts yellow shows up as ``{"red": {"yellow": 54}}``."""
     table: dict[str, dict[str, int]] = {}
@@ -280,9 +287,11 @@ def accuracy_metrics(accuracy: Mapping[str, Any]) -> dict[str, MetricResult]:
     for a in ATTRIBUTES:
         n = int(accuracy[f"n_{a}"])
         value = accuracy[f"{a}_acc"]
-        out[f"{a}_acc"] = (MetricResult(f"{a}_acc", float(value), n, note="deterministic shapes evaluator")
-                           if value is not None else
-                           MetricResult.not_computed(f"{a}_acc", f"no prompt names a {a}"))
+        out[f"{a}_acc"] = (
+            MetricResult(f"{a}_acc", float(value), n, note="deterministic shapes evaluator")
+            if value is not None
+            else MetricResult.not_computed(f"{a}_acc", f"no prompt names a {a}")
+        )
     return out
 
 

@@ -97,8 +97,11 @@ def held_out_from_dataset(dataset: Any, max_items: int) -> HeldOut:
     """The first ``max_items`` rows of an :class:`~ldm_core.data.ImageShardDataset` (usually split="validation")."""
     n = min(len(dataset), max_items)
     indices = list(range(n))
-    images = to_uint8(dataset.get_batch(indices)) if n else np.zeros((0, dataset.resolution, dataset.resolution, 3),
-                                                                     np.uint8)
+    images = (
+        to_uint8(dataset.get_batch(indices))
+        if n
+        else np.zeros((0, dataset.resolution, dataset.resolution, 3), np.uint8)
+    )
     rows = dataset.rows(indices)
     names = [a for a in ATTRIBUTES if a in getattr(dataset, "attribute_names", [])]
     attributes = None
@@ -118,8 +121,9 @@ def text_to_image_functions(
     """(generate, reconstruct) for a :class:`ldm_core.bundle.TextToImage`."""
 
     def generate_fn(prompts: Sequence[str], seed: int) -> np.ndarray:
-        return model.generate(list(prompts), seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
-                              device=device)
+        return model.generate(
+            list(prompts), seed=seed, steps=steps, guidance=guidance, batch_size=batch_size, device=device
+        )
 
     @torch.inference_mode()
     def reconstruct_fn(images: np.ndarray) -> np.ndarray:
@@ -167,8 +171,10 @@ def measure(
     confusion = None
     # loaded once for rFID and FID (or the reason it cannot be, reported for both)
     inception, inception_missing = (
-        inception_or_reason(config.fid_feature_dim, config.download_weights, device) if config.fid and (n_rec or n_gen)
-        else (None, "disabled in the evaluation config"))
+        inception_or_reason(config.fid_feature_dim, config.download_weights, device)
+        if config.fid and (n_rec or n_gen)
+        else (None, "disabled in the evaluation config")
+    )
 
     # 1) reconstructions
     originals = held_out.images[:n_rec]
@@ -181,8 +187,9 @@ def measure(
             if config.lpips
             else MetricResult.not_computed("lpips", "disabled in the evaluation config")
         )
-        metrics["rfid"] = frechet_inception_distance(originals, reconstructions, name="rfid", inception=inception,
-                                                     unavailable_reason=inception_missing)
+        metrics["rfid"] = frechet_inception_distance(
+            originals, reconstructions, name="rfid", inception=inception, unavailable_reason=inception_missing
+        )
 
     if photos is not None and len(photos) and reconstruct_fn is not None:
         photo_rec = reconstruct_fn(photos)
@@ -197,8 +204,13 @@ def measure(
     if n_gen:
         generated = generate_fn(_cycled(held_out.captions, n_gen), config.seed)
         n_real = min(n_gen, len(held_out.images))
-        metrics["fid"] = frechet_inception_distance(held_out.images[:n_real], generated[:n_real], name="fid",
-                                                    inception=inception, unavailable_reason=inception_missing)
+        metrics["fid"] = frechet_inception_distance(
+            held_out.images[:n_real],
+            generated[:n_real],
+            name="fid",
+            inception=inception,
+            unavailable_reason=inception_missing,
+        )
         if held_out.attributes is not None:
             wanted = [held_out.attributes[i % len(held_out.attributes)] for i in range(n_gen)]
             accuracy = attribute_accuracy(generated, wanted)
@@ -206,8 +218,9 @@ def measure(
             confusion = color_confusion(wanted, accuracy["predictions"])
             # the judge judged: its own accuracy on the REAL held-out images, reported beside what it measured
             for name, m in accuracy_metrics(evaluator_accuracy(held_out.images, held_out.attributes)).items():
-                metrics[f"evaluator_{name}"] = MetricResult(f"evaluator_{name}", m.value, m.n, m.computed, m.reason,
-                                                            note="evaluator on real held-out images")
+                metrics[f"evaluator_{name}"] = MetricResult(
+                    f"evaluator_{name}", m.value, m.n, m.computed, m.reason, note="evaluator on real held-out images"
+                )
     return Measurements(metrics, originals if reconstructions is not None else None, reconstructions, confusion)
 
 
@@ -234,8 +247,14 @@ def evaluate(
     model: the denoiser under evaluation (`backbone_summary`), which the report names.
     """
     config = config or EvaluationConfig()
-    measured = measure(generate_fn=generate_fn, reconstruct_fn=reconstruct_fn, held_out=held_out, config=config,
-                       device=device, photos=photos)
+    measured = measure(
+        generate_fn=generate_fn,
+        reconstruct_fn=reconstruct_fn,
+        held_out=held_out,
+        config=config,
+        device=device,
+        photos=photos,
+    )
     metrics = measured.metrics
 
     # 3) the prompt × seed grid: column j is generate(prompts, seed_j), so row i's noise is seed_j + i
@@ -248,11 +267,21 @@ def evaluate(
     # 4) the gate, 5) the report
     decision = decide(metrics, champion_metrics, config.gate)
     report = write_report(
-        out_url, metrics=metrics, samples=samples, originals=measured.originals,
-        reconstructions=measured.reconstructions, loss_curves=loss_curves,
+        out_url,
+        metrics=metrics,
+        samples=samples,
+        originals=measured.originals,
+        reconstructions=measured.reconstructions,
+        loss_curves=loss_curves,
         config={"evaluation": config.to_dict(), "run": dict(run_config) if run_config is not None else None},
-        champion_metrics=champion_metrics, champion_label=champion_label, decision=decision, title=config.title,
-        created_at=created_at, storage_options=storage_options, color_confusion=measured.color_confusion, model=model,
+        champion_metrics=champion_metrics,
+        champion_label=champion_label,
+        decision=decision,
+        title=config.title,
+        created_at=created_at,
+        storage_options=storage_options,
+        color_confusion=measured.color_confusion,
+        model=model,
     )
     return EvaluationResult(metrics, decision, report, measured.color_confusion)
 

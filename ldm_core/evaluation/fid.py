@@ -41,8 +41,9 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Squared Wasserstein-2 distance between N(mu1, sigma1) and N(mu2, sigma2):
 
         ‖mu1 − mu2‖² + tr(sigma1) + tr(sigma2) − 2·tr((sigma1·sigma2)^½)
@@ -89,8 +90,9 @@ class InceptionFeatures:
         return np.concatenate(out) if out else np.zeros((0, self.feature_dim))
 
 
-def load_inception(feature_dim: int = DEFAULT_FEATURE_DIM, download: bool = True,
-                   device: str | torch.device = "cpu") -> InceptionFeatures:
+def load_inception(
+    feature_dim: int = DEFAULT_FEATURE_DIM, download: bool = True, device: str | torch.device = "cpu"
+) -> InceptionFeatures:
     """Build the FID InceptionV3 from the registry's weights file (the one place it is resolved).
 
     Raises :class:`MissingPretrainedWeights` (file name, directory, URL) when the file is absent and cannot be
@@ -105,14 +107,16 @@ def load_inception(feature_dim: int = DEFAULT_FEATURE_DIM, download: bool = True
         raise FIDUnavailable(f"FID needs the 'torch-fidelity' package (pip install torch-fidelity): {e}") from e
     # Given a path, the constructor loads exactly that file (strictly: every tensor must be there) and never
     # downloads; it also freezes the network and puts it in eval mode.
-    network = FeatureExtractorInceptionV3("inception-v3-compat", [str(feature_dim)],
-                                          feature_extractor_weights_path=str(path))
+    network = FeatureExtractorInceptionV3(
+        "inception-v3-compat", [str(feature_dim)], feature_extractor_weights_path=str(path)
+    )
     device = torch.device(device)
     return InceptionFeatures(network.to(device), feature_dim, device, str(path))
 
 
-def inception_or_reason(feature_dim: int = DEFAULT_FEATURE_DIM, download: bool = True,
-                        device: str | torch.device = "cpu") -> tuple[InceptionFeatures | None, str | None]:
+def inception_or_reason(
+    feature_dim: int = DEFAULT_FEATURE_DIM, download: bool = True, device: str | torch.device = "cpu"
+) -> tuple[InceptionFeatures | None, str | None]:
     """(the network, None), or (None, why not): for callers that compute several FIDs and load once."""
     try:
         return load_inception(feature_dim, download, device), None
@@ -147,7 +151,8 @@ def frechet_inception_distance(
     mu1, sigma1 = feature_statistics(inception(real))
     mu2, sigma2 = feature_statistics(inception(fake))
     note = f"InceptionV3 {inception.feature_dim}-d features" + (
-        "" if inception.feature_dim == DEFAULT_FEATURE_DIM else " (not the standard 2048-d pool3: not comparable)")
+        "" if inception.feature_dim == DEFAULT_FEATURE_DIM else " (not the standard 2048-d pool3: not comparable)"
+    )
     if n < inception.feature_dim:
         note += f"; n={n} < {inception.feature_dim} dims: biased upwards, compare only at equal n"
     # a Fréchet distance is ≥ 0; rounding in the matrix root can leave −1e−10 for identical sets

@@ -111,13 +111,15 @@ class ReconstructionFidelity:
         return confusion_lines({name: c.confusion for name, c in (self.classes or {}).items()})
 
 
-def reconstruction_fidelity(originals: np.ndarray, reconstructions: np.ndarray,
-                            colours: Sequence[str] | None = None) -> ReconstructionFidelity:
+def reconstruction_fidelity(
+    originals: np.ndarray, reconstructions: np.ndarray, colours: Sequence[str] | None = None
+) -> ReconstructionFidelity:
     """Measure originals vs reconstructions, both uint8 (N, H, W, 3); ``colours``: the true colour of each image."""
     originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
     if originals.shape != reconstructions.shape or originals.ndim != 4 or len(originals) == 0:
-        raise ValueError(f"need two equal non-empty (N, H, W, 3) image sets, got {originals.shape} and "
-                         f"{reconstructions.shape}")
+        raise ValueError(
+            f"need two equal non-empty (N, H, W, 3) image sets, got {originals.shape} and {reconstructions.shape}"
+        )
     if colours is not None and len(colours) != len(originals):
         raise ValueError(f"{len(colours)} colours for {len(originals)} images")
     per_image = psnr_per_image(originals, reconstructions)  # (N,)
@@ -135,8 +137,16 @@ def reconstruction_fidelity(originals: np.ndarray, reconstructions: np.ndarray,
         top = np.argsort(-lengths, kind="stable")[: max(1, int(np.ceil(WORST_FRACTION * len(lengths))))]
         worst_fg = float(lengths[top].mean())
         worst_channels = tuple(float(v) for v in shifts[top].mean(axis=0))
-    return ReconstructionFidelity(len(originals), float(per_image.mean()), float(worst.mean()), shift, classes,
-                                  int(has_fg.sum()), worst_fg, worst_channels)
+    return ReconstructionFidelity(
+        len(originals),
+        float(per_image.mean()),
+        float(worst.mean()),
+        shift,
+        classes,
+        int(has_fg.sum()),
+        worst_fg,
+        worst_channels,
+    )
 
 
 def foreground_shift(originals: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
@@ -159,8 +169,9 @@ def foreground_shift(originals: np.ndarray, reconstructions: np.ndarray) -> np.n
 
 
 @torch.inference_mode()
-def autoencoder_fidelity(model: torch.nn.Module, dataset: Any, max_items: int = 256, batch_size: int = 32,
-                         device: str | torch.device = "cpu") -> ReconstructionFidelity:
+def autoencoder_fidelity(
+    model: torch.nn.Module, dataset: Any, max_items: int = 256, batch_size: int = 32, device: str | torch.device = "cpu"
+) -> ReconstructionFidelity:
     """Reconstruct the first ``max_items`` rows of an image dataset (``get_batch`` → (B, 3, H, W) in [−1, 1]) through
     the posterior mean and measure them; rows with a ``color`` attribute (the embedded shapes) are judged per colour."""
     model = model.to(device).eval()
@@ -180,8 +191,7 @@ def autoencoder_fidelity(model: torch.nn.Module, dataset: Any, max_items: int = 
     return reconstruction_fidelity(np.concatenate(originals), np.concatenate(reconstructions), colours)
 
 
-def _per_class(originals: np.ndarray, reconstructions: np.ndarray,
-               colours: Sequence[str]) -> dict[str, ClassFidelity]:
+def _per_class(originals: np.ndarray, reconstructions: np.ndarray, colours: Sequence[str]) -> dict[str, ClassFidelity]:
     seen: dict[str, dict[str, int]] = {}
     errors: dict[str, list[float]] = {}
     for original, recon, true in zip(originals, reconstructions, colours):
@@ -195,13 +205,15 @@ def _per_class(originals: np.ndarray, reconstructions: np.ndarray,
     for true in sorted(seen):
         n = sum(seen[true].values())
         err = errors.get(true)
-        out[true] = ClassFidelity(n, seen[true].get(true, 0) / n, dict(sorted(seen[true].items())),
-                                  float(np.mean(err)) if err else None)
+        out[true] = ClassFidelity(
+            n, seen[true].get(true, 0) / n, dict(sorted(seen[true].items())), float(np.mean(err)) if err else None
+        )
     return out
 
 
-def fidelity_verdict(fidelity: ReconstructionFidelity | Mapping[str, Any],
-                     thresholds: FidelityThresholds) -> tuple[bool, list[str]]:
+def fidelity_verdict(
+    fidelity: ReconstructionFidelity | Mapping[str, Any], thresholds: FidelityThresholds
+) -> tuple[bool, list[str]]:
     """(passed, one reason per bound that failed). Takes the measurement or its ``to_dict()`` (asset metadata)."""
     f = fidelity.to_dict() if isinstance(fidelity, ReconstructionFidelity) else dict(fidelity)
     reasons = []
@@ -210,8 +222,10 @@ def fidelity_verdict(fidelity: ReconstructionFidelity | Mapping[str, Any],
             if c["accuracy"] < thresholds.min_class_accuracy:
                 wrong = {k: v for k, v in c["confusion"].items() if k != name and v}
                 where = ", ".join(f"{name} → {k}: {v}" for k, v in sorted(wrong.items(), key=lambda kv: -kv[1]))
-                reasons.append(f"{name} reconstructed as {name} in {c['accuracy']:.0%} of {c['n']} images "
-                               f"(< {thresholds.min_class_accuracy:.0%}; {where})")
+                reasons.append(
+                    f"{name} reconstructed as {name} in {c['accuracy']:.0%} of {c['n']} images "
+                    f"(< {thresholds.min_class_accuracy:.0%}; {where})"
+                )
     if thresholds.worst_decile_psnr is not None and not f["worst_decile_psnr"] >= thresholds.worst_decile_psnr:
         reasons.append(f"worst-decile PSNR {f['worst_decile_psnr']:.2f} dB below {thresholds.worst_decile_psnr} dB")
     if thresholds.max_channel_shift is not None:
@@ -221,8 +235,10 @@ def fidelity_verdict(fidelity: ReconstructionFidelity | Mapping[str, Any],
     bound, fg = thresholds.max_foreground_shift, f.get("worst_decile_foreground_shift")
     if bound is not None and fg is not None and not fg <= bound:
         channels = ", ".join(f"{c} {v:+.0f}" for c, v in zip("RGB", f["worst_decile_foreground_channels"]))
-        reasons.append(f"foreground colour shifted by {fg:.1f} levels in the worst {WORST_FRACTION:.0%} of "
-                       f"{f['foreground_images']} images ({channels}; bound {bound})")
+        reasons.append(
+            f"foreground colour shifted by {fg:.1f} levels in the worst {WORST_FRACTION:.0%} of "
+            f"{f['foreground_images']} images ({channels}; bound {bound})"
+        )
     return not reasons, reasons
 
 

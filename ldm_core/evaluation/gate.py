@@ -57,8 +57,17 @@ class MetricRule(StrictModel):
 def _default_rules() -> dict[str, MetricRule]:
     # No thresholds by default (they depend on the data: presets set them); small absolute tolerances that absorb
     # the run-to-run noise of each metric at the report's sample sizes.
-    tolerances = {"psnr": 0.1, "ssim": 0.005, "lpips": 0.005, "rfid": 0.5, "fid": 1.0,
-                  "color_acc": 0.02, "shape_acc": 0.02, "size_acc": 0.02, "position_acc": 0.02}
+    tolerances = {
+        "psnr": 0.1,
+        "ssim": 0.005,
+        "lpips": 0.005,
+        "rfid": 0.5,
+        "fid": 1.0,
+        "color_acc": 0.02,
+        "shape_acc": 0.02,
+        "size_acc": 0.02,
+        "position_acc": 0.02,
+    }
     return {
         name: MetricRule(higher_is_better=HIGHER_IS_BETTER[name], tolerance=tol) for name, tol in tolerances.items()
     }
@@ -126,14 +135,18 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
                 failures.append(f"{name}: not computed{_why(candidate_metrics.get(name))}, and the gate requires it")
             else:
                 notes.append(f"{name}: not computed{_why(candidate_metrics.get(name))}; ignored by the gate")
-            comparisons.append(MetricComparison(name, None, champ, rule.higher_is_better, None, None,
-                                                "not compared", None, "not computed"))
+            comparisons.append(
+                MetricComparison(
+                    name, None, champ, rule.higher_is_better, None, None, "not compared", None, "not computed"
+                )
+            )
             continue
 
         if math.isnan(cand):
             failures.append(f"{name} = nan: not a number, so it meets no threshold and beats no champion")
-            comparisons.append(MetricComparison(name, cand, champ, rule.higher_is_better, None, None, "worse", False,
-                                                "not a number"))
+            comparisons.append(
+                MetricComparison(name, cand, champ, rule.higher_is_better, None, None, "worse", False, "not a number")
+            )
             continue
 
         # 1) absolute thresholds: "not (meets it)", so that a NaN on either side fails
@@ -142,19 +155,29 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
             threshold_ok = True
             if rule.min is not None and not cand >= rule.min:
                 threshold_ok = False
-                failures.append(f"{name} = {_fmt(cand)} is below the minimum {_fmt(rule.min)} "
-                                f"(short by {_fmt(rule.min - cand)})")
+                failures.append(
+                    f"{name} = {_fmt(cand)} is below the minimum {_fmt(rule.min)} (short by {_fmt(rule.min - cand)})"
+                )
             if rule.max is not None and not cand <= rule.max:
                 threshold_ok = False
-                failures.append(f"{name} = {_fmt(cand)} is above the maximum {_fmt(rule.max)} "
-                                f"(over by {_fmt(cand - rule.max)})")
+                failures.append(
+                    f"{name} = {_fmt(cand)} is above the maximum {_fmt(rule.max)} (over by {_fmt(cand - rule.max)})"
+                )
 
         # 2) not worse than the champion beyond the tolerance
         if champ is None or rule.tolerance is None:
-            note = ("no champion" if champion_metrics is None else
-                    "not compared (rule has no tolerance)" if rule.tolerance is None else "champion lacks it")
-            comparisons.append(MetricComparison(name, cand, champ, rule.higher_is_better, None, None,
-                                                "not compared", threshold_ok, note))
+            note = (
+                "no champion"
+                if champion_metrics is None
+                else "not compared (rule has no tolerance)"
+                if rule.tolerance is None
+                else "champion lacks it"
+            )
+            comparisons.append(
+                MetricComparison(
+                    name, cand, champ, rule.higher_is_better, None, None, "not compared", threshold_ok, note
+                )
+            )
             continue
         delta = 0.0 if cand == champ else cand - champ  # equal infinities (a perfect PSNR) are equal, not NaN apart
         worse_by = -delta if rule.higher_is_better else delta  # > 0: the candidate is worse
@@ -162,16 +185,19 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
         if not worse_by <= allowed:  # NaN (a NaN metric on either side) is not within the tolerance
             verdict: Verdict = "worse"
             direction = "higher" if rule.higher_is_better else "lower"
-            failures.append(f"{name} = {_fmt(cand)} is worse than the champion's {_fmt(champ)} by {_fmt(worse_by)} "
-                            f"({direction} is better; tolerance {_fmt(allowed)})")
+            failures.append(
+                f"{name} = {_fmt(cand)} is worse than the champion's {_fmt(champ)} by {_fmt(worse_by)} "
+                f"({direction} is better; tolerance {_fmt(allowed)})"
+            )
         elif worse_by > 0:
             verdict = "within tolerance"
         elif worse_by == 0:
             verdict = "equal"
         else:
             verdict = "better"
-        comparisons.append(MetricComparison(name, cand, champ, rule.higher_is_better, delta, allowed,
-                                            verdict, threshold_ok))
+        comparisons.append(
+            MetricComparison(name, cand, champ, rule.higher_is_better, delta, allowed, verdict, threshold_ok)
+        )
 
     if failures:
         return GateDecision(False, failures + notes, comparisons, first_model)
@@ -181,8 +207,10 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
         reasons = [f"first model (no champion): all {checked_thresholds} threshold(s) met"]
     else:
         better = sum(c.verdict == "better" for c in compared)
-        reasons = [f"all {checked_thresholds} threshold(s) met; not worse than the champion beyond tolerance on "
-                   f"{len(compared)} metric(s) ({better} better)"]
+        reasons = [
+            f"all {checked_thresholds} threshold(s) met; not worse than the champion beyond tolerance on "
+            f"{len(compared)} metric(s) ({better} better)"
+        ]
     return GateDecision(True, reasons + notes, comparisons, first_model)
 
 

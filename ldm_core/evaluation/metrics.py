@@ -118,8 +118,11 @@ def psnr_per_image(reference: np.ndarray | torch.Tensor, test: np.ndarray | torc
     a, b = as_unit_tensor(reference), as_unit_tensor(test)
     _check_pairs(a, b)
     mse = ((a - b) ** 2).flatten(1).mean(dim=1)  # (N,)
-    return torch.where(mse == 0, torch.full_like(mse, PSNR_CAP_DB),
-                       (10 * torch.log10(1.0 / mse.clamp_min(1e-300))).clamp_max(PSNR_CAP_DB))
+    return torch.where(
+        mse == 0,
+        torch.full_like(mse, PSNR_CAP_DB),
+        (10 * torch.log10(1.0 / mse.clamp_min(1e-300))).clamp_max(PSNR_CAP_DB),
+    )
 
 
 def psnr(reference: np.ndarray | torch.Tensor, test: np.ndarray | torch.Tensor) -> MetricResult:

@@ -42,8 +42,19 @@ MIN_TILE_PX = 64
 # Loss curves are drawn from at most this many points (evenly thinned): enough for the shape, small in the page.
 MAX_CURVE_POINTS = 400
 # Packages whose versions identify what produced a report.
-VERSION_PACKAGES = ("ldm-pipeline", "torch", "torchvision", "numpy", "scipy", "torchmetrics", "torch-fidelity",
-                    "lpips", "transformers", "diffusers", "pillow")
+VERSION_PACKAGES = (
+    "ldm-pipeline",
+    "torch",
+    "torchvision",
+    "numpy",
+    "scipy",
+    "torchmetrics",
+    "torch-fidelity",
+    "lpips",
+    "transformers",
+    "diffusers",
+    "pillow",
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,9 @@ class SampleGrid:
     def __post_init__(self) -> None:
         shape = np.shape(self.images)
         if len(shape) != 5 or shape[:2] != (len(self.prompts), len(self.seeds)) or shape[-1] != 3:
-            raise ValueError(f"images must be (prompts={len(self.prompts)}, seeds={len(self.seeds)}, H, W, 3), "
-                             f"got {shape}")
+            raise ValueError(
+                f"images must be (prompts={len(self.prompts)}, seeds={len(self.seeds)}, H, W, 3), got {shape}"
+            )
 
     @classmethod
     def from_flat(cls, prompts: Sequence[str], seeds: Sequence[int], images: np.ndarray) -> SampleGrid:
@@ -136,10 +148,12 @@ def svg_line_chart(points: Sequence[tuple[float, float]], title: str, width: int
     left, right, top, bottom = 56, 10, 22, 26
     pw, ph = width - left - right, height - top - bottom
     esc = html.escape
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
-             f'<text x="{left}" y="14" class="chart-title">{esc(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
+        f'<text x="{left}" y="14" class="chart-title">{esc(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+    ]
     if not pts:
         parts.append(f'<text x="{left + 8}" y="{top + ph / 2}">no finite values</text></svg>')
         return "".join(parts)
@@ -154,12 +168,14 @@ def svg_line_chart(points: Sequence[tuple[float, float]], title: str, width: int
         return top + ph - (y - y0) / yspan * ph
 
     coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-    parts += [f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{coords}"/>',
-              f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{y1:.4g}</text>',
-              f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">{y0:.4g}</text>',
-              f'<text x="{left}" y="{height - 8}">{x0:g}</text>',
-              f'<text x="{left + pw}" y="{height - 8}" text-anchor="end">step {x1:g}</text>',
-              "</svg>"]
+    parts += [
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{coords}"/>',
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{y1:.4g}</text>',
+        f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">{y0:.4g}</text>',
+        f'<text x="{left}" y="{height - 8}">{x0:g}</text>',
+        f'<text x="{left + pw}" y="{height - 8}" text-anchor="end">step {x1:g}</text>',
+        "</svg>",
+    ]
     return "".join(parts)
 
 
@@ -197,36 +213,55 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         arrow = {True: "↑", False: "↓"}.get(HIGHER_IS_BETTER.get(name), "")
         computed = m.get("computed", True) and m.get("value") is not None
         detail = html.escape(str(m.get("reason") or "")) if not computed else html.escape(str(m.get("note") or ""))
-        rows.append(f'<tr class="metric" data-metric="{html.escape(name)}"><td>{html.escape(name)} {arrow}</td>'
-                    f'<td class="num{"" if computed else " missing"}">{html.escape(_fmt_value(m))}</td>'
-                    f'<td class="num">{int(m.get("n") or 0)}</td>'
-                    f'<td class="{"note" if computed else "missing"}">{detail}</td></tr>')
-    return ('<table id="metrics"><thead><tr><th>metric</th><th>value</th><th>n (images)</th><th>notes</th></tr>'
-            f'</thead><tbody>{"".join(rows)}</tbody></table>')
+        rows.append(
+            f'<tr class="metric" data-metric="{html.escape(name)}"><td>{html.escape(name)} {arrow}</td>'
+            f'<td class="num{"" if computed else " missing"}">{html.escape(_fmt_value(m))}</td>'
+            f'<td class="num">{int(m.get("n") or 0)}</td>'
+            f'<td class="{"note" if computed else "missing"}">{detail}</td></tr>'
+        )
+    return (
+        '<table id="metrics"><thead><tr><th>metric</th><th>value</th><th>n (images)</th><th>notes</th></tr>'
+        f"</thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _decision_section(decision: GateDecision | None, champion_label: str | None) -> str:
     if decision is None:
         return '<div class="none" id="decision">The promotion gate was not run for this report.</div>'
     verdict = "PASSED" if decision.passed else "FAILED"
-    against = "first model: no champion to compare with" if decision.first_model else \
-        f"compared with the champion {html.escape(champion_label or '')}".rstrip()
+    against = (
+        "first model: no champion to compare with"
+        if decision.first_model
+        else f"compared with the champion {html.escape(champion_label or '')}".rstrip()
+    )
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in decision.reasons)
     rows = []
     for c in decision.comparisons:
+
         def num(v: float | None) -> str:
             return "—" if v is None else f"{v:.4g}"
+
         threshold = {None: "—", True: "met", False: "missed"}[c.threshold_ok]
-        rows.append(f"<tr><td>{html.escape(c.metric)} {'↑' if c.higher_is_better else '↓'}</td>"
-                    f'<td class="num">{num(c.candidate)}</td><td class="num">{num(c.champion)}</td>'
-                    f'<td class="num">{"—" if c.delta is None else f"{c.delta:+.4g}"}</td>'
-                    f'<td class="num">{num(c.allowed)}</td><td>{threshold}</td>'
-                    f"<td>{html.escape(c.verdict)}{(' (' + html.escape(c.note) + ')') if c.note else ''}</td></tr>")
-    table = ('<table id="comparison"><thead><tr><th>metric</th><th>candidate</th><th>champion</th><th>Δ</th>'
-             '<th>allowed worse</th><th>threshold</th><th>verdict</th></tr></thead>'
-             f'<tbody>{"".join(rows)}</tbody></table>') if rows else ""
-    return (f'<div class="{"pass" if decision.passed else "fail"}" id="decision"><strong>Gate {verdict}</strong> '
-            f"({against})<ul>{reasons}</ul></div>{table}")
+        rows.append(
+            f"<tr><td>{html.escape(c.metric)} {'↑' if c.higher_is_better else '↓'}</td>"
+            f'<td class="num">{num(c.candidate)}</td><td class="num">{num(c.champion)}</td>'
+            f'<td class="num">{"—" if c.delta is None else f"{c.delta:+.4g}"}</td>'
+            f'<td class="num">{num(c.allowed)}</td><td>{threshold}</td>'
+            f"<td>{html.escape(c.verdict)}{(' (' + html.escape(c.note) + ')') if c.note else ''}</td></tr>"
+        )
+    table = (
+        (
+            '<table id="comparison"><thead><tr><th>metric</th><th>candidate</th><th>champion</th><th>Δ</th>'
+            "<th>allowed worse</th><th>threshold</th><th>verdict</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+        if rows
+        else ""
+    )
+    return (
+        f'<div class="{"pass" if decision.passed else "fail"}" id="decision"><strong>Gate {verdict}</strong> '
+        f"({against})<ul>{reasons}</ul></div>{table}"
+    )
 
 
 def _samples_section(grid: SampleGrid | None) -> str:
@@ -237,12 +272,16 @@ def _samples_section(grid: SampleGrid | None) -> str:
     head = "".join(f"<th>seed {int(s)}</th>" for s in grid.seeds)
     rows = []
     for i, prompt in enumerate(grid.prompts):
-        cells = "".join(f'<td><img class="px sample" width="{shown}" height="{shown}" alt="{html.escape(prompt)}, '
-                        f'seed {int(s)}" src="{data_uri(png_bytes(grid.images[i, j]))}"></td>'
-                        for j, s in enumerate(grid.seeds))
+        cells = "".join(
+            f'<td><img class="px sample" width="{shown}" height="{shown}" alt="{html.escape(prompt)}, '
+            f'seed {int(s)}" src="{data_uri(png_bytes(grid.images[i, j]))}"></td>'
+            for j, s in enumerate(grid.seeds)
+        )
         rows.append(f'<tr><td class="prompt">{html.escape(prompt)}</td>{cells}</tr>')
-    return (f'<table class="samples" id="samples"><thead><tr><th>prompt</th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')
+    return (
+        f'<table class="samples" id="samples"><thead><tr><th>prompt</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _confusion_section(confusion: Mapping[str, Mapping[str, int]] | None) -> str:
@@ -254,13 +293,19 @@ def _confusion_section(confusion: Mapping[str, Mapping[str, int]] | None) -> str
     rows = []
     for wanted, row in confusion.items():
         cells = "".join(
-            f'<td class="num{" missing" if c != wanted and row.get(c) else ""}">{row.get(c, 0)}</td>' for c in seen)
+            f'<td class="num{" missing" if c != wanted and row.get(c) else ""}">{row.get(c, 0)}</td>' for c in seen
+        )
         rows.append(f"<tr><td>asked {html.escape(wanted)}</td>{cells}</tr>")
     lines = confusion_lines(confusion)
-    summary = (f'<p class="missing" id="confusions">{html.escape("; ".join(lines))}</p>' if lines else
-               '<p class="note" id="confusions">Every colour was drawn as asked.</p>')
-    return (f'{summary}<table id="color-confusion"><thead><tr><th>prompt asked</th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')
+    summary = (
+        f'<p class="missing" id="confusions">{html.escape("; ".join(lines))}</p>'
+        if lines
+        else '<p class="note" id="confusions">Every colour was drawn as asked.</p>'
+    )
+    return (
+        f'{summary}<table id="color-confusion"><thead><tr><th>prompt asked</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _loss_section(loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None) -> str:
@@ -279,9 +324,14 @@ def _model_line(model: Mapping[str, Any] | None) -> str:
     return f'<p id="model"><strong>Denoiser:</strong> {html.escape(describe_backbone(model))}</p>'
 
 
-def _markdown(metrics: Mapping[str, Mapping[str, Any]], decision: GateDecision | None, grid_png: bytes | None,
-              html_url: str, confusion: Mapping[str, Mapping[str, int]] | None = None,
-              model: Mapping[str, Any] | None = None) -> str:
+def _markdown(
+    metrics: Mapping[str, Mapping[str, Any]],
+    decision: GateDecision | None,
+    grid_png: bytes | None,
+    html_url: str,
+    confusion: Mapping[str, Mapping[str, int]] | None = None,
+    model: Mapping[str, Any] | None = None,
+) -> str:
     lines = [f"**Denoiser:** {describe_backbone(model)}", ""] if model is not None else []
     lines += ["| metric | value | n |", "|---|---|---|"]
     for name, m in metrics.items():
@@ -290,8 +340,12 @@ def _markdown(metrics: Mapping[str, Mapping[str, Any]], decision: GateDecision |
             value += f" ({str(m.get('reason') or '')[:160]})"
         lines.append(f"| {name} | {value.replace('|', '/')} | {int(m.get('n') or 0)} |")
     if decision is not None:
-        lines += ["", f"**Gate {'passed' if decision.passed else 'failed'}**" +
-                  (" (first model)" if decision.first_model else "") + ":"]
+        lines += [
+            "",
+            f"**Gate {'passed' if decision.passed else 'failed'}**"
+            + (" (first model)" if decision.first_model else "")
+            + ":",
+        ]
         lines += [f"- {r}" for r in decision.reasons]
     if confusion and (wrong := confusion_lines(confusion)):
         lines += ["", "Colours drawn wrong: " + "; ".join(wrong)]
@@ -350,17 +404,27 @@ def write_report(
 
     champion_dicts = None
     if champion_metrics is not None:
-        champion_dicts = {k: (v.to_dict() if isinstance(v, MetricResult) else
-                              v if isinstance(v, Mapping) else {"value": metric_value(v)})
-                          for k, v in champion_metrics.items()}
+        champion_dicts = {
+            k: (
+                v.to_dict()
+                if isinstance(v, MetricResult)
+                else v
+                if isinstance(v, Mapping)
+                else {"value": metric_value(v)}
+            )
+            for k, v in champion_metrics.items()
+        }
     document = {
         "title": title,
         "created_at": created_at,
         "metrics": metrics_dicts,
         "decision": decision.to_dict() if decision is not None else None,
         "champion": {"label": champion_label, "metrics": champion_dicts} if champion_dicts is not None else None,
-        "samples": ({"prompts": list(samples.prompts), "seeds": [int(s) for s in samples.seeds]}
-                    if samples is not None else None),
+        "samples": (
+            {"prompts": list(samples.prompts), "seeds": [int(s) for s in samples.seeds]}
+            if samples is not None
+            else None
+        ),
         "color_confusion": color_confusion,
         "model": dict(model) if model is not None else None,
         "config": config,
@@ -368,13 +432,17 @@ def write_report(
     }
     files[METRICS_NAME] = storage.join(out_url, METRICS_NAME)
     # allow_nan=False: a non-finite number would make the file unreadable to strict JSON parsers; metrics are capped
-    storage.write_text_atomic(files[METRICS_NAME], json.dumps(document, indent=2, allow_nan=False, default=str),
-                              storage_options)
+    storage.write_text_atomic(
+        files[METRICS_NAME], json.dumps(document, indent=2, allow_nan=False, default=str), storage_options
+    )
 
     esc = html.escape
-    recon_html = (f'<img class="px" id="reconstructions" alt="originals (top) and reconstructions (bottom)" '
-                  f'src="{data_uri(recon_png)}"><p class="note">Top: originals. Bottom: reconstructions.</p>'
-                  if recon_png is not None else "<p>No reconstructions were given.</p>")
+    recon_html = (
+        f'<img class="px" id="reconstructions" alt="originals (top) and reconstructions (bottom)" '
+        f'src="{data_uri(recon_png)}"><p class="note">Top: originals. Bottom: reconstructions.</p>'
+        if recon_png is not None
+        else "<p>No reconstructions were given.</p>"
+    )
     config_json = json.dumps(config, indent=2, default=str) if config is not None else "(none given)"
     versions_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in versions.items())
     page = f"""<!DOCTYPE html>
@@ -404,9 +472,14 @@ def write_report(
 """
     files[HTML_NAME] = storage.join(out_url, HTML_NAME)
     storage.write_text_atomic(files[HTML_NAME], page, storage_options)
-    return ReportResult(files[HTML_NAME], files[METRICS_NAME], files, metrics_dicts,
-                        _markdown(metrics_dicts, decision, grid_png, files[HTML_NAME], color_confusion, model),
-                        decision)
+    return ReportResult(
+        files[HTML_NAME],
+        files[METRICS_NAME],
+        files,
+        metrics_dicts,
+        _markdown(metrics_dicts, decision, grid_png, files[HTML_NAME], color_confusion, model),
+        decision,
+    )
 
 
 __all__ = [

@@ -24,8 +24,9 @@ def from_diffusers(model: Any) -> Any:
         from ldm_core.interop.mmdit import mmdit_from_diffusers
 
         return mmdit_from_diffusers(model)
-    raise TypeError(f"no conversion from diffusers {name}; supported: AutoencoderKL, UNet2DConditionModel, "
-                    f"SD3Transformer2DModel")
+    raise TypeError(
+        f"no conversion from diffusers {name}; supported: AutoencoderKL, UNet2DConditionModel, SD3Transformer2DModel"
+    )
 
 
 def to_diffusers(model: Any) -> Any:

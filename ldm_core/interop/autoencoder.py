@@ -69,11 +69,19 @@ def config_from_diffusers(dcfg: Any) -> AutoencoderConfig:
     if get("latents_mean") is not None or get("latents_std") is not None:
         raise ValueError("diffusers AutoencoderKL.latents_mean/latents_std (per-channel statistics) are not supported")
     return AutoencoderConfig(
-        kind="kl", in_channels=get("in_channels"), out_channels=get("out_channels"), ch=ch,
-        ch_mult=[c // ch for c in boc], num_res_blocks=get("layers_per_block"), z_channels=get("latent_channels"),
-        norm_groups=get("norm_num_groups"), mid_attention=bool(get("mid_block_add_attention", True)),
-        use_quant_conv=bool(get("use_quant_conv", True)), use_post_quant_conv=bool(get("use_post_quant_conv", True)),
-        resolution=get("sample_size", 256), scaling_factor=float(get("scaling_factor", 1.0)),
+        kind="kl",
+        in_channels=get("in_channels"),
+        out_channels=get("out_channels"),
+        ch=ch,
+        ch_mult=[c // ch for c in boc],
+        num_res_blocks=get("layers_per_block"),
+        z_channels=get("latent_channels"),
+        norm_groups=get("norm_num_groups"),
+        mid_attention=bool(get("mid_block_add_attention", True)),
+        use_quant_conv=bool(get("use_quant_conv", True)),
+        use_post_quant_conv=bool(get("use_post_quant_conv", True)),
+        resolution=get("sample_size", 256),
+        scaling_factor=float(get("scaling_factor", 1.0)),
         shift_factor=float(get("shift_factor") or 0.0),
     )
 
@@ -83,12 +91,20 @@ def diffusers_kwargs(cfg: AutoencoderConfig) -> dict[str, Any]:
         raise ValueError("only the KL autoencoder has a diffusers counterpart (AutoencoderKL)")
     n = len(cfg.ch_mult)
     return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
-        act_fn="silu", latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups, sample_size=cfg.resolution,
-        scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor or None,
-        use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
+        layers_per_block=cfg.num_res_blocks,
+        act_fn="silu",
+        latent_channels=cfg.z_channels,
+        norm_num_groups=cfg.norm_groups,
+        sample_size=cfg.resolution,
+        scaling_factor=cfg.scaling_factor,
+        shift_factor=cfg.shift_factor or None,
+        use_quant_conv=cfg.use_quant_conv,
+        use_post_quant_conv=cfg.use_post_quant_conv,
         mid_block_add_attention=cfg.mid_attention,
     )
 
@@ -115,4 +131,3 @@ def autoencoder_to_diffusers(model: AutoencoderKL) -> Any:
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch converting to diffusers: missing {missing}, unexpected {unexpected}")
     return theirs.to(next(model.parameters()).device)
-

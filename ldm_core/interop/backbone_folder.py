@@ -35,8 +35,10 @@ def model_folder(url: str, subfolder: str | None = None, storage_options: dict[s
         if len(parts) == 1:
             url = storage.join(url, parts[0])
     if not storage.exists(storage.join(url, "config.json"), storage_options):
-        raise FileNotFoundError(f"{url} is not a diffusers model folder (no config.json); for a pipeline folder, "
-                                f"set the subfolder of its denoiser ({' or '.join(_PIPELINE_PARTS)})")
+        raise FileNotFoundError(
+            f"{url} is not a diffusers model folder (no config.json); for a pipeline folder, "
+            f"set the subfolder of its denoiser ({' or '.join(_PIPELINE_PARTS)})"
+        )
     return url
 
 
@@ -44,13 +46,16 @@ def _read_config(folder: str, storage_options: dict[str, Any] | None) -> dict[st
     config = json.loads(storage.read_text(storage.join(folder, "config.json"), storage_options))
     name = config.get("_class_name")
     if name not in _CONFIG_FROM:
-        raise ValueError(f"{folder} holds a diffusers {name or 'model without _class_name'}, not a denoiser we "
-                         f"convert ({', '.join(_CONFIG_FROM)})")
+        raise ValueError(
+            f"{folder} holds a diffusers {name or 'model without _class_name'}, not a denoiser we "
+            f"convert ({', '.join(_CONFIG_FROM)})"
+        )
     return config
 
 
-def backbone_config_of_folder(url: str, subfolder: str | None = None,
-                              storage_options: dict[str, Any] | None = None) -> DenoiserConfig:
+def backbone_config_of_folder(
+    url: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None
+) -> DenoiserConfig:
     """Our denoiser config for the diffusers model in the folder, from its config.json alone (no weights read).
     ValueError names a setting our backbones cannot represent."""
     folder = model_folder(url, subfolder, storage_options)
@@ -58,8 +63,9 @@ def backbone_config_of_folder(url: str, subfolder: str | None = None,
     return _CONFIG_FROM[config["_class_name"]](config)
 
 
-def load_backbone_folder(url: str, subfolder: str | None = None,
-                         storage_options: dict[str, Any] | None = None) -> nn.Module:
+def load_backbone_folder(
+    url: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None
+) -> nn.Module:
     """Our backbone with the weights of the diffusers model in the folder (fp32, on CPU, in training mode)."""
     import diffusers
 

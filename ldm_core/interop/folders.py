@@ -42,8 +42,9 @@ def is_remote(source: str) -> bool:
 
 
 def _missing(source: str, subfolder: str | None, looked: list[str]) -> PretrainedSourceNotFound:
-    return PretrainedSourceNotFound(f"pretrained source {describe(source, subfolder)!r} not found: looked for "
-                                    f"{' and '.join(looked)}")
+    return PretrainedSourceNotFound(
+        f"pretrained source {describe(source, subfolder)!r} not found: looked for {' and '.join(looked)}"
+    )
 
 
 def _hf_snapshot(repo_id: str) -> Path | None:
@@ -68,8 +69,10 @@ def local_folder(source: str, subfolder: str | None = None) -> Path:
             return folder
         raise _missing(source, subfolder, looked)
     if _REPO_ID.match(source) and not os.path.isabs(source):
-        looked.append(f"a snapshot of Hugging Face repo {source!r} in the local cache {hf_constants.HF_HUB_CACHE} "
-                      "(offline: nothing is downloaded)")
+        looked.append(
+            f"a snapshot of Hugging Face repo {source!r} in the local cache {hf_constants.HF_HUB_CACHE} "
+            "(offline: nothing is downloaded)"
+        )
         snapshot = _hf_snapshot(source)
         if snapshot is not None and (snapshot / (subfolder or "") / DIFFUSERS_CONFIG).is_file():
             return snapshot / (subfolder or "")
@@ -87,8 +90,9 @@ def _copy_remote(url: str, dest: Path, storage_options: dict[str, Any] | None) -
 
 
 @contextlib.contextmanager
-def local_copy(source: str, subfolder: str | None = None,
-               storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
+def local_copy(
+    source: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None
+) -> Iterator[Path]:
     """A local folder with the source's files, for diffusers' ``from_pretrained``: the folder itself when it is local
     or cached, else a temporary copy of the remote one (removed on exit)."""
     if not is_remote(source):
@@ -106,5 +110,12 @@ def read_diffusers_config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / DIFFUSERS_CONFIG).read_text())
 
 
-__all__ = ["DIFFUSERS_CONFIG", "PretrainedSourceNotFound", "describe", "is_remote", "local_copy", "local_folder",
-           "read_diffusers_config"]
+__all__ = [
+    "DIFFUSERS_CONFIG",
+    "PretrainedSourceNotFound",
+    "describe",
+    "is_remote",
+    "local_copy",
+    "local_folder",
+    "read_diffusers_config",
+]

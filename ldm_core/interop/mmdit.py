@@ -76,31 +76,44 @@ def diffusers_key(key: str) -> str:
 # Configs
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def config_from_diffusers(dcfg: Any) -> MMDiTConfig:
     """A diffusers SD3Transformer2DModel config (its `.config`) -> MMDiTConfig; ValueError names what we cannot
     represent. A pooled width equal to the token width becomes None (the model may pool its tokens itself)."""
     if tuple(dcfg.get("dual_attention_layers") or ()):
-        raise ValueError(f"diffusers SD3Transformer2DModel.dual_attention_layers={dcfg['dual_attention_layers']!r} "
-                         f"is not supported (SD3.5's MMDiT-X second attention; our MMDiT is SD3's layout)")
+        raise ValueError(
+            f"diffusers SD3Transformer2DModel.dual_attention_layers={dcfg['dual_attention_layers']!r} "
+            f"is not supported (SD3.5's MMDiT-X second attention; our MMDiT is SD3's layout)"
+        )
     if dcfg.get("qk_norm") not in (None, "rms_norm"):
-        raise ValueError(f"diffusers SD3Transformer2DModel.qk_norm={dcfg['qk_norm']!r} is not supported "
-                         f"(only None and 'rms_norm')")
+        raise ValueError(
+            f"diffusers SD3Transformer2DModel.qk_norm={dcfg['qk_norm']!r} is not supported (only None and 'rms_norm')"
+        )
     if dcfg.get("pos_embed_max_size") is None:
-        raise ValueError("diffusers SD3Transformer2DModel.pos_embed_max_size=None is not supported (our positions "
-                         "are always a centre crop of a fixed grid, as in SD3)")
+        raise ValueError(
+            "diffusers SD3Transformer2DModel.pos_embed_max_size=None is not supported (our positions "
+            "are always a centre crop of a fixed grid, as in SD3)"
+        )
     hidden = dcfg["num_attention_heads"] * dcfg["attention_head_dim"]
     if dcfg["caption_projection_dim"] != hidden:
-        raise ValueError(f"diffusers SD3Transformer2DModel.caption_projection_dim={dcfg['caption_projection_dim']} "
-                         f"is not supported: the text tokens must have the blocks' width "
-                         f"num_attention_heads x attention_head_dim = {hidden}")
+        raise ValueError(
+            f"diffusers SD3Transformer2DModel.caption_projection_dim={dcfg['caption_projection_dim']} "
+            f"is not supported: the text tokens must have the blocks' width "
+            f"num_attention_heads x attention_head_dim = {hidden}"
+        )
     joint, pooled = dcfg["joint_attention_dim"], dcfg["pooled_projection_dim"]
     return MMDiTConfig(
         in_channels=dcfg["in_channels"],
         out_channels=dcfg["out_channels"] if dcfg.get("out_channels") is not None else dcfg["in_channels"],
-        patch_size=dcfg["patch_size"], hidden_size=hidden, depth=dcfg["num_layers"],
-        num_heads=dcfg["num_attention_heads"], context_dim=joint,
-        pooled_projection_dim=None if pooled == joint else pooled, sample_size=dcfg["sample_size"],
-        pos_embed_max_size=dcfg["pos_embed_max_size"], qk_norm=dcfg.get("qk_norm"),
+        patch_size=dcfg["patch_size"],
+        hidden_size=hidden,
+        depth=dcfg["num_layers"],
+        num_heads=dcfg["num_attention_heads"],
+        context_dim=joint,
+        pooled_projection_dim=None if pooled == joint else pooled,
+        sample_size=dcfg["sample_size"],
+        pos_embed_max_size=dcfg["pos_embed_max_size"],
+        qk_norm=dcfg.get("qk_norm"),
     )
 
 
@@ -127,6 +140,7 @@ def diffusers_kwargs(config: MMDiTConfig) -> dict[str, Any]:
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def mmdit_from_diffusers(d: Any) -> MMDiT:
     """diffusers SD3Transformer2DModel -> our MMDiT with the same weights (hence the same outputs)."""
     ours = MMDiT(config_from_diffusers(d.config))
@@ -148,5 +162,4 @@ def mmdit_to_diffusers(m: MMDiT) -> Any:
     return like(d, m)
 
 
-__all__ = ["config_from_diffusers", "diffusers_key", "diffusers_kwargs", "mmdit_from_diffusers",
-           "mmdit_to_diffusers"]
+__all__ = ["config_from_diffusers", "diffusers_key", "diffusers_kwargs", "mmdit_from_diffusers", "mmdit_to_diffusers"]

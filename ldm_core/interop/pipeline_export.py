@@ -47,11 +47,14 @@ class ExportResult:
 # Scheduler
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def scheduler_config(config: DiffusionConfig) -> tuple[str, dict[str, Any]]:
     """(diffusers scheduler class name, its keyword arguments) integrating ``config`` as our samplers do."""
     if config.kind == "flow":
-        return "FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": config.num_train_timesteps,
-                                                   "shift": config.shift}
+        return "FlowMatchEulerDiscreteScheduler", {
+            "num_train_timesteps": config.num_train_timesteps,
+            "shift": config.shift,
+        }
     kwargs: dict[str, Any] = {
         "num_train_timesteps": config.num_train_timesteps,
         "beta_schedule": _BETA_SCHEDULE[config.schedule],
@@ -79,33 +82,48 @@ def build_scheduler(config: DiffusionConfig) -> Any:
 # What diffusers cannot express
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def divergences(model: TextToImage) -> list[str]:
     """One line per way a diffusers pipeline on the exported folder samples differently from ``model.generate``."""
     cfg, L = model.diffusion_config, model.text_encoder.config.max_length
     unet = model.denoiser.config.kind == "unet"
-    notes = [f"text padding: our denoiser gives padded text tokens no attention; diffusers' pipelines pass no text "
-             f"mask, so they match only for prompts that fill all {L} tokens, at guidance 1 (guidance > 1 adds the "
-             f"empty prompt, which is padding)"]
+    notes = [
+        f"text padding: our denoiser gives padded text tokens no attention; diffusers' pipelines pass no text "
+        f"mask, so they match only for prompts that fill all {L} tokens, at guidance 1 (guidance > 1 adds the "
+        f"empty prompt, which is padding)"
+    ]
     if not unet:
-        notes.append("pipeline: StableDiffusion3Pipeline needs SD3's three text encoders (CLIP-L, CLIP-G, T5); this "
-                     "model has one: load transformer/, vae/, scheduler/, text_encoder/ with their own classes")
+        notes.append(
+            "pipeline: StableDiffusion3Pipeline needs SD3's three text encoders (CLIP-L, CLIP-G, T5); this "
+            "model has one: load transformer/, vae/, scheduler/, text_encoder/ with their own classes"
+        )
     if unet and model.vae.config.shift_factor:
-        notes.append(f"latent shift: StableDiffusionPipeline decodes latents / scaling_factor and ignores the VAE's "
-                     f"shift_factor={model.vae.config.shift_factor}")
+        notes.append(
+            f"latent shift: StableDiffusionPipeline decodes latents / scaling_factor and ignores the VAE's "
+            f"shift_factor={model.vae.config.shift_factor}"
+        )
     if cfg.kind == "flow":
-        notes.append("flow grid: FlowMatchEulerDiscreteScheduler's default grid ends at t = 1/T; ours is "
-                     "linspace(1, 0, N + 1): pass sigmas=[1 - i / N for i in range(N)]")
+        notes.append(
+            "flow grid: FlowMatchEulerDiscreteScheduler's default grid ends at t = 1/T; ours is "
+            "linspace(1, 0, N + 1): pass sigmas=[1 - i / N for i in range(N)]"
+        )
         if unet:
-            notes.append("flow in StableDiffusionPipeline: it scales the initial latents by scheduler.init_noise_sigma,"
-                         " which FlowMatchEulerDiscreteScheduler lacks: set pipe.scheduler.init_noise_sigma = 1.0")
+            notes.append(
+                "flow in StableDiffusionPipeline: it scales the initial latents by scheduler.init_noise_sigma,"
+                " which FlowMatchEulerDiscreteScheduler lacks: set pipe.scheduler.init_noise_sigma = 1.0"
+            )
         if cfg.sampler == "heun":
             notes.append("sampler: the model samples with Heun (2 evaluations per step); exported as Euler")
     elif cfg.sampler == "ddpm" or cfg.eta:
-        notes.append(f"randomness: the {cfg.sampler} sampler (eta={cfg.eta}) draws noise every step; diffusers draws "
-                     "its own, so only the distribution matches")
+        notes.append(
+            f"randomness: the {cfg.sampler} sampler (eta={cfg.eta}) draws noise every step; diffusers draws "
+            "its own, so only the distribution matches"
+        )
     if cfg.kind == "ddpm" and cfg.timestep_spacing == "trailing":
-        notes.append(f"timesteps: with 'trailing' spacing diffusers steps from t to t - T//N: exact only when the "
-                     f"number of steps N divides T = {cfg.num_train_timesteps}")
+        notes.append(
+            f"timesteps: with 'trailing' spacing diffusers steps from t to t - T//N: exact only when the "
+            f"number of steps N divides T = {cfg.num_train_timesteps}"
+        )
     notes.append("noise: model.generate draws image i's initial latents from seed + i; pass them as latents=")
     return notes
 
@@ -113,6 +131,7 @@ def divergences(model: TextToImage) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Components
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _text_encoder(model: TextToImage, unet: bool) -> Any:
     """The encoder as the pipeline will run it: with the attention mask (``use_attention_mask``, which
@@ -124,10 +143,16 @@ def _text_encoder(model: TextToImage, unet: bool) -> Any:
 
         plain = CLIPTextModel(encoder.config).to(encoder.dtype)
         # the text tower's weights, as CLIPTextModel names them (with or without its `text_model.` prefix)
-        tower = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()
-                 if not k.startswith("text_projection")}
-        plain.load_state_dict(tower if "embeddings.token_embedding.weight" in plain.state_dict()
-                              else {f"text_model.{k}": v for k, v in tower.items()})
+        tower = {
+            k.removeprefix("text_model."): v
+            for k, v in encoder.state_dict().items()
+            if not k.startswith("text_projection")
+        }
+        plain.load_state_dict(
+            tower
+            if "embeddings.token_embedding.weight" in plain.state_dict()
+            else {f"text_model.{k}": v for k, v in tower.items()}
+        )
         encoder = plain
     encoder.config.use_attention_mask = True
     return encoder.eval()
@@ -154,6 +179,7 @@ def _denoiser(model: TextToImage) -> Any:
 # The folder
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def check_output_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -172,15 +198,30 @@ def export_diffusers(model: TextToImage, out_dir: str | Path) -> ExportResult:
     vae, denoiser, scheduler = to_diffusers(model.vae).eval(), _denoiser(model), build_scheduler(model.diffusion_config)
     text_encoder, tokenizer = _text_encoder(model, unet), _tokenizer(model)
     if unet:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=denoiser,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=denoiser,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.save_pretrained(out, safe_serialization=True)
         pipeline_class, denoiser_dir = "StableDiffusionPipeline", "unet"
     else:
         pipeline_class, denoiser_dir = "StableDiffusion3Pipeline", "transformer"
-        _save_components(out, {"transformer": denoiser, "vae": vae, "scheduler": scheduler,
-                               "text_encoder": text_encoder, "tokenizer": tokenizer})
+        _save_components(
+            out,
+            {
+                "transformer": denoiser,
+                "vae": vae,
+                "scheduler": scheduler,
+                "text_encoder": text_encoder,
+                "tokenizer": tokenizer,
+            },
+        )
     _annotate(out, model, notes)
     return ExportResult(out, pipeline_class, denoiser_dir, notes)
 
@@ -195,8 +236,14 @@ def _save_components(out: Path, components: dict[str, Any]) -> None:
         component.save_pretrained(out / name)
         library = type(component).__module__.split(".")[0]
         index[name] = [library, type(component).__name__]
-    for name in ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "image_encoder",
-                 "feature_extractor"):
+    for name in (
+        "text_encoder_2",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+        "image_encoder",
+        "feature_extractor",
+    ):
         index[name] = [None, None]
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
@@ -206,16 +253,25 @@ def _annotate(out: Path, model: TextToImage, notes: list[str]) -> None:
     README for a person."""
     index_file = out / "model_index.json"
     index = json.loads(index_file.read_text())
-    index["_ldm_export"] = {"diffusion": model.diffusion_config.to_dict(), "guidance": model.guidance,
-                            "latent_shape": list(model.latent_shape), "divergences": notes}
+    index["_ldm_export"] = {
+        "diffusion": model.diffusion_config.to_dict(),
+        "guidance": model.guidance,
+        "latent_shape": list(model.latent_shape),
+        "divergences": notes,
+    }
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
-    lines = ["# Exported by `ldm export`", "",
-             f"Diffusion: {model.diffusion_config.kind}, default {model.diffusion_config.sample_steps} steps of "
-             f"{model.diffusion_config.sampler}, guidance {model.guidance}; latents {tuple(model.latent_shape)}.", "",
-             "Where a diffusers pipeline on this folder differs from the model's own sampling:", "",
-             *[f"- {n}" for n in notes], ""]
+    lines = [
+        "# Exported by `ldm export`",
+        "",
+        f"Diffusion: {model.diffusion_config.kind}, default {model.diffusion_config.sample_steps} steps of "
+        f"{model.diffusion_config.sampler}, guidance {model.guidance}; latents {tuple(model.latent_shape)}.",
+        "",
+        "Where a diffusers pipeline on this folder differs from the model's own sampling:",
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+    ]
     (out / README).write_text("\n".join(lines))
 
 
-__all__ = ["ExportResult", "build_scheduler", "check_output_dir", "divergences", "export_diffusers",
-           "scheduler_config"]
+__all__ = ["ExportResult", "build_scheduler", "check_output_dir", "divergences", "export_diffusers", "scheduler_config"]

@@ -52,8 +52,10 @@ def autoencoder_config_of(folder: Path, where: str) -> AutoencoderConfig:
     dcfg = read_diffusers_config(folder)
     found = dcfg.get("_class_name")
     if found != DIFFUSERS_CLASS:
-        raise ValueError(f"{where} holds a diffusers {found or 'model without _class_name'}, not an "
-                         f"{DIFFUSERS_CLASS}; only a KL autoencoder can serve as stage 1")
+        raise ValueError(
+            f"{where} holds a diffusers {found or 'model without _class_name'}, not an "
+            f"{DIFFUSERS_CLASS}; only a KL autoencoder can serve as stage 1"
+        )
     try:
         return config_from_diffusers(dcfg)
     except ValueError as e:
@@ -69,14 +71,17 @@ def pretrained_autoencoder_config(source: str, subfolder: str | None = None) -> 
     return autoencoder_config_of(local_folder(source, subfolder), describe(source, subfolder))
 
 
-def load_pretrained_autoencoder(source: str, subfolder: str | None = None,
-                                storage_options: dict[str, Any] | None = None) -> PretrainedAutoencoder:
+def load_pretrained_autoencoder(
+    source: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None
+) -> PretrainedAutoencoder:
     """Find, load (diffusers, local files only) and convert the AutoencoderKL at ``source``."""
     try:
         from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     except ImportError as e:
-        raise ImportError(f"loading the pretrained autoencoder {describe(source, subfolder)!r} needs the diffusers "
-                          f"package (pip install 'diffusers>=0.30'): {e}") from None
+        raise ImportError(
+            f"loading the pretrained autoencoder {describe(source, subfolder)!r} needs the diffusers "
+            f"package (pip install 'diffusers>=0.30'): {e}"
+        ) from None
 
     where = describe(source, subfolder)
     with local_copy(source, subfolder, storage_options) as folder:
@@ -86,5 +91,10 @@ def load_pretrained_autoencoder(source: str, subfolder: str | None = None,
     return PretrainedAutoencoder(model=ours, source=where, weights_sha256=weights_sha256(ours))
 
 
-__all__ = ["PretrainedAutoencoder", "PretrainedAutoencoderConfig", "autoencoder_config_of",
-           "load_pretrained_autoencoder", "pretrained_autoencoder_config"]
+__all__ = [
+    "PretrainedAutoencoder",
+    "PretrainedAutoencoderConfig",
+    "autoencoder_config_of",
+    "load_pretrained_autoencoder",
+    "pretrained_autoencoder_config",
+]

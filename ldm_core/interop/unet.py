@@ -73,7 +73,6 @@ def diffusers_key(key: str, num_levels: int) -> str:
     raise KeyError(f"no diffusers name for UNet parameter {key!r}")
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,8 +123,10 @@ def _per_level(cfg: Any, name: str, n: int) -> list[Any]:
 
 def _uniform(cfg: Any, name: str, values: list[Any]) -> Any:
     if len(set(map(repr, values))) != 1 or not isinstance(values[0], int):
-        raise ValueError(f"diffusers UNet2DConditionModel.{name}={cfg[name]!r} is not supported: our UNet uses "
-                         f"one value for all levels")
+        raise ValueError(
+            f"diffusers UNet2DConditionModel.{name}={cfg[name]!r} is not supported: our UNet uses "
+            f"one value for all levels"
+        )
     return values[0]
 
 
@@ -135,37 +136,49 @@ def config_from_diffusers(dcfg: Any) -> UNetConfig:
     the latter is a pipeline default, not part of the network."""
     for name, allowed in _UNSUPPORTED_UNLESS.items():
         if name in dcfg and dcfg[name] not in allowed:
-            raise ValueError(f"diffusers UNet2DConditionModel.{name}={dcfg[name]!r} is not supported "
-                             f"(our UNet implies {allowed[0]!r})")
+            raise ValueError(
+                f"diffusers UNet2DConditionModel.{name}={dcfg[name]!r} is not supported "
+                f"(our UNet implies {allowed[0]!r})"
+            )
     if dcfg.get("time_embedding_dim") not in (None, TIME_EMBED_MULT * dcfg["block_out_channels"][0]):
-        raise ValueError(f"diffusers UNet2DConditionModel.time_embedding_dim={dcfg['time_embedding_dim']!r} is not "
-                         f"supported (ours is {TIME_EMBED_MULT} x block_out_channels[0])")
+        raise ValueError(
+            f"diffusers UNet2DConditionModel.time_embedding_dim={dcfg['time_embedding_dim']!r} is not "
+            f"supported (ours is {TIME_EMBED_MULT} x block_out_channels[0])"
+        )
     if dcfg["norm_num_groups"] is None:
         raise ValueError("diffusers UNet2DConditionModel.norm_num_groups=None is not supported (GroupNorm required)")
 
     widths = list(dcfg["block_out_channels"])
     n = len(widths)
     if any(w % widths[0] for w in widths):
-        raise ValueError(f"diffusers UNet2DConditionModel.block_out_channels={widths} are not multiples of the "
-                         f"first entry (ours are model_channels x channel_mult)")
+        raise ValueError(
+            f"diffusers UNet2DConditionModel.block_out_channels={widths} are not multiples of the "
+            f"first entry (ours are model_channels x channel_mult)"
+        )
     if any(_per_level(dcfg, "only_cross_attention", n)):
-        raise ValueError(f"diffusers UNet2DConditionModel.only_cross_attention={dcfg['only_cross_attention']!r} "
-                         f"is not supported")
+        raise ValueError(
+            f"diffusers UNet2DConditionModel.only_cross_attention={dcfg['only_cross_attention']!r} is not supported"
+        )
 
     down = list(dcfg["down_block_types"])
     if any(t not in (_CROSS_DOWN, _PLAIN_DOWN) for t in down):
-        raise ValueError(f"diffusers UNet2DConditionModel.down_block_types={down} is not supported "
-                         f"(only {_CROSS_DOWN} and {_PLAIN_DOWN})")
+        raise ValueError(
+            f"diffusers UNet2DConditionModel.down_block_types={down} is not supported "
+            f"(only {_CROSS_DOWN} and {_PLAIN_DOWN})"
+        )
     attention_levels = [lv for lv, t in enumerate(down) if t == _CROSS_DOWN]
     expected_up = [_CROSS_UP if t == _CROSS_DOWN else _PLAIN_UP for t in reversed(down)]
     if list(dcfg["up_block_types"]) != expected_up:
-        raise ValueError(f"diffusers UNet2DConditionModel.up_block_types={list(dcfg['up_block_types'])} is not "
-                         f"supported: ours mirror down_block_types, i.e. {expected_up}")
+        raise ValueError(
+            f"diffusers UNet2DConditionModel.up_block_types={list(dcfg['up_block_types'])} is not "
+            f"supported: ours mirror down_block_types, i.e. {expected_up}"
+        )
 
     # the levels whose transformers exist: the attention levels and the mid block (which reads the last entry)
     used = sorted(set(attention_levels) | {n - 1})
-    depth = _uniform(dcfg, "transformer_layers_per_block",
-                     [_per_level(dcfg, "transformer_layers_per_block", n)[lv] for lv in used])
+    depth = _uniform(
+        dcfg, "transformer_layers_per_block", [_per_level(dcfg, "transformer_layers_per_block", n)[lv] for lv in used]
+    )
     context_dim = _uniform(dcfg, "cross_attention_dim", _per_level(dcfg, "cross_attention_dim", n))
     layers = _uniform(dcfg, "layers_per_block", _per_level(dcfg, "layers_per_block", n))
 
@@ -176,14 +189,24 @@ def config_from_diffusers(dcfg: Any) -> UNetConfig:
     elif len({w // h for w, h in heads}) == 1 and all(w % h == 0 for w, h in heads):
         num_heads, num_head_channels = None, heads[0][0] // heads[0][1]
     else:
-        raise ValueError(f"diffusers UNet2DConditionModel.attention_head_dim={dcfg['attention_head_dim']!r} is not "
-                         f"supported: neither a fixed number of heads nor a fixed head width")
+        raise ValueError(
+            f"diffusers UNet2DConditionModel.attention_head_dim={dcfg['attention_head_dim']!r} is not "
+            f"supported: neither a fixed number of heads nor a fixed head width"
+        )
 
     return UNetConfig(
-        in_channels=dcfg["in_channels"], out_channels=dcfg["out_channels"], model_channels=widths[0],
-        channel_mult=[w // widths[0] for w in widths], num_res_blocks=layers, attention_levels=attention_levels,
-        num_heads=num_heads, num_head_channels=num_head_channels, transformer_depth=depth,
-        context_dim=context_dim, norm_groups=dcfg["norm_num_groups"], dropout=dcfg["dropout"],
+        in_channels=dcfg["in_channels"],
+        out_channels=dcfg["out_channels"],
+        model_channels=widths[0],
+        channel_mult=[w // widths[0] for w in widths],
+        num_res_blocks=layers,
+        attention_levels=attention_levels,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        transformer_depth=depth,
+        context_dim=context_dim,
+        norm_groups=dcfg["norm_num_groups"],
+        dropout=dcfg["dropout"],
         use_linear_projection=bool(dcfg["use_linear_projection"]),
     )
 
@@ -218,6 +241,7 @@ def diffusers_kwargs(config: UNetConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def unet_from_diffusers(d: Any) -> UNet:
     """diffusers UNet2DConditionModel -> our UNet with the same weights (hence the same outputs)."""

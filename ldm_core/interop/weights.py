@@ -9,8 +9,9 @@ def check_same_keys(ours: set[str], theirs: set[str], what: str) -> None:
     """Every parameter has a counterpart on the other side, or a ValueError names the first ones that do not."""
     missing, extra = sorted(ours - theirs), sorted(theirs - ours)
     if missing or extra:
-        raise ValueError(f"{what}: parameters without a counterpart; ours only: {missing[:8]}, "
-                         f"diffusers only: {extra[:8]}")
+        raise ValueError(
+            f"{what}: parameters without a counterpart; ours only: {missing[:8]}, diffusers only: {extra[:8]}"
+        )
 
 
 def like(target: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:

@@ -44,6 +44,7 @@ ADAPTIVE_WEIGHT_MAX = 1e4
 # Config
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class AutoencoderLossConfig(StrictModel):
     """Weights and schedule of the autoencoder objective (defaults: the CompVis kl-f8 recipe)."""
 
@@ -85,6 +86,7 @@ class AutoencoderLossConfig(StrictModel):
 # Discriminator objectives
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """½ (E[relu(1 − D(x))] + E[relu(1 + D(x̂))]) (Lim & Ye 2017), means over every patch logit."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -104,6 +106,7 @@ D_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 # ---------------------------------------------------------------------------------------------------------------
 # The loss module
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class GeneratorTerms:
@@ -130,8 +133,9 @@ class AutoencoderLoss(nn.Module):
     checkpoint loads whether or not LPIPS was available), yet ``.to()`` moves it and it always stays in eval mode.
     """
 
-    def __init__(self, config: AutoencoderLossConfig, discriminator_config: DiscriminatorConfig,
-                 perceptual: nn.Module | None):
+    def __init__(
+        self, config: AutoencoderLossConfig, discriminator_config: DiscriminatorConfig, perceptual: nn.Module | None
+    ):
         super().__init__()
         self.config = config
         self.discriminator_config = discriminator_config
@@ -181,8 +185,14 @@ class AutoencoderLoss(nn.Module):
 
     # -- the autoencoder's loss ---------------------------------------------------------------------------------
 
-    def generator_terms(self, x: torch.Tensor, recon: torch.Tensor, reg_loss: torch.Tensor, step: int,
-                        reg_kind: Literal["kl", "vq"] = "kl") -> GeneratorTerms:
+    def generator_terms(
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        reg_loss: torch.Tensor,
+        step: int,
+        reg_kind: Literal["kl", "vq"] = "kl",
+    ) -> GeneratorTerms:
         """The generator objective's terms for one batch, before the adaptive weight combines them.
 
         x, recon: (B, C, H, W) in [-1, 1]. reg_loss: a scalar, already reduced (KL summed over latent dims and
@@ -220,11 +230,13 @@ class AutoencoderLoss(nn.Module):
             with _frozen(self.discriminator):
                 logits_fake = self.discriminator(recon)  # (B, 1, h, w)
             g_loss = -_fp32(logits_fake).mean()
-        logs.update({
-            "nll": nll.detach(),
-            ("kl" if reg_kind == "kl" else "codebook"): _fp32(reg_loss.detach()),
-            "logvar": self.logvar.detach().clone(),  # a copy: the optimizer step updates the parameter in place
-        })
+        logs.update(
+            {
+                "nll": nll.detach(),
+                ("kl" if reg_kind == "kl" else "codebook"): _fp32(reg_loss.detach()),
+                "logvar": self.logvar.detach().clone(),  # a copy: the optimizer step updates the parameter in place
+            }
+        )
         return GeneratorTerms(nll, reg, g_loss, logs)
 
     def _combine(self, terms: GeneratorTerms, d_weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -234,10 +246,16 @@ class AutoencoderLoss(nn.Module):
         logs = {**terms.logs, "g": g_loss.detach(), "d_weight": d_weight.detach(), "total": loss.detach()}
         return loss, logs
 
-    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, reg_loss: torch.Tensor, step: int,
-                       last_layer: torch.Tensor | None, reg_kind: Literal["kl", "vq"] = "kl",
-                       grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def generator_loss(
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        reg_loss: torch.Tensor,
+        step: int,
+        last_layer: torch.Tensor | None,
+        reg_kind: Literal["kl", "vq"] = "kl",
+        grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The autoencoder's loss for one batch, and its terms as detached scalars (no host sync).
 
         last_layer: the decoder's final conv weight, where the adaptive weight compares gradients; needed once the
@@ -251,10 +269,15 @@ class AutoencoderLoss(nn.Module):
             d_weight = self.adaptive_weight(terms.nll, terms.g, last_layer, grad_mean)
         return self._combine(terms, d_weight)
 
-    def generator_backward(self, terms: GeneratorTerms, recon: torch.Tensor, last_layer: torch.Tensor | None,
-                           grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float = 1.0,
-                           loss_scale: torch.Tensor | None = None,
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def generator_backward(
+        self,
+        terms: GeneratorTerms,
+        recon: torch.Tensor,
+        last_layer: torch.Tensor | None,
+        grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        scale: float = 1.0,
+        loss_scale: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Back-propagate ``scale`` · (the generator loss of `terms`); returns the loss (detached) and the logs.
 
         loss_scale: fp16's loss scale (`LossScaler.scale`), a 0-d tensor: the gradients are then those of
@@ -268,6 +291,7 @@ class AutoencoderLoss(nn.Module):
         ∂g/∂x̂ through the last conv alone (vector-Jacobian products with grad_outputs), and one backward from x̂
         carries ∂nll/∂x̂ + λ·∂g/∂x̂ (+ the regularizer's and logvar's own terms) into the autoencoder.
         """
+
         def scaled(t: torch.Tensor) -> torch.Tensor:
             return t if loss_scale is None else t * loss_scale
 
@@ -276,8 +300,10 @@ class AutoencoderLoss(nn.Module):
             scaled(loss * scale).backward()
             return loss.detach(), logs
         if last_layer is None:
-            raise ValueError("the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
-                             "discriminator is active")
+            raise ValueError(
+                "the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
+                "discriminator is active"
+            )
         learn_logvar = self.logvar.requires_grad
         wrt = [recon, self.logvar] if learn_logvar else [recon]
         nll_grads = torch.autograd.grad(scaled(terms.nll), wrt, retain_graph=True)  # LPIPS backward, once
@@ -297,8 +323,13 @@ class AutoencoderLoss(nn.Module):
         loss, logs = self._combine(terms, d_weight)
         return loss.detach(), logs
 
-    def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None,
-                        grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def adaptive_weight(
+        self,
+        nll: torch.Tensor,
+        g_loss: torch.Tensor,
+        last_layer: torch.Tensor | None,
+        grad_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """w_d · clamp(‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), 0, 1e4), detached (it is a weight, not a path for gradient).
 
         grad_mean: when each process holds a slice of the batch, the mean over processes of each gradient. A ratio of
@@ -306,15 +337,18 @@ class AutoencoderLoss(nn.Module):
         it the weight is the global batch's, as one process with the whole batch computes it.
         """
         if last_layer is None:
-            raise ValueError("the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
-                             "discriminator is active")
+            raise ValueError(
+                "the adaptive GAN weight needs last_layer (the decoder's final conv weight) once the "
+                "discriminator is active"
+            )
         # retain_graph: the same graph is back-propagated again by the trainer's loss.backward()
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
         return self._weight_from_grads(nll_grad, g_grad, grad_mean)
 
-    def _weight_from_grads(self, nll_grad: torch.Tensor, g_grad: torch.Tensor,
-                           grad_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    def _weight_from_grads(
+        self, nll_grad: torch.Tensor, g_grad: torch.Tensor, grad_mean: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> torch.Tensor:
         if grad_mean is not None:
             nll_grad, g_grad = grad_mean(nll_grad), grad_mean(g_grad)
         ratio = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + ADAPTIVE_WEIGHT_EPS)
@@ -322,13 +356,19 @@ class AutoencoderLoss(nn.Module):
 
     # -- the discriminator's loss -------------------------------------------------------------------------------
 
-    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor, step: int,
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def discriminator_loss(
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        step: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """disc_factor · (hinge or vanilla) loss on real x and fake x̂ (both detached: only D learns from it)."""
         if not self.disc_active(step):
-            raise RuntimeError(f"discriminator_loss called at step {step}, but the discriminator is inactive "
-                               f"(disc_start={self.config.disc_start}, disc_factor={self.config.disc_factor}); "
-                               "check disc_active(step) first")
+            raise RuntimeError(
+                f"discriminator_loss called at step {step}, but the discriminator is inactive "
+                f"(disc_start={self.config.disc_start}, disc_factor={self.config.disc_factor}); "
+                "check disc_active(step) first"
+            )
         logits_real = _fp32(self.discriminator(x.detach()))  # (B, 1, h, w)
         logits_fake = _fp32(self.discriminator(recon.detach()))  # (B, 1, h, w)
         loss = self.config.disc_factor * self._d_loss(logits_real, logits_fake)
@@ -366,8 +406,10 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 # Construction
 # ---------------------------------------------------------------------------------------------------------------
 
-def build_autoencoder_loss(config: AutoencoderLossConfig, discriminator_config: DiscriminatorConfig,
-                           download: bool = True) -> tuple[AutoencoderLoss, bool]:
+
+def build_autoencoder_loss(
+    config: AutoencoderLossConfig, discriminator_config: DiscriminatorConfig, download: bool = True
+) -> tuple[AutoencoderLoss, bool]:
     """The loss with its LPIPS built from resolved weights; returns (loss, perceptual_available).
 
     perceptual_available is True iff the loss contains the perceptual term. When the VGG16 weights are missing,

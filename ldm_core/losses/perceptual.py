@@ -62,8 +62,10 @@ def load_vgg16_features(model: lpips.LPIPS, state_dict: dict[str, torch.Tensor],
         else:
             missing.append(tv_key)
     if missing:
-        raise ValueError(f"VGG16 checkpoint {source} lacks {len(missing)} feature tensors, e.g. {missing[:3]}: "
-                         "expected torchvision's vgg16 state dict (keys 'features.<i>.weight/bias')")
+        raise ValueError(
+            f"VGG16 checkpoint {source} lacks {len(missing)} feature tensors, e.g. {missing[:3]}: "
+            "expected torchvision's vgg16 state dict (keys 'features.<i>.weight/bias')"
+        )
     model.net.load_state_dict(mapped, strict=True)
 
 
@@ -75,7 +77,8 @@ def load_linear_layers(model: lpips.LPIPS, state_dict: dict[str, torch.Tensor], 
             raise ValueError(f"LPIPS linear-layer file {source} lacks {key!r}")
         weight = getattr(model, f"lin{k}").model[-1].weight  # (1, C_k, 1, 1)
         if state_dict[key].shape != weight.shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, "
-                             f"expected {tuple(weight.shape)}")
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(weight.shape)}"
+            )
         with torch.no_grad():
             weight.copy_(state_dict[key])

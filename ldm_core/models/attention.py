@@ -20,8 +20,12 @@ CPU_FP32_MAX_HEAD_DIM = 32
 
 def use_fp32(q: Tensor) -> bool:
     """Whether `attention` computes this call in fp32 (see the module docstring)."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and q.shape[-1] <= CPU_FP32_MAX_HEAD_DIM)
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and torch.is_grad_enabled()
+        and q.shape[-1] <= CPU_FP32_MAX_HEAD_DIM
+    )
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:

@@ -102,8 +102,9 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     # CPU tests and the demo: 32×32 images -> 8×8×4 latents, a few hundred thousand parameters
     "tiny": AutoencoderConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, norm_groups=8, resolution=32),
     # the VQ ablation at the tiny size
-    "tiny-vq": AutoencoderConfig(kind="vq", ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, norm_groups=8,
-                                 n_embed=256, resolution=32),
+    "tiny-vq": AutoencoderConfig(
+        kind="vq", ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, norm_groups=8, n_embed=256, resolution=32
+    ),
     # LDM's kl-f4 (z=3) and the SD-1 first stage kl-f8
     "kl-f4": AutoencoderConfig(ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, z_channels=3),
     "kl-f8": AutoencoderConfig(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4),
@@ -363,8 +364,9 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> AutoencoderOutput:
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> AutoencoderOutput:
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         recon = self.decode(z)
@@ -447,8 +449,9 @@ class VQModel(nn.Module):
             zq = self.post_quant_conv(zq)
         return self.decoder(zq)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> AutoencoderOutput:
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> AutoencoderOutput:
         zq, loss, stats = self.quantize(self.encode_pre_quant(x))
         return AutoencoderOutput(self.decode(zq), loss, "vq", None, stats)
 

@@ -46,8 +46,14 @@ class Denoiser(Protocol):
     tokens itself when it is None; the UNet ignores it). Returns (B, C_out, H, W).
     """
 
-    def __call__(self, x: Tensor, t: Tensor | float, context: Tensor, context_mask: Tensor | None = None,
-                 pooled: Tensor | None = None) -> Tensor: ...
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        pooled: Tensor | None = None,
+    ) -> Tensor: ...
 
 
 def parse_denoiser_config(data: Mapping[str, Any]) -> DenoiserConfig:
@@ -76,11 +82,15 @@ def backbone_summary(config: DenoiserConfig, preset: str | None = None) -> dict[
     with torch.device("meta"):
         parameters = sum(p.numel() for p in build_denoiser(config).parameters())
     if isinstance(config, MMDiTConfig):
-        size = (f"hidden_size {config.hidden_size}, depth {config.depth}, heads {config.num_heads}, "
-                f"patch_size {config.patch_size}")
+        size = (
+            f"hidden_size {config.hidden_size}, depth {config.depth}, heads {config.num_heads}, "
+            f"patch_size {config.patch_size}"
+        )
     else:
-        size = (f"model_channels {config.model_channels}, channel_mult {list(config.channel_mult)}, "
-                f"res blocks {config.num_res_blocks}, attention at {list(config.attention_levels)}")
+        size = (
+            f"model_channels {config.model_channels}, channel_mult {list(config.channel_mult)}, "
+            f"res blocks {config.num_res_blocks}, attention at {list(config.attention_levels)}"
+        )
     return {"kind": config.kind, "preset": preset, "size": size, "parameters": parameters}
 
 
@@ -90,5 +100,12 @@ def describe_backbone(summary: Mapping[str, Any]) -> str:
     return f"{summary['kind']}{preset} ({summary['size']}): {int(summary['parameters']):,} parameters"
 
 
-__all__ = ["Denoiser", "DenoiserConfig", "backbone_summary", "build_denoiser", "describe_backbone",
-           "parse_denoiser_config", "takes_pooled"]
+__all__ = [
+    "Denoiser",
+    "DenoiserConfig",
+    "backbone_summary",
+    "build_denoiser",
+    "describe_backbone",
+    "parse_denoiser_config",
+    "takes_pooled",
+]

@@ -26,6 +26,7 @@ INIT_STD = 0.02  # DCGAN's init, kept by pix2pix and taming
 # Config
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class DiscriminatorConfig(StrictModel):
     """The PatchGAN's shape and normalization."""
 
@@ -46,6 +47,7 @@ class DiscriminatorConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Normalization layers
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class ActNorm(nn.Module):
     """Per-channel affine map ``scale · (x + loc)`` initialized from the first training batch (Glow, Kingma 2018).
@@ -100,6 +102,7 @@ def make_norm(kind: str, channels: int, groups: int) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # PatchGAN
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class NLayerDiscriminator(nn.Module):
     """PatchGAN: (B, C, H, W) images -> (B, 1, h, w) real/fake logits, one per overlapping patch.

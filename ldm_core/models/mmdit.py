@@ -39,6 +39,7 @@ NORM_EPS = 1e-6  # every LayerNorm and QK RMSNorm of SD3 (diffusers hard-codes i
 # Config and presets
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class MMDiTConfig(StrictModel):
     """Shape of the MMDiT. The defaults are SD3-medium's transformer (see MMDIT_PRESETS for its size)."""
 
@@ -107,8 +108,10 @@ class MMDiTConfig(StrictModel):
         if self.sample_size % self.patch_size:
             raise ValueError(f"sample_size={self.sample_size} is not divisible by patch_size={self.patch_size}")
         if self.pos_embed_max_size < self.sample_size // self.patch_size:
-            raise ValueError(f"pos_embed_max_size={self.pos_embed_max_size} patches does not cover sample_size="
-                             f"{self.sample_size} at patch_size={self.patch_size}")
+            raise ValueError(
+                f"pos_embed_max_size={self.pos_embed_max_size} patches does not cover sample_size="
+                f"{self.sample_size} at patch_size={self.patch_size}"
+            )
         return self
 
     @property
@@ -124,17 +127,46 @@ class MMDiTConfig(StrictModel):
 MMDIT_PRESETS: dict[str, MMDiTConfig] = {
     # CPU scale: 8x8x4 latents (16 patches, up to 16x16 latents), MiniLM text tokens (384) that the model pools
     # itself. 4 blocks of width 96: a training step takes fewer FLOPs than the tiny UNet's (ldm_core.flops).
-    "tiny": MMDiTConfig(in_channels=4, out_channels=4, patch_size=2, hidden_size=96, depth=4, num_heads=4,
-                        context_dim=384, pooled_projection_dim=None, sample_size=8, pos_embed_max_size=8),
+    "tiny": MMDiTConfig(
+        in_channels=4,
+        out_channels=4,
+        patch_size=2,
+        hidden_size=96,
+        depth=4,
+        num_heads=4,
+        context_dim=384,
+        pooled_projection_dim=None,
+        sample_size=8,
+        pos_embed_max_size=8,
+    ),
     # DiT-B/2 size (Peebles & Xie 2023) as a text-conditioned MMDiT on SD-1 latents (32x32x4 at 256 px, grid up
     # to 512 px) with CLIP ViT-L/14 tokens.
-    "dit-b": MMDiTConfig(in_channels=4, out_channels=4, patch_size=2, hidden_size=768, depth=12, num_heads=12,
-                         context_dim=768, pooled_projection_dim=None, sample_size=32, pos_embed_max_size=32),
+    "dit-b": MMDiTConfig(
+        in_channels=4,
+        out_channels=4,
+        patch_size=2,
+        hidden_size=768,
+        depth=12,
+        num_heads=12,
+        context_dim=768,
+        pooled_projection_dim=None,
+        sample_size=32,
+        pos_embed_max_size=32,
+    ),
     # Stable Diffusion 3 medium's transformer: 2,028,328,000 parameters (the "2B"), counted on the meta device
     # (tests/core/test_mmdit.py), the same as diffusers' SD3Transformer2DModel with this config.
-    "sd3-medium": MMDiTConfig(in_channels=16, out_channels=16, patch_size=2, hidden_size=1536, depth=24,
-                              num_heads=24, context_dim=4096, pooled_projection_dim=2048, sample_size=128,
-                              pos_embed_max_size=192),
+    "sd3-medium": MMDiTConfig(
+        in_channels=16,
+        out_channels=16,
+        patch_size=2,
+        hidden_size=1536,
+        depth=24,
+        num_heads=24,
+        context_dim=4096,
+        pooled_projection_dim=2048,
+        sample_size=128,
+        pos_embed_max_size=192,
+    ),
 }
 """Named MMDiT shapes. Derive a variant with validation: MMDiTConfig(preset="tiny", depth=2)."""
 
@@ -142,6 +174,7 @@ MMDIT_PRESETS: dict[str, MMDiTConfig] = {
 # ---------------------------------------------------------------------------------------------------------------
 # Embedding layers
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def sincos_1d(dim: int, pos: Tensor) -> Tensor:
     """[sin(p w_k), cos(p w_k)], w_k = 10000^(-k/(dim/2)), in float64 as MAE, DiT and diffusers. (M,) -> (M, dim)."""
@@ -180,8 +213,10 @@ class PatchEmbedder(nn.Module):
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre h x w of the grid (h, w in patches): (1, h*w, D)."""
         if h > self.max_size or w > self.max_size:
-            raise ValueError(f"{h}x{w} patches exceed pos_embed_max_size={self.max_size} (latents up to "
-                             f"{self.max_size * self.patch_size} per side)")
+            raise ValueError(
+                f"{h}x{w} patches exceed pos_embed_max_size={self.max_size} (latents up to "
+                f"{self.max_size * self.patch_size} per side)"
+            )
         top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
         grid = self.pos_embed.view(1, self.max_size, self.max_size, -1)  # (1, M, M, D)
         return grid[:, top : top + h, left : left + w].reshape(1, h * w, -1)
@@ -215,6 +250,7 @@ def masked_mean(context: Tensor, mask: Tensor | None) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # Joint block: two streams, one attention
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x (B, N, D) normalised, then scaled and shifted per sample by (B, D) vectors from c."""
@@ -301,8 +337,9 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, heads, qk_norm, pre_only=False)
         self.context_block = StreamBlock(dim, heads, qk_norm, pre_only=context_pre_only)
 
-    def forward(self, x: Tensor, context: Tensor, silu_c: Tensor,
-                key_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, context: Tensor, silu_c: Tensor, key_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """x (B, N, D) image tokens, context (B, L, D) text tokens, silu_c = SiLU(c) (B, D); key_mask
         (B, 1, 1, N + L) bool, True = may be attended to, or None when every token is real. Returns the updated
         (x, context); context is None after the last block."""
@@ -338,6 +375,7 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # The MMDiT
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class MMDiT(nn.Module):
     """eps/v/velocity predictor: forward(x (B,C,H,W), t, context (B,L,D), context_mask, pooled) -> (B,C_out,H,W)."""
@@ -386,8 +424,14 @@ class MMDiT(nn.Module):
         x = x.view(x.shape[0], h, w, p, p, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, h * p, w * p)
 
-    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, context_mask: Tensor | None = None,
-                pooled: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        pooled: Tensor | None = None,
+    ) -> Tensor:
         """x (B, C, H, W) noisy latents, H and W multiples of patch_size; t (B,) model time, or one time for all
         (0-d tensor / float), on a 0..1000 scale like the UNet's; context (B, L, context_dim) text tokens;
         context_mask (B, L) bool, True = real token (padding is never attended to and has no effect on the output);
@@ -413,9 +457,11 @@ class MMDiT(nn.Module):
             key_mask = torch.cat([image_keys, context_mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
         if pooled is None:
             if self.config.pooled_dim != self.config.context_dim:
-                raise ValueError(f"no pooled text vector given, and the tokens' width {self.config.context_dim} "
-                                 f"cannot stand in for one of width {self.config.pooled_dim} "
-                                 f"(pooled_projection_dim): pass `pooled`")
+                raise ValueError(
+                    f"no pooled text vector given, and the tokens' width {self.config.context_dim} "
+                    f"cannot stand in for one of width {self.config.pooled_dim} "
+                    f"(pooled_projection_dim): pass `pooled`"
+                )
             pooled = masked_mean(context, context_mask)  # (B, context_dim)
 
         c = self.t_embedder(t).to(x.dtype) + self.y_embedder(pooled.to(x.dtype))  # (B, D)

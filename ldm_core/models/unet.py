@@ -134,8 +134,9 @@ class UNetConfig(StrictModel):
             raise ValueError("set at most one of num_heads and num_head_channels")
         for width in self.level_channels():
             if width % self.norm_groups:
-                raise ValueError(f"width {width} (model_channels x channel_mult) is not divisible by "
-                                 f"norm_groups={self.norm_groups}")
+                raise ValueError(
+                    f"width {width} (model_channels x channel_mult) is not divisible by norm_groups={self.norm_groups}"
+                )
         # every level with a transformer, and the mid block (at the last level's width), must split into heads
         for width in {self.level_channels()[lv] for lv in self.attention_levels} | {self.level_channels()[-1]}:
             if self.num_heads is not None and width % self.num_heads:
@@ -160,11 +161,25 @@ class UNetConfig(StrictModel):
 UNET_PRESETS: dict[str, UNetConfig] = {
     # CPU scale: 8x8x4 latents, MiniLM text tokens (384). Two levels (8x8, 4x4); transformers at 4x4 and in the
     # mid block (transformers at 8x8 too would make every step markedly slower).
-    "tiny": UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
-                       num_heads=4, context_dim=384, norm_groups=8),
+    "tiny": UNetConfig(
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_levels=[1],
+        num_heads=4,
+        context_dim=384,
+        norm_groups=8,
+    ),
     # Stable Diffusion 1.x (64x64x4 latents at 512 px, CLIP ViT-L/14 tokens).
-    "sd1": UNetConfig(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_levels=[0, 1, 2],
-                      num_heads=8, context_dim=768, norm_groups=32),
+    "sd1": UNetConfig(
+        model_channels=320,
+        channel_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attention_levels=[0, 1, 2],
+        num_heads=8,
+        context_dim=768,
+        norm_groups=32,
+    ),
 }
 """Named UNet shapes. Derive a variant with validation: UNetConfig(**{**UNET_PRESETS["tiny"].to_dict(), ...})."""
 
@@ -172,6 +187,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 # ---------------------------------------------------------------------------------------------------------------
 # Timestep embedding
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = MAX_PERIOD) -> Tensor:
     """Sinusoidal features of (possibly fractional) times: [cos(t f_k), sin(t f_k)], f_k = max_period^(-k/(dim/2)).
@@ -203,6 +219,7 @@ class TimestepEmbedder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Residual block, down- and upsampling
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + (1x1-projected) input."""
@@ -251,6 +268,7 @@ class Upsample(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Spatial transformer: self-attention over pixels, cross-attention to the text, GEGLU feed-forward
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention; keys/values from `context` (cross, when context_dim is given) or
@@ -368,6 +386,7 @@ class SpatialTransformer(nn.Module):
 # Levels of the UNet
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _call(module: nn.Module, *args: Tensor | None, checkpointed: bool) -> Tensor:
     """module(*args), recomputed in the backward pass instead of stored when `checkpointed` (and grads are on)."""
     if checkpointed and torch.is_grad_enabled():
@@ -385,14 +404,27 @@ class DownLevel(nn.Module):
             for i in range(cfg.num_res_blocks)
         )
         self.transformers = nn.ModuleList(
-            SpatialTransformer(out_ch, cfg.heads_at(out_ch), cfg.transformer_depth, cfg.context_dim,
-                               cfg.norm_groups, cfg.use_linear_projection)
+            SpatialTransformer(
+                out_ch,
+                cfg.heads_at(out_ch),
+                cfg.transformer_depth,
+                cfg.context_dim,
+                cfg.norm_groups,
+                cfg.use_linear_projection,
+            )
             for _ in range(cfg.num_res_blocks if attention else 0)
         )
         self.downsample = Downsample(out_ch) if downsample else None
 
-    def forward(self, h: Tensor, silu_temb: Tensor, context: Tensor, context_mask: Tensor | None,
-                skips: list[Tensor], checkpointed: bool) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        silu_temb: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None,
+        skips: list[Tensor],
+        checkpointed: bool,
+    ) -> Tensor:
         """Runs the level and appends every intermediate feature map to `skips` for the way up."""
         for i, res in enumerate(self.res_blocks):
             h = _call(res, h, silu_temb, checkpointed=checkpointed)
@@ -411,12 +443,14 @@ class MidBlock(nn.Module):
     def __init__(self, ch: int, cfg: UNetConfig):
         super().__init__()
         self.res1 = ResBlock(ch, ch, cfg.time_embed_dim, cfg.norm_groups, cfg.dropout)
-        self.transformer = SpatialTransformer(ch, cfg.heads_at(ch), cfg.transformer_depth, cfg.context_dim,
-                                              cfg.norm_groups, cfg.use_linear_projection)
+        self.transformer = SpatialTransformer(
+            ch, cfg.heads_at(ch), cfg.transformer_depth, cfg.context_dim, cfg.norm_groups, cfg.use_linear_projection
+        )
         self.res2 = ResBlock(ch, ch, cfg.time_embed_dim, cfg.norm_groups, cfg.dropout)
 
-    def forward(self, h: Tensor, silu_temb: Tensor, context: Tensor, context_mask: Tensor | None,
-                checkpointed: bool) -> Tensor:
+    def forward(
+        self, h: Tensor, silu_temb: Tensor, context: Tensor, context_mask: Tensor | None, checkpointed: bool
+    ) -> Tensor:
         h = _call(self.res1, h, silu_temb, checkpointed=checkpointed)
         h = _call(self.transformer, h, context, context_mask, checkpointed=checkpointed)
         return _call(self.res2, h, silu_temb, checkpointed=checkpointed)
@@ -426,22 +460,36 @@ class UpLevel(nn.Module):
     """One resolution on the way up: (num_res_blocks + 1) x [concat a skip, ResBlock (+ SpatialTransformer)],
     then Upsample. `skip_channels` are the widths of the skips it consumes, in the order it pops them."""
 
-    def __init__(self, in_ch: int, out_ch: int, skip_channels: list[int], cfg: UNetConfig, attention: bool,
-                 upsample: bool):
+    def __init__(
+        self, in_ch: int, out_ch: int, skip_channels: list[int], cfg: UNetConfig, attention: bool, upsample: bool
+    ):
         super().__init__()
         self.res_blocks = nn.ModuleList(
             ResBlock((in_ch if i == 0 else out_ch) + skip, out_ch, cfg.time_embed_dim, cfg.norm_groups, cfg.dropout)
             for i, skip in enumerate(skip_channels)
         )
         self.transformers = nn.ModuleList(
-            SpatialTransformer(out_ch, cfg.heads_at(out_ch), cfg.transformer_depth, cfg.context_dim,
-                               cfg.norm_groups, cfg.use_linear_projection)
+            SpatialTransformer(
+                out_ch,
+                cfg.heads_at(out_ch),
+                cfg.transformer_depth,
+                cfg.context_dim,
+                cfg.norm_groups,
+                cfg.use_linear_projection,
+            )
             for _ in range(len(skip_channels) if attention else 0)
         )
         self.upsample = Upsample(out_ch) if upsample else None
 
-    def forward(self, h: Tensor, silu_temb: Tensor, context: Tensor, context_mask: Tensor | None,
-                skips: list[Tensor], checkpointed: bool) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        silu_temb: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None,
+        skips: list[Tensor],
+        checkpointed: bool,
+    ) -> Tensor:
         """Pops its skips (the latest first) from `skips`."""
         for i, res in enumerate(self.res_blocks):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
@@ -456,6 +504,7 @@ class UpLevel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # The UNet
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class UNet(nn.Module):
     """eps/v/velocity predictor: forward(x (B,C,H,W), t, context (B,L,D), context_mask (B,L) | None) -> (B,C,H,W)."""
@@ -487,16 +536,23 @@ class UNet(nn.Module):
         up: list[UpLevel] = []
         for level in reversed(range(n)):
             popped = [skip_channels.pop() for _ in range(config.num_res_blocks + 1)]
-            up.append(UpLevel(in_ch, widths[level], popped, config, level in config.attention_levels,
-                              upsample=level > 0))
+            up.append(
+                UpLevel(in_ch, widths[level], popped, config, level in config.attention_levels, upsample=level > 0)
+            )
             in_ch = widths[level]
         self.up = nn.ModuleList(reversed(up))
 
         self.norm_out = nn.GroupNorm(config.norm_groups, widths[0], eps=RES_NORM_EPS)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, context_mask: Tensor | None = None,
-                pooled: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        pooled: Tensor | None = None,
+    ) -> Tensor:
         """x (B, C, H, W) noisy latents; t (B,) model time, or one time for all (0-d tensor / float);
         context (B, L, D) text tokens; context_mask (B, L) bool, True = real token (padding gets no attention).
         pooled is ignored: the UNet reads the text only through cross-attention to the tokens; the argument is

@@ -83,8 +83,10 @@ class AutoencoderTrainingConfig(StrictModel):
     @model_validator(mode="after")
     def _check_trainable(self) -> AutoencoderTrainingConfig:
         if self.trainer.trainable == "decoder" and self.model.kind != "kl":
-            raise ValueError(f"trainer.trainable 'decoder' keeps a KL autoencoder's latent space fixed; model.kind is "
-                             f"{self.model.kind!r}")
+            raise ValueError(
+                f"trainer.trainable 'decoder' keeps a KL autoencoder's latent space fixed; model.kind is "
+                f"{self.model.kind!r}"
+            )
         return self
 
 
@@ -122,8 +124,14 @@ class GeneratorStep(nn.Module):
     the discriminator takes no gradient here and has its own wrapper (`DiscriminatorStep`).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: AutoencoderLoss, generator: torch.Generator, shard: BatchShard,
-                 sample_posterior: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: AutoencoderLoss,
+        generator: torch.Generator,
+        shard: BatchShard,
+        sample_posterior: bool,
+    ):
         super().__init__()
         self.model = model
         self.logvar = loss_fn.logvar
@@ -136,12 +144,19 @@ class GeneratorStep(nn.Module):
         out = self._autoencode(x)
         return out, self._loss[0].generator_terms(x, out.reconstruction, out.reg_loss, step, reg_kind=out.reg_kind)
 
-    def backward(self, out: AutoencoderOutput, terms: GeneratorTerms, scale: float,
-                 loss_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def backward(
+        self, out: AutoencoderOutput, terms: GeneratorTerms, scale: float, loss_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss's gradients, LPIPS and the discriminator back-propagated once
         (`AutoencoderLoss.generator_backward`)."""
-        return self._loss[0].generator_backward(terms, out.reconstruction, self.model.last_layer,
-                                                grad_mean=self.grad_mean, scale=scale, loss_scale=loss_scale)
+        return self._loss[0].generator_backward(
+            terms,
+            out.reconstruction,
+            self.model.last_layer,
+            grad_mean=self.grad_mean,
+            scale=scale,
+            loss_scale=loss_scale,
+        )
 
     def _autoencode(self, x: torch.Tensor) -> AutoencoderOutput:
         model = self.model
@@ -277,8 +292,9 @@ def train_autoencoder(
         parts["ema"] = ema
     if scaler_g.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
         parts.update(scaler_g=scaler_g, scaler_d=scaler_d)
-    loop = TrainingLoop(tc, run, data, parts, config.to_dict(), "model", "autoencoder", checkpoint_dir,
-                        storage_options)  # resumes from the newest checkpoint
+    loop = TrainingLoop(
+        tc, run, data, parts, config.to_dict(), "model", "autoencoder", checkpoint_dir, storage_options
+    )  # resumes from the newest checkpoint
     guard, stream = loop.guard, loop.stream
 
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
@@ -290,17 +306,27 @@ def train_autoencoder(
     distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
 
     if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
-        tracker.log_params({**flatten_dict(config.to_dict()), "perceptual_used": perceptual_used,
-                            "device": str(device), "precision": precision, "world_size": world_size,
-                            "resumed_from_step": loop.resumed_from or 0})
+        tracker.log_params(
+            {
+                **flatten_dict(config.to_dict()),
+                "perceptual_used": perceptual_used,
+                "device": str(device),
+                "precision": precision,
+                "world_size": world_size,
+                "resumed_from_step": loop.resumed_from or 0,
+            }
+        )
         tracker.set_tags({"perceptual_used": str(perceptual_used).lower()})
         if not perceptual_used:
-            log.warning("training the autoencoder WITHOUT the LPIPS perceptual term (VGG weights unavailable, "
-                        "allowed by loss.allow_missing_perceptual)")
+            log.warning(
+                "training the autoencoder WITHOUT the LPIPS perceptual term (VGG weights unavailable, "
+                "allowed by loss.allow_missing_perceptual)"
+            )
 
     image_size = config.model.resolution  # replaced by the batches' own size
-    meter = ThroughputMeter(device, precision, world_size,
-                            flops=lambda: autoencoder_step_flops(config, image_size, perceptual_used))
+    meter = ThroughputMeter(
+        device, precision, world_size, flops=lambda: autoencoder_step_flops(config, image_size, perceptual_used)
+    )
     last_images: tuple[torch.Tensor, torch.Tensor] | None = None
     model.train()
     loss_fn.train()
@@ -363,16 +389,28 @@ def train_autoencoder(
         if last_images is not None:
             tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)
 
-    finished = loop.run(train_step, tracker, meter, rate_name="images_per_second", should_stop=should_stop,
-                        images=log_reconstructions, image_every=tc.image_every)
+    finished = loop.run(
+        train_step,
+        tracker,
+        meter,
+        rate_name="images_per_second",
+        should_stop=should_stop,
+        images=log_reconstructions,
+        image_every=tc.image_every,
+    )
     if rank == 0 and finished:
         log_reconstructions(loop.step)
     final = (ema.model if ema is not None else model).eval()
     final = final.to(memory_format=torch.contiguous_format).cpu()
     return AutoencoderTrainResult(
-        model=final, step=loop.step, perceptual_used=perceptual_used, nonfinite_skipped=guard.skipped,
-        resumed_from=loop.resumed_from, history=loop.window.history,
-        images_per_second=meter.rate(), finished=finished,
+        model=final,
+        step=loop.step,
+        perceptual_used=perceptual_used,
+        nonfinite_skipped=guard.skipped,
+        resumed_from=loop.resumed_from,
+        history=loop.window.history,
+        images_per_second=meter.rate(),
+        finished=finished,
     )
 
 
@@ -382,9 +420,15 @@ def train_autoencoder(
 
 
 @torch.inference_mode()
-def measure_latent_scale(model: nn.Module, data: torch.utils.data.Dataset, max_items: int = 1024,
-                         batch_size: int = 32, use_shift: bool = False, seed: int = 0,
-                         device: str | torch.device = "cpu") -> tuple[float, float]:
+def measure_latent_scale(
+    model: nn.Module,
+    data: torch.utils.data.Dataset,
+    max_items: int = 1024,
+    batch_size: int = 32,
+    use_shift: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[float, float]:
     """Encode a sample of the data and return (scale, shift): latents (z − shift)·scale have unit std.
 
     scale = 1/std(z) over all elements, z a posterior sample (as SD-1 measured its 0.18215); shift is the mean when
@@ -414,4 +458,3 @@ def measure_latent_scale(model: nn.Module, data: torch.utils.data.Dataset, max_i
         raise ValueError("latents have zero variance: cannot measure a latent scale (is the autoencoder trained?)")
     shift = mean if use_shift else 0.0
     return 1.0 / std, shift
-

@@ -29,8 +29,9 @@ class EpochBatchSampler:
     so the union over ranks of one step equals the single-process batch of the same global size.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ):
         if num_items < batch_size:
             raise ValueError(f"dataset has {num_items} items, fewer than one batch of {batch_size}")
         if batch_size % world_size:
@@ -77,8 +78,14 @@ class BatchStream:
     Workers (when ``num_workers`` > 0) prefetch ahead, so data loading overlaps compute; the order is unchanged.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, sampler: EpochBatchSampler, start: DataPosition,
-                 collate: Callable[[list[Any]], Any] | None = None, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        sampler: EpochBatchSampler,
+        start: DataPosition,
+        collate: Callable[[list[Any]], Any] | None = None,
+        num_workers: int = 0,
+    ):
         self.dataset, self.sampler = dataset, sampler
         self.collate = collate or torch.utils.data.default_collate
         self.num_workers = num_workers
@@ -101,8 +108,12 @@ class BatchStream:
                 self._it = (self.collate([self.dataset[i] for i in b]) for b in batches)
         else:
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
-                persistent_workers=False, prefetch_factor=4,
+                self.dataset,
+                batch_sampler=batches,
+                collate_fn=self.collate,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                prefetch_factor=4,
             )
             self._it = iter(loader)
         self._epoch_of_it = self.position.epoch

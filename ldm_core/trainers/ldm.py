@@ -102,9 +102,11 @@ class LDMTrainResult:
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------
 
-_NO_POOLED = ("the {kind} denoiser takes the pooled text vector, and {what}: a latent store written before pooled "
-              "vectors were cached? Run encode_dataset on it again (in the pipeline: materialize latent_store), which "
-              "adds them from the stored captions without re-encoding the images.")
+_NO_POOLED = (
+    "the {kind} denoiser takes the pooled text vector, and {what}: a latent store written before pooled "
+    "vectors were cached? Run encode_dataset on it again (in the pipeline: materialize latent_store), which "
+    "adds them from the stored captions without re-encoding the images."
+)
 
 
 def train_ldm(
@@ -141,8 +143,11 @@ def train_ldm(
     device, precision, rank, world_size = run.device, run.precision, run.rank, run.world_size
     shard, accum, gen = run.shard, run.accum, run.gen
     diffusion = create_diffusion(config.diffusion)
-    model_cfg = config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing}) \
-        if hasattr(config.denoiser, "gradient_checkpointing") else config.denoiser
+    model_cfg = (
+        config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing})
+        if hasattr(config.denoiser, "gradient_checkpointing")
+        else config.denoiser
+    )
     model = build_denoiser(model_cfg)
     if init_weights is not None:
         load_init_weights(model, init_weights, "denoiser")
@@ -163,9 +168,11 @@ def train_ldm(
 
     draws = getattr(latents, "sample_posterior", False)
     if draws != tc.sample_posterior:
-        raise ValueError(f"trainer.sample_posterior is {tc.sample_posterior}, but the latent dataset "
-                         f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
-                         f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)")
+        raise ValueError(
+            f"trainer.sample_posterior is {tc.sample_posterior}, but the latent dataset "
+            f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
+            f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)"
+        )
     scaler = LossScaler(precision, device)
     parts: dict[str, Any] = {**(checkpoint_parts(model) if config.lora is not None else {"model": model}), "opt": opt}
     if ema is not None:
@@ -173,8 +180,9 @@ def train_ldm(
     if scaler.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
         parts["scaler"] = scaler
     # resumes from the newest checkpoint, of the same denoiser and adapter configs (a full run's has no adapter)
-    loop = TrainingLoop(tc, run, latents, parts, config.to_dict(), ("denoiser", "lora"), "LDM", checkpoint_dir,
-                        storage_options)
+    loop = TrainingLoop(
+        tc, run, latents, parts, config.to_dict(), ("denoiser", "lora"), "LDM", checkpoint_dir, storage_options
+    )
     guard, stream = loop.guard, loop.stream
 
     # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
@@ -186,13 +194,21 @@ def train_ldm(
 
     if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
         n_params = sum(p.numel() for p in params)
-        tracker.log_params({**flatten_dict(config.to_dict()), "device": str(device), "precision": precision,
-                            "world_size": world_size, "denoiser_parameters": n_params,
-                            "resumed_from_step": loop.resumed_from or 0})
+        tracker.log_params(
+            {
+                **flatten_dict(config.to_dict()),
+                "device": str(device),
+                "precision": precision,
+                "world_size": world_size,
+                "denoiser_parameters": n_params,
+                "resumed_from_step": loop.resumed_from or 0,
+            }
+        )
 
     shapes: tuple | None = None  # (latent (C, h, w), context (L, D)), known after the first batch
-    meter = ThroughputMeter(device, precision, world_size,
-                            flops=lambda: {"step": denoiser_step_flops(config.denoiser, *shapes)})
+    meter = ThroughputMeter(
+        device, precision, world_size, flops=lambda: {"step": denoiser_step_flops(config.denoiser, *shapes)}
+    )
 
     def train_step(step: int) -> StepOutput:
         nonlocal shapes
@@ -208,12 +224,21 @@ def train_ldm(
             pooled = None
             if use_pooled:
                 if "pooled" not in batch:
-                    raise ValueError(_NO_POOLED.format(kind=config.denoiser.kind,
-                                                       what="the training batches have no 'pooled'"))
+                    raise ValueError(
+                        _NO_POOLED.format(kind=config.denoiser.kind, what="the training batches have no 'pooled'")
+                    )
                 pooled = batch["pooled"].to(device, non_blocking=True).float()  # (b, D_pool)
-            ctx, mask, pooled = drop_conditioning(ctx, mask, uncond_ctx, uncond_mask, tc.cond_dropout, gen,
-                                                  shard=shard, pooled=pooled,
-                                                  uncond_pooled=uncond_pooled if use_pooled else None)
+            ctx, mask, pooled = drop_conditioning(
+                ctx,
+                mask,
+                uncond_ctx,
+                uncond_mask,
+                tc.cond_dropout,
+                gen,
+                shard=shard,
+                pooled=pooled,
+                uncond_pooled=uncond_pooled if use_pooled else None,
+            )
             sample = diffusion.training_sample(x0, gen, shard=shard)
             with distributed.no_sync_unless(net, sync=i == accum - 1):  # all-reduce once, after the last
                 with autocast(device, precision):
@@ -236,11 +261,23 @@ def train_ldm(
     def log_samples(step: int) -> None:
         tracker.log_image(sample_fn(ema.model if ema is not None else model, step), "validation_samples", step)
 
-    finished = loop.run(train_step, tracker, meter, should_stop=should_stop,
-                        images=log_samples if sample_fn is not None else None, image_every=tc.validation_every)
+    finished = loop.run(
+        train_step,
+        tracker,
+        meter,
+        should_stop=should_stop,
+        images=log_samples if sample_fn is not None else None,
+        image_every=tc.validation_every,
+    )
     final = (ema.model if ema is not None else model).eval()
     if rank == 0 and finished and sample_fn is not None:
         tracker.log_image(sample_fn(final, loop.step), "validation_samples", loop.step)
-    return LDMTrainResult(model=final.cpu(), step=loop.step, nonfinite_skipped=guard.skipped,
-                          resumed_from=loop.resumed_from, history=loop.window.history,
-                          samples_per_second=meter.rate(), finished=finished)
+    return LDMTrainResult(
+        model=final.cpu(),
+        step=loop.step,
+        nonfinite_skipped=guard.skipped,
+        resumed_from=loop.resumed_from,
+        history=loop.window.history,
+        samples_per_second=meter.rate(),
+        finished=finished,
+    )

@@ -1,11 +1,11 @@
 """The loop both trainers run around their own step, so that they differ only in their model and their step.
 
-    resume from the newest checkpoint, if any, and stream batches from the position it recorded; then step by step:
-    1) the trainer's step (forward, backward, optimizer, EMA), which returns its metrics
-    2) every ``log_every`` steps and at the last: the interval's means to the tracker (means over the ranks)
-    3) every ``image_every`` steps: the trainer's images to the tracker (rank 0)
-    4) every ``checkpoint_every`` steps, at the last, and when asked to stop: a checkpoint (rank 0), never past the
-       non-finite limit
+resume from the newest checkpoint, if any, and stream batches from the position it recorded; then step by step:
+1) the trainer's step (forward, backward, optimizer, EMA), which returns its metrics
+2) every ``log_every`` steps and at the last: the interval's means to the tracker (means over the ranks)
+3) every ``image_every`` steps: the trainer's images to the tracker (rank 0)
+4) every ``checkpoint_every`` steps, at the last, and when asked to stop: a checkpoint (rank 0), never past the
+   non-finite limit
 """
 
 from __future__ import annotations
@@ -47,9 +47,18 @@ class TrainingLoop:
     from the recorded position, and ``guard`` counts the non-finite steps the trainer's step flags.
     """
 
-    def __init__(self, tc: TrainerConfig, run: RunSetup, data: torch.utils.data.Dataset, parts: dict[str, Any],
-                 run_config: dict[str, Any], model_key: str | tuple[str, ...], what: str, checkpoint_dir: str | None,
-                 storage_options: dict[str, Any] | None):
+    def __init__(
+        self,
+        tc: TrainerConfig,
+        run: RunSetup,
+        data: torch.utils.data.Dataset,
+        parts: dict[str, Any],
+        run_config: dict[str, Any],
+        model_key: str | tuple[str, ...],
+        what: str,
+        checkpoint_dir: str | None,
+        storage_options: dict[str, Any] | None,
+    ):
         self.tc, self.setup = tc, run
         sampler = run.sampler(len(data), tc.seed)
         self.checkpoints = run.checkpoints(tc, checkpoint_dir, storage_options)
@@ -66,22 +75,45 @@ class TrainingLoop:
         self.stream = BatchStream(data, sampler, position, num_workers=tc.num_workers)
         self.window = MetricWindow()
 
-    def run(self, train_step: Callable[[int], StepOutput], tracker: Tracker, meter: ThroughputMeter, *,
-            rate_name: str = "samples_per_second", should_stop: Callable[[int], bool] | None = None,
-            images: Callable[[int], None] | None = None, image_every: int = 0) -> bool:
+    def run(
+        self,
+        train_step: Callable[[int], StepOutput],
+        tracker: Tracker,
+        meter: ThroughputMeter,
+        *,
+        rate_name: str = "samples_per_second",
+        should_stop: Callable[[int], bool] | None = None,
+        images: Callable[[int], None] | None = None,
+        image_every: int = 0,
+    ) -> bool:
         """Step until ``trainer.steps`` (``train_step`` takes the 0-based step); False when ``should_stop`` ended
         the run early, after a checkpoint (resume later). Every rank returns once rank 0's last checkpoint is
         committed."""
         try:
-            return self._run(train_step, tracker, meter, rate_name=rate_name, should_stop=should_stop,
-                             images=images, image_every=image_every)
+            return self._run(
+                train_step,
+                tracker,
+                meter,
+                rate_name=rate_name,
+                should_stop=should_stop,
+                images=images,
+                image_every=image_every,
+            )
         finally:
             if self.checkpoints is not None:
                 self.checkpoints.release()
 
-    def _run(self, train_step: Callable[[int], StepOutput], tracker: Tracker, meter: ThroughputMeter, *,
-             rate_name: str, should_stop: Callable[[int], bool] | None, images: Callable[[int], None] | None,
-             image_every: int) -> bool:
+    def _run(
+        self,
+        train_step: Callable[[int], StepOutput],
+        tracker: Tracker,
+        meter: ThroughputMeter,
+        *,
+        rate_name: str,
+        should_stop: Callable[[int], bool] | None,
+        images: Callable[[int], None] | None,
+        image_every: int,
+    ) -> bool:
         tc, rank = self.tc, self.setup.rank
         finished = True
         while self.step < tc.steps:
@@ -91,8 +123,12 @@ class TrainingLoop:
             meter.add(tc.batch_size)
             self.window.add(out.logs)
             if step % tc.log_every == 0 or step == tc.steps:  # every rank flushes (means over ranks); rank 0 logs
-                means = self.window.flush(step, **out.extra, nonfinite_skipped=float(self.guard.enforce(step)),
-                                          **meter.metrics(out.flops, name=rate_name))
+                means = self.window.flush(
+                    step,
+                    **out.extra,
+                    nonfinite_skipped=float(self.guard.enforce(step)),
+                    **meter.metrics(out.flops, name=rate_name),
+                )
                 if rank == 0:
                     tracker.log_metrics(means, step)
             if rank == 0 and images is not None and image_every and step % image_every == 0:

@@ -57,8 +57,13 @@ class ThroughputMeter:
     datasheet on known GPUs. MFU = FLOPs/sample × samples/s per device ÷ peak.
     """
 
-    def __init__(self, device: torch.device, precision: str, world_size: int = 1,
-                 flops: Callable[[], dict[str, float]] | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        precision: str,
+        world_size: int = 1,
+        flops: Callable[[], dict[str, float]] | None = None,
+    ):
         self.device, self.precision, self.world_size = device, precision, world_size
         self._flops_fn, self._flops = flops, None
         self.t0 = time.perf_counter()

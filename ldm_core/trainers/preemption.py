@@ -67,8 +67,10 @@ class TrainingInterrupted(RuntimeError):
 
     def __init__(self, what: str, step: int, signame: str, seconds: float):
         self.what, self.step, self.signame, self.seconds = what, step, signame, seconds
-        super().__init__(f"{what} training stopped on {signame} at step {step}, {seconds:.1f}s after the signal, with "
-                         "that step's checkpoint committed; running it again resumes from there")
+        super().__init__(
+            f"{what} training stopped on {signame} at step {step}, {seconds:.1f}s after the signal, with "
+            "that step's checkpoint committed; running it again resumes from there"
+        )
 
 
 @contextlib.contextmanager

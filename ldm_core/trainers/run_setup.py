@@ -56,14 +56,18 @@ def split_global_batch(batch_size: int, micro_batch_size: int | None, world_size
     process per step (no accumulation). Anything that does not divide exactly is an error, never a silent rounding.
     """
     if batch_size % world_size:
-        raise ValueError(f"trainer.batch_size {batch_size} (the global batch) is not divisible by the {world_size} "
-                         f"processes; use a multiple of {world_size}")
+        raise ValueError(
+            f"trainer.batch_size {batch_size} (the global batch) is not divisible by the {world_size} "
+            f"processes; use a multiple of {world_size}"
+        )
     per_rank = batch_size // world_size
     micro = micro_batch_size or per_rank
     if per_rank % micro:
-        raise ValueError(f"trainer.batch_size {batch_size} must equal micro_batch_size × accumulation × processes: "
-                         f"{world_size} processes get {per_rank} each, which is not a multiple of micro_batch_size "
-                         f"{micro}; use a batch_size that is a multiple of {micro * world_size}")
+        raise ValueError(
+            f"trainer.batch_size {batch_size} must equal micro_batch_size × accumulation × processes: "
+            f"{world_size} processes get {per_rank} each, which is not a multiple of micro_batch_size "
+            f"{micro}; use a batch_size that is a multiple of {micro * world_size}"
+        )
     return micro, per_rank // micro
 
 
@@ -98,16 +102,26 @@ class RunSetup:
         precision = resolve_precision(tc.precision, device)
         rank, world_size = distributed.resolve_world(rank, world_size)
         micro, accum = split_global_batch(tc.batch_size, tc.micro_batch_size, world_size)
-        return cls(device, precision, rank, world_size, BatchShard(rank, world_size), micro, accum,
-                   seed_everything(tc.seed, device))
+        return cls(
+            device,
+            precision,
+            rank,
+            world_size,
+            BatchShard(rank, world_size),
+            micro,
+            accum,
+            seed_everything(tc.seed, device),
+        )
 
     def sampler(self, num_items: int, seed: int) -> EpochBatchSampler:
         """This rank's share of every global micro-batch, epoch after epoch."""
-        return EpochBatchSampler(num_items, self.micro * self.world_size, seed=seed, rank=self.rank,
-                                 world_size=self.world_size)
+        return EpochBatchSampler(
+            num_items, self.micro * self.world_size, seed=seed, rank=self.rank, world_size=self.world_size
+        )
 
-    def checkpoints(self, tc: TrainerConfig, checkpoint_dir: str | None,
-                    storage_options: dict[str, Any] | None) -> CheckpointManager | None:
+    def checkpoints(
+        self, tc: TrainerConfig, checkpoint_dir: str | None, storage_options: dict[str, Any] | None
+    ) -> CheckpointManager | None:
         if not checkpoint_dir:
             return None
         return CheckpointManager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options)

@@ -28,8 +28,12 @@ def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
@@ -58,24 +62,35 @@ class RunState:
     checkpoint is never loaded into a different architecture.
     """
 
-    def __init__(self, run_config: dict[str, Any], model_key: str | tuple[str, ...], parts: dict[str, Any],
-                 generator: torch.Generator, guard: NonFiniteGuard):
+    def __init__(
+        self,
+        run_config: dict[str, Any],
+        model_key: str | tuple[str, ...],
+        parts: dict[str, Any],
+        generator: torch.Generator,
+        guard: NonFiniteGuard,
+    ):
         self.run_config, self.model_keys = run_config, (model_key,) if isinstance(model_key, str) else model_key
         self.parts, self.generator, self.guard = parts, generator, guard
 
     def snapshot(self, step: int, position: DataPosition) -> dict[str, Any]:
         return {
-            "step": step, "position": position.to_dict(), "config": self.run_config,
+            "step": step,
+            "position": position.to_dict(),
+            "config": self.run_config,
             **{name: part.state_dict() for name, part in self.parts.items()},
-            "rng": capture_rng(self.generator), "nonfinite_skipped": self.guard.skipped,
+            "rng": capture_rng(self.generator),
+            "nonfinite_skipped": self.guard.skipped,
             "world_size": distributed.current().world_size,
         }
 
     def restore(self, state: dict[str, Any], where: str) -> tuple[int, DataPosition]:
         for key in self.model_keys:
             if state["config"].get(key) != self.run_config.get(key):
-                raise ValueError(f"the checkpoint in {where} was trained with a different {key} config; "
-                                 "point the checkpoint directory elsewhere to start a new run")
+                raise ValueError(
+                    f"the checkpoint in {where} was trained with a different {key} config; "
+                    "point the checkpoint directory elsewhere to start a new run"
+                )
         for name, part in self.parts.items():
             if name not in state and isinstance(part, LossScaler):  # an fp16 checkpoint from before the scaler
                 log.warning("the checkpoint in %s has no %s state: the fp16 loss scale starts afresh", where, name)
@@ -87,14 +102,17 @@ class RunState:
         if saved_world != world:
             # the data position counts global micro-batches of micro_batch_size × world size: with the same
             # accumulation (e.g. micro_batch_size unset) the run continues exactly, otherwise only approximately
-            log.warning("resuming a checkpoint written by %d processes with %d: the continuation is exact only if "
-                        "the accumulation steps (batch_size / (micro_batch_size × processes)) are unchanged",
-                        saved_world, world)
+            log.warning(
+                "resuming a checkpoint written by %d processes with %d: the continuation is exact only if "
+                "the accumulation steps (batch_size / (micro_batch_size × processes)) are unchanged",
+                saved_world,
+                world,
+            )
         return state["step"], DataPosition(**state["position"])
 
-
-    def resume_latest(self, ckpt: CheckpointManager | None, where: str | None,
-                      what: str) -> tuple[int, DataPosition, int | None]:
+    def resume_latest(
+        self, ckpt: CheckpointManager | None, where: str | None, what: str
+    ) -> tuple[int, DataPosition, int | None]:
         """Loads the newest checkpoint in ``ckpt`` when there is one: (start step, data position, step resumed
         from or None for a fresh run)."""
         if ckpt is None or (latest := ckpt.load_latest()) is None:

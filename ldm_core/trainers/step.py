@@ -84,8 +84,12 @@ class NonFiniteGuard:
         written (the last checkpoint is intact)."""
         n = self.skipped
         if n > self._reported:
-            log.warning("%d step(s) with a non-finite loss or gradient skipped%s (%d in all)", n - self._reported,
-                        f" up to step {step}" if step is not None else "", n)
+            log.warning(
+                "%d step(s) with a non-finite loss or gradient skipped%s (%d in all)",
+                n - self._reported,
+                f" up to step {step}" if step is not None else "",
+                n,
+            )
             self._reported = n
         if n > self.max_skips:
             raise NonFiniteLossError(
@@ -170,8 +174,14 @@ def grad_norm_and_finite(params: Sequence[torch.Tensor], max_norm: float | None)
     return torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str = "constant",
-          min_lr_ratio: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    base_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str = "constant",
+    min_lr_ratio: float = 0.0,
+) -> float:
     """Learning rate at ``step`` (0-based)."""
     # 1) linear warmup from 0 to base_lr
     if warmup_steps > 0 and step < warmup_steps:

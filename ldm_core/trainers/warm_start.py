@@ -13,10 +13,10 @@ def load_init_weights(model: nn.Module, weights: dict[str, torch.Tensor], what: 
     own = model.state_dict()
     for k, v in weights.items():
         if k in own and own[k].shape != v.shape:
-            raise ValueError(f"init weights: {k} has shape {tuple(v.shape)}, the configured {what}'s is "
-                             f"{tuple(own[k].shape)}")
+            raise ValueError(
+                f"init weights: {k} has shape {tuple(v.shape)}, the configured {what}'s is {tuple(own[k].shape)}"
+            )
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"init weights do not fit the configured {what}: {' '.join(str(e).split())[:400]}") \
-            from None
+        raise ValueError(f"init weights do not fit the configured {what}: {' '.join(str(e).split())[:400]}") from None

@@ -27,9 +27,11 @@ GPU_OP_TAGS = {
         "merge_behavior": "SHALLOW",
         "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}},
         # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule so that only pods asking for one land there
-        "pod_spec_config": {"termination_grace_period_seconds": POD_TERMINATION_GRACE_S,
-                            "node_selector": {"nvidia.com/gpu.present": "true"},
-                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        "pod_spec_config": {
+            "termination_grace_period_seconds": POD_TERMINATION_GRACE_S,
+            "node_selector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
     },
 }
 

@@ -21,8 +21,13 @@ def _builtin_source(store: StorageResource, cfg: ImageDatasetConfig) -> str:
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, description=__doc__)
-def image_dataset(context: dg.AssetExecutionContext, config: ImageDatasetConfig, mlflow: MLflowResource,
-                  storage: StorageResource, run_config_check: RunConfigCheck) -> dg.MaterializeResult:
+def image_dataset(
+    context: dg.AssetExecutionContext,
+    config: ImageDatasetConfig,
+    mlflow: MLflowResource,
+    storage: StorageResource,
+    run_config_check: RunConfigCheck,
+) -> dg.MaterializeResult:
     source = _builtin_source(storage, config) if config.source == BUILTIN_SHAPES else config.source
     ingest_cfg = to_core(IngestConfig, {**config.ingest.model_dump(), "source": source}, "image_dataset.ingest")
     out_url = storage.url("datasets", config.name)
@@ -53,8 +58,10 @@ def image_dataset(context: dg.AssetExecutionContext, config: ImageDatasetConfig,
         run.tracker.log_dict(result.to_dict(), "ingest_result.json")
         manifest = read_manifest(out_url)
         version = stable_key([s.model_dump() for s in manifest.shards]) if manifest else "empty"
-        context.log.info(f"ingested {result.rows_new} new rows ({result.rows_total} total) into {out_url}; "
-                         f"bad inputs: {dict(result.bad) or 'none'}")
+        context.log.info(
+            f"ingested {result.rows_new} new rows ({result.rows_total} total) into {out_url}; "
+            f"bad inputs: {dict(result.bad) or 'none'}"
+        )
         return dg.MaterializeResult(
             metadata={
                 "dataset_url": out_url,

@@ -21,11 +21,23 @@ from pipeline.resources import ComputeResource, MLflowResource, StorageResource
 from pipeline.validation import RunConfigCheck
 
 
-@dg.asset(group_name=GROUP, deps=["image_dataset", "vae_model"], pool=GPU_POOL, op_tags=GPU_OP_TAGS,
-          retry_policy=GPU_RETRY_POLICY, kinds={"zarr", "pytorch"}, description=__doc__)
-def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConfig, mlflow: MLflowResource,
-                 storage: StorageResource, compute: ComputeResource,
-                 run_config_check: RunConfigCheck) -> dg.MaterializeResult:
+@dg.asset(
+    group_name=GROUP,
+    deps=["image_dataset", "vae_model"],
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    retry_policy=GPU_RETRY_POLICY,
+    kinds={"zarr", "pytorch"},
+    description=__doc__,
+)
+def latent_store(
+    context: dg.AssetExecutionContext,
+    config: LatentStoreAssetConfig,
+    mlflow: MLflowResource,
+    storage: StorageResource,
+    compute: ComputeResource,
+    run_config_check: RunConfigCheck,
+) -> dg.MaterializeResult:
     reads = read_upstream(context, "image_dataset"), read_upstream(context, "vae_model")
     ds, vae_md = (r.metadata for r in reads)
     store_data = {k: v for k, v in config.store.model_dump().items() if v is not None}
@@ -40,13 +52,19 @@ def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConf
     store_url = storage.url("latents", f"vae-v{vae_md['vae_version']}-{key}")
 
     def progress(p) -> None:
-        context.log.info(f"encoded {p.source} ({p.rows} rows): shard {p.shards_done}/{p.shards_todo}, "
-                         f"{p.rows_done} rows so far")
+        context.log.info(
+            f"encoded {p.source} ({p.rows} rows): shard {p.shards_done}/{p.shards_todo}, {p.rows_done} rows so far"
+        )
 
     with mlflow.materialization_run(context) as run:
-        run.tracker.log_params({"vae_uri": vae_md["vae_uri"], "store_url": store_url,
-                                **{f"store.{k}": v for k, v in store_cfg.to_dict().items()},
-                                **{f"text_encoder.{k}": v for k, v in text_cfg.to_dict().items()}})
+        run.tracker.log_params(
+            {
+                "vae_uri": vae_md["vae_uri"],
+                "store_url": store_url,
+                **{f"store.{k}": v for k, v in store_cfg.to_dict().items()},
+                **{f"text_encoder.{k}": v for k, v in text_cfg.to_dict().items()},
+            }
+        )
         result = encode_dataset(
             ds["dataset_url"],
             store_url,
@@ -57,24 +75,42 @@ def latent_store(context: dg.AssetExecutionContext, config: LatentStoreAssetConf
             device=device,
             progress=progress,
         )
-        run.tracker.log_metrics({"rows_total": result.rows_total, "rows_new": result.rows_new,
-                                 "images_per_second": result.images_per_second}, step=0)
-        context.log.info(f"{result.rows_new} new rows encoded ({result.rows_total} total) at "
-                         f"{result.images_per_second:.1f} images/s into {store_url}")
+        run.tracker.log_metrics(
+            {
+                "rows_total": result.rows_total,
+                "rows_new": result.rows_new,
+                "images_per_second": result.images_per_second,
+            },
+            step=0,
+        )
+        context.log.info(
+            f"{result.rows_new} new rows encoded ({result.rows_total} total) at "
+            f"{result.images_per_second:.1f} images/s into {store_url}"
+        )
         if result.pooled_rows_added:
             context.log.info(f"{result.pooled_rows_added} rows written before pooled text vectors were cached got one")
         return dg.MaterializeResult(
             metadata={
-                "store_url": store_url, "vae_uri": vae_md["vae_uri"], "vae_url": vae_md["vae_url"],
-                "rows_total": result.rows_total, "rows_new": result.rows_new,
-                "shards_total": result.shards_total, "shards_new": result.shards_new,
-                "images_per_second": result.images_per_second, "text_encoder": text_encoder.identity,
-                "text_encoder_config": json_md(text_cfg.to_dict()), "context_dim": text_encoder.dim,
-                "pooled_dim": text_encoder.pooled_dim, "pooling": text_encoder.pooling,
+                "store_url": store_url,
+                "vae_uri": vae_md["vae_uri"],
+                "vae_url": vae_md["vae_url"],
+                "rows_total": result.rows_total,
+                "rows_new": result.rows_new,
+                "shards_total": result.shards_total,
+                "shards_new": result.shards_new,
+                "images_per_second": result.images_per_second,
+                "text_encoder": text_encoder.identity,
+                "text_encoder_config": json_md(text_cfg.to_dict()),
+                "context_dim": text_encoder.dim,
+                "pooled_dim": text_encoder.pooled_dim,
+                "pooling": text_encoder.pooling,
                 "pooled_rows_added": result.pooled_rows_added,
-                "latent_shape": vae_md["latent_shape"], "backend": store_cfg.backend,
-                "check_std_tolerance": config.check_std_tolerance, "check_sample_rows": config.check_sample_rows,
-                "mlflow_run": dg.MetadataValue.url(run.url), **lineage_metadata(*reads),
+                "latent_shape": vae_md["latent_shape"],
+                "backend": store_cfg.backend,
+                "check_std_tolerance": config.check_std_tolerance,
+                "check_sample_rows": config.check_sample_rows,
+                "mlflow_run": dg.MetadataValue.url(run.url),
+                **lineage_metadata(*reads),
             },
             data_version=dg.DataVersion(f"{vae_md['vae_uri']}|rows={result.rows_total}"),
         )

@@ -40,25 +40,50 @@ from pipeline.validation import RunConfigCheck
 REGISTERED_NAME = "ldm"
 
 
-@dg.asset(group_name=GROUP, deps=["latent_store"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY_POLICY,
-          kinds={"pytorch", "mlflow"}, description=__doc__)
-def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow: MLflowResource,
-              storage: StorageResource, compute: ComputeResource,
-              run_config_check: RunConfigCheck) -> dg.MaterializeResult:
+@dg.asset(
+    group_name=GROUP,
+    deps=["latent_store"],
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    retry_policy=GPU_RETRY_POLICY,
+    kinds={"pytorch", "mlflow"},
+    description=__doc__,
+)
+def ldm_model(
+    context: dg.AssetExecutionContext,
+    config: LdmModelConfig,
+    mlflow: MLflowResource,
+    storage: StorageResource,
+    compute: ComputeResource,
+    run_config_check: RunConfigCheck,
+) -> dg.MaterializeResult:
     store_read = read_upstream(context, "latent_store")
     store_md = store_read.metadata
     store = LatentStore(store_md["store_url"])
     # the shapes the latent store dictates, where the run config leaves them unset
-    completed = complete_ldm_training(config.training.model_dump(), latent_channels=int(store_md["latent_shape"][0]),
-                                      context_dim=int(store_md["context_dim"]), pooled_dim=store.metadata.pooled_dim)
+    completed = complete_ldm_training(
+        config.training.model_dump(),
+        latent_channels=int(store_md["latent_shape"][0]),
+        context_dim=int(store_md["context_dim"]),
+        pooled_dim=store.metadata.pooled_dim,
+    )
     training = to_core(LDMTrainingConfig, completed, "ldm_model.training")
     training = training.model_copy(update={"trainer": compute.apply(training.trainer)})
     # the starting weights (init_from), checked against the store before anything else: a source's network wins
-    init = plan_init(config.init_from, config.init_subfolder, configured=training.denoiser,
-                     denoiser_set=config.training.denoiser is not None, client=mlflow.client(),
-                     store=StoreShapes(tuple(store_md["latent_shape"]), int(store_md["context_dim"]),
-                                       store.metadata.pooled_dim, store_md["vae_uri"]),
-                     registered_name=REGISTERED_NAME)
+    init = plan_init(
+        config.init_from,
+        config.init_subfolder,
+        configured=training.denoiser,
+        denoiser_set=config.training.denoiser is not None,
+        client=mlflow.client(),
+        store=StoreShapes(
+            tuple(store_md["latent_shape"]),
+            int(store_md["context_dim"]),
+            store.metadata.pooled_dim,
+            store_md["vae_uri"],
+        ),
+        registered_name=REGISTERED_NAME,
+    )
     context.log.info(f"init_from: {init.reason}")
     if init.weights is not None:
         training = training.model_copy(update={"denoiser": init.weights.config})
@@ -77,14 +102,19 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
             allow_retries=False,
         )
     if takes_pooled(den) and den.pooled_dim != store.metadata.pooled_dim:
-        raise dg.Failure(f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
-                         f"width {den.pooled_dim}, the latent store's text encoder gives {store.metadata.pooled_dim}; "
-                         "leave it unset", allow_retries=False)
+        raise dg.Failure(
+            f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
+            f"width {den.pooled_dim}, the latent store's text encoder gives {store.metadata.pooled_dim}; "
+            "leave it unset",
+            allow_retries=False,
+        )
     if training.trainer.sample_posterior and store.metadata.content != "moments":
-        raise dg.Failure(f"ldm_model.training.trainer.sample_posterior needs a latent store of posterior moments; "
-                         f"{store_md['store_url']} holds one {store.metadata.content} per image (latent_store.store."
-                         "content): set content: moments and materialize latent_store again, or leave it unset",
-                         allow_retries=False)
+        raise dg.Failure(
+            f"ldm_model.training.trainer.sample_posterior needs a latent store of posterior moments; "
+            f"{store_md['store_url']} holds one {store.metadata.content} per image (latent_store.store."
+            "content): set content: moments and materialize latent_store again, or leave it unset",
+            allow_retries=False,
+        )
     train = ldm_training_data(store_md["store_url"], training.trainer)
     section = config.training.denoiser
     backbone = backbone_summary(den, section.preset if section is not None else None)
@@ -93,35 +123,59 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
     # the registered model carries a copy of the text encoder: it must be the one the store's captions came from
     text_encoder = TextEncoder(text_cfg)
     if text_encoder.identity != store_md["text_encoder"]:
-        raise dg.Failure(f"the text encoder {text_cfg.name!r} now loads as {text_encoder.identity}, but the latent "
-                         f"store's captions were embedded by {store_md['text_encoder']}: materialize latent_store "
-                         "again", allow_retries=False)
+        raise dg.Failure(
+            f"the text encoder {text_cfg.name!r} now loads as {text_encoder.identity}, but the latent "
+            f"store's captions were embedded by {store_md['text_encoder']}: materialize latent_store "
+            "again",
+            allow_retries=False,
+        )
     vae = load_autoencoder(store_md["vae_url"])
     latent_shape = tuple(store_md["latent_shape"])
     # a warm start's checkpoints are its own: never resumed by a from-scratch run or one from other weights
-    key = stable_key(store_md["store_url"], store_md["rows_total"], training.to_dict(),
-                     *([init.weights.sha256] if init.weights is not None else []))
+    key = stable_key(
+        store_md["store_url"],
+        store_md["rows_total"],
+        training.to_dict(),
+        *([init.weights.sha256] if init.weights is not None else []),
+    )
     ckpt_dir = storage.url("checkpoints", "ldm", key)
 
     with mlflow.materialization_run(context) as run:
         run.tracker.set_tags({"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"]})
         run.tracker.log_params(init.record())
         progress = DagsterProgress(context.log, "ldm", keys=PROGRESS_KEYS["ldm"])
-        spec = LdmTrainSpec(training=training.to_dict(), store_url=store_md["store_url"], vae_url=store_md["vae_url"],
-                          text_encoder=text_cfg.to_dict(), latent_shape=list(latent_shape), guidance=config.guidance,
-                          validation_prompts=config.validation_prompts, validation_seeds=config.validation_seeds,
-                          checkpoint_dir=ckpt_dir, init_sha256=init.weights.sha256 if init.weights else None,
-                          init_weights_url=stage_weights(init, lambda h: storage.url("init", "ldm", h)),
-                          output_url=storage.url("staging", "ldm", f"{key}-{context.run.run_id[:8]}"),
-                          mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_run_id=run.run_id)
+        spec = LdmTrainSpec(
+            training=training.to_dict(),
+            store_url=store_md["store_url"],
+            vae_url=store_md["vae_url"],
+            text_encoder=text_cfg.to_dict(),
+            latent_shape=list(latent_shape),
+            guidance=config.guidance,
+            validation_prompts=config.validation_prompts,
+            validation_seeds=config.validation_seeds,
+            checkpoint_dir=ckpt_dir,
+            init_sha256=init.weights.sha256 if init.weights else None,
+            init_weights_url=stage_weights(init, lambda h: storage.url("init", "ldm", h)),
+            output_url=storage.url("staging", "ldm", f"{key}-{context.run.run_id[:8]}"),
+            mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+            mlflow_run_id=run.run_id,
+        )
         # in this process, or on compute.num_processes processes under torchrun: the same result either way
-        result, launch_md = launch.train(context, compute, spec, FanoutTracker(run.tracker, progress),
-                                         data=train, vae=vae)
+        result, launch_md = launch.train(
+            context, compute, spec, FanoutTracker(run.tracker, progress), data=train, vae=vae
+        )
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
-        info = {"vae_uri": store_md["vae_uri"], "latent_store": store_md["store_url"], "mlflow_run_id": run.run_id,
-                "steps": result.step, "text_encoder": store_md["text_encoder"], "backbone": backbone,
-                "lora": training.lora.to_dict() if training.lora is not None else None,
-                "init_from": init.record()["init_from"], "init_source_hash": init.record()["init_source_hash"]}
+        info = {
+            "vae_uri": store_md["vae_uri"],
+            "latent_store": store_md["store_url"],
+            "mlflow_run_id": run.run_id,
+            "steps": result.step,
+            "text_encoder": store_md["text_encoder"],
+            "backbone": backbone,
+            "lora": training.lora.to_dict() if training.lora is not None else None,
+            "init_from": init.record()["init_from"],
+            "init_source_hash": init.record()["init_source_hash"],
+        }
         bundle_kw = dict(
             denoiser=result.model,
             vae=vae,
@@ -140,17 +194,31 @@ def ldm_model(context: dg.AssetExecutionContext, config: LdmModelConfig, mlflow:
         with temp_dir() as tmp:
             save_text_to_image(tmp, **bundle_kw)
             mv = run.log_and_register_pyfunc(
-                name="ldm", registered_name=REGISTERED_NAME, python_model=TEXT_TO_IMAGE_CODE, artifacts={"bundle": tmp},
-                signature=text_to_image_signature(latent_shape[1] * f, latent_shape[2] * f), alias="candidate",
-                input_example=text_to_image_input_example(config.validation_prompts[0] if config.validation_prompts
-                                                          else DEFAULT_PROMPTS[0]),
-                code_paths=CODE_PATHS, pip_requirements=pinned_requirements(TEXT_TO_IMAGE_PACKAGES),
-                tags={"vae_uri": store_md["vae_uri"], "text_encoder": text_cfg.name, "storage_url": model_url,
-                      "latent_store": store_md["store_url"], "backbone": describe_backbone(backbone),
-                      "init_from": info["init_from"], "init_source_hash": info["init_source_hash"]},
+                name="ldm",
+                registered_name=REGISTERED_NAME,
+                python_model=TEXT_TO_IMAGE_CODE,
+                artifacts={"bundle": tmp},
+                signature=text_to_image_signature(latent_shape[1] * f, latent_shape[2] * f),
+                alias="candidate",
+                input_example=text_to_image_input_example(
+                    config.validation_prompts[0] if config.validation_prompts else DEFAULT_PROMPTS[0]
+                ),
+                code_paths=CODE_PATHS,
+                pip_requirements=pinned_requirements(TEXT_TO_IMAGE_PACKAGES),
+                tags={
+                    "vae_uri": store_md["vae_uri"],
+                    "text_encoder": text_cfg.name,
+                    "storage_url": model_url,
+                    "latent_store": store_md["store_url"],
+                    "backbone": describe_backbone(backbone),
+                    "init_from": info["init_from"],
+                    "init_source_hash": info["init_source_hash"],
+                },
             )
-        context.log.info(f"trained {result.step} steps (final loss {final_loss:.4f}); registered {REGISTERED_NAME} "
-                         f"v{mv.version} (alias candidate)")
+        context.log.info(
+            f"trained {result.step} steps (final loss {final_loss:.4f}); registered {REGISTERED_NAME} "
+            f"v{mv.version} (alias candidate)"
+        )
         return dg.MaterializeResult(
             metadata={
                 "ldm_url": model_url,

@@ -32,13 +32,15 @@ class UpstreamRead:
 
 def _of_run(instance: dg.DagsterInstance, run_id: str, key: dg.AssetKey) -> dg.AssetMaterialization | None:
     """The last materialization of ``key`` in one run (a run that retried the step holds one per success)."""
-    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
-                                           ascending=False).records
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, ascending=False
+    ).records
     return next((r.asset_materialization for r in records if r.asset_key == key), None)
 
 
-def find_upstream(instance: dg.DagsterInstance, run: dg.DagsterRun,
-                  key: dg.AssetKey) -> tuple[dg.AssetMaterialization, str, Source] | None:
+def find_upstream(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, key: dg.AssetKey
+) -> tuple[dg.AssetMaterialization, str, Source] | None:
     """(materialization, the run that made it, why that one) of ``key`` for a step of ``run``; None: there is none."""
     found = _of_run(instance, run.run_id, key)
     if found is not None:
@@ -62,8 +64,9 @@ def read_upstream(context: dg.AssetExecutionContext | dg.AssetCheckExecutionCont
     """The materialization of the asset ``key`` that a step of this run must read (see the module's docstring)."""
     found = find_upstream(context.instance, context.run, dg.AssetKey(key))
     if found is None:
-        raise dg.Failure(f"upstream asset {key!r} has never been materialized; materialize it first",
-                         allow_retries=False)
+        raise dg.Failure(
+            f"upstream asset {key!r} has never been materialized; materialize it first", allow_retries=False
+        )
     materialization, run_id, source = found
     metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
     if source == "latest":

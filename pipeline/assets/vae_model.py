@@ -63,8 +63,6 @@ def _previous(context: dg.AssetExecutionContext, mlflow: MLflowResource, materia
     return dict(md)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # A pretrained source
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,25 +89,29 @@ def _init_url(storage: StorageResource, source: PretrainedAutoencoder) -> str:
     return save_autoencoder(url, source.model, extra={"source": source.source})
 
 
-def _training_config(config: VaeModelConfig, compute: ComputeResource,
-                     source: PretrainedAutoencoder | None) -> AutoencoderTrainingConfig:
+def _training_config(
+    config: VaeModelConfig, compute: ComputeResource, source: PretrainedAutoencoder | None
+) -> AutoencoderTrainingConfig:
     """The trainer's config: the run config's, with the compute settings, and for a pretrained source its architecture
     with only the decoder side trained."""
     training = to_core(AutoencoderTrainingConfig, config.training, "vae_model.training")
     trainer = compute.apply(training.trainer)
     if source is None:
         return training.model_copy(update={"trainer": trainer})
-    return training.model_copy(update={"model": source.model.config,
-                                       "trainer": trainer.model_copy(update={"trainable": "decoder"})})
+    return training.model_copy(
+        update={"model": source.model.config, "trainer": trainer.model_copy(update={"trainable": "decoder"})}
+    )
 
 
-def _provenance(pretrained: PretrainedAutoencoderConfig | None, source: PretrainedAutoencoder | None,
-                scale_source: str) -> dict[str, str]:
+def _provenance(
+    pretrained: PretrainedAutoencoderConfig | None, source: PretrainedAutoencoder | None, scale_source: str
+) -> dict[str, str]:
     """Where the weights and the latent scale came from: registry tags, MLflow params and asset metadata alike."""
     out = {"latent_scale_source": scale_source}
     if pretrained is not None and source is not None:
-        out.update(pretrained_source=source.source, pretrained_sha256=source.weights_sha256,
-                   pretrained_mode=pretrained.mode)
+        out.update(
+            pretrained_source=source.source, pretrained_sha256=source.weights_sha256, pretrained_mode=pretrained.mode
+        )
     return out
 
 
@@ -118,24 +120,40 @@ def _provenance(pretrained: PretrainedAutoencoderConfig | None, source: Pretrain
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _train(context: dg.AssetExecutionContext, compute: ComputeResource, run: TrackedRun, spec: VaeTrainSpec,
-           train: ImageShardDataset) -> tuple[nn.Module, dict]:
+def _train(
+    context: dg.AssetExecutionContext,
+    compute: ComputeResource,
+    run: TrackedRun,
+    spec: VaeTrainSpec,
+    train: ImageShardDataset,
+) -> tuple[nn.Module, dict]:
     """Train (or resume), in this process or under torchrun: the model and the training's metadata."""
     progress = DagsterProgress(context.log, "vae", keys=PROGRESS_KEYS["vae"])
     # in this process, or on compute.num_processes processes under torchrun: the same result either way
     result, launch_md = launch.train(context, compute, spec, FanoutTracker(run.tracker, progress), data=train)
-    return result.model, {"steps": result.step, "resumed_from": result.resumed_from or 0,
-                          "perceptual_used": result.perceptual_used, "nonfinite_skipped": result.nonfinite_skipped,
-                          "images_per_second": result.images_per_second, **launch_md}
+    return result.model, {
+        "steps": result.step,
+        "resumed_from": result.resumed_from or 0,
+        "perceptual_used": result.perceptual_used,
+        "nonfinite_skipped": result.nonfinite_skipped,
+        "images_per_second": result.images_per_second,
+        **launch_md,
+    }
 
 
-def _latent_scale(model: nn.Module, train: ImageShardDataset, config: VaeModelConfig,
-                  pretrained: PretrainedAutoencoderConfig | None, seed: int) -> tuple[float, float, str]:
+def _latent_scale(
+    model: nn.Module,
+    train: ImageShardDataset,
+    config: VaeModelConfig,
+    pretrained: PretrainedAutoencoderConfig | None,
+    seed: int,
+) -> tuple[float, float, str]:
     """(scale, shift, where they came from): a pretrained source's own config, or measured on the training images."""
     if pretrained is not None and pretrained.latent_scale == "config":
         return model.config.scaling_factor, model.config.shift_factor, "config"
-    scale, shift = measure_latent_scale(model, train, max_items=config.latent_scale_samples,
-                                        use_shift=config.use_shift, seed=seed)
+    scale, shift = measure_latent_scale(
+        model, train, max_items=config.latent_scale_samples, use_shift=config.use_shift, seed=seed
+    )
     return scale, shift, "measured"
 
 
@@ -143,10 +161,16 @@ def _register(run: TrackedRun, model: nn.Module, resolution: int, tags: dict[str
     with temp_dir() as tmp:
         save_autoencoder(tmp, model)
         return run.log_and_register_pyfunc(
-            name="vae", registered_name=REGISTERED_NAME, python_model=AUTOENCODER_CODE, artifacts={"vae": tmp},
-            signature=autoencoder_signature(model.config.in_channels, resolution), alias="candidate",
+            name="vae",
+            registered_name=REGISTERED_NAME,
+            python_model=AUTOENCODER_CODE,
+            artifacts={"vae": tmp},
+            signature=autoencoder_signature(model.config.in_channels, resolution),
+            alias="candidate",
             input_example=autoencoder_input_example(model.config.in_channels, resolution),
-            code_paths=CODE_PATHS, pip_requirements=pinned_requirements(AUTOENCODER_PACKAGES), tags=tags,
+            code_paths=CODE_PATHS,
+            pip_requirements=pinned_requirements(AUTOENCODER_PACKAGES),
+            tags=tags,
         )
 
 
@@ -155,16 +179,31 @@ def _register(run: TrackedRun, model: nn.Module, resolution: int, tags: dict[str
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name=GROUP, deps=["image_dataset"], pool=GPU_POOL, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY_POLICY,
-          kinds={"pytorch", "mlflow"}, description=__doc__)
-def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow: MLflowResource,
-              storage: StorageResource, compute: ComputeResource,
-              run_config_check: RunConfigCheck) -> dg.MaterializeResult:
+@dg.asset(
+    group_name=GROUP,
+    deps=["image_dataset"],
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    retry_policy=GPU_RETRY_POLICY,
+    kinds={"pytorch", "mlflow"},
+    description=__doc__,
+)
+def vae_model(
+    context: dg.AssetExecutionContext,
+    config: VaeModelConfig,
+    mlflow: MLflowResource,
+    storage: StorageResource,
+    compute: ComputeResource,
+    run_config_check: RunConfigCheck,
+) -> dg.MaterializeResult:
     ds_read = read_upstream(context, "image_dataset")
     ds = ds_read.metadata
     thresholds = to_core(FidelityThresholds, config.fidelity, "vae_model.fidelity")
-    pretrained = (to_core(PretrainedAutoencoderConfig, config.pretrained, "vae_model.pretrained")
-                  if config.pretrained is not None else None)
+    pretrained = (
+        to_core(PretrainedAutoencoderConfig, config.pretrained, "vae_model.pretrained")
+        if config.pretrained is not None
+        else None
+    )
     source = _load_source(pretrained) if pretrained is not None else None
     frozen = pretrained is not None and pretrained.mode == "frozen"
     training = _training_config(config, compute, source)
@@ -180,23 +219,31 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
     # the registered autoencoder back instead of a new version of the same weights, so the latent store and the LDM
     # checkpoints keyed on that version carry on rather than starting over. A frozen source trains nothing: its
     # trainer settings do not count.
-    materialization_key = stable_key(ds["dataset_version"], config.model_dump(),
-                                     None if frozen else training.to_dict(), *origin)
+    materialization_key = stable_key(
+        ds["dataset_version"], config.model_dump(), None if frozen else training.to_dict(), *origin
+    )
     if (previous := _previous(context, mlflow, materialization_key)) is not None:
         context.log.info(f"this dataset version and config already produced {previous['vae_uri'].value}; reusing it")
-        return dg.MaterializeResult(metadata={**previous, **lineage_metadata(ds_read), "reused": True},
-                                    data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{previous['vae_version'].value}"))
+        return dg.MaterializeResult(
+            metadata={**previous, **lineage_metadata(ds_read), "reused": True},
+            data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{previous['vae_version'].value}"),
+        )
 
     with mlflow.materialization_run(context) as run:
         if frozen:
             model, trained_md = source.model, {"steps": 0, "resumed_from": 0}
         else:
-            spec = VaeTrainSpec(training=training.to_dict(), dataset_url=ds["dataset_url"],
-                                resolution=config.resolution, cache_images=config.cache_images,
-                                checkpoint_dir=ckpt_dir,
-                                output_url=storage.url("staging", "vae", f"{key}-{context.run.run_id[:8]}"),
-                                init_url=_init_url(storage, source) if source is not None else None,
-                                mlflow_tracking_uri=mlflow.resolved_tracking_uri(), mlflow_run_id=run.run_id)
+            spec = VaeTrainSpec(
+                training=training.to_dict(),
+                dataset_url=ds["dataset_url"],
+                resolution=config.resolution,
+                cache_images=config.cache_images,
+                checkpoint_dir=ckpt_dir,
+                output_url=storage.url("staging", "vae", f"{key}-{context.run.run_id[:8]}"),
+                init_url=_init_url(storage, source) if source is not None else None,
+                mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+                mlflow_run_id=run.run_id,
+            )
             model, trained_md = _train(context, compute, run, spec, train)
         scale, shift, scale_source = _latent_scale(model, train, config, pretrained, training.trainer.seed)
         model.config.scaling_factor, model.config.shift_factor = scale, shift
@@ -204,24 +251,51 @@ def vae_model(context: dg.AssetExecutionContext, config: VaeModelConfig, mlflow:
         run.tracker.log_params(provenance)
         fidelity = autoencoder_fidelity(model, val if len(val) else train, max_items=config.psnr_images)
         psnr = fidelity.psnr
-        run.tracker.log_metrics({"latent_scale": scale, "latent_shift": shift, "val_psnr": psnr,
-                                 "val_worst_decile_psnr": fidelity.worst_decile_psnr,
-                                 "val_max_channel_shift": fidelity.max_channel_shift,
-                                 **({"val_worst_decile_foreground_shift": fidelity.worst_decile_foreground_shift}
-                                    if fidelity.worst_decile_foreground_shift is not None else {}),
-                                 **{f"val_{c}_accuracy": v.accuracy for c, v in (fidelity.classes or {}).items()}},
-                                step=trained_md["steps"])
+        run.tracker.log_metrics(
+            {
+                "latent_scale": scale,
+                "latent_shift": shift,
+                "val_psnr": psnr,
+                "val_worst_decile_psnr": fidelity.worst_decile_psnr,
+                "val_max_channel_shift": fidelity.max_channel_shift,
+                **(
+                    {"val_worst_decile_foreground_shift": fidelity.worst_decile_foreground_shift}
+                    if fidelity.worst_decile_foreground_shift is not None
+                    else {}
+                ),
+                **{f"val_{c}_accuracy": v.accuracy for c, v in (fidelity.classes or {}).items()},
+            },
+            step=trained_md["steps"],
+        )
         model_url = storage.url("models", "vae", f"{key}-{context.run.run_id[:8]}")
-        info = {"dataset_version": ds["dataset_version"], "mlflow_run_id": run.run_id, "steps": trained_md["steps"],
-                **provenance}
+        info = {
+            "dataset_version": ds["dataset_version"],
+            "mlflow_run_id": run.run_id,
+            "steps": trained_md["steps"],
+            **provenance,
+        }
         save_autoencoder(model_url, model, extra={"info": info})
         sha256 = weights_sha256(model)
-        mv = _register(run, model, config.resolution, {"storage_url": model_url, "weights_sha256": sha256,
-                                                       "dataset_version": str(ds["dataset_version"]), **provenance})
-        how = (f"took {source.source} as it is" if frozen else
-               f"trained {trained_md['steps']} steps" + (f" of {source.source}'s decoder" if source else ""))
-        context.log.info(f"{how}; latent scale {scale:.5f} ({scale_source}); val PSNR {psnr:.2f} dB; "
-                         f"registered {REGISTERED_NAME} v{mv.version} (alias candidate)")
+        mv = _register(
+            run,
+            model,
+            config.resolution,
+            {
+                "storage_url": model_url,
+                "weights_sha256": sha256,
+                "dataset_version": str(ds["dataset_version"]),
+                **provenance,
+            },
+        )
+        how = (
+            f"took {source.source} as it is"
+            if frozen
+            else f"trained {trained_md['steps']} steps" + (f" of {source.source}'s decoder" if source else "")
+        )
+        context.log.info(
+            f"{how}; latent scale {scale:.5f} ({scale_source}); val PSNR {psnr:.2f} dB; "
+            f"registered {REGISTERED_NAME} v{mv.version} (alias candidate)"
+        )
         c, h, w = model.config.latent_shape(config.resolution)
         return dg.MaterializeResult(
             metadata={

@@ -65,8 +65,10 @@ def _tracker(spec: VaeTrainSpec | LdmTrainSpec, progress_log: Any) -> Tracker:
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     lifetime.rank_dies_with_agent()  # first: an orphaned rank must not get as far as training
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline.distributed.train_{stage}",
-                                     description=f"Train stage {stage!r} on this torchrun rank from a spec file.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipeline.distributed.train_{stage}",
+        description=f"Train stage {stage!r} on this torchrun rank from a spec file.",
+    )
     parser.add_argument("spec", help="the spec JSON written by the asset (pipeline.distributed.specs)")
     args = parser.parse_args(argv)
     spec = read_spec(args.spec)
@@ -79,8 +81,10 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         with _dagster_pipes(ctx.is_main) as pipes:
             console = pipes.log if pipes is not None else log
             if ctx.is_main:
-                console.info(f"{stage}: rank 0 of {ctx.world_size} processes ({ctx.backend or 'no process group'}), "
-                             f"checkpoints in {spec.checkpoint_dir}")
+                console.info(
+                    f"{stage}: rank 0 of {ctx.world_size} processes ({ctx.backend or 'no process group'}), "
+                    f"checkpoints in {spec.checkpoint_dir}"
+                )
             tracker = _tracker(spec, console) if ctx.is_main else NullTracker()
             try:
                 result = spec.train(tracker)
@@ -88,19 +92,25 @@ def main(stage: str, argv: list[str] | None = None) -> int:
                 if ctx.is_main:
                     console.warning(str(e))
                     if pipes is not None:
-                        pipes.report_custom_message({"type": INTERRUPTED_MESSAGE, "step": e.step,
-                                                     "signal": e.signame, "seconds": e.seconds})
+                        pipes.report_custom_message(
+                            {"type": INTERRUPTED_MESSAGE, "step": e.step, "signal": e.signame, "seconds": e.seconds}
+                        )
                 return EXIT_INTERRUPTED
             if ctx.is_main:
                 spec.save_model(result.model)
-                console.info(f"{stage}: trained {result.step} steps on {ctx.world_size} processes; "
-                             f"model saved to {spec.output_url}")
+                console.info(
+                    f"{stage}: trained {result.step} steps on {ctx.world_size} processes; "
+                    f"model saved to {spec.output_url}"
+                )
                 if pipes is not None:
                     pipes.report_custom_message({"type": RESULT_MESSAGE, "result": result_summary(result)})
-                    pipes.report_asset_materialization(metadata={
-                        "world_size": ctx.world_size, "distributed_backend": ctx.backend or "none",
-                        "trained_steps": result.step,
-                    })
+                    pipes.report_asset_materialization(
+                        metadata={
+                            "world_size": ctx.world_size,
+                            "distributed_backend": ctx.backend or "none",
+                            "trained_steps": result.step,
+                        }
+                    )
     finally:
         distributed.teardown()
     return 0

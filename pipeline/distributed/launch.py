@@ -43,8 +43,17 @@ from pipeline.resources import ComputeResource
 def torchrun_command(stage: str, processes: int, spec_path: str | Path, grace_s: int = 30) -> list[str]:
     """The torchrun command line for one node (``--standalone``: a local rendezvous on a free port); on a stop signal
     the agent gives its ranks ``grace_s`` to checkpoint and exit before it kills them."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            f"--shutdown-timeout={grace_s}", "-m", f"pipeline.distributed.train_{stage}", str(spec_path)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        f"--shutdown-timeout={grace_s}",
+        "-m",
+        f"pipeline.distributed.train_{stage}",
+        str(spec_path),
+    ]
 
 
 def _for_processes(spec: VaeTrainSpec | LdmTrainSpec) -> VaeTrainSpec | LdmTrainSpec:
@@ -55,8 +64,13 @@ def _for_processes(spec: VaeTrainSpec | LdmTrainSpec) -> VaeTrainSpec | LdmTrain
     return spec.model_copy(update={"training": {**spec.training, "trainer": trainer}})
 
 
-def train(context: dg.AssetExecutionContext, compute: ComputeResource, spec: VaeTrainSpec | LdmTrainSpec,
-          tracker: Tracker, **in_process: Any) -> tuple[Any, dict[str, Any]]:
+def train(
+    context: dg.AssetExecutionContext,
+    compute: ComputeResource,
+    spec: VaeTrainSpec | LdmTrainSpec,
+    tracker: Tracker,
+    **in_process: Any,
+) -> tuple[Any, dict[str, Any]]:
     """(train result, metadata for the asset) — in-process or under torchrun, as ``compute`` says.
 
     in_process: extra arguments of ``spec.train`` when it runs here (e.g. a dataset the asset already holds).
@@ -67,8 +81,9 @@ def train(context: dg.AssetExecutionContext, compute: ComputeResource, spec: Vae
     return _train_under_torchrun(context, compute, _for_processes(spec), processes)
 
 
-def _train_under_torchrun(context: dg.AssetExecutionContext, compute: ComputeResource,
-                          spec: VaeTrainSpec | LdmTrainSpec, processes: int) -> tuple[Any, dict[str, Any]]:
+def _train_under_torchrun(
+    context: dg.AssetExecutionContext, compute: ComputeResource, spec: VaeTrainSpec | LdmTrainSpec, processes: int
+) -> tuple[Any, dict[str, Any]]:
     # CPU threads per rank: torchrun would set 1; share the cores out instead unless the resource says otherwise
     threads = compute.threads or max(1, (os.cpu_count() or 1) // processes)
     grace = compute.termination_grace_s
@@ -83,23 +98,27 @@ def _train_under_torchrun(context: dg.AssetExecutionContext, compute: ComputeRes
         m = stopped[-1]
         raise TrainingInterrupted(spec.stage, m["step"], m["signal"], m["seconds"])  # retryable: resumes there
     if stop.requested:
-        raise dg.Failure(f"torchrun was stopped by {stop.name} before rank 0 reported a checkpoint (it was starting, "
-                         f"or did not stop within {grace}s); a retry resumes from the last checkpoint")
+        raise dg.Failure(
+            f"torchrun was stopped by {stop.name} before rank 0 reported a checkpoint (it was starting, "
+            f"or did not stop within {grace}s); a retry resumes from the last checkpoint"
+        )
     if returncode != 0:
         # an ordinary failure, retried by the asset's RetryPolicy like a crash in-process (a lost device, a flaky store)
         raise dg.Failure(f"torchrun failed with exit status {returncode}; see the run's stdout/stderr")
     results = [m["result"] for m in messages if m.get("type") == RESULT_MESSAGE]
     if not results:
-        raise dg.Failure(f"torchrun finished but rank 0 reported no train result for {spec.stage}; see the run's "
-                         "stdout/stderr")
+        raise dg.Failure(
+            f"torchrun finished but rank 0 reported no train result for {spec.stage}; see the run's stdout/stderr"
+        )
     reported = {k: getattr(v, "value", v) for k, v in invocation.get_materialize_result().metadata.items()}
     result = result_from_summary(spec, results[-1], spec.load_model())
     storage.remove(spec.output_url, recursive=True)  # a hand-over, not an artifact: the asset saves its own copy
     return result, {**reported, "processes": processes, "launcher": "torchrun"}
 
 
-def run_torchrun(context: dg.AssetExecutionContext, command: list[str], env: dict[str, str],
-                 grace_s: float) -> tuple[dg.PipesClientCompletedInvocation, int, StopRequest]:
+def run_torchrun(
+    context: dg.AssetExecutionContext, command: list[str], env: dict[str, str], grace_s: float
+) -> tuple[dg.PipesClientCompletedInvocation, int, StopRequest]:
     """Run ``command`` (torchrun) in a Pipes session, as ``dg.PipesSubprocessClient`` does, but tied to this process:
     in a session of its own and with a parent-death signal (`pipeline.distributed.lifetime`), its process group
     killed when it ends or this returns early. A SIGTERM or SIGINT here is forwarded to it as SIGTERM, and it gets
@@ -107,11 +126,17 @@ def run_torchrun(context: dg.AssetExecutionContext, command: list[str], env: dic
     agent alone, waits 20 seconds, and leaves the ranks behind when this process is killed outright.)
 
     (the invocation, torchrun's exit status, the stop request that records any signal)."""
-    with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
-                               message_reader=dg.PipesTempFileMessageReader()) as session:
+    with dg.open_pipes_session(
+        context=context,
+        context_injector=dg.PipesTempFileContextInjector(),
+        message_reader=dg.PipesTempFileMessageReader(),
+    ) as session:
         with stop_on_signals() as stop:
-            proc = subprocess.Popen(lifetime.tied_command(command), start_new_session=True,
-                                    env={**os.environ, **env, **session.get_bootstrap_env_vars()})
+            proc = subprocess.Popen(
+                lifetime.tied_command(command),
+                start_new_session=True,
+                env={**os.environ, **env, **session.get_bootstrap_env_vars()},
+            )
             try:
                 _wait_forwarding_stop(proc, stop, grace_s, context.log)
             finally:

@@ -71,15 +71,20 @@ class VaeTrainSpec(_Spec):
         return AutoencoderTrainingConfig.model_validate(self.training)
 
     def dataset(self) -> torch.utils.data.Dataset:
-        return ImageShardDataset(self.dataset_url, split="train", resolution=self.resolution,
-                                 cache_decoded=self.cache_images)
+        return ImageShardDataset(
+            self.dataset_url, split="train", resolution=self.resolution, cache_decoded=self.cache_images
+        )
 
     def train(self, tracker: Tracker, data: torch.utils.data.Dataset | None = None) -> AutoencoderTrainResult:
         """Train (or resume); ``data`` lets an in-process caller reuse a dataset it already holds."""
         init = load_autoencoder(self.init_url).state_dict() if self.init_url else None
         data = data if data is not None else self.dataset()
-        return train_stoppable("autoencoder", lambda stop: train_autoencoder(
-            self.config(), data, tracker, self.checkpoint_dir, init_weights=init, should_stop=stop))
+        return train_stoppable(
+            "autoencoder",
+            lambda stop: train_autoencoder(
+                self.config(), data, tracker, self.checkpoint_dir, init_weights=init, should_stop=stop
+            ),
+        )
 
     def save_model(self, model: nn.Module) -> None:
         save_autoencoder(self.output_url, model)
@@ -118,8 +123,10 @@ class LdmTrainSpec(_Spec):
             return None
         init = from_saved_denoiser(self.init_weights_url)
         if init.sha256 != self.init_sha256:
-            raise ValueError(f"{self.init_weights_url}: init weights hash {init.sha256[:12]}…, the run planned "
-                             f"{str(self.init_sha256)[:12]}…")
+            raise ValueError(
+                f"{self.init_weights_url}: init weights hash {init.sha256[:12]}…, the run planned "
+                f"{str(self.init_sha256)[:12]}…"
+            )
         return init.state_dict
 
     def config(self) -> LDMTrainingConfig:
@@ -140,23 +147,43 @@ class LdmTrainSpec(_Spec):
 
         def sample(model: nn.Module, step: int) -> np.ndarray:
             prompts = [p for p in self.validation_prompts for _ in range(self.validation_seeds)]
-            images = generate(prompts, vae, model, text_encoder, diffusion, latent_shape, guidance=self.guidance,
-                              seed=0, device=device)
+            images = generate(
+                prompts,
+                vae,
+                model,
+                text_encoder,
+                diffusion,
+                latent_shape,
+                guidance=self.guidance,
+                seed=0,
+                device=device,
+            )
             model.train()
             return upscale_nearest(make_grid(images, ncols=self.validation_seeds), 2)
 
         return sample
 
-    def train(self, tracker: Tracker, data: torch.utils.data.Dataset | None = None,
-              vae: nn.Module | None = None) -> LDMTrainResult:
+    def train(
+        self, tracker: Tracker, data: torch.utils.data.Dataset | None = None, vae: nn.Module | None = None
+    ) -> LDMTrainResult:
         config = self.config()
         data = data if data is not None else self.dataset()
         # only rank 0 renders validation grids: the other ranks need neither the VAE nor the text encoder
         sample_fn = self.sample_fn(config, vae) if distributed.is_main() else None
         init = self.init_weights()
-        return train_stoppable("LDM", lambda stop: train_ldm(
-            config, data, tracker, uncond=data.uncond(), checkpoint_dir=self.checkpoint_dir, sample_fn=sample_fn,
-            init_weights=init, should_stop=stop))
+        return train_stoppable(
+            "LDM",
+            lambda stop: train_ldm(
+                config,
+                data,
+                tracker,
+                uncond=data.uncond(),
+                checkpoint_dir=self.checkpoint_dir,
+                sample_fn=sample_fn,
+                init_weights=init,
+                should_stop=stop,
+            ),
+        )
 
     def save_model(self, model: nn.Module) -> None:
         save_denoiser(self.output_url, model)
@@ -185,6 +212,7 @@ def read_spec(path: str | Path) -> VaeTrainSpec | LdmTrainSpec:
 # A train result without its model, as JSON (what rank 0 reports back through Dagster Pipes)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def result_summary(result: AutoencoderTrainResult | LDMTrainResult) -> dict[str, Any]:
     """Every field of a train result but the model, JSON-able; the history keeps the last point of each metric
     (the whole curves are in the MLflow run, and a message through Pipes should stay small)."""
@@ -193,8 +221,9 @@ def result_summary(result: AutoencoderTrainResult | LDMTrainResult) -> dict[str,
     return json.loads(json.dumps(fields))
 
 
-def result_from_summary(spec: VaeTrainSpec | LdmTrainSpec, summary: dict[str, Any],
-                        model: nn.Module) -> AutoencoderTrainResult | LDMTrainResult:
+def result_from_summary(
+    spec: VaeTrainSpec | LdmTrainSpec, summary: dict[str, Any], model: nn.Module
+) -> AutoencoderTrainResult | LDMTrainResult:
     """The train result the in-process path would have returned, from rank 0's summary and the saved model."""
     fields = dict(summary)
     fields["history"] = {k: [tuple(p) for p in v] for k, v in fields.get("history", {}).items()}

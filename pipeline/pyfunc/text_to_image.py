@@ -37,12 +37,15 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
         def column(name: str) -> list[Any]:
             return [v if _present(v) else None for v in df.get(name, [None] * n)]
 
-        given_seeds, steps, guid = check_request(list(df["prompt"]), column("seed"), column("steps"),
-                                                 column("guidance"))
+        given_seeds, steps, guid = check_request(
+            list(df["prompt"]), column("seed"), column("steps"), column("guidance")
+        )
         seeds = [i if s is None else s for i, s in enumerate(given_seeds)]
         # one image per row from its own seed, so an image never depends on what else is in the request
-        out = [self.model.generate([str(df["prompt"].iloc[i])], seed=seeds[i], steps=steps[i], guidance=guid[i])[0]
-               for i in range(n)]
+        out = [
+            self.model.generate([str(df["prompt"].iloc[i])], seed=seeds[i], steps=steps[i], guidance=guid[i])[0]
+            for i in range(n)
+        ]
         return np.stack(out)  # check_request refused an empty request
 
 

@@ -11,8 +11,19 @@ from benchmarks.table import render
 
 
 def _row(name: str, ours: float, ref: float | None, ratio: float | None, **extra) -> dict:
-    return {"row": name, "ours": ours, "diffusers": ref, "ratio": ratio, "unit": "img/s", "gflop_ours": 2.0,
-            "gflop_diffusers": 2.0, "mfu_ours": 0.25, "mfu_diffusers": 0.2, "note": "", **extra}
+    return {
+        "row": name,
+        "ours": ours,
+        "diffusers": ref,
+        "ratio": ratio,
+        "unit": "img/s",
+        "gflop_ours": 2.0,
+        "gflop_diffusers": 2.0,
+        "mfu_ours": 0.25,
+        "mfu_diffusers": 0.2,
+        "note": "",
+        **extra,
+    }
 
 
 def test_each_row_is_written_as_it_is_measured(tmp_path):
@@ -30,12 +41,27 @@ def test_each_row_is_written_as_it_is_measured(tmp_path):
 
 
 def test_the_table_shows_each_rows_own_figures_and_flags_an_incomplete_run():
-    machine = {"cpu": "Some CPU", "cores": 2, "threads": 2, "device": "cpu", "torch": "2.x", "diffusers": "0.x",
-               "python": "3.12"}
-    result = {"machine": machine, "precision": "fp32", "matmul_peak_flops": 3.2e11, "seconds": 1800, "complete": False,
-              "rows": [_row("UNet train step (mid)", 3.1, 3.0, 1.03),
-                       _row("encode 300 images", 40.0, None, None, note="peak RSS 900 MB", gflop_ours=None)],
-              "memory": [{"model": "unet-mid", "side": "ours", "checkpointing": True, "step_mb": 123.4, "step_s": 1.5}]}
+    machine = {
+        "cpu": "Some CPU",
+        "cores": 2,
+        "threads": 2,
+        "device": "cpu",
+        "torch": "2.x",
+        "diffusers": "0.x",
+        "python": "3.12",
+    }
+    result = {
+        "machine": machine,
+        "precision": "fp32",
+        "matmul_peak_flops": 3.2e11,
+        "seconds": 1800,
+        "complete": False,
+        "rows": [
+            _row("UNet train step (mid)", 3.1, 3.0, 1.03),
+            _row("encode 300 images", 40.0, None, None, note="peak RSS 900 MB", gflop_ours=None),
+        ],
+        "memory": [{"model": "unet-mid", "side": "ours", "checkpointing": True, "step_mb": 123.4, "step_s": 1.5}],
+    }
     text = render(result)
     assert "Some CPU, 2 cores" in text and "320 GFLOP/s" in text and "30 min" in text
     assert "incomplete" in text

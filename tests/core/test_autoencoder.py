@@ -17,8 +17,16 @@ CONFIGS = {
     # with mid attention, two levels, 1 res block
     "attn-2lvl": AutoencoderConfig(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=8),
     # without mid attention, three levels of different widths, 2 res blocks, no quant convs, 3 latent channels
-    "noattn-3lvl": AutoencoderConfig(ch=8, ch_mult=[1, 2, 3], num_res_blocks=2, z_channels=3, norm_groups=4,
-                                     mid_attention=False, use_quant_conv=False, use_post_quant_conv=False),
+    "noattn-3lvl": AutoencoderConfig(
+        ch=8,
+        ch_mult=[1, 2, 3],
+        num_res_blocks=2,
+        z_channels=3,
+        norm_groups=4,
+        mid_attention=False,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
 }
 
 
@@ -155,6 +163,7 @@ def test_latent_scale_round_trip():
 
 
 # --- VQ ablation ---------------------------------------------------------------------------------------------
+
 
 def test_vq_reports_usage_and_perplexity_and_straight_through_gradient():
     torch.manual_seed(0)

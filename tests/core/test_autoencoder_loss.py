@@ -71,6 +71,7 @@ def count_forwards(module):
 # Discriminator objectives
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_hinge_and_vanilla_at_known_logits():
     real = torch.tensor([2.0, 0.5, -1.0])
     fake = torch.tensor([-3.0, 0.0, 0.5])
@@ -116,6 +117,7 @@ def test_disc_active_schedule():
 # ---------------------------------------------------------------------------------------------------------------
 # Generator loss
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_before_disc_start_the_discriminator_is_not_evaluated_and_gets_no_gradient():
     loss, decoder, z, x = setup(kl_weight=0.01, perceptual_weight=0.5)
@@ -243,8 +245,9 @@ def test_vq_codebook_term_has_tamings_weight_relative_to_the_reconstruction():
 
 def test_logs_are_detached_scalars():
     loss, decoder, z, x = setup()
-    _, logs = loss.generator_loss(x, decoder(z), torch.tensor(0.5, requires_grad=True), step=10,
-                                  last_layer=decoder.conv_out.weight)
+    _, logs = loss.generator_loss(
+        x, decoder(z), torch.tensor(0.5, requires_grad=True), step=10, last_layer=decoder.conv_out.weight
+    )
     assert set(logs) == {"rec", "lpips", "nll", "kl", "g", "d_weight", "logvar", "total"}
     for key, value in logs.items():
         assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, key
@@ -254,6 +257,7 @@ def test_logs_are_detached_scalars():
 # ---------------------------------------------------------------------------------------------------------------
 # The injected perceptual net and construction
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_perceptual_net_is_frozen_out_of_state_and_always_in_eval_mode():
     loss, *_ = setup()
@@ -282,8 +286,7 @@ def test_missing_vgg_weights_fail_with_the_file_name_unless_allowed(empty_torch_
         build_autoencoder_loss(AutoencoderLossConfig(), DISC, download=False)
     assert "vgg16-397923af.pth" in str(info.value) and str(empty_torch_home) in str(info.value)
 
-    loss, available = build_autoencoder_loss(AutoencoderLossConfig(allow_missing_perceptual=True), DISC,
-                                             download=False)
+    loss, available = build_autoencoder_loss(AutoencoderLossConfig(allow_missing_perceptual=True), DISC, download=False)
     assert available is False and loss.perceptual is None and not loss.has_perceptual
     assert "WITHOUT the LPIPS" in caplog.text and "vgg16-397923af.pth" in caplog.text
     x = torch.rand(1, 3, 32, 32)
@@ -351,6 +354,7 @@ def test_generator_backward_needs_fewer_backward_passes_through_lpips_and_the_di
             def forward_hook(module, inputs, output):
                 if output.requires_grad:
                     output.register_hook(lambda grad: seen.__setitem__(name, seen[name] + 1))  # noqa: B023 (this mode's)
+
             return forward_hook
 
         last_conv = [m for m in loss_fn.discriminator.modules() if isinstance(m, nn.Conv2d)][-1]

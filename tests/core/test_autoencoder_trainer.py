@@ -27,12 +27,14 @@ def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def _config(**trainer) -> AutoencoderTrainingConfig:
-    return AutoencoderTrainingConfig.model_validate({
-        "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
-        "discriminator": {"ndf": 8, "n_layers": 2, "norm": "actnorm"},
-        "loss": {"disc_start": 2, "perceptual_weight": 0.0},
-        "trainer": {"steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1, **trainer},
-    })
+    return AutoencoderTrainingConfig.model_validate(
+        {
+            "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
+            "discriminator": {"ndf": 8, "n_layers": 2, "norm": "actnorm"},
+            "loss": {"disc_start": 2, "perceptual_weight": 0.0},
+            "trainer": {"steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1, **trainer},
+        }
+    )
 
 
 def _all_weights(result) -> dict[str, torch.Tensor]:
@@ -54,8 +56,9 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     cfg = _config(steps=6, ema_decay=0.9, micro_batch_size=2)  # accumulation, EMA and the discriminator all active
     full = train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "a"), perceptual=None)
 
-    part = train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "b"), perceptual=None,
-                             should_stop=lambda step: step == 4)
+    part = train_autoencoder(
+        cfg, data, checkpoint_dir=str(tmp_path / "b"), perceptual=None, should_stop=lambda step: step == 4
+    )
     assert not part.finished and part.step == 4
     resumed = train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "b"), perceptual=None)
     assert resumed.resumed_from == 4 and resumed.step == 6
@@ -147,12 +150,14 @@ def test_the_autoencoder_does_not_clip_by_default_because_its_gradient_norm_is_f
     # it from the first step, so that default would clip every step: the autoencoder's own default is no clip
     assert TrainerConfig().grad_clip == 1.0
     assert AutoencoderTrainerConfig().grad_clip is None
-    cfg = AutoencoderTrainingConfig.model_validate({
-        "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
-        "discriminator": {"ndf": 8, "n_layers": 2},
-        "loss": {"perceptual_weight": 0.0},
-        "trainer": {"steps": 2, "batch_size": 4, "log_every": 1},
-    })
+    cfg = AutoencoderTrainingConfig.model_validate(
+        {
+            "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
+            "discriminator": {"ndf": 8, "n_layers": 2},
+            "loss": {"perceptual_weight": 0.0},
+            "trainer": {"steps": 2, "batch_size": 4, "log_every": 1},
+        }
+    )
     tracker = RecordingTracker()
     train_autoencoder(cfg, InMemoryDataset(image=_images(4)), tracker, perceptual=None)
     assert min(v for _, v in tracker.metrics["grad_norm"]) > 10.0
@@ -176,8 +181,9 @@ def test_fp16_resumes_its_loss_scales_exactly_and_does_not_count_overflow_skips(
     data = InMemoryDataset(image=_images(8))
     cfg = _config(steps=4, checkpoint_every=2, precision="fp16", max_nonfinite_steps=0)  # the GAN from step 2
     full = train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "a"), perceptual=None)
-    train_autoencoder(cfg, data, checkpoint_dir=str(tmp_path / "b"), perceptual=None,
-                      should_stop=lambda step: step == 2)
+    train_autoencoder(
+        cfg, data, checkpoint_dir=str(tmp_path / "b"), perceptual=None, should_stop=lambda step: step == 2
+    )
     at_2 = CheckpointManager(str(tmp_path / "b")).load(2)
     # the first steps overflowed at the initial scale and were skipped as the scaler backed off: that is no failure
     assert at_2["scaler_g"]["scale"] < torch.amp.GradScaler("cpu").get_scale()

@@ -41,9 +41,15 @@ def clean(tmp_path_factory, models):
     ingest(IngestConfig(source=str(root / "src"), rows_per_shard=ROWS_PER_SHARD, val_fraction=0.25), str(root / "ds"))
     vae, text = models
     for backend in ("zarr", "parquet"):
-        encode_dataset(str(root / "ds"), str(root / backend), vae, text,
-                       LatentStoreConfig(resolution=32, batch_size=8, backend=backend), vae_identity="vae/1",
-                       split=None)
+        encode_dataset(
+            str(root / "ds"),
+            str(root / backend),
+            vae,
+            text,
+            LatentStoreConfig(resolution=32, batch_size=8, backend=backend),
+            vae_identity="vae/1",
+            split=None,
+        )
     return root
 
 
@@ -99,8 +105,15 @@ def test_a_rotten_dataset_shard_is_refused_by_the_dataset_and_the_encoder(clean,
     assert f"corrupt dataset shard {name} at {url}" in message and "\n" not in message
     vae, text = models
     with pytest.raises(CorruptShardError, match=f"shard {name} at"):
-        encode_dataset(url, str(tmp_path / "store"), vae, text, LatentStoreConfig(resolution=32, batch_size=8),
-                       vae_identity="vae/1", split=None)
+        encode_dataset(
+            url,
+            str(tmp_path / "store"),
+            vae,
+            text,
+            LatentStoreConfig(resolution=32, batch_size=8),
+            vae_identity="vae/1",
+            split=None,
+        )
     # nothing of the rotten shard reached the store: the encoder stopped at it
     store = schema.read_metadata(str(tmp_path / "store"))
     assert name not in {s.source for s in store.shards}
@@ -166,8 +179,9 @@ def test_a_rotten_latent_shard_is_refused_naming_it(clean, tmp_path, backend, ro
         donor = os.path.join(url, schema.SHARDS_DIR, donor_name, "latents", "c", "0", "0", "0", "0")
     else:
         target = path
-        donor = next(os.path.join(url, schema.SHARDS_DIR, s.name) for s in schema.read_metadata(url).shards
-                     if s.name != name)
+        donor = next(
+            os.path.join(url, schema.SHARDS_DIR, s.name) for s in schema.read_metadata(url).shards if s.name != name
+        )
     if rot == "flip":
         _flip(target)
     elif rot == "replace":

@@ -13,8 +13,13 @@ def _state(seed):
     opt = torch.optim.Adam(m.parameters(), betas=(0.5, 0.9))
     m(torch.randn(5, 4)).pow(2).sum().backward()
     opt.step()
-    return {"model": m.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(), "pos": (2, 7),
-            "meta": {"name": "x", "vals": [1.5, None, True]}}
+    return {
+        "model": m.state_dict(),
+        "opt": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "pos": (2, 7),
+        "meta": {"name": "x", "vals": [1.5, None, True]},
+    }
 
 
 def test_nested_state_round_trip_is_exact():

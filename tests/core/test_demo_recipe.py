@@ -42,8 +42,9 @@ def trained() -> dict[int, nn.Module]:
     """The recipe on three seeds (dataset order and every draw of the trainer), on its own images per seed."""
     models = {}
     for seed in SEEDS:
-        result = train_autoencoder(demo_recipe(seed), ShapesInMemory(864, seed=seed), perceptual=None,
-                                   should_stop=lambda step: step >= STEPS)
+        result = train_autoencoder(
+            demo_recipe(seed), ShapesInMemory(864, seed=seed), perceptual=None, should_stop=lambda step: step >= STEPS
+        )
         assert result.step == STEPS and not result.finished
         models[seed] = result.model
     return models
@@ -67,14 +68,18 @@ def test_every_colour_survives_reconstruction(trained, held_out, seed):
     fidelity = autoencoder_fidelity(trained[seed], held_out)
     accuracy = {c: fidelity.classes[c].accuracy for c in COLORS}
     errors = {c: round(fidelity.classes[c].colour_error, 1) for c in COLORS}
-    print(f"seed {seed}: psnr {fidelity.psnr:.2f} dB, worst decile {fidelity.worst_decile_psnr:.2f} dB, "
-          f"accuracy {accuracy}, colour error {errors}")
+    print(
+        f"seed {seed}: psnr {fidelity.psnr:.2f} dB, worst decile {fidelity.worst_decile_psnr:.2f} dB, "
+        f"accuracy {accuracy}, colour error {errors}"
+    )
     assert set(fidelity.classes) == set(COLORS)
     passed, reasons = fidelity_verdict(fidelity, THRESHOLDS)
     assert passed, reasons
     # and on the same images without colour labels, at the library's default bounds
-    print(f"seed {seed}: worst-decile foreground shift {fidelity.worst_decile_foreground_shift:.2f}, channel shift "
-          f"{np.round(fidelity.channel_shift, 2)}")
+    print(
+        f"seed {seed}: worst-decile foreground shift {fidelity.worst_decile_foreground_shift:.2f}, channel shift "
+        f"{np.round(fidelity.channel_shift, 2)}"
+    )
     passed, reasons = fidelity_verdict(fidelity.to_dict() | {"classes": None}, FidelityThresholds())
     assert passed, reasons
 
@@ -82,11 +87,13 @@ def test_every_colour_survives_reconstruction(trained, held_out, seed):
 def test_the_fidelity_check_fails_an_autoencoder_that_decodes_red_as_yellow(trained, held_out):
     healthy = autoencoder_fidelity(trained[0], held_out)
     broken = autoencoder_fidelity(RedDecodedAsYellow(trained[0]), held_out)
-    print(f"healthy: psnr {healthy.psnr:.2f}, worst decile {healthy.worst_decile_psnr:.2f}, shift "
-          f"{np.round(healthy.channel_shift, 2)}; broken: psnr {broken.psnr:.2f}, worst decile "
-          f"{broken.worst_decile_psnr:.2f}, shift {np.round(broken.channel_shift, 2)}, {broken.confusions()}; "
-          f"foreground shift healthy {healthy.worst_decile_foreground_shift:.2f}, broken "
-          f"{broken.worst_decile_foreground_shift:.2f}")
+    print(
+        f"healthy: psnr {healthy.psnr:.2f}, worst decile {healthy.worst_decile_psnr:.2f}, shift "
+        f"{np.round(healthy.channel_shift, 2)}; broken: psnr {broken.psnr:.2f}, worst decile "
+        f"{broken.worst_decile_psnr:.2f}, shift {np.round(broken.channel_shift, 2)}, {broken.confusions()}; "
+        f"foreground shift healthy {healthy.worst_decile_foreground_shift:.2f}, broken "
+        f"{broken.worst_decile_foreground_shift:.2f}"
+    )
     assert broken.psnr >= PSNR_FLOOR  # the mean PSNR alone would let it through
     assert broken.classes["red"].confusion.get("yellow", 0) == broken.classes["red"].n
     assert all(broken.classes[c].accuracy == 1.0 for c in ("green", "blue", "yellow"))

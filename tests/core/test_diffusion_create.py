@@ -42,6 +42,7 @@ def latents(n=32, seed=0, dtype=torch.float64):
 # Config
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_config_defaults_resolve_the_sampler_and_round_trip():
     flow, dd = DiffusionConfig(), DiffusionConfig(kind="ddpm")
     assert flow.kind == "flow" and flow.sampler == "euler" and dd.sampler == "ddim"
@@ -51,20 +52,23 @@ def test_config_defaults_resolve_the_sampler_and_round_trip():
     assert isinstance(create_diffusion(), RectifiedFlow) and isinstance(create_diffusion(dd), GaussianDiffusion)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"kind": "ddpm", "sampler": "euler"}, "integrates a flow"),
-    ({"kind": "flow", "sampler": "ddim"}, "needs an ᾱ table"),
-    ({"kind": "flow", "prediction": "v"}, "only apply to kind 'ddpm'"),
-    ({"kind": "flow", "min_snr_gamma": 5.0}, "only apply to kind 'ddpm'"),
-    ({"kind": "ddpm", "shift": 3.0}, "shift"),
-    ({"kind": "ddpm", "sampler": "ddpm", "eta": 0.5}, "eta"),
-    ({"kind": "ddpm", "schedule": "cosine", "beta_end": 0.02}, "cosine"),
-    ({"kind": "ddpm", "schedule": "linear", "beta_start": 0.05, "beta_end": 0.01}, "below"),
-    ({"kind": "ddpm", "num_train_timesteps": 10, "sample_steps": 20}, "exceeds"),
-    ({"sampler": "dpm++"}, "sampler"),
-    ({"eta": -1.0}, "eta"),
-    ({"steps": 10}, "extra"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"kind": "ddpm", "sampler": "euler"}, "integrates a flow"),
+        ({"kind": "flow", "sampler": "ddim"}, "needs an ᾱ table"),
+        ({"kind": "flow", "prediction": "v"}, "only apply to kind 'ddpm'"),
+        ({"kind": "flow", "min_snr_gamma": 5.0}, "only apply to kind 'ddpm'"),
+        ({"kind": "ddpm", "shift": 3.0}, "shift"),
+        ({"kind": "ddpm", "sampler": "ddpm", "eta": 0.5}, "eta"),
+        ({"kind": "ddpm", "schedule": "cosine", "beta_end": 0.02}, "cosine"),
+        ({"kind": "ddpm", "schedule": "linear", "beta_start": 0.05, "beta_end": 0.01}, "below"),
+        ({"kind": "ddpm", "num_train_timesteps": 10, "sample_steps": 20}, "exceeds"),
+        ({"sampler": "dpm++"}, "sampler"),
+        ({"eta": -1.0}, "eta"),
+        ({"steps": 10}, "extra"),
+    ],
+)
 def test_config_rejects_invalid_combinations(bad, message):
     with pytest.raises(ValidationError, match=message):
         DiffusionConfig(**bad)
@@ -73,6 +77,7 @@ def test_config_rejects_invalid_combinations(bad, message):
 # ---------------------------------------------------------------------------------------------------------------
 # Training draw and loss
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_ddpm_training_sample_shapes_ranges_and_forward_process():
     diffusion = ddpm("eps")
@@ -147,6 +152,7 @@ def test_a_target_consistent_prediction_recovers_x0(kind, prediction):
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling through create_diffusion, with exact networks for Gaussian data
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def noise(n=10_000, seed=0):
     return torch.randn(n, 2, 1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -124,8 +124,9 @@ def test_dropout_replaces_the_pooled_vector_with_its_row():
     ctx, pooled = torch.randn(n, 2, 3, generator=g), torch.randn(n, 5, generator=g)
     mask = torch.ones(n, 2, dtype=torch.bool)
     uctx, umask, upooled = torch.zeros(1, 2, 3), torch.tensor([[True, False]]), torch.full((1, 5), 7.0)
-    out, _, out_pooled = drop_conditioning(ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2),
-                                           pooled=pooled, uncond_pooled=upooled)
+    out, _, out_pooled = drop_conditioning(
+        ctx, mask, uctx, umask, p, torch.Generator().manual_seed(2), pooled=pooled, uncond_pooled=upooled
+    )
     dropped = (out == 0).all(dim=(1, 2))  # (n,)
     assert 0 < dropped.sum() < n
     assert torch.equal(out_pooled, torch.where(dropped[:, None], upooled, pooled)), "pooled must follow its caption"

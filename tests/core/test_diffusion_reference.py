@@ -23,11 +23,13 @@ def noise(seed=0):
     return torch.randn(64, 2, 3, 3, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("schedule, theirs", [("linear", "linear"), ("scaled_linear", "scaled_linear"),
-                                              ("cosine", "squaredcos_cap_v2")])
+@pytest.mark.parametrize(
+    "schedule, theirs", [("linear", "linear"), ("scaled_linear", "scaled_linear"), ("cosine", "squaredcos_cap_v2")]
+)
 def test_beta_tables_match_diffusers(schedule, theirs):
-    ref = diffusers.DDPMScheduler(beta_schedule=theirs, **({"beta_start": 0.00085, "beta_end": 0.012}
-                                                            if theirs == "scaled_linear" else {}))
+    ref = diffusers.DDPMScheduler(
+        beta_schedule=theirs, **({"beta_start": 0.00085, "beta_end": 0.012} if theirs == "scaled_linear" else {})
+    )
     ours = make_betas(schedule, 1000)
     torch.testing.assert_close(ours.float(), ref.betas, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(alphas_cumprod(ours).float(), ref.alphas_cumprod, rtol=1e-4, atol=1e-7)
@@ -52,8 +54,14 @@ def test_ddim_trajectory_matches_diffusers(eta):
     x = noise()
     for i, t in enumerate(ref.timesteps):
         x = ref.step(model(x, t), t, x, eta=eta, variance_noise=draws[i]).prev_sample
-    ours = sample_ddim(model, noise(), ddim_timesteps(1000, steps), alphas_cumprod=AB, eta=eta,
-                       generator=torch.Generator().manual_seed(1))
+    ours = sample_ddim(
+        model,
+        noise(),
+        ddim_timesteps(1000, steps),
+        alphas_cumprod=AB,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
+    )
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
@@ -65,6 +73,7 @@ def test_ddpm_ancestral_matches_diffusers_with_the_same_generator():
     x = noise()
     for t in ref.timesteps:
         x = ref.step(model(x, t), t, x, generator=g).prev_sample
-    ours = sample_ddpm(model, noise(), ddim_timesteps(1000, steps), alphas_cumprod=AB,
-                       generator=torch.Generator().manual_seed(2))
+    ours = sample_ddpm(
+        model, noise(), ddim_timesteps(1000, steps), alphas_cumprod=AB, generator=torch.Generator().manual_seed(2)
+    )
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,7 @@ def affine_map(sample):
 # Time grids
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_ddim_timesteps_trailing_and_leading():
     ts = ddim_timesteps(1000, 50)  # trailing is the default
     assert ts.dtype == torch.int64 and len(ts) == 50
@@ -77,10 +78,15 @@ def test_flow_timesteps_grid_and_shift():
 # DDPM samplers
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_ddim_eta0_is_deterministic_and_eta1_uses_the_generator():
     x, ts = noise(64), ddim_timesteps(T, 20)
-    run = lambda eta, seed: sample_ddim(eps_model(), x, ts, alphas_cumprod=AB, eta=eta,  # noqa: E731
-                                        generator=torch.Generator().manual_seed(seed))
+
+    def run(eta, seed):
+        return sample_ddim(
+            eps_model(), x, ts, alphas_cumprod=AB, eta=eta, generator=torch.Generator().manual_seed(seed)
+        )
+
     assert torch.equal(run(0.0, 1), run(0.0, 2))
     assert torch.equal(run(1.0, 1), run(1.0, 1)) and not torch.allclose(run(1.0, 1), run(1.0, 2))
 
@@ -103,15 +109,18 @@ def test_ddim_converges_to_the_exact_transport_map():
 
 def test_ddpm_ancestral_reproduces_gaussian_data():
     """Algorithm 2 of Ho et al. on the full grid: every step is the exact Gaussian posterior."""
-    out = sample_ddpm(eps_model(), noise(10_000), ddim_timesteps(T, T), alphas_cumprod=AB,
-                      generator=torch.Generator().manual_seed(1))
+    out = sample_ddpm(
+        eps_model(), noise(10_000), ddim_timesteps(T, T), alphas_cumprod=AB, generator=torch.Generator().manual_seed(1)
+    )
     assert_moments(out, MU, SIGMA, mean_tol=0.05, std_rtol=0.04)
 
 
 def test_ddpm_ancestral_is_reproducible_from_its_generator():
     x, ts = noise(16), ddim_timesteps(T, 10)
-    run = lambda seed: sample_ddpm(eps_model(), x, ts, alphas_cumprod=AB,  # noqa: E731
-                                   generator=torch.Generator().manual_seed(seed))
+
+    def run(seed):
+        return sample_ddpm(eps_model(), x, ts, alphas_cumprod=AB, generator=torch.Generator().manual_seed(seed))
+
     assert torch.equal(run(3), run(3)) and not torch.allclose(run(3), run(4))
 
 
@@ -150,6 +159,7 @@ def test_ddpm_samplers_reject_unordered_timesteps():
 # Flow samplers
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_flow_euler_reproduces_gaussian_data():
     out = sample_euler(velocity_model(), noise(20_000), flow_timesteps(100))
     assert_moments(out, MU, SIGMA, mean_tol=0.04, std_rtol=0.04)
@@ -163,6 +173,7 @@ def test_flow_heun_reproduces_gaussian_data():
 def test_flow_euler_is_first_order_and_heun_second_order():
     """At t = 1 the flow's marginal is exactly N(0, I), so the exact map is x ↦ σ·x + μ: halving the step must
     halve Euler's error and quarter Heun's."""
+
     def error(sampler, steps):
         A, b = affine_map(lambda x: sampler(velocity_model(), x, flow_timesteps(steps)))
         assert torch.allclose(b, MU, atol=1e-7), "the mean path is straight; any step count follows it"

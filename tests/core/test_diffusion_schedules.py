@@ -76,8 +76,9 @@ def test_forward_marginal_moments_by_monte_carlo():
         sd = math.sqrt(1 - ab)
         mc = 5 * sd / math.sqrt(n)  # 5 standard errors of the sample mean
         torch.testing.assert_close(x_t.mean(0), math.sqrt(ab) * x0, atol=mc, rtol=0)
-        torch.testing.assert_close(x_t.var(0), torch.full((3,), 1 - ab, dtype=torch.float64),
-                                   rtol=5 * math.sqrt(2 / n), atol=0)
+        torch.testing.assert_close(
+            x_t.var(0), torch.full((3,), 1 - ab, dtype=torch.float64), rtol=5 * math.sqrt(2 / n), atol=0
+        )
 
 
 def test_shift_fixed_points_midpoint_and_inverse():

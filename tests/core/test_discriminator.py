@@ -23,14 +23,23 @@ def test_layout_matches_taming_n_layers_3():
         (512, 1, (4, 4), (1, 1), (1, 1), True),
     ]
     kinds = [type(m).__name__ for m in d.main]
-    assert kinds == ["Conv2d", "LeakyReLU",
-                     "Conv2d", "BatchNorm2d", "LeakyReLU",
-                     "Conv2d", "BatchNorm2d", "LeakyReLU",
-                     "Conv2d", "BatchNorm2d", "LeakyReLU",
-                     "Conv2d"]
+    assert kinds == [
+        "Conv2d",
+        "LeakyReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "LeakyReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "LeakyReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "LeakyReLU",
+        "Conv2d",
+    ]
     assert all(m.negative_slope == 0.2 for m in d.main if isinstance(m, nn.LeakyReLU))
     # conv weights 16·c_in·c_out, biases on the first and last conv, BatchNorm gain+bias 2·c
-    expected = (16 * (3 * 64 + 64 * 128 + 128 * 256 + 256 * 512 + 512 * 1) + 64 + 1 + 2 * (128 + 256 + 512))
+    expected = 16 * (3 * 64 + 64 * 128 + 128 * 256 + 256 * 512 + 512 * 1) + 64 + 1 + 2 * (128 + 256 + 512)
     assert sum(p.numel() for p in d.parameters()) == expected == 2_765_633
 
 
@@ -91,7 +100,7 @@ def test_batch_size_independent_norms(norm):
     d.train()
     d(x)  # initializes ActNorm
     batch = d(x)
-    single = torch.cat([d(x[i:i + 1]) for i in range(4)])
+    single = torch.cat([d(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-5)
 
 

@@ -52,17 +52,26 @@ KINDS = ("ae", "ldm")
 # The two runs (identical in the test process and in the spawned workers)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _ae_setup():
     g = torch.Generator().manual_seed(0)
     low = torch.rand(16, 3, 4, 4, generator=g) * 2 - 1
     images = torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
-    cfg = AutoencoderTrainingConfig.model_validate({
-        "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
-        "discriminator": {"ndf": 8, "n_layers": 2, "norm": "actnorm"},
-        "loss": {"disc_start": 1, "perceptual_weight": 0.0},
-        "trainer": {"steps": STEPS, "batch_size": 4, "lr": LR, "checkpoint_every": STOP_AT, "log_every": 1,
-                    "ema_decay": 0.9},
-    })
+    cfg = AutoencoderTrainingConfig.model_validate(
+        {
+            "model": autoencoder_preset("tiny", ch=16, norm_groups=8).to_dict(),
+            "discriminator": {"ndf": 8, "n_layers": 2, "norm": "actnorm"},
+            "loss": {"disc_start": 1, "perceptual_weight": 0.0},
+            "trainer": {
+                "steps": STEPS,
+                "batch_size": 4,
+                "lr": LR,
+                "checkpoint_every": STOP_AT,
+                "log_every": 1,
+                "ema_decay": 0.9,
+            },
+        }
+    )
     return cfg, InMemoryDataset(image=images)
 
 
@@ -73,12 +82,22 @@ def _ldm_setup():
     context = torch.randn(n, 8, 32, generator=g)
     mask = torch.rand(n, 8, generator=g) > 0.3
     mask[:, 0] = True
-    cfg = LDMTrainingConfig.model_validate({
-        "denoiser": {**UNET_PRESETS["tiny"].to_dict(), "context_dim": 32},
-        "diffusion": {"kind": "ddpm", "prediction": "v", "min_snr_gamma": 5.0},
-        "trainer": {"steps": STEPS, "batch_size": 4, "lr": LR, "checkpoint_every": STOP_AT, "log_every": 1,
-                    "ema_decay": 0.9, "cond_dropout": 0.5, "warmup_steps": 1},
-    })
+    cfg = LDMTrainingConfig.model_validate(
+        {
+            "denoiser": {**UNET_PRESETS["tiny"].to_dict(), "context_dim": 32},
+            "diffusion": {"kind": "ddpm", "prediction": "v", "min_snr_gamma": 5.0},
+            "trainer": {
+                "steps": STEPS,
+                "batch_size": 4,
+                "lr": LR,
+                "checkpoint_every": STOP_AT,
+                "log_every": 1,
+                "ema_decay": 0.9,
+                "cond_dropout": 0.5,
+                "warmup_steps": 1,
+            },
+        }
+    )
     uncond = (torch.zeros(1, 8, 32), torch.ones(1, 8, dtype=torch.bool))
     return cfg, InMemoryDataset(latents=latents, context=context, context_mask=mask), uncond
 
@@ -112,8 +131,15 @@ def _actnorm_init(rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     """One of the 2 processes: both trainers, each run whole, then interrupted at STOP_AT and resumed, then run whole
     once more with a planted defect; and ActNorm's initialization."""
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     with distributed.distributed_session("gloo") as ctx:
         assert (ctx.rank, ctx.world_size) == (rank, world)
@@ -124,8 +150,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             with mock.patch.object(BatchShard, "take", _first_rows):
                 _train(kind, f"{out}/{kind}/planted")
             if rank == 0:
-                torch.save({"history": full.history, "stopped_at": part.step, "resumed_from": resumed.resumed_from},
-                           f"{out}/{kind}/rank0.pt")
+                torch.save(
+                    {"history": full.history, "stopped_at": part.step, "resumed_from": resumed.resumed_from},
+                    f"{out}/{kind}/rank0.pt",
+                )
         torch.save(_actnorm_init(rank, world), f"{out}/actnorm_rank{rank}.pt")
         # BatchNorm under DDP needs SyncBatchNorm, which is GPU-only: on CPU every rank refuses before any collective
         cfg, data = _ae_setup()
@@ -210,8 +238,10 @@ def test_two_processes_take_the_steps_of_one_process(two_process_runs, tmp_path,
     single = _train(kind, str(tmp_path / "single"))
     one, two = _final(tmp_path / "single"), _final(two_process_runs / kind / "full")
     fraction, abs_diff = _moved_fraction(one, two, PARTS[kind])
-    print(f"{kind}: after {STEPS} steps, 1 vs 2 processes over {PARTS[kind]}: {fraction:.2g} of the elements more than "
-          f"{MOVED:.2g} apart (bound {MAX_MOVED_FRACTION}), max |diff| {abs_diff:.3g}")
+    print(
+        f"{kind}: after {STEPS} steps, 1 vs 2 processes over {PARTS[kind]}: {fraction:.2g} of the elements more than "
+        f"{MOVED:.2g} apart (bound {MAX_MOVED_FRACTION}), max |diff| {abs_diff:.3g}"
+    )
     assert fraction <= MAX_MOVED_FRACTION
     assert one["position"] == two["position"]
 
@@ -246,8 +276,9 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(two_process_run
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_comparison_sees_a_run_whose_ranks_share_their_noise(two_process_runs, kind):
-    fraction, _ = _moved_fraction(_final(two_process_runs / kind / "full"), _final(two_process_runs / kind / "planted"),
-                                  PARTS[kind])
+    fraction, _ = _moved_fraction(
+        _final(two_process_runs / kind / "full"), _final(two_process_runs / kind / "planted"), PARTS[kind]
+    )
     print(f"{kind}: planted defect moved {fraction:.2g} of the elements")
     assert fraction > 100 * MAX_MOVED_FRACTION
 

@@ -105,7 +105,11 @@ def test_template_coverage_has_the_closed_form_areas():
 def test_parse_caption_inverts_the_dataset_caption_for_every_combination():
     for shape, color, size, position in COMBINATIONS:
         assert parse_caption(shape_caption(shape, color, size, position)) == {
-            "color": color, "shape": shape, "size": size, "position": position}
+            "color": color,
+            "shape": shape,
+            "size": size,
+            "position": position,
+        }
     with pytest.raises(ValueError, match="not a shapes-dataset caption"):
         parse_caption("a photo of a cat")
 

@@ -76,16 +76,26 @@ def test_held_out_rows_carry_images_captions_and_attributes(held_out):
 
 
 def test_an_oracle_model_scores_perfectly_and_a_first_model_is_promoted(tmp_path, held_out, offline_home):
-    result = evaluate(str(tmp_path / "report"), generate_fn=oracle_generate, reconstruct_fn=lambda x: x.copy(),
-                      held_out=held_out, config=CONFIG, loss_curves={"ldm": {"loss": [(0, 1.0), (10, 0.5)]}},
-                      run_config={"preset": "demo"}, created_at="t0")
+    result = evaluate(
+        str(tmp_path / "report"),
+        generate_fn=oracle_generate,
+        reconstruct_fn=lambda x: x.copy(),
+        held_out=held_out,
+        config=CONFIG,
+        loss_curves={"ldm": {"loss": [(0, 1.0), (10, 0.5)]}},
+        run_config={"preset": "demo"},
+        created_at="t0",
+    )
     m = result.metrics
     assert m["color_acc"].value == 1.0 and m["shape_acc"].value == 1.0 and m["position_acc"].value == 1.0
     assert m["color_acc"].n == 20
     assert m["psnr"].value == PSNR_CAP_DB and m["psnr"].capped and m["ssim"].value == pytest.approx(1.0)
     assert m["psnr"].n == 8
-    for name, file in [("lpips", "vgg16-397923af.pth"), ("rfid", "weights-inception-2015-12-05-6726825d.pth"),
-                       ("fid", "weights-inception-2015-12-05-6726825d.pth")]:
+    for name, file in [
+        ("lpips", "vgg16-397923af.pth"),
+        ("rfid", "weights-inception-2015-12-05-6726825d.pth"),
+        ("fid", "weights-inception-2015-12-05-6726825d.pth"),
+    ]:
         assert not m[name].computed and file in m[name].reason and str(tmp_path / "torch_home") in m[name].reason
     d = result.decision
     assert d.passed and d.first_model and any("fid: not computed" in r for r in d.reasons)
@@ -100,11 +110,23 @@ def test_an_oracle_model_scores_perfectly_and_a_first_model_is_promoted(tmp_path
 
 
 def test_a_model_that_draws_nothing_fails_against_the_oracle_champion(tmp_path, held_out, offline_home):
-    champion = evaluate(str(tmp_path / "champion"), generate_fn=oracle_generate, reconstruct_fn=lambda x: x.copy(),
-                        held_out=held_out, config=CONFIG)
+    champion = evaluate(
+        str(tmp_path / "champion"),
+        generate_fn=oracle_generate,
+        reconstruct_fn=lambda x: x.copy(),
+        held_out=held_out,
+        config=CONFIG,
+    )
     champion_metrics = json.loads((tmp_path / "champion" / "metrics.json").read_text())["metrics"]
-    result = evaluate(str(tmp_path / "candidate"), generate_fn=blank_generate, reconstruct_fn=lambda x: x.copy(),
-                      held_out=held_out, config=CONFIG, champion_metrics=champion_metrics, champion_label="ldm v1")
+    result = evaluate(
+        str(tmp_path / "candidate"),
+        generate_fn=blank_generate,
+        reconstruct_fn=lambda x: x.copy(),
+        held_out=held_out,
+        config=CONFIG,
+        champion_metrics=champion_metrics,
+        champion_label="ldm v1",
+    )
     assert champion.decision.passed
     assert result.metrics["color_acc"].value == 0.0 and result.metrics["shape_acc"].value == 0.0
     d = result.decision
@@ -120,13 +142,16 @@ def test_bundle_functions_reconstruct_through_the_autoencoder_posterior_mean():
     vae = build_autoencoder(autoencoder_preset("tiny")).eval()
     model = SimpleNamespace(vae=vae, generate=lambda prompts, **kw: oracle_generate(prompts, kw["seed"]))
     generate_fn, reconstruct_fn = text_to_image_functions(model, batch_size=2)
-    images = oracle_generate(["a small red circle in the center", "a large blue square on the left",
-                              "a small green triangle at the top"], seed=0)
+    images = oracle_generate(
+        ["a small red circle in the center", "a large blue square on the left", "a small green triangle at the top"],
+        seed=0,
+    )
     recon = reconstruct_fn(images)  # two batches
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         expected = to_uint8(vae.decode_latents(vae.encode_latents(x)))
     assert recon.dtype == np.uint8 and recon.shape == images.shape
     assert np.abs(recon.astype(int) - expected.astype(int)).max() <= 1  # batch-size rounding at most one level
-    assert np.array_equal(generate_fn(["a small red circle in the center"], 7),
-                          oracle_generate(["a small red circle in the center"], 7))
+    assert np.array_equal(
+        generate_fn(["a small red circle in the center"], 7), oracle_generate(["a small red circle in the center"], 7)
+    )

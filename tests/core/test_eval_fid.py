@@ -106,7 +106,8 @@ def random_inception_home(tmp_path_factory):
 
 
 def test_present_weights_are_the_ones_used_and_fid_is_the_frechet_distance_of_their_features(
-        random_inception_home, monkeypatch):
+    random_inception_home, monkeypatch
+):
     home, state = random_inception_home
     ckpt_dir = use_torch_home(monkeypatch, home)
     inception = load_inception(TEST_FEATURE_DIM, download=False)

@@ -81,8 +81,9 @@ def test_the_verdict_reads_the_measurement_back_from_json(shapes):
     stored = json.loads(json.dumps(f.to_dict()))  # what the asset records as metadata
     assert fidelity_verdict(stored, FidelityThresholds()) == fidelity_verdict(f, FidelityThresholds())
     assert not fidelity_verdict(stored, FidelityThresholds())[0]
-    off = FidelityThresholds(min_class_accuracy=None, worst_decile_psnr=None, max_channel_shift=None,
-                             max_foreground_shift=None)
+    off = FidelityThresholds(
+        min_class_accuracy=None, worst_decile_psnr=None, max_channel_shift=None, max_foreground_shift=None
+    )
     assert fidelity_verdict(stored, off) == (True, [])
 
 

@@ -11,16 +11,20 @@ from ldm_core.evaluation.metrics import MetricResult
 
 
 def results(**values) -> dict[str, MetricResult]:
-    return {k: MetricResult(k, v, 100) if v is not None else MetricResult.not_computed(k, f"{k} weights missing")
-            for k, v in values.items()}
+    return {
+        k: MetricResult(k, v, 100) if v is not None else MetricResult.not_computed(k, f"{k} weights missing")
+        for k, v in values.items()
+    }
 
 
-CONFIG = GateConfig(rules={
-    "color_acc": MetricRule(higher_is_better=True, min=0.9, tolerance=0.02),
-    "shape_acc": MetricRule(higher_is_better=True, min=0.7, tolerance=0.02),
-    "psnr": MetricRule(higher_is_better=True, tolerance=0.1),
-    "fid": MetricRule(higher_is_better=False, max=50.0, tolerance=1.0, relative_tolerance=0.05),
-})
+CONFIG = GateConfig(
+    rules={
+        "color_acc": MetricRule(higher_is_better=True, min=0.9, tolerance=0.02),
+        "shape_acc": MetricRule(higher_is_better=True, min=0.7, tolerance=0.02),
+        "psnr": MetricRule(higher_is_better=True, tolerance=0.1),
+        "fid": MetricRule(higher_is_better=False, max=50.0, tolerance=1.0, relative_tolerance=0.05),
+    }
+)
 
 
 def test_first_model_passes_on_thresholds_alone():
@@ -45,7 +49,11 @@ def test_a_better_candidate_passes():
     d = decide(results(color_acc=0.96, shape_acc=0.8, psnr=23.0, fid=35.0), champion, CONFIG)
     assert d.passed and not d.first_model
     assert {c.metric: c.verdict for c in d.comparisons} == {
-        "color_acc": "better", "shape_acc": "better", "psnr": "better", "fid": "better"}
+        "color_acc": "better",
+        "shape_acc": "better",
+        "psnr": "better",
+        "fid": "better",
+    }
     assert "4 metric(s) (4 better)" in d.reasons[0]
     fid = next(c for c in d.comparisons if c.metric == "fid")
     assert fid.delta == pytest.approx(-5.0) and not fid.higher_is_better
@@ -67,9 +75,13 @@ def test_a_worse_candidate_fails_naming_the_metric_and_the_margin():
 def test_slightly_worse_within_tolerance_passes():
     champion = results(color_acc=0.95, shape_acc=0.8, psnr=24.0, fid=100.0)
     # 0.01 below on colour (0.02 allowed), 0.05 dB on PSNR (0.1 allowed), FID +4 where 5% of 100 = 5 is allowed
-    d = decide(results(color_acc=0.94, shape_acc=0.8, psnr=23.95, fid=104.0),
-               champion, CONFIG.model_copy(update={"rules": {**CONFIG.rules, "fid": CONFIG.rules["fid"].model_copy(
-                   update={"max": None})}}))
+    d = decide(
+        results(color_acc=0.94, shape_acc=0.8, psnr=23.95, fid=104.0),
+        champion,
+        CONFIG.model_copy(
+            update={"rules": {**CONFIG.rules, "fid": CONFIG.rules["fid"].model_copy(update={"max": None})}}
+        ),
+    )
     assert d.passed, d.reasons
     by_metric = {c.metric: c for c in d.comparisons}
     assert by_metric["color_acc"].verdict == "within tolerance"
@@ -85,8 +97,9 @@ def test_not_computed_metrics_are_ignored_by_default_and_fail_when_required():
     strict = decide(candidate, champion, CONFIG.model_copy(update={"not_computed": "fail"}))
     assert not strict.passed and strict.reasons == ["fid: not computed (fid weights missing), and the gate requires it"]
     # a metric absent from the candidate altogether counts as not computed
-    absent = decide({k: v for k, v in candidate.items() if k != "fid"}, champion,
-                    CONFIG.model_copy(update={"not_computed": "fail"}))
+    absent = decide(
+        {k: v for k, v in candidate.items() if k != "fid"}, champion, CONFIG.model_copy(update={"not_computed": "fail"})
+    )
     assert not absent.passed and "fid: not computed (absent)" in absent.reasons[0]
 
 
@@ -119,6 +132,7 @@ def test_configs_are_strict_and_consistent():
         MetricRule(higher_is_better=True, min=0.9, max=0.8)
     with pytest.raises(ValidationError, match="≥ 0"):
         MetricRule(higher_is_better=True, tolerance=-0.1)
-    parsed = GateConfig.model_validate({"rules": {"psnr": {"higher_is_better": True, "min": 20}},
-                                        "not_computed": "fail"})
+    parsed = GateConfig.model_validate(
+        {"rules": {"psnr": {"higher_is_better": True, "min": 20}}, "not_computed": "fail"}
+    )
     assert parsed.rules["psnr"].min == 20 and parsed.rules["psnr"].tolerance == 0.0

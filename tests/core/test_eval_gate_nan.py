@@ -19,18 +19,24 @@ def test_non_finite_thresholds_and_tolerances_are_refused_naming_the_field(field
 
 
 def test_a_nan_threshold_that_got_past_validation_still_fails_a_zero_accuracy():
-    rule = MetricRule.model_construct(higher_is_better=True, min=math.nan, max=None, tolerance=0.02,
-                                      relative_tolerance=0.0)
+    rule = MetricRule.model_construct(
+        higher_is_better=True, min=math.nan, max=None, tolerance=0.02, relative_tolerance=0.0
+    )
     for bound in ("min", "max"):
         nan_rule = rule.model_copy(update={"min": None, bound: math.nan})
-        d = decide({"color_acc": 0.0}, None, GateConfig.model_construct(rules={"color_acc": nan_rule},
-                                                                         not_computed="ignore"))
+        d = decide(
+            {"color_acc": 0.0}, None, GateConfig.model_construct(rules={"color_acc": nan_rule}, not_computed="ignore")
+        )
         assert not d.passed, bound
 
 
 def test_a_nan_candidate_metric_fails_thresholds_and_the_champion_comparison():
-    config = GateConfig(rules={"color_acc": MetricRule(higher_is_better=True, min=0.5),
-                               "psnr": MetricRule(higher_is_better=True, tolerance=0.1)})
+    config = GateConfig(
+        rules={
+            "color_acc": MetricRule(higher_is_better=True, min=0.5),
+            "psnr": MetricRule(higher_is_better=True, tolerance=0.1),
+        }
+    )
     d = decide({"color_acc": 0.9, "psnr": math.nan}, {"color_acc": 0.9, "psnr": 20.0}, config)
     assert not d.passed and any(r.startswith("psnr = nan") for r in d.reasons)
     d = decide({"color_acc": math.nan, "psnr": 21.0}, None, config)

@@ -58,11 +58,20 @@ def test_ssim_of_identical_images_is_one_and_matches_skimage():
     a = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
     assert ssim(a, a).value == pytest.approx(1.0, abs=1e-9)
-    reference = np.mean([
-        structural_similarity(x / 255.0, y / 255.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
-                              use_sample_covariance=False, data_range=1.0)
-        for x, y in zip(a, b)
-    ])
+    reference = np.mean(
+        [
+            structural_similarity(
+                x / 255.0,
+                y / 255.0,
+                channel_axis=-1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=1.0,
+            )
+            for x, y in zip(a, b)
+        ]
+    )
     r = ssim(a, b)
     assert r.n == 3 and 0.5 < r.value < 1.0
     # the two libraries treat the image border differently; the interiors agree

@@ -85,22 +85,39 @@ def inputs():
         "lpips": MetricResult.not_computed("lpips", LPIPS_REASON),
     }
     champion = {"psnr": MetricResult("psnr", 40.0, 6), "color_acc": MetricResult("color_acc", 0.5, 6)}
-    config = GateConfig(rules={"psnr": MetricRule(higher_is_better=True, tolerance=0.1),
-                               "color_acc": MetricRule(higher_is_better=True, min=0.7)})
+    config = GateConfig(
+        rules={
+            "psnr": MetricRule(higher_is_better=True, tolerance=0.1),
+            "color_acc": MetricRule(higher_is_better=True, min=0.7),
+        }
+    )
     decision = decide(metrics, champion, config)
-    curves = {"autoencoder": {"loss/rec": [(s, 1.0 / (1 + s)) for s in range(0, 500, 5)],
-                              "loss/disc": [(s, 0.7) for s in range(100)]},
-              "ldm": {"loss/mse": [(s, 0.2 + 0.8 * 0.99**s) for s in range(1000)]}}
-    return dict(images=images, recon=recon, grid=grid, metrics=metrics, champion=champion, decision=decision,
-                curves=curves)
+    curves = {
+        "autoencoder": {
+            "loss/rec": [(s, 1.0 / (1 + s)) for s in range(0, 500, 5)],
+            "loss/disc": [(s, 0.7) for s in range(100)],
+        },
+        "ldm": {"loss/mse": [(s, 0.2 + 0.8 * 0.99**s) for s in range(1000)]},
+    }
+    return dict(
+        images=images, recon=recon, grid=grid, metrics=metrics, champion=champion, decision=decision, curves=curves
+    )
 
 
 def write(out_url, inputs, **overrides):
-    kwargs = dict(metrics=inputs["metrics"], samples=inputs["grid"], originals=inputs["images"][:4],
-                  reconstructions=inputs["recon"][:4], loss_curves=inputs["curves"],
-                  config={"preset": "demo", "vae": {"lr": 4.5e-6}}, champion_metrics=inputs["champion"],
-                  champion_label="ldm v3", decision=inputs["decision"], created_at="2025-06-01T12:00:00Z",
-                  versions={"torch": "9.9", "ldm-pipeline": "0.1.0"})
+    kwargs = dict(
+        metrics=inputs["metrics"],
+        samples=inputs["grid"],
+        originals=inputs["images"][:4],
+        reconstructions=inputs["recon"][:4],
+        loss_curves=inputs["curves"],
+        config={"preset": "demo", "vae": {"lr": 4.5e-6}},
+        champion_metrics=inputs["champion"],
+        champion_label="ldm v3",
+        decision=inputs["decision"],
+        created_at="2025-06-01T12:00:00Z",
+        versions={"torch": "9.9", "ldm-pipeline": "0.1.0"},
+    )
     kwargs.update(overrides)
     return write_report(out_url, **kwargs)
 
@@ -115,8 +132,15 @@ def test_report_writes_all_files_and_metrics_json_round_trips(tmp_path, inputs):
     doc = json.loads((tmp_path / "reports" / "run1" / METRICS_NAME).read_text())
     assert doc["metrics"]["psnr"]["value"] == pytest.approx(inputs["metrics"]["psnr"].value)
     assert doc["metrics"]["psnr"]["n"] == 6
-    assert doc["metrics"]["lpips"] == {"name": "lpips", "value": None, "n": 0, "computed": False,
-                                       "reason": LPIPS_REASON, "capped": False, "note": None}
+    assert doc["metrics"]["lpips"] == {
+        "name": "lpips",
+        "value": None,
+        "n": 0,
+        "computed": False,
+        "reason": LPIPS_REASON,
+        "capped": False,
+        "note": None,
+    }
     assert doc["metrics"] == result.metrics
     assert doc["decision"]["passed"] is False and doc["decision"]["reasons"][0].startswith("psnr = ")
     assert doc["champion"]["label"] == "ldm v3" and doc["champion"]["metrics"]["psnr"]["value"] == 40.0

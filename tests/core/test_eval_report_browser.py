@@ -32,10 +32,22 @@ def find_chromium() -> str | None:
 
 
 def run_chromium(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", "--force-device-scale-factor=1", f"--user-data-dir={profile}",
-               f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
@@ -77,8 +89,9 @@ def locate(screenshot: np.ndarray, tile: np.ndarray) -> tuple[int, int] | None:
     h, w = s.shape[0] - th + 1, s.shape[1] - tw + 1
     cy, cx = th // 2, tw // 2
     # candidates: the tile's corner and centre pixels both match; then compare the whole tile
-    ok = (np.abs(s[:h, :w] - t[0, 0]).max(-1) <= PIXEL_TOLERANCE) & \
-         (np.abs(s[cy : cy + h, cx : cx + w] - t[cy, cx]).max(-1) <= PIXEL_TOLERANCE)
+    ok = (np.abs(s[:h, :w] - t[0, 0]).max(-1) <= PIXEL_TOLERANCE) & (
+        np.abs(s[cy : cy + h, cx : cx + w] - t[cy, cx]).max(-1) <= PIXEL_TOLERANCE
+    )
     for y, x in np.argwhere(ok):
         if np.abs(s[y : y + th, x : x + tw] - t).max() <= PIXEL_TOLERANCE:
             return int(y), int(x)
@@ -100,12 +113,22 @@ def report(tmp_path_factory):
     recon = np.clip(images.astype(int) + np.random.default_rng(0).integers(-12, 13, images.shape), 0, 255)
     recon = recon.astype(np.uint8)
     grid = SampleGrid.from_flat([s.caption for s in specs[::2]], [0, 1], images)  # 4 prompts × 2 seeds
-    metrics = {"psnr": psnr(images, recon), "ssim": ssim(images, recon),
-               "fid": MetricResult.not_computed("fid", "weights-inception-2015-12-05-6726825d.pth is missing")}
+    metrics = {
+        "psnr": psnr(images, recon),
+        "ssim": ssim(images, recon),
+        "fid": MetricResult.not_computed("fid", "weights-inception-2015-12-05-6726825d.pth is missing"),
+    }
     out = tmp_path_factory.mktemp("report")
-    write_report(str(out), metrics=metrics, samples=grid, originals=images[:4], reconstructions=recon[:4],
-                 loss_curves={"autoencoder": {"loss": [(s, 1 / (1 + s)) for s in range(200)]}},
-                 config={"preset": "demo"}, created_at="test")
+    write_report(
+        str(out),
+        metrics=metrics,
+        samples=grid,
+        originals=images[:4],
+        reconstructions=recon[:4],
+        loss_curves={"autoencoder": {"loss": [(s, 1 / (1 + s)) for s in range(200)]}},
+        config={"preset": "demo"},
+        created_at="test",
+    )
     return out / "report.html", grid, metrics
 
 

@@ -25,8 +25,10 @@ def test_split_then_load_is_the_identity_and_rows_stack_in_order(fused, parts, b
     state = {f"block.{k}": v for k, v in m.state_dict().items()}
     separate = unfuse(state)
     kinds = ("weight", "bias") if bias else ("weight",)
-    assert set(separate) == {f"block.{p}.{k}" for p in parts for k in kinds} | {"block.to_out.weight",
-                                                                                 "block.to_out.bias"}
+    assert set(separate) == {f"block.{p}.{k}" for p in parts for k in kinds} | {
+        "block.to_out.weight",
+        "block.to_out.bias",
+    }
     for i, name in enumerate(parts):  # row blocks in the listed order
         assert torch.equal(separate[f"block.{name}.weight"], getattr(m, fused).weight[4 * i : 4 * (i + 1)])
     fresh = _Projections(fused, 4 * len(parts), bias)

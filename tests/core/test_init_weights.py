@@ -40,10 +40,21 @@ def diffusers_unet(cross_attention_dim: int = 12):
 
 
 def diffusers_sd3():
-    return randomized(diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
-        pos_embed_max_size=8))
+    return randomized(
+        diffusers.SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            caption_projection_dim=16,
+            pooled_projection_dim=10,
+            pos_embed_max_size=8,
+        )
+    )
 
 
 def test_unet_folder_becomes_our_unet_with_the_same_outputs(tmp_path):
@@ -55,8 +66,9 @@ def test_unet_folder_becomes_our_unet_with_the_same_outputs(tmp_path):
     ours.load_state_dict(init.state_dict, strict=True)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 12)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample, atol=1e-4, rtol=1e-4
+        )
     assert init.sha256 == state_dict_sha256(from_diffusers(theirs).state_dict())
 
 
@@ -104,21 +116,54 @@ TINY_UNET = UNET_PRESETS["tiny"]  # 4 channels, context 384, 2 levels
 TINY_MMDIT = MMDiTConfig(preset="tiny")  # 4 channels, context 384 pooled by itself, patch 2, positions up to 16
 
 
-@pytest.mark.parametrize("config, latent, context, pooled, expected", [
-    (TINY_UNET.model_copy(update={"context_dim": 768}), (4, 8, 8), 384, 384,
-     "init_from has context_dim 768; the store's text encoder gives 384"),
-    (TINY_UNET, (16, 8, 8), 384, 384,
-     "init_from has in_channels 4, out_channels 4; the store's latents have 16 channels"),
-    (TINY_UNET, (4, 7, 8), 384, 384,
-     "init_from has 2 levels (downsamples by 2); the store's latents are 7x8, not a multiple of it"),
-    (MMDiTConfig(preset="tiny", pooled_projection_dim=256), (4, 8, 8), 384, 384,
-     "init_from takes pooled vectors of width 256; the store's text encoder gives 384"),
-    (MMDiTConfig(preset="tiny", patch_size=4, sample_size=8, pos_embed_max_size=4), (4, 6, 6), 384, 384,
-     "init_from has patch_size 4; the store's latents are 6x6, not a multiple of it"),
-    (TINY_MMDIT, (4, 32, 32), 384, 384,
-     "init_from has positions for latents up to 16 per side (pos_embed_max_size 8 x patch_size 2); the store's "
-     "latents are 32x32"),
-])
+@pytest.mark.parametrize(
+    "config, latent, context, pooled, expected",
+    [
+        (
+            TINY_UNET.model_copy(update={"context_dim": 768}),
+            (4, 8, 8),
+            384,
+            384,
+            "init_from has context_dim 768; the store's text encoder gives 384",
+        ),
+        (
+            TINY_UNET,
+            (16, 8, 8),
+            384,
+            384,
+            "init_from has in_channels 4, out_channels 4; the store's latents have 16 channels",
+        ),
+        (
+            TINY_UNET,
+            (4, 7, 8),
+            384,
+            384,
+            "init_from has 2 levels (downsamples by 2); the store's latents are 7x8, not a multiple of it",
+        ),
+        (
+            MMDiTConfig(preset="tiny", pooled_projection_dim=256),
+            (4, 8, 8),
+            384,
+            384,
+            "init_from takes pooled vectors of width 256; the store's text encoder gives 384",
+        ),
+        (
+            MMDiTConfig(preset="tiny", patch_size=4, sample_size=8, pos_embed_max_size=4),
+            (4, 6, 6),
+            384,
+            384,
+            "init_from has patch_size 4; the store's latents are 6x6, not a multiple of it",
+        ),
+        (
+            TINY_MMDIT,
+            (4, 32, 32),
+            384,
+            384,
+            "init_from has positions for latents up to 16 per side (pos_embed_max_size 8 x patch_size 2); the store's "
+            "latents are 32x32",
+        ),
+    ],
+)
 def test_each_shape_mismatch_is_refused_naming_both_sides(config, latent, context, pooled, expected):
     assert shape_mismatches(config, latent, context, pooled) == [expected]
 

@@ -26,20 +26,62 @@ TOL = 1e-4
 #      channels than input channels, 5 x 7 latents cropped from a 9 x 9 grid (odd margins)
 CASES = {
     "p2": (
-        {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 3,
-         "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 12, "caption_projection_dim": 16,
-         "pooled_projection_dim": 10, "pos_embed_max_size": 6, "qk_norm": None},
-        MMDiTConfig(in_channels=4, out_channels=4, patch_size=2, hidden_size=16, depth=3, num_heads=2,
-                    context_dim=12, pooled_projection_dim=10, sample_size=8, pos_embed_max_size=6),
+        {
+            "sample_size": 8,
+            "patch_size": 2,
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_layers": 3,
+            "attention_head_dim": 8,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 12,
+            "caption_projection_dim": 16,
+            "pooled_projection_dim": 10,
+            "pos_embed_max_size": 6,
+            "qk_norm": None,
+        },
+        MMDiTConfig(
+            in_channels=4,
+            out_channels=4,
+            patch_size=2,
+            hidden_size=16,
+            depth=3,
+            num_heads=2,
+            context_dim=12,
+            pooled_projection_dim=10,
+            sample_size=8,
+            pos_embed_max_size=6,
+        ),
         (6, 10),
     ),
     "p1-rms": (
-        {"sample_size": 6, "patch_size": 1, "in_channels": 4, "out_channels": 6, "num_layers": 2,
-         "attention_head_dim": 8, "num_attention_heads": 3, "joint_attention_dim": 12, "caption_projection_dim": 24,
-         "pooled_projection_dim": 12, "pos_embed_max_size": 9, "qk_norm": "rms_norm"},
-        MMDiTConfig(in_channels=4, out_channels=6, patch_size=1, hidden_size=24, depth=2, num_heads=3,
-                    context_dim=12, pooled_projection_dim=None, sample_size=6, pos_embed_max_size=9,
-                    qk_norm="rms_norm"),
+        {
+            "sample_size": 6,
+            "patch_size": 1,
+            "in_channels": 4,
+            "out_channels": 6,
+            "num_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 3,
+            "joint_attention_dim": 12,
+            "caption_projection_dim": 24,
+            "pooled_projection_dim": 12,
+            "pos_embed_max_size": 9,
+            "qk_norm": "rms_norm",
+        },
+        MMDiTConfig(
+            in_channels=4,
+            out_channels=6,
+            patch_size=1,
+            hidden_size=24,
+            depth=2,
+            num_heads=3,
+            context_dim=12,
+            pooled_projection_dim=None,
+            sample_size=6,
+            pos_embed_max_size=9,
+            qk_norm="rms_norm",
+        ),
         (5, 7),
     ),
 }
@@ -85,6 +127,7 @@ def max_diff(ours: MMDiT, theirs: SD3Transformer2DModel, case: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Parity, both directions
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_diffusers_to_ours_same_outputs(case):
@@ -132,10 +175,19 @@ def test_positional_grid_is_diffusers_and_travels_with_the_weights():
 def test_sd3_medium_is_our_preset_with_the_same_parameter_count():
     # SD3-medium's published transformer config, in diffusers' terms
     with torch.device("meta"):
-        sd3 = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
-                                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                                    caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-                                    pos_embed_max_size=192)
+        sd3 = SD3Transformer2DModel(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+        )
         ours = MMDiT(MMDIT_PRESETS["sd3-medium"])
     assert config_from_diffusers(sd3.config) == MMDIT_PRESETS["sd3-medium"]
     count = sum(p.numel() for p in ours.parameters())
@@ -145,6 +197,7 @@ def test_sd3_medium_is_our_preset_with_the_same_parameter_count():
 # ---------------------------------------------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "field, value",

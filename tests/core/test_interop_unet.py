@@ -19,20 +19,51 @@ TOL = 1e-4
 #     (4 heads at level 1, 8 in the mid block), 2 transformer blocks deep, 2 residual blocks per level
 CASES = {
     "A": (
-        dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, cross_attention_dim=12,
-             attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), use_linear_projection=False),
-        UNetConfig(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1], num_heads=4,
-                   context_dim=12, norm_groups=4, use_linear_projection=False),
+        dict(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=4,
+            cross_attention_dim=12,
+            attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            use_linear_projection=False,
+        ),
+        UNetConfig(
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_res_blocks=1,
+            attention_levels=[0, 1],
+            num_heads=4,
+            context_dim=12,
+            norm_groups=4,
+            use_linear_projection=False,
+        ),
     ),
     "B": (
-        dict(block_out_channels=(16, 32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=12,
-             attention_head_dim=(2, 4, 8), transformer_layers_per_block=2,
-             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True),
-        UNetConfig(model_channels=16, channel_mult=[1, 2, 4], num_res_blocks=2, attention_levels=[1],
-                   num_heads=None, num_head_channels=8, transformer_depth=2, context_dim=12, norm_groups=8,
-                   use_linear_projection=True),
+        dict(
+            block_out_channels=(16, 32, 64),
+            layers_per_block=2,
+            norm_num_groups=8,
+            cross_attention_dim=12,
+            attention_head_dim=(2, 4, 8),
+            transformer_layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            use_linear_projection=True,
+        ),
+        UNetConfig(
+            model_channels=16,
+            channel_mult=[1, 2, 4],
+            num_res_blocks=2,
+            attention_levels=[1],
+            num_heads=None,
+            num_head_channels=8,
+            transformer_depth=2,
+            context_dim=12,
+            norm_groups=8,
+            use_linear_projection=True,
+        ),
     ),
 }
 
@@ -75,6 +106,7 @@ def assert_same_outputs(ours: UNet, theirs: UNet2DConditionModel, side: int = 8)
 # ---------------------------------------------------------------------------------------------------------------
 # Parity, both directions
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_diffusers_to_ours_same_outputs(case):
@@ -134,6 +166,7 @@ def test_sd1_config_is_our_sd1_preset():
 # ---------------------------------------------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "field, value",

@@ -278,8 +278,15 @@ def test_the_training_stream_draws_a_fresh_posterior_sample_every_epoch_and_the_
 def test_sample_content_is_reproducible(dataset_url, fp32_store, vae, text, tmp_path):
     urls = [str(tmp_path / f"s{i}") for i in range(2)]
     for u in urls:
-        encode_dataset(dataset_url, u, vae, text, _cfg(dtype="fp32", content="sample", seed=5), vae_identity="v",
-                       split="validation")
+        encode_dataset(
+            dataset_url,
+            u,
+            vae,
+            text,
+            _cfg(dtype="fp32", content="sample", seed=5),
+            vae_identity="v",
+            split="validation",
+        )
     (i0, s0), (i1, s1) = (_all(LatentStore(u), schema.TRAINING_FIELDS) for u in urls)
     assert i0 == i1 and torch.equal(s0["latents"], s1["latents"])
     assert LatentStore(urls[0]).metadata.split == "validation"
@@ -373,19 +380,22 @@ def test_another_vae_or_text_encoder_is_refused(dataset_url, fp32_store, vae, te
         encode_dataset(dataset_url, fp32_store, vae, text, _cfg(dtype="fp16"), vae_identity="models:/ldm-vae/1")
     assert storage.read_bytes(schema.metadata_url(fp32_store)) == meta_before
     with pytest.raises(ValueError, match="divisible"):
-        encode_dataset(dataset_url, fp32_store + "-x", vae, text, _cfg().model_copy(update={"resolution": 30}),
-                       vae_identity="v")
+        encode_dataset(
+            dataset_url, fp32_store + "-x", vae, text, _cfg().model_copy(update={"resolution": 30}), vae_identity="v"
+        )
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
 def test_captions_and_attributes_survive(vae, text, tmp_path, backend):
     src = tmp_path / "src"
-    captions = ["ein größeres Quadrat – ✓", "赤い四角", "a plain caption", "émoji 🙂 and \"quotes\""]
+    captions = ["ein größeres Quadrat – ✓", "赤い四角", "a plain caption", 'émoji 🙂 and "quotes"']
     # "context" is also a tensor field of the store: the attribute comes back as "attr_context"
-    attrs = [{"color": "rot", "count": 3, "score": 0.5, "ok": True, "context": "draußen"},
-             {"color": "赤", "count": 1, "score": -1.25, "ok": False, "context": "室内"},
-             {"color": "blue", "count": 7, "score": 2.0, "ok": True, "context": "studio"},
-             {"color": "ñ", "count": 0, "score": 0.0, "ok": False, "context": ""}]
+    attrs = [
+        {"color": "rot", "count": 3, "score": 0.5, "ok": True, "context": "draußen"},
+        {"color": "赤", "count": 1, "score": -1.25, "ok": False, "context": "室内"},
+        {"color": "blue", "count": 7, "score": 2.0, "ok": True, "context": "studio"},
+        {"color": "ñ", "count": 0, "score": 0.0, "ok": False, "context": ""},
+    ]
     from ldm_core.data.synthetic import ShapeSpec, render_shape
 
     lines = []
@@ -421,8 +431,9 @@ def test_s3_round_trip(dataset_url, vae, text, s3_url, tmp_path, backend):
     cfg = _cfg(dtype="fp32", backend=backend)
     # the validation split only (a quarter of the rows): the S3 path is what is tested, not the encoder again
     result = encode_dataset(dataset_url, s3_url, vae, text, cfg, vae_identity="models:/ldm-vae/1", split="validation")
-    encode_dataset(dataset_url, str(tmp_path / "local"), vae, text, cfg, vae_identity="models:/ldm-vae/1",
-                   split="validation")
+    encode_dataset(
+        dataset_url, str(tmp_path / "local"), vae, text, cfg, vae_identity="models:/ldm-vae/1", split="validation"
+    )
     remote, local = (
         LatentDataset(s3_url, "validation", prefetch=2),
         LatentDataset(str(tmp_path / "local"), "validation"),
@@ -447,11 +458,13 @@ def test_train_ldm_runs_on_a_latent_dataset(fp32_store):
     from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
 
     data = LatentDataset(fp32_store, "train")
-    cfg = LDMTrainingConfig.model_validate({
-        "denoiser": UNET_PRESETS["tiny"].to_dict(),
-        "diffusion": {"kind": "flow"},
-        "trainer": {"steps": 2, "batch_size": 8, "lr": 1e-3, "ema_decay": None, "log_every": 1, "device": "cpu"},
-    })
+    cfg = LDMTrainingConfig.model_validate(
+        {
+            "denoiser": UNET_PRESETS["tiny"].to_dict(),
+            "diffusion": {"kind": "flow"},
+            "trainer": {"steps": 2, "batch_size": 8, "lr": 1e-3, "ema_decay": None, "log_every": 1, "device": "cpu"},
+        }
+    )
     torch.manual_seed(0)
     from ldm_core.models.denoiser import build_denoiser
 
@@ -472,8 +485,17 @@ def _as_old_store(url: str, old_url: str) -> None:
     latent_store.json without the pooled keys."""
     store = LatentStore(url)
     meta = store.metadata
-    template = meta.model_copy(update={"pooled_dim": None, "shards": [], "runs": [], "rows": 0, "train_rows": 0,
-                                       "validation_rows": 0, "attribute_columns": []})
+    template = meta.model_copy(
+        update={
+            "pooled_dim": None,
+            "shards": [],
+            "runs": [],
+            "rows": 0,
+            "train_rows": 0,
+            "validation_rows": 0,
+            "attribute_columns": [],
+        }
+    )
     ctx, mask, _ = store.uncond()
     cfg = _cfg(backend=meta.backend, dtype=meta.dtype)
     with LatentStoreWriter.open(old_url, template, cfg, (ctx, mask)) as writer:
@@ -501,10 +523,13 @@ def _copy_shards(store: LatentStore, writer: LatentStoreWriter) -> None:
 def _ldm_config(denoiser: dict):
     from ldm_core.trainers.ldm import LDMTrainingConfig
 
-    return LDMTrainingConfig.model_validate({
-        "denoiser": denoiser, "diffusion": {"kind": "flow"},
-        "trainer": {"steps": 1, "batch_size": 8, "ema_decay": None, "log_every": 1, "device": "cpu"},
-    })
+    return LDMTrainingConfig.model_validate(
+        {
+            "denoiser": denoiser,
+            "diffusion": {"kind": "flow"},
+            "trainer": {"steps": 1, "batch_size": 8, "ema_decay": None, "log_every": 1, "device": "cpu"},
+        }
+    )
 
 
 MMDIT = {"kind": "mmdit", "preset": "tiny", "hidden_size": 32, "depth": 1, "num_heads": 2}
@@ -539,8 +564,10 @@ def test_a_store_without_pooled_vectors_loads_and_encoding_adds_them(dataset_url
     meta = schema.read_metadata(old_url)
     assert meta.pooled_dim is None and [s.pooled for s in meta.shards] == [True, False, False, False]
     halfway = LatentDataset(old_url, None)
-    assert not halfway.has_pooled and torch.equal(halfway.get_batch(range(N_IMAGES))["latents"],
-                                                  LatentDataset(new_url, None).get_batch(range(N_IMAGES))["latents"])
+    assert not halfway.has_pooled and torch.equal(
+        halfway.get_batch(range(N_IMAGES))["latents"],
+        LatentDataset(new_url, None).get_batch(range(N_IMAGES))["latents"],
+    )
 
     result = encode_dataset(dataset_url, old_url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
     assert result.rows_new == 0 and result.pooled_rows_added == N_IMAGES - ROWS_PER_SHARD

@@ -38,12 +38,22 @@ def _toy_latents(text_embs, n: int, seed: int = 0) -> InMemoryDataset:
 
 
 def _config(**trainer) -> LDMTrainingConfig:
-    return LDMTrainingConfig.model_validate({
-        "denoiser": UNET_PRESETS["tiny"].to_dict(),
-        "diffusion": {"kind": "flow", "sample_steps": 12},
-        "trainer": {"steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1,
-                    "ema_decay": None, "cond_dropout": 0.1, **trainer},
-    })
+    return LDMTrainingConfig.model_validate(
+        {
+            "denoiser": UNET_PRESETS["tiny"].to_dict(),
+            "diffusion": {"kind": "flow", "sample_steps": 12},
+            "trainer": {
+                "steps": 6,
+                "batch_size": 8,
+                "lr": 1e-3,
+                "checkpoint_every": 3,
+                "log_every": 1,
+                "ema_decay": None,
+                "cond_dropout": 0.1,
+                **trainer,
+            },
+        }
+    )
 
 
 def _class_accuracy(model, text_embs, enc, n_per_class=16, guidance=3.0) -> float:
@@ -85,8 +95,9 @@ def test_resume_is_bitwise_equal(text, tmp_path, kind):
     enc, embs = text
     data = _toy_latents(embs, 24)
     cfg = _config(steps=5, ema_decay=0.9, micro_batch_size=4, warmup_steps=2)
-    cfg.diffusion = DiffusionConfig(kind=kind, prediction="v" if kind == "ddpm" else "eps",
-                                    min_snr_gamma=5.0 if kind == "ddpm" else None)
+    cfg.diffusion = DiffusionConfig(
+        kind=kind, prediction="v" if kind == "ddpm" else "eps", min_snr_gamma=5.0 if kind == "ddpm" else None
+    )
     empty = enc.empty()
     uncond = (empty.embeddings, empty.mask)
     full = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "a"))
@@ -146,8 +157,13 @@ def test_validation_samples_reach_the_tracker(text):
         return np.zeros((8, 8, 3), np.uint8)
 
     tracker = RecordingTracker()
-    train_ldm(_config(steps=4, validation_every=2), _toy_latents(embs, 16), tracker,
-              uncond=(empty.embeddings, empty.mask), sample_fn=sample_fn)
+    train_ldm(
+        _config(steps=4, validation_every=2),
+        _toy_latents(embs, 16),
+        tracker,
+        uncond=(empty.embeddings, empty.mask),
+        sample_fn=sample_fn,
+    )
     assert calls == [2, 4, 4] and [n for n, _, _ in tracker.images] == ["validation_samples"] * 3
     assert tracker.params["denoiser.kind"] == "unet" and "lr" in tracker.metrics
     # model FLOPs counted on meta tensors, MFU against this machine's measured matmul rate
@@ -192,8 +208,15 @@ def test_torch_compile_option_trains_like_eager(text, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, **{**kw, "backend": "aot_eager"}))
     empty = enc.empty()
     data = _toy_latents(embs, 16)
-    tiny = {"model_channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attention_levels": [0], "num_heads": 2,
-            "context_dim": 384, "norm_groups": 4}  # the smallest graph: compilation dominates this test
+    tiny = {
+        "model_channels": 8,
+        "channel_mult": [1],
+        "num_res_blocks": 1,
+        "attention_levels": [0],
+        "num_heads": 2,
+        "context_dim": 384,
+        "norm_groups": 4,
+    }  # the smallest graph: compilation dominates this test
     results = {}
     for compiled in (False, True):
         cfg = _config(steps=2, batch_size=8, compile=compiled)
@@ -247,8 +270,16 @@ def test_mmdit_learns_the_prompt_from_the_pooled_vector_alone(text):
     correct = 0
     for cls, sign in (("red", 1.0), ("blue", -1.0)):
         noise = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(123))
-        guided = cfg_model(model, embs["red"].embeddings, embs["red"].mask, empty.embeddings, empty.mask, 3.0,
-                           pooled=embs[cls].pooled, uncond_pooled=empty.pooled)
+        guided = cfg_model(
+            model,
+            embs["red"].embeddings,
+            embs["red"].mask,
+            empty.embeddings,
+            empty.mask,
+            3.0,
+            pooled=embs[cls].pooled,
+            uncond_pooled=empty.pooled,
+        )
         with torch.no_grad():
             z = diffusion.sample(guided, noise)
         correct += int(((z.mean(dim=(1, 2, 3)) * sign) > 0).sum())

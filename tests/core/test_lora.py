@@ -45,18 +45,31 @@ def text():
 def _data(enc, n: int = 16) -> InMemoryDataset:
     g = torch.Generator().manual_seed(0)
     emb = enc.encode(["a red square", "a blue circle"] * (n // 2))
-    return InMemoryDataset(latents=torch.randn(n, 4, 8, 8, generator=g), context=emb.embeddings,
-                           context_mask=emb.mask, pooled=emb.pooled)
+    return InMemoryDataset(
+        latents=torch.randn(n, 4, 8, 8, generator=g), context=emb.embeddings, context_mask=emb.mask, pooled=emb.pooled
+    )
 
 
 def _config(denoiser=None, lora=None, **trainer) -> LDMTrainingConfig:
-    return LDMTrainingConfig.model_validate({
-        "denoiser": (denoiser or UNET_PRESETS["tiny"]).to_dict(),
-        "diffusion": {"kind": "flow", "sample_steps": 4},
-        "trainer": {"steps": 5, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 2,
-                    "checkpoint_every": 2, "log_every": 1, "ema_decay": 0.9, "cond_dropout": 0.2, **trainer},
-        "lora": (lora or LoraConfig(rank=2, dropout=0.1)).to_dict(),
-    })
+    return LDMTrainingConfig.model_validate(
+        {
+            "denoiser": (denoiser or UNET_PRESETS["tiny"]).to_dict(),
+            "diffusion": {"kind": "flow", "sample_steps": 4},
+            "trainer": {
+                "steps": 5,
+                "batch_size": 8,
+                "micro_batch_size": 4,
+                "lr": 1e-2,
+                "warmup_steps": 2,
+                "checkpoint_every": 2,
+                "log_every": 1,
+                "ema_decay": 0.9,
+                "cond_dropout": 0.2,
+                **trainer,
+            },
+            "lora": (lora or LoraConfig(rank=2, dropout=0.1)).to_dict(),
+        }
+    )
 
 
 def _base(cfg: LDMTrainingConfig, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -70,6 +83,7 @@ def _base(cfg: LDMTrainingConfig, seed: int = 1) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_only_the_adapter_trains_and_the_base_is_bitwise_unchanged(text, ema):
@@ -92,15 +106,27 @@ def test_only_the_adapter_trains_and_the_base_is_bitwise_unchanged(text, ema):
 
 def test_default_targets_are_every_attention_projection_of_either_backbone():
     unet = add_lora(build_denoiser(UNET_PRESETS["tiny"]), LoraConfig())
-    adapted = {n.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for n in adapter_state_dict(unet)
-               if n.endswith("lora_A.weight")}
+    adapted = {
+        n.removesuffix(".lora_A.weight").rsplit(".", 1)[-1]
+        for n in adapter_state_dict(unet)
+        if n.endswith("lora_A.weight")
+    }
     assert adapted == {"qkv", "to_q", "to_kv", "to_out"}
     mmdit = add_lora(build_denoiser(MMDiTConfig(preset="tiny", depth=2)), LoraConfig())
     names = {n.removesuffix(".lora_A.weight") for n in adapter_state_dict(mmdit) if n.endswith("lora_A.weight")}
     # both streams' fused qkv, and the output projection of each stream that has one (the last text stream has none)
-    assert names == {f"joint_blocks.{n}" for n in ("0.x_block.qkv", "0.context_block.qkv", "0.x_block.to_out",
-                                                  "0.context_block.to_out", "1.x_block.qkv", "1.context_block.qkv",
-                                                  "1.x_block.to_out")}
+    assert names == {
+        f"joint_blocks.{n}"
+        for n in (
+            "0.x_block.qkv",
+            "0.context_block.qkv",
+            "0.x_block.to_out",
+            "0.context_block.to_out",
+            "1.x_block.qkv",
+            "1.context_block.qkv",
+            "1.x_block.to_out",
+        )
+    }
 
 
 def test_an_interrupted_lora_run_resumes_to_the_same_adapter(text, tmp_path):
@@ -108,8 +134,9 @@ def test_an_interrupted_lora_run_resumes_to_the_same_adapter(text, tmp_path):
     cfg = _config()
     data, base = _data(enc), _base(cfg)
     full = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "a"), init_weights=base)
-    part = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "b"), init_weights=base,
-                     should_stop=lambda s: s == 3)
+    part = train_ldm(
+        cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "b"), init_weights=base, should_stop=lambda s: s == 3
+    )
     assert not part.finished
     resumed = train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(tmp_path / "b"), init_weights=base)
     assert resumed.resumed_from == 3 and resumed.step == 5
@@ -131,8 +158,9 @@ def test_a_resume_on_other_base_weights_or_another_adapter_is_refused(text, tmp_
     with pytest.raises(ValueError, match="trained on base weights"):
         train_ldm(cfg, data, uncond=uncond, checkpoint_dir=ckpt, init_weights=_base(cfg, seed=2))
     with pytest.raises(ValueError, match="different lora config"):
-        train_ldm(_config(steps=4, lora=LoraConfig(rank=3)), data, uncond=uncond, checkpoint_dir=ckpt,
-                  init_weights=_base(cfg))
+        train_ldm(
+            _config(steps=4, lora=LoraConfig(rank=3)), data, uncond=uncond, checkpoint_dir=ckpt, init_weights=_base(cfg)
+        )
     full = cfg.model_copy(update={"lora": None})
     with pytest.raises(ValueError, match="different lora config"):
         train_ldm(full, data, uncond=uncond, checkpoint_dir=ckpt, init_weights=_base(cfg))
@@ -154,6 +182,7 @@ def test_adapter_weights_of_another_rank_are_refused():
 # The saved model: base + adapter
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _adapted(seed: int = 0, b_scale: float = 0.5) -> torch.nn.Module:
     """A tiny UNet base (`_base`) with an adapter whose B is nonzero (a trained one's stand-in)."""
     model = build_denoiser(UNET_PRESETS["tiny"])
@@ -167,8 +196,15 @@ def _adapted(seed: int = 0, b_scale: float = 0.5) -> torch.nn.Module:
 def _bundle(url, denoiser, **kw) -> str:
     torch.manual_seed(5)
     vae = build_autoencoder(autoencoder_preset("tiny")).eval()
-    return save_text_to_image(str(url), denoiser=denoiser, vae=vae, diffusion_config=DiffusionConfig(
-        kind="flow", sample_steps=4), text_encoder_config=TEXT, latent_shape=(4, 8, 8), **kw)
+    return save_text_to_image(
+        str(url),
+        denoiser=denoiser,
+        vae=vae,
+        diffusion_config=DiffusionConfig(kind="flow", sample_steps=4),
+        text_encoder_config=TEXT,
+        latent_shape=(4, 8, 8),
+        **kw,
+    )
 
 
 def _images(url) -> np.ndarray:
@@ -183,8 +219,10 @@ def test_the_registered_model_generates_with_its_adapter(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     meta = read_model_meta(str(tmp_path / "lora" / "denoiser" / "lora"))
-    assert meta["base"] == {"sha256": read_model_meta(str(tmp_path / "lora" / "denoiser"))["weights_sha256"],
-                            "source": "models:/ldm/1"}
+    assert meta["base"] == {
+        "sha256": read_model_meta(str(tmp_path / "lora" / "denoiser"))["weights_sha256"],
+        "source": "models:/ldm/1",
+    }
     # the bundle's base is the base alone; its images are not the adapted model's
     base_only = build_denoiser(UNET_PRESETS["tiny"]).eval()
     base_only.load_state_dict(base_state_dict(model))
@@ -231,8 +269,9 @@ def _outputs(model: torch.nn.Module, t: tuple[float, ...] = (0.3, 0.7)) -> torch
     error of about 6e-8 per weight); in float64 compute that is all that separates the two sides, so outputs of
     order 1 agree to well within 1e-5, while fp32 compute alone reorders sums and moves them by about 1e-4."""
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ctx = torch.randn(2, 8, UNET_PRESETS["tiny"].context_dim, generator=torch.Generator().manual_seed(3),
-                      dtype=torch.float64)
+    ctx = torch.randn(
+        2, 8, UNET_PRESETS["tiny"].context_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     model = copy.deepcopy(model).double()
     with torch.no_grad():
         return model(x, torch.tensor(t, dtype=torch.float64), ctx, torch.ones(2, 8, dtype=torch.bool))
@@ -260,8 +299,9 @@ def test_a_lora_model_exports_to_diffusers_merged(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "export" / out.denoiser_dir)).eval().double()
     t = (300.0, 700.0)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ctx = torch.randn(2, 8, UNET_PRESETS["tiny"].context_dim, generator=torch.Generator().manual_seed(3),
-                      dtype=torch.float64)
+    ctx = torch.randn(
+        2, 8, UNET_PRESETS["tiny"].context_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     with torch.no_grad():
         theirs = unet(x, torch.tensor(t, dtype=torch.float64), encoder_hidden_states=ctx).sample
     torch.testing.assert_close(theirs, _outputs(model, t), rtol=0, atol=1e-5)

@@ -22,8 +22,18 @@ from ldm_core.models.unet import UNET_PRESETS, UNet
 from tests.core.denoiser_inputs import assert_loads_identically, inputs, overfit_ratio
 
 # milliseconds per forward: 3 joint blocks of width 32, 2x2 patches, tokens of width 12 pooled by the model itself
-SMALL = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "hidden_size": 32, "depth": 3, "num_heads": 4,
-         "context_dim": 12, "pooled_projection_dim": None, "sample_size": 8, "pos_embed_max_size": 8}
+SMALL = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "patch_size": 2,
+    "hidden_size": 32,
+    "depth": 3,
+    "num_heads": 4,
+    "context_dim": 12,
+    "pooled_projection_dim": None,
+    "sample_size": 8,
+    "pos_embed_max_size": 8,
+}
 
 SD3_MEDIUM_PARAMETERS = 2_028_328_000  # counted on the meta device; diffusers' count agrees (test_interop_mmdit.py)
 DIT_B_PARAMETERS = 251_171_344  # two streams per block: about twice DiT-B/2's 130 M
@@ -39,7 +49,6 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-
 def small(**change) -> MMDiT:
     return randomized(MMDiT(MMDiTConfig(**{**SMALL, **change}))).eval()
 
@@ -47,6 +56,7 @@ def small(**change) -> MMDiT:
 # ---------------------------------------------------------------------------------------------------------------
 # Config and presets
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_presets_validate_and_the_tiny_one_builds_and_runs():
     for name, cfg in MMDIT_PRESETS.items():
@@ -97,6 +107,7 @@ def test_config_rejects_inconsistent_shapes(change, message):
 # ---------------------------------------------------------------------------------------------------------------
 # Patches and positions
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_sincos_positions_closed_form():
     dim, grid, base = 16, 6, 3
@@ -196,8 +207,9 @@ def test_without_a_pooled_vector_the_model_pools_the_real_tokens():
     mean = torch.stack([context[b, : int(n)].mean(0) for b, n in enumerate(MASK.sum(1))])  # (B, D) by hand
     torch.testing.assert_close(masked_mean(context, MASK), mean)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, context, MASK), model(x, t, context, MASK, pooled=mean),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            model(x, t, context, MASK), model(x, t, context, MASK, pooled=mean), rtol=0, atol=1e-6
+        )
         # the pooled vector is an input of its own: another vector, another prediction
         assert (model(x, t, context, MASK, pooled=mean + 1.0) - model(x, t, context, MASK)).abs().max() > 1e-3
 
@@ -225,6 +237,7 @@ def test_pooled_vector_of_another_width_is_required():
 # ---------------------------------------------------------------------------------------------------------------
 # Training behaviour
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_adaln_zero_starts_at_zero_and_every_parameter_is_in_the_graph():
     torch.manual_seed(0)
@@ -291,6 +304,7 @@ def test_step_flops_are_counted_on_meta_tensors_and_match_a_real_count():
 # ---------------------------------------------------------------------------------------------------------------
 # Denoiser interface
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_build_denoiser_from_saved_config():
     model = build_denoiser(parse_denoiser_config({"kind": "mmdit", "preset": "tiny"}))

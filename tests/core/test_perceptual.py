@@ -92,8 +92,12 @@ def test_loads_exactly_the_resolved_weights(vgg_home, lpips_model):
 
 def test_distance_matches_a_reference_computation(vgg_home, lpips_model):
     _, _, vgg = vgg_home
-    lin = [w for _, w in sorted(torch.load(pretrained.expected_path("lpips_vgg_linear"), map_location="cpu",
-                                           weights_only=True).items())]
+    lin = [
+        w
+        for _, w in sorted(
+            torch.load(pretrained.expected_path("lpips_vgg_linear"), map_location="cpu", weights_only=True).items()
+        )
+    ]
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)

@@ -52,8 +52,9 @@ def _coefficients(config: DiffusionConfig, table: torch.Tensor) -> list[tuple[fl
     ab = table.double()
     pairs = [(float(ab[t]), float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
     if config.prediction == "v":  # x0 = √ᾱ·x − √(1−ᾱ)·v, ε = √(1−ᾱ)·x + √ᾱ·v
-        return [((p * a) ** 0.5 + ((1 - p) * (1 - a)) ** 0.5, ((1 - p) * a) ** 0.5 - (p * (1 - a)) ** 0.5)
-                for a, p in pairs]
+        return [
+            ((p * a) ** 0.5 + ((1 - p) * (1 - a)) ** 0.5, ((1 - p) * a) ** 0.5 - (p * (1 - a)) ** 0.5) for a, p in pairs
+        ]
     return [((p / a) ** 0.5, (1 - p) ** 0.5 - (p * (1 - a) / a) ** 0.5) for a, p in pairs]
 
 
@@ -80,8 +81,13 @@ def _derived_tolerance(model, pipe, noise, ctx, mask, trace) -> float:
         e_z = 0.0
         for (a, b), (a2, b2) in zip(_coefficients(cfg, ours_table), _coefficients(cfg, theirs_table)):
             # the error carried (through the step and the network's response to it) plus the one made here
-            e_z = ((abs(a) + abs(b) * net_gain) * e_z + abs(b) * delta_net + abs(a - a2) * X + abs(b - b2) * E
-                   + 2 * EPS32 * (abs(a) * X + abs(b) * E))
+            e_z = (
+                (abs(a) + abs(b) * net_gain) * e_z
+                + abs(b) * delta_net
+                + abs(a - a2) * X
+                + abs(b - b2) * E
+                + 2 * EPS32 * (abs(a) * X + abs(b) * E)
+            )
         z, scale = trace["final"], model.vae.config.scaling_factor
         delta_vae = (model.vae.decode_latents(z) - pipe.vae.decode(z / scale).sample).abs().max().item()
         vae_gain = _gain(model.vae.decode_latents, z)
@@ -92,9 +98,16 @@ def _ours(model, noise):
     """The bundle's own sampling at guidance 1, as generate() does it, in float (and its trace for the bound)."""
     emb = model.text_encoder.encode([FILLS_MAX_LENGTH])
     trace = {"x": [], "pred": [], "inputs": []}
-    guided = cfg_model(model.denoiser, emb.embeddings, emb.mask, model.text_encoder.empty().embeddings,
-                       model.text_encoder.empty().mask, 1.0, pooled=emb.pooled,
-                       uncond_pooled=model.text_encoder.empty().pooled)
+    guided = cfg_model(
+        model.denoiser,
+        emb.embeddings,
+        emb.mask,
+        model.text_encoder.empty().embeddings,
+        model.text_encoder.empty().mask,
+        1.0,
+        pooled=emb.pooled,
+        uncond_pooled=model.text_encoder.empty().pooled,
+    )
 
     def traced(x, t):
         out = guided(x, t)
@@ -110,20 +123,31 @@ def _ours(model, noise):
     return image, emb, trace
 
 
-@pytest.mark.parametrize("diffusion", [
-    DiffusionConfig(kind="ddpm", prediction="eps", sampler="ddim", sample_steps=STEPS),
-    DiffusionConfig(kind="ddpm", prediction="v", sampler="ddim", sample_steps=STEPS),
-    DiffusionConfig(kind="flow", shift=2.0, sample_steps=STEPS),
-], ids=["ddim-eps", "ddim-v", "flow-euler"])
+@pytest.mark.parametrize(
+    "diffusion",
+    [
+        DiffusionConfig(kind="ddpm", prediction="eps", sampler="ddim", sample_steps=STEPS),
+        DiffusionConfig(kind="ddpm", prediction="v", sampler="ddim", sample_steps=STEPS),
+        DiffusionConfig(kind="flow", shift=2.0, sample_steps=STEPS),
+    ],
+    ids=["ddim-eps", "ddim-v", "flow-euler"],
+)
 def test_stable_diffusion_pipeline_reproduces_the_bundle(tmp_path, clip, diffusion):
     model = load_text_to_image(tiny_bundle(str(tmp_path / "bundle"), clip, diffusion))
     result = export_diffusers(model, tmp_path / "out")
-    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"vae", "unet", "text_encoder", "tokenizer",
-                                                              "scheduler", "model_index.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
+        "vae",
+        "unet",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "model_index.json",
+    }
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")  # offline: HF_HUB_OFFLINE is set for the tests
     assert type(pipe).__name__ == result.pipeline_class == "StableDiffusionPipeline"
-    assert type(pipe.scheduler).__name__ == ("FlowMatchEulerDiscreteScheduler" if diffusion.kind == "flow"
-                                             else "DDIMScheduler")
+    assert type(pipe.scheduler).__name__ == (
+        "FlowMatchEulerDiscreteScheduler" if diffusion.kind == "flow" else "DDIMScheduler"
+    )
 
     noise = torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(0))[None]  # generate()'s seed 0
     ours, emb, trace = _ours(model, noise)
@@ -132,8 +156,9 @@ def test_stable_diffusion_pipeline_reproduces_the_bundle(tmp_path, clip, diffusi
     if diffusion.kind == "flow":  # the two settings the export documents for flow
         pipe.scheduler.init_noise_sigma = 1.0
         kw["sigmas"] = [1 - i / STEPS for i in range(STEPS)]
-    theirs = pipe(FILLS_MAX_LENGTH, num_inference_steps=STEPS, guidance_scale=1.0, latents=noise.clone(),
-                  output_type="pt", **kw).images  # (1, 3, H, W) in [0, 1]
+    theirs = pipe(
+        FILLS_MAX_LENGTH, num_inference_steps=STEPS, guidance_scale=1.0, latents=noise.clone(), output_type="pt", **kw
+    ).images  # (1, 3, H, W) in [0, 1]
     tolerance = _derived_tolerance(model, pipe, noise, emb.embeddings, None, trace)
     assert tolerance < 1 / 255  # a bound below one uint8 level: else the comparison below would be loose
     assert (theirs - ours).abs().max().item() <= tolerance
@@ -167,8 +192,7 @@ def test_the_scheduler_steps_through_our_ddim_grid():
 
 def test_an_mmdit_exports_components_that_load_with_their_own_classes(tmp_path, clip):
     cfg = DiffusionConfig(kind="flow", sample_steps=STEPS)
-    model = load_text_to_image(tiny_bundle(str(tmp_path / "bundle"), clip, cfg, denoiser={"kind": "mmdit",
-                                                                                          "depth": 2}))
+    model = load_text_to_image(tiny_bundle(str(tmp_path / "bundle"), clip, cfg, denoiser={"kind": "mmdit", "depth": 2}))
     result = export_diffusers(model, tmp_path / "out")
     assert result.denoiser_dir == "transformer" and any(n.startswith("pipeline:") for n in result.divergences)
     out = tmp_path / "out"

@@ -14,8 +14,10 @@ from tests.tiny_autoencoders import fake_hf_cache, save_tiny_autoencoder_kl, upl
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[int, object]:
     root = tmp_path_factory.mktemp("vaes")
-    return {4: save_tiny_autoencoder_kl(root / "c4", 4, seed=1, scaling_factor=0.3),
-            16: save_tiny_autoencoder_kl(root / "c16", 16, seed=2, scaling_factor=0.7, shift_factor=0.1)}
+    return {
+        4: save_tiny_autoencoder_kl(root / "c4", 4, seed=1, scaling_factor=0.3),
+        16: save_tiny_autoencoder_kl(root / "c16", 16, seed=2, scaling_factor=0.7, shift_factor=0.1),
+    }
 
 
 @pytest.mark.parametrize("channels", [4, 16])
@@ -28,8 +30,9 @@ def test_the_converted_autoencoder_encodes_and_decodes_as_diffusers_does(folders
         assert post.mean.shape == (2, channels, 8, 8)
         torch.testing.assert_close(post.mean, their_post.mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(post.logvar, their_post.logvar, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(pre.model.decode(post.mean), theirs.decode(their_post.mean).sample,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            pre.model.decode(post.mean), theirs.decode(their_post.mean).sample, rtol=1e-5, atol=1e-5
+        )
     cfg = pre.model.config
     assert (cfg.scaling_factor, cfg.shift_factor) == ((0.3, 0.0) if channels == 4 else (0.7, 0.1))
     assert pre.weights_sha256 == weights_sha256(pre.model)
@@ -61,8 +64,10 @@ def test_a_repo_id_is_found_in_the_local_hugging_face_cache_only(folders, tmp_pa
 def test_a_missing_folder_is_one_line_naming_where_it_looked(tmp_path):
     with pytest.raises(PretrainedSourceNotFound) as missing:
         load_pretrained_autoencoder(str(tmp_path / "nowhere"))
-    assert str(missing.value) == (f"pretrained source {str(tmp_path / 'nowhere')!r} not found: looked for the folder "
-                                  f"{tmp_path / 'nowhere' / 'config.json'}")
+    assert str(missing.value) == (
+        f"pretrained source {str(tmp_path / 'nowhere')!r} not found: looked for the folder "
+        f"{tmp_path / 'nowhere' / 'config.json'}"
+    )
 
 
 def test_a_folder_of_another_diffusers_class_is_refused(tmp_path):

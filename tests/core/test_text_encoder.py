@@ -88,13 +88,15 @@ def test_clip_text_model_path(tmp_path):
 # Pooled vectors
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_minilm_pooled_vector_is_sentence_transformers_mean_pooling(encoder):
     """all-MiniLM-L6-v2's sentence-transformers Pooling module (pooling_mode_mean_tokens), computed here from the
     model's own files with transformers alone: the mean of the last hidden state over the attention mask."""
     captions = ["a small red circle", "a large blue square in the top left", ""]
     path = resolve_model_path("all-MiniLM-L6-v2")
-    tok = AutoTokenizer.from_pretrained(path)(captions, padding="max_length", truncation=True, max_length=16,
-                                             return_tensors="pt")
+    tok = AutoTokenizer.from_pretrained(path)(
+        captions, padding="max_length", truncation=True, max_length=16, return_tensors="pt"
+    )
     with torch.no_grad():
         token_embeddings = AutoModel.from_pretrained(path)(**tok).last_hidden_state  # (3, 16, 384)
     mask = tok["attention_mask"].unsqueeze(-1).expand(token_embeddings.size()).float()

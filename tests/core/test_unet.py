@@ -13,8 +13,15 @@ from ldm_core.models.unet import UNET_PRESETS, SpatialTransformer, UNet, UNetCon
 from tests.core.denoiser_inputs import assert_loads_identically, inputs, overfit_ratio
 
 # small enough to run in milliseconds; two levels, transformers at both and in the mid block
-SMALL = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1], num_heads=2,
-             context_dim=12, norm_groups=4)
+SMALL = dict(
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_levels=[0, 1],
+    num_heads=2,
+    context_dim=12,
+    norm_groups=4,
+)
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -26,10 +33,10 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Config and presets
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_presets_validate_and_build():
     for name, cfg in UNET_PRESETS.items():
@@ -72,6 +79,7 @@ def test_num_head_channels_gives_more_heads_deeper():
 # Timestep embedding
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_timestep_embedding_closed_form():
     t = torch.tensor([0.0, 1.0, 37.5, 999.0])
     emb = timestep_embedding(t, 8)
@@ -99,6 +107,7 @@ def test_time_may_be_a_float_a_scalar_tensor_or_per_sample():
 # ---------------------------------------------------------------------------------------------------------------
 # Spatial transformer and text conditioning
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("linear", [False, True])
 def test_zero_init_proj_out_makes_every_transformer_the_identity(linear):
@@ -143,8 +152,9 @@ def test_output_depends_on_the_text_and_masked_tokens_have_no_effect():
             alone = model(x[b : b + 1], t[b : b + 1], context[b : b + 1, :n])
             torch.testing.assert_close(alone, out[b : b + 1], rtol=0, atol=1e-5)
         # an all-True mask is no mask
-        torch.testing.assert_close(model(x, t, context, torch.ones(2, 6, dtype=torch.bool)), model(x, t, context),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            model(x, t, context, torch.ones(2, 6, dtype=torch.bool)), model(x, t, context), rtol=0, atol=1e-6
+        )
 
 
 def test_sample_without_real_tokens_attends_to_nothing():
@@ -169,6 +179,7 @@ def test_sides_not_divisible_by_the_downsampling_factor():
 # ---------------------------------------------------------------------------------------------------------------
 # Training behaviour
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_every_parameter_gets_a_gradient_and_proj_out_learns_from_zero():
     model = UNet(UNetConfig(**SMALL))
@@ -223,6 +234,7 @@ def test_tiny_preset_overfits_one_batch():
 # ---------------------------------------------------------------------------------------------------------------
 # Denoiser interface
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_build_denoiser_from_saved_config():
     cfg = UNetConfig(**SMALL)

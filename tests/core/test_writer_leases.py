@@ -85,8 +85,13 @@ def test_a_trainer_holds_its_checkpoint_directory_from_before_it_resumes(tmp_pat
     holder.acquire(run_id="run-1")
     steps = []
     with pytest.raises(LeaseHeldError, match="run-1"):
-        train_autoencoder(runner.ae_config(2), runner.ae_data(), checkpoint_dir=str(tmp_path), perceptual=None,
-                          should_stop=lambda s: steps.append(s) or False)
+        train_autoencoder(
+            runner.ae_config(2),
+            runner.ae_data(),
+            checkpoint_dir=str(tmp_path),
+            perceptual=None,
+            should_stop=lambda s: steps.append(s) or False,
+        )
     assert steps == [], "the second trainer trained"
     holder.release()
     done = train_autoencoder(runner.ae_config(2), runner.ae_data(), checkpoint_dir=str(tmp_path), perceptual=None)
@@ -126,22 +131,41 @@ L, D, LATENT = 4, 8, (4, 2, 2)
 
 
 def _template() -> LatentStoreMetadata:
-    return LatentStoreMetadata(backend="parquet", dtype="fp32", content="moments", resolution=16, seed=0,
-                               vae_identity="test:vae", scaling_factor=1.0, shift_factor=0.0,
-                               text_encoder_identity="test:text", latent_shape=list(LATENT), context_shape=[L, D])
+    return LatentStoreMetadata(
+        backend="parquet",
+        dtype="fp32",
+        content="moments",
+        resolution=16,
+        seed=0,
+        vae_identity="test:vae",
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        text_encoder_identity="test:text",
+        latent_shape=list(LATENT),
+        context_shape=[L, D],
+    )
 
 
 def _columns(n: int) -> ShardColumns:
     rng = np.random.default_rng(n)
     rows = pa.table({"id": [f"{i:016x}" for i in range(n)], "caption": ["c"] * n, "split": ["train"] * n})
-    return ShardColumns(rng.standard_normal((n, *LATENT), dtype=np.float32),
-                        rng.standard_normal((n, *LATENT), dtype=np.float32),
-                        rng.standard_normal((n, L, D), dtype=np.float32), np.ones((n, L), bool), rows)
+    return ShardColumns(
+        rng.standard_normal((n, *LATENT), dtype=np.float32),
+        rng.standard_normal((n, *LATENT), dtype=np.float32),
+        rng.standard_normal((n, L, D), dtype=np.float32),
+        np.ones((n, L), bool),
+        rows,
+    )
 
 
 def _open(url: str, lease: WriterLease | None = None) -> LatentStoreWriter:
-    return LatentStoreWriter.open(url, _template(), LatentStoreConfig(backend="parquet", dtype="fp32"),
-                                  (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool)), lease=lease)
+    return LatentStoreWriter.open(
+        url,
+        _template(),
+        LatentStoreConfig(backend="parquet", dtype="fp32"),
+        (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool)),
+        lease=lease,
+    )
 
 
 def test_a_zombie_store_writer_never_deletes_a_shard_the_live_one_is_about_to_record(tmp_path, monkeypatch):

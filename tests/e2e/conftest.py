@@ -40,7 +40,13 @@ def child_env(home: Path) -> dict[str, str]:
     # mlflow.set_registry_uri (called in this process by MLflowResource) exports MLFLOW_REGISTRY_URI: a child with
     # its own tracking store must not inherit the registry of this one
     env.pop("MLFLOW_REGISTRY_URI", None)
-    env.update({"LDM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
-                "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
-                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    env.update(
+        {
+            "LDM_HOME": str(home),
+            "DAGSTER_HOME": str(home / "dagster"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+            "HF_HUB_OFFLINE": "1",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
+    )
     return env

@@ -27,8 +27,10 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
 
 
 def _materialized(result: dg.ExecuteInProcessResult) -> set[str]:
-    return {e.event_specific_data.materialization.asset_key.to_user_string()
-            for e in result.get_asset_materialization_events()}
+    return {
+        e.event_specific_data.materialization.asset_key.to_user_string()
+        for e in result.get_asset_materialization_events()
+    }
 
 
 @pytest.fixture

@@ -29,8 +29,17 @@ def _fresh_home(tmp_path: Path) -> Path:
 
 def test_dagster_job_execute_runs_the_pipeline(tmp_path):
     home = _fresh_home(tmp_path)
-    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
-           "-c", str(TINY)]
+    cmd = [
+        str(BIN / "dagster"),
+        "job",
+        "execute",
+        "-m",
+        "pipeline.definitions",
+        "-j",
+        "ldm_training_job",
+        "-c",
+        str(TINY),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "RUN_SUCCESS" in out.stdout + out.stderr
@@ -100,9 +109,14 @@ def test_webserver_lists_assets_and_materializes_them(tmp_path):
         import yaml
 
         params = {
-            "selector": {"repositoryLocationName": "ldm_pipeline", "repositoryName": "__repository__",
-                         "jobName": "__ASSET_JOB", "assetSelection": [{"path": [k]} for k in ASSETS]},
-            "runConfigData": yaml.safe_load(TINY.read_text()), "mode": "default",
+            "selector": {
+                "repositoryLocationName": "ldm_pipeline",
+                "repositoryName": "__repository__",
+                "jobName": "__ASSET_JOB",
+                "assetSelection": [{"path": [k]} for k in ASSETS],
+            },
+            "runConfigData": yaml.safe_load(TINY.read_text()),
+            "mode": "default",
         }
         launched = _graphql(port, LAUNCH, {"params": params})["launchRun"]
         assert launched["__typename"] == "LaunchRunSuccess", launched
@@ -141,24 +155,42 @@ def test_ldm_sample_from_the_registry(materialized_home):
     grid = np.asarray(Image.open(out_png).convert("RGB")).astype(float)
     pad, side = 2, 32
     assert grid.shape == (side + 2 * pad, 4 * (side + pad) + pad, 3)
-    tiles = [grid[pad:pad + side, pad + i * (side + pad): pad + i * (side + pad) + side] for i in range(4)]
+    tiles = [grid[pad : pad + side, pad + i * (side + pad) : pad + i * (side + pad) + side] for i in range(4)]
     for tile in tiles:
         assert tile.std() > 5 and (tile < 250).mean() > 0.5  # content, not padding
     assert not np.array_equal(tiles[0], tiles[1])  # different seeds, different images
 
 
 def _sample(home: Path, model: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ldm"), "sample", "--model", model, "--prompt", "a small red circle", "-n", "1",
-                           "-o", str(home / "x.png")], env={**child_env(home), **env}, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [
+            str(BIN / "ldm"),
+            "sample",
+            "--model",
+            model,
+            "--prompt",
+            "a small red circle",
+            "-n",
+            "1",
+            "-o",
+            str(home / "x.png"),
+        ],
+        env={**child_env(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("models:/ldm@nonexistent", "no alias 'nonexistent'; ldm has versions"),
-    ("models:/ldm/999", "no version 999; ldm has versions"),
-    ("models:/nothere@champion", "no registered model 'nothere' (registered: "),
-    ("models:/ldm", "is not a registered-model URI"),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("models:/ldm@nonexistent", "no alias 'nonexistent'; ldm has versions"),
+        ("models:/ldm/999", "no version 999; ldm has versions"),
+        ("models:/nothere@champion", "no registered model 'nothere' (registered: "),
+        ("models:/ldm", "is not a registered-model URI"),
+    ],
+)
 def test_ldm_sample_with_a_model_that_is_not_there_says_so_in_one_line(materialized_home, model, expected):
     home, _ = materialized_home
     out = _sample(home, model)
@@ -172,8 +204,11 @@ def test_ldm_sample_with_a_model_that_is_not_there_says_so_in_one_line(materiali
 def test_ldm_sample_with_an_unreachable_tracking_store_says_so_in_one_line(tmp_path):
     with socket.socket() as held:  # bound, never listening: connections are refused, and no other test can take it
         held.bind(("127.0.0.1", 0))
-        out = _sample(_fresh_home(tmp_path), "models:/ldm@champion",
-                      MLFLOW_TRACKING_URI=f"http://127.0.0.1:{held.getsockname()[1]}")
+        out = _sample(
+            _fresh_home(tmp_path),
+            "models:/ldm@champion",
+            MLFLOW_TRACKING_URI=f"http://127.0.0.1:{held.getsockname()[1]}",
+        )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the MLflow tracking store" in lines[0], out.stderr[-2000:]
@@ -194,8 +229,24 @@ def materialized_home(ldm_home, tiny_config):
             job = defs.resolve_job_def("ldm_training_job")
             assert job.execute_in_process(run_config=tiny_config, instance=instance).success
     out_png = ldm_home / "grid.png"
-    cmd = [str(BIN / "ldm"), "sample", "--model", "models:/ldm@champion", "--prompt", "a small red circle",
-           "-n", "4", "--steps", "2", "--scale", "1", "--cols", "4", "-o", str(out_png)]
+    cmd = [
+        str(BIN / "ldm"),
+        "sample",
+        "--model",
+        "models:/ldm@champion",
+        "--prompt",
+        "a small red circle",
+        "-n",
+        "4",
+        "--steps",
+        "2",
+        "--scale",
+        "1",
+        "--cols",
+        "4",
+        "-o",
+        str(out_png),
+    ]
     out = subprocess.run(cmd, env=child_env(ldm_home), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return ldm_home, out_png
@@ -204,6 +255,7 @@ def materialized_home(ldm_home, tiny_config):
 # ---------------------------------------------------------------------------------------------------------------
 # `ldm ui` stops what it starts
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _processes() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, process group) of every running process on this (Linux) machine (zombies are done)."""
@@ -232,9 +284,23 @@ def ldm_ui(tmp_path):
     ports = _free_port(), _free_port()
     log = tmp_path / "ui.log"
     with open(log, "wb") as out:
-        ui = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--dagster-port", str(ports[0]),
-                               "--mlflow-port", str(ports[1])], cwd=ROOT, env=child_env(home), stdout=out,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+        ui = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "ui",
+                "--dagster-port",
+                str(ports[0]),
+                "--mlflow-port",
+                str(ports[1]),
+            ],
+            cwd=ROOT,
+            env=child_env(home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     children: set[int] = set()
     try:
         deadline = time.monotonic() + 180

@@ -40,8 +40,7 @@ def _values(metadata: dict) -> dict:
 
 def _materializations(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-    return {r.asset_key.to_user_string(): _values(r.asset_materialization.metadata)
-            for r in records}
+    return {r.asset_key.to_user_string(): _values(r.asset_materialization.metadata) for r in records}
 
 
 def _checks(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
@@ -82,6 +81,7 @@ class Pacer:
             elif isinstance(context, dg.AssetExecutionContext):
                 self.wait("a", context.asset_key.to_user_string())  # B's step comes after A's
             return read(context, key)
+
         return paced
 
 
@@ -115,8 +115,9 @@ def test_each_run_trains_and_evaluates_its_own_artifacts(two_runs, which):
     instance, run_ids = two_runs
     run_id = run_ids[which]
     md = _materializations(instance, run_id)
-    ds, vae, store, ldm, report = (md[k] for k in ("image_dataset", "vae_model", "latent_store", "ldm_model",
-                                                    "evaluation_report"))
+    ds, vae, store, ldm, report = (
+        md[k] for k in ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")
+    )
     assert ds["dataset_url"].endswith(f"set-{which}")
     # the artifacts each asset used are its run's: the URLs and versions its upstream materializations recorded
     assert vae["dataset_version"] == ds["dataset_version"]
@@ -124,9 +125,12 @@ def test_each_run_trains_and_evaluates_its_own_artifacts(two_runs, which):
     assert ldm["store_url"] == store["store_url"] and ldm["vae_uri"] == vae["vae_uri"]
     assert report["ldm_uri"] == ldm["ldm_uri"]
     # and each names the run its upstream came from: this one
-    for asset, upstream in (("vae_model", ["image_dataset"]), ("latent_store", ["image_dataset", "vae_model"]),
-                            ("ldm_model", ["latent_store"]),
-                            ("evaluation_report", ["ldm_model", "image_dataset", "vae_model"])):
+    for asset, upstream in (
+        ("vae_model", ["image_dataset"]),
+        ("latent_store", ["image_dataset", "vae_model"]),
+        ("ldm_model", ["latent_store"]),
+        ("evaluation_report", ["ldm_model", "image_dataset", "vae_model"]),
+    ):
         for key in upstream:
             assert md[asset][f"upstream.{key}.run_id"] == run_id, (asset, key)
             assert md[asset][f"upstream.{key}.source"] == "this run", (asset, key)
@@ -138,8 +142,12 @@ def test_each_runs_checks_check_its_own_materializations(two_runs, which):
     instance, run_ids = two_runs
     run_id = run_ids[which]
     md, checks = _materializations(instance, run_id), _checks(instance, run_id)
-    assert set(checks) == {"image_dataset_quality", "vae_reconstruction_psnr", "vae_reconstruction_fidelity",
-                           "latents_finite_and_scaled"}
+    assert set(checks) == {
+        "image_dataset_quality",
+        "vae_reconstruction_psnr",
+        "vae_reconstruction_fidelity",
+        "latents_finite_and_scaled",
+    }
     # what each check measured is its run's materialization
     assert checks["image_dataset_quality"]["rows_total"] == md["image_dataset"]["rows_total"]
     assert checks["vae_reconstruction_psnr"]["val_psnr"] == md["vae_model"]["val_psnr"]
@@ -147,8 +155,12 @@ def test_each_runs_checks_check_its_own_materializations(two_runs, which):
     assert fidelity == md["vae_model"]["fidelity"]["worst_decile_psnr"]
     assert checks["latents_finite_and_scaled"]["rows_checked"] == md["latent_store"]["rows_total"]
     # and each names the run its materialization came from: this one
-    for name, key in (("image_dataset_quality", "image_dataset"), ("vae_reconstruction_psnr", "vae_model"),
-                      ("vae_reconstruction_fidelity", "vae_model"), ("latents_finite_and_scaled", "latent_store")):
+    for name, key in (
+        ("image_dataset_quality", "image_dataset"),
+        ("vae_reconstruction_psnr", "vae_model"),
+        ("vae_reconstruction_fidelity", "vae_model"),
+        ("latents_finite_and_scaled", "latent_store"),
+    ):
         assert checks[name][f"upstream.{key}.run_id"] == run_id and checks[name][f"upstream.{key}.source"] == "this run"
 
 

@@ -26,7 +26,8 @@ def two_process_run(ldm_home, tiny_config):
     run_config["resources"] = {"compute": {"config": {"num_processes": 2}}}
     with dg.DagsterInstance.get() as instance:
         result = defs.resolve_job_def("ldm_training_job").execute_in_process(
-            run_config=run_config, instance=instance, asset_selection=[dg.AssetKey(a) for a in ASSETS])
+            run_config=run_config, instance=instance, asset_selection=[dg.AssetKey(a) for a in ASSETS]
+        )
         messages = [e.user_message for e in instance.all_logs(result.run_id)]
     assert result.success
     return result, messages

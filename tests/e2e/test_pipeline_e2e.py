@@ -73,8 +73,12 @@ def test_latent_store_records_the_vae_version_it_encoded_with(materialized):
 
 def test_asset_checks_ran_and_passed(materialized):
     checks = {c.check_name: c.passed for c in materialized.get_asset_check_evaluations()}
-    assert checks == {"image_dataset_quality": True, "vae_reconstruction_psnr": True,
-                      "vae_reconstruction_fidelity": True, "latents_finite_and_scaled": True}
+    assert checks == {
+        "image_dataset_quality": True,
+        "vae_reconstruction_psnr": True,
+        "vae_reconstruction_fidelity": True,
+        "latents_finite_and_scaled": True,
+    }
 
 
 def test_report_exists_and_names_the_gate(materialized):
@@ -142,7 +146,8 @@ def mmdit_materialized(materialized, tiny_config):
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"] = MMDIT
     run_config = {"ops": {k: cfg["ops"][k] for k in ("ldm_model", "evaluation_report")}}
     job = defs.resolve_job_def("ldm_training_job").get_subset(
-        asset_selection={dg.AssetKey("ldm_model"), dg.AssetKey("evaluation_report")})
+        asset_selection={dg.AssetKey("ldm_model"), dg.AssetKey("evaluation_report")}
+    )
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(run_config=run_config, instance=instance)
     assert result.success
@@ -169,7 +174,8 @@ def test_mmdit_trains_registers_and_the_report_names_it(mmdit_materialized, ldm_
         "out = np.asarray(m.predict(pd.DataFrame({'prompt': ['a large red circle in the center'], 'steps': [2]})))\n"
         "print(out.shape, out.dtype)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(ldm_home),
-                         timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(ldm_home), timeout=300, check=False
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(1, 32, 32, 3) uint8" in out.stdout

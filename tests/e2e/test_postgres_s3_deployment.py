@@ -52,6 +52,7 @@ def _wait_for(what: str, ready, timeout: float, proc: subprocess.Popen | None = 
 # PostgreSQL: a cluster of our own, as a non-root user (postgres refuses to run as root)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Postgres:
     port: int
@@ -64,8 +65,10 @@ class Postgres:
 def postgres() -> Iterator[Postgres]:
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins:
-        pytest.skip("PostgreSQL is not installed and could not be: `make test` runs `apt-get install -y postgresql` "
-                    "(make system-deps); install it to run the Postgres deployment test")
+        pytest.skip(
+            "PostgreSQL is not installed and could not be: `make test` runs `apt-get install -y postgresql` "
+            "(make system-deps); install it to run the Postgres deployment test"
+        )
     bindir = Path(bins[-1]).parent
     as_user: list[str] = []
     if os.geteuid() == 0:  # CI runs as root: run the server as the package's `postgres` user
@@ -80,21 +83,36 @@ def postgres() -> Iterator[Postgres]:
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
 
     run(str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-sync")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
-        "-o", f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off")
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(log),
+        "-w",
+        "-t",
+        "60",
+        "start",
+        "-o",
+        f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off",
+    )
     try:
         for db in ("dagster", "mlflow"):
             run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, db)
         yield Postgres(port)
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The MLflow server of docker-compose.yaml (Postgres backend store, artifacts proxied to S3)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator[tuple[str, str]]:
@@ -105,10 +123,21 @@ def mlflow_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator[tuple[str
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint.endpoint_url}
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     with open(log, "w") as out:
-        proc = subprocess.Popen([mlflow_bin, "server", f"--backend-store-uri={postgres.url('mlflow', '+psycopg2')}",
-                                 "--serve-artifacts", f"--artifacts-destination={artifacts}",
-                                 "--host=127.0.0.1", f"--port={port}", "--workers=1"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                mlflow_bin,
+                "server",
+                f"--backend-store-uri={postgres.url('mlflow', '+psycopg2')}",
+                "--serve-artifacts",
+                f"--artifacts-destination={artifacts}",
+                "--host=127.0.0.1",
+                f"--port={port}",
+                "--workers=1",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     uri = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -131,6 +160,7 @@ def mlflow_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator[tuple[str
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline with docker-compose's environment
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def deployed_run(postgres, s3_endpoint, mlflow_server, tiny_config, tmp_path_factory):
@@ -165,8 +195,9 @@ def deployed_run(postgres, s3_endpoint, mlflow_server, tiny_config, tmp_path_fac
         from pipeline.definitions import defs
 
         with dg.DagsterInstance.get() as instance:
-            result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config,
-                                                                               instance=instance)
+            result = defs.resolve_job_def("ldm_training_job").execute_in_process(
+                run_config=tiny_config, instance=instance
+            )
             storage_kind = type(instance.run_storage).__name__
         assert result.success
         yield result, storage_kind, env
@@ -192,8 +223,12 @@ def test_dagster_keeps_runs_and_events_in_postgres(deployed_run, postgres):
     assert storage_kind == "PostgresRunStorage"
     [(status,)] = _query(postgres, "dagster", "select status from runs where run_id = %s", result.run_id)
     assert status == "SUCCESS"
-    materialized = _query(postgres, "dagster", "select distinct asset_key from event_logs where run_id = %s and "
-                          "dagster_event_type = 'ASSET_MATERIALIZATION'", result.run_id)
+    materialized = _query(
+        postgres,
+        "dagster",
+        "select distinct asset_key from event_logs where run_id = %s and dagster_event_type = 'ASSET_MATERIALIZATION'",
+        result.run_id,
+    )
     assert {k for (k,) in materialized} == {
         f'["{a}"]' for a in ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")
     }

@@ -28,8 +28,12 @@ from tests.e2e.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAINED = ROOT / "pipeline" / "configs" / "pretrained"
-PLACEHOLDERS = {"unet": "/path/to/diffusers/unet", "sd3-transformer": "/path/to/diffusers/pipeline",
-                "champion": "models:/ldm@champion", "lora": "models:/ldm@champion"}
+PLACEHOLDERS = {
+    "unet": "/path/to/diffusers/unet",
+    "sd3-transformer": "/path/to/diffusers/pipeline",
+    "champion": "models:/ldm@champion",
+    "lora": "models:/ldm@champion",
+}
 
 
 def shrunk(name: str, tiny: dict, init_from: str) -> dict:
@@ -57,8 +61,17 @@ def execute(job: str, config: dict, home: Path, tmp_path: Path) -> dict:
     """`dagster job execute` of the config; the ldm_model materialization's metadata."""
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", job,
-           "-c", str(path)]
+    cmd = [
+        str(Path(sys.executable).parent / "dagster"),
+        "job",
+        "execute",
+        "-m",
+        "pipeline.definitions",
+        "-j",
+        job,
+        "-c",
+        str(path),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with dg.DagsterInstance.get() as instance:
@@ -79,9 +92,18 @@ def test_unet_folder_config(ldm_home, tiny_config, tmp_path):
 def test_sd3_pipeline_folder_on_s3_config(ldm_home, tiny_config, tmp_path, s3_url):
     pipe = tmp_path / "pipe"
     diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=384, caption_projection_dim=16, pooled_projection_dim=384,
-        pos_embed_max_size=8).save_pretrained(pipe / "transformer")
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=384,
+        caption_projection_dim=16,
+        pooled_projection_dim=384,
+        pos_embed_max_size=8,
+    ).save_pretrained(pipe / "transformer")
     (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     fs, root = fsspec.core.url_to_fs(s3_url)
     fs.put(str(pipe) + "/", root + "/pipe", recursive=True)
@@ -118,8 +140,7 @@ def test_lora_config(ldm_home, tiny_config, tmp_path):
     model = load_text_to_image(url)
     assert has_lora(model.denoiser) and lora_config(model.denoiser).rank == 8
     base = read_model_meta(f"{url}/denoiser/lora")["base"]
-    assert base == {"sha256": read_model_meta(f"{url}/denoiser")["weights_sha256"],
-                    "source": f"models:/ldm/{champion}"}
+    assert base == {"sha256": read_model_meta(f"{url}/denoiser")["weights_sha256"], "source": f"models:/ldm/{champion}"}
     # the base is the champion's weights, bit for bit: LoRA never moved them
     champion_weights = download_text_to_image(f"models:/ldm/{champion}", str(tmp_path / "c")).denoiser.state_dict()
     assert base["sha256"] == state_dict_sha256(champion_weights) == md["init_source_hash"]

@@ -69,8 +69,9 @@ def _in_process(cfg: dict, assets: tuple[str, ...]) -> dg.ExecuteInProcessResult
     """The same job on the same instance without a new process (for the cheap follow-up runs)."""
     job = defs.resolve_job_def("ldm_training_job").get_subset(asset_selection={dg.AssetKey(k) for k in assets})
     with dg.DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config=run_configs.for_assets(cfg, set(assets)), instance=instance,
-                                      raise_on_error=False)
+        return job.execute_in_process(
+            run_config=run_configs.for_assets(cfg, set(assets)), instance=instance, raise_on_error=False
+        )
 
 
 def _latest(key: str) -> dict:
@@ -89,9 +90,11 @@ def _registered(md: dict) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pretrained")
-    return {"c4": save_tiny_autoencoder_kl(root / "sd" / "vae", 4, seed=1, scaling_factor=0.3).parent,
-            "c16": save_tiny_autoencoder_kl(root / "sd3" / "vae", 16, seed=2, scaling_factor=0.7, shift_factor=0.1),
-            "decoder": save_tiny_autoencoder_kl(root / "ft", 4, seed=3, scaling_factor=0.4)}
+    return {
+        "c4": save_tiny_autoencoder_kl(root / "sd" / "vae", 4, seed=1, scaling_factor=0.3).parent,
+        "c16": save_tiny_autoencoder_kl(root / "sd3" / "vae", 16, seed=2, scaling_factor=0.7, shift_factor=0.1),
+        "decoder": save_tiny_autoencoder_kl(root / "ft", 4, seed=3, scaling_factor=0.4),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +184,9 @@ def test_a_psnr_floor_the_pretrained_autoencoder_misses_blocks_the_latent_store(
     result = _in_process(cfg, UPTO_STORE)
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["vae_reconstruction_psnr"] is False and not result.success
-    materialized = {e.event_specific_data.materialization.asset_key.to_user_string()
-                    for e in result.get_asset_materialization_events()}
+    materialized = {
+        e.event_specific_data.materialization.asset_key.to_user_string()
+        for e in result.get_asset_materialization_events()
+    }
     assert "vae_model" in materialized and "latent_store" not in materialized
     assert _latest("latent_store")["store_url"] == before

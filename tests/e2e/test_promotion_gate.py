@@ -17,8 +17,9 @@ from pipeline.definitions import defs
 def _run(config: dict, assets: tuple[str, ...]) -> dg.ExecuteInProcessResult:
     job = defs.resolve_job_def("ldm_training_job").get_subset(asset_selection={dg.AssetKey(a) for a in assets})
     with dg.DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config={"ops": {a: config["ops"][a] for a in assets}}, instance=instance,
-                                      raise_on_error=False)
+        return job.execute_in_process(
+            run_config={"ops": {a: config["ops"][a] for a in assets}}, instance=instance, raise_on_error=False
+        )
 
 
 def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
@@ -29,8 +30,11 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
 def candidate(ldm_home, tiny_config):
     """Champion v1 (the first model) and a newer candidate; returns the candidate's version."""
     with dg.DagsterInstance.get() as instance:
-        assert defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config,
-                                                                           instance=instance).success
+        assert (
+            defs.resolve_job_def("ldm_training_job")
+            .execute_in_process(run_config=tiny_config, instance=instance)
+            .success
+        )
     again = _run(tiny_config, ("ldm_model",))
     assert again.success
     return str(_metadata(again, "ldm_model")["ldm_version"])

@@ -15,8 +15,9 @@ from pipeline.resources import PARENT_TAG
 def _run(config: dict, assets: tuple[str, ...]) -> dg.ExecuteInProcessResult:
     job = defs.resolve_job_def("ldm_training_job").get_subset(asset_selection={dg.AssetKey(a) for a in assets})
     with dg.DagsterInstance.get() as instance:
-        return job.execute_in_process(run_config={"ops": {a: config["ops"][a] for a in assets}}, instance=instance,
-                                      raise_on_error=False)
+        return job.execute_in_process(
+            run_config={"ops": {a: config["ops"][a] for a in assets}}, instance=instance, raise_on_error=False
+        )
 
 
 def _step_events(result: dg.ExecuteInProcessResult, step: str) -> list[str]:
@@ -35,11 +36,18 @@ def test_a_step_that_fails_mid_training_is_retried_and_resumes_from_its_checkpoi
 
     # in MLflow: the preempted attempt FAILED, the retry FINISHED, and the parent the retry reopened FINISHED
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("ldm-pipeline").experiment_id],
-                              filter_string=f"tags.`dagster.run_id` = '{result.run_id}'", order_by=["start_time"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ldm-pipeline").experiment_id],
+        filter_string=f"tags.`dagster.run_id` = '{result.run_id}'",
+        order_by=["start_time"],
+    )
     statuses = [(r.data.tags.get("dagster.asset_key") or r.data.tags[PARENT_TAG], r.info.status) for r in runs]
-    assert statuses == [("true", "FINISHED"), ("image_dataset", "FINISHED"), ("vae_model", "FAILED"),
-                        ("vae_model", "FINISHED")]
+    assert statuses == [
+        ("true", "FINISHED"),
+        ("image_dataset", "FINISHED"),
+        ("vae_model", "FAILED"),
+        ("vae_model", "FINISHED"),
+    ]
 
 
 @pytest.mark.slow

@@ -69,8 +69,10 @@ def _metadata(result, key):
 def _asset_run(result, asset: str):
     client = MlflowClient()
     exp = client.get_experiment_by_name("ldm-pipeline")
-    [run] = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{result.run_id}' and "
-                                                                  f"tags.`dagster.asset_key` = '{asset}'")
+    [run] = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`dagster.run_id` = '{result.run_id}' and tags.`dagster.asset_key` = '{asset}'",
+    )
     return run
 
 
@@ -96,8 +98,9 @@ def on_s3(ldm_home, s3_endpoint, tiny_config, training_clip):
     mp.setenv("LDM_STORAGE_ROOT", s3_endpoint.url(f"servable-{uuid.uuid4().hex[:8]}"))
     try:
         with dg.DagsterInstance.get() as instance:
-            result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=run_config,
-                                                                               instance=instance)
+            result = defs.resolve_job_def("ldm_training_job").execute_in_process(
+                run_config=run_config, instance=instance
+            )
         assert result.success
         shutil.rmtree(clip)  # the training machine's path is gone: from here on, only the registered copy exists
         yield result
@@ -110,14 +113,41 @@ def served(on_s3, ldm_home, tmp_path_factory):
     """`mlflow models predict` on models:/ldm@candidate: (images, what the serving process reported)."""
     tmp_path = tmp_path_factory.mktemp("predict")
     request = tmp_path / "request.json"
-    request.write_text(json.dumps({"dataframe_split": {"columns": ["prompt", "seed", "steps"],
-                                                       "data": [[p, i, STEPS] for i, p in enumerate(PROMPTS)]}}))
+    request.write_text(
+        json.dumps(
+            {
+                "dataframe_split": {
+                    "columns": ["prompt", "seed", "steps"],
+                    "data": [[p, i, STEPS] for i, p in enumerate(PROMPTS)],
+                }
+            }
+        )
+    )
     out = tmp_path / "predictions.json"
-    proc = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_PROJECT, "models", "predict", "-m",
-                           "models:/ldm@candidate", "-i", str(request), "-o", str(out), "-t", "json",
-                           "--env-manager", "local"],
-                          capture_output=True, text=True, env=served_env(ldm_home, tmp_path), cwd=tmp_path,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PREDICT_WITHOUT_PROJECT,
+            "models",
+            "predict",
+            "-m",
+            "models:/ldm@candidate",
+            "-i",
+            str(request),
+            "-o",
+            str(out),
+            "-t",
+            "json",
+            "--env-manager",
+            "local",
+        ],
+        capture_output=True,
+        text=True,
+        env=served_env(ldm_home, tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.asarray(json.loads(out.read_text())["predictions"]), json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -163,8 +193,9 @@ def test_the_model_pins_what_it_imports_and_has_an_input_example(served, tmp_pat
     # everything the serving process imported is pinned, or comes with a pinned package
     imported = {canonicalize_name(d) for d in served[1]["imported"]}
     assert {"torch", "transformers", "safetensors"} <= imported
-    assert imported <= _with_dependencies([r.split("==")[0] for r in pinned]), \
-        imported - _with_dependencies([r.split("==")[0] for r in pinned])
+    assert imported <= _with_dependencies([r.split("==")[0] for r in pinned]), imported - _with_dependencies(
+        [r.split("==")[0] for r in pinned]
+    )
     example = Model.load(local).load_input_example(local)
     assert list(example.columns) == ["prompt", "seed", "steps"]
     assert (tmp_path / "serving_input_example.json").is_file()
@@ -222,14 +253,33 @@ def test_the_report_on_s3_is_copied_into_mlflow(on_s3, tmp_path):
 
 
 def _ldm(home, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          env=served_env(home, tmp_path), cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env=served_env(home, tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_ldm_sample_works_offline_without_the_training_paths(on_s3, ldm_home, tmp_path):
-    proc = _ldm(ldm_home, tmp_path, "sample", "--model", "models:/ldm@candidate", "--prompt", PROMPTS[0], "-n", "2",
-                "--steps", str(STEPS), "-o", str(tmp_path / "grid.png"))
+    proc = _ldm(
+        ldm_home,
+        tmp_path,
+        "sample",
+        "--model",
+        "models:/ldm@candidate",
+        "--prompt",
+        PROMPTS[0],
+        "-n",
+        "2",
+        "--steps",
+        str(STEPS),
+        "-o",
+        str(tmp_path / "grid.png"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "grid.png").stat().st_size > 0
 
@@ -240,8 +290,9 @@ def test_ldm_export_writes_a_folder_that_diffusers_loads_offline(on_s3, ldm_home
     proc = _ldm(ldm_home, tmp_path, "export", "--model", "models:/ldm@candidate", "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "will NOT reproduce" in proc.stdout and "text padding" in proc.stdout
-    assert {"vae", "unet", "text_encoder", "tokenizer", "scheduler", "model_index.json"} <= {p.name for p in
-                                                                                           out.iterdir()}
+    assert {"vae", "unet", "text_encoder", "tokenizer", "scheduler", "model_index.json"} <= {
+        p.name for p in out.iterdir()
+    }
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # tiny.yaml trains a flow model

@@ -61,10 +61,12 @@ def test_the_sensors_retrain_starts_from_the_champions_weights(champion, ldm_hom
     with dg.DagsterInstance.get() as instance:
         baseline = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
         write_shapes_source(str(champion["source"]), 64, seed=1)  # the same 48 images and 16 new ones
-        request = sensor.evaluate_tick(dg.build_sensor_context(instance=instance,
-                                                               cursor=baseline.cursor)).run_requests[0]
+        request = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=baseline.cursor)).run_requests[
+            0
+        ]
         result = defs.resolve_job_def("ldm_retrain_job").execute_in_process(
-            run_config=request.run_config, instance=instance, tags=request.tags)
+            run_config=request.run_config, instance=instance, tags=request.tags
+        )
         assert result.success
         md = _ldm_metadata(instance)
 
@@ -91,20 +93,24 @@ def test_a_folder_that_does_not_fit_the_store_is_refused_before_training(champio
     del ldm["training"]["denoiser"]
     with dg.DagsterInstance.get() as instance:
         result = defs.resolve_job_def("ldm_retrain_job").execute_in_process(
-            run_config=config, instance=instance, raise_on_error=False)
+            run_config=config, instance=instance, raise_on_error=False
+        )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
     assert failure.step_key == "ldm_model"
     assert failure.step_failure_data.error.message.strip().endswith(
-        "init_from has context_dim 768; the store's text encoder gives 384")
+        "init_from has context_dim 768; the store's text encoder gives 384"
+    )
     assert failure.step_failure_data.user_failure_data.description == (
-        "init_from has context_dim 768; the store's text encoder gives 384")
+        "init_from has context_dim 768; the store's text encoder gives 384"
+    )
     # refused at once, not retried: the same folder would be refused again
     assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
 
 
-def test_the_weekly_retrain_with_a_new_autoencoder_trains_from_scratch_and_says_why(champion, ldm_home, tmp_path,
-                                                                                    monkeypatch):
+def test_the_weekly_retrain_with_a_new_autoencoder_trains_from_scratch_and_says_why(
+    champion, ldm_home, tmp_path, monkeypatch
+):
     _run_request_config(champion["config"], tmp_path, monkeypatch)
     schedule = defs.resolve_schedule_def("ldm_weekly_retrain")
     client = MlflowClient()
@@ -114,12 +120,14 @@ def test_the_weekly_retrain_with_a_new_autoencoder_trains_from_scratch_and_says_
         request = schedule.evaluate_tick(tick).run_requests[0]
         assert request.run_config["ops"]["ldm_model"]["config"]["init_from"] == "auto"
         result = defs.resolve_job_def("ldm_training_job").execute_in_process(
-            run_config=request.run_config, instance=instance, tags=request.tags)
+            run_config=request.run_config, instance=instance, tags=request.tags
+        )
         assert result.success
         md = _ldm_metadata(instance)
     assert md["warm_start"] is False and md["init_from"] == "none" and md["init_source_hash"] == ""
     assert md["warm_start_reason"] == (
         f"from scratch: the champion models:/ldm/{champion_now.version} was trained on latents of "
-        f"{champion_now.tags['vae_uri']}; the latent store was encoded with {md['vae_uri']}")
+        f"{champion_now.tags['vae_uri']}; the latent store was encoded with {md['vae_uri']}"
+    )
     assert md["vae_uri"] != champion_now.tags["vae_uri"]
     assert client.get_run(md["mlflow_run_id"]).data.params["warm_start"] == "False"

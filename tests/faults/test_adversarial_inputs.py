@@ -123,16 +123,28 @@ def test_image_dataset_with_inline_credentials_keeps_them_out_of_mlflow_and_dags
     source = adv.s3_source_url(f"s3://{s3_endpoint.bucket}", f"{s3_url.split('/', 3)[3]}/src")
     home = tmp_path / "home"
     (home / "dagster").mkdir(parents=True)
-    for k, v in {"LDM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
-                 "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}.items():
+    for k, v in {
+        "LDM_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+    }.items():
         monkeypatch.setenv(k, v)
     for k in ("LDM_STORAGE_ROOT", "LDM_MLFLOW_ARTIFACTS", "LDM_RUN_CONFIG", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(k, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
-    ingest_section = {"layout": "parquet", "max_image_bytes": adv.MAX_IMAGE_BYTES,
-                      "max_bad_fraction": adv.MAX_BAD_FRACTION, "val_fraction": 0.0}
-    config = {"ops": {"image_dataset": {"config": {"source": source, "name": "adversarial", "photo_crops": 0,
-                                                   "ingest": ingest_section}}}}
+    ingest_section = {
+        "layout": "parquet",
+        "max_image_bytes": adv.MAX_IMAGE_BYTES,
+        "max_bad_fraction": adv.MAX_BAD_FRACTION,
+        "val_fraction": 0.0,
+    }
+    config = {
+        "ops": {
+            "image_dataset": {
+                "config": {"source": source, "name": "adversarial", "photo_crops": 0, "ingest": ingest_section}
+            }
+        }
+    }
     job = defs.resolve_job_def("ldm_training_job").get_subset(asset_selection={dg.AssetKey("image_dataset")})
     with caplog.at_level(logging.INFO), dg.DagsterInstance.ephemeral() as instance:
         result = job.execute_in_process(run_config=config, instance=instance)
@@ -147,8 +159,13 @@ def test_image_dataset_with_inline_credentials_keeps_them_out_of_mlflow_and_dags
     tags = con.execute("select key, value from tags").fetchall()
     con.close()
     assert any(k == "source" and v.startswith(f"s3://{s3_endpoint.bucket}/") for k, v in params), params
-    texts = {"mlflow params": repr(params), "mlflow tags": repr(tags), "dagster metadata": repr(mat.metadata),
-             "dagster event log": event_log, "logs": "\n".join(r.getMessage() for r in caplog.records)}
+    texts = {
+        "mlflow params": repr(params),
+        "mlflow tags": repr(tags),
+        "dagster metadata": repr(mat.metadata),
+        "dagster event log": event_log,
+        "logs": "\n".join(r.getMessage() for r in caplog.records),
+    }
     artifacts = home / "mlartifacts"
     texts["mlflow artifacts"] = "\n".join(p.read_text(errors="replace") for p in artifacts.rglob("*.json"))
     leaks = [where for where, text in texts.items() if any(c in text for c in adv.CREDENTIALS)]
@@ -200,19 +217,22 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("frame, field", [
-    ({"prompt": ["a"], "steps": [MAX_STEPS + 1]}, "steps"),
-    ({"prompt": ["a"], "steps": [0]}, "steps"),
-    ({"prompt": ["a"], "steps": [2.5]}, "steps"),
-    ({"prompt": ["a"], "guidance": [float("inf")]}, "guidance"),
-    ({"prompt": ["a"], "guidance": [-1.0]}, "guidance"),
-    ({"prompt": ["a"], "guidance": [MAX_GUIDANCE + 1]}, "guidance"),
-    ({"prompt": ["a"], "seed": [-1]}, "seed"),
-    ({"prompt": ["a"], "seed": [float(MAX_SEED) * 4]}, "seed"),
-    ({"prompt": ["a"] * (MAX_ROWS + 1)}, "rows"),
-    ({"prompt": []}, "rows"),
-    ({"prompt": ["x" * 10_001]}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "frame, field",
+    [
+        ({"prompt": ["a"], "steps": [MAX_STEPS + 1]}, "steps"),
+        ({"prompt": ["a"], "steps": [0]}, "steps"),
+        ({"prompt": ["a"], "steps": [2.5]}, "steps"),
+        ({"prompt": ["a"], "guidance": [float("inf")]}, "guidance"),
+        ({"prompt": ["a"], "guidance": [-1.0]}, "guidance"),
+        ({"prompt": ["a"], "guidance": [MAX_GUIDANCE + 1]}, "guidance"),
+        ({"prompt": ["a"], "seed": [-1]}, "seed"),
+        ({"prompt": ["a"], "seed": [float(MAX_SEED) * 4]}, "seed"),
+        ({"prompt": ["a"] * (MAX_ROWS + 1)}, "rows"),
+        ({"prompt": []}, "rows"),
+        ({"prompt": ["x" * 10_001]}, "prompt"),
+    ],
+)
 def test_served_model_refuses_requests_beyond_the_bounds_before_sampling(frame, field):
     model = _model()
     with pytest.raises(RequestRefused, match=field) as e:
@@ -223,8 +243,14 @@ def test_served_model_refuses_requests_beyond_the_bounds_before_sampling(frame, 
 
 def test_served_model_accepts_requests_at_the_bounds():
     model = _model()
-    frame = pd.DataFrame({"prompt": ["a"] * MAX_ROWS, "seed": np.arange(MAX_ROWS, dtype=np.int64),
-                          "steps": np.full(MAX_ROWS, MAX_STEPS, np.int64), "guidance": np.full(MAX_ROWS, MAX_GUIDANCE)})
+    frame = pd.DataFrame(
+        {
+            "prompt": ["a"] * MAX_ROWS,
+            "seed": np.arange(MAX_ROWS, dtype=np.int64),
+            "steps": np.full(MAX_ROWS, MAX_STEPS, np.int64),
+            "guidance": np.full(MAX_ROWS, MAX_GUIDANCE),
+        }
+    )
     frame.loc[1, "guidance"] = np.nan  # pandas' missing number: the model's default
     frame.loc[2, "seed"] = MAX_SEED
     out = model.predict(None, frame)
@@ -234,18 +260,22 @@ def test_served_model_accepts_requests_at_the_bounds():
     assert model.model.calls[2][1] == MAX_SEED
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--steps", str(MAX_STEPS + 1)], "steps"),
-    (["--guidance", "inf"], "guidance"),
-    (["--guidance", "nan"], "guidance"),
-    (["-n", str(MAX_ROWS + 1)], "-n"),
-    (["-n", "0"], "-n"),
-    (["--seed", "-5"], "seed"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--steps", str(MAX_STEPS + 1)], "steps"),
+        (["--guidance", "inf"], "guidance"),
+        (["--guidance", "nan"], "guidance"),
+        (["-n", str(MAX_ROWS + 1)], "-n"),
+        (["-n", "0"], "-n"),
+        (["--seed", "-5"], "seed"),
+    ],
+)
 def test_ldm_sample_refuses_requests_beyond_the_bounds_before_loading(args, field, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_HOME", str(tmp_path / "home"))
-    rc = cli.main(["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a", "-o", str(tmp_path / "g.png"),
-                   *args])
+    rc = cli.main(
+        ["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a", "-o", str(tmp_path / "g.png"), *args]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert field in err and "cannot load" not in err, err

@@ -28,8 +28,9 @@ def test_sigkill_during_atomic_writes_never_leaves_a_partial_artifact(tmp_path):
     rng = random.Random(0)
     versions = set()
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", WRITE_LOOP, str(target), str(8 << 20)], cwd=ROOT,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITE_LOOP, str(target), str(8 << 20)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
         proc.stdout.readline()  # one version is committed
         time.sleep(rng.uniform(0.0, 0.3))  # then killed at a random moment, most likely inside a write
         proc.kill()
@@ -59,11 +60,17 @@ def test_a_checkpoint_save_cleans_what_a_killed_save_left(tmp_path):
 # Checkpoints, from the trainers' point of view
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _train_ae(ckpt_dir, steps=6, stop_at=None):
     from ldm_core.trainers.autoencoder import train_autoencoder
 
-    return train_autoencoder(runner.ae_config(steps), runner.ae_data(), checkpoint_dir=str(ckpt_dir), perceptual=None,
-                             should_stop=(lambda s: s == stop_at) if stop_at else None)
+    return train_autoencoder(
+        runner.ae_config(steps),
+        runner.ae_data(),
+        checkpoint_dir=str(ckpt_dir),
+        perceptual=None,
+        should_stop=(lambda s: s == stop_at) if stop_at else None,
+    )
 
 
 def _equal_weights(a, b) -> bool:
@@ -112,6 +119,7 @@ def test_every_checkpoint_corrupt_starts_over_with_a_warning_per_file(tmp_path, 
 # ---------------------------------------------------------------------------------------------------------------
 # Saved models and bundles
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _ae(seed: int, **kw):
     torch.manual_seed(seed)
@@ -189,8 +197,13 @@ def test_a_bundle_save_killed_before_bundle_json_is_not_a_bundle(tmp_path, monke
     from ldm_core.text_encoder import TextEncoderConfig
 
     torch.manual_seed(0)
-    kw = dict(denoiser=build_denoiser(UNET_PRESETS["tiny"]), vae=_ae(0), diffusion_config=DiffusionConfig(kind="flow"),
-              text_encoder_config=TextEncoderConfig(max_length=8), latent_shape=(4, 8, 8))
+    kw = dict(
+        denoiser=build_denoiser(UNET_PRESETS["tiny"]),
+        vae=_ae(0),
+        diffusion_config=DiffusionConfig(kind="flow"),
+        text_encoder_config=TextEncoderConfig(max_length=8),
+        latent_shape=(4, 8, 8),
+    )
     _kill_on_write(monkeypatch, "bundle.json")
     with pytest.raises(_Killed):
         save_text_to_image(str(tmp_path / "b"), **kw)

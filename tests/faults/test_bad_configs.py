@@ -57,12 +57,14 @@ def test_ldm_demo_with_a_bad_config_fails_before_anything_is_created(tiny, tmp_p
     bad.write_text(yaml.safe_dump(_set(copy.deepcopy(tiny), f"{L}.training.trainer.checkpoint_every", 0)))
     home = tmp_path / "home"
     env = home_env(home)
-    out = subprocess.run([str(BIN / "ldm"), "demo", "--config", str(bad)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [str(BIN / "ldm"), "demo", "--config", str(bad)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     # the field's full path and its bound, whichever layer (TrainerConfig or the run-level check) words it
-    assert re.search(r"ldm_model\.training\.trainer\.checkpoint_every: .*(>= 1|greater than or equal to 1)",
-                     out.stderr), out.stderr
+    assert re.search(
+        r"ldm_model\.training\.trainer\.checkpoint_every: .*(>= 1|greater than or equal to 1)", out.stderr
+    ), out.stderr
     assert "Traceback" not in out.stderr
     assert not home.exists(), "ldm demo created LDM_HOME for a config it refused"
 
@@ -72,8 +74,17 @@ def test_a_dagster_launch_with_a_bad_config_fails_before_any_asset_runs(tiny, tm
     home = fresh_home(tmp_path / "home")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_set(copy.deepcopy(tiny), f"{S}.store.resolution", 30)))
-    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "pipeline.definitions", "-j", "ldm_training_job",
-           "-c", str(bad)]
+    cmd = [
+        str(BIN / "dagster"),
+        "job",
+        "execute",
+        "-m",
+        "pipeline.definitions",
+        "-j",
+        "ldm_training_job",
+        "-c",
+        str(bad),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=home_env(home), capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode != 0 and "RUN_FAILURE" in log
@@ -86,12 +97,15 @@ def test_a_dagster_launch_with_a_bad_config_fails_before_any_asset_runs(tiny, tm
     with dg.instance_for_test() as instance:
         with pytest.raises(dg.DagsterInvalidConfigError, match="trainer:steps"):
             defs.resolve_job_def("ldm_training_job").execute_in_process(
-                run_config=_set(copy.deepcopy(tiny), f"{V}.training.trainer.steps", "many"), instance=instance)
+                run_config=_set(copy.deepcopy(tiny), f"{V}.training.trainer.steps", "many"), instance=instance
+            )
         assert instance.get_runs() == []
         # and the cross-field check refuses a run whose types are fine
         result = defs.resolve_job_def("ldm_training_job").execute_in_process(
-            run_config=_set(copy.deepcopy(tiny), f"{L}.training.denoiser.in_channels", 8), instance=instance,
-            raise_on_error=False)
+            run_config=_set(copy.deepcopy(tiny), f"{L}.training.denoiser.in_channels", 8),
+            instance=instance,
+            raise_on_error=False,
+        )
         assert not result.success
         assert result.get_asset_materialization_events() == []
         assert "ldm_model.training.denoiser.in_channels" in str(result.all_events)

@@ -91,16 +91,28 @@ def test_a_killed_dagster_materialization_resumes_from_its_checkpoint(tmp_path):
     home = tmp_path / "home"
     _end_the_killed_run_as_dagster_does(home)
     assert "RUNNING" not in mlflow_statuses(home).values()
-    assert mlflow_statuses(home, out["killed_run_id"]) == {"parent": "KILLED", "image_dataset": "FINISHED",
-                                                           "vae_model": "KILLED"}
-    assert mlflow_statuses(home, out["rerun_id"]) == {"parent": "FINISHED", "image_dataset": "FINISHED",
-                                                      "vae_model": "FINISHED"}
+    assert mlflow_statuses(home, out["killed_run_id"]) == {
+        "parent": "KILLED",
+        "image_dataset": "FINISHED",
+        "vae_model": "KILLED",
+    }
+    assert mlflow_statuses(home, out["rerun_id"]) == {
+        "parent": "FINISHED",
+        "image_dataset": "FINISHED",
+        "vae_model": "FINISHED",
+    }
 
     # once more: the same data and config give back the registered autoencoder (what lets a job killed further
     # down, in latent_store or ldm_model, carry on there instead of re-encoding and retraining from scratch)
     before = asset_metadata(home, "vae_model")
-    again = subprocess.run(job_command(tmp_path / "kill.yaml", only_vae=True), cwd=ROOT, env=home_env(home),
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        job_command(tmp_path / "kill.yaml", only_vae=True),
+        cwd=ROOT,
+        env=home_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     after = asset_metadata(home, "vae_model")
     assert after["reused"] is True and after["vae_uri"] == before["vae_uri"]
@@ -118,10 +130,12 @@ def _end_the_killed_run_as_dagster_does(home):
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         (killed,) = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
         first = mlflow_runs_end_on_failure.evaluate_tick(
-            dg.build_sensor_context(instance=instance, resources=resources))  # sets the cursor
+            dg.build_sensor_context(instance=instance, resources=resources)
+        )  # sets the cursor
         instance.report_run_failed(killed)
         mlflow_runs_end_on_failure.evaluate_tick(
-            dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=resources))
+            dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=resources)
+        )
 
 
 def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path):
@@ -142,8 +156,13 @@ def test_a_resume_restores_the_whole_rng_state_even_in_a_fresh_process(tmp_path)
 
     def run(d, stop=None):
         meters._PEAKS.clear()  # what a new process starts with
-        return train_autoencoder(runner.ae_config(6), runner.ae_data(), checkpoint_dir=str(d), perceptual=None,
-                                 should_stop=(lambda s: s == stop) if stop else None)
+        return train_autoencoder(
+            runner.ae_config(6),
+            runner.ae_data(),
+            checkpoint_dir=str(d),
+            perceptual=None,
+            should_stop=(lambda s: s == stop) if stop else None,
+        )
 
     run(tmp_path / "a")
     run(tmp_path / "b", stop=3)

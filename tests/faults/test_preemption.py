@@ -49,18 +49,31 @@ def test_a_stopped_training_raises_an_ordinary_exception_after_it_returns():
 def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_dies_at_once():
     """The race a parent-death signal leaves open: the parent dies between fork and prctl. The child, reparented,
     must notice (its parent is not the expected one) and end itself; with its real parent it lives on."""
-    probe = ("import sys; from pipeline.distributed.lifetime import die_with_parent; "
-             "die_with_parent(int(sys.argv[1])); print('alive')")
+    probe = (
+        "import sys; from pipeline.distributed.lifetime import die_with_parent; "
+        "die_with_parent(int(sys.argv[1])); print('alive')"
+    )
     env = {**os.environ, "PYTHONPATH": str(campaign.ROOT)}
     orphaned = subprocess.run([sys.executable, "-c", probe, "1"], env=env, capture_output=True, text=True)
     assert orphaned.returncode == -signal.SIGKILL and "alive" not in orphaned.stdout
     kept = subprocess.run([sys.executable, "-c", probe, str(os.getpid())], env=env, capture_output=True, text=True)
     assert kept.returncode == 0 and kept.stdout.strip() == "alive"
     # the wrapper that starts torchrun: the command it execs has the signal set, and learns its own pid
-    status = subprocess.run(lifetime.tied_command([sys.executable, "-c", (
-        "import ctypes, os; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); "
-        f"print(v.value, os.environ['{lifetime.AGENT_PID_ENV}'] == str(os.getpid()))")]), env=env,
-        capture_output=True, text=True)
+    status = subprocess.run(
+        lifetime.tied_command(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import ctypes, os; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); "
+                    f"print(v.value, os.environ['{lifetime.AGENT_PID_ENV}'] == str(os.getpid()))"
+                ),
+            ]
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert status.stdout.split() == [str(int(signal.SIGKILL)), "True"], status.stderr
 
 

@@ -61,12 +61,18 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
 
 
 def test_the_scanner_finds_unsafe_loads():
-    code = ("import torch, pickle\nimport numpy as np\ntorch.load('x')\ntorch.load('x', weights_only=False)\n"
-            "torch.load('x', weights_only=True)\npickle.loads(b'')\nnp.load('x', allow_pickle=True)\nnp.load('x')\n")
+    code = (
+        "import torch, pickle\nimport numpy as np\ntorch.load('x')\ntorch.load('x', weights_only=False)\n"
+        "torch.load('x', weights_only=True)\npickle.loads(b'')\nnp.load('x', allow_pickle=True)\nnp.load('x')\n"
+    )
     found = unsafe_loads(code, "t.py")
     assert [f.split(" ", 1)[1] for f in found] == [
-        "imports pickle", "torch.load without weights_only=True", "torch.load without weights_only=True",
-        "pickle.loads", "np.load(allow_pickle=True)"]
+        "imports pickle",
+        "torch.load without weights_only=True",
+        "torch.load without weights_only=True",
+        "pickle.loads",
+        "np.load(allow_pickle=True)",
+    ]
 
 
 def test_no_code_path_can_unpickle_weights():
@@ -82,6 +88,7 @@ def test_no_code_path_can_unpickle_weights():
 # ---------------------------------------------------------------------------------------------------------------
 # Servers bind to 127.0.0.1
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class _FakeProc:
     """A server that runs until `ldm ui` stops it."""
@@ -203,12 +210,18 @@ def test_s3_credentials_never_reach_mlflow_dagster_or_the_logs(s3_endpoint, tmp_
     # botocore itself logs each signed request (the Authorization header and the session token): an AWS SDK
     # behaviour, confined to its own loggers, which nothing here turns on.
     logs = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
-    debug_leaks = {r.name.split(".")[0] for r in caplog.records if r.levelno < logging.INFO
-                   and any(s in r.getMessage() for s in SECRETS.values())}
+    debug_leaks = {
+        r.name.split(".")[0]
+        for r in caplog.records
+        if r.levelno < logging.INFO and any(s in r.getMessage() for s in SECRETS.values())
+    }
     assert debug_leaks <= {"botocore", "aiobotocore"}, debug_leaks
-    leaks += [f"{where} contains {name}" for where, text in (("events", events), ("stdout", out), ("stderr", err),
-                                                              ("log records", logs))
-              for name, s in SECRETS.items() if s in text]
+    leaks += [
+        f"{where} contains {name}"
+        for where, text in (("events", events), ("stdout", out), ("stderr", err), ("log records", logs))
+        for name, s in SECRETS.items()
+        if s in text
+    ]
     # and the objects the pipeline wrote to S3 (manifests, metadata, reports)
     from ldm_core import storage
 

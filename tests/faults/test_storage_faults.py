@@ -59,8 +59,13 @@ def test_ingestion_encoding_and_checkpoints_on_s3_survive_transient_faults(proxy
     from ldm_core.trainers.autoencoder import train_autoencoder
 
     def train(ckpt_dir, stop_at=None):
-        return train_autoencoder(runner.ae_config(3), runner.ae_data(), checkpoint_dir=ckpt_dir, perceptual=None,
-                                 should_stop=(lambda s: s == stop_at) if stop_at else None)
+        return train_autoencoder(
+            runner.ae_config(3),
+            runner.ae_data(),
+            checkpoint_dir=ckpt_dir,
+            perceptual=None,
+            should_stop=(lambda s: s == stop_at) if stop_at else None,
+        )
 
     ref = train(str(tmp_path / "ckpt"))
     assert not train(ckpt, stop_at=2).finished
@@ -72,10 +77,12 @@ def test_ingestion_encoding_and_checkpoints_on_s3_survive_transient_faults(proxy
     assert set(proxy.injected) == set(FAULTS) and sum(proxy.injected.values()) >= 10, (proxy.count, proxy.injected)
 
 
-@pytest.mark.parametrize("fault, error", [("403", PermissionError), ("nobucket", FileNotFoundError),
-                                          ("reset", storage.StorageError)])
-def test_a_permanent_error_names_the_url_and_leaves_earlier_writes_intact(proxy, s3_url, source, tmp_path,
-                                                                          monkeypatch, fault, error):
+@pytest.mark.parametrize(
+    "fault, error", [("403", PermissionError), ("nobucket", FileNotFoundError), ("reset", storage.StorageError)]
+)
+def test_a_permanent_error_names_the_url_and_leaves_earlier_writes_intact(
+    proxy, s3_url, source, tmp_path, monkeypatch, fault, error
+):
     monkeypatch.setenv("LDM_S3_MAX_ATTEMPTS", "2")  # a permanent fault fails in seconds, not minutes
     ds, ckpt = f"{s3_url}/ds", f"{s3_url}/ckpt"
     _ingest(source, ds)

@@ -15,4 +15,3 @@ from ldm_core.trainers.ldm import LDMTrainerConfig
 def test_trainer_configs_refuse_values_that_cannot_train(config, field, value):
     with pytest.raises(ValidationError, match=field):
         config(**{field: value})
-

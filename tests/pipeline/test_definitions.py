@@ -35,16 +35,21 @@ def test_assets_jobs_schedule_sensor_names():
     for name in ("mlflow_runs_end_on_success", "mlflow_runs_end_on_failure", "mlflow_runs_end_on_cancel"):
         assert defs.resolve_sensor_def(name).default_status == dg.DefaultSensorStatus.RUNNING
     for job in ("ldm_training_job", "ldm_retrain_job"):
-        assert {h.name for h in defs.resolve_job_def(job).hook_defs} == {"mlflow_parent_run_finished",
-                                                                         "mlflow_parent_run_failed"}
+        assert {h.name for h in defs.resolve_job_def(job).hook_defs} == {
+            "mlflow_parent_run_finished",
+            "mlflow_parent_run_failed",
+        }
 
 
 def test_dependencies_are_explicit():
     graph = defs.resolve_asset_graph()
     parents = {k: {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys} for k in ASSET_KEYS}
     assert parents == {
-        "image_dataset": set(), "vae_model": {"image_dataset"}, "latent_store": {"image_dataset", "vae_model"},
-        "ldm_model": {"latent_store"}, "evaluation_report": {"image_dataset", "vae_model", "ldm_model"},
+        "image_dataset": set(),
+        "vae_model": {"image_dataset"},
+        "latent_store": {"image_dataset", "vae_model"},
+        "ldm_model": {"latent_store"},
+        "evaluation_report": {"image_dataset", "vae_model", "ldm_model"},
     }
 
 
@@ -101,7 +106,10 @@ def test_posterior_sampling_is_a_trainer_option_that_needs_a_store_of_moments():
 def test_unet_that_cannot_downsample_the_latent_is_refused():
     cfg = run_configs.load("demo")
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"] = {
-        "preset": "tiny", "channel_mult": [1, 1, 1, 1, 1], "attention_levels": [1]}  # 4 downsamplings of an 8×8 latent
+        "preset": "tiny",
+        "channel_mult": [1, 1, 1, 1, 1],
+        "attention_levels": [1],
+    }  # 4 downsamplings of an 8×8 latent
     with pytest.raises(ConfigValidationError, match="ldm_model.training.denoiser.channel_mult"):
         validate_run_config(cfg, JOB)
 
@@ -117,17 +125,20 @@ def test_dagster_definitions_validate_cli():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"patch_size": 3}, "ldm_model.training.denoiser"),  # the model refuses it first: its design size is 8 too
-    ({"pos_embed_max_size": 2}, "ldm_model.training.denoiser"),  # the model refuses it first: it does not cover 8
-    ({"sample_size": 4, "pos_embed_max_size": 2}, "ldm_model.training.denoiser.pos_embed_max_size"),  # up to 4
-    ({"model_channels": 64}, "ldm_model.training.denoiser.model_channels"),  # a UNet field, not an MMDiT one
-    ({"qk_norm": "layer_norm"}, "ldm_model.training.denoiser.qk_norm"),
-    ({"in_channels": 16}, "ldm_model.training.denoiser.in_channels"),  # the demo's latents have 4
-    ({"context_dim": 768}, "ldm_model.training.denoiser.context_dim"),  # MiniLM tokens are 384 wide
-    ({"pooled_projection_dim": 2048}, "ldm_model.training.denoiser.pooled_projection_dim"),  # MiniLM pools to 384
-    ({"hidden_size": 90}, "ldm_model.training.denoiser"),  # not a multiple of 4 heads / 4 (sin-cos positions)
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"patch_size": 3}, "ldm_model.training.denoiser"),  # the model refuses it first: its design size is 8 too
+        ({"pos_embed_max_size": 2}, "ldm_model.training.denoiser"),  # the model refuses it first: it does not cover 8
+        ({"sample_size": 4, "pos_embed_max_size": 2}, "ldm_model.training.denoiser.pos_embed_max_size"),  # up to 4
+        ({"model_channels": 64}, "ldm_model.training.denoiser.model_channels"),  # a UNet field, not an MMDiT one
+        ({"qk_norm": "layer_norm"}, "ldm_model.training.denoiser.qk_norm"),
+        ({"in_channels": 16}, "ldm_model.training.denoiser.in_channels"),  # the demo's latents have 4
+        ({"context_dim": 768}, "ldm_model.training.denoiser.context_dim"),  # MiniLM tokens are 384 wide
+        ({"pooled_projection_dim": 2048}, "ldm_model.training.denoiser.pooled_projection_dim"),  # MiniLM pools to 384
+        ({"hidden_size": 90}, "ldm_model.training.denoiser"),  # not a multiple of 4 heads / 4 (sin-cos positions)
+    ],
+)
 def test_mmdit_shapes_are_checked_against_the_latents_before_any_work(change, field):
     cfg = run_configs.load("demo-mmdit")
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"].update(change)

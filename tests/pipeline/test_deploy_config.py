@@ -48,6 +48,7 @@ def _dockerfile_cmd() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_dagster_yaml_validates_against_dagsters_schema(tmp_path, monkeypatch):
     from dagster._core.instance.config import dagster_instance_config
 
@@ -73,12 +74,19 @@ def _assert_retries_and_slot_cleanup(config: dict) -> None:
 def test_helm_daemon_retries_runs_and_frees_pool_slots_as_dagster_yaml_does():
     daemon = _yaml("helm/values.yaml")["dagsterDaemon"]
     retries, monitoring = daemon["runRetries"], daemon["runMonitoring"]
-    _assert_retries_and_slot_cleanup({
-        "run_retries": {"enabled": retries["enabled"], "max_retries": retries["maxRetries"],
-                        "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"]},
-        "run_monitoring": {"enabled": monitoring["enabled"],
-                           "free_slots_after_run_end_seconds": monitoring["freeSlotsAfterRunEndSeconds"]},
-    })
+    _assert_retries_and_slot_cleanup(
+        {
+            "run_retries": {
+                "enabled": retries["enabled"],
+                "max_retries": retries["maxRetries"],
+                "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"],
+            },
+            "run_monitoring": {
+                "enabled": monitoring["enabled"],
+                "free_slots_after_run_end_seconds": monitoring["freeSlotsAfterRunEndSeconds"],
+            },
+        }
+    )
 
 
 def test_the_local_instance_frees_the_gpu_slot_of_a_killed_run(tmp_path):
@@ -101,8 +109,13 @@ def test_every_setting_dagster_yaml_needs_is_set_by_compose():
     # and the pipeline's own settings (pipeline/settings.py) point at Postgres-backed MLflow and S3, not LDM_HOME
     settings_vars = set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', (ROOT / "pipeline" / "settings.py").read_text()))
     assert {"MLFLOW_TRACKING_URI", "LDM_MLFLOW_ARTIFACTS", "LDM_STORAGE_ROOT", "DAGSTER_HOME"} <= settings_vars
-    assert {"MLFLOW_TRACKING_URI", "LDM_MLFLOW_ARTIFACTS", "LDM_STORAGE_ROOT", "DAGSTER_HOME",
-            "AWS_ENDPOINT_URL"} <= set(env)
+    assert {
+        "MLFLOW_TRACKING_URI",
+        "LDM_MLFLOW_ARTIFACTS",
+        "LDM_STORAGE_ROOT",
+        "DAGSTER_HOME",
+        "AWS_ENDPOINT_URL",
+    } <= set(env)
     assert env["LDM_STORAGE_ROOT"].startswith("s3://") and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
 
@@ -208,9 +221,13 @@ def test_the_executor_comes_from_the_environment(monkeypatch):
 
 # The chart writes runK8sConfig's sections into the instance's run_k8s_config under these names
 # (helm/dagster/templates/helpers/instance/_run-launcher.tpl); the k8s config inside each is passed on as written.
-HELM_RUN_K8S_SECTIONS = {"containerConfig": "container_config", "podSpecConfig": "pod_spec_config",
-                         "podTemplateSpecMetadata": "pod_template_spec_metadata",
-                         "jobSpecConfig": "job_spec_config", "jobMetadata": "job_metadata"}
+HELM_RUN_K8S_SECTIONS = {
+    "containerConfig": "container_config",
+    "podSpecConfig": "pod_spec_config",
+    "podTemplateSpecMetadata": "pod_template_spec_metadata",
+    "jobSpecConfig": "job_spec_config",
+    "jobMetadata": "job_metadata",
+}
 GPU_STEPS = ("vae_model", "latent_store", "ldm_model", "evaluation_report")
 
 
@@ -233,14 +250,21 @@ def _step_pod(asset: str):
     launcher = _yaml("helm/values.yaml")["runLauncher"]["config"]["k8sRunLauncher"]
     run_k8s_config = {HELM_RUN_K8S_SECTIONS[k]: v for k, v in (launcher.get("runK8sConfig") or {}).items()}
     step_tags = defs.resolve_assets_def(asset).node_def.tags  # strings, as the step handler reads them
-    context = (K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(run_k8s_config))
-               .merge(K8sContainerContext())  # the executor's step_k8s_config: none in the values
-               .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(step_tags))))
+    context = (
+        K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(run_k8s_config))
+        .merge(K8sContainerContext())  # the executor's step_k8s_config: none in the values
+        .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(step_tags)))
+    )
     job = construct_dagster_k8s_job(
-        job_config=DagsterK8sJobConfig(job_image=f"registry.example.com/{IMAGE}:0.1.0",
-                                       dagster_home="/opt/dagster/dagster_home"),
-        args=["dagster", "api", "execute_step"], job_name=f"dagster-step-{asset}", pod_name=f"dagster-step-{asset}",
-        user_defined_k8s_config=context.run_k8s_config, component="step_worker")
+        job_config=DagsterK8sJobConfig(
+            job_image=f"registry.example.com/{IMAGE}:0.1.0", dagster_home="/opt/dagster/dagster_home"
+        ),
+        args=["dagster", "api", "execute_step"],
+        job_name=f"dagster-step-{asset}",
+        pod_name=f"dagster-step-{asset}",
+        user_defined_k8s_config=context.run_k8s_config,
+        component="step_worker",
+    )
     return kubernetes.client.ApiClient().sanitize_for_serialization(job.spec.template.spec)
 
 

@@ -9,9 +9,11 @@ from tests.core.tiny_models import tiny_diffusers_unet
 
 
 def _errors(init_from: str, **ldm) -> list[str]:
-    ops = {"vae_model": {"config": {"training": {"model": {"preset": "tiny"}}}},
-           "latent_store": {"config": {"text_encoder": {"max_length": 8}}},
-           "ldm_model": {"config": {"init_from": init_from, **ldm}}}
+    ops = {
+        "vae_model": {"config": {"training": {"model": {"preset": "tiny"}}}},
+        "latent_store": {"config": {"text_encoder": {"max_length": 8}}},
+        "ldm_model": {"config": {"init_from": init_from, **ldm}},
+    }
     try:
         check_sections({"ops": ops})
     except ConfigValidationError as e:
@@ -33,7 +35,8 @@ def test_a_folder_that_fits_validates(folders):
 
 def test_a_folder_whose_text_width_differs_is_refused_naming_both_sides(folders):
     assert _errors(str(folders / "pipe"), init_subfolder="unet") == [
-        "ldm_model.init_from: init_from has context_dim 768; the store's text encoder gives 384"]
+        "ldm_model.init_from: init_from has context_dim 768; the store's text encoder gives 384"
+    ]
 
 
 def test_what_only_the_asset_can_resolve_is_left_to_it(folders):

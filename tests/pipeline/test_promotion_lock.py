@@ -41,8 +41,13 @@ def test_a_local_lock_excludes_another_process_until_released(tmp_path):
 
 def test_a_local_lock_dies_with_its_holder(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    holder = subprocess.Popen([sys.executable, "-c", TRY, str(tmp_path), "5", "hold"], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", TRY, str(tmp_path), "5", "hold"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockTimeout, match="held by"):

@@ -68,27 +68,38 @@ def _gate(registry_uri: str, name: str, version: str, value: float, root: str) -
     champion = read_champion_for_gate(client, name)
     decision = decide(_metrics(value), champion.metrics, GATE)
     client.set_model_version_tag(name, version, METRICS_TAG, json.dumps(_metrics(value)))
-    return promote(client, name, version, _metrics(value), judged_against=champion, decision=decision, gate=GATE,
-                   lock=storage_lock(root, f"promotion-{name}"),
-                   measure=lambda v: pytest.fail(f"v{v} has recorded metrics: nothing to measure again"))
+    return promote(
+        client,
+        name,
+        version,
+        _metrics(value),
+        judged_against=champion,
+        decision=decision,
+        gate=GATE,
+        lock=storage_lock(root, f"promotion-{name}"),
+        measure=lambda v: pytest.fail(f"v{v} has recorded metrics: nothing to measure again"),
+    )
 
 
 def _start(registry_uri, name, versions, root, results, done):
     threads = {}
     for label, value in (("better", BETTER), ("worse", WORSE)):
+
         def run(label=label, value=value):
             try:
                 results[label] = _gate(registry_uri, name, versions[label], value, root)
             finally:
                 done[label].set()
+
         threads[label] = threading.Thread(target=run, name=label)
         threads[label].start()
     return threads
 
 
 @pytest.mark.parametrize("first", ["better", "worse"])
-def test_both_read_the_old_champion_then_promote_in_turn(registry, registry_uri, alias_history, monkeypatch,
-                                                         tmp_path, first):
+def test_both_read_the_old_champion_then_promote_in_turn(
+    registry, registry_uri, alias_history, monkeypatch, tmp_path, first
+):
     """Both gates judge their candidate against the old champion, then reach the alias one after the other: the
     second finds a new champion and must judge its candidate again against it."""
     client, name, versions = registry
@@ -123,8 +134,9 @@ def test_both_read_the_old_champion_then_promote_in_turn(registry, registry_uri,
 
 
 @pytest.mark.parametrize("storage", ["local", "s3"])
-def test_the_re_read_and_the_move_are_one_step_across_gates(registry, registry_uri, alias_history, monkeypatch,
-                                                            tmp_path, storage, request):
+def test_the_re_read_and_the_move_are_one_step_across_gates(
+    registry, registry_uri, alias_history, monkeypatch, tmp_path, storage, request
+):
     """Both gates reach `promote` at once. Without the lock both would re-read the old champion and both move the
     alias (here: the better one first, then the worse one over it); with it the second re-reads after the first
     moved the alias."""
@@ -152,11 +164,14 @@ def test_the_re_read_and_the_move_are_one_step_across_gates(registry, registry_u
     assert set(results) == {"better", "worse"}
     assert str(client.get_model_version_by_alias(name, "champion").version) == versions["better"]
     assert alias_history[-1] == versions["better"] and alias_history in (
-        [versions["better"]], [versions["worse"], versions["better"]])
+        [versions["better"]],
+        [versions["worse"], versions["better"]],
+    )
 
 
-def test_a_new_champion_without_recorded_metrics_is_measured_before_the_move(registry, registry_uri, alias_history,
-                                                                            monkeypatch, tmp_path):
+def test_a_new_champion_without_recorded_metrics_is_measured_before_the_move(
+    registry, registry_uri, alias_history, monkeypatch, tmp_path
+):
     """Between the gate's read and its move, the alias was put by hand on a version with no recorded metrics: the
     gate measures it (outside the lock) and judges its candidate against it, never on thresholds alone."""
     client, name, versions = registry
@@ -172,9 +187,17 @@ def test_a_new_champion_without_recorded_metrics_is_measured_before_the_move(reg
 
     monkeypatch.setattr(promotion, "after_champion_read", promoted_by_hand)
     champion = read_champion_for_gate(client, name)
-    result = promote(client, name, versions["worse"], _metrics(WORSE), judged_against=champion,
-                     decision=decide(_metrics(WORSE), champion.metrics, GATE), gate=GATE,
-                     lock=storage_lock(str(tmp_path / "root"), f"promotion-{name}"), measure=measure)
+    result = promote(
+        client,
+        name,
+        versions["worse"],
+        _metrics(WORSE),
+        judged_against=champion,
+        decision=decide(_metrics(WORSE), champion.metrics, GATE),
+        gate=GATE,
+        lock=storage_lock(str(tmp_path / "root"), f"promotion-{name}"),
+        measure=measure,
+    )
     assert measured == [versions["better"]]
     assert result.describe() == f"kept_champion (re-compared with v{versions['better']})"
     assert str(client.get_model_version_by_alias(name, "champion").version) == versions["better"]

@@ -32,6 +32,7 @@ def test_an_alias_is_its_version_and_a_missing_model_or_alias_is_none(client):
 @pytest.mark.parametrize("code", ["TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "INVALID_PARAMETER_VALUE"])
 def test_a_registry_error_raises(client, monkeypatch, code):
     """Including INVALID_PARAMETER_VALUE (what a missing alias also gets) for an alias that does exist."""
+
     def failing(name, alias):
         raise MlflowException("the registry failed", error_code=code)
 

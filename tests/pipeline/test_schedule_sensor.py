@@ -66,7 +66,8 @@ def test_retraining_stays_from_scratch_when_the_config_says_so(tmp_path, monkeyp
     monkeypatch.setenv("LDM_RUN_CONFIG", str(cfg_path))
     schedule = defs.resolve_schedule_def("ldm_weekly_retrain")
     with dg.instance_for_test() as instance:
-        ctx = dg.build_schedule_context(instance=instance,
-                                        scheduled_execution_time=datetime.datetime(2026, 11, 29, 3, 0))
+        ctx = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime.datetime(2026, 11, 29, 3, 0)
+        )
         req = schedule.evaluate_tick(ctx).run_requests[0]
     assert req.run_config["ops"]["ldm_model"]["config"]["init_from"] == "none"

@@ -29,9 +29,14 @@ def down(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={"read_label": read.metadata["label"], **lineage_metadata(read)})
 
 
-DEFS = dg.Definitions(assets=[up, down], jobs=[dg.define_asset_job("both", selection=[up, down]),
-                                                  dg.define_asset_job("up_only", selection=[up]),
-                                                  dg.define_asset_job("down_only", selection=[down])])
+DEFS = dg.Definitions(
+    assets=[up, down],
+    jobs=[
+        dg.define_asset_job("both", selection=[up, down]),
+        dg.define_asset_job("up_only", selection=[up]),
+        dg.define_asset_job("down_only", selection=[down]),
+    ],
+)
 
 
 def _config(label: str) -> dict:
@@ -58,8 +63,11 @@ def _closed_gate():
 
 def test_a_run_reads_its_own_upstream_though_another_run_materialized_it_later(instance):
     results = {}
-    run_a = threading.Thread(target=lambda: results.update(a=DEFS.resolve_job_def("both").execute_in_process(
-        run_config=_config("from A"), instance=instance)))
+    run_a = threading.Thread(
+        target=lambda: results.update(
+            a=DEFS.resolve_job_def("both").execute_in_process(run_config=_config("from A"), instance=instance)
+        )
+    )
     run_a.start()
     # run A materialized `up` and its `down` waits; run B materializes `up` now, so the latest `up` is B's
     for _ in range(600):
@@ -91,8 +99,9 @@ def test_a_re_execution_reads_what_its_parent_run_materialized(instance):
     downstream_may_read.set()
     parent = DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("parent"), instance=instance)
     DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("other run, later"), instance=instance)
-    retry = dg.DagsterRun(job_name="both", run_id=str(uuid.uuid4()), parent_run_id=parent.run_id,
-                          root_run_id=parent.run_id)
+    retry = dg.DagsterRun(
+        job_name="both", run_id=str(uuid.uuid4()), parent_run_id=parent.run_id, root_run_id=parent.run_id
+    )
     instance.add_run(retry)
     materialization, run_id, source = find_upstream(instance, retry, dg.AssetKey("up"))
     assert materialization.metadata["label"].value == "parent"

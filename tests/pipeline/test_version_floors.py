@@ -56,8 +56,9 @@ def _floor(req: Requirement) -> Version:
 def test_floor_admits_only_releases_with_the_features_the_code_uses(package, needed, path, usage):
     assert re.search(usage, (ROOT / path).read_text()), f"{path} no longer matches {usage!r}: update this table"
     req = _requirements()[package]
-    assert _floor(req) >= Version(needed), f"{path} matches {usage!r}, which needs {package}>={needed}; " \
-                                           f"pyproject.toml says {req}"
+    assert _floor(req) >= Version(needed), (
+        f"{path} matches {usage!r}, which needs {package}>={needed}; pyproject.toml says {req}"
+    )
 
 
 def test_dagster_packages_share_dagsters_floor():
@@ -66,5 +67,6 @@ def test_dagster_packages_share_dagsters_floor():
     for name in DAGSTER_PACKAGES:
         assert _floor(reqs[name]) >= dagster, f"{reqs[name]} is below dagster's floor {dagster}"
     for name in DAGSTER_LIBRARIES:
-        assert _floor(reqs[name]) >= Version(f"0.{dagster.minor + 16}"), \
+        assert _floor(reqs[name]) >= Version(f"0.{dagster.minor + 16}"), (
             f"{reqs[name]} admits a release built for a dagster below {dagster}"
+        )

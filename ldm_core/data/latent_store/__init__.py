@@ -56,6 +56,15 @@ from ldm_core.data.latent_store.schema import (
 from ldm_core.data.latent_store.writer import LatentStoreWriter
 
 __all__ = [
-    "EncodeProgress", "EncodeResult", "LatentStore", "LatentStoreConfig", "LatentStoreMetadata",
-    "LatentStoreMismatchError", "LatentStoreWriter", "ShardColumns", "StoreShard", "encode_dataset", "read_metadata",
+    "EncodeProgress",
+    "EncodeResult",
+    "LatentStore",
+    "LatentStoreConfig",
+    "LatentStoreMetadata",
+    "LatentStoreMismatchError",
+    "LatentStoreWriter",
+    "ShardColumns",
+    "StoreShard",
+    "encode_dataset",
+    "read_metadata",
 ]

@@ -85,8 +85,14 @@ class ShardColumns:
     def take(self, order: np.ndarray) -> ShardColumns:
         lv = None if self.logvar is None else self.logvar[order]
         pooled = None if self.pooled is None else self.pooled[order]
-        return ShardColumns(self.latents[order], lv, self.context[order], self.context_mask[order],
-                            self.rows.take(pa.array(order)), pooled)
+        return ShardColumns(
+            self.latents[order],
+            lv,
+            self.context[order],
+            self.context_mask[order],
+            self.rows.take(pa.array(order)),
+            pooled,
+        )
 
 
 ROW_COLUMNS = ("id", "caption", "split")
@@ -101,8 +107,13 @@ Checksums = dict[str, str]
 
 
 def _corrupt(url: str, detail: str) -> CorruptShardError:
-    return CorruptShardError("latent store", posixpath.basename(url.rstrip("/")), url, detail,
-                             "encode the dataset again into a new store URL")
+    return CorruptShardError(
+        "latent store",
+        posixpath.basename(url.rstrip("/")),
+        url,
+        detail,
+        "encode the dataset again into a new store URL",
+    )
 
 
 class _ZarrShards:
@@ -152,8 +163,9 @@ class _ZarrShards:
         return checksums
 
     @staticmethod
-    def fetch_verified(url: str, checksums: Checksums, fields: Sequence[str],
-                       storage_options: dict[str, Any] | None) -> dict[str, bytes]:
+    def fetch_verified(
+        url: str, checksums: Checksums, fields: Sequence[str], storage_options: dict[str, Any] | None
+    ) -> dict[str, bytes]:
         """The group's own files and those of ``fields``' arrays, each checked against its recorded sha256
         (`CorruptShardError` at the first that differs or is missing): path in the group -> bytes."""
         wanted = sorted(rel for rel in checksums if "/" not in rel or rel.split("/", 1)[0] in fields)
@@ -183,8 +195,14 @@ class _ZarrShards:
         for name, a in cols.tensors().items():
             # byte shuffle groups the exponent bytes of floats together, which is what makes them compress
             shuffle = "shuffle" if a.dtype.itemsize > 1 else "noshuffle"
-            arr = group.create_array(name, shape=a.shape, chunks=(min(cfg.chunk_rows, n), *a.shape[1:]),
-                                     dtype=a.dtype, compressors=self._codec(cfg, shuffle), fill_value=0)
+            arr = group.create_array(
+                name,
+                shape=a.shape,
+                chunks=(min(cfg.chunk_rows, n), *a.shape[1:]),
+                dtype=a.dtype,
+                compressors=self._codec(cfg, shuffle),
+                fill_value=0,
+            )
             arr[...] = a
         attrs = cols.rows.select(attribute_names(cols.rows)).to_pylist()
         strings = {c: cols.rows.column(c).to_pylist() for c in ROW_COLUMNS}
@@ -203,7 +221,10 @@ class _ZarrShards:
             zarr.consolidate_metadata(group.store)
 
     def _read_arrays(
-        self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
+        self,
+        url: str,
+        fields: Sequence[str],
+        storage_options: dict[str, Any] | None,
         checksums: Checksums | None = None,
     ) -> dict[str, np.ndarray]:
         import zarr.api.asynchronous as za
@@ -228,20 +249,30 @@ class _ZarrShards:
         with storage.naming_errors(url, "reading the shard"):
             return sync(read())
 
-    def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
-             checksums: Checksums | None = None) -> dict[str, np.ndarray]:
+    def read(
+        self,
+        url: str,
+        fields: Sequence[str],
+        storage_options: dict[str, Any] | None,
+        checksums: Checksums | None = None,
+    ) -> dict[str, np.ndarray]:
         """The arrays of ``fields``; with ``checksums``, decoded from their files once these are checked."""
         return self._read_arrays(url, fields, storage_options, checksums)
 
-    def read_rows(self, url: str, storage_options: dict[str, Any] | None,
-                  checksums: Checksums | None = None) -> list[dict[str, Any]]:
-        cols = {c: a.tolist() for c, a in self.read(url, (*ROW_COLUMNS, "attributes"), storage_options,
-                                                    checksums).items()}
-        return [{"id": i, "caption": c, "split": s, **json.loads(a)}
-                for i, c, s, a in zip(cols["id"], cols["caption"], cols["split"], cols["attributes"])]
+    def read_rows(
+        self, url: str, storage_options: dict[str, Any] | None, checksums: Checksums | None = None
+    ) -> list[dict[str, Any]]:
+        cols = {
+            c: a.tolist() for c, a in self.read(url, (*ROW_COLUMNS, "attributes"), storage_options, checksums).items()
+        }
+        return [
+            {"id": i, "caption": c, "split": s, **json.loads(a)}
+            for i, c, s, a in zip(cols["id"], cols["caption"], cols["split"], cols["attributes"])
+        ]
 
-    def read_row_table(self, url: str, storage_options: dict[str, Any] | None,
-                       checksums: Checksums | None = None) -> pa.Table:
+    def read_row_table(
+        self, url: str, storage_options: dict[str, Any] | None, checksums: Checksums | None = None
+    ) -> pa.Table:
         """The rows as a table (attributes are JSON here: a row without one reads as null, as readers see it)."""
         return pa.Table.from_pylist(self.read_rows(url, storage_options, checksums))
 
@@ -265,14 +296,23 @@ class _ParquetShards:
             arrays.append(
                 pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(a.tobytes())])
             )
-            fields.append(pa.field(name, pa.binary(row_bytes),
-                                   metadata={"dtype": a.dtype.str, "shape": json.dumps(list(a.shape[1:]))}))
+            fields.append(
+                pa.field(
+                    name, pa.binary(row_bytes), metadata={"dtype": a.dtype.str, "shape": json.dumps(list(a.shape[1:]))}
+                )
+            )
         table = pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata={"format": FORMAT}))
         buf = io.BytesIO()
         # one row group: a shard is always read whole; no dictionary pages for float bytes
         dictionary = [c for c in cols.rows.column_names if c not in ("id", "caption")]  # repeated values only
-        pq.write_table(table, buf, compression=cfg.compression, row_group_size=max(n, 1), use_dictionary=dictionary,
-                       **({"compression_level": cfg.compression_level} if cfg.compression == "zstd" else {}))
+        pq.write_table(
+            table,
+            buf,
+            compression=cfg.compression,
+            row_group_size=max(n, 1),
+            use_dictionary=dictionary,
+            **({"compression_level": cfg.compression_level} if cfg.compression == "zstd" else {}),
+        )
         data = buf.getvalue()
         storage.write_bytes_atomic(url, data, storage_options)
         return {"": sha256_hex(data)}
@@ -286,8 +326,13 @@ class _ParquetShards:
             raise _corrupt(url, why)
         return data
 
-    def read(self, url: str, fields: Sequence[str], storage_options: dict[str, Any] | None,
-             checksums: Checksums | None = None) -> dict[str, np.ndarray]:
+    def read(
+        self,
+        url: str,
+        fields: Sequence[str],
+        storage_options: dict[str, Any] | None,
+        checksums: Checksums | None = None,
+    ) -> dict[str, np.ndarray]:
         """The tensors of ``fields``; with ``checksums``, the file is checked against its sha256 first."""
         table = pq.read_table(pa.BufferReader(self._bytes(url, storage_options, checksums)), columns=list(fields))
         out = {}
@@ -301,12 +346,14 @@ class _ParquetShards:
             out[f] = data[start : start + len(col) * col.type.byte_width].view(dtype).reshape(len(col), *shape).copy()
         return out
 
-    def read_rows(self, url: str, storage_options: dict[str, Any] | None,
-                  checksums: Checksums | None = None) -> list[dict[str, Any]]:
+    def read_rows(
+        self, url: str, storage_options: dict[str, Any] | None, checksums: Checksums | None = None
+    ) -> list[dict[str, Any]]:
         return self.read_row_table(url, storage_options, checksums).to_pylist()
 
-    def read_row_table(self, url: str, storage_options: dict[str, Any] | None,
-                       checksums: Checksums | None = None) -> pa.Table:
+    def read_row_table(
+        self, url: str, storage_options: dict[str, Any] | None, checksums: Checksums | None = None
+    ) -> pa.Table:
         pf = pq.ParquetFile(pa.BufferReader(self._bytes(url, storage_options, checksums)))
         return pf.read(columns=[c for c in pf.schema_arrow.names if c not in TENSOR_FIELDS])
 

@@ -38,8 +38,15 @@ def _shard_seed(seed: int, source: str) -> int:
     return seed * 1_000_003 + (canonical.shard_index(source) or 0)
 
 
-def _encode_shard(table: pa.Table, vae: torch.nn.Module, text_encoder: TextEncoder, config: LatentStoreConfig,
-                  device: torch.device, source: str, attribute_columns: list[str]) -> ShardColumns:
+def _encode_shard(
+    table: pa.Table,
+    vae: torch.nn.Module,
+    text_encoder: TextEncoder,
+    config: LatentStoreConfig,
+    device: torch.device,
+    source: str,
+    attribute_columns: list[str],
+) -> ShardColumns:
     """One dataset shard's rows -> its store columns. Memory: this shard's images and outputs, nothing more."""
     n = table.num_rows
     c, h, w = vae.config.latent_shape(config.resolution)
@@ -55,8 +62,12 @@ def _encode_shard(table: pa.Table, vae: torch.nn.Module, text_encoder: TextEncod
     images, captions = table.column("image"), table.column("caption").to_pylist()
     for start in range(0, n, config.batch_size):
         stop = min(start + config.batch_size, n)
-        x = torch.stack([image_to_tensor(resize_center_crop(decode_rgb(images[i].as_py()), config.resolution))
-                         for i in range(start, stop)])  # (b, 3, R, R) in [-1, 1]
+        x = torch.stack(
+            [
+                image_to_tensor(resize_center_crop(decode_rgb(images[i].as_py()), config.resolution))
+                for i in range(start, stop)
+            ]
+        )  # (b, 3, R, R) in [-1, 1]
         posterior = vae.encode(x.to(device, vae_dtype))
         mean = posterior.mean.float()  # (b, C, h, w)
         if config.content == "moments":
@@ -107,29 +118,64 @@ def encode_dataset(
         raise TypeError("encode_dataset needs a KL autoencoder (encode(x) -> posterior with mean and logvar)")
     factor = vae.config.downsample_factor
     if config.resolution % factor:
-        raise ValueError(f"resolution {config.resolution} is not divisible by the autoencoder's downsampling "
-                         f"factor {factor}")
+        raise ValueError(
+            f"resolution {config.resolution} is not divisible by the autoencoder's downsampling factor {factor}"
+        )
     template = LatentStoreMetadata(
-        backend=config.backend, dtype=config.dtype, content=config.content, resolution=config.resolution,
-        seed=config.seed, compression=config.compression, vae_identity=vae_identity,
-        scaling_factor=float(vae.config.scaling_factor), shift_factor=float(vae.config.shift_factor),
-        text_encoder_identity=text_encoder.identity, latent_shape=list(vae.config.latent_shape(config.resolution)),
-        context_shape=[text_encoder.config.max_length, text_encoder.dim], pooled_dim=text_encoder.pooled_dim,
-        split=split, dataset_url=redact_url(dataset_url),
+        backend=config.backend,
+        dtype=config.dtype,
+        content=config.content,
+        resolution=config.resolution,
+        seed=config.seed,
+        compression=config.compression,
+        vae_identity=vae_identity,
+        scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=float(vae.config.shift_factor),
+        text_encoder_identity=text_encoder.identity,
+        latent_shape=list(vae.config.latent_shape(config.resolution)),
+        context_shape=[text_encoder.config.max_length, text_encoder.dim],
+        pooled_dim=text_encoder.pooled_dim,
+        split=split,
+        dataset_url=redact_url(dataset_url),
     )
     empty = text_encoder.empty()
-    writer = LatentStoreWriter.open(store_url, template, config, (empty.embeddings, empty.mask, empty.pooled),
-                                    storage_options)
+    writer = LatentStoreWriter.open(
+        store_url, template, config, (empty.embeddings, empty.mask, empty.pooled), storage_options
+    )
     with writer:  # holds the store's writer lease until the last commit
-        return _encode_into(writer, dataset_url, store_url, manifest, vae, text_encoder, config, split=split,
-                            storage_options=storage_options, device=device, progress=progress, started=started,
-                            t0=t0)
+        return _encode_into(
+            writer,
+            dataset_url,
+            store_url,
+            manifest,
+            vae,
+            text_encoder,
+            config,
+            split=split,
+            storage_options=storage_options,
+            device=device,
+            progress=progress,
+            started=started,
+            t0=t0,
+        )
 
 
-def _encode_into(writer: LatentStoreWriter, dataset_url: str, store_url: str, manifest: canonical.Manifest,
-                 vae: torch.nn.Module, text_encoder: TextEncoder, config: LatentStoreConfig, *, split: str | None,
-                 storage_options: dict[str, Any] | None, device: str | torch.device,
-                 progress: Callable[[EncodeProgress], None] | None, started: str, t0: float) -> EncodeResult:
+def _encode_into(
+    writer: LatentStoreWriter,
+    dataset_url: str,
+    store_url: str,
+    manifest: canonical.Manifest,
+    vae: torch.nn.Module,
+    text_encoder: TextEncoder,
+    config: LatentStoreConfig,
+    *,
+    split: str | None,
+    storage_options: dict[str, Any] | None,
+    device: str | torch.device,
+    progress: Callable[[EncodeProgress], None] | None,
+    started: str,
+    t0: float,
+) -> EncodeResult:
     """`encode_dataset` once the store is open (and its lease held): the shards the store does not have yet."""
     # a store written before pooled vectors were cached gets them first, so that every shard is alike afterwards
     pooled_rows_added = writer.add_pooled(text_encoder)
@@ -142,10 +188,17 @@ def _encode_into(writer: LatentStoreWriter, dataset_url: str, store_url: str, ma
             raise LatentStoreMismatchError(
                 f"the latent store at {store_url} encodes a {source} that the dataset at {redact_url(dataset_url)} "
                 f"does not have ({'missing' if info is None else f'{info.rows} rows, not {rec.source_rows}'}): it "
-                "was built from another dataset. Use a new store URL.")
+                "was built from another dataset. Use a new store URL."
+            )
     todo = [s for s in manifest.shards if s.name not in done]
-    log.info("encoding %s -> %s: %d dataset shards, %d already encoded, %d to do", redact_url(dataset_url),
-             redact_url(store_url), len(manifest.shards), len(done), len(todo))
+    log.info(
+        "encoding %s -> %s: %d dataset shards, %d already encoded, %d to do",
+        redact_url(dataset_url),
+        redact_url(store_url),
+        len(manifest.shards),
+        len(done),
+        len(todo),
+    )
 
     device = torch.device(device)
     first_param = next(vae.parameters())
@@ -180,12 +233,28 @@ def _encode_into(writer: LatentStoreWriter, dataset_url: str, store_url: str, ma
     seconds = time.perf_counter() - t0
     rate = rows_new / seconds if rows_new else 0.0
     if new_shards:
-        writer.record_run(EncodeRun(started_at=started, finished_at=utc_now(), shards_new=len(new_shards),
-                                    rows_new=rows_new, images_per_second=rate))
+        writer.record_run(
+            EncodeRun(
+                started_at=started,
+                finished_at=utc_now(),
+                shards_new=len(new_shards),
+                rows_new=rows_new,
+                images_per_second=rate,
+            )
+        )
     m = writer.metadata
     return EncodeResult(
-        store_url=redact_url(store_url), rows_total=m.rows, rows_new=rows_new, train_rows_total=m.train_rows,
-        validation_rows_total=m.validation_rows, shards_total=len(m.shards), shards_new=len(new_shards),
-        new_shards=new_shards, skipped_shards=len(done), bytes_new=bytes_new, seconds=seconds, images_per_second=rate,
+        store_url=redact_url(store_url),
+        rows_total=m.rows,
+        rows_new=rows_new,
+        train_rows_total=m.train_rows,
+        validation_rows_total=m.validation_rows,
+        shards_total=len(m.shards),
+        shards_new=len(new_shards),
+        new_shards=new_shards,
+        skipped_shards=len(done),
+        bytes_new=bytes_new,
+        seconds=seconds,
+        images_per_second=rate,
         pooled_rows_added=pooled_rows_added,
     )

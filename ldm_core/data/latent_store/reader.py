@@ -52,9 +52,13 @@ class LatentStore:
         self._verified: set[tuple[int, str]] = set()  # (shard, field) whose files this object has checked
         self.unchecked_shards = sum(s.checksums is None for s in self.shards)
         if self.unchecked_shards:
-            log.warning("%d of %d shards of the latent store at %s have no recorded checksums (written before they "
-                        "were recorded): they are read unchecked", self.unchecked_shards, len(self.shards),
-                        redact_url(store_url))
+            log.warning(
+                "%d of %d shards of the latent store at %s have no recorded checksums (written before they "
+                "were recorded): they are read unchecked",
+                self.unchecked_shards,
+                len(self.shards),
+                redact_url(store_url),
+            )
 
     @property
     def num_rows(self) -> int:
@@ -100,12 +104,16 @@ class LatentStore:
         if "logvar" in fields and self.metadata.content != "moments":
             raise ValueError("this store holds posterior samples, not moments: it has no logvar")
         if "pooled" in fields and not self.has_pooled:
-            raise ValueError(f"the latent store at {redact_url(self.url)} was written before pooled text vectors were "
-                             "cached: it has no pooled field (encode_dataset on it adds one)")
+            raise ValueError(
+                f"the latent store at {redact_url(self.url)} was written before pooled text vectors were "
+                "cached: it has no pooled field (encode_dataset on it adds one)"
+            )
         arrays = self.format.read(self.shard_url(k), fields, self.storage_options, self._to_verify(k, fields))
         self._verified.update((k, f) for f in fields)
-        return {f: torch.from_numpy(a) if f == "context_mask" else from_storage(a, self.metadata.dtype)
-                for f, a in arrays.items()}
+        return {
+            f: torch.from_numpy(a) if f == "context_mask" else from_storage(a, self.metadata.dtype)
+            for f, a in arrays.items()
+        }
 
     def _to_verify(self, k: int, fields: Sequence[str]) -> dict[str, str] | None:
         """The shard's checksums when some of ``fields`` is read from it for the first time, else None."""

@@ -154,8 +154,19 @@ class LatentStoreMetadata(_Data):
 
 
 # Metadata that must agree between an existing store and anything added to it.
-IDENTITY_FIELDS = ("vae_identity", "text_encoder_identity", "scaling_factor", "shift_factor", "latent_shape",
-                    "context_shape", "backend", "dtype", "content", "resolution", "split")
+IDENTITY_FIELDS = (
+    "vae_identity",
+    "text_encoder_identity",
+    "scaling_factor",
+    "shift_factor",
+    "latent_shape",
+    "context_shape",
+    "backend",
+    "dtype",
+    "content",
+    "resolution",
+    "split",
+)
 
 
 class LatentStoreMismatchError(ValueError):
@@ -235,8 +246,10 @@ _UNCOND_KEYS = ("context", "mask", "pooled")
 
 def write_uncond(store_url: str, uncond: Sequence[torch.Tensor], storage_options: dict[str, Any] | None) -> None:
     """The null caption: (context (1, L, D), mask (1, L)[, pooled (1, D_pool)]), fp32 (the mask bool)."""
-    tensors = {k: (t.detach().bool() if k == "mask" else t.detach().float()).cpu().contiguous()
-               for k, t in zip(_UNCOND_KEYS, uncond)}
+    tensors = {
+        k: (t.detach().bool() if k == "mask" else t.detach().float()).cpu().contiguous()
+        for k, t in zip(_UNCOND_KEYS, uncond)
+    }
     storage.write_bytes_atomic(storage.join(store_url, UNCOND_NAME), save_safetensors(tensors), storage_options)
 
 

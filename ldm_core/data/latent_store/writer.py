@@ -62,11 +62,18 @@ class LatentStoreWriter:
     ends).
     """
 
-    def __init__(self, store_url: str, metadata: LatentStoreMetadata, config: LatentStoreConfig,
-                 storage_options: dict[str, Any] | None = None, fenced: FencedFile | None = None):
+    def __init__(
+        self,
+        store_url: str,
+        metadata: LatentStoreMetadata,
+        config: LatentStoreConfig,
+        storage_options: dict[str, Any] | None = None,
+        fenced: FencedFile | None = None,
+    ):
         """``fenced``: the metadata under this writer's lease, as `open` makes it; None takes the lease of the
         existing store here (``metadata`` is then re-read under it)."""
         if fenced is None:
+
             def existing(raw: bytes | None, url: str) -> LatentStoreMetadata:
                 if raw is None:
                     raise FileNotFoundError(f"no latent store at {redact_url(store_url)}")
@@ -83,9 +90,15 @@ class LatentStoreWriter:
             raise
 
     @classmethod
-    def open(cls, store_url: str, template: LatentStoreMetadata, config: LatentStoreConfig,
-             uncond: tuple[torch.Tensor, ...],
-             storage_options: dict[str, Any] | None = None, lease: WriterLease | None = None) -> LatentStoreWriter:
+    def open(
+        cls,
+        store_url: str,
+        template: LatentStoreMetadata,
+        config: LatentStoreConfig,
+        uncond: tuple[torch.Tensor, ...],
+        storage_options: dict[str, Any] | None = None,
+        lease: WriterLease | None = None,
+    ) -> LatentStoreWriter:
         """Open ``store_url`` for adding shards described by ``template`` (identities, shapes, format; no shards).
 
         uncond: the empty prompt's (context (1, L, D), mask (1, L), pooled (1, D_pool)), written when the store is
@@ -95,8 +108,11 @@ class LatentStoreWriter:
         ttl, wait or clock), not yet acquired.
         """
         if (len(uncond) == 3) != (template.pooled_dim is not None):
-            raise ValueError(f"uncond must be (context, mask, pooled) when pooled_dim is set, (context, mask) when "
-                             f"it is None; got {len(uncond)} tensors for pooled_dim={template.pooled_dim}")
+            raise ValueError(
+                f"uncond must be (context, mask, pooled) when pooled_dim is set, (context, mask) when "
+                f"it is None; got {len(uncond)} tensors for pooled_dim={template.pooled_dim}"
+            )
+
         def load(raw: bytes | None, url: str) -> LatentStoreMetadata:
             if raw is None:
                 write_uncond(store_url, uncond, storage_options)  # before the metadata that names the store
@@ -162,8 +178,9 @@ class LatentStoreWriter:
         # the canonical clash prefix, as ingestion does for attributes named like core columns
         clash = [c for c in attribute_names(cols.rows) if c in TENSOR_FIELDS]
         if clash:
-            cols.rows = cols.rows.rename_columns([canonical.ATTRIBUTE_CLASH_PREFIX + c if c in clash else c
-                                                  for c in cols.rows.column_names])
+            cols.rows = cols.rows.rename_columns(
+                [canonical.ATTRIBUTE_CLASH_PREFIX + c if c in clash else c for c in cols.rows.column_names]
+            )
         splits = np.array(cols.rows.column("split").to_pylist(), dtype=object)
         if not set(splits) <= set(canonical.SPLITS):
             raise ValueError(f"split values must be in {canonical.SPLITS}, got {sorted(set(splits))}")
@@ -177,9 +194,18 @@ class LatentStoreWriter:
             url = self.shard_url(name)
             checksums = self.format.write(url, cols, self.config, self.storage_options)
             nbytes = _size_of(url, self.storage_options)
-        record = StoreShard(name=name, source=source, rows=n, train_rows=n_train, validation_rows=n - n_train,
-                            source_rows=source_rows, source_bytes=source_bytes, bytes=nbytes,
-                            pooled=cols.pooled is not None, checksums=checksums)
+        record = StoreShard(
+            name=name,
+            source=source,
+            rows=n,
+            train_rows=n_train,
+            validation_rows=n - n_train,
+            source_rows=source_rows,
+            source_bytes=source_bytes,
+            bytes=nbytes,
+            pooled=cols.pooled is not None,
+            checksums=checksums,
+        )
         meta.shards.append(record)
         meta.rows += n
         meta.train_rows += n_train
@@ -208,11 +234,15 @@ class LatentStoreWriter:
         if text_encoder.identity != meta.text_encoder_identity:
             raise LatentStoreMismatchError(
                 f"the latent store at {self.url} holds text embeddings of {meta.text_encoder_identity!r}; its pooled "
-                f"vectors cannot come from {text_encoder.identity!r}. Encode into a new store URL.")
+                f"vectors cannot come from {text_encoder.identity!r}. Encode into a new store URL."
+            )
         fields = ("latents", "context", "context_mask") + (("logvar",) if meta.content == "moments" else ())
         todo = [i for i, s in enumerate(meta.shards) if not s.pooled]
-        log.info("adding pooled text vectors to %d shard(s) of %s (written before they were cached)", len(todo),
-                 redact_url(self.url))
+        log.info(
+            "adding pooled text vectors to %d shard(s) of %s (written before they were cached)",
+            len(todo),
+            redact_url(self.url),
+        )
         rows_done = 0
         for done, i in enumerate(todo, 1):
             record = meta.shards[i]
@@ -223,12 +253,23 @@ class LatentStoreWriter:
                 arrays = self.format.read(old_url, fields, self.storage_options, record.checksums)
                 rows = self.format.read_row_table(old_url, self.storage_options, record.checksums)
                 pooled = text_encoder.encode(rows.column("caption").to_pylist()).pooled  # (N, D_pool)
-                cols = ShardColumns(arrays["latents"], arrays.get("logvar"), arrays["context"], arrays["context_mask"],
-                                    rows, to_storage(pooled.float(), meta.dtype))
+                cols = ShardColumns(
+                    arrays["latents"],
+                    arrays.get("logvar"),
+                    arrays["context"],
+                    arrays["context_mask"],
+                    rows,
+                    to_storage(pooled.float(), meta.dtype),
+                )
                 name = self._new_shard_name(record.source)
                 checksums = self.format.write(self.shard_url(name), cols, self.config, self.storage_options)
-                record = record.model_copy(update={"name": name, "checksums": checksums,
-                                                   "bytes": _size_of(self.shard_url(name), self.storage_options)})
+                record = record.model_copy(
+                    update={
+                        "name": name,
+                        "checksums": checksums,
+                        "bytes": _size_of(self.shard_url(name), self.storage_options),
+                    }
+                )
                 rows_done += record.rows
             meta.shards[i] = record.model_copy(update={"pooled": True})
             self._commit()  # the swap: readers now open the new shard
@@ -265,9 +306,12 @@ class LatentStoreWriter:
             raise ValueError(f"rows must be a table of {n} rows with columns {ROW_COLUMNS} (+ attributes)")
 
 
-def _take(store_url: str, storage_options: dict[str, Any] | None,
-          load: Callable[[bytes | None, str], LatentStoreMetadata],
-          lease: WriterLease | None = None) -> tuple[FencedFile, LatentStoreMetadata]:
+def _take(
+    store_url: str,
+    storage_options: dict[str, Any] | None,
+    load: Callable[[bytes | None, str], LatentStoreMetadata],
+    lease: WriterLease | None = None,
+) -> tuple[FencedFile, LatentStoreMetadata]:
     """Take the store's writer lease and fence its metadata (``load`` parses it, or makes it for a new store): from
     here on an earlier holder cannot commit. The lease is given back if this fails."""
     storage.makedirs(store_url, storage_options)
@@ -309,5 +353,7 @@ def _check_compatible(store_url: str, existing: LatentStoreMetadata, new: Latent
     diffs = {f: (getattr(existing, f), getattr(new, f)) for f in fields if getattr(existing, f) != getattr(new, f)}
     if diffs:
         detail = "; ".join(f"{f}: store has {a!r}, this run {b!r}" for f, (a, b) in diffs.items())
-        raise LatentStoreMismatchError(f"the latent store at {store_url} was built differently ({detail}). "
-                                       "Use the store's settings or a new store URL.")
+        raise LatentStoreMismatchError(
+            f"the latent store at {store_url} was built differently ({detail}). "
+            "Use the store's settings or a new store URL."
+        )
