@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps lint test demo ui bench clean
+.PHONY: install system-deps lint check-defs test demo ui bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,12 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
 	    || echo "WARNING: could not install postgresql; the Postgres deployment test will be skipped"; }
 
-test: install system-deps lint
+test: install system-deps lint check-defs
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Dagster's own check that every definition under pipeline/defs loads (the dg project: [tool.dg] in pyproject.toml)
+check-defs: install
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/dg check defs
 
 # the rules are [tool.ruff] in pyproject.toml; the formatter's output is the house style (`ruff format .` applies it)
 lint: install

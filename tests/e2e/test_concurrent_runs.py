@@ -6,7 +6,7 @@ A's image_dataset is materialized, and each of B's steps starts (reads its upstr
 step's asset. Each upstream read of A, in an asset or a check, waits until B has materialized that upstream asset too.
 So whenever A reads an upstream asset, the latest materialization of it is B's: a step that read "the latest" would
 train, check and evaluate B's artifacts in run A. The pacing wraps the `read_upstream` of every asset module and of
-the checks and calls it unchanged: it moves time, not results.
+every checks module and calls it unchanged: it moves time, not results.
 """
 
 import copy
@@ -16,14 +16,24 @@ import time
 import dagster as dg
 import pytest
 
-import pipeline.assets.evaluation_report as evaluation_report_module
-import pipeline.assets.latent_store as latent_store_module
-import pipeline.assets.ldm_model as ldm_model_module
-import pipeline.assets.vae_model as vae_model_module
-import pipeline.checks as checks_module
+import pipeline.defs.evaluation_report.asset
+import pipeline.defs.image_dataset.checks
+import pipeline.defs.latent_store.asset
+import pipeline.defs.latent_store.checks
+import pipeline.defs.ldm_model.asset
+import pipeline.defs.vae_model.asset
+import pipeline.defs.vae_model.checks
 from pipeline.definitions import defs
 
-READERS = (vae_model_module, latent_store_module, ldm_model_module, evaluation_report_module, checks_module)
+READERS = (
+    pipeline.defs.vae_model.asset,
+    pipeline.defs.vae_model.checks,
+    pipeline.defs.image_dataset.checks,
+    pipeline.defs.latent_store.asset,
+    pipeline.defs.latent_store.checks,
+    pipeline.defs.ldm_model.asset,
+    pipeline.defs.evaluation_report.asset,
+)
 WAIT_SECONDS = 600  # the other run's next asset on 2 busy cores, with room to spare
 
 
@@ -73,14 +83,15 @@ class Pacer:
             time.sleep(0.1)
 
     def wrap(self, read):
-        def paced(context, key):
+        def paced(context, record):
+            key = record.asset
             which = "a" if context.run.run_config["ops"]["image_dataset"]["config"]["name"] == "set-a" else "b"
             self.run_ids.setdefault(which, context.run.run_id)
             if which == "a":
                 self.wait("b", key)  # B's materialization of it is the latest when A reads it
             elif isinstance(context, dg.AssetExecutionContext):
                 self.wait("a", context.asset_key.to_user_string())  # B's step comes after A's
-            return read(context, key)
+            return read(context, record)
 
         return paced
 

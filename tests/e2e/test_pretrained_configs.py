@@ -21,7 +21,7 @@ from ldm_core.init_weights import from_diffusers_folder
 from ldm_core.lora import adapter_state_dict, has_lora, lora_config
 from ldm_core.model_io import read_model_meta, state_dict_sha256
 from pipeline import run_configs
-from pipeline.jobs import RETRAIN_ASSETS
+from pipeline.defs.jobs import RETRAIN_ASSETS
 from pipeline.mlflow_models import download_text_to_image
 from tests.core.tiny_models import tiny_diffusers_unet
 from tests.e2e.conftest import child_env

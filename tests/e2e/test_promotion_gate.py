@@ -10,7 +10,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.assets.evaluation_report import METRICS_TAG
+from pipeline.promotion import METRICS_TAG
 from pipeline.definitions import defs
 
 

@@ -123,7 +123,7 @@ def _end_the_killed_run_as_dagster_does(home):
     """What follows a run worker's death in a deployment: Dagster marks the run failed (run monitoring, or the code
     server that launched it) and the daemon hands the failure to the run-failure sensor, evaluated here on the same
     instance and MLflow store from a cursor taken before the failure."""
-    from pipeline.mlflow_runs import mlflow_runs_end_on_failure
+    from pipeline.defs.mlflow_runs import mlflow_runs_end_on_failure
     from pipeline.resources import MLflowResource
 
     resources = {"mlflow": MLflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")}

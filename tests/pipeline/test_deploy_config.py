@@ -165,7 +165,7 @@ def test_dockerfile_copies_what_exists_and_installs_the_project_with_the_k8s_ext
 
 
 def test_helm_values_name_the_code_location_the_k8s_launcher_and_the_gpu_steps():
-    from pipeline.assets.common import GPU_OP_TAGS
+    from pipeline.asset_common import GPU_OP_TAGS
     from pipeline.definitions import defs
 
     values = _yaml("helm/values.yaml")

@@ -8,7 +8,7 @@ import uuid
 import dagster as dg
 import pytest
 
-from pipeline.assets.upstream import find_upstream, lineage_metadata, read_upstream
+from pipeline.upstream import AssetRecord, find_upstream, lineage_metadata, read_upstream
 
 downstream_may_read = threading.Event()  # run A's downstream step waits here until run B is done
 
@@ -17,16 +17,21 @@ class UpConfig(dg.Config):
     label: str
 
 
+class UpRecord(AssetRecord):
+    asset = "up"
+    label: str
+
+
 @dg.asset
 def up(config: UpConfig) -> dg.MaterializeResult:
-    return dg.MaterializeResult(metadata={"label": config.label})
+    return dg.MaterializeResult(metadata=UpRecord(label=config.label).to_metadata())
 
 
 @dg.asset(deps=[up])
 def down(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     assert downstream_may_read.wait(60)
-    read = read_upstream(context, "up")
-    return dg.MaterializeResult(metadata={"read_label": read.metadata["label"], **lineage_metadata(read)})
+    read = read_upstream(context, UpRecord)
+    return dg.MaterializeResult(metadata={"read_label": read.record.label, **lineage_metadata(read)})
 
 
 DEFS = dg.Definitions(

@@ -6,8 +6,8 @@ import dagster as dg
 
 from ldm_core import storage as ldm_storage
 from pipeline import run_configs
-from pipeline.assets.common import GROUP
-from pipeline.mlflow_runs import MLFLOW_RUN_HOOKS
+from pipeline.asset_common import GROUP
+from pipeline.defs.mlflow_runs import MLFLOW_RUN_HOOKS
 
 ldm_training_job = dg.define_asset_job(
     "ldm_training_job",

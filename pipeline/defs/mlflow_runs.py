@@ -101,5 +101,3 @@ def mlflow_parent_run_failed(context: dg.HookContext) -> None:
 
 
 MLFLOW_RUN_HOOKS = {mlflow_parent_run_finished, mlflow_parent_run_failed}
-
-MLFLOW_RUN_SENSORS = [mlflow_runs_end_on_success, mlflow_runs_end_on_failure, mlflow_runs_end_on_cancel]

@@ -4,6 +4,9 @@ Trained from scratch, or taken from a pretrained diffusers AutoencoderKL (`pretr
 with its decoder fine-tuned (``decoder``). Either way the held-out reconstructions are measured for the blocking
 checks and the result is registered as a version of `ldm-vae`."""
 
+from dataclasses import dataclass
+from typing import Any
+
 import dagster as dg
 from torch import nn
 
@@ -19,17 +22,11 @@ from ldm_core.interop.pretrained_vae import (
 from ldm_core.model_io import read_model_meta, weights_sha256
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale
-from pipeline.asset_config import VaeModelConfig
-from pipeline.assets.common import (
-    GPU_OP_TAGS,
-    GPU_POOL,
-    GPU_RETRY_POLICY,
-    GROUP,
-    json_md,
-    stable_key,
-)
-from pipeline.assets.upstream import lineage_metadata, read_upstream
+from pipeline.asset_common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key
 from pipeline.config_bridge import to_core
+from pipeline.defs.image_dataset.record import ImageDatasetRecord
+from pipeline.defs.vae_model.config import VaeModelConfig
+from pipeline.defs.vae_model.record import REGISTERED_NAME, VaeModelRecord
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.specs import VaeTrainSpec
@@ -43,24 +40,27 @@ from pipeline.mlflow_models import (
 )
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource, TrackedRun
 from pipeline.tracking import DagsterProgress, temp_dir
+from pipeline.upstream import Upstream, lineage_metadata, read_upstream
 from pipeline.validation import RunConfigCheck
-
-REGISTERED_NAME = "ldm-vae"
 
 
 def _previous(context: dg.AssetExecutionContext, mlflow: MLflowResource, materialization_key: str) -> dict | None:
     """The latest materialization's metadata when it came from this very dataset version and asset config, and its
     model is still in storage and in the registry; else None."""
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("vae_model"))
-    md = event.asset_materialization.metadata if event is not None and event.asset_materialization else {}
-    if getattr(md.get("materialization_key"), "value", None) != materialization_key:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(VaeModelRecord.asset))
+    md = dict(event.asset_materialization.metadata) if event is not None and event.asset_materialization else {}
+    try:
+        previous = VaeModelRecord.from_metadata(md)
+    except ValueError:  # none, or one without a complete record
+        return None
+    if previous.materialization_key != materialization_key:
         return None
     try:
-        read_model_meta(md["vae_url"].value)
-        mlflow.client().get_model_version(REGISTERED_NAME, str(md["vae_version"].value))
+        read_model_meta(previous.vae_url)
+        mlflow.client().get_model_version(REGISTERED_NAME, str(previous.vae_version))
     except Exception:
         return None
-    return dict(md)
+    return md
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,9 +174,101 @@ def _register(run: TrackedRun, model: nn.Module, resolution: int, tags: dict[str
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The asset
-# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """What the asset will do, decided from its config and the dataset before anything is trained."""
+
+    pretrained: PretrainedAutoencoderConfig | None
+    source: PretrainedAutoencoder | None
+    training: AutoencoderTrainingConfig
+    thresholds: FidelityThresholds
+    key: str
+    """Names the checkpoint directory: the same data + config resume there."""
+    materialization_key: str
+    """The same key reuses the previous materialization."""
+
+    @property
+    def frozen(self) -> bool:
+        return self.pretrained is not None and self.pretrained.mode == "frozen"
+
+
+def _plan(config: VaeModelConfig, compute: ComputeResource, ds: ImageDatasetRecord) -> _Plan:
+    thresholds = to_core(FidelityThresholds, config.fidelity, "vae_model.fidelity")
+    pretrained = (
+        to_core(PretrainedAutoencoderConfig, config.pretrained, "vae_model.pretrained")
+        if config.pretrained is not None
+        else None
+    )
+    source = _load_source(pretrained) if pretrained is not None else None
+    frozen = pretrained is not None and pretrained.mode == "frozen"
+    training = _training_config(config, compute, source)
+    # the source's weights are an input like the data: the same path holding other weights is other work
+    origin = [source.weights_sha256] if source is not None else []
+    key = stable_key(ds.dataset_version, training.to_dict(), config.resolution, *origin)
+    # Training is deterministic in (data, config): a rerun of the same job (after a kill further down the chain) gets
+    # the registered autoencoder back instead of a new version of the same weights, so the latent store and the LDM
+    # checkpoints keyed on that version carry on rather than starting over. A frozen source trains nothing: its
+    # trainer settings do not count.
+    materialization_key = stable_key(
+        ds.dataset_version, config.model_dump(), None if frozen else training.to_dict(), *origin
+    )
+    return _Plan(pretrained, source, training, thresholds, key, materialization_key)
+
+
+def _trained_model(
+    context: dg.AssetExecutionContext,
+    config: VaeModelConfig,
+    storage: StorageResource,
+    compute: ComputeResource,
+    mlflow: MLflowResource,
+    run: TrackedRun,
+    plan: _Plan,
+    ds: ImageDatasetRecord,
+    train: ImageShardDataset,
+) -> tuple[nn.Module, dict]:
+    """The autoencoder: a frozen source as it is, else trained (or resumed) from scratch or from the source."""
+    if plan.frozen:
+        return plan.source.model, {"steps": 0, "resumed_from": 0}
+    spec = VaeTrainSpec(
+        training=plan.training.to_dict(),
+        dataset_url=ds.dataset_url,
+        resolution=config.resolution,
+        cache_images=config.cache_images,
+        checkpoint_dir=storage.url("checkpoints", "vae", plan.key),
+        output_url=storage.url("staging", "vae", f"{plan.key}-{context.run.run_id[:8]}"),
+        init_url=_init_url(storage, plan.source) if plan.source is not None else None,
+        mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+        mlflow_run_id=run.run_id,
+    )
+    return _train(context, compute, run, spec, train)
+
+
+def _log_measurements(run: TrackedRun, scale: float, shift: float, fidelity: Any, step: int) -> None:
+    run.tracker.log_metrics(
+        {
+            "latent_scale": scale,
+            "latent_shift": shift,
+            "val_psnr": fidelity.psnr,
+            "val_worst_decile_psnr": fidelity.worst_decile_psnr,
+            "val_max_channel_shift": fidelity.max_channel_shift,
+            **(
+                {"val_worst_decile_foreground_shift": fidelity.worst_decile_foreground_shift}
+                if fidelity.worst_decile_foreground_shift is not None
+                else {}
+            ),
+            **{f"val_{c}_accuracy": v.accuracy for c, v in (fidelity.classes or {}).items()},
+        },
+        step=step,
+    )
+
+
+def _reused(context: dg.AssetExecutionContext, previous: dict, ds_read: Upstream) -> dg.MaterializeResult:
+    record = VaeModelRecord.from_metadata(previous)
+    context.log.info(f"this dataset version and config already produced {record.vae_uri}; reusing it")
+    return dg.MaterializeResult(
+        metadata={**previous, **lineage_metadata(ds_read), "reused": True},
+        data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{record.vae_version}"),
+    )
 
 
 @dg.asset(
@@ -196,127 +288,63 @@ def vae_model(
     compute: ComputeResource,
     run_config_check: RunConfigCheck,
 ) -> dg.MaterializeResult:
-    ds_read = read_upstream(context, "image_dataset")
-    ds = ds_read.metadata
-    thresholds = to_core(FidelityThresholds, config.fidelity, "vae_model.fidelity")
-    pretrained = (
-        to_core(PretrainedAutoencoderConfig, config.pretrained, "vae_model.pretrained")
-        if config.pretrained is not None
-        else None
-    )
-    source = _load_source(pretrained) if pretrained is not None else None
-    frozen = pretrained is not None and pretrained.mode == "frozen"
-    training = _training_config(config, compute, source)
+    ds_read = read_upstream(context, ImageDatasetRecord)
+    ds = ds_read.record
+    plan = _plan(config, compute, ds)
     train = ImageShardDataset(
-        ds["dataset_url"], split="train", resolution=config.resolution, cache_decoded=config.cache_images
+        ds.dataset_url, split="train", resolution=config.resolution, cache_decoded=config.cache_images
     )
-    val = ImageShardDataset(ds["dataset_url"], split="validation", resolution=config.resolution)
-    # the source's weights are an input like the data: the same path holding other weights is other work
-    origin = [source.weights_sha256] if source is not None else []
-    key = stable_key(ds["dataset_version"], training.to_dict(), config.resolution, *origin)
-    ckpt_dir = storage.url("checkpoints", "vae", key)  # same data + config -> a killed run resumes here
-    # Training is deterministic in (data, config): a rerun of the same job (after a kill further down the chain) gets
-    # the registered autoencoder back instead of a new version of the same weights, so the latent store and the LDM
-    # checkpoints keyed on that version carry on rather than starting over. A frozen source trains nothing: its
-    # trainer settings do not count.
-    materialization_key = stable_key(
-        ds["dataset_version"], config.model_dump(), None if frozen else training.to_dict(), *origin
-    )
-    if (previous := _previous(context, mlflow, materialization_key)) is not None:
-        context.log.info(f"this dataset version and config already produced {previous['vae_uri'].value}; reusing it")
-        return dg.MaterializeResult(
-            metadata={**previous, **lineage_metadata(ds_read), "reused": True},
-            data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{previous['vae_version'].value}"),
-        )
+    val = ImageShardDataset(ds.dataset_url, split="validation", resolution=config.resolution)
+    if (previous := _previous(context, mlflow, plan.materialization_key)) is not None:
+        return _reused(context, previous, ds_read)
 
     with mlflow.materialization_run(context) as run:
-        if frozen:
-            model, trained_md = source.model, {"steps": 0, "resumed_from": 0}
-        else:
-            spec = VaeTrainSpec(
-                training=training.to_dict(),
-                dataset_url=ds["dataset_url"],
-                resolution=config.resolution,
-                cache_images=config.cache_images,
-                checkpoint_dir=ckpt_dir,
-                output_url=storage.url("staging", "vae", f"{key}-{context.run.run_id[:8]}"),
-                init_url=_init_url(storage, source) if source is not None else None,
-                mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
-                mlflow_run_id=run.run_id,
-            )
-            model, trained_md = _train(context, compute, run, spec, train)
-        scale, shift, scale_source = _latent_scale(model, train, config, pretrained, training.trainer.seed)
+        model, trained_md = _trained_model(context, config, storage, compute, mlflow, run, plan, ds, train)
+        scale, shift, scale_source = _latent_scale(model, train, config, plan.pretrained, plan.training.trainer.seed)
         model.config.scaling_factor, model.config.shift_factor = scale, shift
-        provenance = _provenance(pretrained, source, scale_source)
+        provenance = _provenance(plan.pretrained, plan.source, scale_source)
         run.tracker.log_params(provenance)
         fidelity = autoencoder_fidelity(model, val if len(val) else train, max_items=config.psnr_images)
-        psnr = fidelity.psnr
-        run.tracker.log_metrics(
-            {
-                "latent_scale": scale,
-                "latent_shift": shift,
-                "val_psnr": psnr,
-                "val_worst_decile_psnr": fidelity.worst_decile_psnr,
-                "val_max_channel_shift": fidelity.max_channel_shift,
-                **(
-                    {"val_worst_decile_foreground_shift": fidelity.worst_decile_foreground_shift}
-                    if fidelity.worst_decile_foreground_shift is not None
-                    else {}
-                ),
-                **{f"val_{c}_accuracy": v.accuracy for c, v in (fidelity.classes or {}).items()},
-            },
-            step=trained_md["steps"],
-        )
-        model_url = storage.url("models", "vae", f"{key}-{context.run.run_id[:8]}")
-        info = {
-            "dataset_version": ds["dataset_version"],
-            "mlflow_run_id": run.run_id,
-            "steps": trained_md["steps"],
-            **provenance,
-        }
-        save_autoencoder(model_url, model, extra={"info": info})
+        _log_measurements(run, scale, shift, fidelity, trained_md["steps"])
+        model_url = storage.url("models", "vae", f"{plan.key}-{context.run.run_id[:8]}")
+        info = {"dataset_version": ds.dataset_version, "mlflow_run_id": run.run_id, "steps": trained_md["steps"]}
+        save_autoencoder(model_url, model, extra={"info": {**info, **provenance}})
         sha256 = weights_sha256(model)
-        mv = _register(
-            run,
-            model,
-            config.resolution,
-            {
-                "storage_url": model_url,
-                "weights_sha256": sha256,
-                "dataset_version": str(ds["dataset_version"]),
-                **provenance,
-            },
-        )
+        tags = {"storage_url": model_url, "weights_sha256": sha256, "dataset_version": ds.dataset_version}
+        mv = _register(run, model, config.resolution, {**tags, **provenance})
+        source = plan.source
         how = (
             f"took {source.source} as it is"
-            if frozen
+            if plan.frozen
             else f"trained {trained_md['steps']} steps" + (f" of {source.source}'s decoder" if source else "")
         )
         context.log.info(
-            f"{how}; latent scale {scale:.5f} ({scale_source}); val PSNR {psnr:.2f} dB; "
+            f"{how}; latent scale {scale:.5f} ({scale_source}); val PSNR {fidelity.psnr:.2f} dB; "
             f"registered {REGISTERED_NAME} v{mv.version} (alias candidate)"
         )
-        c, h, w = model.config.latent_shape(config.resolution)
+        record = VaeModelRecord(
+            vae_url=model_url,
+            vae_uri=f"models:/{REGISTERED_NAME}/{mv.version}",
+            vae_version=int(mv.version),
+            weights_sha256=sha256,
+            latent_scale=scale,
+            latent_shift=shift,
+            latent_shape=model.config.latent_shape(config.resolution),
+            resolution=config.resolution,
+            dataset_version=ds.dataset_version,
+            mlflow_run_id=run.run_id,
+            materialization_key=plan.materialization_key,
+            val_psnr=fidelity.psnr,
+            psnr_floor=config.psnr_floor,
+            fidelity=json_md(fidelity.to_dict()).value,
+            fidelity_thresholds=plan.thresholds.to_dict(),
+        )
         return dg.MaterializeResult(
             metadata={
-                "vae_url": model_url,
-                "vae_uri": f"models:/{REGISTERED_NAME}/{mv.version}",
-                "vae_version": int(mv.version),
-                "weights_sha256": sha256,
-                "latent_scale": scale,
-                "latent_shift": shift,
-                "latent_shape": [c, h, w],
-                "resolution": config.resolution,
-                "val_psnr": psnr,
-                "psnr_floor": config.psnr_floor,
-                "fidelity": json_md(fidelity.to_dict()),
-                "fidelity_thresholds": json_md(thresholds.to_dict()),
+                **record.to_metadata(),
                 **trained_md,
                 **provenance,
-                "dataset_version": ds["dataset_version"],
-                "mlflow_run_id": run.run_id,
                 "mlflow_run": dg.MetadataValue.url(run.url),
-                "materialization_key": materialization_key,
                 "reused": False,
                 **lineage_metadata(ds_read),
             },

@@ -6,19 +6,22 @@ from ldm_core.bundle import load_autoencoder
 from ldm_core.data.latent_store.encoding import encode_dataset
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
-from pipeline.asset_config import LatentStoreAssetConfig
-from pipeline.assets.common import (
-    GPU_OP_TAGS,
-    GPU_POOL,
-    GPU_RETRY_POLICY,
-    GROUP,
-    json_md,
-    stable_key,
-)
-from pipeline.assets.upstream import lineage_metadata, read_upstream
+from pipeline.asset_common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, stable_key
 from pipeline.config_bridge import to_core
+from pipeline.defs.image_dataset.record import ImageDatasetRecord
+from pipeline.defs.latent_store.config import LatentStoreAssetConfig
+from pipeline.defs.latent_store.record import LatentStoreRecord
+from pipeline.defs.vae_model.record import VaeModelRecord
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+from pipeline.upstream import lineage_metadata, read_upstream
 from pipeline.validation import RunConfigCheck
+
+
+def _store_config(config: LatentStoreAssetConfig, vae: VaeModelRecord) -> LatentStoreConfig:
+    """The store's config; its resolution, unless set, the autoencoder's training resolution."""
+    store_data = {k: v for k, v in config.store.model_dump().items() if v is not None}
+    store_data.setdefault("resolution", vae.resolution)
+    return to_core(LatentStoreConfig, store_data, "latent_store.store")
 
 
 @dg.asset(
@@ -38,18 +41,16 @@ def latent_store(
     compute: ComputeResource,
     run_config_check: RunConfigCheck,
 ) -> dg.MaterializeResult:
-    reads = read_upstream(context, "image_dataset"), read_upstream(context, "vae_model")
-    ds, vae_md = (r.metadata for r in reads)
-    store_data = {k: v for k, v in config.store.model_dump().items() if v is not None}
-    store_data.setdefault("resolution", vae_md.get("resolution"))
-    store_cfg = to_core(LatentStoreConfig, store_data, "latent_store.store")
+    ds_read, vae_read = read_upstream(context, ImageDatasetRecord), read_upstream(context, VaeModelRecord)
+    ds, vae_rec = ds_read.record, vae_read.record
+    store_cfg = _store_config(config, vae_rec)
     text_cfg = to_core(TextEncoderConfig, config.text_encoder, "latent_store.text_encoder")
     device = compute.torch_device()
-    vae = load_autoencoder(vae_md["vae_url"])
+    vae = load_autoencoder(vae_rec.vae_url)
     text_encoder = TextEncoder(text_cfg, device=device)
     # one store per (dataset, VAE version, encoding options): new data extends it, a new VAE starts another
-    key = stable_key(ds["dataset_url"], store_cfg.to_dict(), text_cfg.to_dict())
-    store_url = storage.url("latents", f"vae-v{vae_md['vae_version']}-{key}")
+    key = stable_key(ds.dataset_url, store_cfg.to_dict(), text_cfg.to_dict())
+    store_url = storage.url("latents", f"vae-v{vae_rec.vae_version}-{key}")
 
     def progress(p) -> None:
         context.log.info(
@@ -59,19 +60,19 @@ def latent_store(
     with mlflow.materialization_run(context) as run:
         run.tracker.log_params(
             {
-                "vae_uri": vae_md["vae_uri"],
+                "vae_uri": vae_rec.vae_uri,
                 "store_url": store_url,
                 **{f"store.{k}": v for k, v in store_cfg.to_dict().items()},
                 **{f"text_encoder.{k}": v for k, v in text_cfg.to_dict().items()},
             }
         )
         result = encode_dataset(
-            ds["dataset_url"],
+            ds.dataset_url,
             store_url,
             vae,
             text_encoder,
             store_cfg,
-            vae_identity=vae_md["vae_uri"],
+            vae_identity=vae_rec.vae_uri,
             device=device,
             progress=progress,
         )
@@ -89,28 +90,31 @@ def latent_store(
         )
         if result.pooled_rows_added:
             context.log.info(f"{result.pooled_rows_added} rows written before pooled text vectors were cached got one")
+        record = LatentStoreRecord(
+            store_url=store_url,
+            vae_uri=vae_rec.vae_uri,
+            vae_url=vae_rec.vae_url,
+            rows_total=result.rows_total,
+            latent_shape=vae_rec.latent_shape,
+            text_encoder=text_encoder.identity,
+            text_encoder_config=text_cfg.to_dict(),
+            context_dim=text_encoder.dim,
+            pooled_dim=text_encoder.pooled_dim,
+            backend=store_cfg.backend,
+            check_std_tolerance=config.check_std_tolerance,
+            check_sample_rows=config.check_sample_rows,
+        )
         return dg.MaterializeResult(
             metadata={
-                "store_url": store_url,
-                "vae_uri": vae_md["vae_uri"],
-                "vae_url": vae_md["vae_url"],
-                "rows_total": result.rows_total,
+                **record.to_metadata(),
                 "rows_new": result.rows_new,
                 "shards_total": result.shards_total,
                 "shards_new": result.shards_new,
                 "images_per_second": result.images_per_second,
-                "text_encoder": text_encoder.identity,
-                "text_encoder_config": json_md(text_cfg.to_dict()),
-                "context_dim": text_encoder.dim,
-                "pooled_dim": text_encoder.pooled_dim,
                 "pooling": text_encoder.pooling,
                 "pooled_rows_added": result.pooled_rows_added,
-                "latent_shape": vae_md["latent_shape"],
-                "backend": store_cfg.backend,
-                "check_std_tolerance": config.check_std_tolerance,
-                "check_sample_rows": config.check_sample_rows,
                 "mlflow_run": dg.MetadataValue.url(run.url),
-                **lineage_metadata(*reads),
+                **lineage_metadata(ds_read, vae_read),
             },
-            data_version=dg.DataVersion(f"{vae_md['vae_uri']}|rows={result.rows_total}"),
+            data_version=dg.DataVersion(f"{vae_rec.vae_uri}|rows={result.rows_total}"),
         )

@@ -1,1 +1,0 @@
-"""One module per asset. Each is a thin adapter: typed config → one call into ldm_core → metadata."""

@@ -1,0 +1,1 @@
+"""The `evaluation_report` asset: see asset.py."""

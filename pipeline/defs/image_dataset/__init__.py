@@ -1,0 +1,1 @@
+"""The `image_dataset` asset: see asset.py."""

@@ -1,0 +1,1 @@
+"""The `latent_store` asset: see asset.py."""

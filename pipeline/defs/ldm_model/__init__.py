@@ -1,0 +1,1 @@
+"""The `ldm_model` asset: see asset.py."""

@@ -1,0 +1,1 @@
+"""The `vae_model` asset: see asset.py."""
