@@ -100,7 +100,7 @@ class MLflowResource(dg.ConfigurableResource):
         FAILED, or KILLED when the step is interrupted (the Dagster run is being terminated).
 
         The parent is RUNNING while a materialization is; the jobs' hooks end it when the run's last step succeeds or
-        a step fails for good, and the run-status sensors end whatever a process could not (`pipeline.defs.mlflow_runs`).
+        a step fails for good, and the run-status sensors (`pipeline.defs.mlflow_runs`) end what a process could not.
         """
         client = self.client()
         exp_id = self.experiment_id(client)

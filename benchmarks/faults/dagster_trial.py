@@ -191,8 +191,8 @@ def reference_ldm_weights(config: dict[str, Any], store_md: dict[str, Any]) -> d
     """Train the ldm_model's config uninterrupted on the same latent store, in this process, as the asset does."""
     from ldm_core.data.latent_store.reader import LatentStore
     from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
-    from pipeline.defs.ldm_model.config import LdmModelConfig, complete_ldm_training
     from pipeline.config_bridge import to_core
+    from pipeline.defs.ldm_model.config import LdmModelConfig, complete_ldm_training
     from pipeline.distributed.specs import ldm_training_data
     from pipeline.resources import ComputeResource
 

@@ -10,8 +10,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.promotion import METRICS_TAG
 from pipeline.definitions import defs
+from pipeline.promotion import METRICS_TAG
 
 
 def _run(config: dict, assets: tuple[str, ...]) -> dg.ExecuteInProcessResult:

@@ -134,6 +134,149 @@ def _gate_check(promotion: Promotion, ldm_uri: str) -> dg.AssetCheckResult:
     )
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    """The candidate and what it is measured on."""
+
+    config: EvaluationReportConfig
+    eval_cfg: EvaluationConfig
+    ldm: LdmModelRecord
+    ds: ImageDatasetRecord
+    model: Any
+    """The candidate's text-to-image bundle."""
+    backbone: dict[str, Any]
+    held_out: _HeldOut
+    device: str
+
+
+def _evaluate(
+    context: dg.AssetExecutionContext,
+    ev: _Evaluation,
+    out_url: str,
+    champion: Champion,
+    champion_label: str | None,
+    loss_curves: dict[str, Any],
+) -> Any:
+    """The candidate measured on the held-out set, the report written, the gate decided against ``champion``."""
+    generate_fn, reconstruct_fn = text_to_image_functions(
+        ev.model, steps=ev.config.steps, guidance=ev.config.guidance, device=ev.device
+    )
+    return evaluate(
+        out_url,
+        generate_fn=generate_fn,
+        reconstruct_fn=reconstruct_fn,
+        held_out=ev.held_out.images,
+        config=ev.eval_cfg,
+        champion_metrics=champion.metrics,
+        champion_label=champion_label,
+        loss_curves=loss_curves,
+        run_config={
+            "ldm_uri": ev.ldm.ldm_uri,
+            "vae_uri": ev.ldm.vae_uri,
+            "dataset": ev.ds.dataset_url,
+            "dagster_run_id": context.run.run_id,
+        },
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        device=ev.device,
+        photos=ev.held_out.photos,
+        model=ev.backbone,
+    )
+
+
+def _log_inputs(run: TrackedRun, ev: _Evaluation, champion_label: str | None, measure_champion: bool) -> None:
+    run.tracker.log_params(
+        {
+            "ldm_uri": ev.ldm.ldm_uri,
+            "champion_before": champion_label or "none",
+            "champion_measured_again": measure_champion,
+            "backbone": describe_backbone(ev.backbone),
+            "guidance": ev.config.guidance,
+            "steps": ev.config.steps,
+            **ev.eval_cfg.to_dict(),
+        }
+    )
+    run.log_dataset(
+        name=HELD_OUT_DATASET,
+        url=ev.ds.dataset_url,
+        digest=ev.ds.dataset_version,
+        context="evaluation",
+        model_id=ev.ldm.mlflow_model_id,
+    )
+
+
+def _log_metrics(run: TrackedRun, ev: _Evaluation, values: dict[str, float]) -> None:
+    run.tracker.log_metrics(values, step=0)
+    if ev.ldm.mlflow_model_id:  # the same numbers on the logged model itself, tied to the held-out data measured
+        run.log_model_metrics(
+            values,
+            model_id=ev.ldm.mlflow_model_id,
+            dataset_name=HELD_OUT_DATASET,
+            dataset_digest=ev.ds.dataset_version,
+        )
+
+
+def _promote(
+    client: Any,
+    storage: StorageResource,
+    ldm: LdmModelRecord,
+    result: Any,
+    champion: Champion,
+    eval_cfg: EvaluationConfig,
+    measure_registered: _Measurer,
+) -> Promotion:
+    """The candidate's metrics recorded on it, then the alias moved by compare-and-swap if the gate passes."""
+    # recorded before the move: a gate that finds this candidate champion judges its own against these
+    client.set_model_version_tag(REGISTERED_NAME, str(ldm.ldm_version), METRICS_TAG, json.dumps(result.report.metrics))
+    return promote(
+        client,
+        REGISTERED_NAME,
+        str(ldm.ldm_version),
+        result.report.metrics,
+        judged_against=champion,
+        decision=result.decision,
+        gate=eval_cfg.gate,
+        lock=storage_lock(storage.resolved_root(), f"promotion-{REGISTERED_NAME}"),
+        measure=measure_registered,
+    )
+
+
+def _materialize_result(
+    promotion: Promotion,
+    champion_label: str | None,
+    ldm: LdmModelRecord,
+    result: Any,
+    values: dict[str, float],
+    backbone: dict[str, Any],
+    run_url: str,
+    lineage: dict[str, str],
+) -> dg.MaterializeResult:
+    decision = promotion.decision
+    record = EvaluationReportRecord(
+        ldm_uri=ldm.ldm_uri,
+        report_html=result.report.html_url,
+        metrics_json=result.report.metrics_url,
+        gate_passed=bool(decision.passed),
+        gate_reasons=list(decision.reasons),
+        promotion=promotion.describe(),
+        champion_before=champion_label or "none",
+        champion_after=f"{REGISTERED_NAME} v{after}" if (after := promotion.champion_after) else "none",
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **{k: dg.MetadataValue.float(float(v)) for k, v in values.items()},
+            **record.to_metadata(),
+            "gate_compared_with": dg.MetadataValue.json(promotion.compared_with),
+            "not_computed": dg.MetadataValue.json({k: m.reason for k, m in result.metrics.items() if not m.computed}),
+            "summary": dg.MetadataValue.md(result.report.markdown),
+            "color_confusions": dg.MetadataValue.json(confusion_lines(result.color_confusion or {})),
+            "backbone": describe_backbone(backbone),
+            "mlflow_run": dg.MetadataValue.url(run_url),
+            **lineage,
+        },
+        check_results=[_gate_check(promotion, ldm.ldm_uri)],
+    )
+
+
 @dg.asset(
     group_name=GROUP,
     deps=["image_dataset", "vae_model", "ldm_model"],
@@ -163,14 +306,13 @@ def evaluation_report(
     reads = read_upstream(context, LdmModelRecord), read_upstream(context, ImageDatasetRecord)
     vae_read = read_upstream(context, VaeModelRecord)
     (ldm, ds), vae = (r.record for r in reads), vae_read.record
+    lineage = lineage_metadata(*reads, vae_read)
     eval_cfg = to_core(EvaluationConfig, config.evaluation, "evaluation_report.evaluation")
     device = compute.torch_device()
     model = load_text_to_image(ldm.ldm_url)
     backbone = model.info.get("backbone") or backbone_summary(model.denoiser.config)
     held_out = _held_out(config, ds, model.latent_shape[1] * model.vae.config.downsample_factor)
-    generate_fn, reconstruct_fn = text_to_image_functions(
-        model, steps=config.steps, guidance=config.guidance, device=device
-    )
+    ev = _Evaluation(config, eval_cfg, ldm, ds, model, backbone, held_out, device)
     client = mlflow.client()
     # a registry error raises here and the step is retried: it never passes for "no champion"
     champion = read_champion_for_gate(client, REGISTERED_NAME)
@@ -181,74 +323,17 @@ def evaluation_report(
     out_url = storage.url("reports", f"ldm-v{ldm.ldm_version}-{context.run.run_id[:8]}")
 
     with mlflow.materialization_run(context) as run:
-        run.tracker.log_params(
-            {
-                "ldm_uri": ldm.ldm_uri,
-                "champion_before": champion_label or "none",
-                "champion_measured_again": measure_champion,
-                "backbone": describe_backbone(backbone),
-                "guidance": config.guidance,
-                "steps": config.steps,
-                **eval_cfg.to_dict(),
-            }
-        )
-        run.log_dataset(
-            name=HELD_OUT_DATASET,
-            url=ds.dataset_url,
-            digest=ds.dataset_version,
-            context="evaluation",
-            model_id=ldm.mlflow_model_id,
-        )
+        _log_inputs(run, ev, champion_label, measure_champion)
         if measure_champion:
             # its metrics tag is gone (deleted, or a version promoted by hand): measure it again exactly as the
             # candidate, on the same held-out rows and seeds, rather than judge the candidate on thresholds alone
             context.log.warning(f"champion {champion_label} has no {METRICS_TAG} tag: measuring it again")
             champion = Champion(champion.version, measure_registered(champion.version))
-        result = evaluate(
-            out_url,
-            generate_fn=generate_fn,
-            reconstruct_fn=reconstruct_fn,
-            held_out=held_out.images,
-            config=eval_cfg,
-            champion_metrics=champion.metrics,
-            champion_label=champion_label,
-            loss_curves=_loss_curves(client, runs),
-            run_config={
-                "ldm_uri": ldm.ldm_uri,
-                "vae_uri": ldm.vae_uri,
-                "dataset": ds.dataset_url,
-                "dagster_run_id": context.run.run_id,
-            },
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            device=device,
-            photos=held_out.photos,
-            model=backbone,
-        )
+        result = _evaluate(context, ev, out_url, champion, champion_label, _loss_curves(client, runs))
         values = {k: m.value for k, m in result.metrics.items() if m.computed}
-        run.tracker.log_metrics(values, step=0)
-        if ldm.mlflow_model_id:  # the same numbers on the logged model itself, tied to the held-out data measured
-            run.log_model_metrics(
-                values,
-                model_id=ldm.mlflow_model_id,
-                dataset_name=HELD_OUT_DATASET,
-                dataset_digest=ds.dataset_version,
-            )
+        _log_metrics(run, ev, values)
         _log_report_files(run, result.report.files)
-        # recorded before the move: a gate that finds this candidate champion judges its own against these
-        client.set_model_version_tag(
-            REGISTERED_NAME, str(ldm.ldm_version), METRICS_TAG, json.dumps(result.report.metrics)
-        )
-        promotion = promote(
-            client,
-            REGISTERED_NAME,
-            str(ldm.ldm_version),
-            result.report.metrics,
-            judged_against=champion,
-            decision=result.decision,
-            gate=eval_cfg.gate,
-            lock=storage_lock(storage.resolved_root(), f"promotion-{REGISTERED_NAME}"),
-            measure=measure_registered,
-        )
+        promotion = _promote(client, storage, ldm, result, champion, eval_cfg, measure_registered)
         decision = promotion.decision
         run.tracker.set_tags(
             {"ldm_uri": ldm.ldm_uri, "gate_passed": str(decision.passed).lower(), "promotion": promotion.describe()}
@@ -257,29 +342,4 @@ def evaluation_report(
             context.log.info(f"gate passed ({promotion.describe()}): alias champion → {ldm.ldm_uri}")
         else:
             context.log.warning(f"champion unchanged ({promotion.describe()}): " + "; ".join(decision.reasons))
-        record = EvaluationReportRecord(
-            ldm_uri=ldm.ldm_uri,
-            report_html=result.report.html_url,
-            metrics_json=result.report.metrics_url,
-            gate_passed=bool(decision.passed),
-            gate_reasons=list(decision.reasons),
-            promotion=promotion.describe(),
-            champion_before=champion_label or "none",
-            champion_after=f"{REGISTERED_NAME} v{after}" if (after := promotion.champion_after) else "none",
-        )
-        return dg.MaterializeResult(
-            metadata={
-                **{k: dg.MetadataValue.float(float(v)) for k, v in values.items()},
-                **record.to_metadata(),
-                "gate_compared_with": dg.MetadataValue.json(promotion.compared_with),
-                "not_computed": dg.MetadataValue.json(
-                    {k: m.reason for k, m in result.metrics.items() if not m.computed}
-                ),
-                "summary": dg.MetadataValue.md(result.report.markdown),
-                "color_confusions": dg.MetadataValue.json(confusion_lines(result.color_confusion or {})),
-                "backbone": describe_backbone(backbone),
-                "mlflow_run": dg.MetadataValue.url(run.url),
-                **lineage_metadata(*reads, vae_read),
-            },
-            check_results=[_gate_check(promotion, ldm.ldm_uri)],
-        )
+        return _materialize_result(promotion, champion_label, ldm, result, values, backbone, run.url, lineage)

@@ -12,7 +12,7 @@ from pipeline.defs.image_dataset.record import ImageDatasetRecord
 from pipeline.defs.latent_store.config import LatentStoreAssetConfig
 from pipeline.defs.latent_store.record import LatentStoreRecord
 from pipeline.defs.vae_model.record import VaeModelRecord
-from pipeline.resources import ComputeResource, MLflowResource, StorageResource
+from pipeline.resources import ComputeResource, MLflowResource, StorageResource, TrackedRun
 from pipeline.upstream import lineage_metadata, read_upstream
 from pipeline.validation import RunConfigCheck
 
@@ -22,6 +22,19 @@ def _store_config(config: LatentStoreAssetConfig, vae: VaeModelRecord) -> Latent
     store_data = {k: v for k, v in config.store.model_dump().items() if v is not None}
     store_data.setdefault("resolution", vae.resolution)
     return to_core(LatentStoreConfig, store_data, "latent_store.store")
+
+
+def _log_params(
+    run: TrackedRun, vae: VaeModelRecord, store_url: str, store_cfg: LatentStoreConfig, text_cfg: TextEncoderConfig
+) -> None:
+    run.tracker.log_params(
+        {
+            "vae_uri": vae.vae_uri,
+            "store_url": store_url,
+            **{f"store.{k}": v for k, v in store_cfg.to_dict().items()},
+            **{f"text_encoder.{k}": v for k, v in text_cfg.to_dict().items()},
+        }
+    )
 
 
 @dg.asset(
@@ -58,14 +71,7 @@ def latent_store(
         )
 
     with mlflow.materialization_run(context) as run:
-        run.tracker.log_params(
-            {
-                "vae_uri": vae_rec.vae_uri,
-                "store_url": store_url,
-                **{f"store.{k}": v for k, v in store_cfg.to_dict().items()},
-                **{f"text_encoder.{k}": v for k, v in text_cfg.to_dict().items()},
-            }
-        )
+        _log_params(run, vae_rec, store_url, store_cfg, text_cfg)
         result = encode_dataset(
             ds.dataset_url,
             store_url,

@@ -20,7 +20,7 @@ from pipeline.defs.ldm_model.record import REGISTERED_NAME, LdmModelRecord
 from pipeline.distributed import launch
 from pipeline.distributed.entry import PROGRESS_KEYS
 from pipeline.distributed.specs import LdmTrainSpec, ldm_training_data
-from pipeline.init_from import StoreShapes, plan_init, stage_weights
+from pipeline.init_from import InitPlan, StoreShapes, plan_init, stage_weights
 from pipeline.mlflow_models import (
     CODE_PATHS,
     TEXT_TO_IMAGE_CODE,
@@ -31,7 +31,7 @@ from pipeline.mlflow_models import (
 )
 from pipeline.resources import ComputeResource, MLflowResource, StorageResource, TrackedRun
 from pipeline.tracking import DagsterProgress, temp_dir
-from pipeline.upstream import lineage_metadata, read_upstream
+from pipeline.upstream import Upstream, lineage_metadata, read_upstream
 from pipeline.validation import RunConfigCheck
 
 
@@ -122,6 +122,137 @@ def _register(
         )
 
 
+def _init(
+    config: LdmModelConfig,
+    mlflow: MLflowResource,
+    training: LDMTrainingConfig,
+    rec: LatentStoreRecord,
+    store: LatentStore,
+) -> InitPlan:
+    """The starting weights (init_from), checked against the store before anything else: a source's network wins."""
+    return plan_init(
+        config.init_from,
+        config.init_subfolder,
+        configured=training.denoiser,
+        denoiser_set=config.training.denoiser is not None,
+        client=mlflow.client(),
+        store=StoreShapes(rec.latent_shape, rec.context_dim, store.metadata.pooled_dim, rec.vae_uri),
+        registered_name=REGISTERED_NAME,
+    )
+
+
+def _bundle(
+    config: LdmModelConfig,
+    training: LDMTrainingConfig,
+    init: InitPlan,
+    rec: LatentStoreRecord,
+    text: tuple[TextEncoderConfig, TextEncoder],
+    *,
+    result: Any,
+    vae: Any,
+    backbone: dict[str, Any],
+    mlflow_run_id: str,
+) -> dict[str, Any]:
+    """What `save_text_to_image` writes: the trained denoiser with the autoencoder, the text encoder and the sampling
+    defaults, and the provenance a registered model carries (``info``)."""
+    init_md = init.record()
+    info = {
+        "vae_uri": rec.vae_uri,
+        "latent_store": rec.store_url,
+        "mlflow_run_id": mlflow_run_id,
+        "steps": result.step,
+        "text_encoder": rec.text_encoder,
+        "backbone": backbone,
+        "lora": training.lora.to_dict() if training.lora is not None else None,
+        "init_from": init_md["init_from"],
+        "init_source_hash": init_md["init_source_hash"],
+    }
+    return dict(
+        denoiser=result.model,
+        vae=vae,
+        diffusion_config=training.diffusion,
+        text_encoder_config=text[0],
+        text_encoder=text[1],  # copied into the bundle: the registered model carries it
+        latent_shape=tuple(rec.latent_shape),
+        guidance=config.guidance,
+        info=info,
+        # a LoRA adapter records the base it needs: the warm start's source, when there is one
+        base_source=info["init_from"] if init.weights is not None else None,
+    )
+
+
+def _registry_tags(bundle_kw: dict[str, Any], model_url: str) -> dict[str, str]:
+    info = bundle_kw["info"]
+    return {
+        "vae_uri": info["vae_uri"],
+        "text_encoder": bundle_kw["text_encoder_config"].name,
+        "storage_url": model_url,
+        "latent_store": info["latent_store"],
+        "backbone": describe_backbone(info["backbone"]),
+        "init_from": info["init_from"],
+        "init_source_hash": info["init_source_hash"],
+    }
+
+
+def _train_spec(
+    config: LdmModelConfig,
+    training: LDMTrainingConfig,
+    init: InitPlan,
+    rec: LatentStoreRecord,
+    storage: StorageResource,
+    key: str,
+    run_key: str,
+    mlflow: MLflowResource,
+    mlflow_run_id: str,
+) -> LdmTrainSpec:
+    """What the trainer needs, in this process or on every rank under torchrun."""
+    return LdmTrainSpec(
+        training=training.to_dict(),
+        store_url=rec.store_url,
+        vae_url=rec.vae_url,
+        text_encoder=TextEncoderConfig.model_validate(rec.text_encoder_config).to_dict(),
+        latent_shape=list(rec.latent_shape),
+        guidance=config.guidance,
+        validation_prompts=config.validation_prompts,
+        validation_seeds=config.validation_seeds,
+        checkpoint_dir=storage.url("checkpoints", "ldm", key),
+        init_sha256=init.weights.sha256 if init.weights else None,
+        init_weights_url=stage_weights(init, lambda h: storage.url("init", "ldm", h)),
+        output_url=storage.url("staging", "ldm", run_key),
+        mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
+        mlflow_run_id=mlflow_run_id,
+    )
+
+
+def _materialize_result(
+    record: LdmModelRecord,
+    result: Any,
+    backbone: dict[str, Any],
+    training: LDMTrainingConfig,
+    init: InitPlan,
+    launch_md: dict[str, Any],
+    store_read: Upstream,
+    run_url: str,
+) -> dg.MaterializeResult:
+    return dg.MaterializeResult(
+        metadata={
+            **record.to_metadata(),
+            "resumed_from": result.resumed_from or 0,
+            "samples_per_second": result.samples_per_second,
+            "nonfinite_skipped": result.nonfinite_skipped,
+            "backbone": describe_backbone(backbone),
+            "backbone_info": json_md(backbone),
+            # a LoRA run registers the base plus its adapter (the bundle's denoiser/lora/)
+            **({"lora": json_md(training.lora.to_dict())} if training.lora is not None else {}),
+            "mlflow_run": dg.MetadataValue.url(run_url),
+            **init.record(),
+            **launch_md,
+            **lineage_metadata(store_read),
+        },
+        data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{record.ldm_version}"),
+    )
+
+
 @dg.asset(
     group_name=GROUP,
     deps=["latent_store"],
@@ -143,17 +274,7 @@ def ldm_model(
     rec = store_read.record
     store = LatentStore(rec.store_url)
     training = _training_config(config, compute, rec, store)
-    # the starting weights (init_from), checked against the store before anything else: a source's network wins
-    shapes = StoreShapes(rec.latent_shape, rec.context_dim, store.metadata.pooled_dim, rec.vae_uri)
-    init = plan_init(
-        config.init_from,
-        config.init_subfolder,
-        configured=training.denoiser,
-        denoiser_set=config.training.denoiser is not None,
-        client=mlflow.client(),
-        store=shapes,
-        registered_name=REGISTERED_NAME,
-    )
+    init = _init(config, mlflow, training, rec, store)
     context.log.info(f"init_from: {init.reason}")
     if init.weights is not None:
         training = training.model_copy(update={"denoiser": init.weights.config})
@@ -173,63 +294,26 @@ def ldm_model(
         run.tracker.set_tags({"vae_uri": rec.vae_uri, "latent_store": rec.store_url})
         run.tracker.log_params(init.record())
         progress = DagsterProgress(context.log, "ldm", keys=PROGRESS_KEYS["ldm"])
-        spec = LdmTrainSpec(
-            training=training.to_dict(),
-            store_url=rec.store_url,
-            vae_url=rec.vae_url,
-            text_encoder=text_cfg.to_dict(),
-            latent_shape=list(rec.latent_shape),
-            guidance=config.guidance,
-            validation_prompts=config.validation_prompts,
-            validation_seeds=config.validation_seeds,
-            checkpoint_dir=storage.url("checkpoints", "ldm", key),
-            init_sha256=init.weights.sha256 if init.weights else None,
-            init_weights_url=stage_weights(init, lambda h: storage.url("init", "ldm", h)),
-            output_url=storage.url("staging", "ldm", run_key),
-            mlflow_tracking_uri=mlflow.resolved_tracking_uri(),
-            mlflow_run_id=run.run_id,
-        )
+        spec = _train_spec(config, training, init, rec, storage, key, run_key, mlflow, run.run_id)
         # in this process, or on compute.num_processes processes under torchrun: the same result either way
         result, launch_md = launch.train(
             context, compute, spec, FanoutTracker(run.tracker, progress), data=train, vae=vae
         )
         final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
-        init_md = init.record()
-        info = {
-            "vae_uri": rec.vae_uri,
-            "latent_store": rec.store_url,
-            "mlflow_run_id": run.run_id,
-            "steps": result.step,
-            "text_encoder": rec.text_encoder,
-            "backbone": backbone,
-            "lora": training.lora.to_dict() if training.lora is not None else None,
-            "init_from": init_md["init_from"],
-            "init_source_hash": init_md["init_source_hash"],
-        }
-        bundle_kw = dict(
-            denoiser=result.model,
+        bundle_kw = _bundle(
+            config,
+            training,
+            init,
+            rec,
+            (text_cfg, text_encoder),
+            result=result,
             vae=vae,
-            diffusion_config=training.diffusion,
-            text_encoder_config=text_cfg,
-            text_encoder=text_encoder,  # copied into the bundle: the registered model carries it
-            latent_shape=tuple(rec.latent_shape),
-            guidance=config.guidance,
-            info=info,
-            # a LoRA adapter records the base it needs: the warm start's source, when there is one
-            base_source=info["init_from"] if init.weights is not None else None,
+            backbone=backbone,
+            mlflow_run_id=run.run_id,
         )
         model_url = storage.url("models", "ldm", run_key)
         save_text_to_image(model_url, **bundle_kw)
-        tags = {
-            "vae_uri": rec.vae_uri,
-            "text_encoder": text_cfg.name,
-            "storage_url": model_url,
-            "latent_store": rec.store_url,
-            "backbone": describe_backbone(backbone),
-            "init_from": info["init_from"],
-            "init_source_hash": info["init_source_hash"],
-        }
-        mv = _register(run, config, bundle_kw, tags)
+        mv = _register(run, config, bundle_kw, _registry_tags(bundle_kw, model_url))
         context.log.info(
             f"trained {result.step} steps (final loss {final_loss:.4f}); registered {REGISTERED_NAME} "
             f"v{mv.version} (alias candidate)"
@@ -245,20 +329,4 @@ def ldm_model(
             steps=result.step,
             final_loss=final_loss,
         )
-        return dg.MaterializeResult(
-            metadata={
-                **record.to_metadata(),
-                "resumed_from": result.resumed_from or 0,
-                "samples_per_second": result.samples_per_second,
-                "nonfinite_skipped": result.nonfinite_skipped,
-                "backbone": describe_backbone(backbone),
-                "backbone_info": json_md(backbone),
-                # a LoRA run registers the base plus its adapter (the bundle's denoiser/lora/)
-                **({"lora": json_md(training.lora.to_dict())} if training.lora is not None else {}),
-                "mlflow_run": dg.MetadataValue.url(run.url),
-                **init_md,
-                **launch_md,
-                **lineage_metadata(store_read),
-            },
-            data_version=dg.DataVersion(f"{REGISTERED_NAME}-v{mv.version}"),
-        )
+        return _materialize_result(record, result, backbone, training, init, launch_md, store_read, run.url)
