@@ -303,10 +303,11 @@ def evaluation_report(
     run_config_check: RunConfigCheck,
 ) -> dg.MaterializeResult:
     # it reads all three (the LDM, the held-out images, the autoencoder's run): lineage says which materializations
-    reads = read_upstream(context, LdmModelRecord), read_upstream(context, ImageDatasetRecord)
+    ldm_read = read_upstream(context, LdmModelRecord)
+    ds_read = read_upstream(context, ImageDatasetRecord)
     vae_read = read_upstream(context, VaeModelRecord)
-    (ldm, ds), vae = (r.record for r in reads), vae_read.record
-    lineage = lineage_metadata(*reads, vae_read)
+    ldm, ds, vae = ldm_read.record, ds_read.record, vae_read.record
+    lineage = lineage_metadata(ldm_read, ds_read, vae_read)
     eval_cfg = to_core(EvaluationConfig, config.evaluation, "evaluation_report.evaluation")
     device = compute.torch_device()
     model = load_text_to_image(ldm.ldm_url)

@@ -105,8 +105,6 @@ def latent_store(
             text_encoder=text_encoder.identity,
             text_encoder_config=text_cfg.to_dict(),
             context_dim=text_encoder.dim,
-            pooled_dim=text_encoder.pooled_dim,
-            backend=store_cfg.backend,
             check_std_tolerance=config.check_std_tolerance,
             check_sample_rows=config.check_sample_rows,
         )
@@ -117,7 +115,9 @@ def latent_store(
                 "shards_total": result.shards_total,
                 "shards_new": result.shards_new,
                 "images_per_second": result.images_per_second,
+                "pooled_dim": text_encoder.pooled_dim,
                 "pooling": text_encoder.pooling,
+                "backend": store_cfg.backend,
                 "pooled_rows_added": result.pooled_rows_added,
                 "mlflow_run": dg.MetadataValue.url(run.url),
                 **lineage_metadata(ds_read, vae_read),

@@ -18,7 +18,5 @@ class LatentStoreRecord(AssetRecord):
     """The text encoder's identity (name and weights hash) that embedded the captions."""
     text_encoder_config: dict[str, Any]
     context_dim: int
-    pooled_dim: int | None
-    backend: str
     check_std_tolerance: float
     check_sample_rows: int

@@ -224,6 +224,10 @@ def _train_spec(
     )
 
 
+def _final_loss(result: Any) -> float:
+    return result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
+
+
 def _materialize_result(
     record: LdmModelRecord,
     result: Any,
@@ -237,7 +241,10 @@ def _materialize_result(
     return dg.MaterializeResult(
         metadata={
             **record.to_metadata(),
+            "store_url": store_read.record.store_url,
+            "steps": result.step,
             "resumed_from": result.resumed_from or 0,
+            "final_loss": _final_loss(result),
             "samples_per_second": result.samples_per_second,
             "nonfinite_skipped": result.nonfinite_skipped,
             "backbone": describe_backbone(backbone),
@@ -299,7 +306,7 @@ def ldm_model(
         result, launch_md = launch.train(
             context, compute, spec, FanoutTracker(run.tracker, progress), data=train, vae=vae
         )
-        final_loss = result.history["loss"][-1][1] if result.history.get("loss") else float("nan")
+        final_loss = _final_loss(result)
         bundle_kw = _bundle(
             config,
             training,
@@ -323,10 +330,7 @@ def ldm_model(
             ldm_uri=f"models:/{REGISTERED_NAME}/{mv.version}",
             ldm_version=int(mv.version),
             vae_uri=rec.vae_uri,
-            store_url=rec.store_url,
             mlflow_run_id=run.run_id,
             mlflow_model_id=mv.model_id,
-            steps=result.step,
-            final_loss=final_loss,
         )
         return _materialize_result(record, result, backbone, training, init, launch_md, store_read, run.url)

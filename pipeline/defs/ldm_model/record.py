@@ -14,9 +14,6 @@ class LdmModelRecord(AssetRecord):
     """Its registered version, models:/ldm/<n> (alias candidate)."""
     ldm_version: int
     vae_uri: str
-    store_url: str
     mlflow_run_id: str
     mlflow_model_id: str | None
     """The logged model (MLflow 3) the evaluation's metrics attach to."""
-    steps: int
-    final_loss: float

@@ -15,14 +15,9 @@ class VaeModelRecord(AssetRecord):
     vae_uri: str
     """Its registered version, models:/ldm-vae/<n>."""
     vae_version: int
-    weights_sha256: str
-    latent_scale: float
-    latent_shift: float
     latent_shape: tuple[int, int, int]
     """(channels, height, width) of a latent at ``resolution``."""
     resolution: int
-    dataset_version: str
-    """The image_dataset version it was trained on."""
     mlflow_run_id: str
     materialization_key: str
     """A hash of the dataset version and config: the same key reuses this materialization."""
