@@ -297,6 +297,9 @@ def through_the_read(context):
     read = read_upstream(context, LatentStoreRecord)
     store = read.record
     return read.record.store_url, read.record.stor_url, store.context_dims, read.run_id
+
+def writer():
+    return LdmModelRecord(ldm_url="u", ldm_uri="models:/ldm/1", ldm_versoin=1)
 """
     assert set(record_field_errors(source, "x.py")) == {
         "x.py:12: LatentStoreRecord.stor_url",
