@@ -4,8 +4,8 @@
 latent store, or in tests from tensors in memory through the same dataset interface), draws the objective's
 training pair, drops captions to the empty prompt with probability ``cond_dropout`` (classifier-free guidance), and
 steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. A backbone whose modulation takes
-the pooled text vector (the MMDiT) gets the batch's, and a dropped caption's is the null caption's; the UNet takes
-none, and its steps are exactly those it took before pooled vectors existed. The loop around the step (resume,
+the pooled text vector (the MMDiT) gets the batch's, and a dropped caption's is the null caption's; the UNet is
+never handed one, so its steps do not depend on whether the batches carry them. The loop around the step (resume,
 logging, checkpoints, early stop) is the autoencoder trainer's: `ldm_core.trainers.loop`.
 
 Under torchrun (see `ldm_core.distributed`) the denoiser is wrapped in DistributedDataParallel and every rank trains
@@ -67,12 +67,12 @@ class LDMTrainerConfig(TrainerConfig):
     validation_every: int = Field(0, ge=0)
     """Render validation samples for fixed prompts every N steps through ``sample_fn`` (0 = only at the end)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    """Recompute activations in the backward pass: less memory, for one more forward pass per step."""
     sample_posterior: bool = False
     """Train on a posterior sample z ~ N(mean, exp(logvar)) per image, drawn anew every epoch, as SD-1 and diffusers'
-    scripts do, rather than on the posterior mean (the default, unchanged for existing configs). It needs a latent
-    store of moments, and a dataset built with it (``LatentDataset(..., sample_posterior=True, seed=trainer.seed)``,
-    which the pipeline does); the trainer checks the two agree."""
+    scripts do, rather than on the posterior mean (the default). It needs a latent store of moments, and a dataset
+    built with it (``LatentDataset(..., sample_posterior=True, seed=trainer.seed)``, which the pipeline does); the
+    trainer checks the two agree."""
 
 
 class LDMTrainingConfig(StrictModel):
@@ -103,9 +103,9 @@ class LDMTrainResult:
 # ---------------------------------------------------------------------------------------------------------------
 
 _NO_POOLED = (
-    "the {kind} denoiser takes the pooled text vector, and {what}: a latent store written before pooled "
-    "vectors were cached? Run encode_dataset on it again (in the pipeline: materialize latent_store), which "
-    "adds them from the stored captions without re-encoding the images."
+    "the {kind} denoiser takes the pooled text vector, and {what}: train it on a latent store's LatentDataset with "
+    "its uncond(), which carry the vectors encode_dataset cached, or add the text encoder's pooled vectors "
+    "(TextEncoder.encode(...).pooled) to the batches and the null caption"
 )
 
 

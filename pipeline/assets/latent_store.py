@@ -87,8 +87,6 @@ def latent_store(
             f"{result.rows_new} new rows encoded ({result.rows_total} total) at "
             f"{result.images_per_second:.1f} images/s into {store_url}"
         )
-        if result.pooled_rows_added:
-            context.log.info(f"{result.pooled_rows_added} rows written before pooled text vectors were cached got one")
         return dg.MaterializeResult(
             metadata={
                 "store_url": store_url,
@@ -104,7 +102,6 @@ def latent_store(
                 "context_dim": text_encoder.dim,
                 "pooled_dim": text_encoder.pooled_dim,
                 "pooling": text_encoder.pooling,
-                "pooled_rows_added": result.pooled_rows_added,
                 "latent_shape": vae_md["latent_shape"],
                 "backend": store_cfg.backend,
                 "check_std_tolerance": config.check_std_tolerance,

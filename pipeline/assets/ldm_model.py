@@ -94,13 +94,6 @@ def ldm_model(
             f"latent store has context_dim={store_md['context_dim']}, latent channels={store_md['latent_shape'][0]}",
             allow_retries=False,
         )
-    if takes_pooled(den) and not store.has_pooled:
-        raise dg.Failure(
-            f"the {den.kind} denoiser conditions on pooled text vectors, and the latent store "
-            f"{store_md['store_url']} was written before they were cached: materialize latent_store "
-            "again, which adds them from the stored captions (no image is re-encoded)",
-            allow_retries=False,
-        )
     if takes_pooled(den) and den.pooled_dim != store.metadata.pooled_dim:
         raise dg.Failure(
             f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
