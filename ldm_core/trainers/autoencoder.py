@@ -298,15 +298,12 @@ class _AutoencoderStep:
         self.tc, self.run, self.parts, self.loop = config.trainer, run, parts, loop
         # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
         init_actnorm_from_global_batch(parts.loss_fn.discriminator)
-        model = parts.model
-        step_model = (
-            torch.compile(model) if self.tc.compile else model
-        )  # same parameters: EMA and checkpoints use `model`
+        # compiled or not, the same parameters: the EMA and the checkpoints use the plain module
+        step_model = torch.compile(parts.model) if self.tc.compile else parts.model
         self.gen_step = distributed.wrap_ddp(
             GeneratorStep(step_model, parts.loss_fn, run.gen, run.shard, self.tc.sample_posterior), run.device
         )
-        # buffers (SyncBatchNorm's statistics, ActNorm's flag) are equal on every rank by construction: nothing to
-        # broadcast
+        # buffers (SyncBatchNorm's statistics, ActNorm's flag) are equal on every rank by construction: none to sync
         self.disc_step = distributed.wrap_ddp(DiscriminatorStep(parts.loss_fn), run.device, sync_buffers=False)
         self.image_size = config.model.resolution  # replaced by the batches' own size
         self.last_images: tuple[torch.Tensor, torch.Tensor] | None = None
