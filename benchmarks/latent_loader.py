@@ -63,10 +63,11 @@ def build_random_store(url: str, size: dict[str, Any], backend: str, seed: int =
         text_encoder_identity="bench:random",
         latent_shape=[c, h, w],
         context_shape=[L, D],
+        pooled_dim=D,
     )
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
-    uncond = (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool))
+    uncond = (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool), torch.zeros(1, D))
     with LatentStoreWriter.open(url, template, cfg, uncond) as writer:
         _write_random_shards(writer, size, rng)
     return time.perf_counter() - t
@@ -94,6 +95,7 @@ def _write_random_shards(writer: Any, size: dict[str, Any], rng: np.random.Gener
             context=rng.standard_normal((m, L, D), dtype=np.float32).astype(np.float16),
             context_mask=np.arange(L)[None, :] < lengths[:, None],
             rows=rows,
+            pooled=rng.standard_normal((m, D), dtype=np.float32).astype(np.float16),
         )
         writer.write_shard(f"shard-{k:05d}.parquet", cols, source_rows=m)
 

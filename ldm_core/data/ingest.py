@@ -39,12 +39,13 @@ from ldm_core import storage
 from ldm_core.config import StrictModel
 from ldm_core.data import canonical
 from ldm_core.data.canonical import EntryRecord, Manifest, RunRecord, ShardInfo
-from ldm_core.data.captions import CaptionPolicy, clean_caption, valid_text
-from ldm_core.data.images import ImageRejected, clean_image
+from ldm_core.data.captions import CaptionPolicy, CaptionResult, clean_caption, valid_text
+from ldm_core.data.images import CleanImage, ImageRejected, clean_image
 from ldm_core.data.integrity import sha256_hex
 from ldm_core.data.sources import (
     MAX_IMAGE_BYTES,
     MAX_METADATA_BYTES,
+    RawRecord,
     ReadLimits,
     Source,
     SourceEntry,
@@ -278,6 +279,23 @@ def _stamped(raw: bytes | None, url: str) -> Manifest:
     return manifest
 
 
+@dataclasses.dataclass
+class _Tally:
+    """What one run counts over the entries it reads."""
+
+    bad: Counter[str] = dataclasses.field(default_factory=Counter)
+    converted: Counter[str] = dataclasses.field(default_factory=Counter)
+    caption_fixes: Counter[str] = dataclasses.field(default_factory=Counter)
+    duplicates: int = 0
+    rows_new: int = 0
+    examined: int = 0
+    unwritten: list[tuple[SourceEntry, str]] = dataclasses.field(default_factory=list)
+    """Entries without a written row: recorded only if the run passes its bad-fraction check."""
+
+    def failed(self, max_bad_fraction: float) -> bool:
+        return self.examined > 0 and sum(self.bad.values()) / self.examined > max_bad_fraction
+
+
 def _ingest(
     config: IngestConfig,
     source: Source,
@@ -290,14 +308,8 @@ def _ingest(
     """`ingest` under the dataset's writer lease: everything from reading the manifest to the last commit."""
     fenced = FencedFile(canonical.manifest_url(output_url), lease, storage_options)
     manifest = fenced.fence(lambda raw: _stamped(raw, fenced.url), canonical.manifest_bytes)
-    known = manifest.sources.get(source_key, {})
     entries = source.entries()
-    new_entries = [
-        e
-        for e in entries
-        if valid_text(e.key) not in known
-        or known[valid_text(e.key)].model_dump(include={"size", "etag", "caption"}) != e.fingerprint
-    ]
+    new_entries = _new_entries(entries, manifest.sources.get(source_key, {}))
     log.info(
         "ingesting %s (%s): %d entries, %d new",
         redact_url(config.source),
@@ -305,100 +317,153 @@ def _ingest(
         len(entries),
         len(new_entries),
     )
-
     seen = _existing_hashes(output_url, manifest, storage_options) if new_entries else set()
     writer = _ShardWriter(output_url, manifest, fenced, source_key, config.rows_per_shard, storage_options)
-    bad: Counter[str] = Counter()
-    converted: Counter[str] = Counter()
-    caption_fixes: Counter[str] = Counter()
-    duplicates = rows_new = examined = 0
-    # entries without a written row: recorded only if the run passes its bad-fraction check
-    unwritten: list[tuple[SourceEntry, str]] = []
-
+    tally = _Tally()
     for entry in new_entries:
-        written = dupes = 0
-        reasons: Counter[str] = Counter()
-        if valid_text(entry.key) != entry.key:
-            # a local file name that is not UTF-8: no shard or manifest can hold it, so it is counted and remembered
-            # under its name with U+FFFD for the undecodable bytes
-            examined += 1
-            bad["invalid_file_name"] += 1
-            log.warning("skipped %r: the file name is not valid UTF-8", entry.key)
-            unwritten.append((dataclasses.replace(entry, key=valid_text(entry.key)), "bad:invalid_file_name"))
-            continue
-        try:
-            for record in source.records(entry):
-                examined += 1
-                if record.data is None:
-                    reasons[record.problem or "missing_image"] += 1
-                    continue
-                try:
-                    image = clean_image(record.data, min_size=config.min_size, max_pixels=config.max_pixels)
-                except ImageRejected as e:
-                    reasons[e.reason] += 1
-                    log.debug("dropped %s: %s", record.source, e)
-                    continue
-                caption = clean_caption(
-                    record.caption,
-                    policy=config.caption_policy,
-                    max_chars=config.max_caption_chars,
-                    filename=record.filename,
-                )
-                if caption.caption is None:
-                    reasons[caption.drop_reason or "missing_caption"] += 1
-                    continue
-                if image.sha256 in seen:
-                    dupes += 1
-                    continue
-                seen.add(image.sha256)
-                converted.update(image.conversions)
-                caption_fixes.update(caption.fixes)
-                writer.add(
-                    {
-                        "id": canonical.row_id(image.sha256),
-                        "image": image.data,
-                        "caption": caption.caption,
-                        "width": image.width,
-                        "height": image.height,
-                        "sha256": image.sha256,
-                        "source": record.source,
-                        "split": canonical.split_of(image.sha256, config.val_fraction),
-                        "attributes": record.attributes,
-                    }
-                )
-                written += 1
-        except UnreadableEntry as e:
-            examined += 1  # one count for the unreadable (rest of the) entry
-            reasons[e.reason] += 1
-            log.warning("could not read %s: %s", entry.key, e)
-            if e.reason == "unreadable" and not written:
-                # an I/O error may be transient: not remembered, so the next run tries the entry again
-                bad.update(reasons)
-                duplicates += dupes
-                continue
-        bad.update(reasons)
-        duplicates += dupes
-        rows_new += written
-        if written:
-            writer.entry_finished(entry, "ok")
-        elif reasons:
-            unwritten.append((entry, f"bad:{reasons.most_common(1)[0][0]}"))
-        elif dupes:
-            unwritten.append((entry, "duplicate"))
-        else:  # an empty Parquet file
-            unwritten.append((entry, "empty"))
+        _ingest_entry(entry, source, config, seen, writer, tally)
     writer.flush()
+    status = _record_run(manifest, writer, tally, config, source_key, started)
+    result = _result(config, source, output_url, manifest, writer, tally, status, len(entries), len(new_entries))
+    log.info(
+        "ingested %s: %d new rows (%d total) in %d new shards; bad %s; duplicates %d",
+        result.source,
+        tally.rows_new,
+        result.rows_total,
+        len(result.new_shards),
+        result.bad,
+        tally.duplicates,
+    )
+    if status == "failed":
+        raise _too_many_bad(config, result, tally)
+    return result
 
-    bad_total = sum(bad.values())
-    failed = examined > 0 and bad_total / examined > config.max_bad_fraction
+
+def _new_entries(entries: list[SourceEntry], known: dict[str, EntryRecord]) -> list[SourceEntry]:
+    """The entries this dataset has not ingested, or whose size, etag or caption changed since it did."""
+    return [
+        e
+        for e in entries
+        if valid_text(e.key) not in known
+        or known[valid_text(e.key)].model_dump(include={"size", "etag", "caption"}) != e.fingerprint
+    ]
+
+
+def _ingest_entry(
+    entry: SourceEntry,
+    source: Source,
+    config: IngestConfig,
+    seen: set[str],
+    writer: _ShardWriter,
+    tally: _Tally,
+) -> None:
+    """Write one entry's good, new rows; count its bad rows and duplicates; and note how it ended (written, all
+    bad, all duplicates, empty), except after a read error that may be transient, which leaves it to the next run."""
+    if valid_text(entry.key) != entry.key:
+        # a local file name that is not UTF-8: no shard or manifest can hold it, so it is counted and remembered
+        # under its name with U+FFFD for the undecodable bytes
+        tally.examined += 1
+        tally.bad["invalid_file_name"] += 1
+        log.warning("skipped %r: the file name is not valid UTF-8", entry.key)
+        tally.unwritten.append((dataclasses.replace(entry, key=valid_text(entry.key)), "bad:invalid_file_name"))
+        return
+    written = dupes = 0
+    reasons: Counter[str] = Counter()
+    try:
+        for record in source.records(entry):
+            tally.examined += 1
+            row = _clean_row(record, config, reasons)
+            if row is None:
+                continue
+            image, caption = row
+            if image.sha256 in seen:
+                dupes += 1
+                continue
+            seen.add(image.sha256)
+            tally.converted.update(image.conversions)
+            tally.caption_fixes.update(caption.fixes)
+            writer.add(_row(record, image, caption.caption, config.val_fraction))
+            written += 1
+    except UnreadableEntry as e:
+        tally.examined += 1  # one count for the unreadable (rest of the) entry
+        reasons[e.reason] += 1
+        log.warning("could not read %s: %s", entry.key, e)
+        if e.reason == "unreadable" and not written:
+            # an I/O error may be transient: not remembered, so the next run tries the entry again
+            tally.bad.update(reasons)
+            tally.duplicates += dupes
+            return
+    tally.bad.update(reasons)
+    tally.duplicates += dupes
+    tally.rows_new += written
+    if written:
+        writer.entry_finished(entry, "ok")
+    elif reasons:
+        tally.unwritten.append((entry, f"bad:{reasons.most_common(1)[0][0]}"))
+    elif dupes:
+        tally.unwritten.append((entry, "duplicate"))
+    else:  # an empty Parquet file
+        tally.unwritten.append((entry, "empty"))
+
+
+def _clean_row(
+    record: RawRecord, config: IngestConfig, reasons: Counter[str]
+) -> tuple[CleanImage, CaptionResult] | None:
+    """The record's cleaned image and caption, or None with the reason counted in ``reasons``."""
+    if record.data is None:
+        reasons[record.problem or "missing_image"] += 1
+        return None
+    try:
+        image = clean_image(record.data, min_size=config.min_size, max_pixels=config.max_pixels)
+    except ImageRejected as e:
+        reasons[e.reason] += 1
+        log.debug("dropped %s: %s", record.source, e)
+        return None
+    caption = clean_caption(
+        record.caption,
+        policy=config.caption_policy,
+        max_chars=config.max_caption_chars,
+        filename=record.filename,
+    )
+    if caption.caption is None:
+        reasons[caption.drop_reason or "missing_caption"] += 1
+        return None
+    return image, caption
+
+
+def _row(record: RawRecord, image: CleanImage, caption: str, val_fraction: float) -> dict[str, Any]:
+    return {
+        "id": canonical.row_id(image.sha256),
+        "image": image.data,
+        "caption": caption,
+        "width": image.width,
+        "height": image.height,
+        "sha256": image.sha256,
+        "source": record.source,
+        "split": canonical.split_of(image.sha256, val_fraction),
+        "attributes": record.attributes,
+    }
+
+
+def _record_run(
+    manifest: Manifest,
+    writer: _ShardWriter,
+    tally: _Tally,
+    config: IngestConfig,
+    source_key: str,
+    started: str,
+) -> Literal["ok", "failed"]:
+    """Commit the run's record to the manifest: its counts, and, when it passed its bad-fraction check, the entries
+    it wrote no row for (a failed run leaves them to be read again)."""
+    failed = tally.failed(config.max_bad_fraction)
     if not failed:
-        for entry, status in unwritten:
+        for entry, status in tally.unwritten:
             writer.entry_finished(entry, status)
         counts = manifest.counts
-        counts.bad = _add(counts.bad, bad)
-        counts.skipped_duplicates += duplicates
-    manifest.counts.converted = _add(manifest.counts.converted, converted)
-    manifest.counts.caption_fixes = _add(manifest.counts.caption_fixes, caption_fixes)
+        counts.bad = _add(counts.bad, tally.bad)
+        counts.skipped_duplicates += tally.duplicates
+    manifest.counts.converted = _add(manifest.counts.converted, tally.converted)
+    manifest.counts.caption_fixes = _add(manifest.counts.caption_fixes, tally.caption_fixes)
     status: Literal["ok", "failed"] = "failed" if failed else "ok"
     manifest.runs.append(
         RunRecord(
@@ -406,53 +471,59 @@ def _ingest(
             started_at=started,
             finished_at=_now(),
             status=status,
-            rows_new=rows_new,
+            rows_new=tally.rows_new,
             new_shards=writer.new_shards,
-            bad=dict(sorted(bad.items())),
-            converted=dict(sorted(converted.items())),
-            caption_fixes=dict(sorted(caption_fixes.items())),
-            skipped_duplicates=duplicates,
+            bad=dict(sorted(tally.bad.items())),
+            converted=dict(sorted(tally.converted.items())),
+            caption_fixes=dict(sorted(tally.caption_fixes.items())),
+            skipped_duplicates=tally.duplicates,
         )
     )
     writer.flush(force_manifest=True)  # records the entries and the run (no rows are left to write)
+    return status
 
-    result = IngestResult(
+
+def _result(
+    config: IngestConfig,
+    source: Source,
+    output_url: str,
+    manifest: Manifest,
+    writer: _ShardWriter,
+    tally: _Tally,
+    status: Literal["ok", "failed"],
+    sources_seen: int,
+    sources_new: int,
+) -> IngestResult:
+    return IngestResult(
         output_url=redact_url(output_url),
         source=redact_url(config.source),
         layout=source.layout,
         rows_total=manifest.counts.rows,
-        rows_new=rows_new,
+        rows_new=tally.rows_new,
         train_rows_total=manifest.counts.train_rows,
         validation_rows_total=manifest.counts.validation_rows,
         shards=manifest.shard_names(),
         new_shards=writer.new_shards,
-        rows_examined=examined,
-        bad=dict(sorted(bad.items())),
-        converted=dict(sorted(converted.items())),
-        caption_fixes=dict(sorted(caption_fixes.items())),
-        skipped_duplicates=duplicates,
-        sources_seen=len(entries),
-        sources_new=len(new_entries),
+        rows_examined=tally.examined,
+        bad=dict(sorted(tally.bad.items())),
+        converted=dict(sorted(tally.converted.items())),
+        caption_fixes=dict(sorted(tally.caption_fixes.items())),
+        skipped_duplicates=tally.duplicates,
+        sources_seen=sources_seen,
+        sources_new=sources_new,
         ignored_files=len(source.ignored_files),
         source_problems=dict(sorted(source.problems.items())),
         status=status,
     )
-    log.info(
-        "ingested %s: %d new rows (%d total) in %d new shards; bad %s; duplicates %d",
-        result.source,
-        rows_new,
-        result.rows_total,
-        len(result.new_shards),
-        result.bad,
-        duplicates,
+
+
+def _too_many_bad(config: IngestConfig, result: IngestResult, tally: _Tally) -> IngestError:
+    bad_total, examined = sum(tally.bad.values()), tally.examined
+    top = ", ".join(f"{reason}={n}" for reason, n in tally.bad.most_common(5))
+    return IngestError(
+        f"ingestion of {result.source} dropped {bad_total} of {examined} rows "
+        f"({bad_total / examined:.0%} > max_bad_fraction {config.max_bad_fraction:.0%}); top reasons: {top}. "
+        f"The {tally.rows_new} good rows written stay in {result.output_url}; nothing was deleted. Fix the source "
+        "(or raise max_bad_fraction, or set caption_policy if captions are missing) and run again.",
+        result,
     )
-    if failed:
-        top = ", ".join(f"{reason}={n}" for reason, n in bad.most_common(5))
-        raise IngestError(
-            f"ingestion of {result.source} dropped {bad_total} of {examined} rows "
-            f"({bad_total / examined:.0%} > max_bad_fraction {config.max_bad_fraction:.0%}); top reasons: {top}. "
-            f"The {rows_new} good rows written stay in {result.output_url}; nothing was deleted. Fix the source "
-            "(or raise max_bad_fraction, or set caption_policy if captions are missing) and run again.",
-            result,
-        )
-    return result

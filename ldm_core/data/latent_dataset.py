@@ -1,9 +1,8 @@
 """The training view of a latent store: a map-style torch Dataset whose ``get_batch`` is what `train_ldm` reads.
 
 ``get_batch(indices)`` -> {"latents": (B, C, h, w) float32 in diffusion space (scaled by `scale_latents`),
-"context": (B, L, D) float32, "context_mask": (B, L) bool, "pooled": (B, D_pool) float32}; a store written before
-pooled text vectors were cached gives no "pooled" (``has_pooled`` False). A store of moments gives the posterior mean
-(the default, and what this project trained on before the option existed), or with ``sample_posterior=True`` a draw
+"context": (B, L, D) float32, "context_mask": (B, L) bool, "pooled": (B, D_pool) float32}. A store of moments gives
+the posterior mean (the default), or with ``sample_posterior=True`` a draw
 from N(mean, exp(logvar)), as SD-1 (CompVis ``get_first_stage_encoding``) and diffusers' ``train_text_to_image.py``
 (``latent_dist.sample()``) train: a fresh draw every time an image is seen. The noise is a pure function of (seed,
 epoch, row), and the trainer's batch stream sets the epoch (`set_epoch`): each epoch draws anew, and a resumed run
@@ -38,6 +37,7 @@ from torch.utils.data import Dataset
 from ldm_core.data import canonical
 from ldm_core.data.latent_store.backends import TORCH_DTYPE, numpy_view
 from ldm_core.data.latent_store.reader import LatentStore
+from ldm_core.data.latent_store.schema import TRAINING_FIELDS
 from ldm_core.models.autoencoder import scale_latents
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class LatentDataset(Dataset):
         self.scaling_factor, self.shift_factor = meta.scaling_factor, meta.shift_factor
         self.latent_shape, self.context_shape = tuple(meta.latent_shape), tuple(meta.context_shape)
         self.pooled_dim = meta.pooled_dim
-        self.fields = self.store.training_fields + (("logvar",) if sample_posterior else ())
+        self.fields = TRAINING_FIELDS + (("logvar",) if sample_posterior else ())
         # the split is a contiguous range of every shard (train rows first): (store shard, first row, rows)
         self._parts: list[tuple[int, int, int]] = []
         for k, s in enumerate(self.store.shards):
@@ -91,7 +91,7 @@ class LatentDataset(Dataset):
         itemsize = torch.empty((), dtype=self._dtype).element_size()
         c, h, w = self.latent_shape
         L, D = self.context_shape
-        self.row_bytes = (c * h * w * (2 if sample_posterior else 1) + L * D + (self.pooled_dim or 0)) * itemsize + L
+        self.row_bytes = (c * h * w * (2 if sample_posterior else 1) + L * D + self.pooled_dim) * itemsize + L
         largest = max((n for _, _, n in self._parts), default=0)
         self.resident = cache and len(self) * self.row_bytes <= max_cache_bytes
         self.max_cached_shards = (
@@ -147,13 +147,8 @@ class LatentDataset(Dataset):
     def metadata(self):
         return self.store.metadata
 
-    @property
-    def has_pooled(self) -> bool:
-        """Batches carry "pooled" (False for a store written before pooled text vectors were cached)."""
-        return self.store.has_pooled
-
-    def uncond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The empty prompt (context (1, L, D) float32, mask (1, L) bool, pooled (1, D_pool) float32 or None):
+    def uncond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The empty prompt (context (1, L, D) float32, mask (1, L) bool, pooled (1, D_pool) float32):
         ``train_ldm(..., uncond=…)``."""
         return self.store.uncond()
 
@@ -179,9 +174,8 @@ class LatentDataset(Dataset):
         Runs in the loader threads, so it copies with NumPy and calls no torch op that can open a parallel region:
         a torch op on a large tensor in a second thread gives that thread an OpenMP team of its own, libgomp then
         counts more threads than cores and throttles its spin-wait for the whole process, and every small op of the
-        training step pays a futex wake. Measured (tiny UNet fwd+bwd, batch 32, 2 threads): 175 ms per step while
-        loader threads that had run a torch copy were alive, against 90-100 ms before they started and after they
-        exited (tests/core/test_latent_store.py::test_loader_threads_call_no_torch_op_that_computes).
+        training step pays a futex wake, which slows the step for as long as those threads live
+        (tests/core/test_latent_store.py::test_loader_threads_call_no_torch_op_that_computes holds the loader to this).
         """
         k, lo, n = self._parts[p]
         tensors = self.store.read_shard(k, self.fields)
@@ -337,7 +331,7 @@ class LatentDataset(Dataset):
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """{"latents": (B, C, h, w) float32 scaled, "context": (B, L, D) float32, "context_mask": (B, L) bool,
-        "pooled": (B, D_pool) float32 (where the store has it)}."""
+        "pooled": (B, D_pool) float32}."""
         idx, part, local = self._locate(indices)
         needed = [int(p) for p in np.unique(part)]
         if not self._all_ready:
@@ -371,20 +365,17 @@ class LatentDataset(Dataset):
                     "latents": torch.empty(0, c, h, w),
                     "context": torch.empty(0, L, D),
                     "context_mask": torch.empty(0, L, dtype=torch.bool),
+                    "pooled": torch.empty(0, self.pooled_dim),
                 }
-                if self.pooled_dim is not None:
-                    raw["pooled"] = torch.empty(0, self.pooled_dim)
         z = raw["latents"].float()  # (B, C, h, w), autoencoder space
         if self.sample_posterior:
             z = z + torch.exp(0.5 * raw["logvar"].float()) * self._posterior_noise(idx, z.shape[1:])
-        batch = {
+        return {
             "latents": scale_latents(z, self.scaling_factor, self.shift_factor),
             "context": raw["context"].float(),
             "context_mask": raw["context_mask"].bool(),
+            "pooled": raw["pooled"].float(),  # (B, D_pool)
         }
-        if "pooled" in raw:
-            batch["pooled"] = raw["pooled"].float()  # (B, D_pool)
-        return batch
 
     def _posterior_noise(self, idx: np.ndarray, shape: torch.Size) -> torch.Tensor:
         # one generator per row, seeded by (seed, epoch, row): independent of batch composition and of the past

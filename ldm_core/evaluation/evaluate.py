@@ -34,7 +34,7 @@ from ldm_core.evaluation.attributes import (
 from ldm_core.evaluation.fid import DEFAULT_FEATURE_DIM, frechet_inception_distance, inception_or_reason
 from ldm_core.evaluation.gate import GateConfig, GateDecision, decide
 from ldm_core.evaluation.metrics import MetricResult, lpips, psnr, ssim
-from ldm_core.evaluation.report import ReportResult, SampleGrid, write_report
+from ldm_core.evaluation.report import ReportInputs, ReportResult, SampleGrid, write_report
 from ldm_core.grids import to_uint8
 
 GenerateFn = Callable[[Sequence[str], int], np.ndarray]
@@ -266,8 +266,7 @@ def evaluate(
 
     # 4) the gate, 5) the report
     decision = decide(metrics, champion_metrics, config.gate)
-    report = write_report(
-        out_url,
+    inputs = ReportInputs(
         metrics=metrics,
         samples=samples,
         originals=measured.originals,
@@ -279,10 +278,10 @@ def evaluate(
         decision=decision,
         title=config.title,
         created_at=created_at,
-        storage_options=storage_options,
         color_confusion=measured.color_confusion,
         model=model,
     )
+    report = write_report(out_url, inputs, storage_options)
     return EvaluationResult(metrics, decision, report, measured.color_confusion)
 
 

@@ -124,94 +124,105 @@ def decide(candidate_metrics: MetricsLike, champion_metrics: MetricsLike | None,
     """Judge a candidate (metrics as results, metrics.json dicts or numbers) against thresholds and the champion."""
     failures: list[str] = []
     notes: list[str] = []
-    comparisons: list[MetricComparison] = []
+    comparisons = [
+        _judge_metric(name, rule, candidate_metrics, champion_metrics, config, failures, notes)
+        for name, rule in config.rules.items()
+    ]
     first_model = champion_metrics is None
-
-    for name, rule in config.rules.items():
-        cand = metric_value(candidate_metrics.get(name))
-        champ = None if champion_metrics is None else metric_value(champion_metrics.get(name))
-        if cand is None:
-            if config.not_computed == "fail":
-                failures.append(f"{name}: not computed{_why(candidate_metrics.get(name))}, and the gate requires it")
-            else:
-                notes.append(f"{name}: not computed{_why(candidate_metrics.get(name))}; ignored by the gate")
-            comparisons.append(
-                MetricComparison(
-                    name, None, champ, rule.higher_is_better, None, None, "not compared", None, "not computed"
-                )
-            )
-            continue
-
-        if math.isnan(cand):
-            failures.append(f"{name} = nan: not a number, so it meets no threshold and beats no champion")
-            comparisons.append(
-                MetricComparison(name, cand, champ, rule.higher_is_better, None, None, "worse", False, "not a number")
-            )
-            continue
-
-        # 1) absolute thresholds: "not (meets it)", so that a NaN on either side fails
-        threshold_ok: bool | None = None
-        if rule.min is not None or rule.max is not None:
-            threshold_ok = True
-            if rule.min is not None and not cand >= rule.min:
-                threshold_ok = False
-                failures.append(
-                    f"{name} = {_fmt(cand)} is below the minimum {_fmt(rule.min)} (short by {_fmt(rule.min - cand)})"
-                )
-            if rule.max is not None and not cand <= rule.max:
-                threshold_ok = False
-                failures.append(
-                    f"{name} = {_fmt(cand)} is above the maximum {_fmt(rule.max)} (over by {_fmt(cand - rule.max)})"
-                )
-
-        # 2) not worse than the champion beyond the tolerance
-        if champ is None or rule.tolerance is None:
-            note = (
-                "no champion"
-                if champion_metrics is None
-                else "not compared (rule has no tolerance)"
-                if rule.tolerance is None
-                else "champion lacks it"
-            )
-            comparisons.append(
-                MetricComparison(
-                    name, cand, champ, rule.higher_is_better, None, None, "not compared", threshold_ok, note
-                )
-            )
-            continue
-        delta = 0.0 if cand == champ else cand - champ  # equal infinities (a perfect PSNR) are equal, not NaN apart
-        worse_by = -delta if rule.higher_is_better else delta  # > 0: the candidate is worse
-        allowed = max(rule.tolerance, rule.relative_tolerance * abs(champ))
-        if not worse_by <= allowed:  # NaN (a NaN metric on either side) is not within the tolerance
-            verdict: Verdict = "worse"
-            direction = "higher" if rule.higher_is_better else "lower"
-            failures.append(
-                f"{name} = {_fmt(cand)} is worse than the champion's {_fmt(champ)} by {_fmt(worse_by)} "
-                f"({direction} is better; tolerance {_fmt(allowed)})"
-            )
-        elif worse_by > 0:
-            verdict = "within tolerance"
-        elif worse_by == 0:
-            verdict = "equal"
-        else:
-            verdict = "better"
-        comparisons.append(
-            MetricComparison(name, cand, champ, rule.higher_is_better, delta, allowed, verdict, threshold_ok)
-        )
-
     if failures:
         return GateDecision(False, failures + notes, comparisons, first_model)
-    checked_thresholds = sum(c.threshold_ok is not None for c in comparisons)
-    compared = [c for c in comparisons if c.verdict != "not compared"]
-    if first_model:
-        reasons = [f"first model (no champion): all {checked_thresholds} threshold(s) met"]
+    return GateDecision(True, _pass_reasons(comparisons, first_model) + notes, comparisons, first_model)
+
+
+def _judge_metric(
+    name: str,
+    rule: MetricRule,
+    candidate_metrics: MetricsLike,
+    champion_metrics: MetricsLike | None,
+    config: GateConfig,
+    failures: list[str],
+    notes: list[str],
+) -> MetricComparison:
+    """One metric's comparison; each check it fails goes to ``failures``, what the gate skipped to ``notes``."""
+    cand = metric_value(candidate_metrics.get(name))
+    champ = None if champion_metrics is None else metric_value(champion_metrics.get(name))
+    if cand is None:
+        if config.not_computed == "fail":
+            failures.append(f"{name}: not computed{_why(candidate_metrics.get(name))}, and the gate requires it")
+        else:
+            notes.append(f"{name}: not computed{_why(candidate_metrics.get(name))}; ignored by the gate")
+        return MetricComparison(
+            name, None, champ, rule.higher_is_better, None, None, "not compared", None, "not computed"
+        )
+    if math.isnan(cand):
+        failures.append(f"{name} = nan: not a number, so it meets no threshold and beats no champion")
+        return MetricComparison(name, cand, champ, rule.higher_is_better, None, None, "worse", False, "not a number")
+    threshold_ok = _check_thresholds(name, rule, cand, failures)
+    if champ is None or rule.tolerance is None:
+        note = (
+            "no champion"
+            if champion_metrics is None
+            else "not compared (rule has no tolerance)"
+            if rule.tolerance is None
+            else "champion lacks it"
+        )
+        return MetricComparison(
+            name, cand, champ, rule.higher_is_better, None, None, "not compared", threshold_ok, note
+        )
+    return _against_champion(name, rule, cand, champ, threshold_ok, failures)
+
+
+def _check_thresholds(name: str, rule: MetricRule, cand: float, failures: list[str]) -> bool | None:
+    """The absolute thresholds: None when the rule has none. Written "not (meets it)", so that a NaN fails."""
+    if rule.min is None and rule.max is None:
+        return None
+    threshold_ok = True
+    if rule.min is not None and not cand >= rule.min:
+        threshold_ok = False
+        failures.append(
+            f"{name} = {_fmt(cand)} is below the minimum {_fmt(rule.min)} (short by {_fmt(rule.min - cand)})"
+        )
+    if rule.max is not None and not cand <= rule.max:
+        threshold_ok = False
+        failures.append(
+            f"{name} = {_fmt(cand)} is above the maximum {_fmt(rule.max)} (over by {_fmt(cand - rule.max)})"
+        )
+    return threshold_ok
+
+
+def _against_champion(
+    name: str, rule: MetricRule, cand: float, champ: float, threshold_ok: bool | None, failures: list[str]
+) -> MetricComparison:
+    """Not worse than the champion beyond the rule's tolerance."""
+    delta = 0.0 if cand == champ else cand - champ  # equal infinities (a perfect PSNR) are equal, not NaN apart
+    worse_by = -delta if rule.higher_is_better else delta  # > 0: the candidate is worse
+    allowed = max(rule.tolerance, rule.relative_tolerance * abs(champ))
+    if not worse_by <= allowed:  # NaN (a NaN metric on either side) is not within the tolerance
+        verdict: Verdict = "worse"
+        direction = "higher" if rule.higher_is_better else "lower"
+        failures.append(
+            f"{name} = {_fmt(cand)} is worse than the champion's {_fmt(champ)} by {_fmt(worse_by)} "
+            f"({direction} is better; tolerance {_fmt(allowed)})"
+        )
+    elif worse_by > 0:
+        verdict = "within tolerance"
+    elif worse_by == 0:
+        verdict = "equal"
     else:
-        better = sum(c.verdict == "better" for c in compared)
-        reasons = [
-            f"all {checked_thresholds} threshold(s) met; not worse than the champion beyond tolerance on "
-            f"{len(compared)} metric(s) ({better} better)"
-        ]
-    return GateDecision(True, reasons + notes, comparisons, first_model)
+        verdict = "better"
+    return MetricComparison(name, cand, champ, rule.higher_is_better, delta, allowed, verdict, threshold_ok)
+
+
+def _pass_reasons(comparisons: list[MetricComparison], first_model: bool) -> list[str]:
+    checked_thresholds = sum(c.threshold_ok is not None for c in comparisons)
+    if first_model:
+        return [f"first model (no champion): all {checked_thresholds} threshold(s) met"]
+    compared = [c for c in comparisons if c.verdict != "not compared"]
+    better = sum(c.verdict == "better" for c in compared)
+    return [
+        f"all {checked_thresholds} threshold(s) met; not worse than the champion beyond tolerance on "
+        f"{len(compared)} metric(s) ({better} better)"
+    ]
 
 
 def _why(m: Any) -> str:

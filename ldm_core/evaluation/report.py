@@ -358,85 +358,109 @@ def _markdown(
 # The report ----------------------------------------------------------------------------------------------------------
 
 
-def write_report(
-    out_url: str,
-    *,
-    metrics: Mapping[str, MetricResult],
-    samples: SampleGrid | None = None,
-    originals: np.ndarray | None = None,
-    reconstructions: np.ndarray | None = None,
-    loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
-    config: Mapping[str, Any] | None = None,
-    versions: Mapping[str, str] | None = None,
-    champion_metrics: Mapping[str, Any] | None = None,
-    champion_label: str | None = None,
-    decision: GateDecision | None = None,
-    title: str = "LDM evaluation report",
-    created_at: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    color_confusion: Mapping[str, Mapping[str, int]] | None = None,
-    model: Mapping[str, Any] | None = None,
-) -> ReportResult:
-    """Write the report under ``out_url`` (any fsspec URL) and return where it went and what it says.
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a report shows: the measurements, the gate's inputs and decision, and what produced them. Only
+    ``metrics`` is required; each part left out is said to be missing on the page."""
 
-    ``metrics``: name -> result (attribute accuracies, PSNR, SSIM, LPIPS, rFID, FID, …); ``samples``: the prompt ×
-    seed grid; ``originals``/``reconstructions``: uint8 (N, H, W, 3) pairs; ``loss_curves``: stage -> series ->
-    [(step, value)] (e.g. the trainers' ``history``); ``config``: the run configuration as plain data;
-    ``versions``: defaults to :func:`collect_versions`; ``champion_metrics``/``champion_label``/``decision``: the
-    gate's inputs and output; ``created_at``: a timestamp string supplied by the caller (no clock in here);
-    ``color_confusion``: asked-for colour → colour seen → count, of the generated samples; ``model``: the
-    denoiser under evaluation (`ldm_core.models.denoiser.backbone_summary`: kind, preset, size, parameters),
-    named at the top of the page and the summary and kept in metrics.json.
-    """
-    versions = dict(versions) if versions is not None else collect_versions()
-    metrics_dicts = {name: m.to_dict() for name, m in metrics.items()}
+    metrics: Mapping[str, MetricResult]
+    """name -> result (attribute accuracies, PSNR, SSIM, LPIPS, rFID, FID, …)."""
+    samples: SampleGrid | None = None
+    """The prompt × seed grid."""
+    originals: np.ndarray | None = None
+    """uint8 (N, H, W, 3), shown above ``reconstructions``, their pairs."""
+    reconstructions: np.ndarray | None = None
+    loss_curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None
+    """stage -> series -> [(step, value)] (e.g. the trainers' ``history``)."""
+    config: Mapping[str, Any] | None = None
+    """The run configuration as plain data."""
+    versions: Mapping[str, str] | None = None
+    """Package versions; None collects this process's (`collect_versions`)."""
+    champion_metrics: Mapping[str, Any] | None = None
+    """The gate's input: the champion's metrics, as results, their dicts or bare values."""
+    champion_label: str | None = None
+    decision: GateDecision | None = None
+    title: str = "LDM evaluation report"
+    created_at: str | None = None
+    """A timestamp string supplied by the caller (no clock in here)."""
+    color_confusion: Mapping[str, Mapping[str, int]] | None = None
+    """Asked-for colour → colour seen → count, of the generated samples."""
+    model: Mapping[str, Any] | None = None
+    """The denoiser under evaluation (`ldm_core.models.denoiser.backbone_summary`: kind, preset, size,
+    parameters), named at the top of the page and the summary and kept in metrics.json."""
+
+
+def write_report(out_url: str, inputs: ReportInputs, storage_options: dict[str, Any] | None = None) -> ReportResult:
+    """Write the report of ``inputs`` under ``out_url`` (any fsspec URL) and return where it went and what it says.
+    The files go in the module doc's order, the page last."""
+    versions = dict(inputs.versions) if inputs.versions is not None else collect_versions()
+    metrics_dicts = {name: m.to_dict() for name, m in inputs.metrics.items()}
     files: dict[str, str] = {}
 
-    grid_png = png_bytes(sample_grid_image(samples)) if samples is not None else None
-    if grid_png is not None:
-        files[SAMPLES_NAME] = storage.join(out_url, SAMPLES_NAME)
-        storage.write_bytes_atomic(files[SAMPLES_NAME], grid_png, storage_options)
-    recon_png = None
-    if originals is not None and reconstructions is not None and len(originals):
-        recon_png = png_bytes(reconstruction_image(originals, reconstructions))
-        files[RECONSTRUCTIONS_NAME] = storage.join(out_url, RECONSTRUCTIONS_NAME)
-        storage.write_bytes_atomic(files[RECONSTRUCTIONS_NAME], recon_png, storage_options)
+    def write_png(name: str, image: np.ndarray) -> bytes:
+        data = png_bytes(image)
+        files[name] = storage.join(out_url, name)
+        storage.write_bytes_atomic(files[name], data, storage_options)
+        return data
 
-    champion_dicts = None
-    if champion_metrics is not None:
-        champion_dicts = {
-            k: (
-                v.to_dict()
-                if isinstance(v, MetricResult)
-                else v
-                if isinstance(v, Mapping)
-                else {"value": metric_value(v)}
-            )
-            for k, v in champion_metrics.items()
-        }
-    document = {
-        "title": title,
-        "created_at": created_at,
+    grid_png = write_png(SAMPLES_NAME, sample_grid_image(inputs.samples)) if inputs.samples is not None else None
+    recon_png = None
+    if inputs.originals is not None and inputs.reconstructions is not None and len(inputs.originals):
+        recon_png = write_png(RECONSTRUCTIONS_NAME, reconstruction_image(inputs.originals, inputs.reconstructions))
+
+    files[METRICS_NAME] = storage.join(out_url, METRICS_NAME)
+    document = _metrics_document(inputs, metrics_dicts, versions)
+    # allow_nan=False: a non-finite number would make the file unreadable to strict JSON parsers; metrics are capped
+    storage.write_text_atomic(
+        files[METRICS_NAME], json.dumps(document, indent=2, allow_nan=False, default=str), storage_options
+    )
+    files[HTML_NAME] = storage.join(out_url, HTML_NAME)
+    storage.write_text_atomic(files[HTML_NAME], _page(inputs, metrics_dicts, versions, recon_png), storage_options)
+    markdown = _markdown(
+        metrics_dicts, inputs.decision, grid_png, files[HTML_NAME], inputs.color_confusion, inputs.model
+    )
+    return ReportResult(files[HTML_NAME], files[METRICS_NAME], files, metrics_dicts, markdown, inputs.decision)
+
+
+def _champion_dicts(champion_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The champion's metrics as metrics.json holds them, whether given as results, their dicts or bare values."""
+    return {
+        k: (v.to_dict() if isinstance(v, MetricResult) else v if isinstance(v, Mapping) else {"value": metric_value(v)})
+        for k, v in champion_metrics.items()
+    }
+
+
+def _metrics_document(
+    inputs: ReportInputs, metrics_dicts: dict[str, dict[str, Any]], versions: dict[str, str]
+) -> dict[str, Any]:
+    """What metrics.json holds."""
+    samples, decision, model = inputs.samples, inputs.decision, inputs.model
+    champion_dicts = _champion_dicts(inputs.champion_metrics) if inputs.champion_metrics is not None else None
+    return {
+        "title": inputs.title,
+        "created_at": inputs.created_at,
         "metrics": metrics_dicts,
         "decision": decision.to_dict() if decision is not None else None,
-        "champion": {"label": champion_label, "metrics": champion_dicts} if champion_dicts is not None else None,
+        "champion": (
+            {"label": inputs.champion_label, "metrics": champion_dicts} if champion_dicts is not None else None
+        ),
         "samples": (
             {"prompts": list(samples.prompts), "seeds": [int(s) for s in samples.seeds]}
             if samples is not None
             else None
         ),
-        "color_confusion": color_confusion,
+        "color_confusion": inputs.color_confusion,
         "model": dict(model) if model is not None else None,
-        "config": config,
+        "config": inputs.config,
         "versions": versions,
     }
-    files[METRICS_NAME] = storage.join(out_url, METRICS_NAME)
-    # allow_nan=False: a non-finite number would make the file unreadable to strict JSON parsers; metrics are capped
-    storage.write_text_atomic(
-        files[METRICS_NAME], json.dumps(document, indent=2, allow_nan=False, default=str), storage_options
-    )
 
-    esc = html.escape
+
+def _page(
+    inputs: ReportInputs, metrics_dicts: dict[str, dict[str, Any]], versions: dict[str, str], recon_png: bytes | None
+) -> str:
+    """The HTML page, everything embedded."""
+    esc, title, config = html.escape, inputs.title, inputs.config
     recon_html = (
         f'<img class="px" id="reconstructions" alt="originals (top) and reconstructions (bottom)" '
         f'src="{data_uri(recon_png)}"><p class="note">Top: originals. Bottom: reconstructions.</p>'
@@ -445,44 +469,35 @@ def write_report(
     )
     config_json = json.dumps(config, indent=2, default=str) if config is not None else "(none given)"
     versions_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in versions.items())
-    page = f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>
 <body>
 <h1>{esc(title)}</h1>
-<p class="note">{esc(created_at or "")}</p>
-{_model_line(model)}
+<p class="note">{esc(inputs.created_at or "")}</p>
+{_model_line(inputs.model)}
 <h2>Promotion gate</h2>
-{_decision_section(decision, champion_label)}
+{_decision_section(inputs.decision, inputs.champion_label)}
 <h2>Metrics</h2>
 {_metrics_table(metrics_dicts)}
 <h2>Colours of the generated samples</h2>
-{_confusion_section(color_confusion)}
+{_confusion_section(inputs.color_confusion)}
 <h2>Samples (prompt × seed)</h2>
-{_samples_section(samples)}
+{_samples_section(inputs.samples)}
 <h2>Reconstructions</h2>
 {recon_html}
 <h2>Training losses</h2>
-{_loss_section(loss_curves)}
+{_loss_section(inputs.loss_curves)}
 <h2>Configuration</h2>
 <pre id="config">{esc(config_json)}</pre>
 <h2>Versions</h2>
 <table id="versions"><tbody>{versions_rows}</tbody></table>
 </body></html>
 """
-    files[HTML_NAME] = storage.join(out_url, HTML_NAME)
-    storage.write_text_atomic(files[HTML_NAME], page, storage_options)
-    return ReportResult(
-        files[HTML_NAME],
-        files[METRICS_NAME],
-        files,
-        metrics_dicts,
-        _markdown(metrics_dicts, decision, grid_png, files[HTML_NAME], color_confusion, model),
-        decision,
-    )
 
 
 __all__ = [
+    "ReportInputs",
     "ReportResult",
     "SampleGrid",
     "collect_versions",

@@ -2,7 +2,8 @@
 model and their step, and share the rest:
 
     config.py      the fields every trainer's config has (`TrainerConfig`)
-    run_setup.py   device, precision, this process's rank, the split of the global batch, the seeded generator
+    run_setup.py   the run setup: device, precision, this process's rank, the split of the global batch, the
+                   seeded generator; what a checkpoint saves of a trainer's parts; the start every rank waits for
     data_order.py  the resumable batch order (a pure function of seed and epoch, sliced per rank)
     step.py        the pieces of an optimizer step: fused Adam(W), lr schedule, clipping, fp16 loss scale,
                    the non-finite guard, the EMA

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ldm_core import distributed
-from ldm_core.config import StrictModel, flatten_dict
+from ldm_core.config import StrictModel
 from ldm_core.distributed import BatchShard
 from ldm_core.flops import autoencoder_step_flops
 from ldm_core.grids import reconstruction_grid
@@ -33,7 +33,7 @@ from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.config import TrainerConfig
 from ldm_core.trainers.loop import StepOutput, TrainingLoop
 from ldm_core.trainers.meters import ThroughputMeter
-from ldm_core.trainers.run_setup import RunSetup, autocast
+from ldm_core.trainers.run_setup import RunSetup, autocast, checkpointed_parts, start_run
 from ldm_core.trainers.step import EMA, LossScaler, grad_norm_and_finite, lr_at, make_adam, optimizer_step, set_lr
 from ldm_core.trainers.warm_start import load_init_weights
 
@@ -233,6 +233,157 @@ def _to_images(batch: Any) -> torch.Tensor:
     return batch
 
 
+@dataclass
+class _AutoencoderParts:
+    """What the stage-1 trainer trains and steps with, built in the order that fixes its initial weights."""
+
+    model: nn.Module
+    loss_fn: AutoencoderLoss
+    perceptual_used: bool
+    ema: EMA | None
+    g_params: list[nn.Parameter]
+    d_params: list[nn.Parameter]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: LossScaler
+    scaler_d: LossScaler
+
+    def checkpointed(self) -> dict[str, Any]:
+        trained = {"model": self.model, "loss": self.loss_fn, "opt_g": self.opt_g, "opt_d": self.opt_d}
+        return checkpointed_parts(trained, self.ema, {"scaler_g": self.scaler_g, "scaler_d": self.scaler_d})
+
+
+def _build_autoencoder_parts(
+    config: AutoencoderTrainingConfig,
+    run: RunSetup,
+    perceptual: nn.Module | None | Literal["auto"],
+    init_weights: dict[str, torch.Tensor] | None,
+) -> _AutoencoderParts:
+    """The autoencoder, its loss (with the discriminator), the EMA, both optimizers and their loss scales, on the
+    run's device. The seeded generator draws the autoencoder's initial weights first, then the discriminator's."""
+    tc, device = config.trainer, run.device
+    model = build_autoencoder(config.model)
+    if init_weights is not None:
+        load_init_weights(model, init_weights, "autoencoder")
+    model = model.to(device)
+    if perceptual == "auto":
+        loss_fn, perceptual_used = build_autoencoder_loss(config.loss, config.discriminator)
+    else:
+        loss_fn, perceptual_used = (
+            AutoencoderLoss(config.loss, config.discriminator, perceptual),
+            perceptual is not None,
+        )
+    loss_fn = loss_fn.to(device)
+    loss_fn.discriminator = distributed.convert_batchnorm(loss_fn.discriminator, device)  # SyncBatchNorm under DDP
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        loss_fn = loss_fn.to(memory_format=torch.channels_last)
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
+
+    g_params = freeze_for(model, tc.trainable) + loss_fn.generator_parameters()  # logvar when it is learned
+    d_params = list(loss_fn.discriminator.parameters())
+    opt_g = make_adam(g_params, device, lr=tc.lr, betas=tc.betas)
+    opt_d = make_adam(d_params, device, lr=tc.disc_lr or tc.lr, betas=tc.betas)
+    # one loss scale per optimizer: the generator's summed nll and the discriminator's mean hinge differ in scale
+    scaler_g, scaler_d = LossScaler(run.precision, device), LossScaler(run.precision, device)
+    return _AutoencoderParts(model, loss_fn, perceptual_used, ema, g_params, d_params, opt_g, opt_d, scaler_g, scaler_d)
+
+
+class _AutoencoderStep:
+    """One optimizer step of stage 1: the generator (autoencoder) step, then, once the discriminator has started,
+    the discriminator step on the same images. It keeps the last micro-batch and its reconstruction for the
+    tracker's images, and the images' size for the FLOPs count."""
+
+    def __init__(self, config: AutoencoderTrainingConfig, run: RunSetup, parts: _AutoencoderParts, loop: TrainingLoop):
+        self.tc, self.run, self.parts, self.loop = config.trainer, run, parts, loop
+        # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
+        init_actnorm_from_global_batch(parts.loss_fn.discriminator)
+        # compiled or not, the same parameters: the EMA and the checkpoints use the plain module
+        step_model = torch.compile(parts.model) if self.tc.compile else parts.model
+        self.gen_step = distributed.wrap_ddp(
+            GeneratorStep(step_model, parts.loss_fn, run.gen, run.shard, self.tc.sample_posterior), run.device
+        )
+        # buffers (SyncBatchNorm's statistics, ActNorm's flag) are equal on every rank by construction: none to sync
+        self.disc_step = distributed.wrap_ddp(DiscriminatorStep(parts.loss_fn), run.device, sync_buffers=False)
+        self.image_size = config.model.resolution  # replaced by the batches' own size
+        self.last_images: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, step: int) -> StepOutput:
+        tc, parts = self.tc, self.parts
+        disc_on = parts.loss_fn.disc_active(step)
+        factor = lr_at(step, 1.0, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
+        set_lr(parts.opt_g, tc.lr * factor)
+        set_lr(parts.opt_d, (tc.disc_lr or tc.lr) * factor)
+        micro_batches, logs, found_inf, counted = self._generator_step(step)
+        if disc_on:
+            counted = self._discriminator_step(step, micro_batches, logs, found_inf, counted)
+        self.loop.guard.record(counted)
+        self.last_images = micro_batches[-1]
+        return StepOutput(logs, flops=["g_gan", "d"] if disc_on else ["g"])
+
+    def _generator_step(
+        self, step: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The autoencoder's step, accumulated over micro-batches: returns the micro-batches with their (detached)
+        reconstructions, the step's logs, and whether it was skipped (device flags, no host sync)."""
+        tc, run, parts = self.tc, self.run, self.parts
+        accum, device, precision = run.accum, run.device, run.precision
+        parts.opt_g.zero_grad(set_to_none=True)
+        micro_batches, logs_acc = [], {}
+        for i in range(accum):
+            x = _to_images(self.loop.stream.next()).to(device, non_blocking=True)  # (b, 3, H, W): this rank's rows
+            if tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with distributed.no_sync_unless(self.gen_step, sync=i == accum - 1):  # all-reduce once, after the last
+                with autocast(device, precision):
+                    out, terms = self.gen_step(x, step)
+                loss, logs = _unwrap(self.gen_step).backward(out, terms, 1.0 / accum, loss_scale=parts.scaler_g.scale())
+            self.image_size = x.shape[-1]
+            micro_batches.append((x, out.reconstruction.detach()))
+            for k, v in {**logs, **out.stats}.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
+        parts.scaler_g.unscale(parts.opt_g)
+        gnorm = grad_norm_and_finite(parts.g_params, tc.grad_clip)
+        # device-side: skipped by the fused optimizer, no host sync. The loss's terms, not the total: the total holds
+        # the adaptive weight, a ratio of (scaled) gradients that is NaN when they overflow, a gradient matter
+        terms_acc = [logs_acc[k] for k in ("nll", "kl", "codebook", "g") if k in logs_acc]
+        found_inf, counted = parts.scaler_g.nonfinite(gnorm, *terms_acc)
+        optimizer_step(parts.opt_g, found_inf)
+        parts.scaler_g.update()
+        if parts.ema is not None:
+            parts.ema.update(parts.model, skip=found_inf)
+        logs_acc["grad_norm"] = gnorm
+        return micro_batches, logs_acc, found_inf, counted
+
+    def _discriminator_step(
+        self,
+        step: int,
+        micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+        logs_acc: dict[str, torch.Tensor],
+        found_inf: torch.Tensor,
+        counted: torch.Tensor,
+    ) -> torch.Tensor:
+        """The discriminator's step on the generator step's images and reconstructions; adds its logs to
+        ``logs_acc`` and returns the step's non-finite count flag, the generator's or its own."""
+        tc, run, parts = self.tc, self.run, self.parts
+        accum = run.accum
+        parts.opt_d.zero_grad(set_to_none=True)
+        for i, (x, recon) in enumerate(micro_batches):
+            with distributed.no_sync_unless(self.disc_step, sync=i == accum - 1):
+                with autocast(run.device, run.precision):
+                    d_loss, d_logs = self.disc_step(x, recon, step)
+                parts.scaler_d.scaled(d_loss / accum).backward()
+            for k, v in d_logs.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
+        parts.scaler_d.unscale(parts.opt_d)
+        d_norm = grad_norm_and_finite(parts.d_params, tc.grad_clip)
+        # the discriminator steps only when the autoencoder did and its own gradient is finite
+        d_skip, d_counted = parts.scaler_d.nonfinite(d_norm)
+        optimizer_step(parts.opt_d, torch.maximum(found_inf, d_skip))
+        parts.scaler_d.update()
+        return torch.maximum(counted, d_counted)
+
+
 def train_autoencoder(
     config: AutoencoderTrainingConfig,
     data: torch.utils.data.Dataset,
@@ -260,135 +411,25 @@ def train_autoencoder(
     tracker = tracker or NullTracker()
     tc = config.trainer
     run = RunSetup.create(tc, rank, world_size)
-    device, precision, rank, world_size = run.device, run.precision, run.rank, run.world_size
-    shard, accum, gen = run.shard, run.accum, run.gen
-    model = build_autoencoder(config.model)
-    if init_weights is not None:
-        load_init_weights(model, init_weights, "autoencoder")
-    model = model.to(device)
-    if perceptual == "auto":
-        loss_fn, perceptual_used = build_autoencoder_loss(config.loss, config.discriminator)
-    else:
-        loss_fn, perceptual_used = (
-            AutoencoderLoss(config.loss, config.discriminator, perceptual),
-            perceptual is not None,
-        )
-    loss_fn = loss_fn.to(device)
-    loss_fn.discriminator = distributed.convert_batchnorm(loss_fn.discriminator, device)  # SyncBatchNorm under DDP
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        loss_fn = loss_fn.to(memory_format=torch.channels_last)
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay else None
-
-    g_params = freeze_for(model, tc.trainable) + loss_fn.generator_parameters()  # logvar when it is learned
-    d_params = list(loss_fn.discriminator.parameters())
-    opt_g = make_adam(g_params, device, lr=tc.lr, betas=tc.betas)
-    opt_d = make_adam(d_params, device, lr=tc.disc_lr or tc.lr, betas=tc.betas)
-
-    # one loss scale per optimizer: the generator's summed nll and the discriminator's mean hinge differ in scale
-    scaler_g, scaler_d = LossScaler(precision, device), LossScaler(precision, device)
-    parts: dict[str, Any] = {"model": model, "loss": loss_fn, "opt_g": opt_g, "opt_d": opt_d}
-    if ema is not None:
-        parts["ema"] = ema
-    if scaler_g.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
-        parts.update(scaler_g=scaler_g, scaler_d=scaler_d)
+    parts = _build_autoencoder_parts(config, run, perceptual, init_weights)
     loop = TrainingLoop(
-        tc, run, data, parts, config.to_dict(), "model", "autoencoder", checkpoint_dir, storage_options
+        tc, run, data, parts.checkpointed(), config.to_dict(), "model", "autoencoder", checkpoint_dir, storage_options
     )  # resumes from the newest checkpoint
-    guard, stream = loop.guard, loop.stream
-
-    # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
-    init_actnorm_from_global_batch(loss_fn.discriminator)
-    step_model = torch.compile(model) if tc.compile else model  # same parameters: EMA and checkpoints use `model`
-    gen_step = distributed.wrap_ddp(GeneratorStep(step_model, loss_fn, gen, shard, tc.sample_posterior), device)
-    # buffers (SyncBatchNorm's statistics, ActNorm's flag) are equal on every rank by construction: nothing to broadcast
-    disc_step = distributed.wrap_ddp(DiscriminatorStep(loss_fn), device, sync_buffers=False)
-    distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
-
-    if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
-        tracker.log_params(
-            {
-                **flatten_dict(config.to_dict()),
-                "perceptual_used": perceptual_used,
-                "device": str(device),
-                "precision": precision,
-                "world_size": world_size,
-                "resumed_from_step": loop.resumed_from or 0,
-            }
-        )
-        tracker.set_tags({"perceptual_used": str(perceptual_used).lower()})
-        if not perceptual_used:
-            log.warning(
-                "training the autoencoder WITHOUT the LPIPS perceptual term (VGG weights unavailable, "
-                "allowed by loss.allow_missing_perceptual)"
-            )
-
-    image_size = config.model.resolution  # replaced by the batches' own size
-    meter = ThroughputMeter(
-        device, precision, world_size, flops=lambda: autoencoder_step_flops(config, image_size, perceptual_used)
-    )
-    last_images: tuple[torch.Tensor, torch.Tensor] | None = None
-    model.train()
-    loss_fn.train()
-    d_lr = tc.disc_lr or tc.lr
-
-    def train_step(step: int) -> StepOutput:
-        nonlocal image_size, last_images
-        disc_on = loss_fn.disc_active(step)
-        factor = lr_at(step, 1.0, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
-        set_lr(opt_g, tc.lr * factor)
-        set_lr(opt_d, d_lr * factor)
-        # ---- 1) generator (autoencoder) step, accumulated over micro-batches --------------------------------------
-        opt_g.zero_grad(set_to_none=True)
-        micro_batches, logs_acc = [], {}
-        for i in range(accum):
-            x = _to_images(stream.next()).to(device, non_blocking=True)  # (b, 3, H, W): this rank's rows
-            if tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with distributed.no_sync_unless(gen_step, sync=i == accum - 1):  # all-reduce once, after the last
-                with autocast(device, precision):
-                    out, terms = gen_step(x, step)
-                loss, logs = _unwrap(gen_step).backward(out, terms, 1.0 / accum, loss_scale=scaler_g.scale())
-            image_size = x.shape[-1]
-            micro_batches.append((x, out.reconstruction.detach()))
-            for k, v in {**logs, **out.stats}.items():
-                logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
-        scaler_g.unscale(opt_g)
-        gnorm = grad_norm_and_finite(g_params, tc.grad_clip)
-        # device-side: skipped by the fused optimizer, no host sync. The loss's terms, not the total: the total holds
-        # the adaptive weight, a ratio of (scaled) gradients that is NaN when they overflow, a gradient matter
-        terms_acc = [logs_acc[k] for k in ("nll", "kl", "codebook", "g") if k in logs_acc]
-        found_inf, counted = scaler_g.nonfinite(gnorm, *terms_acc)
-        optimizer_step(opt_g, found_inf)
-        scaler_g.update()
-        if ema is not None:
-            ema.update(model, skip=found_inf)
-        # ---- 2) discriminator step, on the same images and their (detached) reconstructions ----------------------
-        if disc_on:
-            opt_d.zero_grad(set_to_none=True)
-            for i, (x, recon) in enumerate(micro_batches):
-                with distributed.no_sync_unless(disc_step, sync=i == accum - 1):
-                    with autocast(device, precision):
-                        d_loss, d_logs = disc_step(x, recon, step)
-                    scaler_d.scaled(d_loss / accum).backward()
-                for k, v in d_logs.items():
-                    logs_acc[k] = logs_acc.get(k, 0.0) + v.detach().float() / accum
-            scaler_d.unscale(opt_d)
-            d_norm = grad_norm_and_finite(d_params, tc.grad_clip)
-            # the discriminator steps only when the autoencoder did and its own gradient is finite
-            d_skip, d_counted = scaler_d.nonfinite(d_norm)
-            optimizer_step(opt_d, torch.maximum(found_inf, d_skip))
-            scaler_d.update()
-            counted = torch.maximum(counted, d_counted)
-        guard.record(counted)
-        last_images = micro_batches[-1]
-        logs_acc["grad_norm"] = gnorm
-        return StepOutput(logs_acc, flops=["g_gan", "d"] if disc_on else ["g"])
+    train_step = _AutoencoderStep(config, run, parts, loop)
+    _start_autoencoder_run(tracker, config, run, loop, parts.perceptual_used)
 
     def log_reconstructions(step: int) -> None:
-        if last_images is not None:
-            tracker.log_image(reconstruction_grid(*last_images), "reconstructions", step)
+        if train_step.last_images is not None:
+            tracker.log_image(reconstruction_grid(*train_step.last_images), "reconstructions", step)
 
+    meter = ThroughputMeter(
+        run.device,
+        run.precision,
+        run.world_size,
+        flops=lambda: autoencoder_step_flops(config, train_step.image_size, parts.perceptual_used),
+    )
+    parts.model.train()
+    parts.loss_fn.train()
     finished = loop.run(
         train_step,
         tracker,
@@ -398,20 +439,32 @@ def train_autoencoder(
         images=log_reconstructions,
         image_every=tc.image_every,
     )
-    if rank == 0 and finished:
+    if run.rank == 0 and finished:
         log_reconstructions(loop.step)
-    final = (ema.model if ema is not None else model).eval()
-    final = final.to(memory_format=torch.contiguous_format).cpu()
+    final = (parts.ema.model if parts.ema is not None else parts.model).eval()
     return AutoencoderTrainResult(
-        model=final,
+        model=final.to(memory_format=torch.contiguous_format).cpu(),
         step=loop.step,
-        perceptual_used=perceptual_used,
-        nonfinite_skipped=guard.skipped,
+        perceptual_used=parts.perceptual_used,
+        nonfinite_skipped=loop.guard.skipped,
         resumed_from=loop.resumed_from,
         history=loop.window.history,
         images_per_second=meter.rate(),
         finished=finished,
     )
+
+
+def _start_autoencoder_run(
+    tracker: Tracker, config: AutoencoderTrainingConfig, run: RunSetup, loop: TrainingLoop, perceptual_used: bool
+) -> None:
+    start_run(tracker, run, config.to_dict(), loop.resumed_from, perceptual_used=perceptual_used)
+    if run.rank == 0:
+        tracker.set_tags({"perceptual_used": str(perceptual_used).lower()})
+        if not perceptual_used:
+            log.warning(
+                "training the autoencoder WITHOUT the LPIPS perceptual term (VGG weights unavailable, "
+                "allowed by loss.allow_missing_perceptual)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

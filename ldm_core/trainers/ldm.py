@@ -4,8 +4,8 @@
 latent store, or in tests from tensors in memory through the same dataset interface), draws the objective's
 training pair, drops captions to the empty prompt with probability ``cond_dropout`` (classifier-free guidance), and
 steps AdamW with warmup, clipping, EMA, bf16 autocast and gradient accumulation. A backbone whose modulation takes
-the pooled text vector (the MMDiT) gets the batch's, and a dropped caption's is the null caption's; the UNet takes
-none, and its steps are exactly those it took before pooled vectors existed. The loop around the step (resume,
+the pooled text vector (the MMDiT) gets the batch's, and a dropped caption's is the null caption's; the UNet is
+never handed one, so its steps do not depend on whether the batches carry them. The loop around the step (resume,
 logging, checkpoints, early stop) is the autoencoder trainer's: `ldm_core.trainers.loop`.
 
 Under torchrun (see `ldm_core.distributed`) the denoiser is wrapped in DistributedDataParallel and every rank trains
@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from ldm_core import distributed
-from ldm_core.config import StrictModel, flatten_dict
+from ldm_core.config import StrictModel
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
 from ldm_core.flops import denoiser_step_flops
@@ -37,7 +37,7 @@ from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.config import TrainerConfig
 from ldm_core.trainers.loop import StepOutput, TrainingLoop
 from ldm_core.trainers.meters import ThroughputMeter
-from ldm_core.trainers.run_setup import RunSetup, autocast
+from ldm_core.trainers.run_setup import RunSetup, autocast, checkpointed_parts, start_run
 from ldm_core.trainers.step import EMA, LossScaler, grad_norm_and_finite, lr_at, make_adam, optimizer_step, set_lr
 from ldm_core.trainers.warm_start import load_init_weights
 
@@ -67,12 +67,12 @@ class LDMTrainerConfig(TrainerConfig):
     validation_every: int = Field(0, ge=0)
     """Render validation samples for fixed prompts every N steps through ``sample_fn`` (0 = only at the end)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    """Recompute activations in the backward pass: less memory, for one more forward pass per step."""
     sample_posterior: bool = False
     """Train on a posterior sample z ~ N(mean, exp(logvar)) per image, drawn anew every epoch, as SD-1 and diffusers'
-    scripts do, rather than on the posterior mean (the default, unchanged for existing configs). It needs a latent
-    store of moments, and a dataset built with it (``LatentDataset(..., sample_posterior=True, seed=trainer.seed)``,
-    which the pipeline does); the trainer checks the two agree."""
+    scripts do, rather than on the posterior mean (the default). It needs a latent store of moments, and a dataset
+    built with it (``LatentDataset(..., sample_posterior=True, seed=trainer.seed)``, which the pipeline does); the
+    trainer checks the two agree."""
 
 
 class LDMTrainingConfig(StrictModel):
@@ -103,10 +103,181 @@ class LDMTrainResult:
 # ---------------------------------------------------------------------------------------------------------------
 
 _NO_POOLED = (
-    "the {kind} denoiser takes the pooled text vector, and {what}: a latent store written before pooled "
-    "vectors were cached? Run encode_dataset on it again (in the pipeline: materialize latent_store), which "
-    "adds them from the stored captions without re-encoding the images."
+    "the {kind} denoiser takes the pooled text vector, and {what}: train it on a latent store's LatentDataset with "
+    "its uncond(), which carry the vectors encode_dataset cached, or add the text encoder's pooled vectors "
+    "(TextEncoder.encode(...).pooled) to the batches and the null caption"
 )
+
+
+@dataclass
+class _DenoiserParts:
+    """What the stage-2 trainer trains and steps with."""
+
+    model: nn.Module
+    """The denoiser (with ``lora``: the frozen base carrying the adapter)."""
+    ema: EMA | AdapterEMA | None
+    params: list[nn.Parameter]
+    """What the optimizer steps: the whole denoiser, or the adapter."""
+    opt: torch.optim.Optimizer
+    scaler: LossScaler
+    lora: bool
+
+    def checkpointed(self) -> dict[str, Any]:
+        # with an adapter only it is saved; a full run saves the whole denoiser
+        trained = {**(checkpoint_parts(self.model) if self.lora else {"model": self.model}), "opt": self.opt}
+        return checkpointed_parts(trained, self.ema, {"scaler": self.scaler})
+
+    def exported(self) -> nn.Module:
+        """The weights the run hands on: the EMA's when it keeps one."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+def _build_denoiser_parts(
+    config: LDMTrainingConfig, run: RunSetup, init_weights: dict[str, torch.Tensor] | None
+) -> _DenoiserParts:
+    """The denoiser (the seeded generator draws its initial weights), its EMA, AdamW and the loss scale."""
+    tc, device = config.trainer, run.device
+    model_cfg = (
+        config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing})
+        if hasattr(config.denoiser, "gradient_checkpointing")
+        else config.denoiser
+    )
+    model = build_denoiser(model_cfg)
+    if init_weights is not None:
+        load_init_weights(model, init_weights, "denoiser")
+    if config.lora is not None:  # the base frozen; only the adapter trains, and only it is checkpointed
+        model = add_lora(model, config.lora)
+    model = model.to(device).train()
+    ema = (AdapterEMA if config.lora is not None else EMA)(model, tc.ema_decay) if tc.ema_decay else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    return _DenoiserParts(model, ema, params, opt, LossScaler(run.precision, device), config.lora is not None)
+
+
+@dataclass
+class _NullCaption:
+    """The empty prompt on the run's device, what caption dropout swaps a caption for."""
+
+    context: torch.Tensor
+    """(1, L, D)"""
+    mask: torch.Tensor
+    """(1, L)"""
+    pooled: torch.Tensor | None
+    """(1, D_pool), only for a backbone that takes the pooled vector: the UNet is never handed one."""
+
+
+def _null_caption(config: LDMTrainingConfig, uncond: tuple[torch.Tensor, ...], device: torch.device) -> _NullCaption:
+    pooled = uncond[2] if len(uncond) > 2 else None
+    if takes_pooled(config.denoiser):
+        if pooled is None:
+            raise ValueError(_NO_POOLED.format(kind=config.denoiser.kind, what="the null caption (uncond) has none"))
+        pooled = pooled.to(device).float()
+    else:
+        pooled = None
+    return _NullCaption(uncond[0].to(device).float(), uncond[1].to(device), pooled)
+
+
+def _check_posterior_sampling(latents: torch.utils.data.Dataset, tc: LDMTrainerConfig) -> None:
+    """The dataset draws posterior samples exactly when the trainer says it trains on them."""
+    draws = getattr(latents, "sample_posterior", False)
+    if draws != tc.sample_posterior:
+        raise ValueError(
+            f"trainer.sample_posterior is {tc.sample_posterior}, but the latent dataset "
+            f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
+            f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)"
+        )
+
+
+class _DenoiserStep:
+    """One optimizer step of stage 2, accumulated over micro-batches: caption dropout, the objective's training pair,
+    the loss, then clipping, the (skippable) optimizer step and the EMA. It records the latent and context shapes of
+    the first batch for the FLOPs count."""
+
+    def __init__(
+        self,
+        config: LDMTrainingConfig,
+        run: RunSetup,
+        parts: _DenoiserParts,
+        loop: TrainingLoop,
+        null: _NullCaption,
+    ):
+        self.config, self.tc, self.run, self.parts, self.loop, self.null = (
+            config,
+            config.trainer,
+            run,
+            parts,
+            loop,
+            null,
+        )
+        self.diffusion = create_diffusion(config.diffusion)
+        # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
+        model = parts.model
+        if self.tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # compile the module DDP wraps (the EMA and the checkpoints keep using the plain module: same parameters)
+        self.net = distributed.wrap_ddp(torch.compile(model) if self.tc.compile else model, run.device)
+        self.shapes: tuple | None = None  # (latent (C, h, w), context (L, D)), known after the first batch
+
+    def __call__(self, step: int) -> StepOutput:
+        tc, run, parts = self.tc, self.run, self.parts
+        lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
+        set_lr(parts.opt, lr)
+        parts.opt.zero_grad(set_to_none=True)
+        loss_acc = torch.zeros((), device=run.device)
+        for i in range(run.accum):
+            loss = self._micro_batch_loss(self.loop.stream.next(), sync=i == run.accum - 1)
+            loss_acc += loss.detach() / run.accum
+        parts.scaler.unscale(parts.opt)
+        gnorm = grad_norm_and_finite(parts.params, tc.grad_clip)
+        # device-side: the fused optimizer skips, no host sync
+        found_inf, counted = parts.scaler.nonfinite(gnorm, loss_acc)
+        optimizer_step(parts.opt, found_inf)
+        parts.scaler.update()
+        self.loop.guard.record(counted)
+        if parts.ema is not None:
+            parts.ema.update(parts.model, skip=found_inf)
+        return StepOutput({"loss": loss_acc, "grad_norm": gnorm}, extra={"lr": lr})
+
+    def _micro_batch_loss(self, batch: dict[str, torch.Tensor], sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (this rank's rows of the global micro-batch); gradients are
+        all-reduced only when ``sync``, after the last."""
+        run, accum, device = self.run, self.run.accum, self.run.device
+        x0 = batch["latents"].to(device, non_blocking=True).float()  # (b, C, h, w), already scaled
+        ctx, mask, pooled = self._conditioning(batch)
+        sample = self.diffusion.training_sample(x0, run.gen, shard=run.shard)
+        with distributed.no_sync_unless(self.net, sync=sync):
+            with autocast(device, run.precision):
+                pred = self.net(sample.x_t, sample.t_model, ctx, mask, pooled=pooled)
+            loss = self.diffusion.loss(pred.float(), sample)
+            self.parts.scaler.scaled(loss / accum).backward()
+        if self.shapes is None:
+            self.shapes = (tuple(x0.shape[1:]), tuple(ctx.shape[1:]))
+        return loss
+
+    def _conditioning(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The batch's captions, each dropped to the null caption with probability ``cond_dropout`` (drawn for the
+        global batch): context (b, L, D), mask (b, L), pooled (b, D_pool) or None."""
+        device, null = self.run.device, self.null
+        ctx = batch["context"].to(device, non_blocking=True).float()  # (b, L, D)
+        mask = batch["context_mask"].to(device, non_blocking=True).bool()  # (b, L)
+        pooled = None
+        if null.pooled is not None:
+            if "pooled" not in batch:
+                raise ValueError(
+                    _NO_POOLED.format(kind=self.config.denoiser.kind, what="the training batches have no 'pooled'")
+                )
+            pooled = batch["pooled"].to(device, non_blocking=True).float()  # (b, D_pool)
+        return drop_conditioning(
+            ctx,
+            mask,
+            null.context,
+            null.mask,
+            self.tc.cond_dropout,
+            self.run.gen,
+            shard=self.run.shard,
+            pooled=pooled,
+            uncond_pooled=null.pooled,
+        )
 
 
 def train_ldm(
@@ -140,127 +311,35 @@ def train_ldm(
     tracker = tracker or NullTracker()
     tc = config.trainer
     run = RunSetup.create(tc, rank, world_size)
-    device, precision, rank, world_size = run.device, run.precision, run.rank, run.world_size
-    shard, accum, gen = run.shard, run.accum, run.gen
-    diffusion = create_diffusion(config.diffusion)
-    model_cfg = (
-        config.denoiser.model_copy(update={"gradient_checkpointing": tc.gradient_checkpointing})
-        if hasattr(config.denoiser, "gradient_checkpointing")
-        else config.denoiser
-    )
-    model = build_denoiser(model_cfg)
-    if init_weights is not None:
-        load_init_weights(model, init_weights, "denoiser")
-    if config.lora is not None:  # the base frozen; only the adapter trains, and only it is checkpointed
-        model = add_lora(model, config.lora)
-    model = model.to(device).train()
-    ema = (AdapterEMA if config.lora is not None else EMA)(model, tc.ema_decay) if tc.ema_decay else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    uncond_ctx, uncond_mask = uncond[0].to(device).float(), uncond[1].to(device)
-    # the UNet's steps stay exactly what they were without pooled vectors: it is never handed one
-    use_pooled = takes_pooled(config.denoiser)
-    uncond_pooled = uncond[2] if len(uncond) > 2 else None
-    if use_pooled:
-        if uncond_pooled is None:
-            raise ValueError(_NO_POOLED.format(kind=config.denoiser.kind, what="the null caption (uncond) has none"))
-        uncond_pooled = uncond_pooled.to(device).float()
-
-    draws = getattr(latents, "sample_posterior", False)
-    if draws != tc.sample_posterior:
-        raise ValueError(
-            f"trainer.sample_posterior is {tc.sample_posterior}, but the latent dataset "
-            f"{'draws posterior samples' if draws else 'gives fixed latents'}: build it with "
-            f"LatentDataset(..., sample_posterior={tc.sample_posterior}, seed=trainer.seed)"
-        )
-    scaler = LossScaler(precision, device)
-    parts: dict[str, Any] = {**(checkpoint_parts(model) if config.lora is not None else {"model": model}), "opt": opt}
-    if ema is not None:
-        parts["ema"] = ema
-    if scaler.enabled:  # only fp16 has a scale to resume; other precisions' checkpoints are unchanged
-        parts["scaler"] = scaler
+    parts = _build_denoiser_parts(config, run, init_weights)
+    null = _null_caption(config, uncond, run.device)
+    _check_posterior_sampling(latents, tc)
     # resumes from the newest checkpoint, of the same denoiser and adapter configs (a full run's has no adapter)
     loop = TrainingLoop(
-        tc, run, latents, parts, config.to_dict(), ("denoiser", "lora"), "LDM", checkpoint_dir, storage_options
+        tc,
+        run,
+        latents,
+        parts.checkpointed(),
+        config.to_dict(),
+        ("denoiser", "lora"),
+        "LDM",
+        checkpoint_dir,
+        storage_options,
     )
-    guard, stream = loop.guard, loop.stream
-
-    # DDP after the resume (its construction broadcasts rank 0's state; every rank has loaded the same checkpoint)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # compile the module DDP wraps (the EMA and the checkpoints keep using the plain module: same parameters)
-    net = distributed.wrap_ddp(torch.compile(model) if tc.compile else model, device)
-    distributed.barrier()  # no rank starts (and rank 0 checkpoints) before every rank has read the checkpoint
-
-    if rank == 0:  # every run reports its config, a resumed one too (trackers open a new run per attempt)
-        n_params = sum(p.numel() for p in params)
-        tracker.log_params(
-            {
-                **flatten_dict(config.to_dict()),
-                "device": str(device),
-                "precision": precision,
-                "world_size": world_size,
-                "denoiser_parameters": n_params,
-                "resumed_from_step": loop.resumed_from or 0,
-            }
-        )
-
-    shapes: tuple | None = None  # (latent (C, h, w), context (L, D)), known after the first batch
-    meter = ThroughputMeter(
-        device, precision, world_size, flops=lambda: {"step": denoiser_step_flops(config.denoiser, *shapes)}
+    train_step = _DenoiserStep(config, run, parts, loop, null)
+    start_run(
+        tracker, run, config.to_dict(), loop.resumed_from, denoiser_parameters=sum(p.numel() for p in parts.params)
     )
-
-    def train_step(step: int) -> StepOutput:
-        nonlocal shapes
-        lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.lr_schedule, tc.min_lr_ratio)
-        set_lr(opt, lr)
-        opt.zero_grad(set_to_none=True)
-        loss_acc = torch.zeros((), device=device)
-        for i in range(accum):
-            batch = stream.next()  # this rank's rows of the global micro-batch
-            x0 = batch["latents"].to(device, non_blocking=True).float()  # (b, C, h, w), already scaled
-            ctx = batch["context"].to(device, non_blocking=True).float()  # (b, L, D)
-            mask = batch["context_mask"].to(device, non_blocking=True).bool()  # (b, L)
-            pooled = None
-            if use_pooled:
-                if "pooled" not in batch:
-                    raise ValueError(
-                        _NO_POOLED.format(kind=config.denoiser.kind, what="the training batches have no 'pooled'")
-                    )
-                pooled = batch["pooled"].to(device, non_blocking=True).float()  # (b, D_pool)
-            ctx, mask, pooled = drop_conditioning(
-                ctx,
-                mask,
-                uncond_ctx,
-                uncond_mask,
-                tc.cond_dropout,
-                gen,
-                shard=shard,
-                pooled=pooled,
-                uncond_pooled=uncond_pooled if use_pooled else None,
-            )
-            sample = diffusion.training_sample(x0, gen, shard=shard)
-            with distributed.no_sync_unless(net, sync=i == accum - 1):  # all-reduce once, after the last
-                with autocast(device, precision):
-                    pred = net(sample.x_t, sample.t_model, ctx, mask, pooled=pooled)
-                loss = diffusion.loss(pred.float(), sample)
-                scaler.scaled(loss / accum).backward()
-            if shapes is None:
-                shapes = (tuple(x0.shape[1:]), tuple(ctx.shape[1:]))
-            loss_acc += loss.detach() / accum
-        scaler.unscale(opt)
-        gnorm = grad_norm_and_finite(params, tc.grad_clip)
-        found_inf, counted = scaler.nonfinite(gnorm, loss_acc)  # device-side: the fused optimizer skips, no host sync
-        optimizer_step(opt, found_inf)
-        scaler.update()
-        guard.record(counted)
-        if ema is not None:
-            ema.update(model, skip=found_inf)
-        return StepOutput({"loss": loss_acc, "grad_norm": gnorm}, extra={"lr": lr})
 
     def log_samples(step: int) -> None:
-        tracker.log_image(sample_fn(ema.model if ema is not None else model, step), "validation_samples", step)
+        tracker.log_image(sample_fn(parts.exported(), step), "validation_samples", step)
 
+    meter = ThroughputMeter(
+        run.device,
+        run.precision,
+        run.world_size,
+        flops=lambda: {"step": denoiser_step_flops(config.denoiser, *train_step.shapes)},
+    )
     finished = loop.run(
         train_step,
         tracker,
@@ -269,13 +348,13 @@ def train_ldm(
         images=log_samples if sample_fn is not None else None,
         image_every=tc.validation_every,
     )
-    final = (ema.model if ema is not None else model).eval()
-    if rank == 0 and finished and sample_fn is not None:
+    final = parts.exported().eval()
+    if run.rank == 0 and finished and sample_fn is not None:
         tracker.log_image(sample_fn(final, loop.step), "validation_samples", loop.step)
     return LDMTrainResult(
         model=final.cpu(),
         step=loop.step,
-        nonfinite_skipped=guard.skipped,
+        nonfinite_skipped=loop.guard.skipped,
         resumed_from=loop.resumed_from,
         history=loop.window.history,
         samples_per_second=meter.rate(),

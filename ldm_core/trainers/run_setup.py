@@ -1,6 +1,8 @@
-"""What a trainer derives from its config before it builds anything: the device and precision, this process's place
+"""The run setup both trainers share. Before a trainer builds anything: the device and precision, this process's place
 among the ranks, the split of the global batch (batch_size = micro_batch_size × accumulation steps × world size),
-and the trainer's own generator, seeded alike on every rank."""
+and the trainer's own generator, seeded alike on every rank (`RunSetup`). Once it has built its parts: what a
+checkpoint holds of them (`checkpointed_parts`), and the start every rank waits for before the first step, where
+rank 0 reports the run's config (`start_run`)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ import torch
 
 from ldm_core import distributed
 from ldm_core.checkpoint import CheckpointManager
+from ldm_core.config import flatten_dict
 from ldm_core.distributed import BatchShard
+from ldm_core.tracking import Tracker
 from ldm_core.trainers.config import Precision, TrainerConfig
 from ldm_core.trainers.data_order import EpochBatchSampler
+from ldm_core.trainers.step import LossScaler
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +130,35 @@ class RunSetup:
         if not checkpoint_dir:
             return None
         return CheckpointManager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options)
+
+
+def checkpointed_parts(trained: dict[str, Any], ema: Any | None, scalers: dict[str, LossScaler]) -> dict[str, Any]:
+    """What a checkpoint saves of a trainer's parts: its modules and optimizers (``trained``), its EMA when it keeps
+    one, and its loss scales only when they scale (fp16), so that other precisions' checkpoints hold no scaler."""
+    parts = dict(trained)
+    if ema is not None:
+        parts["ema"] = ema
+    if any(scaler.enabled for scaler in scalers.values()):
+        parts.update(scalers)
+    return parts
+
+
+def start_run(tracker: Tracker, run: RunSetup, config: dict[str, Any], resumed_from: int | None, **params: Any) -> None:
+    """Called once the trainer is ready to step: every rank waits here, then rank 0 reports the run's config with
+    ``params`` (what the trainer adds) to the tracker.
+
+    The barrier keeps every rank (and rank 0's first checkpoint) from starting before every rank has read the
+    checkpoint it resumes from. Every run reports, a resumed one too: trackers open a new run per attempt.
+    """
+    distributed.barrier()
+    if run.rank == 0:
+        tracker.log_params(
+            {
+                **flatten_dict(config),
+                **params,
+                "device": str(run.device),
+                "precision": run.precision,
+                "world_size": run.world_size,
+                "resumed_from_step": resumed_from or 0,
+            }
+        )

@@ -18,7 +18,6 @@ from ldm_core.data.integrity import CorruptShardError
 from ldm_core.data.latent_dataset import LatentDataset
 from ldm_core.data.latent_store import schema
 from ldm_core.data.latent_store.encoding import encode_dataset
-from ldm_core.data.latent_store.reader import LatentStore
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.models.autoencoder import AutoencoderKL, autoencoder_preset
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
@@ -156,7 +155,6 @@ def test_a_clean_store_reads_whole_in_both_modes(clean, tmp_path, backend):
     assert all(s.checksums for s in schema.read_metadata(url).shards)
     for resident in (True, False):
         _read_everything(url, resident)
-    assert LatentStore(url).unchecked_shards == 0
 
 
 ROTS = {
@@ -195,16 +193,6 @@ def test_a_rotten_latent_shard_is_refused_naming_it(clean, tmp_path, backend, ro
     message = str(err.value)
     assert f"corrupt latent store shard {name} at {os.path.join(url, schema.SHARDS_DIR, name)}" in message
     assert "\n" not in message
-
-
-def test_a_store_written_before_checksums_is_read_unchecked_and_counted(clean, tmp_path):
-    url = _copy(clean, tmp_path, "zarr")
-    meta = schema.read_metadata(url)
-    for s in meta.shards:
-        s.checksums = None
-    schema.write_metadata(url, meta, None)
-    assert LatentStore(url).unchecked_shards == 4
-    _read_everything(url, resident=True)
 
 
 def test_a_rotten_latent_shard_on_s3_is_refused_naming_it(clean, s3_url):

@@ -10,7 +10,7 @@ import pytest
 from ldm_core.data.synthetic import COLORS
 from ldm_core.evaluation.attributes import color_confusion, confusion_lines
 from ldm_core.evaluation.fidelity import FidelityThresholds, fidelity_verdict, reconstruction_fidelity
-from ldm_core.evaluation.report import write_report
+from ldm_core.evaluation.report import ReportInputs, write_report
 from tests.core.shapes_data import ShapesInMemory
 
 
@@ -103,7 +103,7 @@ def test_the_report_shows_the_colour_confusion_of_the_samples(shapes, tmp_path):
     n_red = colours.count("red")
     assert confusion["red"] == {"yellow": n_red} and confusion["blue"] == {"blue": colours.count("blue")}
     assert confusion_lines(confusion) == [f"red → yellow: {n_red} of {n_red}"]
-    report = write_report(str(tmp_path), metrics={}, color_confusion=confusion, versions={})
+    report = write_report(str(tmp_path), ReportInputs(metrics={}, color_confusion=confusion, versions={}))
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert f"red → yellow: {n_red} of {n_red}" in page and 'id="color-confusion"' in page
     assert f"red → yellow: {n_red} of {n_red}" in report.markdown

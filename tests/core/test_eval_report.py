@@ -21,6 +21,7 @@ from ldm_core.evaluation.report import (
     METRICS_NAME,
     RECONSTRUCTIONS_NAME,
     SAMPLES_NAME,
+    ReportInputs,
     SampleGrid,
     collect_versions,
     reconstruction_image,
@@ -119,7 +120,7 @@ def write(out_url, inputs, **overrides):
         versions={"torch": "9.9", "ldm-pipeline": "0.1.0"},
     )
     kwargs.update(overrides)
-    return write_report(out_url, **kwargs)
+    return write_report(out_url, ReportInputs(**kwargs))
 
 
 def test_report_writes_all_files_and_metrics_json_round_trips(tmp_path, inputs):
@@ -193,7 +194,7 @@ def test_markdown_summary_carries_the_metrics_the_decision_and_the_grid(tmp_path
 
 
 def test_report_without_optional_parts_still_renders(tmp_path):
-    result = write_report(str(tmp_path), metrics={"fid": MetricResult.not_computed("fid", "no weights")})
+    result = write_report(str(tmp_path), ReportInputs(metrics={"fid": MetricResult.not_computed("fid", "no weights")}))
     page = (tmp_path / HTML_NAME).read_text()
     assert set(result.files) == {HTML_NAME, METRICS_NAME}
     assert "gate was not run" in page and "No samples" in page and "No reconstructions" in page

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ldm_core.data.synthetic import render_shape, shape_specs
 from ldm_core.evaluation.metrics import MetricResult, psnr, ssim
-from ldm_core.evaluation.report import SampleGrid, write_report
+from ldm_core.evaluation.report import ReportInputs, SampleGrid, write_report
 from ldm_core.grids import upscale_nearest
 
 WINDOW = (1200, 2000)  # width, height of the screenshot
@@ -119,8 +119,7 @@ def report(tmp_path_factory):
         "fid": MetricResult.not_computed("fid", "weights-inception-2015-12-05-6726825d.pth is missing"),
     }
     out = tmp_path_factory.mktemp("report")
-    write_report(
-        str(out),
+    inputs = ReportInputs(
         metrics=metrics,
         samples=grid,
         originals=images[:4],
@@ -129,6 +128,7 @@ def report(tmp_path_factory):
         config={"preset": "demo"},
         created_at="test",
     )
+    write_report(str(out), inputs)
     return out / "report.html", grid, metrics
 
 

@@ -17,7 +17,6 @@ from ldm_core.data.latent_store import writer as store_writer
 from ldm_core.data.latent_store.encoding import encode_dataset
 from ldm_core.data.latent_store.reader import LatentStore
 from ldm_core.data.latent_store.schema import LatentStoreConfig, LatentStoreMismatchError
-from ldm_core.data.latent_store.writer import LatentStoreWriter
 from ldm_core.data.synthetic import png_bytes
 from ldm_core.models.autoencoder import AutoencoderKL, autoencoder_preset, scale_latents, unscale_latents
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
@@ -476,114 +475,53 @@ def test_train_ldm_runs_on_a_latent_dataset(fp32_store):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stores written before pooled text vectors were cached
+# A store of an older format
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_old_store(url: str, old_url: str) -> None:
-    """The store at ``url`` as older code wrote it: no pooled field in the shards, no pooled null caption, and a
-    latent_store.json without the pooled keys."""
-    store = LatentStore(url)
-    meta = store.metadata
-    template = meta.model_copy(
-        update={
-            "pooled_dim": None,
-            "shards": [],
-            "runs": [],
-            "rows": 0,
-            "train_rows": 0,
-            "validation_rows": 0,
-            "attribute_columns": [],
-        }
-    )
-    ctx, mask, _ = store.uncond()
-    cfg = _cfg(backend=meta.backend, dtype=meta.dtype)
-    with LatentStoreWriter.open(old_url, template, cfg, (ctx, mask)) as writer:
-        _copy_shards(store, writer)
-    path = os.path.join(old_url, schema.METADATA_NAME)
+def _as_format_1(url: str, pooled: bool) -> bytes:
+    """Rewrite the store's latent_store.json as format 1 was written: without ``pooled`` vectors (``pooled_dim``
+    null, no shard ``pooled`` flags, no checksums), or, ``pooled``, as its last version wrote it (flags and
+    checksums). Returns the new file's bytes."""
+    path = os.path.join(url, schema.METADATA_NAME)
     with open(path) as f:
         doc = json.load(f)
-    doc.pop("pooled_dim")
-    for s in doc["shards"]:
-        s.pop("pooled")
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    doc["format"] = "ldm-latent-store/1"
+    for shard in doc["shards"]:
+        shard["pooled"] = pooled
+        if not pooled:
+            shard["checksums"] = None
+    if not pooled:
+        doc["pooled_dim"] = None
+    data = json.dumps(doc).encode()
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
 
 
-def _copy_shards(store: LatentStore, writer: LatentStoreWriter) -> None:
-    for k, record in enumerate(store.shards):
-        arrays = store.format.read(store.shard_url(k), ("latents", "logvar", "context", "context_mask"), None)
-        rows = store.format.read_row_table(store.shard_url(k), None)
-        cols = backends.ShardColumns(
-            arrays["latents"], arrays["logvar"], arrays["context"], arrays["context_mask"], rows
-        )
-        writer.write_shard(record.source, cols, source_rows=record.source_rows, source_bytes=record.source_bytes)
-
-
-def _ldm_config(denoiser: dict):
-    from ldm_core.trainers.ldm import LDMTrainingConfig
-
-    return LDMTrainingConfig.model_validate(
-        {
-            "denoiser": denoiser,
-            "diffusion": {"kind": "flow"},
-            "trainer": {"steps": 1, "batch_size": 8, "ema_decay": None, "log_every": 1, "device": "cpu"},
-        }
+@pytest.mark.parametrize("pooled", [False, True], ids=["without-pooled", "last-format-1"])
+def test_a_store_of_an_older_format_is_refused_with_one_line_saying_what_to_do(
+    dataset_url, vae, text, tmp_path, pooled
+):
+    """Readers and writers refuse it in one line naming the store, both formats, and what to do; an encoding run
+    pointed at it changes nothing there."""
+    url = str(tmp_path / "old")
+    cfg = _cfg(backend="parquet", dtype="fp16")
+    encode_dataset(dataset_url, url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
+    old = _as_format_1(url, pooled)
+    files = sorted(storage.list_dir(os.path.join(url, schema.SHARDS_DIR)))
+    expected = (
+        f"latent store at {url} is format ldm-latent-store/1; this version reads format ldm-latent-store/2: "
+        "delete it and encode the dataset again (encode_dataset; in the pipeline: materialize latent_store)"
     )
-
-
-MMDIT = {"kind": "mmdit", "preset": "tiny", "hidden_size": 32, "depth": 1, "num_heads": 2}
-
-
-@pytest.mark.parametrize("backend", ["zarr", "parquet"])
-def test_a_store_without_pooled_vectors_loads_and_encoding_adds_them(dataset_url, vae, text, tmp_path, backend):
-    """An old store still trains the UNet; the MMDiT is refused with what to do; the next encode_dataset gives it
-    the pooled vectors a fresh store has (from the stored captions, resumable), and then the MMDiT trains on it."""
-    from ldm_core.models.unet import UNET_PRESETS
-    from ldm_core.trainers.ldm import train_ldm
-
-    new_url, old_url = str(tmp_path / "new"), str(tmp_path / "old")
-    cfg = _cfg(backend=backend, dtype="fp16")
-    encode_dataset(dataset_url, new_url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
-    _as_old_store(new_url, old_url)
-
-    data = LatentDataset(old_url, "train")
-    assert not data.has_pooled and data.uncond()[2] is None and "pooled" not in data.get_batch([0, 1])
-    assert train_ldm(_ldm_config(UNET_PRESETS["tiny"].to_dict()), data, uncond=data.uncond()).step == 1
-    with pytest.raises(ValueError, match="before pooled vectors were cached.*encode_dataset"):
-        train_ldm(_ldm_config(MMDIT), data, uncond=data.uncond())
-
-    # an upgrade killed after its first shard leaves a store every reader still reads whole, without pooled
-    writer = LatentStoreWriter(old_url, schema.read_metadata(old_url), cfg)
-
-    def kill(done: int, todo: int) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt), writer:
-        writer.add_pooled(text, progress=kill)
-    meta = schema.read_metadata(old_url)
-    assert meta.pooled_dim is None and [s.pooled for s in meta.shards] == [True, False, False, False]
-    halfway = LatentDataset(old_url, None)
-    assert not halfway.has_pooled and torch.equal(
-        halfway.get_batch(range(N_IMAGES))["latents"],
-        LatentDataset(new_url, None).get_batch(range(N_IMAGES))["latents"],
-    )
-
-    result = encode_dataset(dataset_url, old_url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
-    assert result.rows_new == 0 and result.pooled_rows_added == N_IMAGES - ROWS_PER_SHARD
-    upgraded, fresh = LatentStore(old_url), LatentStore(new_url)
-    assert upgraded.has_pooled and upgraded.metadata.pooled_dim == text.pooled_dim
-    (ids, got), (ref_ids, ref) = _all(upgraded), _all(fresh)
-    assert ids == ref_ids and [upgraded.read_rows(k) for k in range(4)] == [fresh.read_rows(k) for k in range(4)]
-    for f in ("latents", "logvar", "context", "context_mask"):
-        assert torch.equal(got[f], ref[f]), f
-    # the same captions through the same encoder, in other batches: equal to fp16 rounding
-    torch.testing.assert_close(got["pooled"].float(), ref["pooled"].float(), atol=2e-3, rtol=2e-3)
-    for a, b in zip(upgraded.uncond(), fresh.uncond()):
-        assert torch.equal(a, b)
-    assert sorted(storage.list_dir(os.path.join(old_url, "shards"))) == sorted(s.name for s in upgraded.shards)
-    data = LatentDataset(old_url, "train")
-    assert data.get_batch([0, 1])["pooled"].shape == (2, text.pooled_dim)
-    assert train_ldm(_ldm_config(MMDIT), data, uncond=data.uncond()).step == 1
-    again = encode_dataset(dataset_url, old_url, vae, text, cfg, vae_identity="models:/ldm-vae/1")
-    assert again.pooled_rows_added == 0 and again.rows_new == 0
+    for open_it in (
+        lambda: LatentStore(url),
+        lambda: LatentDataset(url, "train"),
+        lambda: encode_dataset(dataset_url, url, vae, text, cfg, vae_identity="models:/ldm-vae/1"),
+    ):
+        with pytest.raises(schema.LatentStoreFormatError) as err:
+            open_it()
+        assert str(err.value) == expected
+    with open(os.path.join(url, schema.METADATA_NAME), "rb") as f:
+        assert f.read() == old
+    assert sorted(storage.list_dir(os.path.join(url, schema.SHARDS_DIR))) == files

@@ -143,6 +143,7 @@ def _template() -> LatentStoreMetadata:
         text_encoder_identity="test:text",
         latent_shape=list(LATENT),
         context_shape=[L, D],
+        pooled_dim=D,
     )
 
 
@@ -155,6 +156,7 @@ def _columns(n: int) -> ShardColumns:
         rng.standard_normal((n, L, D), dtype=np.float32),
         np.ones((n, L), bool),
         rows,
+        rng.standard_normal((n, D), dtype=np.float32),
     )
 
 
@@ -163,7 +165,7 @@ def _open(url: str, lease: WriterLease | None = None) -> LatentStoreWriter:
         url,
         _template(),
         LatentStoreConfig(backend="parquet", dtype="fp32"),
-        (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool)),
+        (torch.zeros(1, L, D), torch.ones(1, L, dtype=torch.bool), torch.zeros(1, D)),
         lease=lease,
     )
 

@@ -22,11 +22,9 @@ sample, unscaled, (C, h, w)), ``logvar`` (moments only), ``context`` (L, D), ``c
 the dataset's attribute columns. Tensors are stored in the configured dtype (bf16 as its raw 16-bit pattern, since
 neither NumPy, Zarr nor Parquet has a bf16 type).
 
-Stores written before pooled vectors were cached (metadata ``pooled_dim`` null, no ``pooled`` field, no pooled
-null caption) still load: their readers give no ``pooled``, which the UNet never uses. The next `encode_dataset`
-on such a store adds the column (`LatentStoreWriter.add_pooled`): the store's own text encoder encodes the stored
-captions, and each shard is rewritten whole under a fresh name and swapped in the metadata; no image is read and
-the autoencoder does not run. A killed upgrade resumes with the shards not yet swapped.
+``latent_store.json`` names its format (``ldm-latent-store/2``: every shard has the pooled field and its files'
+sha256s). A store of another format is refused on open, with one line saying to delete it and encode the dataset
+again: a store is a cache of its dataset, rebuilt by `encode_dataset`.
 
 The latent scale is NOT applied in the store: the store holds the autoencoder's own latents plus the scale and
 shift it was trained with, and readers apply them through `scale_latents`, the one function that maps
@@ -36,7 +34,7 @@ One writer at a time per store (no cross-process locking); any number of readers
 
     schema.py    file names, `LatentStoreConfig`, the metadata (`LatentStoreMetadata`), results, the null caption
     backends.py  the Zarr and Parquet shard formats and the storage dtypes
-    writer.py    `LatentStoreWriter`: atomic shards, then the metadata; pooled vectors added to an older store
+    writer.py    `LatentStoreWriter`: atomic shards, then the metadata
     reader.py    `LatentStore`: metadata, shards by split, rows
     encoding.py  `encode_dataset`: a canonical dataset through the frozen autoencoder and the text encoder
 """
@@ -48,6 +46,7 @@ from ldm_core.data.latent_store.schema import (
     EncodeProgress,
     EncodeResult,
     LatentStoreConfig,
+    LatentStoreFormatError,
     LatentStoreMetadata,
     LatentStoreMismatchError,
     StoreShard,
@@ -60,6 +59,7 @@ __all__ = [
     "EncodeResult",
     "LatentStore",
     "LatentStoreConfig",
+    "LatentStoreFormatError",
     "LatentStoreMetadata",
     "LatentStoreMismatchError",
     "LatentStoreWriter",

@@ -68,30 +68,32 @@ class ShardColumns:
     """(N, L) bool, True for real tokens."""
     rows: pa.Table
     """(N rows) ``id``, ``caption``, ``split`` and attribute columns."""
-    pooled: np.ndarray | None = None
-    """(N, D_pool) pooled caption vectors; None only for a store without them (metadata pooled_dim None)."""
+    pooled: np.ndarray
+    """(N, D_pool) pooled caption vectors."""
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def tensors(self) -> dict[str, np.ndarray]:
-        out = {"latents": self.latents, "context": self.context, "context_mask": self.context_mask}
+        out = {
+            "latents": self.latents,
+            "context": self.context,
+            "context_mask": self.context_mask,
+            "pooled": self.pooled,
+        }
         if self.logvar is not None:
             out["logvar"] = self.logvar
-        if self.pooled is not None:
-            out["pooled"] = self.pooled
         return out
 
     def take(self, order: np.ndarray) -> ShardColumns:
         lv = None if self.logvar is None else self.logvar[order]
-        pooled = None if self.pooled is None else self.pooled[order]
         return ShardColumns(
             self.latents[order],
             lv,
             self.context[order],
             self.context_mask[order],
             self.rows.take(pa.array(order)),
-            pooled,
+            self.pooled[order],
         )
 
 
@@ -151,7 +153,7 @@ class _ZarrShards:
             self._write_group(storage.local_path(url), cols, cfg)
             return _fsync_and_hash_tree(storage.local_path(url))
         # object store: build the group on local disk, then upload its files concurrently (a few requests in
-        # flight instead of ~20 sequential round trips per shard)
+        # flight instead of one sequential round trip per file of the group)
         with tempfile.TemporaryDirectory(prefix="latent-shard-") as tmp:
             self._write_group(tmp, cols, cfg)
             checksums = _fsync_and_hash_tree(tmp, fsync=False)

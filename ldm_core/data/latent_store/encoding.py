@@ -24,6 +24,7 @@ from ldm_core.data.latent_store.schema import (
     LatentStoreConfig,
     LatentStoreMetadata,
     LatentStoreMismatchError,
+    StoreShard,
     utc_now,
 )
 from ldm_core.data.latent_store.writer import LatentStoreWriter
@@ -177,19 +178,8 @@ def _encode_into(
     t0: float,
 ) -> EncodeResult:
     """`encode_dataset` once the store is open (and its lease held): the shards the store does not have yet."""
-    # a store written before pooled vectors were cached gets them first, so that every shard is alike afterwards
-    pooled_rows_added = writer.add_pooled(text_encoder)
-
     done = writer.metadata.shard_by_source()
-    in_dataset = {s.name: s for s in manifest.shards}
-    for source, rec in done.items():
-        info = in_dataset.get(source)
-        if info is None or info.rows != rec.source_rows or (rec.source_bytes and info.bytes != rec.source_bytes):
-            raise LatentStoreMismatchError(
-                f"the latent store at {store_url} encodes a {source} that the dataset at {redact_url(dataset_url)} "
-                f"does not have ({'missing' if info is None else f'{info.rows} rows, not {rec.source_rows}'}): it "
-                "was built from another dataset. Use a new store URL."
-            )
+    _check_same_dataset(done, manifest, dataset_url, store_url)
     todo = [s for s in manifest.shards if s.name not in done]
     log.info(
         "encoding %s -> %s: %d dataset shards, %d already encoded, %d to do",
@@ -199,39 +189,81 @@ def _encode_into(
         len(done),
         len(todo),
     )
-
     device = torch.device(device)
     first_param = next(vae.parameters())
     was_training, home = vae.training, first_param.device
     vae.eval().to(device)
-    rows_new = bytes_new = 0
-    new_shards: list[str] = []
     try:
+        records = []
         for i, info in enumerate(todo):
-            # the whole file is read anyway: checking it costs one sha256 (a corrupt shard stops the encoding)
-            table = canonical.read_shard(dataset_url, info.name, storage_options=storage_options, verify=info)
-            if split is not None:
-                table = table.filter(pc.equal(table.column("split"), split))
-            # encode in store order (train rows first), so a row's batch is the one a reader can reproduce
-            table = table.take(
-                pa.array(np.argsort(np.array(table.column("split").to_pylist()) != "train", kind="stable"))
+            records.append(
+                _encode_source_shard(
+                    writer, info, dataset_url, manifest, vae, text_encoder, config, split, device, storage_options
+                )
             )
-            with torch.inference_mode():
-                cols = _encode_shard(table, vae, text_encoder, config, device, info.name, manifest.attribute_columns)
-            del table
-            record = writer.write_shard(info.name, cols, source_rows=info.rows, source_bytes=info.bytes)
-            del cols
-            rows_new += record.rows
-            bytes_new += record.bytes
-            new_shards.append(info.name)
-            log.info("encoded %s: %d rows -> %s", info.name, record.rows, record.name)
             if progress is not None:
-                progress(EncodeProgress(info.name, record.rows, i + 1, len(todo), rows_new))
+                progress(EncodeProgress(info.name, records[-1].rows, i + 1, len(todo), sum(r.rows for r in records)))
     finally:
         vae.train(was_training).to(home)
+    return _finish(writer, store_url, todo, records, len(done), started, t0)
 
+
+def _check_same_dataset(
+    done: dict[str, StoreShard], manifest: canonical.Manifest, dataset_url: str, store_url: str
+) -> None:
+    """Every shard the store holds encodes a shard of this dataset, of the same rows and size."""
+    in_dataset = {s.name: s for s in manifest.shards}
+    for source, rec in done.items():
+        info = in_dataset.get(source)
+        if info is None or info.rows != rec.source_rows or (rec.source_bytes and info.bytes != rec.source_bytes):
+            raise LatentStoreMismatchError(
+                f"the latent store at {store_url} encodes a {source} that the dataset at {redact_url(dataset_url)} "
+                f"does not have ({'missing' if info is None else f'{info.rows} rows, not {rec.source_rows}'}): it "
+                "was built from another dataset. Use a new store URL."
+            )
+
+
+def _encode_source_shard(
+    writer: LatentStoreWriter,
+    info: canonical.ShardInfo,
+    dataset_url: str,
+    manifest: canonical.Manifest,
+    vae: torch.nn.Module,
+    text_encoder: TextEncoder,
+    config: LatentStoreConfig,
+    split: str | None,
+    device: torch.device,
+    storage_options: dict[str, Any] | None,
+) -> StoreShard:
+    """Read, encode and record one dataset shard; returns its store record."""
+    # the whole file is read anyway: checking it costs one sha256 (a corrupt shard stops the encoding)
+    table = canonical.read_shard(dataset_url, info.name, storage_options=storage_options, verify=info)
+    if split is not None:
+        table = table.filter(pc.equal(table.column("split"), split))
+    # encode in store order (train rows first), so a row's batch is the one a reader can reproduce
+    table = table.take(pa.array(np.argsort(np.array(table.column("split").to_pylist()) != "train", kind="stable")))
+    with torch.inference_mode():
+        cols = _encode_shard(table, vae, text_encoder, config, device, info.name, manifest.attribute_columns)
+    del table
+    record = writer.write_shard(info.name, cols, source_rows=info.rows, source_bytes=info.bytes)
+    log.info("encoded %s: %d rows -> %s", info.name, record.rows, record.name)
+    return record
+
+
+def _finish(
+    writer: LatentStoreWriter,
+    store_url: str,
+    encoded: list[canonical.ShardInfo],
+    records: list[StoreShard],
+    skipped: int,
+    started: str,
+    t0: float,
+) -> EncodeResult:
+    """Record the run (when it encoded anything) and say what it did."""
+    rows_new = sum(r.rows for r in records)
     seconds = time.perf_counter() - t0
     rate = rows_new / seconds if rows_new else 0.0
+    new_shards = [info.name for info in encoded]
     if new_shards:
         writer.record_run(
             EncodeRun(
@@ -252,9 +284,8 @@ def _encode_into(
         shards_total=len(m.shards),
         shards_new=len(new_shards),
         new_shards=new_shards,
-        skipped_shards=len(done),
-        bytes_new=bytes_new,
+        skipped_shards=skipped,
+        bytes_new=sum(r.bytes for r in records),
         seconds=seconds,
         images_per_second=rate,
-        pooled_rows_added=pooled_rows_added,
     )

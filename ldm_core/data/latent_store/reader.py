@@ -19,7 +19,6 @@ from ldm_core.data.latent_store.schema import (
     read_metadata,
     read_uncond,
 )
-from ldm_core.data.sources import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,8 @@ class LatentStore:
 
     The first read of each field of a shard in this object checks its files against the sha256s recorded when the
     shard was written and raises `CorruptShardError` (naming the shard and its URL) when they differ: training
-    stops rather than skip data, or learn from flipped bits. Shards recorded without checksums (older stores) are
-    read unchecked and counted in ``unchecked_shards``.
+    stops rather than skip data, or learn from flipped bits. A store of another format is refused on open
+    (`LatentStoreFormatError`).
     """
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
@@ -48,17 +47,8 @@ class LatentStore:
         self.format = SHARD_FORMATS[meta.backend]
         self.shards: list[StoreShard] = [s for s in meta.shards if s.rows > 0]
         self.offsets = np.cumsum([0] + [s.rows for s in self.shards])
-        self._uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._verified: set[tuple[int, str]] = set()  # (shard, field) whose files this object has checked
-        self.unchecked_shards = sum(s.checksums is None for s in self.shards)
-        if self.unchecked_shards:
-            log.warning(
-                "%d of %d shards of the latent store at %s have no recorded checksums (written before they "
-                "were recorded): they are read unchecked",
-                self.unchecked_shards,
-                len(self.shards),
-                redact_url(store_url),
-            )
 
     @property
     def num_rows(self) -> int:
@@ -73,26 +63,16 @@ class LatentStore:
         return self.metadata.scaling_factor, self.metadata.shift_factor
 
     @property
-    def has_pooled(self) -> bool:
-        """Every row and the null caption have a pooled vector (False: a store written before they were cached)."""
-        return self.metadata.pooled_dim is not None
-
-    @property
-    def training_fields(self) -> tuple[str, ...]:
-        """The fields a trainer reads: latents, context, context_mask, and pooled where the store has it."""
-        return TRAINING_FIELDS + (("pooled",) if self.has_pooled else ())
-
-    @property
     def tensor_fields(self) -> tuple[str, ...]:
         """Every tensor field this store holds."""
-        return self.training_fields + (("logvar",) if self.metadata.content == "moments" else ())
+        return TRAINING_FIELDS + (("logvar",) if self.metadata.content == "moments" else ())
 
-    def uncond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def uncond(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The empty prompt: (context (1, L, D) float32, mask (1, L) bool, pooled (1, D_pool) float32), for
-        classifier-free guidance training; pooled is None in a store without pooled vectors."""
+        classifier-free guidance training."""
         if self._uncond is None:
-            context, mask, *pooled = read_uncond(self.url, self.storage_options)
-            self._uncond = (context, mask, pooled[0] if pooled and self.has_pooled else None)
+            context, mask, pooled = read_uncond(self.url, self.storage_options)
+            self._uncond = (context, mask, pooled)
         return self._uncond
 
     def shard_url(self, k: int) -> str:
@@ -103,11 +83,6 @@ class LatentStore:
         context_mask (N, L) bool, pooled (N, D_pool)."""
         if "logvar" in fields and self.metadata.content != "moments":
             raise ValueError("this store holds posterior samples, not moments: it has no logvar")
-        if "pooled" in fields and not self.has_pooled:
-            raise ValueError(
-                f"the latent store at {redact_url(self.url)} was written before pooled text vectors were "
-                "cached: it has no pooled field (encode_dataset on it adds one)"
-            )
         arrays = self.format.read(self.shard_url(k), fields, self.storage_options, self._to_verify(k, fields))
         self._verified.update((k, f) for f in fields)
         return {
@@ -116,9 +91,9 @@ class LatentStore:
         }
 
     def _to_verify(self, k: int, fields: Sequence[str]) -> dict[str, str] | None:
-        """The shard's checksums when some of ``fields`` is read from it for the first time, else None."""
-        checksums = self.shards[k].checksums
-        return checksums if checksums is not None and any((k, f) not in self._verified for f in fields) else None
+        """The shard's checksums when some of ``fields`` is read from it for the first time, else None (the files
+        this object has checked are not hashed again)."""
+        return self.shards[k].checksums if any((k, f) not in self._verified for f in fields) else None
 
     def read_rows(self, k: int) -> list[dict[str, Any]]:
         """id, caption, split and every attribute column (None where a shard lacks one) of shard ``k``'s rows."""

@@ -18,11 +18,15 @@ from safetensors.torch import save as save_safetensors
 
 from ldm_core import storage
 from ldm_core.config import StrictModel
+from ldm_core.data.sources import redact_url
 
 log = logging.getLogger(__name__)
 
 
-FORMAT = "ldm-latent-store/1"
+FORMAT = "ldm-latent-store/2"
+"""The format this code writes and reads: every shard holds the pooled caption vectors and has its files' sha256s
+recorded, and the null caption has its pooled vector. A store of any other format is refused on open (a store is a
+cache of its dataset: encoding it again is the way to this format)."""
 
 
 METADATA_NAME = "latent_store.json"
@@ -38,14 +42,14 @@ SHARD_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<token>[0-9a-f]{8})\.(?P<ext>zarr|
 
 
 SHARD_GENERATION_RE = re.compile(r"-g(?P<generation>\d+)-[0-9a-f]{8}\.(zarr|parquet)$")
-"""The writer generation in a shard's name (``shard-00000-g3-1a2b3c4d.zarr``); names from before leases lack it."""
+"""The writer generation in a shard's name (``shard-00000-g3-1a2b3c4d.zarr``)."""
 
 
 TENSOR_FIELDS = ("latents", "logvar", "context", "context_mask", "pooled")
 
 
-TRAINING_FIELDS = ("latents", "context", "context_mask")
-"""What a trainer reads from every store; ``pooled`` too where the store has it (`LatentStore.training_fields`)."""
+TRAINING_FIELDS = ("latents", "context", "context_mask", "pooled")
+"""What a trainer reads from every store (the UNet leaves ``pooled`` unused; the MMDiT conditions on it)."""
 
 
 class LatentStoreConfig(StrictModel):
@@ -95,12 +99,9 @@ class StoreShard(_Data):
     source_bytes: int
     bytes: int
     """Stored bytes of this shard."""
-    pooled: bool = False
-    """The shard has the ``pooled`` field (False: recorded before pooled vectors were cached; see add_pooled)."""
-    checksums: dict[str, str] | None = None
+    checksums: dict[str, str]
     """sha256 of each file of the shard as written (its path in a Zarr group; ``""`` for a Parquet file): readers
-    refuse a shard that changed since (`ldm_core.data.integrity`). None: written before they were recorded (read
-    unchecked)."""
+    refuse a shard that changed since (`ldm_core.data.integrity`). Empty for a shard without rows (no files)."""
 
 
 class EncodeRun(_Data):
@@ -131,9 +132,8 @@ class LatentStoreMetadata(_Data):
     """(C, h, w) of one latent."""
     context_shape: list[int]
     """(L, D) of one caption's token embeddings."""
-    pooled_dim: int | None = None
-    """D_pool of one caption's pooled vector, held by every shard and by the null caption; None: a store written
-    before pooled vectors were cached (or one being upgraded: `LatentStoreWriter.add_pooled`)."""
+    pooled_dim: int
+    """D_pool of one caption's pooled vector, held by every shard and by the null caption."""
     split: str | None = None
     """The split filter the store was built with (None: every row of the dataset)."""
     dataset_url: str = ""
@@ -147,7 +147,7 @@ class LatentStoreMetadata(_Data):
     created_at: str = ""
     writer_generation: int | None = None
     """Incremented by every writer when it takes the store's lease (the fence of `ldm_core.leases`), and part of
-    the names of the shards it writes; absent in stores written before leases."""
+    the names of the shards it writes; None only in a template that no writer has opened yet."""
 
     def shard_by_source(self) -> dict[str, StoreShard]:
         return {s.source: s for s in self.shards}
@@ -191,8 +191,6 @@ class EncodeResult(BaseModel):
     seconds: float
     images_per_second: float
     """Rows encoded by this call per second of the whole call (read, decode, encode, compress, write)."""
-    pooled_rows_added: int = 0
-    """Rows of an older store that this call gave a pooled text vector (`LatentStoreWriter.add_pooled`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -225,11 +223,24 @@ def read_metadata(store_url: str, storage_options: dict[str, Any] | None = None)
     return parse_metadata(storage.read_bytes(url, storage_options), url)
 
 
+class LatentStoreFormatError(ValueError):
+    """The store was written in a format this code does not read."""
+
+
 def parse_metadata(data: bytes, url: str) -> LatentStoreMetadata:
-    meta = LatentStoreMetadata.model_validate_json(data)
-    if meta.format != FORMAT:
-        raise ValueError(f"{url}: unknown latent store format {meta.format!r} (this code reads {FORMAT!r})")
-    return meta
+    """``latent_store.json`` (read from ``url``), refused in one line when it is of another format: its format is
+    checked before its fields, which another format may lack."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None  # not JSON: the validation below says what is wrong with it
+    if isinstance(doc, dict) and doc.get("format") != FORMAT:
+        store = redact_url(url.removesuffix(METADATA_NAME).rstrip("/"))
+        raise LatentStoreFormatError(
+            f"latent store at {store} is format {doc.get('format')}; this version reads format {FORMAT}: delete it "
+            "and encode the dataset again (encode_dataset; in the pipeline: materialize latent_store)"
+        )
+    return LatentStoreMetadata.model_validate_json(data)
 
 
 def metadata_bytes(meta: LatentStoreMetadata) -> bytes:
@@ -245,7 +256,7 @@ _UNCOND_KEYS = ("context", "mask", "pooled")
 
 
 def write_uncond(store_url: str, uncond: Sequence[torch.Tensor], storage_options: dict[str, Any] | None) -> None:
-    """The null caption: (context (1, L, D), mask (1, L)[, pooled (1, D_pool)]), fp32 (the mask bool)."""
+    """The null caption: (context (1, L, D), mask (1, L), pooled (1, D_pool)), fp32 (the mask bool)."""
     tensors = {
         k: (t.detach().bool() if k == "mask" else t.detach().float()).cpu().contiguous()
         for k, t in zip(_UNCOND_KEYS, uncond)
@@ -255,4 +266,4 @@ def write_uncond(store_url: str, uncond: Sequence[torch.Tensor], storage_options
 
 def read_uncond(store_url: str, storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, ...]:
     t = load_safetensors(storage.read_bytes(storage.join(store_url, UNCOND_NAME), storage_options))
-    return tuple(t[k] for k in _UNCOND_KEYS if k in t)
+    return tuple(t[k] for k in _UNCOND_KEYS)

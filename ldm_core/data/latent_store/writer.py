@@ -1,5 +1,4 @@
-"""Writing a latent store: every shard written completely, atomically, before the metadata names it; adding pooled
-text vectors to a store written before they were cached.
+"""Writing a latent store: every shard written completely, atomically, before the metadata names it.
 
 One writer at a time: `LatentStoreWriter.open` takes the store's writer lease (`ldm_core.leases`) and holds it
 until `close`; it bumps the metadata's ``writer_generation`` (the fence) and commits the metadata only by
@@ -26,7 +25,6 @@ from ldm_core.data.latent_store.backends import (
     SHARD_FORMATS,
     ShardColumns,
     attribute_names,
-    to_storage,
 )
 from ldm_core.data.latent_store.schema import (
     IDENTITY_FIELDS,
@@ -42,13 +40,11 @@ from ldm_core.data.latent_store.schema import (
     metadata_bytes,
     metadata_url,
     parse_metadata,
-    read_uncond,
     utc_now,
     write_uncond,
 )
 from ldm_core.data.sources import redact_url
 from ldm_core.leases import FencedFile, WriterLease, pause_before_commit
-from ldm_core.text_encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +98,12 @@ class LatentStoreWriter:
         """Open ``store_url`` for adding shards described by ``template`` (identities, shapes, format; no shards).
 
         uncond: the empty prompt's (context (1, L, D), mask (1, L), pooled (1, D_pool)), written when the store is
-        created; pooled is left out exactly when ``template.pooled_dim`` is None (a store without pooled vectors).
-        An existing store without pooled vectors stays so until `add_pooled`. Waits for (then refuses) another
+        created. A store of another format is refused (`LatentStoreFormatError`). Waits for (then refuses) another
         live writer of the store (`ldm_core.leases.LeaseHeldError`); ``lease``: one made by the caller (its own
         ttl, wait or clock), not yet acquired.
         """
-        if (len(uncond) == 3) != (template.pooled_dim is not None):
-            raise ValueError(
-                f"uncond must be (context, mask, pooled) when pooled_dim is set, (context, mask) when "
-                f"it is None; got {len(uncond)} tensors for pooled_dim={template.pooled_dim}"
-            )
+        if len(uncond) != 3:
+            raise ValueError(f"uncond must be (context, mask, pooled); got {len(uncond)} tensors")
 
         def load(raw: bytes | None, url: str) -> LatentStoreMetadata:
             if raw is None:
@@ -188,7 +180,7 @@ class LatentStoreWriter:
         if not np.array_equal(order, np.arange(n)):
             cols = cols.take(order)
         n_train = int((splits == "train").sum())
-        name, nbytes, checksums = None, 0, None
+        name, nbytes, checksums = None, 0, {}
         if n:
             name = self._new_shard_name(source)
             url = self.shard_url(name)
@@ -203,7 +195,6 @@ class LatentStoreWriter:
             source_rows=source_rows,
             source_bytes=source_bytes,
             bytes=nbytes,
-            pooled=cols.pooled is not None,
             checksums=checksums,
         )
         meta.shards.append(record)
@@ -221,80 +212,16 @@ class LatentStoreWriter:
         self.metadata.runs.append(run)
         self._commit()
 
-    def add_pooled(self, text_encoder: TextEncoder, progress: Callable[[int, int], None] | None = None) -> int:
-        """Give a store written before pooled vectors were cached (``pooled_dim`` None) its ``pooled`` field and a
-        pooled null caption, from the stored captions through ``text_encoder`` (the one that encoded the store, by
-        identity). Each shard is rewritten whole under a fresh name, then swapped in the metadata, then the old one
-        is removed, so readers only ever see complete shards and a killed run resumes with the shards left.
-        progress(shards_done, shards_todo) after each. Returns the rows given a vector (0 when there was nothing
-        to do)."""
-        meta = self.metadata
-        if meta.pooled_dim is not None:
-            return 0
-        if text_encoder.identity != meta.text_encoder_identity:
-            raise LatentStoreMismatchError(
-                f"the latent store at {self.url} holds text embeddings of {meta.text_encoder_identity!r}; its pooled "
-                f"vectors cannot come from {text_encoder.identity!r}. Encode into a new store URL."
-            )
-        fields = ("latents", "context", "context_mask") + (("logvar",) if meta.content == "moments" else ())
-        todo = [i for i, s in enumerate(meta.shards) if not s.pooled]
-        log.info(
-            "adding pooled text vectors to %d shard(s) of %s (written before they were cached)",
-            len(todo),
-            redact_url(self.url),
-        )
-        rows_done = 0
-        for done, i in enumerate(todo, 1):
-            record = meta.shards[i]
-            old_name = record.name
-            if old_name is not None:  # (an empty shard has no object: it only needs its flag)
-                old_url = self.shard_url(old_name)
-                # a shard that rotted is refused here too, rather than copied under a fresh checksum
-                arrays = self.format.read(old_url, fields, self.storage_options, record.checksums)
-                rows = self.format.read_row_table(old_url, self.storage_options, record.checksums)
-                pooled = text_encoder.encode(rows.column("caption").to_pylist()).pooled  # (N, D_pool)
-                cols = ShardColumns(
-                    arrays["latents"],
-                    arrays.get("logvar"),
-                    arrays["context"],
-                    arrays["context_mask"],
-                    rows,
-                    to_storage(pooled.float(), meta.dtype),
-                )
-                name = self._new_shard_name(record.source)
-                checksums = self.format.write(self.shard_url(name), cols, self.config, self.storage_options)
-                record = record.model_copy(
-                    update={
-                        "name": name,
-                        "checksums": checksums,
-                        "bytes": _size_of(self.shard_url(name), self.storage_options),
-                    }
-                )
-                rows_done += record.rows
-            meta.shards[i] = record.model_copy(update={"pooled": True})
-            self._commit()  # the swap: readers now open the new shard
-            if old_name is not None:
-                storage.remove(old_url, self.storage_options, recursive=True)
-            if progress is not None:
-                progress(done, len(todo))
-        context, mask = read_uncond(self.url, self.storage_options)[:2]
-        self.lease.assert_held()
-        write_uncond(self.url, (context, mask, text_encoder.empty().pooled), self.storage_options)
-        meta.pooled_dim = text_encoder.pooled_dim  # last: from here on readers see (and read) the pooled field
-        self._commit()
-        return rows_done
-
     def _check_shapes(self, cols: ShardColumns) -> None:
         m, n = self.metadata, len(cols)
         want = {
             "latents": (n, *m.latent_shape),
             "context": (n, *m.context_shape),
             "context_mask": (n, m.context_shape[0]),
+            "pooled": (n, m.pooled_dim),
         }
         if m.content == "moments":
             want["logvar"] = (n, *m.latent_shape)
-        if m.pooled_dim is not None:
-            want["pooled"] = (n, m.pooled_dim)
         got = cols.tensors()
         if set(got) != set(want):
             raise ValueError(f"a {m.content} store needs fields {sorted(want)}, got {sorted(got)}")
@@ -347,9 +274,7 @@ def _check_compatible(store_url: str, existing: LatentStoreMetadata, new: Latent
             f"the latent store at {store_url} holds text embeddings of {existing.text_encoder_identity!r}; refusing "
             f"to add embeddings of {new.text_encoder_identity!r}. Encode into a new store URL."
         )
-    fields = list(IDENTITY_FIELDS) + (["seed"] if existing.content == "sample" else [])
-    if existing.pooled_dim is not None:  # (a store without pooled vectors gets them from add_pooled)
-        fields.append("pooled_dim")
+    fields = list(IDENTITY_FIELDS) + (["seed"] if existing.content == "sample" else []) + ["pooled_dim"]
     diffs = {f: (getattr(existing, f), getattr(new, f)) for f in fields if getattr(existing, f) != getattr(new, f)}
     if diffs:
         detail = "; ".join(f"{f}: store has {a!r}, this run {b!r}" for f, (a, b) in diffs.items())

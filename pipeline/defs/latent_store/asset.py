@@ -4,6 +4,7 @@ import dagster as dg
 
 from ldm_core.bundle import load_autoencoder
 from ldm_core.data.latent_store.encoding import encode_dataset
+from ldm_core.data.latent_store.schema import FORMAT as STORE_FORMAT
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from pipeline.asset_common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, stable_key
@@ -61,8 +62,9 @@ def latent_store(
     device = compute.torch_device()
     vae = load_autoencoder(vae_rec.vae_url)
     text_encoder = TextEncoder(text_cfg, device=device)
-    # one store per (dataset, VAE version, encoding options): new data extends it, a new VAE starts another
-    key = stable_key(ds.dataset_url, store_cfg.to_dict(), text_cfg.to_dict())
+    # one store per (dataset, VAE version, encoding options, store format): new data extends it; a new VAE, or a
+    # version of this code that writes another format, starts another (ldm_core refuses a store of another format)
+    key = stable_key(ds.dataset_url, store_cfg.to_dict(), text_cfg.to_dict(), STORE_FORMAT)
     store_url = storage.url("latents", f"vae-v{vae_rec.vae_version}-{key}")
 
     def progress(p) -> None:
@@ -94,8 +96,6 @@ def latent_store(
             f"{result.rows_new} new rows encoded ({result.rows_total} total) at "
             f"{result.images_per_second:.1f} images/s into {store_url}"
         )
-        if result.pooled_rows_added:
-            context.log.info(f"{result.pooled_rows_added} rows written before pooled text vectors were cached got one")
         record = LatentStoreRecord(
             store_url=store_url,
             vae_uri=vae_rec.vae_uri,
@@ -118,7 +118,6 @@ def latent_store(
                 "pooled_dim": text_encoder.pooled_dim,
                 "pooling": text_encoder.pooling,
                 "backend": store_cfg.backend,
-                "pooled_rows_added": result.pooled_rows_added,
                 "mlflow_run": dg.MetadataValue.url(run.url),
                 **lineage_metadata(ds_read, vae_read),
             },

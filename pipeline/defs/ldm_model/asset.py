@@ -59,13 +59,6 @@ def _refuse_mismatches(training: LDMTrainingConfig, rec: LatentStoreRecord, stor
             f"latent store has context_dim={rec.context_dim}, latent channels={rec.latent_shape[0]}",
             allow_retries=False,
         )
-    if takes_pooled(den) and not store.has_pooled:
-        raise dg.Failure(
-            f"the {den.kind} denoiser conditions on pooled text vectors, and the latent store "
-            f"{rec.store_url} was written before they were cached: materialize latent_store "
-            "again, which adds them from the stored captions (no image is re-encoded)",
-            allow_retries=False,
-        )
     if takes_pooled(den) and den.pooled_dim != store.metadata.pooled_dim:
         raise dg.Failure(
             f"ldm_model.training.denoiser.pooled_projection_dim: the denoiser takes pooled vectors of "
