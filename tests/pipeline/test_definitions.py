@@ -53,6 +53,34 @@ def test_dependencies_are_explicit():
     }
 
 
+def test_every_asset_takes_the_run_config_check():
+    """The resource that refuses a bad run config before any work starts; an asset without it would run first."""
+    for key in ASSET_KEYS:
+        assert "run_config_check" in defs.resolve_assets_def(key).required_resource_keys, key
+
+
+def test_each_asset_lives_in_its_folder():
+    """One folder per asset under pipeline/defs: its definition, config, record and validation there, and every
+    asset check in the folder of the asset it checks."""
+    defs_dir = ROOT / "pipeline" / "defs"
+    folders = {p.name for p in defs_dir.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == ASSET_KEYS
+    for key in ASSET_KEYS:
+        assert {"asset.py", "config.py", "record.py", "validation.py"} <= {p.name for p in (defs_dir / key).iterdir()}
+        assert defs.resolve_assets_def(key).op.compute_fn.decorated_fn.__module__ == f"pipeline.defs.{key}.asset"
+    graph = defs.resolve_asset_graph()
+    for check_key in graph.asset_check_keys:
+        node = graph._assets_defs_by_check_key[check_key].node_def
+        module = node.compute_fn.decorated_fn.__module__
+        folder = check_key.asset_key.to_user_string()
+        assert module in (f"pipeline.defs.{folder}.checks", f"pipeline.defs.{folder}.asset"), (check_key, module)
+
+
+def test_the_promotion_gate_is_a_warn_check_of_the_report():
+    specs = {spec.name: spec for spec in defs.resolve_assets_def("evaluation_report").check_specs}
+    assert "promotion_gate" in specs and not specs["promotion_gate"].blocking
+
+
 def test_gpu_work_is_tagged():
     for key in GPU_ASSETS:
         node = defs.resolve_assets_def(key).node_def
