@@ -5,6 +5,8 @@ The module trains the tiny pipeline once (v1, champion), then registers a second
 each test evaluates against the champion.
 """
 
+import copy
+
 import dagster as dg
 import pytest
 from mlflow.exceptions import MlflowException
@@ -78,3 +80,21 @@ def test_a_champion_without_metrics_is_evaluated_again(candidate, tiny_config):
     assert md["champion_before"] == f"ldm v{champion}" and "first model" not in md["gate_reasons"][0]
     # the champion carries its metrics again, measured on the same held-out data as the candidate
     assert "psnr" in client.get_model_version("ldm", champion).tags[METRICS_TAG]
+
+
+@pytest.mark.slow
+def test_a_failed_gate_is_a_failed_warn_check_and_the_report_is_materialized(candidate, tiny_config):
+    """A candidate below a threshold: the report materializes, the champion stays, and the asset check
+    promotion_gate fails with severity WARN and the reason (red in the Dagster UI)."""
+    champion = _champion()
+    config = copy.deepcopy(tiny_config)
+    gate = {"rules": {"psnr": {"higher_is_better": True, "min": 1000.0, "tolerance": None}}}
+    config["ops"]["evaluation_report"]["config"].setdefault("evaluation", {})["gate"] = gate
+    result = _run(config, ("evaluation_report",))
+    assert result.success
+    md = _metadata(result, "evaluation_report")
+    assert md["gate_passed"] is False and md["promotion"].startswith("gate_failed")
+    [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "promotion_gate"]
+    assert check.passed is False and check.severity == dg.AssetCheckSeverity.WARN
+    assert "psnr" in check.description and md["ldm_uri"] in check.description
+    assert _champion() == champion
