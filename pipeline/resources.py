@@ -263,9 +263,11 @@ class TrackedRun:
 
         ``code_paths`` ship the code the model runs with it, and ``pip_requirements`` pin what that code imports, so
         that serving it needs neither this project installed nor a guess at versions."""
-        # log_model needs the run active in MLflow's fluent API; leaving start_run's block ends the run as FINISHED,
-        # so it is RUNNING again after it (materialization_run ends it), and its system metrics keep being sampled
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+        # log_model logs into the run active in MLflow's fluent API. Leaving a `with start_run` block would end the
+        # run FINISHED while the materialization goes on (and its system metrics monitor stops at a run that is not
+        # RUNNING): end_run(RUNNING) leaves it RUNNING, for materialization_run to end
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+        try:
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=python_model,
@@ -275,7 +277,8 @@ class TrackedRun:
                 pip_requirements=pip_requirements,
                 input_example=input_example,
             )
-        self.client.update_run(self.run_id, status="RUNNING")
+        finally:
+            mlflow.end_run(status="RUNNING")
         mv = mlflow.register_model(info.model_uri, registered_name, tags=tags or {})
         if alias:
             self.client.set_registered_model_alias(registered_name, alias, mv.version)

@@ -2,6 +2,7 @@
 once more at its end) and its inputs (dataset inputs with their versions as digests), through a real Dagster
 materialization of a throwaway asset on the real MLflowResource and a SQLite tracking store."""
 
+import threading
 import time
 
 import dagster as dg
@@ -36,14 +37,26 @@ def _no_mlflow_overrides(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
+def _sampling_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor" and t.is_alive()]
+
+
 def _busy(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         sum(i * i for i in range(1000))
 
 
-def _materialize(store: str, tmp_path, interval_s: float, work_s: float) -> tuple[MlflowClient, str, dict]:
-    """Materialize a throwaway training-like asset; (client on the store, its MLflow run id, what it saw)."""
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        return model_input
+
+
+def _materialize(
+    store: str, tmp_path, interval_s: float, work_s: float, register: bool = False, fail: bool = False
+) -> tuple[MlflowClient, str, dict]:
+    """Materialize a throwaway training-like asset (``register``: which also logs and registers a model, as the
+    training assets do; ``fail``: which then raises); (client on the store, its MLflow run id, what it saw)."""
     data = tmp_path / "dataset"
     data.mkdir()
     seen: dict = {}
@@ -60,6 +73,23 @@ def _materialize(store: str, tmp_path, interval_s: float, work_s: float) -> tupl
             )
             seen["status_after_input"] = run.client.get_run(run.run_id).info.status
             _busy(work_s)
+            if register:
+                run.log_and_register_pyfunc(
+                    name="model",
+                    registered_name=f"echo-{tmp_path.name}",
+                    python_model=_Echo(),
+                    artifacts={},
+                    signature=None,
+                    alias=None,
+                    code_paths=[],
+                    pip_requirements=["mlflow"],
+                )
+                seen["status_after_model"] = run.client.get_run(run.run_id).info.status
+                seen["model_logged_ms"] = time.time() * 1000
+                _busy(work_s)
+            seen["run_id"] = run.run_id
+            if fail:
+                raise RuntimeError("training diverged")
         return dg.MaterializeResult(metadata={"mlflow_run_id": run.run_id})
 
     resource = MLflowResource(
@@ -70,16 +100,18 @@ def _materialize(store: str, tmp_path, interval_s: float, work_s: float) -> tupl
     )
     started = time.monotonic()
     result = dg.materialize(
-        [throwaway_training], resources={"mlflow": resource}, instance=dg.DagsterInstance.ephemeral()
+        [throwaway_training],
+        resources={"mlflow": resource},
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
     )
     seen["step_s"] = time.monotonic() - started
-    assert result.success
-    [mat] = result.asset_materializations_for_node("throwaway_training")
-    return MlflowClient(tracking_uri=store), mat.metadata["mlflow_run_id"].value, seen
+    assert result.success is not fail
+    return MlflowClient(tracking_uri=store), seen["run_id"], seen
 
 
 def test_a_training_run_records_system_metrics_throughout_and_its_dataset_input(store, tmp_path):
-    client, run_id, seen = _materialize(store, tmp_path, interval_s=0.2, work_s=1.2)
+    client, run_id, seen = _materialize(store, tmp_path, interval_s=0.2, work_s=0.8, register=True)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert {CPU, MEMORY, "system/system_memory_usage_percentage"} <= set(run.data.metrics)
@@ -87,8 +119,13 @@ def test_a_training_run_records_system_metrics_throughout_and_its_dataset_input(
     assert not [k for k in run.data.metrics if k.startswith("system/gpu_")]  # no GPU here: none, and no error
     # sampled all along: logging the input left the run RUNNING (MLflow's monitor stops at a run not RUNNING)
     assert seen["status_after_input"] == "RUNNING"
-    steps = sorted(m.step for m in client.get_metric_history(run_id, CPU))
-    assert steps == list(range(len(steps))) and len(steps) >= 3, steps
+    # and so did logging the model (MLflow's fluent start_run ends a run it leaves)
+    assert seen["status_after_model"] == "RUNNING"
+    history = client.get_metric_history(run_id, CPU)
+    steps = sorted(m.step for m in history)
+    assert steps == list(range(len(steps))), steps
+    # a sample every 0.2 s of the 0.8 s after the model, and the last one
+    assert len([m for m in history if m.timestamp > seen["model_logged_ms"]]) >= 3, (history, seen)
 
     [ds] = run.inputs.dataset_inputs
     assert (ds.dataset.name, ds.dataset.digest) == ("image_dataset", "0123456789ab")
@@ -103,6 +140,15 @@ def test_a_run_shorter_than_one_interval_still_shows_cpu_and_memory(store, tmp_p
         [sample] = client.get_metric_history(run_id, key)
         assert sample.step == 0
     assert client.get_run(run_id).data.metrics[MEMORY] > 0
+    assert not _sampling_threads()
+
+
+def test_a_failed_run_stops_sampling_and_keeps_its_last_sample(store, tmp_path):
+    client, run_id, _ = _materialize(store, tmp_path, interval_s=600, work_s=0.3, fail=True)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert {CPU, MEMORY} <= set(run.data.metrics)
+    assert not _sampling_threads()
 
 
 def test_system_metrics_go_to_the_given_store_not_mlflows_global_uri(store, tmp_path):
