@@ -12,22 +12,23 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import dagster as dg
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import LoggedModelInput, Metric
+from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from pydantic import Field
 
 from ldm_core import storage as ldm_storage
 from ldm_core.trainers.preemption import TrainingInterrupted
 from pipeline import settings
 from pipeline.registry import version_by_alias
-from pipeline.tracking import MLflowTracker
+from pipeline.tracking import MLflowTracker, SystemMetrics
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 TERMINATION_GRACE_S = 120
 PARENT_TAG = "ldm.parent"
 SEARCH_MAX_RESULTS = 1000  # the MLflow runs of one Dagster run: one per materialization attempt, and the parent
+DATASET_DIGEST_MAX_LEN = 36  # MLflow's SQL stores keep a dataset digest in a VARCHAR(36) (Postgres enforces it)
 
 
 class MLflowResource(dg.ConfigurableResource):
@@ -51,6 +53,12 @@ class MLflowResource(dg.ConfigurableResource):
     )
     experiment: str = Field(default="ldm-pipeline", description="MLflow experiment name.")
     ui_url: str | None = Field(default=None, description="Base URL of the MLflow UI, for links in Dagster metadata.")
+    system_metrics_interval_s: float = Field(
+        default=10.0,
+        description="How often a run that records system metrics (the training runs) samples CPU, memory, disk, "
+        "network and GPU use; each sample is a step of its system/... metrics. This, not MLflow's "
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, sets it.",
+    )
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     def resolved_tracking_uri(self) -> str:
@@ -95,13 +103,24 @@ class MLflowResource(dg.ConfigurableResource):
         return run.info.run_id
 
     @contextlib.contextmanager
-    def materialization_run(self, context: dg.AssetExecutionContext) -> Iterator[TrackedRun]:
+    def materialization_run(
+        self, context: dg.AssetExecutionContext, *, system_metrics: bool = False
+    ) -> Iterator[TrackedRun]:
         """An MLflow run for this materialization, under the Dagster run's parent run, ended with the step: FINISHED,
         FAILED, or KILLED when the step is interrupted (the Dagster run is being terminated).
 
         The parent is RUNNING while a materialization is; the jobs' hooks end it when the run's last step succeeds or
         a step fails for good, and the run-status sensors (`pipeline.defs.mlflow_runs`) end what a process could not.
+
+        With ``system_metrics``, the run records the machine's use while it is open (`pipeline.tracking.SystemMetrics`,
+        every ``system_metrics_interval_s`` and once more at its end): CPU and memory, disk, network, and each GPU's
+        where NVML finds one. They cover the whole machine, so processes the step launches (torchrun) count too.
         """
+        if system_metrics and not self.system_metrics_interval_s > 0:
+            raise dg.Failure(
+                f"mlflow.system_metrics_interval_s must be > 0, got {self.system_metrics_interval_s}",
+                allow_retries=False,
+            )
         client = self.client()
         exp_id = self.experiment_id(client)
         dagster_run_id = context.run.run_id
@@ -121,8 +140,13 @@ class MLflowResource(dg.ConfigurableResource):
             },
         )
         tracked = TrackedRun(self, client, exp_id, run.info.run_id)
+        monitor = self._start_system_metrics(run.info.run_id) if system_metrics else None
         try:
-            yield tracked
+            try:
+                yield tracked
+            finally:  # before the run ends: its last sample is logged while it is RUNNING, whatever the outcome
+                if monitor is not None:
+                    self._stop_system_metrics(monitor)
         except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
             for run_id in (run.info.run_id, parent):
                 client.set_terminated(run_id, "KILLED")
@@ -134,6 +158,24 @@ class MLflowResource(dg.ConfigurableResource):
             client.set_terminated(run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
+
+    def _start_system_metrics(self, run_id: str) -> SystemMetrics | None:
+        """Sampling for ``run_id``, in this resource's store; None (and a warning) where it cannot start: the
+        measurements are for the record, never a reason for a training step to fail."""
+        try:
+            return SystemMetrics(
+                run_id, tracking_uri=self.resolved_tracking_uri(), interval_s=self.system_metrics_interval_s
+            ).start()
+        except Exception as e:
+            log.warning(f"MLflow run {run_id}: system metrics not recorded ({type(e).__name__}: {e})")
+            return None
+
+    @staticmethod
+    def _stop_system_metrics(monitor: SystemMetrics) -> None:
+        try:
+            monitor.stop()
+        except Exception as e:  # never hides the step's own outcome
+            log.warning(f"MLflow run {monitor.run_id}: last system metrics not logged ({type(e).__name__}: {e})")
 
     def _dagster_runs(self, client: Any, dagster_run_id: str) -> list[Any]:
         """Every MLflow run of one Dagster run: its parent and one per materialization attempt."""
@@ -221,7 +263,11 @@ class TrackedRun:
 
         ``code_paths`` ship the code the model runs with it, and ``pip_requirements`` pin what that code imports, so
         that serving it needs neither this project installed nor a guess at versions."""
-        with mlflow.start_run(run_id=self.run_id):
+        # log_model logs into the run active in MLflow's fluent API. Leaving a `with start_run` block would end the
+        # run FINISHED while the materialization goes on (and its system metrics monitor stops at a run that is not
+        # RUNNING): end_run(RUNNING) leaves it RUNNING, for materialization_run to end
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+        try:
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=python_model,
@@ -231,15 +277,36 @@ class TrackedRun:
                 pip_requirements=pip_requirements,
                 input_example=input_example,
             )
+        finally:
+            mlflow.end_run(status="RUNNING")
         mv = mlflow.register_model(info.model_uri, registered_name, tags=tags or {})
         if alias:
             self.client.set_registered_model_alias(registered_name, alias, mv.version)
         # the logged model's id from the log call: a SQL registry store returns versions without it
         return RegisteredModel(str(mv.version), info.model_id)
 
-    def log_dataset(self, *, name: str, url: str, digest: str, context: str, model_id: str | None = None) -> None:
-        """Record a dataset this run used (MLflow's dataset inputs), identified by the pipeline's own version of it
-        as the digest; with ``model_id``, the logged model it was used with is an input of the run as well."""
+    def log_dataset(
+        self,
+        *,
+        name: str,
+        url: str,
+        digest: str,
+        context: str,
+        model_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a dataset this run used (an MLflow dataset input: ``name``, ``digest``, ``url`` as its source, and
+        ``context`` as its ``mlflow.data.context`` tag, e.g. "training", "evaluation"), identified by the pipeline's
+        own version of it as the digest (at most 36 characters); ``tags`` are further input tags. With
+        ``model_id``, the logged model it was used with is an input of the run as well.
+
+        Through this run's client: the run stays RUNNING (MLflow's fluent ``log_input`` would need the run started,
+        and leaving it ends the run)."""
+        if not digest or len(digest) > DATASET_DIGEST_MAX_LEN:
+            raise ValueError(
+                f"dataset {name!r}: digest {digest!r} must be 1 to {DATASET_DIGEST_MAX_LEN} characters "
+                "(MLflow's SQL stores keep no more)"
+            )
         with warnings.catch_warnings():
             # MLflow registers its local-file source for both "" and "file://", and warns that a path matches both
             warnings.filterwarnings(
@@ -247,8 +314,13 @@ class TrackedRun:
             )
             source = resolve_dataset_source(url)
         dataset = MetaDataset(source, name=name, digest=digest)
-        with mlflow.start_run(run_id=self.run_id):
-            mlflow.log_input(dataset, context=context, model=LoggedModelInput(model_id) if model_id else None)
+        input_tags = [InputTag(str(k), str(v)) for k, v in (tags or {}).items()]
+        input_tags.append(InputTag(MLFLOW_DATASET_CONTEXT, context))
+        self.client.log_inputs(
+            self.run_id,
+            datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)],
+            models=[LoggedModelInput(model_id)] if model_id else None,
+        )
 
     def log_model_metrics(
         self,

@@ -1,4 +1,5 @@
-"""The MLflow-backed tracker that ldm_core reports through, and the Dagster-side progress summary.
+"""The MLflow-backed tracker that ldm_core reports through, the system metrics of a run, and the Dagster-side
+progress summary.
 
 Per-step numbers go to MLflow only; Dagster gets a summary line at most every ``interval`` seconds (logging
 every step to Dagster floods its event log).
@@ -80,6 +81,41 @@ class MLflowTracker:
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
+
+
+class SystemMetrics:
+    """MLflow's system metrics monitor over one run: every ``interval_s`` a sample of the machine's CPU, memory, disk
+    and network use, and of each GPU's where NVML finds one (none found is no error: there are no GPU metrics then),
+    logged as ``system/<name>`` metrics with a step per sample.
+
+    It logs into ``tracking_uri``, never into whatever MLflow's process-wide tracking URI is, and samples at
+    ``interval_s`` whatever MLflow's MLFLOW_SYSTEM_METRICS_* environment variables say. `stop` logs a last sample
+    covering the time since the previous one: MLflow's monitor drops the interval its stop cuts short, so a run
+    shorter than one interval would show no system metrics at all.
+    """
+
+    def __init__(self, run_id: str, *, tracking_uri: str, interval_s: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        if not interval_s > 0:
+            raise ValueError(f"system metrics sampling interval must be > 0 s, got {interval_s!r}")
+        self.run_id = run_id
+        self.monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=interval_s, samples_before_logging=1, tracking_uri=tracking_uri
+        )
+        # the environment overrides both in MLflow's constructor: the caller's interval, one logged point per sample
+        self.monitor.sampling_interval, self.monitor.samples_before_logging = interval_s, 1
+
+    def start(self) -> SystemMetrics:
+        self.monitor.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling (after the sampling thread's store call in progress, if any), and log the last interval."""
+        self.monitor.finish()
+        self.monitor.collect_metrics()
+        self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+        self.monitor.mlflow_logger.flush()
 
 
 class DagsterProgress(NullTracker):

@@ -23,6 +23,8 @@ FEATURES = [
     ("dagster", "1.10", "pipeline/assets/vae_model.py", r"\bpool=GPU_POOL"),  # @asset(pool=): concurrency pools
     ("mlflow", "3.0", "pipeline/resources.py", r"log_model\(\s*name="),  # log_model(name=) (was artifact_path)
     ("mlflow", "3.5", "deploy/docker-compose.yaml", r"--allowed-hosts="),  # the server's host-header check
+    # the system metrics monitor logging into a given store (3.6 and before: into MLflow's process-wide one)
+    ("mlflow", "3.7", "pipeline/tracking.py", r"SystemMetricsMonitor\([^)]*\btracking_uri="),
     # the zarr 3 store API (zarr 2 has neither LocalStore nor FsspecStore nor Group.create_array)
     ("zarr", "3.0", "ldm_core/data/latent_store/backends.py", r"zarr\.storage\.LocalStore\("),
     ("zarr", "3.0", "ldm_core/data/latent_store/backends.py", r"\.create_array\("),
