@@ -53,6 +53,27 @@ def test_every_materialization_is_a_nested_mlflow_run(materialized):
     assert "psnr" in by_asset["evaluation_report"].data.metrics
 
 
+def test_training_runs_record_system_metrics_and_their_inputs(materialized):
+    """The VAE's run logs the dataset version it trained on, the LDM's the latent store version, each with its digest,
+    and both (and the encoding and evaluation runs) carry CPU and memory samples."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("ldm-pipeline")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{materialized.run_id}'")
+    by_asset = {r.data.tags.get("dagster.asset_key"): r for r in runs}
+    for asset in ("vae_model", "latent_store", "ldm_model", "evaluation_report"):
+        metrics = by_asset[asset].data.metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), asset
+    ds, store = _metadata(materialized, "image_dataset"), _metadata(materialized, "latent_store")
+    for asset, name, url, digest in (
+        ("vae_model", "image_dataset", ds["dataset_url"], ds["dataset_version"]),
+        ("ldm_model", "latent_store", store["store_url"], store["store_version"]),
+    ):
+        inputs = client.get_run(by_asset[asset].info.run_id).inputs.dataset_inputs
+        [dataset] = [i.dataset for i in inputs if i.dataset.name == name]
+        assert dataset.digest == digest and url in dataset.source, (asset, dataset)
+        assert {t.key: t.value for t in inputs[0].tags}.get("mlflow.data.context") == "training"
+
+
 def test_every_mlflow_run_of_a_successful_job_ends_finished(materialized):
     client = MlflowClient()
     exp = client.get_experiment_by_name("ldm-pipeline")

@@ -323,7 +323,7 @@ def evaluation_report(
     runs = {stage: run_id for stage, run_id in (("vae_model", vae.mlflow_run_id), ("ldm_model", ldm.mlflow_run_id))}
     out_url = storage.url("reports", f"ldm-v{ldm.ldm_version}-{context.run.run_id[:8]}")
 
-    with mlflow.materialization_run(context) as run:
+    with mlflow.materialization_run(context, system_metrics=True) as run:
         _log_inputs(run, ev, champion_label, measure_champion)
         if measure_champion:
             # its metrics tag is gone (deleted, or a version promoted by hand): measure it again exactly as the

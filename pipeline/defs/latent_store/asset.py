@@ -4,6 +4,7 @@ import dagster as dg
 
 from ldm_core.bundle import load_autoencoder
 from ldm_core.data.latent_store.encoding import encode_dataset
+from ldm_core.data.latent_store.reader import LatentStore
 from ldm_core.data.latent_store.schema import FORMAT as STORE_FORMAT
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
@@ -72,7 +73,7 @@ def latent_store(
             f"encoded {p.source} ({p.rows} rows): shard {p.shards_done}/{p.shards_todo}, {p.rows_done} rows so far"
         )
 
-    with mlflow.materialization_run(context) as run:
+    with mlflow.materialization_run(context, system_metrics=True) as run:
         _log_params(run, vae_rec, store_url, store_cfg, text_cfg)
         result = encode_dataset(
             ds.dataset_url,
@@ -96,8 +97,10 @@ def latent_store(
             f"{result.rows_new} new rows encoded ({result.rows_total} total) at "
             f"{result.images_per_second:.1f} images/s into {store_url}"
         )
+        shards = LatentStore(store_url).metadata.shards
         record = LatentStoreRecord(
             store_url=store_url,
+            store_version=stable_key([s.model_dump() for s in shards]),
             vae_uri=vae_rec.vae_uri,
             vae_url=vae_rec.vae_url,
             rows_total=result.rows_total,

@@ -9,6 +9,8 @@ class LatentStoreRecord(AssetRecord):
     asset = "latent_store"
 
     store_url: str
+    store_version: str
+    """A hash of the store's shard list (names and checksums): changes when rows are added."""
     vae_uri: str
     """The registered autoencoder whose latents these are."""
     vae_url: str

@@ -290,7 +290,14 @@ def ldm_model(
     key = stable_key(rec.store_url, rec.rows_total, training.to_dict(), *origin)
     run_key = f"{key}-{context.run.run_id[:8]}"
 
-    with mlflow.materialization_run(context) as run:
+    with mlflow.materialization_run(context, system_metrics=True) as run:
+        run.log_dataset(
+            name=rec.asset,
+            url=rec.store_url,
+            digest=rec.store_version,
+            context="training",
+            tags={"vae_uri": rec.vae_uri, "rows": str(rec.rows_total)},
+        )
         run.tracker.set_tags({"vae_uri": rec.vae_uri, "latent_store": rec.store_url})
         run.tracker.log_params(init.record())
         progress = DagsterProgress(context.log, "ldm", keys=PROGRESS_KEYS["ldm"])

@@ -298,7 +298,8 @@ def vae_model(
     if (previous := _previous(context, mlflow, plan.materialization_key)) is not None:
         return _reused(context, previous, ds_read)
 
-    with mlflow.materialization_run(context) as run:
+    with mlflow.materialization_run(context, system_metrics=True) as run:
+        run.log_dataset(name=ds.asset, url=ds.dataset_url, digest=ds.dataset_version, context="training")
         model, trained_md = _trained_model(context, config, storage, compute, mlflow, run, plan, ds, train)
         scale, shift, scale_source = _latent_scale(model, train, config, plan.pretrained, plan.training.trainer.seed)
         model.config.scaling_factor, model.config.shift_factor = scale, shift
