@@ -69,9 +69,9 @@ def test_training_runs_record_system_metrics_and_their_inputs(materialized):
         ("ldm_model", "latent_store", store["store_url"], store["store_version"]),
     ):
         inputs = client.get_run(by_asset[asset].info.run_id).inputs.dataset_inputs
-        [dataset] = [i.dataset for i in inputs if i.dataset.name == name]
-        assert dataset.digest == digest and url in dataset.source, (asset, dataset)
-        assert {t.key: t.value for t in inputs[0].tags}.get("mlflow.data.context") == "training"
+        [logged] = [i for i in inputs if i.dataset.name == name]
+        assert logged.dataset.digest == digest and url in logged.dataset.source, (asset, logged.dataset)
+        assert {t.key: t.value for t in logged.tags}.get("mlflow.data.context") == "training"
 
 
 def test_every_mlflow_run_of_a_successful_job_ends_finished(materialized):
