@@ -23,14 +23,19 @@ from ldm_core.diffusion.flow import RectifiedFlow
 from ldm_core.diffusion.gaussian import GaussianDiffusion
 from ldm_core.diffusion.guidance import cfg_model, drop_conditioning
 
+# The process of each `DiffusionConfig.kind`. The config cannot derive its kinds from this table (the processes
+# import the config), so a test checks that the two name the same kinds.
+DIFFUSIONS: dict[str, type[Diffusion]] = {"ddpm": GaussianDiffusion, "flow": RectifiedFlow}
+
 
 def create_diffusion(config: DiffusionConfig | None = None) -> Diffusion:
     """The `Diffusion` a config describes (the default config: rectified flow, logit-normal t, Euler, 50 steps)."""
     config = config or DiffusionConfig()
-    return GaussianDiffusion(config) if config.kind == "ddpm" else RectifiedFlow(config)
+    return DIFFUSIONS[config.kind](config)
 
 
 __all__ = [
+    "DIFFUSIONS",
     "Diffusion",
     "DiffusionConfig",
     "GaussianDiffusion",
