@@ -17,11 +17,12 @@ implementing `base.Diffusion` and built from `config.DiffusionConfig`. The pure 
 
 from __future__ import annotations
 
-from ldm_core.diffusion.base import Diffusion, TrainingSample
+from ldm_core.diffusion.base import Diffusion, ModelFn, TrainingSample
 from ldm_core.diffusion.config import DiffusionConfig
 from ldm_core.diffusion.flow import RectifiedFlow
 from ldm_core.diffusion.gaussian import GaussianDiffusion
 from ldm_core.diffusion.guidance import cfg_model, drop_conditioning
+from ldm_core.diffusion.samplers import SamplerName
 
 # The process of each `DiffusionConfig.kind`. The config cannot derive its kinds from this table (the processes
 # import the config), so a test checks that the two name the same kinds.
@@ -39,7 +40,9 @@ __all__ = [
     "Diffusion",
     "DiffusionConfig",
     "GaussianDiffusion",
+    "ModelFn",
     "RectifiedFlow",
+    "SamplerName",
     "TrainingSample",
     "cfg_model",
     "create_diffusion",
