@@ -45,6 +45,7 @@ from ldm_core.data.integrity import sha256_hex
 from ldm_core.data.sources import (
     MAX_IMAGE_BYTES,
     MAX_METADATA_BYTES,
+    Layout,
     RawRecord,
     ReadLimits,
     Source,
@@ -64,7 +65,7 @@ class IngestConfig(StrictModel):
 
     source: str
     """fsspec URL of the source: a local path, ``file://…`` or ``s3://bucket/prefix``."""
-    layout: Literal["auto", "imagefolder", "parquet"] = "auto"
+    layout: Layout = "auto"
     """``imagefolder`` (images + metadata.jsonl/csv or sidecar .txt), ``parquet`` (Hugging Face datasets shards),
     or ``auto``: parquet when the source holds .parquet files and no images."""
     image_column: str | None = None

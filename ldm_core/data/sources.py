@@ -49,8 +49,6 @@ from ldm_core.storage import TooLarge, contained_path, redact_url
 
 log = logging.getLogger(__name__)
 
-Layout = Literal["auto", "imagefolder", "parquet"]
-
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")  # jsonl wins when a folder has both
 CAPTION_COLUMN_NAMES = ("text", "caption", "prompt", "captions", "sentence", "alt_text", "description")
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
@@ -187,7 +185,7 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def detect_layout(files: dict[str, dict[str, Any]]) -> Literal["imagefolder", "parquet"]:
+def detect_layout(files: dict[str, dict[str, Any]]) -> str:
     """``parquet`` when the source holds Parquet files and no images, else ``imagefolder``."""
     visible = [rel for rel in files if not _is_hidden(rel)]
     has_images = any(_ext(rel) in IMAGE_EXTENSIONS for rel in visible)
@@ -279,7 +277,10 @@ class ImageFolderSource(Source):
         storage_options: dict[str, Any] | None = None,
         caption_column: str | None = None,
         limits: ReadLimits | None = None,
+        image_column: str | None = None,
     ) -> None:
+        # image_column does not apply (the images are files, not a column); taken so that `open_source` opens every
+        # layout with the same arguments.
         super().__init__(url, files, storage_options, limits)
         self._caption_column = caption_column
         # relative image path -> (caption as found, attributes). The caption index is held in memory; the
@@ -565,6 +566,13 @@ class ParquetSource(Source):
             return None, None
 
 
+# The reader of each layout, by name. Adding a layout is one entry here: `Layout`, the names a config accepts, and
+# `open_source` follow from it.
+SOURCES: dict[str, type[Source]] = {cls.layout: cls for cls in (ImageFolderSource, ParquetSource)}
+Layout = Literal["auto", *SOURCES]
+"""A layout name as a config field accepts it: a reader's name, or "auto" to detect it (`detect_layout`)."""
+
+
 def open_source(
     url: str,
     layout: Layout = "auto",
@@ -577,10 +585,8 @@ def open_source(
     """List ``url`` and return the `Source` for its layout (detected when ``layout="auto"``)."""
     files = list_files(url, storage_options)
     chosen = detect_layout(files) if layout == "auto" else layout
-    if chosen == "parquet":
-        return ParquetSource(
-            url, files, storage_options, image_column=image_column, caption_column=caption_column, limits=limits
-        )
-    if chosen == "imagefolder":
-        return ImageFolderSource(url, files, storage_options, caption_column=caption_column, limits=limits)
-    raise ValueError(f"unknown layout {layout!r}")
+    if chosen not in SOURCES:
+        raise ValueError(f"unknown layout {layout!r}")
+    return SOURCES[chosen](
+        url, files, storage_options, image_column=image_column, caption_column=caption_column, limits=limits
+    )

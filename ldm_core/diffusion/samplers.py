@@ -213,19 +213,21 @@ def sample_heun(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "heun": sample_heun,
-}
-DDPM_SAMPLERS = ("ddpm", "ddim")
-FLOW_SAMPLERS = ("euler", "heun")
+# The registry of samplers, by the process they integrate. Adding a sampler is one entry here: the names a config
+# accepts (`SamplerName`) and the per-kind lists (`DDPM_SAMPLERS`, `FLOW_SAMPLERS`) are derived from it.
+_DDPM_FAMILY: dict[str, Callable[..., torch.Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+_FLOW_FAMILY: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {**_DDPM_FAMILY, **_FLOW_FAMILY}
+DDPM_SAMPLERS = tuple(_DDPM_FAMILY)
+FLOW_SAMPLERS = tuple(_FLOW_FAMILY)
+SamplerName = Literal[*SAMPLERS]
+"""A sampler's name as a config field accepts it: pydantic refuses any name the registry lacks."""
 
 __all__ = [
     "DDPM_SAMPLERS",
     "FLOW_SAMPLERS",
     "SAMPLERS",
+    "SamplerName",
     "ddim_timesteps",
     "flow_timesteps",
     "sample_ddim",

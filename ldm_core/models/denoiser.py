@@ -7,6 +7,8 @@ checkpoint's saved config rebuilds the right network: ``build_denoiser(parse_den
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping
 from typing import Annotated, Any, Protocol, runtime_checkable
 
@@ -14,6 +16,7 @@ import torch
 from pydantic import Discriminator, Tag, TypeAdapter
 from torch import Tensor, nn
 
+from ldm_core.config import StrictModel
 from ldm_core.models.mmdit import MMDiT, MMDiTConfig
 from ldm_core.models.unet import UNet, UNetConfig
 
@@ -25,9 +28,17 @@ def _backbone_kind(value: Any) -> str:
     return getattr(value, "kind", "unet")
 
 
-# Adding a backbone is one line here (Annotated[DiTConfig, Tag("dit")]) and one case in build_denoiser.
+# The network of each backbone config. Adding a backbone is one entry here: its config's `kind` default is its tag,
+# and `DenoiserConfig` and `build_denoiser` follow from this table.
+BACKBONES: dict[type[StrictModel], type[nn.Module]] = {UNetConfig: UNet, MMDiTConfig: MMDiT}
+
+
+def _tag(config_cls: type[StrictModel]) -> str:
+    return config_cls.model_fields["kind"].default
+
+
 DenoiserConfig = Annotated[
-    Annotated[UNetConfig, Tag("unet")] | Annotated[MMDiTConfig, Tag("mmdit")],
+    functools.reduce(operator.or_, (Annotated[config_cls, Tag(_tag(config_cls))] for config_cls in BACKBONES)),
     Discriminator(_backbone_kind),
 ]
 """Config of any denoiser backbone, told apart by its `kind` field ("unet" when absent)."""
@@ -69,10 +80,9 @@ def takes_pooled(config: DenoiserConfig) -> bool:
 
 def build_denoiser(config: DenoiserConfig) -> nn.Module:
     """The backbone described by `config` (a DenoiserConfig), freshly initialised, in training mode."""
-    if isinstance(config, UNetConfig):
-        return UNet(config)
-    if isinstance(config, MMDiTConfig):
-        return MMDiT(config)
+    for config_cls, backbone in BACKBONES.items():
+        if isinstance(config, config_cls):
+            return backbone(config)
     raise TypeError(f"no denoiser backbone for config {type(config).__name__}")
 
 
@@ -101,6 +111,7 @@ def describe_backbone(summary: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "BACKBONES",
     "Denoiser",
     "DenoiserConfig",
     "backbone_summary",

@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
 from ldm_core.models.attention import attention
+from ldm_core.models.embeddings import MAX_PERIOD, TimestepEmbedder
 from ldm_core.models.fused_projections import fuse_on_load
 from ldm_core.models.text_mask import has_padding
-from ldm_core.models.unet import MAX_PERIOD, TimestepEmbedder
 
 TIME_FREQ_DIM = 256  # sinusoidal timestep features fed to the time MLP (DiT's and SD3's frequency_embedding_size)
 MLP_RATIO = 4  # hidden width of every MLP = 4 x hidden_size (DiT, SD3)

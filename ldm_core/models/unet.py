@@ -12,12 +12,12 @@ the normalisation epsilons and the timestep features are those of the diffusers 
 SD-1/2 settings, so ``ldm_core.interop`` converts weights both ways with identical outputs.
 
 One module on purpose, divided by banners like DiT's ``models.py``: the config, the blocks and the model read top
-to bottom in the order the forward pass uses them; split, a reader would follow every block into another file.
+to bottom in the order the forward pass uses them; split, a reader would follow every block into another file. The
+timestep embedding, which the MMDiT uses too, lives in `embeddings`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 import torch
@@ -28,11 +28,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm_core.config import StrictModel
 from ldm_core.models.attention import attention
+from ldm_core.models.embeddings import TimestepEmbedder
 from ldm_core.models.fused_projections import fuse_on_load
 from ldm_core.models.text_mask import has_padding
 
 TIME_EMBED_MULT = 4  # width of the time embedding = 4 x model_channels (DDPM, LDM, SD)
-MAX_PERIOD = 10_000  # longest period of the sinusoidal timestep features (as in the Transformer and DDPM)
 FF_MULT = 4  # GEGLU hidden width = 4 x channels
 RES_NORM_EPS = 1e-5  # GroupNorm eps in residual blocks and before conv_out (diffusers' norm_eps for SD)
 TRANSFORMER_GROUP_NORM_EPS = 1e-6  # GroupNorm eps before proj_in (LDM's Normalize; fixed in diffusers too)
@@ -51,8 +51,8 @@ class UNetConfig(StrictModel):
     channels; the defaults are the SD-1 UNet (860 M parameters)."""
 
     kind: Literal["unet"] = "unet"
-    """Type tag of the denoiser family: a checkpoint's config says which network to build (a transformer backbone
-    will sit beside it with its own tag)."""
+    """Type tag of the denoiser family: a checkpoint's config says which network to build (the MMDiT's tag is
+    "mmdit")."""
 
     in_channels: int = Field(4, ge=1)
     """Channels of the noisy latent x (the autoencoder's latent channels)."""
@@ -182,38 +182,6 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     ),
 }
 """Named UNet shapes. Derive a variant with validation: UNetConfig(**{**UNET_PRESETS["tiny"].to_dict(), ...})."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timestep embedding
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = MAX_PERIOD) -> Tensor:
-    """Sinusoidal features of (possibly fractional) times: [cos(t f_k), sin(t f_k)], f_k = max_period^(-k/(dim/2)).
-
-    Cos first and exponent k/half are LDM's `timestep_embedding`, i.e. diffusers'
-    Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0). The frequencies span periods 2pi..2pi·max_period,
-    made for t on a 0..1000 scale. (B,) -> (B, dim), fp32.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None, :]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
-
-
-class TimestepEmbedder(nn.Module):
-    """MLP on the sinusoidal features: the vector every residual block receives as its time conditioning."""
-
-    def __init__(self, freq_dim: int, embed_dim: int):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.fc1 = nn.Linear(freq_dim, embed_dim)
-        self.fc2 = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, t: Tensor) -> Tensor:
-        features = timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype)  # (B, freq_dim)
-        return self.fc2(F.silu(self.fc1(features)))  # (B, embed_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,4 +549,4 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
 
 
-__all__ = ["UNET_PRESETS", "UNet", "UNetConfig", "timestep_embedding"]
+__all__ = ["UNET_PRESETS", "UNet", "UNetConfig"]

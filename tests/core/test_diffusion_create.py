@@ -1,5 +1,7 @@
 """create_diffusion: the config, the training draw, the loss and end-to-end sampling with exact models."""
 
+from typing import get_args
+
 import pytest
 import torch
 from diffusion_gaussian_oracle import (  # noqa: F401 (single_thread is an autouse fixture)
@@ -13,6 +15,7 @@ from diffusion_gaussian_oracle import (  # noqa: F401 (single_thread is an autou
 from pydantic import ValidationError
 
 from ldm_core.diffusion import (
+    DIFFUSIONS,
     DiffusionConfig,
     GaussianDiffusion,
     RectifiedFlow,
@@ -21,6 +24,7 @@ from ldm_core.diffusion import (
     create_diffusion,
 )
 from ldm_core.diffusion.objectives import min_snr_weight, snr
+from ldm_core.diffusion.samplers import DDPM_SAMPLERS, SAMPLERS
 from ldm_core.diffusion.schedules import shift_t
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -72,6 +76,29 @@ def test_config_defaults_resolve_the_sampler_and_round_trip():
 def test_config_rejects_invalid_combinations(bad, message):
     with pytest.raises(ValidationError, match=message):
         DiffusionConfig(**bad)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_config_accepts_every_registered_sampler(name):
+    kind = "ddpm" if name in DDPM_SAMPLERS else "flow"
+    config = DiffusionConfig(kind=kind, sampler=name)
+    assert config.sampler == name and DiffusionConfig.model_validate(config.to_dict()) == config
+
+
+def test_config_refuses_a_sampler_the_registry_lacks_and_names_the_registered_ones():
+    with pytest.raises(ValidationError) as refused:
+        DiffusionConfig(sampler="dpm++")
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("sampler",) and error["type"] == "literal_error"
+    assert all(repr(name) in error["msg"] for name in SAMPLERS)
+
+
+def test_every_kind_the_config_accepts_has_a_process_and_a_default_sampler_of_its_own():
+    kinds = get_args(DiffusionConfig.model_fields["kind"].annotation)
+    assert set(kinds) == set(DIFFUSIONS)
+    for kind in kinds:
+        diffusion = create_diffusion(DiffusionConfig(kind=kind))
+        assert type(diffusion) is DIFFUSIONS[kind] and diffusion.config.sampler in SAMPLERS
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 
 from ldm_core.interop import from_diffusers, to_diffusers  # noqa: E402
 from ldm_core.interop.unet import config_from_diffusers  # noqa: E402
-from ldm_core.models.unet import UNET_PRESETS, UNet, UNetConfig, timestep_embedding  # noqa: E402
+from ldm_core.models.embeddings import timestep_embedding  # noqa: E402
+from ldm_core.models.unet import UNET_PRESETS, UNet, UNetConfig  # noqa: E402
 
 TOL = 1e-4
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm_core.flops import count_flops, denoiser_step_flops
-from ldm_core.models.denoiser import Denoiser, build_denoiser, parse_denoiser_config
+from ldm_core.models.denoiser import BACKBONES, Denoiser, build_denoiser, parse_denoiser_config
 from ldm_core.models.mmdit import (
     MMDIT_PRESETS,
     MMDiT,
@@ -313,6 +313,20 @@ def test_build_denoiser_from_saved_config():
     # what a checkpoint stores is plain data; the kind tag picks the class back
     again = parse_denoiser_config(model.config.to_dict())
     assert again == model.config and type(again) is MMDiTConfig
+
+
+@pytest.mark.parametrize("config_cls", list(BACKBONES), ids=lambda c: c.__name__)
+def test_every_registered_backbone_is_picked_by_its_kind_tag(config_cls):
+    kind = config_cls.model_fields["kind"].default
+    config = parse_denoiser_config({"kind": kind, "preset": "tiny"})
+    assert type(config) is config_cls
+    with torch.device("meta"):
+        assert type(build_denoiser(config)) is BACKBONES[config_cls]
+
+
+def test_an_unregistered_backbone_kind_is_refused():
+    with pytest.raises(ValidationError, match="does not match any of the expected tags"):
+        parse_denoiser_config({"kind": "dit"})
 
 
 def test_every_backbone_takes_the_same_call():

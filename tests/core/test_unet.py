@@ -9,7 +9,8 @@ import torch
 from pydantic import ValidationError
 
 from ldm_core.models.denoiser import Denoiser, build_denoiser, parse_denoiser_config
-from ldm_core.models.unet import UNET_PRESETS, SpatialTransformer, UNet, UNetConfig, timestep_embedding
+from ldm_core.models.embeddings import timestep_embedding
+from ldm_core.models.unet import UNET_PRESETS, SpatialTransformer, UNet, UNetConfig
 from tests.core.denoiser_inputs import assert_loads_identically, inputs, overfit_ratio
 
 # small enough to run in milliseconds; two levels, transformers at both and in the mid block
