@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +188,24 @@ def test_mmdit_latent_side_follows_the_store_resolution():
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"]["patch_size"] = 4
     with pytest.raises(ConfigValidationError, match=r"patch_size: 4 does not divide the latent side 10 \(= 40 / 4\)"):
         validate_run_config(cfg, JOB)
+
+
+def test_definitions_load_from_an_installed_package(tmp_path):
+    """Installed without the checkout (a container image's site-packages has no pyproject.toml above pipeline/): the
+    same definitions load from the package itself."""
+    for package in ("pipeline", "ldm_core"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        f"import pipeline.definitions as d; assert d.__file__.startswith({str(tmp_path)!r}), d.__file__; "
+        "print(sorted(k.to_user_string() for k in d.defs.resolve_asset_graph().get_all_asset_keys()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert set(json.loads(out.stdout.strip().splitlines()[-1].replace("'", '"'))) >= ASSET_KEYS
