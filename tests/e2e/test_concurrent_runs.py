@@ -22,6 +22,7 @@ import pipeline.assets.ldm_model as ldm_model_module
 import pipeline.assets.vae_model as vae_model_module
 import pipeline.checks as checks_module
 from pipeline.definitions import defs
+from tests.common import metadata_values
 
 READERS = (vae_model_module, latent_store_module, ldm_model_module, evaluation_report_module, checks_module)
 WAIT_SECONDS = 600  # the other run's next asset on 2 busy cores, with room to spare
@@ -34,13 +35,9 @@ def _config(tiny_config: dict, name: str, seed: int, count: int) -> dict:
     return config
 
 
-def _values(metadata: dict) -> dict:
-    return {k: getattr(v, "value", v) for k, v in metadata.items()}
-
-
 def _materializations(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-    return {r.asset_key.to_user_string(): _values(r.asset_materialization.metadata) for r in records}
+    return {r.asset_key.to_user_string(): metadata_values(r.asset_materialization.metadata) for r in records}
 
 
 def _checks(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
@@ -48,7 +45,7 @@ def _checks(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
     out = {}
     for r in records:
         evaluation = r.event_log_entry.dagster_event.event_specific_data
-        out[evaluation.check_name] = _values(evaluation.metadata)
+        out[evaluation.check_name] = metadata_values(evaluation.metadata)
     return out
 
 
