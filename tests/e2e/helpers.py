@@ -3,6 +3,7 @@ reading what a run left in Dagster and MLflow. Fixtures are in conftest.py."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from tests.common import metadata_values
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGSTER = Path(sys.executable).parent / "dagster"
+PRETRAINED_EXAMPLES = ROOT / "pipeline" / "configs" / "pretrained"
+"""The example configs that start from pretrained weights (each with a placeholder source to replace)."""
 ASSETS = ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")
 """The assets of ldm_training_job, upstream first."""
 EXPERIMENT = "ldm-pipeline"
@@ -26,6 +29,14 @@ EXPERIMENT = "ldm-pipeline"
 def upto(asset: str) -> tuple[str, ...]:
     """The assets of ldm_training_job from the first through ``asset``."""
     return ASSETS[: ASSETS.index(asset) + 1]
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in through nested dicts (``over``'s values win); neither is changed."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 def child_env(home: Path) -> dict[str, str]:

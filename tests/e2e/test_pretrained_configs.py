@@ -21,9 +21,8 @@ from pipeline import run_configs
 from pipeline.jobs import RETRAIN_ASSETS
 from pipeline.mlflow_models import download_text_to_image
 from tests.core.tiny_models import tiny_diffusers_unet
-from tests.e2e.helpers import ROOT, dagster_job_execute, latest_metadata
+from tests.e2e.helpers import PRETRAINED_EXAMPLES, dagster_job_execute, latest_metadata, merged
 
-PRETRAINED = ROOT / "pipeline" / "configs" / "pretrained"
 PLACEHOLDERS = {
     "unet": "/path/to/diffusers/unet",
     "sd3-transformer": "/path/to/diffusers/pipeline",
@@ -35,22 +34,14 @@ PLACEHOLDERS = {
 def shrunk(name: str, tiny: dict, init_from: str) -> dict:
     """The example config with its placeholder replaced and tiny.yaml's sizes merged in; the denoiser stays the
     source's (tiny's denoiser section is left out)."""
-    config = yaml.safe_load((PRETRAINED / f"{name}.yaml").read_text())
+    config = yaml.safe_load((PRETRAINED_EXAMPLES / f"{name}.yaml").read_text())
     ldm = config["ops"]["ldm_model"]["config"]
     assert ldm["init_from"] == PLACEHOLDERS[name] and "denoiser" not in ldm["training"]
     ldm["init_from"] = init_from
 
-    def merge(into: dict, new: dict) -> None:
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(into.get(k), dict):
-                merge(into[k], v)
-            else:
-                into[k] = copy.deepcopy(v)
-
     small = copy.deepcopy(tiny)
     del small["ops"]["ldm_model"]["config"]["training"]["denoiser"]
-    merge(config, {"ops": {k: v for k, v in small["ops"].items() if k in config["ops"]}})
-    return config
+    return merged(config, {"ops": {k: v for k, v in small["ops"].items() if k in config["ops"]}})
 
 
 def execute(job: str, config: dict, home: Path) -> dict:

@@ -20,35 +20,28 @@ import yaml
 from ldm_core.bundle import load_autoencoder
 from ldm_core.interop.pretrained_vae import load_pretrained_autoencoder
 from tests.e2e.helpers import (
-    ROOT,
+    PRETRAINED_EXAMPLES,
     check_results,
     dagster_job_execute,
     execute,
     latest_metadata,
     materialized_assets,
+    merged,
     upto,
 )
 from tests.tiny_autoencoders import save_tiny_autoencoder_kl, upload_folder
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = ROOT / "pipeline" / "configs" / "pretrained"
 UPTO_STORE = upto("latent_store")
 ENCODER_SIDE = ("encoder.", "quant_conv.")
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _example(name: str, source: str, tiny_config: dict) -> dict:
     """The example config as shipped, with the tiny sizes over it and its placeholder source replaced."""
     tiny = copy.deepcopy(tiny_config)
     del tiny["ops"]["vae_model"]["config"]["training"]["model"]  # the architecture comes from the source
-    cfg = _merge(yaml.safe_load((EXAMPLES / name).read_text()), tiny)
+    cfg = merged(yaml.safe_load((PRETRAINED_EXAMPLES / name).read_text()), tiny)
     assert cfg["ops"]["vae_model"]["config"]["pretrained"]["source"] != source  # a placeholder was there
     cfg["ops"]["vae_model"]["config"]["pretrained"]["source"] = source
     return cfg
