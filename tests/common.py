@@ -1,11 +1,12 @@
-"""Helpers that tests in more than one folder use: the tiny run config, Dagster metadata as values, free ports,
-waiting for a local server.
+"""Helpers that tests in more than one folder use: the repository root, a child Python's environment, the tiny run
+config, Dagster metadata as values, free ports, waiting for a local server.
 
 Helpers of one folder live there (tests/e2e/helpers.py, tests/core/tiny_models.py, ...).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -16,13 +17,20 @@ from typing import Any
 
 import yaml
 
-TINY = Path(__file__).parent / "e2e" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository's root."""
+TINY = ROOT / "tests" / "e2e" / "tiny.yaml"
 """The smallest run config of the whole pipeline (seconds per asset on CPU)."""
 
 
 def load_tiny_config() -> dict:
     """A fresh copy of tiny.yaml's run config (callers may change it)."""
     return yaml.safe_load(TINY.read_text())
+
+
+def python_env() -> dict[str, str]:
+    """This process's environment for a child Python that imports this checkout (PYTHONPATH: the repository)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def metadata_values(metadata: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,8 @@ import dagster as dg
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.common import metadata_values
+from tests.common import ROOT, metadata_values
 
-ROOT = Path(__file__).resolve().parents[2]
 DAGSTER = Path(sys.executable).parent / "dagster"
 PRETRAINED_EXAMPLES = ROOT / "pipeline" / "configs" / "pretrained"
 """The example configs that start from pretrained weights (each with a placeholder source to replace)."""

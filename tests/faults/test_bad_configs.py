@@ -18,9 +18,8 @@ from benchmarks.faults.dagster_trial import fresh_home, home_env
 from pipeline.config_bridge import ConfigValidationError
 from pipeline.definitions import defs
 from pipeline.validation import validate_run_config
-from tests.common import load_tiny_config
+from tests.common import ROOT, load_tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 JOB = defs.resolve_job_def("ldm_training_job")
 

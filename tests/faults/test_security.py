@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.common import load_tiny_config
+from tests.common import ROOT, load_tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("ldm_core", "pipeline", "benchmarks")
 
 

@@ -13,8 +13,8 @@ from pipeline import run_configs
 from pipeline.config_bridge import ConfigValidationError
 from pipeline.definitions import defs
 from pipeline.validation import validate_run_config
+from tests.common import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 ASSET_KEYS = {"image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"}
 GPU_ASSETS = {"vae_model", "latent_store", "ldm_model", "evaluation_report"}
 JOB = defs.resolve_job_def("ldm_training_job")
