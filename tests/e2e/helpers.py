@@ -7,7 +7,7 @@ import copy
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def execute(
 
 
 def dagster_job_execute(
-    home: Path, config: dict | Path, assets: Iterable[str] | None = None, *, job: str = "ldm_training_job"
+    home: Path, config: dict | Path, assets: Sequence[str] | None = None, *, job: str = "ldm_training_job"
 ) -> subprocess.CompletedProcess:
     """`dagster job execute` of ``job`` in a child process on the LDM_HOME ``home``: a config file, or a run config
     (written to ``home``/run.yaml); with ``assets``, only those ops, with only their ops config."""
