@@ -9,8 +9,8 @@
                       revision, weights hash), provenance (VAE registry version …)
 
 `load_text_to_image(url)` rebuilds everything from the directory alone: the text encoder from its copy, so a
-registered model works where the training machine's paths and Hugging Face cache do not exist (bundles written
-before the copy was carried load it by its id/path, as they were written). This is what the MLflow pyfunc,
+registered model works where the training machine's paths and Hugging Face cache do not exist (a bundle.json
+without ``text_encoder_copy`` loads it by the id/path it records). This is what the MLflow pyfunc,
 `ldm sample`, `ldm export` and the evaluation report load; weights never go through pickle.
 """
 
@@ -239,7 +239,7 @@ def load_text_to_image(
 def _load_text_encoder(
     url: str, meta: dict[str, Any], storage_options: dict[str, Any] | None, device: str | torch.device
 ) -> TextEncoder:
-    """From the bundle's copy, after checking its weights against the recorded hash; by name for older bundles."""
+    """From the bundle's copy, after checking its weights against the recorded hash; by name when it has no copy."""
     config = TextEncoderConfig.model_validate(meta["text_encoder"])
     if "text_encoder_copy" not in meta:
         return TextEncoder(config, device=device)

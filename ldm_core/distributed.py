@@ -232,7 +232,7 @@ def wrap_ddp(module: nn.Module, device: torch.device, sync_buffers: bool = True)
     from torch.nn.parallel import DistributedDataParallel
 
     kwargs: dict[str, Any] = {}
-    if not sync_buffers:  # newer torch renamed the option (and deprecated the old name)
+    if not sync_buffers:  # torch versions name the option differently: use the name this one has
         name = (
             "forward_sync_buffers"
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters

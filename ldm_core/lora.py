@@ -57,7 +57,7 @@ class LoraConfig(StrictModel):
     one. None = every attention projection the backbone has: qkv, to_q, to_kv, to_out (the MMDiT: qkv, to_out)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the adapter's input (peft's lora_dropout). Its masks come from the global RNG, so with dropout
-    N processes no longer take exactly the steps of one."""
+    N processes do not take exactly the steps of one."""
 
     def peft_config(self, targets: list[str]) -> peft.LoraConfig:
         return peft.LoraConfig(

@@ -106,6 +106,6 @@ def load_model(
     if meta.get("type") != expected_type:
         raise ValueError(f"{url} holds a {meta.get('type')!r}, not a {expected_type!r}")
     model = build(meta["config"])
-    # models saved before checksums were recorded load unverified
+    # a model whose meta records no weights_sha256 loads unverified
     model.load_state_dict(load_state_dict(url, storage_options, meta.get("weights_sha256")), strict=True)
     return model.to(map_location)

@@ -12,6 +12,10 @@ Loaded for every test through ``pytest_plugins = ["tests.s3_fixture"]`` in tests
 ``s3_url`` (function scope) -> str
     A fresh, empty prefix ``s3://<bucket>/<test name>-<uuid>`` for one test, so tests never see each other's
     objects.
+
+``storage_root`` (function scope, parametrized ``local`` / ``s3``) -> str
+    An empty directory for one test: a local temporary directory, then an ``s3_url``; a test that takes it runs on
+    both storages.
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ def s3_endpoint() -> Iterator[S3Endpoint]:
             yield S3Endpoint(endpoint_url=endpoint, bucket=BUCKET)
         finally:
             server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request: pytest.FixtureRequest, tmp_path) -> str:
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_url")
 
 
 @pytest.fixture

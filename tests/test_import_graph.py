@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.common import ROOT
+
 PACKAGES = ("ldm_core", "pipeline", "benchmarks")
 
 

@@ -91,7 +91,7 @@ class ShardInfo(_Data):
     validation_rows: int
     bytes: int
     sha256: str | None = None
-    """Of the shard file as written; None in manifests written before it was recorded (read unchecked)."""
+    """Of the shard file as written; None when the manifest records none (the shard is read unchecked)."""
 
 
 class EntryRecord(_Data):
@@ -142,7 +142,7 @@ class Manifest(_Data):
     runs: list[RunRecord] = Field(default_factory=list)
     writer_generation: int | None = None
     """Incremented by every writer when it takes the dataset's lease (the fence of `ldm_core.leases`: a previous
-    holder's commit fails from then on); absent in datasets written before leases."""
+    holder's commit fails from then on); None in a manifest that no lease holder has written."""
 
     def shard_names(self) -> list[str]:
         return [s.name for s in self.shards]

@@ -84,7 +84,7 @@ class ImageShardDataset(Dataset):
         self._infos: list[canonical.ShardInfo] = list(manifest.shards)
         self._verified: set[int] = set()  # shards whose sha256 this process has checked
         self.unchecked_shards = sum(info.sha256 is None for info in self._infos)
-        """Shards of a manifest written before sha256s were recorded: read without a check."""
+        """Shards whose manifest entry records no sha256: read without a check."""
         if self.unchecked_shards:
             log.warning(
                 "%d of %d shards of %s have no recorded sha256 (written before it was recorded): they are "
@@ -110,7 +110,7 @@ class ImageShardDataset(Dataset):
             for j, row in enumerate(table.to_pylist()):
                 if split is None or row["split"] == split:
                     for a in self.attribute_names:
-                        row.setdefault(a, None)  # a shard written before an attribute appeared
+                        row.setdefault(a, None)  # a shard without this attribute's column
                     self._where.append((k, j))
                     self._meta.append(row)
         self._images: OrderedDict[int, pa.BinaryArray] = OrderedDict()
@@ -187,7 +187,7 @@ def _check_size(url: str, info: canonical.ShardInfo, storage_options: dict[str, 
     fs, path = storage.get_fs(shard_url, storage_options)
     with storage.naming_errors(shard_url, "checking the shard"):
         size = int(fs.size(path))
-    if info.sha256 is not None and size != info.bytes:  # (an older manifest: unchecked, as its sha256)
+    if info.sha256 is not None and size != info.bytes:  # (no sha256 recorded: the size goes unchecked too)
         raise CorruptShardError(
             "dataset",
             info.name,

@@ -5,8 +5,8 @@ shards in the metadata's `StoreShard`) at write time; readers hash what they rea
 process. A mismatch (a flipped byte, a truncated or replaced file, a missing Zarr chunk) raises
 `CorruptShardError`, whose one-line message names the shard and its URL. Readers refuse rather than skip: a dataset
 version or a latent store is the key that checkpoints, resumes and registered models are recorded under, and a run
-that skipped a shard would train on other data under the same key. Shards written before checksums were recorded
-have none: they are read unchecked, and readers count them (``unchecked_shards``) and log it once.
+that skipped a shard would train on other data under the same key. A shard whose manifest records no checksum is
+read unchecked, and readers count such shards (``unchecked_shards``) and log it once.
 """
 
 from __future__ import annotations

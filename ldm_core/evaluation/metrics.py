@@ -20,7 +20,8 @@ import torch
 from ldm_core.pretrained import MissingPretrainedWeights
 
 # PSNR of identical images is +inf; it is reported as this many dB, with `capped` set, so that JSON stays valid and
-# averages stay finite. 100 dB is far above anything a lossy autoencoder reaches (kl-f8: ≈ 24 dB on ImageNet).
+# averages stay finite. 100 dB is far above anything a lossy autoencoder reaches (LDM's kl-f8: about 24 dB on
+# ImageNet, as CompVis/latent-diffusion reports it).
 PSNR_CAP_DB = 100.0
 
 # Direction of each metric known to the pipeline: True when higher is better. The gate and the report use it.

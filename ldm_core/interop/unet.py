@@ -182,7 +182,7 @@ def config_from_diffusers(dcfg: Any) -> UNetConfig:
     context_dim = _uniform(dcfg, "cross_attention_dim", _per_level(dcfg, "cross_attention_dim", n))
     layers = _uniform(dcfg, "layers_per_block", _per_level(dcfg, "layers_per_block", n))
 
-    # diffusers' attention_head_dim is, for this class, the number of heads (see its own comment on issue #2011)
+    # diffusers' attention_head_dim is, for this class, the number of heads (a misnomer UNet2DConditionModel keeps)
     heads = [(widths[lv], _per_level(dcfg, "attention_head_dim", n)[lv]) for lv in used]  # (width, heads)
     if len({h for _, h in heads}) == 1:
         num_heads, num_head_channels = heads[0][1], None

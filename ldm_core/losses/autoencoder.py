@@ -129,7 +129,7 @@ class AutoencoderLoss(nn.Module):
       ``discriminator_loss``  -> backward into the discriminator (only when ``disc_active(step)``).
 
     The perceptual network is injected (None = no perceptual term). It is a frozen metric rebuilt from its weight
-    files, so it is kept out of this module's state dict and parameters (no 58 MB of VGG in every checkpoint, and a
+    files, so it is kept out of this module's state dict and parameters (no VGG weights in every checkpoint, and a
     checkpoint loads whether or not LPIPS was available), yet ``.to()`` moves it and it always stays in eval mode.
     """
 

@@ -45,7 +45,7 @@ class AutoencoderConfig(StrictModel):
     mid_attention: bool = True
     """Self-attention in the mid block of encoder and decoder (diffusers: mid_block_add_attention)."""
     use_quant_conv: bool = True
-    """1×1 conv on the posterior moments (quant_conv) as in LDM; off in some newer VAEs."""
+    """1×1 conv on the posterior moments (quant_conv) as in LDM; off in some VAEs (SD3's)."""
     use_post_quant_conv: bool = True
     """1×1 conv on the latent before decoding (post_quant_conv)."""
     n_embed: int = 1024

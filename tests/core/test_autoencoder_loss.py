@@ -18,6 +18,7 @@ from ldm_core.losses.autoencoder import (
 )
 from ldm_core.models.discriminator import DiscriminatorConfig
 from ldm_core.pretrained import MissingPretrainedWeights
+from tests.core.torch_home import use_torch_home
 
 DISC = DiscriminatorConfig(ndf=8)
 
@@ -276,9 +277,7 @@ def test_perceptual_net_is_frozen_out_of_state_and_always_in_eval_mode():
 
 @pytest.fixture
 def empty_torch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    return tmp_path / "hub" / "checkpoints"
+    return use_torch_home(monkeypatch, tmp_path)
 
 
 def test_missing_vgg_weights_fail_with_the_file_name_unless_allowed(empty_torch_home, caplog):

@@ -3,20 +3,11 @@ or delete against a stale version is refused, and an exclusive create never repl
 
 from __future__ import annotations
 
-import pytest
-
 from ldm_core import storage
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path)
-    return request.getfixturevalue("s3_url")
-
-
-def test_compare_and_swap_refuses_a_stale_version(root):
-    url = storage.join(root, "manifest.json")
+def test_compare_and_swap_refuses_a_stale_version(storage_root):
+    url = storage.join(storage_root, "manifest.json")
     assert storage.read_versioned(url) is None
     v1 = storage.write_if_version(url, b"one", None)
     assert v1 is not None
@@ -29,8 +20,8 @@ def test_compare_and_swap_refuses_a_stale_version(root):
     assert storage.read_versioned(url) == (b"two", v2)
 
 
-def test_delete_if_version(root):
-    url = storage.join(root, "lease.json")
+def test_delete_if_version(storage_root):
+    url = storage.join(storage_root, "lease.json")
     v1 = storage.write_if_version(url, b"a", None)
     v2 = storage.write_if_version(url, b"b", v1)
     assert not storage.delete_if_version(url, v1)  # stale: refused, the object stays
@@ -40,10 +31,10 @@ def test_delete_if_version(root):
     assert not storage.delete_if_version(url, v2)  # gone
 
 
-def test_write_if_absent_never_replaces(root):
-    url = storage.join(root, "shards", "shard-00000.parquet")
+def test_write_if_absent_never_replaces(storage_root):
+    url = storage.join(storage_root, "shards", "shard-00000.parquet")
     assert storage.write_if_absent(url, b"first")
     assert not storage.write_if_absent(url, b"second")
     assert storage.read_bytes(url) == b"first"
-    if storage.is_local(root):  # no temp file is left behind either way
-        assert storage.list_dir(storage.join(root, "shards")) == ["shard-00000.parquet"]
+    if storage.is_local(storage_root):  # no temp file is left behind either way
+        assert storage.list_dir(storage.join(storage_root, "shards")) == ["shard-00000.parquet"]

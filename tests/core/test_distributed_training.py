@@ -23,7 +23,6 @@ workers use one): ≤ 3e-5 of the elements past 1% of lr·steps (AE and LDM), ag
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from unittest import mock
 
@@ -41,6 +40,7 @@ from ldm_core.models.unet import UNET_PRESETS
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, init_actnorm_from_global_batch, train_autoencoder
 from ldm_core.trainers.ldm import LDMTrainingConfig, train_ldm
 from ldm_core.trainers.run_setup import split_global_batch
+from tests.common import free_port
 
 STEPS, STOP_AT, LR = 4, 2, 1e-4
 MOVED = 0.01 * LR * STEPS  # an element this far apart took a step the other run did not take
@@ -164,12 +164,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             Path(f"{out}/batchnorm_error_rank{rank}.txt").write_text(str(e))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _final(ckpt_dir: Path) -> dict:
     return CheckpointManager(str(ckpt_dir)).load(STEPS)
 
@@ -212,7 +206,7 @@ def _diffs(a: dict, b: dict, parts: tuple[str, ...]) -> float:
 def two_process_runs(tmp_path_factory) -> Path:
     """Both trainers under 2 gloo processes (one spawn: each process pays torch's import once)."""
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out
 
 

@@ -17,16 +17,11 @@ from ldm_core.evaluation.fid import (
     inception_or_reason,
     load_inception,
 )
+from tests.core.torch_home import use_torch_home
 
 # The 64-d tap right after the stem: the same network, file and code path as the 2048-d pool3 features, but the
 # forward pass stops early and the matrix root is 64×64, so the test stays fast on 2 CPU cores.
 TEST_FEATURE_DIM = 64
-
-
-def use_torch_home(mp, home):
-    mp.setattr(torch.hub, "_hub_dir", None)
-    mp.setenv("TORCH_HOME", str(home))
-    return home / "hub" / "checkpoints"
 
 
 def eig_frechet(mu1, s1, mu2, s2):

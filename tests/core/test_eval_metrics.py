@@ -11,6 +11,7 @@ from skimage.metrics import structural_similarity
 
 from ldm_core import pretrained
 from ldm_core.evaluation.metrics import PSNR_CAP_DB, MetricResult, lpips, metric_value, psnr, ssim
+from tests.core.torch_home import use_torch_home
 
 
 def test_psnr_matches_the_closed_form_for_a_known_error():
@@ -94,8 +95,7 @@ def test_ssim_on_images_smaller_than_its_window_is_not_computed():
 
 
 def test_lpips_without_vgg_weights_is_not_computed_and_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    use_torch_home(monkeypatch, tmp_path / "empty")
     a = np.zeros((2, 16, 16, 3), np.uint8)
     r = lpips(a, a, download=False)
     assert not r.computed and r.value is None and r.n == 0

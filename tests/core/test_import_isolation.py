@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-from tests.test_import_graph import ROOT, import_graph
+from tests.common import ROOT
+from tests.test_import_graph import import_graph
 
 FORBIDDEN = ("dagster", "mlflow", "pipeline")
 

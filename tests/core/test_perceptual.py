@@ -5,7 +5,6 @@ exact file name torchvision uses, in a temporary TORCH_HOME, and check that exac
 """
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,15 +16,9 @@ from ldm_core.losses.autoencoder import AutoencoderLossConfig, build_autoencoder
 from ldm_core.losses.perceptual import VGG16_SLICES, build_lpips, load_vgg16_features
 from ldm_core.models.discriminator import DiscriminatorConfig
 from ldm_core.pretrained import MissingPretrainedWeights
+from tests.core.torch_home import use_torch_home
 
 VGG_FILE = "vgg16-397923af.pth"
-
-
-def use_torch_home(mp: pytest.MonkeyPatch, home: Path) -> Path:
-    """Point torch.hub at ``home`` (via TORCH_HOME, and clear any set_dir override); returns the checkpoint dir."""
-    mp.setenv("TORCH_HOME", str(home))
-    mp.setattr(torch.hub, "_hub_dir", None)
-    return home / "hub" / "checkpoints"
 
 
 @pytest.fixture(scope="module")

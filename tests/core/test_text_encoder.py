@@ -75,7 +75,7 @@ def test_any_local_transformers_path_works(tmp_path):
 def test_clip_text_model_path(tmp_path):
     """A checkpoint of a plain CLIPTextModel (SD-1's text encoder) has no projection weights: it loads as itself,
     and its pooled vector is the unprojected EOS state (pooler_output), never a projection with random weights."""
-    _tiny_clip(tmp_path, with_projection=False)
+    tiny_clip(tmp_path, with_projection=False)
     enc = TextEncoder(TextEncoderConfig(name=str(tmp_path), max_length=8))
     assert type(enc.model).__name__ == "CLIPTextModel" and enc.pooling == "clip_pooler_output"
     out = enc.encode(["a photo"])
@@ -111,12 +111,8 @@ def test_minilm_pooled_vector_is_sentence_transformers_mean_pooling(encoder):
     torch.testing.assert_close(empty.pooled[0], expected[2], atol=1e-5, rtol=1e-5)
 
 
-def _tiny_clip(tmp_path, with_projection: bool):
-    return tiny_clip(tmp_path, with_projection)
-
-
 def test_clip_with_projection_pools_the_projected_eos_token(tmp_path):
-    reference = _tiny_clip(tmp_path, with_projection=True)
+    reference = tiny_clip(tmp_path, with_projection=True)
     enc = TextEncoder(TextEncoderConfig(name=str(tmp_path), max_length=8))
     assert type(enc.model).__name__ == "CLIPTextModelWithProjection" and enc.pooling == "clip_projected_eos"
     out = enc.encode(["a photo", "a photo of a cat"])

@@ -1,16 +1,13 @@
-import os
-from pathlib import Path
-
 import mlflow
 import pytest
-import yaml
 
-TINY = Path(__file__).with_name("tiny.yaml")
+from benchmarks.faults.dagster_trial import fresh_home
+from tests.common import load_tiny_config
 
 
 @pytest.fixture(scope="session")
 def tiny_config() -> dict:
-    return yaml.safe_load(TINY.read_text())
+    return load_tiny_config()
 
 
 @pytest.fixture(scope="module")
@@ -29,24 +26,6 @@ def ldm_home(tmp_path_factory):
     # MlflowClient() here must reach this module's store
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    (home / "dagster").mkdir()
-    (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    fresh_home(home)
     yield home
     mp.undo()
-
-
-def child_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    # mlflow.set_registry_uri (called in this process by MLflowResource) exports MLFLOW_REGISTRY_URI: a child with
-    # its own tracking store must not inherit the registry of this one
-    env.pop("MLFLOW_REGISTRY_URI", None)
-    env.update(
-        {
-            "LDM_HOME": str(home),
-            "DAGSTER_HOME": str(home / "dagster"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-            "HF_HUB_OFFLINE": "1",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        }
-    )
-    return env

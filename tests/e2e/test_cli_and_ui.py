@@ -13,43 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import TINY, child_env
+from benchmarks.faults.dagster_trial import fresh_home
+from tests.common import TINY, answers, free_port, load_tiny_config, wait_for
+from tests.e2e.helpers import ASSETS, ROOT, child_env, dagster_job_execute, execute
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-ASSETS = ["image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"]
-
-
-def _fresh_home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    (home / "dagster").mkdir(parents=True)
-    (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return home
 
 
 def test_dagster_job_execute_runs_the_pipeline(tmp_path):
-    home = _fresh_home(tmp_path)
-    cmd = [
-        str(BIN / "dagster"),
-        "job",
-        "execute",
-        "-m",
-        "pipeline.definitions",
-        "-j",
-        "ldm_training_job",
-        "-c",
-        str(TINY),
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=600)
+    home = fresh_home(tmp_path / "home")
+    out = dagster_job_execute(home, TINY)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "RUN_SUCCESS" in out.stdout + out.stderr
     assert list((home / "storage" / "reports").glob("*/report.html"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
@@ -77,8 +53,8 @@ mutation Launch($params: ExecutionParams!) {
 
 def test_webserver_lists_assets_and_materializes_them(tmp_path):
     """`dagster dev` (webserver + daemon, what `ldm ui` starts) on 127.0.0.1; the daemon dequeues the run."""
-    home = _fresh_home(tmp_path)
-    port = _free_port()
+    home = fresh_home(tmp_path / "home")
+    port = free_port()
     log = open(tmp_path / "dagster-dev.log", "wb")
     server = subprocess.Popen(
         [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -89,15 +65,13 @@ def test_webserver_lists_assets_and_materializes_them(tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-                assert time.time() < deadline, "webserver did not start"
-                time.sleep(1)
+        wait_for(
+            "webserver",
+            lambda: answers(f"http://127.0.0.1:{port}/server_info"),
+            180,
+            server,
+            tmp_path / "dagster-dev.log",
+        )
         # wait for the code location to load, then list the assets
         for _ in range(120):
             nodes = _graphql(port, "{ assetNodes { assetKey { path } groupName } }")["assetNodes"]
@@ -106,8 +80,6 @@ def test_webserver_lists_assets_and_materializes_them(tmp_path):
             time.sleep(1)
         assert {n["assetKey"]["path"][0]: n["groupName"] for n in nodes} == {k: "ldm" for k in ASSETS}
 
-        import yaml
-
         params = {
             "selector": {
                 "repositoryLocationName": "ldm_pipeline",
@@ -115,7 +87,7 @@ def test_webserver_lists_assets_and_materializes_them(tmp_path):
                 "jobName": "__ASSET_JOB",
                 "assetSelection": [{"path": [k]} for k in ASSETS],
             },
-            "runConfigData": yaml.safe_load(TINY.read_text()),
+            "runConfigData": load_tiny_config(),
             "mode": "default",
         }
         launched = _graphql(port, LAUNCH, {"params": params})["launchRun"]
@@ -205,7 +177,7 @@ def test_ldm_sample_with_an_unreachable_tracking_store_says_so_in_one_line(tmp_p
     with socket.socket() as held:  # bound, never listening: connections are refused, and no other test can take it
         held.bind(("127.0.0.1", 0))
         out = _sample(
-            _fresh_home(tmp_path),
+            fresh_home(tmp_path / "home"),
             "models:/ldm@champion",
             MLFLOW_TRACKING_URI=f"http://127.0.0.1:{held.getsockname()[1]}",
         )
@@ -217,17 +189,12 @@ def test_ldm_sample_with_an_unreachable_tracking_store_says_so_in_one_line(tmp_p
 @pytest.fixture(scope="module")
 def materialized_home(ldm_home, tiny_config):
     """Run the pipeline (in-process) in the session home if the e2e module has not, then `ldm sample`."""
-    import dagster as dg
     from mlflow.tracking import MlflowClient
-
-    from pipeline.definitions import defs
 
     try:
         MlflowClient().get_model_version_by_alias("ldm", "champion")
     except Exception:
-        with dg.DagsterInstance.get() as instance:
-            job = defs.resolve_job_def("ldm_training_job")
-            assert job.execute_in_process(run_config=tiny_config, instance=instance).success
+        assert execute(tiny_config).success
     out_png = ldm_home / "grid.png"
     cmd = [
         str(BIN / "ldm"),
@@ -280,8 +247,8 @@ def ldm_ui(tmp_path):
     """`ldm ui` on two free ports in a fresh LDM_HOME, once both servers have started processes of their own (dagster
     dev its webserver and daemon, MLflow its web server: what a stop must reach too); yields (process, {child pid},
     log)."""
-    home = _fresh_home(tmp_path)
-    ports = _free_port(), _free_port()
+    home = fresh_home(tmp_path / "home")
+    ports = free_port(), free_port()
     log = tmp_path / "ui.log"
     with open(log, "wb") as out:
         ui = subprocess.Popen(

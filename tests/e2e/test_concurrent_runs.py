@@ -24,6 +24,7 @@ import pipeline.defs.ldm_model.asset
 import pipeline.defs.vae_model.asset
 import pipeline.defs.vae_model.checks
 from pipeline.definitions import defs
+from tests.common import metadata_values
 
 READERS = (
     pipeline.defs.vae_model.asset,
@@ -44,13 +45,9 @@ def _config(tiny_config: dict, name: str, seed: int, count: int) -> dict:
     return config
 
 
-def _values(metadata: dict) -> dict:
-    return {k: getattr(v, "value", v) for k, v in metadata.items()}
-
-
 def _materializations(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-    return {r.asset_key.to_user_string(): _values(r.asset_materialization.metadata) for r in records}
+    return {r.asset_key.to_user_string(): metadata_values(r.asset_materialization.metadata) for r in records}
 
 
 def _checks(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
@@ -58,7 +55,7 @@ def _checks(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict]:
     out = {}
     for r in records:
         evaluation = r.event_log_entry.dagster_event.event_specific_data
-        out[evaluation.check_name] = _values(evaluation.metadata)
+        out[evaluation.check_name] = metadata_values(evaluation.metadata)
     return out
 
 

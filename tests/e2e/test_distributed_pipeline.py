@@ -12,12 +12,9 @@ from mlflow.tracking import MlflowClient
 from ldm_core import storage
 from pipeline import run_configs
 from pipeline.definitions import defs
+from tests.e2e.helpers import materialized_metadata, upto
 
-ASSETS = ["image_dataset", "vae_model", "latent_store", "ldm_model"]
-
-
-def _metadata(result, key):
-    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(key)[0].metadata.items()}
+ASSETS = upto("ldm_model")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,7 @@ def two_process_run(ldm_home, tiny_config):
 @pytest.mark.parametrize("asset,stage", [("vae_model", "vae"), ("ldm_model", "ldm")])
 def test_training_ran_under_torchrun_and_reported_back_through_pipes(two_process_run, asset, stage):
     result, messages = two_process_run
-    md = _metadata(result, asset)
+    md = materialized_metadata(result, asset)
     # launched by the asset ...
     assert md["launcher"] == "torchrun" and md["processes"] == 2
     # ... and reported by rank 0 through Pipes: the world it ran in, the steps it took
@@ -53,14 +50,14 @@ def test_rank_zero_tracked_into_the_assets_mlflow_runs_and_models_were_registere
     result, _ = two_process_run
     client = MlflowClient()
     for asset, registered, metric in (("vae_model", "ldm-vae", "rec"), ("ldm_model", "ldm", "loss")):
-        md = _metadata(result, asset)
+        md = materialized_metadata(result, asset)
         run = client.get_run(md["mlflow_run_id"])
         assert run.data.params["world_size"] == "2" and metric in run.data.metrics
         version = client.get_model_version_by_alias(registered, "candidate")
         assert md[f"{'vae' if registered == 'ldm-vae' else 'ldm'}_version"] == int(version.version)
-    vae_md = _metadata(result, "vae_model")
+    vae_md = materialized_metadata(result, "vae_model")
     assert vae_md["latent_scale"] > 0 and storage.exists(vae_md["vae_url"])
-    assert _metadata(result, "latent_store")["vae_uri"] == vae_md["vae_uri"]
+    assert materialized_metadata(result, "latent_store")["vae_uri"] == vae_md["vae_uri"]
     # the hand-over copies of the trained models are gone: the assets saved their own
     staging = ldm_home / "storage" / "staging"
     assert (staging / "vae").is_dir() and (staging / "ldm").is_dir()  # rank 0 wrote there ...

@@ -6,23 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
 
 from ldm_core.data.synthetic import write_shapes_source
-from pipeline.definitions import defs
-from tests.e2e.conftest import child_env
-
-
-def _metadata(result, key):
-    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(key)[0].metadata.items()}
+from tests.e2e.helpers import check_results, child_env, execute, materialized_metadata, mlflow_runs
 
 
 @pytest.fixture(scope="module")
 def materialized(ldm_home, tiny_config):
-    with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=tiny_config, instance=instance)
+    result = execute(tiny_config)
     assert result.success
     return result
 
@@ -33,16 +26,14 @@ def test_registry_has_both_models_with_aliases(materialized, ldm_home):
     ldm = client.get_model_version_by_alias("ldm", "candidate")
     champion = client.get_model_version_by_alias("ldm", "champion")  # first model: the gate had no champion to beat
     assert champion.version == ldm.version
-    assert _metadata(materialized, "vae_model")["vae_uri"] == f"models:/ldm-vae/{vae.version}"
+    assert materialized_metadata(materialized, "vae_model")["vae_uri"] == f"models:/ldm-vae/{vae.version}"
     assert ldm.tags["vae_uri"] == f"models:/ldm-vae/{vae.version}"
     metrics = json.loads(champion.tags["evaluation_metrics"])
     assert metrics["psnr"]["computed"] and metrics["psnr"]["n"] > 0
 
 
 def test_every_materialization_is_a_nested_mlflow_run(materialized):
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("ldm-pipeline")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{materialized.run_id}'")
+    runs = mlflow_runs(materialized)
     by_asset = {r.data.tags.get("dagster.asset_key"): r for r in runs}
     assert set(by_asset) >= {"image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"}
     parents = {r.data.tags.get("mlflow.parentRunId") for k, r in by_asset.items() if k}
@@ -63,7 +54,10 @@ def test_training_runs_record_system_metrics_and_their_inputs(materialized):
     for asset in ("vae_model", "latent_store", "ldm_model", "evaluation_report"):
         metrics = by_asset[asset].data.metrics
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), asset
-    ds, store = _metadata(materialized, "image_dataset"), _metadata(materialized, "latent_store")
+    ds, store = (
+        materialized_metadata(materialized, "image_dataset"),
+        materialized_metadata(materialized, "latent_store"),
+    )
     for asset, name, url, digest in (
         ("vae_model", "image_dataset", ds["dataset_url"], ds["dataset_version"]),
         ("ldm_model", "latent_store", store["store_url"], store["store_version"]),
@@ -77,7 +71,7 @@ def test_training_runs_record_system_metrics_and_their_inputs(materialized):
 def test_every_mlflow_run_of_a_successful_job_ends_finished(materialized):
     client = MlflowClient()
     exp = client.get_experiment_by_name("ldm-pipeline")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{materialized.run_id}'")
+    runs = mlflow_runs(materialized)
     assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}  # the parent and five materializations
     assert client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'") == []
 
@@ -85,16 +79,15 @@ def test_every_mlflow_run_of_a_successful_job_ends_finished(materialized):
 def test_latent_store_records_the_vae_version_it_encoded_with(materialized):
     from ldm_core.data.latent_store.reader import LatentStore
 
-    store_md = _metadata(materialized, "latent_store")
-    vae_md = _metadata(materialized, "vae_model")
+    store_md = materialized_metadata(materialized, "latent_store")
+    vae_md = materialized_metadata(materialized, "vae_model")
     assert store_md["vae_uri"] == vae_md["vae_uri"]
     assert LatentStore(store_md["store_url"]).metadata.vae_identity == vae_md["vae_uri"]
-    assert _metadata(materialized, "ldm_model")["store_url"] == store_md["store_url"]
+    assert materialized_metadata(materialized, "ldm_model")["store_url"] == store_md["store_url"]
 
 
 def test_asset_checks_ran_and_passed(materialized):
-    checks = {c.check_name: c.passed for c in materialized.get_asset_check_evaluations()}
-    assert checks == {
+    assert check_results(materialized) == {
         "image_dataset_quality": True,
         "vae_reconstruction_psnr": True,
         "vae_reconstruction_fidelity": True,
@@ -103,7 +96,7 @@ def test_asset_checks_ran_and_passed(materialized):
 
 
 def test_report_exists_and_names_the_gate(materialized):
-    md = _metadata(materialized, "evaluation_report")
+    md = materialized_metadata(materialized, "evaluation_report")
     html = open(md["report_html"], encoding="utf-8").read()
     assert "data:image/png;base64," in html and "psnr" in html
     assert md["gate_passed"] is True and isinstance(md["psnr"], float)
@@ -132,22 +125,18 @@ def test_new_data_encodes_only_new_shards(materialized, ldm_home, tiny_config, t
     cfg = json.loads(json.dumps(tiny_config))
     cfg["ops"]["image_dataset"]["config"].update({"source": str(source), "name": "user", "photo_crops": 0})
     cfg["ops"]["image_dataset"]["config"]["ingest"]["rows_per_shard"] = 16
-    retrain = {"ops": {k: v for k, v in cfg["ops"].items() if k in ("image_dataset", "latent_store")}}
-    job = defs.resolve_job_def("ldm_retrain_job").get_subset(
-        asset_selection={dg.AssetKey("image_dataset"), dg.AssetKey("latent_store")}
-    )
-    with dg.DagsterInstance.get() as instance:
-        first = job.execute_in_process(run_config=retrain, instance=instance)
-        s1 = _metadata(first, "latent_store")
-        write_shapes_source(str(tmp_path / "more"), 12, seed=6)
-        for f in (tmp_path / "more").glob("*.png"):
-            (source / f"new-{f.name}").write_bytes(f.read_bytes())
-        lines = [json.loads(x) for x in (tmp_path / "more" / "metadata.jsonl").read_text().splitlines()]
-        with open(source / "metadata.jsonl", "a", encoding="utf-8") as fh:
-            for row in lines:
-                fh.write(json.dumps({**row, "file_name": f"new-{row['file_name']}"}) + "\n")
-        second = job.execute_in_process(run_config=retrain, instance=instance)
-    d2, s2 = _metadata(second, "image_dataset"), _metadata(second, "latent_store")
+    retrain = ("image_dataset", "latent_store")
+    first = execute(cfg, retrain, job="ldm_retrain_job")
+    s1 = materialized_metadata(first, "latent_store")
+    write_shapes_source(str(tmp_path / "more"), 12, seed=6)
+    for f in (tmp_path / "more").glob("*.png"):
+        (source / f"new-{f.name}").write_bytes(f.read_bytes())
+    lines = [json.loads(x) for x in (tmp_path / "more" / "metadata.jsonl").read_text().splitlines()]
+    with open(source / "metadata.jsonl", "a", encoding="utf-8") as fh:
+        for row in lines:
+            fh.write(json.dumps({**row, "file_name": f"new-{row['file_name']}"}) + "\n")
+    second = execute(cfg, retrain, job="ldm_retrain_job")
+    d2, s2 = materialized_metadata(second, "image_dataset"), materialized_metadata(second, "latent_store")
     assert d2["rows_new"] == 12 and d2["new_shards"] == 1
     assert s2["store_url"] == s1["store_url"]  # same VAE, same store
     assert s2["rows_new"] == 12 and s2["shards_new"] == 1 and s2["rows_total"] == s1["rows_total"] + 12
@@ -165,22 +154,17 @@ def mmdit_materialized(materialized, tiny_config):
     """ldm_model and evaluation_report again, on the same latent store, with `denoiser: {kind: mmdit, …}`."""
     cfg = copy.deepcopy(tiny_config)
     cfg["ops"]["ldm_model"]["config"]["training"]["denoiser"] = MMDIT
-    run_config = {"ops": {k: cfg["ops"][k] for k in ("ldm_model", "evaluation_report")}}
-    job = defs.resolve_job_def("ldm_training_job").get_subset(
-        asset_selection={dg.AssetKey("ldm_model"), dg.AssetKey("evaluation_report")}
-    )
-    with dg.DagsterInstance.get() as instance:
-        result = job.execute_in_process(run_config=run_config, instance=instance)
+    result = execute(cfg, ("ldm_model", "evaluation_report"))
     assert result.success
     return result
 
 
 def test_mmdit_trains_registers_and_the_report_names_it(mmdit_materialized, ldm_home):
-    ldm_md = _metadata(mmdit_materialized, "ldm_model")
+    ldm_md = materialized_metadata(mmdit_materialized, "ldm_model")
     assert ldm_md["backbone"].startswith("mmdit, preset tiny (hidden_size 32, depth 2, heads 2, patch_size 2): ")
     version = MlflowClient().get_model_version("ldm", str(ldm_md["ldm_version"]))
     assert version.tags["backbone"] == ldm_md["backbone"] and ldm_md["ldm_version"] >= 2  # after the UNet's
-    md = _metadata(mmdit_materialized, "evaluation_report")
+    md = materialized_metadata(mmdit_materialized, "evaluation_report")
     assert md["ldm_uri"] == ldm_md["ldm_uri"] and isinstance(md["gate_passed"], bool)  # the gate judged it
     document = json.loads(Path(md["metrics_json"]).read_text(encoding="utf-8"))
     assert document["model"]["kind"] == "mmdit" and document["model"]["preset"] == "tiny"

@@ -12,12 +12,9 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,27 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.common import answers, free_port, wait_for
+from tests.e2e.helpers import ROOT, materialized_metadata
+
 DEPLOY = ROOT / "deploy"
 PG_USER = "ldm"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(what: str, ready, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,7 +58,7 @@ def postgres() -> Iterator[Postgres]:
     if as_user:
         shutil.chown(base, "postgres")
     data, log = base / "data", base / "server.log"
-    port = _free_port()
+    port = free_port()
 
     def run(*cmd: str) -> None:
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
@@ -117,7 +98,7 @@ def postgres() -> Iterator[Postgres]:
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator[tuple[str, str]]:
     """(tracking URI, the S3 URL of the artifact destination)."""
-    port = _free_port()
+    port = free_port()
     artifacts = s3_endpoint.url("deploy-test", "mlflow")
     log = tmp_path_factory.mktemp("mlflow") / "server.log"
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint.endpoint_url}
@@ -139,15 +120,8 @@ def mlflow_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator[tuple[str
             stderr=subprocess.STDOUT,
         )
     uri = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
     try:
-        _wait_for("mlflow server", healthy, 120, proc, log)
+        wait_for("mlflow server", lambda: answers(f"{uri}/health", timeout=2), 120, proc, log)
         yield uri, artifacts
     finally:
         proc.terminate()
@@ -205,10 +179,6 @@ def deployed_run(postgres, s3_endpoint, mlflow_server, tiny_config, tmp_path_fac
         mp.undo()
 
 
-def _metadata(result, key):
-    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(key)[0].metadata.items()}
-
-
 def _query(postgres: Postgres, db: str, sql: str, *args) -> list[tuple]:
     import psycopg2
 
@@ -264,8 +234,8 @@ def test_the_storage_root_is_on_s3(deployed_run):
 
     result, _, env = deployed_run
     root = env["LDM_STORAGE_ROOT"]
-    vae_url = _metadata(result, "vae_model")["vae_url"]
-    store_url = _metadata(result, "latent_store")["store_url"]
+    vae_url = materialized_metadata(result, "vae_model")["vae_url"]
+    store_url = materialized_metadata(result, "latent_store")["store_url"]
     assert vae_url.startswith(root) and store_url.startswith(root)
     assert storage.exists(storage.join(vae_url, "model.safetensors"))
-    assert _metadata(result, "evaluation_report")["gate_passed"] is True
+    assert materialized_metadata(result, "evaluation_report")["gate_passed"] is True

@@ -5,11 +5,8 @@ on S3, the registered champion, a LoRA on it), shrunk to tests/e2e/tiny.yaml's s
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
-import dagster as dg
 import diffusers
 import fsspec
 import yaml
@@ -24,10 +21,8 @@ from pipeline import run_configs
 from pipeline.defs.jobs import RETRAIN_ASSETS
 from pipeline.mlflow_models import download_text_to_image
 from tests.core.tiny_models import tiny_diffusers_unet
-from tests.e2e.conftest import child_env
+from tests.e2e.helpers import PRETRAINED_EXAMPLES, dagster_job_execute, latest_metadata, merged
 
-ROOT = Path(__file__).resolve().parents[2]
-PRETRAINED = ROOT / "pipeline" / "configs" / "pretrained"
 PLACEHOLDERS = {
     "unet": "/path/to/diffusers/unet",
     "sd3-transformer": "/path/to/diffusers/pipeline",
@@ -39,51 +34,28 @@ PLACEHOLDERS = {
 def shrunk(name: str, tiny: dict, init_from: str) -> dict:
     """The example config with its placeholder replaced and tiny.yaml's sizes merged in; the denoiser stays the
     source's (tiny's denoiser section is left out)."""
-    config = yaml.safe_load((PRETRAINED / f"{name}.yaml").read_text())
+    config = yaml.safe_load((PRETRAINED_EXAMPLES / f"{name}.yaml").read_text())
     ldm = config["ops"]["ldm_model"]["config"]
     assert ldm["init_from"] == PLACEHOLDERS[name] and "denoiser" not in ldm["training"]
     ldm["init_from"] = init_from
 
-    def merge(into: dict, new: dict) -> None:
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(into.get(k), dict):
-                merge(into[k], v)
-            else:
-                into[k] = copy.deepcopy(v)
-
     small = copy.deepcopy(tiny)
     del small["ops"]["ldm_model"]["config"]["training"]["denoiser"]
-    merge(config, {"ops": {k: v for k, v in small["ops"].items() if k in config["ops"]}})
-    return config
+    return merged(config, {"ops": {k: v for k, v in small["ops"].items() if k in config["ops"]}})
 
 
-def execute(job: str, config: dict, home: Path, tmp_path: Path) -> dict:
+def execute(job: str, config: dict, home: Path) -> dict:
     """`dagster job execute` of the config; the ldm_model materialization's metadata."""
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cmd = [
-        str(Path(sys.executable).parent / "dagster"),
-        "job",
-        "execute",
-        "-m",
-        "pipeline.definitions",
-        "-j",
-        job,
-        "-c",
-        str(path),
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=600)
+    out = dagster_job_execute(home, config, job=job)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    with dg.DagsterInstance.get() as instance:
-        event = instance.get_latest_materialization_event(dg.AssetKey("ldm_model"))
-    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+    return latest_metadata("ldm_model")
 
 
 def test_unet_folder_config(ldm_home, tiny_config, tmp_path):
     folder = tmp_path / "unet"
     # the tiny store's shapes: 4 latent channels (tiny autoencoder), 8x8 latents, MiniLM's 384-wide tokens
     tiny_diffusers_unet(cross_attention_dim=384).save_pretrained(folder)
-    md = execute("ldm_training_job", shrunk("unet", tiny_config, str(folder)), ldm_home, tmp_path)
+    md = execute("ldm_training_job", shrunk("unet", tiny_config, str(folder)), ldm_home)
     assert md["warm_start"] is True and md["init_from"] == str(folder)
     assert md["init_source_hash"] == from_diffusers_folder(str(folder)).sha256
     assert md["backbone"].startswith("unet (model_channels 16, channel_mult [1, 2]")
@@ -109,7 +81,7 @@ def test_sd3_pipeline_folder_on_s3_config(ldm_home, tiny_config, tmp_path, s3_ur
     fs.put(str(pipe) + "/", root + "/pipe", recursive=True)
     # the autoencoder and store of the run before: ldm_retrain_job runs the file's other sections
     config = run_configs.for_assets(shrunk("sd3-transformer", tiny_config, f"{s3_url}/pipe"), RETRAIN_ASSETS)
-    md = execute("ldm_retrain_job", config, ldm_home, tmp_path)
+    md = execute("ldm_retrain_job", config, ldm_home)
     assert md["warm_start"] is True and md["init_from"] == f"{s3_url}/pipe/transformer"
     assert md["init_source_hash"] == from_diffusers_folder(str(pipe), subfolder="transformer").sha256
     assert md["backbone"].startswith("mmdit (hidden_size 16, depth 2")
@@ -120,7 +92,7 @@ def test_champion_config(ldm_home, tiny_config, tmp_path):
     # the example gate's thresholds are out of a tiny run's reach: promote the last candidate by hand
     candidate = client.get_model_version_by_alias("ldm", "candidate").version
     client.set_registered_model_alias("ldm", "champion", candidate)
-    md = execute("ldm_retrain_job", shrunk("champion", tiny_config, "models:/ldm@champion"), ldm_home, tmp_path)
+    md = execute("ldm_retrain_job", shrunk("champion", tiny_config, "models:/ldm@champion"), ldm_home)
     weights = download_text_to_image(f"models:/ldm/{candidate}", str(tmp_path / "c")).denoiser.state_dict()
     assert md["warm_start"] is True and md["init_from"] == f"models:/ldm/{candidate}"
     assert md["init_source_hash"] == state_dict_sha256(weights)
@@ -133,7 +105,7 @@ def test_lora_config(ldm_home, tiny_config, tmp_path):
     champion = client.get_model_version_by_alias("ldm", "champion").version
     config = shrunk("lora", tiny_config, "models:/ldm@champion")
     assert config["ops"]["ldm_model"]["config"]["training"]["lora"] == {"rank": 8, "alpha": 8, "dropout": 0.0}
-    md = execute("ldm_retrain_job", config, ldm_home, tmp_path)
+    md = execute("ldm_retrain_job", config, ldm_home)
     assert md["warm_start"] is True and md["init_from"] == f"models:/ldm/{champion}"
     version = client.get_model_version("ldm", str(md["ldm_version"]))
     url = version.tags["storage_url"]

@@ -12,34 +12,17 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.definitions import defs
 from pipeline.promotion import METRICS_TAG
-
-
-def _run(config: dict, assets: tuple[str, ...]) -> dg.ExecuteInProcessResult:
-    job = defs.resolve_job_def("ldm_training_job").get_subset(asset_selection={dg.AssetKey(a) for a in assets})
-    with dg.DagsterInstance.get() as instance:
-        return job.execute_in_process(
-            run_config={"ops": {a: config["ops"][a] for a in assets}}, instance=instance, raise_on_error=False
-        )
-
-
-def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+from tests.e2e.helpers import execute, materialized_metadata, step_events
 
 
 @pytest.fixture(scope="module")
 def candidate(ldm_home, tiny_config):
     """Champion v1 (the first model) and a newer candidate; returns the candidate's version."""
-    with dg.DagsterInstance.get() as instance:
-        assert (
-            defs.resolve_job_def("ldm_training_job")
-            .execute_in_process(run_config=tiny_config, instance=instance)
-            .success
-        )
-    again = _run(tiny_config, ("ldm_model",))
+    assert execute(tiny_config).success
+    again = execute(tiny_config, ("ldm_model",), raise_on_error=False)
     assert again.success
-    return str(_metadata(again, "ldm_model")["ldm_version"])
+    return str(materialized_metadata(again, "ldm_model")["ldm_version"])
 
 
 def _champion() -> str:
@@ -61,11 +44,10 @@ def test_a_registry_error_is_a_retryable_failure_never_no_champion(candidate, ti
         return lookup(client, name, alias)
 
     monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", unavailable_once)
-    result = _run(tiny_config, ("evaluation_report",))
+    result = execute(tiny_config, ("evaluation_report",), raise_on_error=False)
     assert failures == ["champion"] and result.success
-    events = [e.event_type_value for e in result.all_events if e.step_key == "evaluation_report"]
-    assert events.count("STEP_UP_FOR_RETRY") == 1
-    md = _metadata(result, "evaluation_report")
+    assert step_events(result, "evaluation_report").count("STEP_UP_FOR_RETRY") == 1
+    md = materialized_metadata(result, "evaluation_report")
     assert md["champion_before"] == f"ldm v{champion}" and "first model" not in md["gate_reasons"][0]
 
 
@@ -74,9 +56,9 @@ def test_a_champion_without_metrics_is_evaluated_again(candidate, tiny_config):
     client = MlflowClient()
     champion = _champion()
     client.delete_model_version_tag("ldm", champion, METRICS_TAG)
-    result = _run(tiny_config, ("evaluation_report",))
+    result = execute(tiny_config, ("evaluation_report",), raise_on_error=False)
     assert result.success
-    md = _metadata(result, "evaluation_report")
+    md = materialized_metadata(result, "evaluation_report")
     assert md["champion_before"] == f"ldm v{champion}" and "first model" not in md["gate_reasons"][0]
     # the champion carries its metrics again, measured on the same held-out data as the candidate
     assert "psnr" in client.get_model_version("ldm", champion).tags[METRICS_TAG]
@@ -90,9 +72,9 @@ def test_a_failed_gate_is_a_failed_warn_check_and_the_report_is_materialized(can
     config = copy.deepcopy(tiny_config)
     gate = {"rules": {"psnr": {"higher_is_better": True, "min": 1000.0, "tolerance": None}}}
     config["ops"]["evaluation_report"]["config"].setdefault("evaluation", {})["gate"] = gate
-    result = _run(config, ("evaluation_report",))
+    result = execute(config, ("evaluation_report",), raise_on_error=False)
     assert result.success
-    md = _metadata(result, "evaluation_report")
+    md = materialized_metadata(result, "evaluation_report")
     assert md["gate_passed"] is False and md["promotion"].startswith("gate_failed")
     [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "promotion_gate"]
     assert check.passed is False and check.severity == dg.AssetCheckSeverity.WARN

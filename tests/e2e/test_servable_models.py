@@ -16,7 +16,6 @@ import subprocess
 import sys
 import uuid
 
-import dagster as dg
 import mlflow
 import numpy as np
 import pytest
@@ -28,10 +27,9 @@ from packaging.utils import canonicalize_name
 
 from ldm_core import storage
 from ldm_core.bundle import load_text_to_image
-from pipeline.definitions import defs
 from pipeline.mlflow_models import TEXT_TO_IMAGE_PACKAGES, pinned_requirements
 from tests.core.tiny_models import tiny_clip
-from tests.e2e.conftest import child_env
+from tests.e2e.helpers import child_env, execute, materialized_metadata, mlflow_run
 
 PROMPTS = ["a large red circle in the center", "a small blue square in the top left"]
 STEPS = 3
@@ -62,20 +60,6 @@ print(json.dumps({"ldm_core": sys.modules["ldm_core"].__file__,
 """
 
 
-def _metadata(result, key):
-    return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node(key)[0].metadata.items()}
-
-
-def _asset_run(result, asset: str):
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("ldm-pipeline")
-    [run] = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`dagster.run_id` = '{result.run_id}' and tags.`dagster.asset_key` = '{asset}'",
-    )
-    return run
-
-
 def served_env(home, tmp_path) -> dict[str, str]:
     """A serving machine's environment: offline, with an empty Hugging Face cache."""
     (tmp_path / "hf_home").mkdir(exist_ok=True)
@@ -97,10 +81,7 @@ def on_s3(ldm_home, s3_endpoint, tiny_config, training_clip):
     mp = pytest.MonkeyPatch()
     mp.setenv("LDM_STORAGE_ROOT", s3_endpoint.url(f"servable-{uuid.uuid4().hex[:8]}"))
     try:
-        with dg.DagsterInstance.get() as instance:
-            result = defs.resolve_job_def("ldm_training_job").execute_in_process(
-                run_config=run_config, instance=instance
-            )
+        result = execute(run_config)
         assert result.success
         shutil.rmtree(clip)  # the training machine's path is gone: from here on, only the registered copy exists
         yield result
@@ -160,7 +141,7 @@ def test_mlflow_models_predict_serves_the_candidate_without_the_project(served, 
     assert images.shape == (2, 32, 32, 3) and images.min() >= 0 and images.max() <= 255
     assert all(img.std() > 5 for img in images)  # pictures, not a blank fill
     # exactly what the trained bundle generates for the same prompt, seed and steps
-    bundle = load_text_to_image(_metadata(on_s3, "ldm_model")["ldm_url"])
+    bundle = load_text_to_image(materialized_metadata(on_s3, "ldm_model")["ldm_url"])
     for i, prompt in enumerate(PROMPTS):
         expected = bundle.generate([prompt], seed=i, steps=STEPS)[0].astype(int)
         assert np.abs(images[i] - expected).max() <= 1
@@ -205,8 +186,8 @@ def test_the_model_pins_what_it_imports_and_has_an_input_example(served, tmp_pat
 def test_evaluation_metrics_are_on_the_logged_model_with_their_dataset(on_s3):
     client = MlflowClient()
     mv = client.get_model_version_by_alias("ldm", "candidate")
-    eval_md, ds_md = _metadata(on_s3, "evaluation_report"), _metadata(on_s3, "image_dataset")
-    model_id = _metadata(on_s3, "ldm_model")["mlflow_model_id"]
+    eval_md, ds_md = materialized_metadata(on_s3, "evaluation_report"), materialized_metadata(on_s3, "image_dataset")
+    model_id = materialized_metadata(on_s3, "ldm_model")["mlflow_model_id"]
     assert mv.source == f"models:/{model_id}"  # the candidate version is that logged model
     metrics = {m.key: m for m in client.get_logged_model(model_id).metrics or []}
     assert {"psnr", "ssim"} <= set(metrics)
@@ -217,7 +198,7 @@ def test_evaluation_metrics_are_on_the_logged_model_with_their_dataset(on_s3):
         ("image_dataset", ds_md["dataset_version"])
     }
 
-    run = client.get_run(_asset_run(on_s3, "evaluation_report").info.run_id)  # search results omit model inputs
+    run = client.get_run(mlflow_run(on_s3, "evaluation_report").info.run_id)  # search results omit model inputs
     [held_out] = run.inputs.dataset_inputs
     assert (held_out.dataset.name, held_out.dataset.digest) == ("image_dataset", ds_md["dataset_version"])
     assert held_out.dataset.source_type == "s3" and ds_md["dataset_url"] in held_out.dataset.source
@@ -233,17 +214,17 @@ def _image_series(run_id: str) -> set[tuple[str, int]]:
 
 @pytest.mark.slow
 def test_training_images_are_key_and_step_series(on_s3):
-    ldm_steps = _metadata(on_s3, "ldm_model")["steps"]
-    assert ("validation_samples", ldm_steps) in _image_series(_asset_run(on_s3, "ldm_model").info.run_id)
-    vae_steps = _metadata(on_s3, "vae_model")["steps"]
-    assert ("reconstructions", vae_steps) in _image_series(_asset_run(on_s3, "vae_model").info.run_id)
+    ldm_steps = materialized_metadata(on_s3, "ldm_model")["steps"]
+    assert ("validation_samples", ldm_steps) in _image_series(mlflow_run(on_s3, "ldm_model").info.run_id)
+    vae_steps = materialized_metadata(on_s3, "vae_model")["steps"]
+    assert ("reconstructions", vae_steps) in _image_series(mlflow_run(on_s3, "vae_model").info.run_id)
 
 
 @pytest.mark.slow
 def test_the_report_on_s3_is_copied_into_mlflow(on_s3, tmp_path):
-    md = _metadata(on_s3, "evaluation_report")
+    md = materialized_metadata(on_s3, "evaluation_report")
     assert md["report_html"].startswith("s3://")
-    run_id = _asset_run(on_s3, "evaluation_report").info.run_id
+    run_id = mlflow_run(on_s3, "evaluation_report").info.run_id
     names = {a.path for a in MlflowClient().list_artifacts(run_id, "report")}
     assert {"report/report.html", "report/metrics.json", "report/samples.png"} <= names
     copied = mlflow.artifacts.download_artifacts(
@@ -317,10 +298,7 @@ def test_a_text_encoder_changed_since_the_store_was_written_is_not_copied_into_t
     the same name, ldm_model refuses before training, in one line."""
     tiny_clip(training_clip, with_projection=True, seed=1)
     try:
-        ops = {"ldm_model": copy.deepcopy(on_s3.dagster_run.run_config["ops"]["ldm_model"])}
-        with dg.DagsterInstance.get() as instance:
-            job = defs.resolve_job_def("ldm_training_job").get_subset(asset_selection={dg.AssetKey("ldm_model")})
-            result = job.execute_in_process(run_config={"ops": ops}, instance=instance, raise_on_error=False)
+        result = execute(on_s3.dagster_run.run_config, ("ldm_model",), raise_on_error=False)
     finally:
         shutil.rmtree(training_clip)
     [failure] = result.get_step_failure_events()

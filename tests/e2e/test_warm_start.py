@@ -19,15 +19,11 @@ from ldm_core.model_io import state_dict_sha256
 from pipeline.definitions import defs
 from pipeline.mlflow_models import download_text_to_image
 from tests.core.tiny_models import tiny_diffusers_unet
+from tests.e2e.helpers import execute, latest_metadata
 
 # the retrain's steps barely move the weights: its registered (EMA) denoiser is then its starting weights to within
 # lr x steps, which tells a start from the champion apart from a random one without reading any internal state
 RETRAIN_LR = 1e-9
-
-
-def _ldm_metadata(instance: dg.DagsterInstance) -> dict:
-    event = instance.get_latest_materialization_event(dg.AssetKey("ldm_model"))
-    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
 
 
 def _run_request_config(config: dict, tmp_path, monkeypatch) -> None:
@@ -45,8 +41,7 @@ def champion(ldm_home, tiny_config, tmp_path_factory):
     config["ops"]["image_dataset"]["config"]["source"] = str(source)
     # no EMA (0): the raw weights, not an average that after 6 steps is still the seeded initialisation
     config["ops"]["ldm_model"]["config"]["training"]["trainer"]["ema_decay"] = 0.0
-    with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=config, instance=instance)
+    result = execute(config)
     assert result.success
     version = MlflowClient().get_model_version_by_alias("ldm", "champion").version
     return {"config": config, "source": source, "uri": f"models:/ldm/{version}"}
@@ -68,7 +63,7 @@ def test_the_sensors_retrain_starts_from_the_champions_weights(champion, ldm_hom
             run_config=request.run_config, instance=instance, tags=request.tags
         )
         assert result.success
-        md = _ldm_metadata(instance)
+        md = latest_metadata("ldm_model", instance)
 
     with torch.no_grad():
         champion_weights = download_text_to_image(champion["uri"], str(tmp_path / "c")).denoiser.state_dict()
@@ -91,10 +86,7 @@ def test_a_folder_that_does_not_fit_the_store_is_refused_before_training(champio
     ldm = config["ops"]["ldm_model"]["config"]
     ldm["init_from"] = str(folder)
     del ldm["training"]["denoiser"]
-    with dg.DagsterInstance.get() as instance:
-        result = defs.resolve_job_def("ldm_retrain_job").execute_in_process(
-            run_config=config, instance=instance, raise_on_error=False
-        )
+    result = execute(config, job="ldm_retrain_job", raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
     assert failure.step_key == "ldm_model"
@@ -123,7 +115,7 @@ def test_the_weekly_retrain_with_a_new_autoencoder_trains_from_scratch_and_says_
             run_config=request.run_config, instance=instance, tags=request.tags
         )
         assert result.success
-        md = _ldm_metadata(instance)
+        md = latest_metadata("ldm_model", instance)
     assert md["warm_start"] is False and md["init_from"] == "none" and md["init_source_hash"] == ""
     assert md["warm_start_reason"] == (
         f"from scratch: the champion models:/ldm/{champion_now.version} was trained on latents of "

@@ -62,20 +62,7 @@ def test_a_checkpoint_save_cleans_what_a_killed_save_left(tmp_path):
 
 
 def _train_ae(ckpt_dir, steps=6, stop_at=None):
-    from ldm_core.trainers.autoencoder import train_autoencoder
-
-    return train_autoencoder(
-        runner.ae_config(steps),
-        runner.ae_data(),
-        checkpoint_dir=str(ckpt_dir),
-        perceptual=None,
-        should_stop=(lambda s: s == stop_at) if stop_at else None,
-    )
-
-
-def _equal_weights(a, b) -> bool:
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return runner.train("ae", runner.ae_data(), ckpt_dir, steps, stop_at=stop_at)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +89,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_and_still_ends_b
         resumed = _train_ae(tmp_path)
     assert resumed.resumed_from == 3, "did not fall back to the previous good checkpoint"
     assert any("step-000000004" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
-    assert resumed.step == 6 and _equal_weights(resumed, uninterrupted)
+    assert resumed.step == 6 and runner.same_weights(resumed, uninterrupted)
 
 
 def test_every_checkpoint_corrupt_starts_over_with_a_warning_per_file(tmp_path, uninterrupted, caplog):
@@ -113,7 +100,7 @@ def test_every_checkpoint_corrupt_starts_over_with_a_warning_per_file(tmp_path, 
         resumed = _train_ae(tmp_path)
     assert resumed.resumed_from is None
     assert sum("falling back" in r.getMessage() for r in caplog.records) == 2
-    assert _equal_weights(resumed, uninterrupted)  # a fresh start is still the same seeded run
+    assert runner.same_weights(resumed, uninterrupted)  # a fresh start is still the same seeded run
 
 
 # ---------------------------------------------------------------------------------------------------------------

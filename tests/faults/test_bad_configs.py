@@ -14,19 +14,19 @@ import yaml
 
 from benchmarks.faults.bad_configs import BAD, L, S, V
 from benchmarks.faults.bad_configs import set_path as _set
-from benchmarks.faults.dagster_trial import TINY, fresh_home, home_env
+from benchmarks.faults.dagster_trial import fresh_home, home_env
 from pipeline.config_bridge import ConfigValidationError
 from pipeline.definitions import defs
 from pipeline.validation import validate_run_config
+from tests.common import ROOT, load_tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 JOB = defs.resolve_job_def("ldm_training_job")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return yaml.safe_load(TINY.read_text())
+    return load_tiny_config()
 
 
 def test_the_base_config_is_valid(tiny):

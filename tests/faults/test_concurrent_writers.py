@@ -9,17 +9,12 @@ import pytest
 from benchmarks.faults import writers
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> str:
-    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_url")
-
-
-def test_two_runs_ingest_and_encode_into_one_dataset_and_store(root):
-    got = writers.two_writers(root)
+def test_two_runs_ingest_and_encode_into_one_dataset_and_store(storage_root):
+    got = writers.two_writers(storage_root)
     assert got["problems"] == []
 
 
 @pytest.mark.parametrize("kind", ["ingest", "encode"])
-def test_a_zombie_writers_commit_is_refused_and_the_live_one_loses_nothing(root, kind):
-    got = writers.zombie(root, kind)
+def test_a_zombie_writers_commit_is_refused_and_the_live_one_loses_nothing(storage_root, kind):
+    got = writers.zombie(storage_root, kind)
     assert got["problems"] == [] and got["zombie_refused"]

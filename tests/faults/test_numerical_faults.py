@@ -8,32 +8,15 @@ import torch
 from benchmarks.faults import runner
 from benchmarks.faults.injectors import PoisonedAfter
 from ldm_core.checkpoint import CheckpointManager
-from ldm_core.trainers.autoencoder import train_autoencoder
-from ldm_core.trainers.ldm import train_ldm
 from ldm_core.trainers.step import NonFiniteLossError
-
-
-def _train(job, data, ckpt, steps, max_nonfinite):
-    if job == "ae":
-        cfg = runner.ae_config(steps)
-        cfg.trainer.max_nonfinite_steps = max_nonfinite
-        return train_autoencoder(cfg, data, checkpoint_dir=str(ckpt), perceptual=None)
-    cfg = runner.ldm_config(steps)
-    cfg.trainer.max_nonfinite_steps = max_nonfinite
-    _, uncond = runner.ldm_data()
-    return train_ldm(cfg, data, uncond=uncond, checkpoint_dir=str(ckpt))
-
-
-def _clean(job):
-    return runner.ae_data() if job == "ae" else runner.ldm_data()[0]
 
 
 @pytest.mark.parametrize("job", ["ae", "ldm"])
 def test_repeated_nans_stop_the_run_with_the_last_good_checkpoint_intact(job, tmp_path):
     # 2 micro-batches per step: steps 1-4 see clean data, every step after sees NaN
-    poisoned = PoisonedAfter(_clean(job), good_batches=8)
+    poisoned = PoisonedAfter(runner.clean_data(job), good_batches=8)
     with pytest.raises(NonFiniteLossError, match="2 steps"):
-        _train(job, poisoned, tmp_path, steps=10, max_nonfinite=1)
+        runner.train(job, poisoned, tmp_path, steps=10, max_nonfinite=1)
 
     mgr = CheckpointManager(str(tmp_path))
     assert mgr.steps() == [4, 5]  # step 5 was skipped (and checkpointed), step 6 stopped the run before its save
@@ -45,6 +28,6 @@ def test_repeated_nans_stop_the_run_with_the_last_good_checkpoint_intact(job, tm
             assert torch.isfinite(v).all(), f"{part}.{k} is not finite"
             assert torch.equal(v, good[part][k]), f"the skipped step changed {part}.{k}"
 
-    resumed = _train(job, _clean(job), tmp_path, steps=7, max_nonfinite=1)
+    resumed = runner.train(job, runner.clean_data(job), tmp_path, steps=7, max_nonfinite=1)
     assert resumed.resumed_from == 5 and resumed.step == 7 and resumed.nonfinite_skipped == 1
     assert all(torch.isfinite(v).all() for v in resumed.model.state_dict().values())

@@ -13,6 +13,7 @@ import pytest
 from benchmarks.faults import campaign, preemption
 from ldm_core.trainers.preemption import StopRequest, TrainingInterrupted, stop_on_signals, train_stoppable
 from pipeline.distributed import lifetime
+from tests.common import python_env
 
 
 def test_a_signal_is_recorded_only_inside_the_block_and_the_previous_handlers_come_back():
@@ -53,7 +54,7 @@ def test_a_process_whose_parent_died_before_it_asked_to_die_with_it_dies_at_once
         "import sys; from pipeline.distributed.lifetime import die_with_parent; "
         "die_with_parent(int(sys.argv[1])); print('alive')"
     )
-    env = {**os.environ, "PYTHONPATH": str(campaign.ROOT)}
+    env = python_env()
     orphaned = subprocess.run([sys.executable, "-c", probe, "1"], env=env, capture_output=True, text=True)
     assert orphaned.returncode == -signal.SIGKILL and "alive" not in orphaned.stdout
     kept = subprocess.run([sys.executable, "-c", probe, str(os.getpid())], env=env, capture_output=True, text=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.common import ROOT, load_tiny_config
+
 SCANNED = ("ldm_core", "pipeline", "benchmarks")
 
 
@@ -164,15 +165,12 @@ def test_s3_credentials_never_reach_mlflow_dagster_or_the_logs(s3_endpoint, tmp_
 
     import dagster as dg
     import s3fs
-    import yaml
 
-    from benchmarks.faults.dagster_trial import TINY
+    from benchmarks.faults.dagster_trial import fresh_home
     from benchmarks.faults.s3proxy import FaultProxy
     from pipeline.definitions import defs
 
-    home = tmp_path / "home"
-    (home / "dagster").mkdir(parents=True)
-    (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = fresh_home(tmp_path / "home")
     storage_root = s3_endpoint.url(f"secrets-{tmp_path.name}")
     with FaultProxy(s3_endpoint.endpoint_url) as proxy:  # no faults: it only shows which credentials signed
         for k, v in {
@@ -186,7 +184,7 @@ def test_s3_credentials_never_reach_mlflow_dagster_or_the_logs(s3_endpoint, tmp_
             monkeypatch.setenv(k, v)
         monkeypatch.delenv("LDM_MLFLOW_ARTIFACTS", raising=False)
         s3fs.S3FileSystem.clear_instance_cache()  # the next clients read the planted credentials
-        config = yaml.safe_load(TINY.read_text())
+        config = load_tiny_config()
         with caplog.at_level(logging.DEBUG), dg.DagsterInstance.get() as instance:
             result = defs.resolve_job_def("ldm_training_job").execute_in_process(run_config=config, instance=instance)
         s3fs.S3FileSystem.clear_instance_cache()

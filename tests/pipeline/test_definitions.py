@@ -15,8 +15,8 @@ from pipeline import run_configs
 from pipeline.config_bridge import ConfigValidationError
 from pipeline.definitions import defs
 from pipeline.validation import validate_run_config
+from tests.common import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 # the names users rely on (a new asset adds to them: only these must stay)
 ASSET_KEYS = {"image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report"}
 DEFS_DIR = ROOT / "pipeline" / "defs"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.common import ROOT
+
 DEPLOY = ROOT / "deploy"
 IMAGE = "ldm-pipeline"
 GRPC = ["dagster", "api", "grpc", "-m", "pipeline.definitions"]

@@ -1,7 +1,6 @@
 """The promotion lock: one holder at a time across processes, on a local root (flock) and on S3 (a lease object with
 conditional writes, on moto's real S3 endpoint); a dead holder never blocks the gate for good."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import textwrap
 import pytest
 
 from pipeline.promotion_lock import LocalLock, LockLost, LockTimeout, S3Lease, held, storage_lock
+from tests.common import python_env
 
 # a second process: tries the lock for `wait` seconds; exit 0 when it got it, 3 when it timed out
 TRY = textwrap.dedent("""
@@ -28,8 +28,7 @@ TRY = textwrap.dedent("""
 
 
 def _try(root: str, wait: float = 0.5) -> int:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.run([sys.executable, "-c", TRY, root, str(wait)], env=env, timeout=120).returncode
+    return subprocess.run([sys.executable, "-c", TRY, root, str(wait)], env=python_env(), timeout=120).returncode
 
 
 def test_a_local_lock_excludes_another_process_until_released(tmp_path):
@@ -40,10 +39,9 @@ def test_a_local_lock_excludes_another_process_until_released(tmp_path):
 
 
 def test_a_local_lock_dies_with_its_holder(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
     holder = subprocess.Popen(
         [sys.executable, "-c", TRY, str(tmp_path), "5", "hold"],
-        env=env,
+        env=python_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from pipeline.upstream import AssetRecord, find_upstream, lineage_metadata, read_upstream
+from tests.common import metadata_values
 
 downstream_may_read = threading.Event()  # run A's downstream step waits here until run B is done
 
@@ -49,8 +50,7 @@ def _config(label: str) -> dict:
 
 
 def _down_metadata(result: dg.ExecuteInProcessResult) -> dict:
-    md = result.asset_materializations_for_node("down")[0].metadata
-    return {k: getattr(v, "value", v) for k, v in md.items()}
+    return metadata_values(result.asset_materializations_for_node("down")[0].metadata)
 
 
 @pytest.fixture

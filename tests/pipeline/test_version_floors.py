@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.common import ROOT
 
 # (package, first release with the feature, where the code uses it, a regex of the text that uses it)
 FEATURES = [
