@@ -155,6 +155,7 @@ def test_each_runs_checks_check_its_own_materializations(two_runs, which):
         "vae_reconstruction_psnr",
         "vae_reconstruction_fidelity",
         "latents_finite_and_scaled",
+        "promotion_gate",
     }
     # what each check measured is its run's materialization
     assert checks["image_dataset_quality"]["rows_total"] == md["image_dataset"]["rows_total"]
@@ -162,6 +163,7 @@ def test_each_runs_checks_check_its_own_materializations(two_runs, which):
     fidelity = checks["vae_reconstruction_fidelity"]["worst_decile_psnr"]
     assert fidelity == md["vae_model"]["fidelity"]["worst_decile_psnr"]
     assert checks["latents_finite_and_scaled"]["rows_checked"] == md["latent_store"]["rows_total"]
+    assert checks["promotion_gate"]["candidate"] == md["ldm_model"]["ldm_uri"]  # the gate judged this run's model
     # and each names the run its materialization came from: this one
     for name, key in (
         ("image_dataset_quality", "image_dataset"),

@@ -119,12 +119,10 @@ def _materialize(
         system_metrics_interval_s=interval_s,
     )
     started = time.monotonic()
-    result = dg.materialize(
-        [throwaway_training],
-        resources={"mlflow": resource},
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            [throwaway_training], resources={"mlflow": resource}, instance=instance, raise_on_error=False
+        )
     seen["step_s"] = time.monotonic() - started
     assert result.success is not fail
     return MlflowClient(tracking_uri=store), seen["run_id"], seen

@@ -68,21 +68,26 @@ def _closed_gate():
 
 def test_a_run_reads_its_own_upstream_though_another_run_materialized_it_later(instance):
     results = {}
-    run_a = threading.Thread(
-        target=lambda: results.update(
-            a=DEFS.resolve_job_def("both").execute_in_process(run_config=_config("from A"), instance=instance)
-        )
-    )
+    both, up_only = DEFS.resolve_job_def("both"), DEFS.resolve_job_def("up_only")  # resolved once, before the threads
+
+    def run_a_in_thread() -> None:
+        try:
+            results["a"] = both.execute_in_process(run_config=_config("from A"), instance=instance)
+        except BaseException as e:  # shown by the assertion below, not lost in the thread
+            results["a_error"] = e
+
+    run_a = threading.Thread(target=run_a_in_thread)
     run_a.start()
     # run A materialized `up` and its `down` waits; run B materializes `up` now, so the latest `up` is B's
     for _ in range(600):
         if instance.get_latest_materialization_event(dg.AssetKey("up")) is not None:
             break
         threading.Event().wait(0.1)
-    b = DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("from B"), instance=instance)
+    b = up_only.execute_in_process(run_config=_config("from B"), instance=instance)
     assert instance.get_latest_materialization_event(dg.AssetKey("up")).run_id == b.run_id
     downstream_may_read.set()
     run_a.join(60)
+    assert "a" in results, results.get("a_error")
     md = _down_metadata(results["a"])
     assert md["read_label"] == "from A"
     assert md["upstream.up.run_id"] == results["a"].run_id and md["upstream.up.source"] == "this run"

@@ -127,6 +127,7 @@ def _gate_check(promotion: Promotion, ldm_uri: str) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.WARN,
         description=None if decision.passed else f"{ldm_uri} not promoted: " + "; ".join(decision.reasons),
         metadata={
+            "candidate": ldm_uri,
             "promotion": promotion.describe(),
             "gate_reasons": dg.MetadataValue.json(decision.reasons),
             "compared_with": dg.MetadataValue.json(promotion.compared_with),
