@@ -14,9 +14,10 @@ pytest_plugins = ["tests.s3_fixture"]
 @pytest.fixture(autouse=True)
 def _no_disposed_dagster_instance_left_current():
     """Dagster makes an instance's state storage current while the instance is entered (a context variable that
-    loading any Definitions reads). An instance disposed without leaving it (its exit stack never closed) leaves a
-    storage whose instance is gone, and every later test that builds Definitions fails with "Attempted to resolve
-    undefined DagsterInstance weakref". Such a storage is cleared before each test, with a warning naming the test."""
+    loading any Definitions reads). A schedule or sensor context built in a test (`dg.build_sensor_context`) enters an
+    instance of its own when asked for one and is never closed, so its storage stays current after the instance is
+    gone, and a later test that builds Definitions fails with "Attempted to resolve undefined DagsterInstance weakref"
+    (seen after tests/pipeline/test_schedule_sensor.py). Such a storage is cleared before each test, with a warning."""
     from dagster._core.storage.defs_state.base import _current_storage
 
     storage = _current_storage.get()
