@@ -2,8 +2,8 @@
 run materialized the upstream asset later; a re-execution reads its parent run's; a run that did not materialize it
 reads the latest. Each read says which in the reader's metadata."""
 
-import threading
 import uuid
+from collections.abc import Callable
 
 import dagster as dg
 import pytest
@@ -11,7 +11,8 @@ import pytest
 from pipeline.upstream import AssetRecord, find_upstream, lineage_metadata, read_upstream
 from tests.common import metadata_values
 
-downstream_may_read = threading.Event()  # run A's downstream step waits here until run B is done
+# what run A's downstream step does just before its read (the test runs run B there); None: nothing
+before_the_read: list[Callable[[], None]] = []
 
 
 class UpConfig(dg.Config):
@@ -30,7 +31,8 @@ def up(config: UpConfig) -> dg.MaterializeResult:
 
 @dg.asset(deps=[up])
 def down(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    assert downstream_may_read.wait(60)
+    for step in before_the_read:
+        step()
     read = read_upstream(context, UpRecord)
     return dg.MaterializeResult(metadata={"read_label": read.record.label, **lineage_metadata(read)})
 
@@ -60,41 +62,31 @@ def instance(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _closed_gate():
-    downstream_may_read.clear()
+def _nothing_before_the_read():
+    before_the_read.clear()
     yield
-    downstream_may_read.set()  # never leave a thread of a failed test waiting
+    before_the_read.clear()
 
 
 def test_a_run_reads_its_own_upstream_though_another_run_materialized_it_later(instance):
-    results = {}
-    both, up_only = DEFS.resolve_job_def("both"), DEFS.resolve_job_def("up_only")  # resolved once, before the threads
+    """Run A materializes `up`; between that and A's `down` reading it, run B materializes `up` (B runs inside A's
+    step, so the order is fixed without threads): the latest `up` is B's, and A's `down` reads A's."""
+    runs_b = []
 
-    def run_a_in_thread() -> None:
-        try:
-            results["a"] = both.execute_in_process(run_config=_config("from A"), instance=instance)
-        except BaseException as e:  # shown by the assertion below, not lost in the thread
-            results["a_error"] = e
+    def run_b() -> None:
+        b = DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("from B"), instance=instance)
+        assert instance.get_latest_materialization_event(dg.AssetKey("up")).run_id == b.run_id
+        runs_b.append(b.run_id)
 
-    run_a = threading.Thread(target=run_a_in_thread)
-    run_a.start()
-    # run A materialized `up` and its `down` waits; run B materializes `up` now, so the latest `up` is B's
-    for _ in range(600):
-        if instance.get_latest_materialization_event(dg.AssetKey("up")) is not None:
-            break
-        threading.Event().wait(0.1)
-    b = up_only.execute_in_process(run_config=_config("from B"), instance=instance)
-    assert instance.get_latest_materialization_event(dg.AssetKey("up")).run_id == b.run_id
-    downstream_may_read.set()
-    run_a.join(60)
-    assert "a" in results, results.get("a_error")
-    md = _down_metadata(results["a"])
+    before_the_read.append(run_b)
+    a = DEFS.resolve_job_def("both").execute_in_process(run_config=_config("from A"), instance=instance)
+    assert len(runs_b) == 1  # B ran between A's two steps
+    md = _down_metadata(a)
     assert md["read_label"] == "from A"
-    assert md["upstream.up.run_id"] == results["a"].run_id and md["upstream.up.source"] == "this run"
+    assert md["upstream.up.run_id"] == a.run_id and md["upstream.up.source"] == "this run"
 
 
 def test_a_run_that_did_not_materialize_the_upstream_reads_the_latest_and_says_so(instance):
-    downstream_may_read.set()
     first = DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("first"), instance=instance)
     last = DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("last"), instance=instance)
     md = _down_metadata(DEFS.resolve_job_def("down_only").execute_in_process(instance=instance))
@@ -106,7 +98,6 @@ def test_a_run_that_did_not_materialize_the_upstream_reads_the_latest_and_says_s
 def test_a_re_execution_reads_what_its_parent_run_materialized(instance):
     """A run retried from its failure (deploy's run_retries) skips the steps that succeeded: their materializations
     are its parent's, and those it must read, not another run's that came later."""
-    downstream_may_read.set()
     parent = DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("parent"), instance=instance)
     DEFS.resolve_job_def("up_only").execute_in_process(run_config=_config("other run, later"), instance=instance)
     retry = dg.DagsterRun(
