@@ -390,7 +390,7 @@ class ComputeResource(dg.ConfigurableResource):
         default=TERMINATION_GRACE_S,
         description="After SIGTERM/SIGINT, how long torchrun's processes get to "
         "checkpoint at the next step and exit before they are killed. It must cover one step plus one checkpoint "
-        "write, and stay below the pod's terminationGracePeriodSeconds (pipeline/assets/common.py).",
+        "write, and stay below the pod's terminationGracePeriodSeconds (pipeline/asset_common.py).",
     )
 
     def apply(self, trainer_cfg: Any) -> Any:

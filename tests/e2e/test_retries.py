@@ -1,5 +1,5 @@
 """Dagster retries a GPU step that fails, and the retry resumes from the step's checkpoint; a config error fails the
-step at once, without retries (the GPU assets' RetryPolicy, pipeline/assets/common.py)."""
+step at once, without retries (the GPU assets' RetryPolicy, pipeline/asset_common.py)."""
 
 import copy
 
