@@ -43,6 +43,10 @@ GPU_OP_TAGS = {
 GPU_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
+GPU_ASSET = {"group_name": GROUP, "pool": GPU_POOL, "op_tags": GPU_OP_TAGS, "retry_policy": GPU_RETRY_POLICY}
+"""What every GPU asset's ``@dg.asset`` takes: ``@dg.asset(**GPU_ASSET, deps=…, kinds=…)``."""
+
+
 def stable_key(*parts: Any, n: int = 12) -> str:
     """A short hash of JSON-able parts: names checkpoint directories so a re-run of the same work resumes."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -15,13 +15,14 @@ import dagster as dg
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline.definitions import defs
 from tests.common import ROOT, metadata_values
 
 DAGSTER = Path(sys.executable).parent / "dagster"
 PRETRAINED_EXAMPLES = ROOT / "pipeline" / "configs" / "pretrained"
 """The example configs that start from pretrained weights (each with a placeholder source to replace)."""
-ASSETS = ("image_dataset", "vae_model", "latent_store", "ldm_model", "evaluation_report")
-"""The assets of ldm_training_job, upstream first."""
+ASSETS = tuple(k.to_user_string() for k in defs.resolve_asset_graph().toposorted_asset_keys)
+"""The assets of ldm_training_job, upstream first (from the definitions, not a hand-kept list)."""
 EXPERIMENT = "ldm-pipeline"
 
 
@@ -71,7 +72,6 @@ def execute(
     """``job`` in this process on the instance at DAGSTER_HOME: the whole job, or only ``assets`` with only their ops
     config. ``raise_on_error=False`` returns a failed run's result instead of raising its error."""
     from pipeline import run_configs
-    from pipeline.definitions import defs
 
     job_def = defs.resolve_job_def(job)
     if assets is not None:

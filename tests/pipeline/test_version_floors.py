@@ -19,7 +19,7 @@ from tests.common import ROOT
 
 # (package, first release with the feature, where the code uses it, a regex of the text that uses it)
 FEATURES = [
-    ("dagster", "1.10", "pipeline/defs/vae_model/asset.py", r"\bpool=GPU_POOL"),  # @asset(pool=): concurrency pools
+    ("dagster", "1.10", "pipeline/asset_common.py", r"\"pool\": GPU_POOL"),  # @asset(pool=): concurrency pools
     ("mlflow", "3.0", "pipeline/resources.py", r"log_model\(\s*name="),  # log_model(name=) (was artifact_path)
     ("mlflow", "3.5", "deploy/docker-compose.yaml", r"--allowed-hosts="),  # the server's host-header check
     # the system metrics monitor logging into a given store (3.6 and before: into MLflow's process-wide one)

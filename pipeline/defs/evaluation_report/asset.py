@@ -26,7 +26,7 @@ from ldm_core.evaluation.evaluate import (
 )
 from ldm_core.grids import to_uint8
 from ldm_core.models.denoiser import backbone_summary, describe_backbone
-from pipeline.asset_common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP
+from pipeline.asset_common import GPU_ASSET
 from pipeline.config_bridge import to_core
 from pipeline.defs.evaluation_report.config import EvaluationReportConfig
 from pipeline.defs.evaluation_report.record import EvaluationReportRecord
@@ -279,11 +279,8 @@ def _materialize_result(
 
 
 @dg.asset(
-    group_name=GROUP,
+    **GPU_ASSET,
     deps=["image_dataset", "vae_model", "ldm_model"],
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    retry_policy=GPU_RETRY_POLICY,
     kinds={"html", "mlflow"},
     description=__doc__,
     check_specs=[

@@ -8,7 +8,7 @@ from ldm_core.data.latent_store.reader import LatentStore
 from ldm_core.data.latent_store.schema import FORMAT as STORE_FORMAT
 from ldm_core.data.latent_store.schema import LatentStoreConfig
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
-from pipeline.asset_common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, stable_key
+from pipeline.asset_common import GPU_ASSET, stable_key
 from pipeline.config_bridge import to_core
 from pipeline.defs.image_dataset.record import ImageDatasetRecord
 from pipeline.defs.latent_store.config import LatentStoreAssetConfig
@@ -40,11 +40,8 @@ def _log_params(
 
 
 @dg.asset(
-    group_name=GROUP,
+    **GPU_ASSET,
     deps=["image_dataset", "vae_model"],
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    retry_policy=GPU_RETRY_POLICY,
     kinds={"zarr", "pytorch"},
     description=__doc__,
 )

@@ -12,7 +12,7 @@ from ldm_core.models.denoiser import backbone_summary, describe_backbone, takes_
 from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.ldm import LDMTrainingConfig
-from pipeline.asset_common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key
+from pipeline.asset_common import GPU_ASSET, json_md, stable_key
 from pipeline.config_bridge import to_core
 from pipeline.defs.latent_store.record import LatentStoreRecord
 from pipeline.defs.ldm_model.config import DEFAULT_PROMPTS, LdmModelConfig, complete_ldm_training
@@ -192,6 +192,7 @@ def _train_spec(
     training: LDMTrainingConfig,
     init: InitPlan,
     rec: LatentStoreRecord,
+    text_cfg: TextEncoderConfig,
     storage: StorageResource,
     key: str,
     run_key: str,
@@ -203,7 +204,7 @@ def _train_spec(
         training=training.to_dict(),
         store_url=rec.store_url,
         vae_url=rec.vae_url,
-        text_encoder=TextEncoderConfig.model_validate(rec.text_encoder_config).to_dict(),
+        text_encoder=text_cfg.to_dict(),
         latent_shape=list(rec.latent_shape),
         guidance=config.guidance,
         validation_prompts=config.validation_prompts,
@@ -254,11 +255,8 @@ def _materialize_result(
 
 
 @dg.asset(
-    group_name=GROUP,
+    **GPU_ASSET,
     deps=["latent_store"],
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    retry_policy=GPU_RETRY_POLICY,
     kinds={"pytorch", "mlflow"},
     description=__doc__,
 )
@@ -301,7 +299,7 @@ def ldm_model(
         run.tracker.set_tags({"vae_uri": rec.vae_uri, "latent_store": rec.store_url})
         run.tracker.log_params(init.record())
         progress = DagsterProgress(context.log, "ldm", keys=PROGRESS_KEYS["ldm"])
-        spec = _train_spec(config, training, init, rec, storage, key, run_key, mlflow, run.run_id)
+        spec = _train_spec(config, training, init, rec, text_cfg, storage, key, run_key, mlflow, run.run_id)
         # in this process, or on compute.num_processes processes under torchrun: the same result either way
         result, launch_md = launch.train(
             context, compute, spec, FanoutTracker(run.tracker, progress), data=train, vae=vae

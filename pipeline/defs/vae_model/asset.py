@@ -22,7 +22,7 @@ from ldm_core.interop.pretrained_vae import (
 from ldm_core.model_io import read_model_meta, weights_sha256
 from ldm_core.tracking import FanoutTracker
 from ldm_core.trainers.autoencoder import AutoencoderTrainingConfig, measure_latent_scale
-from pipeline.asset_common import GPU_OP_TAGS, GPU_POOL, GPU_RETRY_POLICY, GROUP, json_md, stable_key
+from pipeline.asset_common import GPU_ASSET, json_md, stable_key
 from pipeline.config_bridge import to_core
 from pipeline.defs.image_dataset.record import ImageDatasetRecord
 from pipeline.defs.vae_model.config import VaeModelConfig
@@ -272,11 +272,8 @@ def _reused(context: dg.AssetExecutionContext, previous: dict, ds_read: Upstream
 
 
 @dg.asset(
-    group_name=GROUP,
+    **GPU_ASSET,
     deps=["image_dataset"],
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    retry_policy=GPU_RETRY_POLICY,
     kinds={"pytorch", "mlflow"},
     description=__doc__,
 )
