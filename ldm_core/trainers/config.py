@@ -11,6 +11,10 @@ from ldm_core.config import StrictModel
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Autocast precision of a forward pass; "auto" = bf16 where the device computes it natively, else fp32."""
+Strategy = Literal["auto", "ddp", "fsdp"]
+"""How several processes share the training: "ddp" replicates the model on every rank (DistributedDataParallel);
+"fsdp" shards parameters, gradients, optimizer state and the EMA over the ranks (FSDP2 `fully_shard`) and writes
+sharded (DCP) checkpoints; "auto" = fsdp for a denoiser of `FSDP_AUTO_PARAMETERS` parameters or more, else ddp."""
 
 
 class TrainerConfig(StrictModel):
@@ -49,6 +53,9 @@ class TrainerConfig(StrictModel):
     """DataLoader worker processes that load ahead of the step (0 = load in the training process)."""
     channels_last: bool = False
     """Run convolutions in channels_last memory format (NHWC: what tensor cores and oneDNN prefer)."""
+    strategy: Strategy = "auto"
+    """How several processes share the training (`Strategy`); with one process "fsdp" still writes sharded (DCP)
+    checkpoints, so that a run can move between process counts."""
     compile: bool = False
     """torch.compile the model for training (Inductor): worth it on GPUs for long runs; the first steps pay the
     compilation (minutes on a 2-core CPU, where eager is usually as fast)."""
