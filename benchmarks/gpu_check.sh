@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: a short, prepared run for a lent CUDA machine (one H100: under 8 minutes, every part under its own
-# timeout; the timeouts add up to 450 s).
+# timeout: 435 s in all, and 5 s more per part for a kill after a timeout).
 #   (a) demo   the embedded demo pipeline (`ldm demo`) with resources.compute.config.device set to the device
 #   (b) train  the bf16 train step of the mid UNet and the mid MMDiT against diffusers (benchmarks.unet / .mmdit):
 #              images/s, MFU against the GPU's datasheet dense bf16 peak, and the ratio
@@ -10,7 +10,8 @@
 #
 # Dry run on a machine without a GPU (every command, on the CPU, with smaller sizes):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh /tmp/gpu-check
-# GPU_CHECK_PARTS="train fsdp" runs a subset; PYTHON picks the interpreter (default: .venv/bin/python if present).
+# GPU_CHECK_PARTS="train fsdp" runs a subset; GPU_CHECK_DEMO_TIMEOUT (s, default 180) gives the CPU demo its minutes;
+# PYTHON picks the interpreter (default: .venv/bin/python if present).
 # Each part's log is OUT_DIR/<part>.log; OUT_DIR/summary.txt has one line per part; the exit status is 1 if any
 # part failed or timed out.
 set -uo pipefail
@@ -41,7 +42,7 @@ part() {
     shift 2
     echo "=== $name (timeout ${limit}s): $*"
     local t0=$SECONDS rc
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
     local verdict=ok
     if [[ $rc == 124 || $rc == 137 ]]; then verdict="TIMED OUT"; elif [[ $rc != 0 ]]; then verdict="FAILED rc=$rc"; fi
@@ -67,7 +68,7 @@ esac
 
 # ---- (a) the demo pipeline on the device -------------------------------------------------------------------------
 if wants demo; then
-    "$PYTHON" - "$DEVICE" "$OUT/demo-$DEVICE.yaml" <<'EOF'
+    part demo-config 15 "$PYTHON" - "$DEVICE" "$OUT/demo-$DEVICE.yaml" <<'EOF'
 import sys
 
 import yaml
@@ -80,16 +81,18 @@ compute["device"] = sys.argv[1]
 with open(sys.argv[2], "w") as f:
     yaml.safe_dump(config, f, sort_keys=False)
 EOF
-    LDM_HOME="$OUT/ldm-home" part demo 210 "$PYTHON" -m pipeline.cli demo --config "$OUT/demo-$DEVICE.yaml"
+    LDM_HOME="$OUT/ldm-home" part demo "${GPU_CHECK_DEMO_TIMEOUT:-180}" "$PYTHON" -m pipeline.cli demo --config "$OUT/demo-$DEVICE.yaml"
 fi
 
 # ---- (b) bf16 train step against diffusers, with MFU against the datasheet peak -----------------------------------
 if wants train; then
-    part train-unet 90 "$PYTHON" -m benchmarks.unet --config "$UNET_CONFIG" --precision bf16 --device "$DEVICE" \
+    part train-unet 85 "$PYTHON" -m benchmarks.unet --config "$UNET_CONFIG" --precision bf16 --device "$DEVICE" \
         --rounds "$ROUNDS" --iters "$ITERS" --sample-steps "$SAMPLE_STEPS" --json "$OUT/unet-$UNET_CONFIG-bf16.json"
-    part train-mmdit 90 "$PYTHON" -m benchmarks.mmdit --config "$MMDIT_CONFIG" --precision bf16 --device "$DEVICE" \
+    part train-mmdit 85 "$PYTHON" -m benchmarks.mmdit --config "$MMDIT_CONFIG" --precision bf16 --device "$DEVICE" \
         --rounds "$ROUNDS" --iters "$ITERS" --sample-steps "$SAMPLE_STEPS" --json "$OUT/mmdit-$MMDIT_CONFIG-bf16.json"
-    "$PYTHON" - "${PEAK_TFLOPS:-}" "$OUT/unet-$UNET_CONFIG-bf16.json" "$OUT/mmdit-$MMDIT_CONFIG-bf16.json" <<'EOF' | tee "$OUT/train-mfu.md"
+    # the table (OUT/train-mfu.log): each side's rate and MFU = its own FLOPs per image (meta device) x its rate / peak
+    part train-mfu 15 "$PYTHON" - "${PEAK_TFLOPS:-}" "$OUT/unet-$UNET_CONFIG-bf16.json" \
+        "$OUT/mmdit-$MMDIT_CONFIG-bf16.json" <<'EOF'
 import json
 import sys
 from pathlib import Path
@@ -99,8 +102,7 @@ print("| bf16 train step | ours img/s | diffusers img/s | ours / diffusers | MFU
 print("|---|---|---|---|---|---|")
 for path in sys.argv[2:]:
     if not Path(path).exists():
-        print(f"| {Path(path).stem}: no result (the part failed) |")
-        continue
+        sys.exit(f"{path}: no result (its part failed)")
     for r in json.loads(Path(path).read_text())["results"]:
         ours, theirs = r["train_ours_images_per_s"], r["train_diffusers_images_per_s"]
 
@@ -116,7 +118,7 @@ fi
 
 # ---- (c) FSDP2 on one GPU under torchrun --------------------------------------------------------------------------
 if wants fsdp; then
-    part fsdp-smoke 60 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 -m benchmarks.fsdp smoke \
+    part fsdp-smoke 55 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 -m benchmarks.fsdp smoke \
         --device "$DEVICE" --precision bf16 --steps "$FSDP_STEPS" --json "$OUT/fsdp-smoke.json"
 fi
 
