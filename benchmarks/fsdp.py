@@ -1,7 +1,7 @@
 """Memory per rank and step time, DDP vs FSDP2, on SD3-medium's width with fewer joint blocks.
 
     python -m benchmarks.fsdp [--quick] [--depth 2] [--json benchmarks/results/fsdp.json]
-    torchrun --nproc-per-node 1 -m benchmarks.fsdp smoke [--device cuda] [--precision bf16] [--steps 8]
+    torchrun --nproc-per-node 1 -m benchmarks.fsdp smoke [--device cuda] [--precision bf16] [--steps 8] [--preset P]
 
 Every measurement spawns its own process group (gloo on loopback, one thread per rank), so no allocation of another
 measurement lingers. Memory: each rank builds the model from one seed, wraps it (DistributedDataParallel as the
@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from benchmarks.common import machine_info, peak_rss_bytes, print_table, write_json
 from ldm_core.distributed import wrap_ddp
-from ldm_core.models.mmdit import MMDiT, MMDiTConfig
+from ldm_core.models.mmdit import MMDIT_PRESETS, MMDiT, MMDiTConfig
 from ldm_core.trainers.step import make_adam
 
 MB = 2**20
@@ -387,26 +387,24 @@ def markdown(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-SMOKE_MODEL = MMDiTConfig(preset="dit-b", depth=4, in_channels=16, out_channels=16)
-
-
-def smoke(device: str, precision: str, steps: int, json_path: str | None) -> int:
-    """A few AdamW steps of a sharded MMDiT on one fixed batch under the process group torchrun describes; 0 when
-    the loss went down."""
+def smoke(device: str, precision: str, steps: int, json_path: str | None, preset: str = "dit-b") -> int:
+    """A few AdamW steps of a sharded 4-block MMDiT (an `MMDIT_PRESETS` width) on one fixed batch under the process
+    group torchrun describes; 0 when the loss went down."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dev = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
+        cfg = MMDiTConfig(preset=preset, depth=4)
+        spec = BenchSpec("smoke", cfg, min(16, cfg.sample_size), 16, 4)
         torch.manual_seed(0)
-        net = MMDiT(SMOKE_MODEL).to(dev)
+        net = MMDiT(cfg).to(dev)
         with torch.no_grad():  # adaLN-Zero starts every block as the identity: give the blocks something to learn
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
         net = shard_model(net, precision)
         opt = make_adam(list(net.parameters()), dev, adamw=True, lr=3e-4)
-        spec = BenchSpec("smoke", SMOKE_MODEL, 16, 16, 4)
         batch = _batch(spec, dist.get_rank(), dev)
         losses = []
         for i in range(steps):
@@ -415,12 +413,16 @@ def smoke(device: str, precision: str, steps: int, json_path: str | None) -> int
             print(f"step {i}: loss {losses[-1]:.5f}", flush=True)
         ok = losses[-1] < losses[0]
         print(
-            f"FSDP smoke ({dist.get_world_size()} process, {dist.get_backend()}, {device}, {precision}): loss "
+            f"FSDP smoke ({preset} x4 blocks, {dist.get_world_size()} process, {dist.get_backend()}, {device}, "
+            f"{precision}): loss "
             f"{losses[0]:.4f} -> {losses[-1]:.4f}: {'decreasing' if ok else 'NOT decreasing'}",
             flush=True,
         )
         if dist.get_rank() == 0:
-            write_json({"device": str(dev), "precision": precision, "losses": losses, "decreasing": ok}, json_path)
+            write_json(
+                {"device": str(dev), "precision": precision, "preset": preset, "losses": losses, "decreasing": ok},
+                json_path,
+            )
         return 0 if ok else 1
     finally:
         dist.destroy_process_group()
@@ -438,9 +440,10 @@ def main(argv: list[str] | None = None) -> dict | int:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
         p.add_argument("--steps", type=int, default=8)
+        p.add_argument("--preset", choices=list(MMDIT_PRESETS), default="dit-b", help="the width (4 joint blocks)")
         p.add_argument("--json", default=None)
         a = p.parse_args(argv[1:])
-        return smoke(a.device, a.precision, a.steps, a.json)
+        return smoke(a.device, a.precision, a.steps, a.json, a.preset)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the tiny MMDiT, N=2 only, 2 short rounds (a smoke run)")
     p.add_argument("--depth", type=int, default=2, help="joint blocks of the SD3-medium-wide model")

@@ -10,8 +10,9 @@
 #
 # Dry run on a machine without a GPU (every command, on the CPU, with smaller sizes):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh /tmp/gpu-check
-# GPU_CHECK_PARTS="train fsdp" runs a subset; GPU_CHECK_DEMO_TIMEOUT (s, default 180) gives the CPU demo its minutes;
-# PYTHON picks the interpreter (default: .venv/bin/python if present).
+# GPU_CHECK_PARTS="train fsdp" runs a subset; GPU_CHECK_PEAK_TFLOPS overrides the datasheet peak;
+# GPU_CHECK_DEMO_TIMEOUT (s, default 180) gives a CPU demo its minutes; PYTHON picks the interpreter (default:
+# .venv/bin/python if present).
 # Each part's log is OUT_DIR/<part>.log; OUT_DIR/summary.txt has one line per part; the exit status is 1 if any
 # part failed or timed out.
 set -uo pipefail
@@ -31,9 +32,9 @@ SUMMARY="$OUT/summary.txt"
 FAILED=0
 
 if [[ "$QUICK" == 1 ]]; then
-    UNET_CONFIG=demo MMDIT_CONFIG=tiny ROUNDS=1 ITERS=1 SAMPLE_STEPS=2 FSDP_STEPS=3
+    UNET_CONFIG=demo MMDIT_CONFIG=tiny ROUNDS=1 ITERS=1 SAMPLE_STEPS=2 FSDP_STEPS=3 FSDP_PRESET=tiny
 else
-    UNET_CONFIG=mid MMDIT_CONFIG=mid ROUNDS=3 ITERS=2 SAMPLE_STEPS=10 FSDP_STEPS=8
+    UNET_CONFIG=mid MMDIT_CONFIG=mid ROUNDS=3 ITERS=2 SAMPLE_STEPS=10 FSDP_STEPS=8 FSDP_PRESET=dit-b
 fi
 
 # part NAME SECONDS CMD...: run CMD under a timeout, its output to OUT/NAME.log and the screen, its status recorded
@@ -61,6 +62,7 @@ case "$GPU_NAME" in
     *A100*) PEAK_TFLOPS=312 ;;
     *) PEAK_TFLOPS= ;;
 esac
+PEAK_TFLOPS=${GPU_CHECK_PEAK_TFLOPS:-$PEAK_TFLOPS} # a dry run sets one to exercise the MFU column
 {
     echo "device: $DEVICE; GPU: ${GPU_NAME:-none}; bf16 peak: ${PEAK_TFLOPS:-peak unknown} TFLOP/s; quick: $QUICK"
     "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
@@ -119,7 +121,7 @@ fi
 # ---- (c) FSDP2 on one GPU under torchrun --------------------------------------------------------------------------
 if wants fsdp; then
     part fsdp-smoke 55 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 -m benchmarks.fsdp smoke \
-        --device "$DEVICE" --precision bf16 --steps "$FSDP_STEPS" --json "$OUT/fsdp-smoke.json"
+        --device "$DEVICE" --precision bf16 --steps "$FSDP_STEPS" --preset "$FSDP_PRESET" --json "$OUT/fsdp-smoke.json"
 fi
 
 echo "=== summary ($OUT/summary.txt)"
