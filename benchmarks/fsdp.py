@@ -1,6 +1,7 @@
 """Memory per rank and step time, DDP vs FSDP2, on SD3-medium's width with fewer joint blocks.
 
     python -m benchmarks.fsdp [--quick] [--depth 2] [--json benchmarks/results/fsdp.json]
+    python -m benchmarks.fsdp --render benchmarks/results/fsdp.json     # the README's markdown, from the JSON
     torchrun --nproc-per-node 1 -m benchmarks.fsdp smoke [--device cuda] [--precision bf16] [--steps 8] [--preset P]
 
 Every measurement spawns its own process group (gloo on loopback, one thread per rank), so no allocation of another
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import socket
@@ -33,6 +35,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -450,7 +453,12 @@ def main(argv: list[str] | None = None) -> dict | int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
     p.add_argument("--json", default="benchmarks/results/fsdp.json")
+    p.add_argument("--render", metavar="JSON", help="print the markdown of an earlier run's JSON; measure nothing")
     a = p.parse_args(argv)
+    if a.render:
+        result = json.loads(Path(a.render).read_text())
+        print(markdown(result))
+        return result
     if a.quick:
         result = run(TINY, {"ddp": [2], "fsdp": [2]}, rounds=2, steps=2)
     else:
