@@ -291,10 +291,12 @@ def run(spec: BenchSpec, worlds: dict[str, list[int]], rounds: int, steps: int) 
             if need > 0.9 * _mem_available():
                 result["memory"].append({"strategy": strategy, "world": n, "skipped": f"needs ~{need / 2**30:.0f} GB"})
                 continue
+            load = os.getloadavg()[0]
             ranks = measure_memory(spec, strategy, n)
-            result["memory"].append({"strategy": strategy, "world": n, "ranks": ranks})
+            result["memory"].append({"strategy": strategy, "world": n, "ranks": ranks, "load_avg_1min_before": load})
             print(f"[{(time.time() - t0) / 60:4.1f} min] memory {strategy} N={n} measured", flush=True)
-    result["step_time"] = measure_step_time(spec, rounds, steps)
+    load = os.getloadavg()[0]
+    result["step_time"] = {**measure_step_time(spec, rounds, steps), "load_avg_1min_before": load}
     result["load_avg_after"] = os.getloadavg()
     result["seconds"] = time.time() - t0
     return result
@@ -359,6 +361,13 @@ COLUMNS = [
 ]
 
 
+def _phase_loads(result: dict) -> str:
+    """The 1-minute load average at the start of each measurement (it includes the previous one's own ranks)."""
+    loads = [m["load_avg_1min_before"] for m in result["memory"] if "load_avg_1min_before" in m]
+    loads += [result["step_time"]["load_avg_1min_before"]] if "load_avg_1min_before" in result["step_time"] else []
+    return f", before each measurement {', '.join(f'{v:.1f}' for v in loads)}" if loads else ""
+
+
 def markdown(result: dict) -> str:
     m, st = result["machine"], result["step_time"]
     lines = [
@@ -366,7 +375,7 @@ def markdown(result: dict) -> str:
         f"fp32), {result['spec']['latent']}x{result['spec']['latent']}x{result['model']['in_channels']} latents, "
         f"{result['spec']['tokens']} tokens, batch {result['spec']['batch']} per rank; gloo on loopback, 1 thread per "
         f"rank; {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average before "
-        f"{result['load_avg_before'][0]:.2f}; the run took {result['seconds'] / 60:.0f} min.",
+        f"{result['load_avg_before'][0]:.2f}{_phase_loads(result)}; the run took {result['seconds'] / 60:.0f} min.",
         "",
         "| " + " | ".join(COLUMNS[:-1]) + " |",
         "|" + "---|" * (len(COLUMNS) - 1),
