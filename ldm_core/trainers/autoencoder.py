@@ -419,7 +419,7 @@ def train_autoencoder(
     _start_autoencoder_run(tracker, config, run, loop, parts.perceptual_used)
 
     def log_reconstructions(step: int) -> None:
-        if train_step.last_images is not None:
+        if run.rank == 0 and train_step.last_images is not None:
             tracker.log_image(reconstruction_grid(*train_step.last_images), "reconstructions", step)
 
     meter = ThroughputMeter(
