@@ -4,9 +4,9 @@ sharded (DCP) checkpoints resume on 1 and on 4 processes.
 The runs train the tiny UNet and a tiny MMDiT with every random part on (caption dropout, timesteps, noise, EMA,
 warmup), in fp32. "Equal up to float noise" is the bound derived in tests/core/test_distributed_training.py: the
 runs sum the same gradients in another order (here also through a reduce-scatter, and accumulated over two global
-micro-batches of 2 rows: 1 row per process there, 2 rows in the 1-process run), so at most a few elements in 10⁴ may end more than 1% of lr·steps apart, while a real
-divergence moves most of them. The planted defect is a rank that drops its shard's reduced gradient before the
-optimizer step; the comparison must see it.
+micro-batches of 2 rows: 1 row per process there, 2 rows in the 1-process run), so at most a few elements in 10⁴
+may end more than 1% of lr·steps apart, while a real divergence moves most of them. The planted defect is a rank
+that drops its shard's reduced gradient before the optimizer step; the comparison must see it.
 
 Processes are spawned (torch.multiprocessing, gloo on loopback); the 1-process runs are in the test process.
 """
