@@ -379,7 +379,7 @@ def train_ldm(
 
     def log_samples(step: int) -> None:  # on every rank: a sharded model is gathered by all of them
         model = parts.exported()
-        if run.rank == 0:
+        if run.rank == 0 and sample_fn is not None:
             tracker.log_image(sample_fn(model, step), "validation_samples", step)
 
     meter = ThroughputMeter(
@@ -393,7 +393,8 @@ def train_ldm(
         tracker,
         meter,
         should_stop=should_stop,
-        images=log_samples if sample_fn is not None else None,
+        # a sharded model is gathered by every rank, also those without a sample_fn (only rank 0 has one)
+        images=log_samples if sample_fn is not None or parts.sharded else None,
         image_every=tc.validation_every,
     )
     final = parts.exported()
