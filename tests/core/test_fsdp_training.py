@@ -40,7 +40,9 @@ KINDS = ("unet", "mmdit")
 PARTS = ("model", "ema")
 
 
-def _setup(kind: str, micro: int | None = None, strategy: str = "fsdp", precision: str = "fp32"):
+def _setup(
+    kind: str, micro: int | None = None, strategy: str = "fsdp", precision: str = "fp32", checkpointing: bool = False
+):
     g = torch.Generator().manual_seed(1)
     n, width = 16, 32
     data = {
@@ -70,6 +72,7 @@ def _setup(kind: str, micro: int | None = None, strategy: str = "fsdp", precisio
                 "warmup_steps": 1,
                 "strategy": strategy,
                 "precision": precision,
+                "gradient_checkpointing": checkpointing,
             },
         }
     )
@@ -127,6 +130,8 @@ def _worker(rank: int, world: int, port: int, out: str, plan: str) -> None:
             ):
                 _train(kind, d / "planted", micro=1)
             bf16 = _train(kind, d / "bf16", precision="bf16")
+            _train(kind, d / "recomputed", checkpointing=True)
+            torch.save(_held_elements(kind), d / f"held_rank{rank}.pt")
             if rank == 0:
                 torch.save(
                     {
@@ -140,6 +145,25 @@ def _worker(rank: int, world: int, port: int, out: str, plan: str) -> None:
                 )
             else:
                 assert full.model is None  # the whole model is gathered on rank 0 alone
+
+
+def _held_elements(kind: str) -> dict[str, int]:
+    """How many elements of the weights, the EMA and AdamW's moments this rank holds after one sharded step, and
+    the whole model's parameter count."""
+    from ldm_core.fsdp import OptimizerState, ShardedEMA, local, shard_model
+    from ldm_core.trainers.step import make_adam
+
+    cfg, _, _ = _setup(kind)
+    torch.manual_seed(0)
+    model = shard_model(build_denoiser(cfg.denoiser))
+    ema, opt = ShardedEMA(model, 0.9), make_adam(list(model.parameters()), torch.device("cpu"), adamw=True)
+    moments = OptimizerState(model, opt).state_dict()["state"]  # initialized, as a step leaves them
+    return {
+        "whole": sum(p.numel() for p in build_denoiser(cfg.denoiser).parameters()),
+        "weights": sum(local(p).numel() for p in model.parameters()),
+        "ema": sum(local(t).numel() for t in ema.params.values()),
+        "moments": sum(local(t).numel() for m in moments.values() for k, t in m.items() if k != "step"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +273,28 @@ def test_a_two_process_sharded_checkpoint_resumes_on_four_processes(fsdp_runs, k
 def test_bf16_mixed_precision_trains_under_fsdp(fsdp_runs, kind):
     losses = torch.load(fsdp_runs / kind / "rank0.pt")["bf16_loss"]
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpointing_composes_with_fsdp(fsdp_runs, kind):
+    """Recomputing each block in the backward pass (gathering it once more) changes no value."""
+    fraction, abs_diff = _moved_fraction(
+        _final_sharded(fsdp_runs / kind / "full", kind), _final_sharded(fsdp_runs / kind / "recomputed", kind), PARTS
+    )
+    _report(f"{kind}: with and without activation checkpointing", fraction, abs_diff)
+    assert fraction <= MAX_MOVED_FRACTION
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_rank_holds_half_of_the_weights_ema_and_moments(fsdp_runs, kind):
+    """Sharded over 2: each rank's weights, EMA and both AdamW moments are its half of every tensor (dim 0, the
+    first rank's part rounded up: at most one row of each tensor more than half)."""
+    held = [torch.load(fsdp_runs / kind / f"held_rank{r}.pt") for r in range(2)]
+    whole = held[0]["whole"]
+    for part, copies in (("weights", 1), ("ema", 1), ("moments", 2)):
+        total = sum(h[part] for h in held)
+        assert total == copies * whole, (part, total, whole)
+        for h in held:
+            assert h[part] <= copies * whole * 0.55, (part, h[part], whole)
