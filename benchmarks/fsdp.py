@@ -6,14 +6,14 @@
 
 Every measurement spawns its own process group (gloo on loopback, one thread per rank), so no allocation of another
 measurement lingers. Memory: each rank builds the model from one seed, wraps it (DistributedDataParallel as the
-trainers do, or `fully_shard` per joint block and then at the root), builds the trainers' fused AdamW
-(`ldm_core.trainers.step.make_adam`) and takes one full step (forward, backward, AdamW); then it counts the bytes it
-holds of parameters, gradients and optimizer state (exp_avg, exp_avg_sq, step), each the local shard (`to_local()`)
-under FSDP. Two counts: "local" is the elements of the local shards; "held" is the distinct storages those shards
-live in, which is what the rank pays: FSDP2 pads each parameter's shard to ceil(rows / N) rows and keeps each
-group's gradients in one reduce-scatter buffer. Not in either count: DDP's reducer keeps a second, bucketed copy of
-the gradients (the trainers wrap without gradient_as_bucket_view), and buffers (the positional grid) are replicated
-under both; both are in the peak RSS column, with the framework and the activations.
+trainers do, or `ldm_core.fsdp.shard_model`: `fully_shard` per joint block, then the root), builds the trainers'
+fused AdamW (`ldm_core.trainers.step.make_adam`) and takes one full step (forward, backward, AdamW); then it counts
+the bytes it holds of parameters, gradients and optimizer state (exp_avg, exp_avg_sq, step), each the local shard
+(`to_local()`) under FSDP. Two counts: "local" is the elements of the local shards; "held" is the distinct storages
+those shards live in, which is what the rank pays: FSDP2 pads each parameter's shard to ceil(rows / N) rows and
+keeps each group's gradients in one reduce-scatter buffer. Not in either count: DDP's reducer keeps a second,
+bucketed copy of the gradients (the trainers wrap without gradient_as_bucket_view), and buffers (the positional
+grid) are replicated under both; both are in the peak RSS column, with the framework and the activations.
 
 Step time: one process group of 2 ranks holds a DDP model and an FSDP model built from the same seed, with the same
 optimizer and the same batch; rounds alternate which runs first; each side's figure is the median step of a round
@@ -41,11 +41,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from benchmarks.common import machine_info, peak_rss_bytes, print_table, write_json
 from ldm_core.distributed import wrap_ddp
+from ldm_core.fsdp import local, shard_model
 from ldm_core.models.mmdit import MMDIT_PRESETS, MMDiT, MMDiTConfig
 from ldm_core.trainers.step import make_adam
 
@@ -82,29 +81,11 @@ TINY = BenchSpec("tiny", MMDiTConfig(preset="tiny", depth=2), 8, 8, 2)
 """The quick mode's and the test's model: uneven first dimensions (96 rows over 4 heads, 16-wide patches...)."""
 
 
-def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
-    """FSDP2 as `ldm_core.fsdp.shard_model` will apply it to an MMDiT: `fully_shard` each joint block, then the root
-    (which takes the embedders and the final layer). Stands in until that module lands; then import it instead."""
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if precision == "bf16"
-        else MixedPrecisionPolicy()
-    )
-    for block in model.joint_blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _bytes(tensors: list[torch.Tensor]) -> dict[str, int]:
     """{"local": bytes of the tensors' local elements, "held": bytes of the distinct storages they live in}."""
-    local = [_local(t) for t in tensors]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}
-    return {"local": sum(t.numel() * t.element_size() for t in local), "held": sum(storages.values())}
+    local_ = [local(t) for t in tensors]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local_}
+    return {"local": sum(t.numel() * t.element_size() for t in local_), "held": sum(storages.values())}
 
 
 def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, int]]:
