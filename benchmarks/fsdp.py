@@ -71,14 +71,14 @@ class BenchSpec:
 def sd3_medium(depth: int) -> BenchSpec:
     """SD3-medium's width (1536, 24 heads, 4096-wide text, 2048-wide pooled vector) with `depth` joint blocks.
 
-    Depth 2 is ~158M parameters: ~2.5 GB of fp32 parameters, gradients and AdamW state per DDP rank, so DDP at 4
-    ranks (plus DDP's gradient buckets, the replicated buffers and the framework) fits the ~20 GB this machine has
-    free; depth 3 (~243M) would not at 4 ranks."""
+    Depth 2 (159M parameters) is what 4 DDP ranks fit in this machine's ~20 GB: each holds ~16 bytes of fp32 state
+    per parameter, ~20 with DDP's gradient buckets, plus the replicated buffers and the framework; depth 3 (244M)
+    would need ~22 GB (README, "FSDP: memory per rank")."""
     return BenchSpec(f"sd3-medium-d{depth}", MMDiTConfig(preset="sd3-medium", depth=depth), 16, 16, 2)
 
 
 TINY = BenchSpec("tiny", MMDiTConfig(preset="tiny", depth=2), 8, 8, 2)
-"""The quick mode's and the test's model: uneven first dimensions (96 rows over 4 heads, 16-wide patches...)."""
+"""The quick mode's model (the test builds its own, with a parameter whose rows do not split evenly)."""
 
 
 def _bytes(tensors: list[torch.Tensor]) -> dict[str, int]:
@@ -124,7 +124,8 @@ def _batch(spec: BenchSpec, rank: int, dev: torch.device) -> tuple[torch.Tensor,
     t = torch.rand(b, generator=g) * 1000
     ctx = torch.randn(b, spec.tokens, cfg.context_dim, generator=g)
     pooled = torch.randn(b, cfg.pooled_dim, generator=g)
-    return tuple(v.to(dev) for v in (x, t, ctx, pooled, torch.randn_like(x)))
+    target = torch.randn(x.shape, generator=g)
+    return tuple(v.to(dev) for v in (x, t, ctx, pooled, target))
 
 
 def _step(net: nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...]) -> float:
