@@ -11,7 +11,7 @@
 # Dry run on a machine without a GPU (every command, on the CPU, with smaller sizes):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh /tmp/gpu-check
 # GPU_CHECK_PARTS="train fsdp" runs a subset; GPU_CHECK_PEAK_TFLOPS overrides the datasheet peak;
-# GPU_CHECK_DEMO_TIMEOUT (s, default 180) gives a CPU demo its minutes; PYTHON picks the interpreter (default:
+# GPU_CHECK_DEMO_TIMEOUT (s, default 230) gives a CPU demo its minutes; PYTHON picks the interpreter (default:
 # .venv/bin/python if present).
 # Each part's log is OUT_DIR/<part>.log; OUT_DIR/summary.txt has one line per part; the exit status is 1 if any
 # part failed or timed out.
@@ -70,7 +70,7 @@ PEAK_TFLOPS=${GPU_CHECK_PEAK_TFLOPS:-$PEAK_TFLOPS} # a dry run sets one to exerc
 
 # ---- (a) the demo pipeline on the device -------------------------------------------------------------------------
 if wants demo; then
-    part demo-config 15 "$PYTHON" - "$DEVICE" "$OUT/demo-$DEVICE.yaml" <<'EOF'
+    part demo-config 10 "$PYTHON" - "$DEVICE" "$OUT/demo-$DEVICE.yaml" <<'EOF'
 import sys
 
 import yaml
@@ -83,17 +83,17 @@ compute["device"] = sys.argv[1]
 with open(sys.argv[2], "w") as f:
     yaml.safe_dump(config, f, sort_keys=False)
 EOF
-    LDM_HOME="$OUT/ldm-home" part demo "${GPU_CHECK_DEMO_TIMEOUT:-180}" "$PYTHON" -m pipeline.cli demo --config "$OUT/demo-$DEVICE.yaml"
+    LDM_HOME="$OUT/ldm-home" part demo "${GPU_CHECK_DEMO_TIMEOUT:-230}" "$PYTHON" -m pipeline.cli demo --config "$OUT/demo-$DEVICE.yaml"
 fi
 
 # ---- (b) bf16 train step against diffusers, with MFU against the datasheet peak -----------------------------------
 if wants train; then
-    part train-unet 85 "$PYTHON" -m benchmarks.unet --config "$UNET_CONFIG" --precision bf16 --device "$DEVICE" \
+    part train-unet 70 "$PYTHON" -m benchmarks.unet --config "$UNET_CONFIG" --precision bf16 --device "$DEVICE" \
         --rounds "$ROUNDS" --iters "$ITERS" --sample-steps "$SAMPLE_STEPS" --json "$OUT/unet-$UNET_CONFIG-bf16.json"
-    part train-mmdit 85 "$PYTHON" -m benchmarks.mmdit --config "$MMDIT_CONFIG" --precision bf16 --device "$DEVICE" \
+    part train-mmdit 70 "$PYTHON" -m benchmarks.mmdit --config "$MMDIT_CONFIG" --precision bf16 --device "$DEVICE" \
         --rounds "$ROUNDS" --iters "$ITERS" --sample-steps "$SAMPLE_STEPS" --json "$OUT/mmdit-$MMDIT_CONFIG-bf16.json"
     # the table (OUT/train-mfu.log): each side's rate and MFU = its own FLOPs per image (meta device) x its rate / peak
-    part train-mfu 15 "$PYTHON" - "${PEAK_TFLOPS:-}" "$OUT/unet-$UNET_CONFIG-bf16.json" \
+    part train-mfu 10 "$PYTHON" - "${PEAK_TFLOPS:-}" "$OUT/unet-$UNET_CONFIG-bf16.json" \
         "$OUT/mmdit-$MMDIT_CONFIG-bf16.json" <<'EOF'
 import json
 import sys
@@ -120,7 +120,7 @@ fi
 
 # ---- (c) FSDP2 on one GPU under torchrun --------------------------------------------------------------------------
 if wants fsdp; then
-    part fsdp-smoke 55 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 -m benchmarks.fsdp smoke \
+    part fsdp-smoke 45 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 -m benchmarks.fsdp smoke \
         --device "$DEVICE" --precision bf16 --steps "$FSDP_STEPS" --preset "$FSDP_PRESET" --json "$OUT/fsdp-smoke.json"
 fi
 
