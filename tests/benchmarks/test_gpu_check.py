@@ -22,6 +22,7 @@ def _dry_run(out: Path, parts: str, **env: str) -> subprocess.CompletedProcess:
             "GPU_CHECK_DEVICE": "cpu",
             "GPU_CHECK_QUICK": "1",
             "GPU_CHECK_PARTS": parts,
+            "GPU_CHECK_TIMEOUT_SCALE": "3",
             "PYTHON": sys.executable,
             **env,
         },
