@@ -205,6 +205,15 @@ def _job(job: TrainingJob, meta: dict[str, Any], labels: dict[str, str]) -> dict
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 POLL_S = 2.0
+# The calls below, as the step pod's RBAC must allow them ((API group, resource): verbs); deploy/helm/training-rbac.yaml
+# grants them to the step pods' service account
+PERMISSIONS: dict[tuple[str, str], set[str]] = {
+    ("batch", "jobs"): {"create", "get", "delete"},  # create_namespaced_job, read_namespaced_job, delete_…
+    ("", "services"): {"create", "delete"},
+    ("", "configmaps"): {"create", "delete"},
+    ("", "pods"): {"list"},  # finding pod 0
+    ("", "pods/log"): {"get"},  # following its log (PipesK8sPodLogsMessageReader)
+}
 
 
 def _own_namespace() -> str:

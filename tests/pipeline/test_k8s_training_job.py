@@ -11,8 +11,10 @@ import re
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from pipeline.distributed import k8s
+from tests.common import ROOT
 
 K8S_VERSION = kubernetes_validate.latest_version()  # the newest schema the package bundles
 NODES, GPUS = 2, 8
@@ -189,3 +191,18 @@ def test_a_planted_broken_link_is_schema_valid_but_caught(plant):
     for o in objects:  # the schema has no word on any of these
         kubernetes_validate.validate(o, K8S_VERSION, strict=True)
     assert link_problems(objects), plant.__name__
+
+
+def test_the_rbac_of_deploy_grants_the_step_pods_what_the_launcher_calls():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "helm" / "training-rbac.yaml").read_text()))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    role, binding = _by_kind(docs)["Role"], _by_kind(docs)["RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    missing = {k: v - granted.get(k, set()) for k, v in k8s.PERMISSIONS.items() if v - granted.get(k, set())}
+    assert missing == {}
