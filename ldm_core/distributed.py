@@ -246,7 +246,12 @@ def wrap_ddp(module: nn.Module, device: torch.device, sync_buffers: bool = True)
 
 
 def no_sync_unless(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce in this forward/backward unless ``sync`` (accumulation: sync the last only)."""
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) in this forward/backward unless ``sync``
+    (accumulation: sync the last only)."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        from ldm_core.fsdp import gradient_sync
+
+        return gradient_sync(module, sync)
     if sync or not hasattr(module, "no_sync"):
         return contextlib.nullcontext()
     return module.no_sync()

@@ -411,6 +411,10 @@ def train_autoencoder(
     tracker = tracker or NullTracker()
     tc = config.trainer
     run = RunSetup.create(tc, rank, world_size)
+    if tc.strategy == "fsdp" and run.world_size > 1:
+        # an SD-sized autoencoder (84 M parameters) and its discriminator fit every GPU many times over: sharding
+        # them would add two all-gathers per block and step and save nothing that matters
+        log.info("strategy fsdp shards the denoiser; the autoencoder trains under DDP on %d processes", run.world_size)
     parts = _build_autoencoder_parts(config, run, perceptual, init_weights)
     loop = TrainingLoop(
         tc, run, data, parts.checkpointed(), config.to_dict(), "model", "autoencoder", checkpoint_dir, storage_options
@@ -419,7 +423,7 @@ def train_autoencoder(
     _start_autoencoder_run(tracker, config, run, loop, parts.perceptual_used)
 
     def log_reconstructions(step: int) -> None:
-        if train_step.last_images is not None:
+        if run.rank == 0 and train_step.last_images is not None:
             tracker.log_image(reconstruction_grid(*train_step.last_images), "reconstructions", step)
 
     meter = ThroughputMeter(

@@ -30,6 +30,7 @@ from ldm_core.config import StrictModel
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
 from ldm_core.flops import denoiser_step_flops
+from ldm_core.fsdp import OptimizerState, ShardedEMA, gather_module, is_sharded, resolve_strategy, shard_model
 from ldm_core.lora import AdapterEMA, LoraConfig, add_lora, checkpoint_parts
 from ldm_core.models.denoiser import DenoiserConfig, build_denoiser, takes_pooled
 from ldm_core.models.unet import UNetConfig
@@ -87,9 +88,10 @@ class LDMTrainingConfig(StrictModel):
 
 @dataclass
 class LDMTrainResult:
-    model: nn.Module
+    model: nn.Module | None
     """The trained denoiser on CPU in eval mode (the EMA weights when ema_decay is set); with ``lora``, the frozen
-    base carrying the trained adapter (`ldm_core.lora`)."""
+    base carrying the trained adapter (`ldm_core.lora`). Under fsdp on several processes the whole model is gathered
+    on rank 0 only: None on the other ranks."""
     step: int
     nonfinite_skipped: int
     resumed_from: int | None
@@ -114,22 +116,39 @@ class _DenoiserParts:
     """What the stage-2 trainer trains and steps with."""
 
     model: nn.Module
-    """The denoiser (with ``lora``: the frozen base carrying the adapter)."""
-    ema: EMA | AdapterEMA | None
+    """The denoiser (with ``lora``: the frozen base carrying the adapter; under fsdp on several processes: sharded)."""
+    ema: EMA | AdapterEMA | ShardedEMA | None
     params: list[nn.Parameter]
     """What the optimizer steps: the whole denoiser, or the adapter."""
     opt: torch.optim.Optimizer
     scaler: LossScaler
     lora: bool
+    strategy: str = "ddp"
+    """"ddp" or "fsdp" (resolved): fsdp shards the model over the processes and writes sharded checkpoints."""
+    build: Callable[[], nn.Module] | None = None
+    """A whole, unsharded denoiser on CPU (what the sharded weights are gathered into)."""
+    rank: int = 0
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.model)
 
     def checkpointed(self) -> dict[str, Any]:
-        # with an adapter only it is saved; a full run saves the whole denoiser
-        trained = {**(checkpoint_parts(self.model) if self.lora else {"model": self.model}), "opt": self.opt}
+        if self.strategy == "fsdp":  # by parameter name, in this rank's shards: loads into any process count
+            trained = {"model": self.model, "opt": OptimizerState(self.model, self.opt)}
+        else:  # with an adapter only it is saved; a full run saves the whole denoiser
+            trained = {**(checkpoint_parts(self.model) if self.lora else {"model": self.model}), "opt": self.opt}
         return checkpointed_parts(trained, self.ema, {"scaler": self.scaler})
 
-    def exported(self) -> nn.Module:
-        """The weights the run hands on: the EMA's when it keeps one."""
-        return self.ema.model if self.ema is not None else self.model
+    def exported(self) -> nn.Module | None:
+        """The weights the run hands on: the EMA's when it keeps one. A sharded model is gathered (a collective:
+        every rank calls this) into a whole one on CPU on rank 0; the other ranks get None."""
+        if not self.sharded:
+            return self.ema.model if self.ema is not None else self.model
+        assert self.build is not None
+        state = self.ema.state_dict() if self.ema is not None else self.model.state_dict()
+        module = gather_module(state, self.build, self.rank)
+        return module.requires_grad_(False) if module is not None else None
 
 
 def _build_denoiser_parts(
@@ -145,13 +164,37 @@ def _build_denoiser_parts(
     model = build_denoiser(model_cfg)
     if init_weights is not None:
         load_init_weights(model, init_weights, "denoiser")
+    strategy = resolve_strategy(tc.strategy, sum(p.numel() for p in model.parameters()))
     if config.lora is not None:  # the base frozen; only the adapter trains, and only it is checkpointed
+        if strategy == "fsdp":
+            raise ValueError(
+                "lora trains a small adapter on a frozen base: use strategy ddp (fsdp shards whole-model training)"
+            )
         model = add_lora(model, config.lora)
     model = model.to(device).train()
-    ema = (AdapterEMA if config.lora is not None else EMA)(model, tc.ema_decay) if tc.ema_decay else None
+    sharded = strategy == "fsdp" and run.world_size > 1
+    if sharded:  # before the EMA and the optimizer: both keep this rank's shards
+        model = shard_model(model, run.precision)
+    if not tc.ema_decay:
+        ema = None
+    elif sharded:
+        ema = ShardedEMA(model, tc.ema_decay)
+    else:
+        ema = (AdapterEMA if config.lora is not None else EMA)(model, tc.ema_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, device, adamw=True, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    return _DenoiserParts(model, ema, params, opt, LossScaler(run.precision, device), config.lora is not None)
+    scaler = LossScaler(run.precision, device)
+    return _DenoiserParts(
+        model,
+        ema,
+        params,
+        opt,
+        scaler,
+        config.lora is not None,
+        strategy=strategy,
+        build=lambda: build_denoiser(model_cfg).eval(),
+        rank=run.rank,
+    )
 
 
 @dataclass
@@ -214,8 +257,10 @@ class _DenoiserStep:
         model = parts.model
         if self.tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        # compile the module DDP wraps (the EMA and the checkpoints keep using the plain module: same parameters)
-        self.net = distributed.wrap_ddp(torch.compile(model) if self.tc.compile else model, run.device)
+        # compile the module DDP wraps (the EMA and the checkpoints keep using the plain module: same parameters);
+        # a sharded model reduces its own gradients
+        net = torch.compile(model) if self.tc.compile else model
+        self.net = net if parts.sharded else distributed.wrap_ddp(net, run.device)
         self.shapes: tuple | None = None  # (latent (C, h, w), context (L, D)), known after the first batch
 
     def __call__(self, step: int) -> StepOutput:
@@ -245,7 +290,7 @@ class _DenoiserStep:
         x0 = batch["latents"].to(device, non_blocking=True).float()  # (b, C, h, w), already scaled
         ctx, mask, pooled = self._conditioning(batch)
         sample = self.diffusion.training_sample(x0, run.gen, shard=run.shard)
-        with distributed.no_sync_unless(self.net, sync=sync):
+        with distributed.no_sync_unless(self.parts.model if self.parts.sharded else self.net, sync=sync):
             with autocast(device, run.precision):
                 pred = self.net(sample.x_t, sample.t_model, ctx, mask, pooled=pooled)
             loss = self.diffusion.loss(pred.float(), sample)
@@ -325,14 +370,17 @@ def train_ldm(
         "LDM",
         checkpoint_dir,
         storage_options,
+        sharded_checkpoints=parts.strategy == "fsdp",
     )
     train_step = _DenoiserStep(config, run, parts, loop, null)
     start_run(
         tracker, run, config.to_dict(), loop.resumed_from, denoiser_parameters=sum(p.numel() for p in parts.params)
     )
 
-    def log_samples(step: int) -> None:
-        tracker.log_image(sample_fn(parts.exported(), step), "validation_samples", step)
+    def log_samples(step: int) -> None:  # on every rank: a sharded model is gathered by all of them
+        model = parts.exported()
+        if run.rank == 0 and sample_fn is not None:
+            tracker.log_image(sample_fn(model, step), "validation_samples", step)
 
     meter = ThroughputMeter(
         run.device,
@@ -345,14 +393,17 @@ def train_ldm(
         tracker,
         meter,
         should_stop=should_stop,
-        images=log_samples if sample_fn is not None else None,
+        # a sharded model is gathered by every rank, also those without a sample_fn (only rank 0 has one)
+        images=log_samples if sample_fn is not None or parts.sharded else None,
         image_every=tc.validation_every,
     )
-    final = parts.exported().eval()
+    final = parts.exported()
+    if final is not None:
+        final = final.eval().cpu()
     if run.rank == 0 and finished and sample_fn is not None:
         tracker.log_image(sample_fn(final, loop.step), "validation_samples", loop.step)
     return LDMTrainResult(
-        model=final.cpu(),
+        model=final,
         step=loop.step,
         nonfinite_skipped=loop.guard.skipped,
         resumed_from=loop.resumed_from,

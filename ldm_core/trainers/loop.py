@@ -3,9 +3,9 @@
 resume from the newest checkpoint, if any, and stream batches from the position it recorded; then step by step:
 1) the trainer's step (forward, backward, optimizer, EMA), which returns its metrics
 2) every ``log_every`` steps and at the last: the interval's means to the tracker (means over the ranks)
-3) every ``image_every`` steps: the trainer's images to the tracker (rank 0)
-4) every ``checkpoint_every`` steps, at the last, and when asked to stop: a checkpoint (rank 0), never past the
-   non-finite limit
+3) every ``image_every`` steps: the trainer's images to the tracker (called on every rank, rank 0 logs)
+4) every ``checkpoint_every`` steps, at the last, and when asked to stop: a checkpoint (rank 0, or every rank for a
+   sharded one), never past the non-finite limit
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ class TrainingLoop:
         what: str,
         checkpoint_dir: str | None,
         storage_options: dict[str, Any] | None,
+        sharded_checkpoints: bool = False,
     ):
         self.tc, self.setup = tc, run
         sampler = run.sampler(len(data), tc.seed)
-        self.checkpoints = run.checkpoints(tc, checkpoint_dir, storage_options)
+        self.checkpoints = run.checkpoints(tc, checkpoint_dir, storage_options, sharded=sharded_checkpoints)
         if self.checkpoints is not None:
             if run.rank == 0:  # the one rank that writes holds the directory for the whole run (`checkpoint`)
                 self.checkpoints.acquire()
@@ -131,8 +132,8 @@ class TrainingLoop:
                 )
                 if rank == 0:
                     tracker.log_metrics(means, step)
-            if rank == 0 and images is not None and image_every and step % image_every == 0:
-                images(step)
+            if images is not None and image_every and step % image_every == 0:
+                images(step)  # on every rank: a sharded model is gathered by all of them, rank 0 logs
             stop_now = should_stop is not None and distributed.any_rank(should_stop(step), self.setup.device)
             if step % tc.checkpoint_every == 0 or step == tc.steps or stop_now:
                 self.state.save(self.checkpoints, step, self.stream.position, rank)

@@ -19,6 +19,7 @@ from ldm_core import distributed
 from ldm_core.checkpoint import CheckpointManager
 from ldm_core.config import flatten_dict
 from ldm_core.distributed import BatchShard
+from ldm_core.sharded_checkpoint import ShardedCheckpointManager
 from ldm_core.tracking import Tracker
 from ldm_core.trainers.config import Precision, TrainerConfig
 from ldm_core.trainers.data_order import EpochBatchSampler
@@ -125,11 +126,18 @@ class RunSetup:
         )
 
     def checkpoints(
-        self, tc: TrainerConfig, checkpoint_dir: str | None, storage_options: dict[str, Any] | None
-    ) -> CheckpointManager | None:
+        self,
+        tc: TrainerConfig,
+        checkpoint_dir: str | None,
+        storage_options: dict[str, Any] | None,
+        sharded: bool = False,
+    ) -> CheckpointManager | ShardedCheckpointManager | None:
+        """The run's checkpoint directory: one file per step written by rank 0, or (``sharded``, strategy fsdp) DCP
+        checkpoints every rank writes its shards of."""
         if not checkpoint_dir:
             return None
-        return CheckpointManager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options)
+        manager = ShardedCheckpointManager if sharded else CheckpointManager
+        return manager(checkpoint_dir, keep=tc.keep_checkpoints, storage_options=storage_options)
 
 
 def checkpointed_parts(trained: dict[str, Any], ema: Any | None, scalers: dict[str, LossScaler]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 
 from ldm_core import distributed
 from ldm_core.checkpoint import CheckpointManager
+from ldm_core.sharded_checkpoint import ShardedCheckpointManager
 from ldm_core.trainers.data_order import DataPosition
 from ldm_core.trainers.step import LossScaler, NonFiniteGuard
 
@@ -84,13 +85,17 @@ class RunState:
             "world_size": distributed.current().world_size,
         }
 
-    def restore(self, state: dict[str, Any], where: str) -> tuple[int, DataPosition]:
+    def check_config(self, state: dict[str, Any], where: str) -> None:
+        """Refuses a checkpoint of another model (or adapter) config."""
         for key in self.model_keys:
             if state["config"].get(key) != self.run_config.get(key):
                 raise ValueError(
                     f"the checkpoint in {where} was trained with a different {key} config; "
                     "point the checkpoint directory elsewhere to start a new run"
                 )
+
+    def restore(self, state: dict[str, Any], where: str) -> tuple[int, DataPosition]:
+        self.check_config(state, where)
         for name, part in self.parts.items():
             if name not in state and isinstance(part, LossScaler):  # an fp16 checkpoint from before the scaler
                 log.warning("the checkpoint in %s has no %s state: the fp16 loss scale starts afresh", where, name)
@@ -111,19 +116,30 @@ class RunState:
         return state["step"], DataPosition(**state["position"])
 
     def resume_latest(
-        self, ckpt: CheckpointManager | None, where: str | None, what: str
+        self, ckpt: CheckpointManager | ShardedCheckpointManager | None, where: str | None, what: str
     ) -> tuple[int, DataPosition, int | None]:
         """Loads the newest checkpoint in ``ckpt`` when there is one: (start step, data position, step resumed
         from or None for a fresh run)."""
-        if ckpt is None or (latest := ckpt.load_latest()) is None:
+        if ckpt is None:
+            return 0, DataPosition(), None
+        if isinstance(ckpt, ShardedCheckpointManager):  # loads into this run's shards, in place
+            latest = ckpt.load_latest(
+                self.snapshot(0, DataPosition()), check=lambda state: self.check_config(state, str(where))
+            )
+        else:
+            latest = ckpt.load_latest()
+        if latest is None:
             return 0, DataPosition(), None
         resumed_from, state = latest
         step, position = self.restore(state, str(where))
         log.info("resumed %s training from step %d (%s)", what, step, where)
         return step, position, resumed_from
 
-    def save(self, ckpt: CheckpointManager | None, step: int, position: DataPosition, rank: int) -> None:
-        """Checkpoints (rank 0 only), never past the non-finite limit: every rank raises alike before it."""
+    def save(
+        self, ckpt: CheckpointManager | ShardedCheckpointManager | None, step: int, position: DataPosition, rank: int
+    ) -> None:
+        """Checkpoints (rank 0 alone, or every rank for sharded checkpoints), never past the non-finite limit: every
+        rank raises alike before it."""
         self.guard.enforce(step)
-        if ckpt is not None and rank == 0:
+        if ckpt is not None and (rank == 0 or isinstance(ckpt, ShardedCheckpointManager)):
             ckpt.save(step, self.snapshot(step, position))

@@ -170,8 +170,11 @@ def grad_norm_and_finite(params: Sequence[torch.Tensor], max_norm: float | None)
     if not grads:
         return torch.zeros(())
     if max_norm is not None and max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False, foreach=True)
-    return torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
+    # over sharded gradients (FSDP) the norm is a DTensor of the whole gradient: the same plain value on every rank
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def lr_at(

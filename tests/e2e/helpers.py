@@ -83,7 +83,12 @@ def execute(
 
 
 def dagster_job_execute(
-    home: Path, config: dict | Path, assets: Sequence[str] | None = None, *, job: str = "ldm_training_job"
+    home: Path,
+    config: dict | Path,
+    assets: Sequence[str] | None = None,
+    *,
+    job: str = "ldm_training_job",
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """`dagster job execute` of ``job`` in a child process on the LDM_HOME ``home``: a config file, or a run config
     (written to ``home``/run.yaml); with ``assets``, only those ops, with only their ops config."""
@@ -96,7 +101,7 @@ def dagster_job_execute(
     cmd = [str(DAGSTER), "job", "execute", "-m", "pipeline.definitions", "-j", job, "-c", str(config)]
     if assets:
         cmd += ["--op-selection", ",".join(assets)]
-    return subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(home), capture_output=True, text=True, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
