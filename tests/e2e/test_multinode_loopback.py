@@ -3,8 +3,11 @@
 `compute.nodes: 2` without Kubernetes starts two torchrun agents on this machine that meet in a c10d rendezvous
 (`pipeline.distributed.launch.local_node_commands`): the multi-node code path, standing in for two machines. The
 tiny LDM is trained through the launcher, inside a Dagster run, as 2 nodes × 1 process and as 1 node × 2 processes,
-same seed and spec: the same global ranks see the same rows and draws, so the weights must be bit-for-bit equal.
+same seed and spec, under DDP and under FSDP2: the same global ranks see the same rows and draws and reduce the
+same gradients, so the weights must be bit-for-bit equal.
 """
+
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -43,12 +46,14 @@ def inputs(tmp_path_factory):
     return root, vae_url, store_url
 
 
-def _spec(inputs, name: str) -> LdmTrainSpec:
+def _spec(inputs, name: str, compute: ComputeResource) -> LdmTrainSpec:
+    """ldm_model's spec as the asset builds it: the compute resource applied to the trainer config."""
     root, vae_url, store_url = inputs
     meta = read_metadata(store_url)
     training = runner.ldm_config(STEPS)
     training.denoiser.context_dim = meta.context_shape[1]
     training.trainer.checkpoint_every = STEPS
+    training.trainer = compute.apply(training.trainer)
     return LdmTrainSpec(
         training=training.to_dict(),
         store_url=store_url,
@@ -80,14 +85,18 @@ def _train(spec: LdmTrainSpec, compute: ComputeResource) -> tuple[dict[str, torc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_nodes_on_loopback_train_what_one_node_of_two_processes_trains(inputs, strategy):
-    one_node, md1 = _train(
-        _spec(inputs, f"{strategy}-1x2"), ComputeResource(num_processes=2, nodes=1, strategy=strategy, threads=1)
-    )
-    two_nodes, md2 = _train(
-        _spec(inputs, f"{strategy}-2x1"), ComputeResource(num_processes=1, nodes=2, strategy=strategy, threads=1)
-    )
+    computes = {
+        "1x2": ComputeResource(num_processes=2, nodes=1, strategy=strategy, threads=1),
+        "2x1": ComputeResource(num_processes=1, nodes=2, strategy=strategy, threads=1),
+    }
+    specs = {layout: _spec(inputs, f"{strategy}-{layout}", compute) for layout, compute in computes.items()}
+    one_node, md1 = _train(specs["1x2"], computes["1x2"])
+    two_nodes, md2 = _train(specs["2x1"], computes["2x1"])
+    for spec in specs.values():  # the strategy reached the trainer: under fsdp each rank wrote its own shards (DCP)
+        shard_files = {p.name.split("_")[2] for p in Path(spec.checkpoint_dir).glob("step-*.dcp/__*_*.distcp")}
+        assert shard_files == ({"0", "1"} if strategy == "fsdp" else set()), (strategy, shard_files)
     # both ran 2 ranks of one process group, under torchrun; the second through two agents
     assert (md1["world_size"], md1["nodes"], md1["launcher"]) == (2, 1, "torchrun")
     assert (md2["world_size"], md2["nodes"], md2["launcher"]) == (2, 2, "torchrun")
