@@ -13,37 +13,22 @@ import dagster as dg
 import pytest
 import torch
 
-from benchmarks.faults import campaign, runner
-from ldm_core.bundle import save_autoencoder
-from ldm_core.data.latent_store.encoding import encode_dataset
-from ldm_core.data.latent_store.schema import LatentStoreConfig, read_metadata
-from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
+from benchmarks.faults import rank_loss, runner
+from ldm_core.data.latent_store.schema import read_metadata
 from ldm_core.tracking import NullTracker
 from pipeline.distributed import launch
 from pipeline.distributed.specs import LdmTrainSpec
 from pipeline.resources import ComputeResource
 
 STEPS = 4
-TEXT = TextEncoderConfig(max_length=8)
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A latent store of the campaign's shapes dataset, encoded with the campaign's tiny VAE, and that VAE saved."""
     root = tmp_path_factory.mktemp("loopback")
-    dataset = campaign.prepare_inputs(root, images=32)["dataset"]
-    vae = runner.encode_vae()
-    vae_url, store_url = str(root / "vae"), str(root / "store")
-    save_autoencoder(vae_url, vae)
-    encode_dataset(
-        dataset,
-        store_url,
-        vae,
-        TextEncoder(TEXT),
-        LatentStoreConfig(resolution=32, batch_size=8, dtype="fp32"),
-        vae_identity=runner.VAE_IDENTITY,
-    )
-    return root, vae_url, store_url
+    made = rank_loss.ldm_inputs(root)
+    return root, made["vae"], made["store"]
 
 
 def _spec(inputs, name: str, compute: ComputeResource) -> LdmTrainSpec:
@@ -58,7 +43,7 @@ def _spec(inputs, name: str, compute: ComputeResource) -> LdmTrainSpec:
         training=training.to_dict(),
         store_url=store_url,
         vae_url=vae_url,
-        text_encoder=TEXT.to_dict(),
+        text_encoder=rank_loss.TEXT_ENCODER.to_dict(),
         latent_shape=list(meta.latent_shape),
         guidance=1.0,
         validation_prompts=["a red square"],
