@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 # How long a stopping torchrun training gets from SIGTERM to exit: one step plus one checkpoint write of the largest
 # preset must fit (each stop logs its latency: "stopped on SIGTERM at step N, S s after the signal").
 TERMINATION_GRACE_S = 120
+# How long a collective waits for a rank that stopped answering before every other rank fails (torch's own default,
+# 30 minutes, would hold a whole GPU job idle that long behind one lost node); it must cover the longest silence of a
+# healthy rank between two collectives: a checkpoint write, a validation grid, a slow first step.
+COLLECTIVE_TIMEOUT_S = 600
+STRATEGIES = ("auto", "ddp", "fsdp")
+LAUNCHERS = ("local", "k8s")
 PARENT_TAG = "ldm.parent"
 SEARCH_MAX_RESULTS = 1000  # the MLflow runs of one Dagster run: one per materialization attempt, and the parent
 DATASET_DIGEST_MAX_LEN = 36  # MLflow's SQL stores keep a dataset digest in a VARCHAR(36) (Postgres enforces it)
@@ -392,10 +398,53 @@ class ComputeResource(dg.ConfigurableResource):
         "checkpoint at the next step and exit before they are killed. It must cover one step plus one checkpoint "
         "write, and stay below the pod's terminationGracePeriodSeconds (pipeline/asset_common.py).",
     )
+    strategy: str = Field(
+        default="auto",
+        description='How the processes share the training: "ddp" (every rank holds the whole model, gradients are '
+        'averaged), "fsdp" (FSDP2: parameters, gradients and optimizer state sharded over the ranks, sharded DCP '
+        'checkpoints), or "auto": ddp, except fsdp for denoisers of 1B+ parameters (the sd3-medium preset); the '
+        "trainer resolves it. Applied to the trainer config of vae_model and ldm_model.",
+    )
+    nodes: int = Field(
+        default=1,
+        description="Machines the training spans. With nodes > 1, num_processes is per node and torchrun's agents "
+        "meet in a c10d rendezvous (one agent per node: local processes on loopback, or one pod per node with "
+        "launcher k8s).",
+    )
+    collective_timeout_s: float = Field(
+        default=COLLECTIVE_TIMEOUT_S,
+        description="How long a collective (gradient all-reduce, a stop vote, a barrier) waits for a rank that "
+        "stopped answering before every other rank fails with an error instead of hanging. It must exceed the "
+        "longest time a healthy rank spends between two collectives (a checkpoint write, a validation grid).",
+    )
+    launcher: str = Field(
+        default="local",
+        description='Where more than one process runs: "local" (torchrun agents in the step\'s machine; with '
+        'nodes > 1, one agent per node on loopback) or "k8s" (an indexed Job of `nodes` pods with '
+        "num_processes GPUs each, and a headless Service for the rendezvous: pipeline/distributed/k8s.py).",
+    )
+    k8s_image: str | None = Field(
+        default=None, description="launcher k8s: the image the training pods run (this project's, deploy/Dockerfile)."
+    )
+    k8s_namespace: str | None = Field(
+        default=None,
+        description="launcher k8s: the namespace of the training Job; default the step pod's own namespace.",
+    )
+    k8s_service_account: str | None = Field(
+        default=None, description="launcher k8s: the training pods' service account; default the namespace's."
+    )
+    k8s_env_secrets: list[str] = Field(
+        default_factory=list,
+        description="launcher k8s: Secrets whose keys become the training pods' environment (e.g. the S3 "
+        "credentials, ldm-s3 in deploy/helm/values.yaml).",
+    )
 
     def apply(self, trainer_cfg: Any) -> Any:
-        """A copy of a trainer config with this resource's device/precision applied."""
+        """A copy of a trainer config with this resource's device, precision and strategy applied."""
         update: dict[str, Any] = {}
+        # "auto" leaves a strategy the run config's trainer section chose; any other value decides
+        if self.checked_strategy() != "auto" or getattr(trainer_cfg, "strategy", "auto") == "auto":
+            update["strategy"] = self.strategy
         if self.device != "auto" or getattr(trainer_cfg, "device", "auto") == "auto":
             update["device"] = self.device
         if self.precision:
@@ -407,8 +456,14 @@ class ComputeResource(dg.ConfigurableResource):
         return trainer_cfg.model_copy(update=update)
 
     def process_count(self) -> int:
-        """How many training processes this resource asks for ("auto": one per visible GPU, 1 without)."""
+        """How many training processes this resource asks for on each node ("auto": one per visible GPU, 1
+        without). With launcher k8s the processes run in pods of their own: the count is theirs, not this machine's."""
         n = self.num_processes
+        if n == "auto" and self.launcher == "k8s":
+            raise dg.Failure(
+                "compute.num_processes must be a number with launcher k8s (the GPUs each pod asks for)",
+                allow_retries=False,
+            )
         if n == "auto":
             import torch
 
@@ -420,7 +475,7 @@ class ComputeResource(dg.ConfigurableResource):
         n = int(n)
         if n < 1:
             raise dg.Failure(f"compute.num_processes must be >= 1, got {n}", allow_retries=False)
-        if self.torch_device().startswith("cuda"):
+        if self.launcher != "k8s" and self.torch_device().startswith("cuda"):
             import torch
 
             if n > torch.cuda.device_count():
@@ -430,6 +485,31 @@ class ComputeResource(dg.ConfigurableResource):
                     allow_retries=False,
                 )
         return n
+
+    def checked_strategy(self) -> str:
+        if self.strategy not in STRATEGIES:
+            raise dg.Failure(
+                f"compute.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}", allow_retries=False
+            )
+        return self.strategy
+
+    def node_count(self) -> int:
+        """How many nodes the training spans (>= 1), checked with the settings multi-node training needs."""
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
+            raise dg.Failure(f"compute.nodes must be an integer >= 1, got {self.nodes!r}", allow_retries=False)
+        if not self.collective_timeout_s > 0:
+            raise dg.Failure(
+                f"compute.collective_timeout_s must be > 0, got {self.collective_timeout_s}", allow_retries=False
+            )
+        if self.launcher not in LAUNCHERS:
+            raise dg.Failure(
+                f"compute.launcher must be one of {list(LAUNCHERS)}, got {self.launcher!r}", allow_retries=False
+            )
+        if self.launcher == "k8s" and not self.k8s_image:
+            raise dg.Failure(
+                "compute.launcher k8s needs compute.k8s_image (the training pods' image)", allow_retries=False
+            )
+        return self.nodes
 
     def torch_device(self) -> str:
         import torch

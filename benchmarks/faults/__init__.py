@@ -44,6 +44,11 @@ those after which the outcome was exactly the right one):
 11. bitrot: a dataset shard or a latent store shard (Zarr, Parquet) flipped, truncated, replaced by another valid
     file, or (Zarr) missing a file after it was written: every reader refuses it naming the shard; a clean copy
     reads whole; and the check's cost on the first load of an SD-like store (`bitrot.py`).
+12. rank loss: rank 1 of a 2-process training SIGKILLed (1 node × 2 processes, and 2 loopback nodes × 1 process in
+    one c10d rendezvous) or SIGSTOPped (hung, its connections open) after a random checkpoint: rank 0 fails within
+    the collective timeout the spec gives every rank (30 s; 10 s for the hang, which only the timeout ends), every
+    torchrun agent exits with a failure, and the rerun resumes from the newest complete checkpoint and trains to
+    the end (`rank_loss.py`, ``--trials``/2 times each).
 
 The machinery is shared with the test suite (tests/faults runs one or two trials of each):
 
@@ -54,5 +59,5 @@ The machinery is shared with the test suite (tests/faults runs one or two trials
     s3proxy.py        an S3 proxy in front of moto that fails requests by policy
     bad_configs.py    one wrong field each, with the field path its error must name
     adversarial.py    the adversarial input corpus and its expected counts
-    kills.py … bitrot.py    the campaign's sections; table.py its rows; __main__.py the command
+    kills.py … rank_loss.py the campaign's sections; table.py its rows; __main__.py the command
 """

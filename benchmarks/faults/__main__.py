@@ -26,6 +26,7 @@ from benchmarks.faults import (  # noqa: E402
     kills,
     numerical,
     preemption,
+    rank_loss,
     storage_faults,
     writers,
 )
@@ -43,6 +44,7 @@ SECTIONS = (
     "preemption",
     "writers",
     "bitrot",
+    "rank_loss",
 )
 
 
@@ -71,6 +73,7 @@ def run(
         "preemption": lambda: preemption.preemption(workdir / "preemption", max(1, trials // 2), rng, log),
         "writers": lambda: writers.writers(workdir / "writers", max(1, trials // 2), log),
         "bitrot": lambda: bitrot.bitrot(workdir / "bitrot", rng, log),
+        "rank_loss": lambda: rank_loss.rank_loss(workdir / "rank_loss", max(1, trials // 2), rng, log),
     }
     for name in SECTIONS:
         if name not in only:

@@ -76,14 +76,16 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         parser.error(f"{args.spec} is a {spec.stage!r} spec, not {stage!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    ctx = distributed.init_distributed()
+    # a rank that dies or hangs fails every other rank's next collective within this timeout instead of hanging it
+    timeout_s = spec.collective_timeout_s or distributed.DEFAULT_TIMEOUT_S
+    ctx = distributed.init_distributed(timeout_s=timeout_s)
     try:
         with _dagster_pipes(ctx.is_main) as pipes:
             console = pipes.log if pipes is not None else log
             if ctx.is_main:
                 console.info(
                     f"{stage}: rank 0 of {ctx.world_size} processes ({ctx.backend or 'no process group'}), "
-                    f"checkpoints in {spec.checkpoint_dir}"
+                    f"checkpoints in {spec.checkpoint_dir}, collective timeout {timeout_s:g}s"
                 )
             tracker = _tracker(spec, console) if ctx.is_main else NullTracker()
             try:

@@ -49,6 +49,9 @@ class _Spec(StrictModel):
     """The asset's MLflow tracking store; rank 0 logs to ``mlflow_run_id`` there."""
     mlflow_run_id: str | None = None
     """The asset's MLflow run (metrics, params and images of the training land in it)."""
+    collective_timeout_s: float | None = Field(default=None, gt=0)
+    """How long each rank's collectives wait for the others before failing (``compute.collective_timeout_s``);
+    None: ldm_core.distributed's default."""
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2))
