@@ -86,6 +86,42 @@ def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     return model
 
 
+def build_sharded(
+    build: Callable[[], nn.Module],
+    device: torch.device,
+    precision: str,
+    rank: int,
+    prepare: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """A model sharded over the process group without any rank holding it whole on its device, and only rank 0
+    holding it whole in host memory: rank 0 builds it on CPU (the seeded initialization, then ``prepare``, e.g. a
+    warm start's weights); every rank builds it on the meta device, shards it (`shard_model`), allocates its shards
+    on ``device``, and receives them from rank 0's whole copy (`set_model_state_dict` with broadcast_from_rank0).
+
+    The weights are exactly the ones one process would build, and so is the global RNG after it: rank 0's state
+    (advanced by its initialization) is given to every rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole = None
+    if rank == 0:
+        whole = build()
+        if prepare is not None:
+            prepare(whole)
+    with torch.device("meta"):
+        model = build()
+    rng = [torch.get_rng_state()]
+    dist.broadcast_object_list(rng, src=0)
+    torch.set_rng_state(rng[0])
+    shard_model(model, precision)
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole.state_dict() if whole is not None else {}, options=options)
+    del whole
+    return model.train()
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -204,6 +240,7 @@ __all__ = [
     "FSDP_AUTO_PARAMETERS",
     "OptimizerState",
     "ShardedEMA",
+    "build_sharded",
     "full",
     "full_norm",
     "gather_module",

@@ -30,9 +30,9 @@ from ldm_core.config import StrictModel
 from ldm_core.diffusion import DiffusionConfig, create_diffusion
 from ldm_core.diffusion.guidance import drop_conditioning
 from ldm_core.flops import denoiser_step_flops
-from ldm_core.fsdp import OptimizerState, ShardedEMA, gather_module, is_sharded, resolve_strategy, shard_model
+from ldm_core.fsdp import OptimizerState, ShardedEMA, build_sharded, gather_module, is_sharded, resolve_strategy
 from ldm_core.lora import AdapterEMA, LoraConfig, add_lora, checkpoint_parts
-from ldm_core.models.denoiser import DenoiserConfig, build_denoiser, takes_pooled
+from ldm_core.models.denoiser import DenoiserConfig, backbone_summary, build_denoiser, takes_pooled
 from ldm_core.models.unet import UNetConfig
 from ldm_core.tracking import NullTracker, Tracker
 from ldm_core.trainers.config import TrainerConfig
@@ -161,20 +161,25 @@ def _build_denoiser_parts(
         if hasattr(config.denoiser, "gradient_checkpointing")
         else config.denoiser
     )
-    model = build_denoiser(model_cfg)
-    if init_weights is not None:
-        load_init_weights(model, init_weights, "denoiser")
-    strategy = resolve_strategy(tc.strategy, sum(p.numel() for p in model.parameters()))
-    if config.lora is not None:  # the base frozen; only the adapter trains, and only it is checkpointed
-        if strategy == "fsdp":
-            raise ValueError(
-                "lora trains a small adapter on a frozen base: use strategy ddp (fsdp shards whole-model training)"
-            )
-        model = add_lora(model, config.lora)
-    model = model.to(device).train()
+    strategy = resolve_strategy(tc.strategy, backbone_summary(model_cfg)["parameters"])  # counted on meta
+    if config.lora is not None and strategy == "fsdp":
+        raise ValueError(
+            "lora trains a small adapter on a frozen base: use strategy ddp (fsdp shards whole-model training)"
+        )
+
+    def warm_start(model: nn.Module) -> None:
+        if init_weights is not None:
+            load_init_weights(model, init_weights, "denoiser")
+
     sharded = strategy == "fsdp" and run.world_size > 1
-    if sharded:  # before the EMA and the optimizer: both keep this rank's shards
-        model = shard_model(model, run.precision)
+    if sharded:  # built in shards, before the EMA and the optimizer: both keep this rank's shards
+        model = build_sharded(lambda: build_denoiser(model_cfg), device, run.precision, run.rank, warm_start)
+    else:
+        model = build_denoiser(model_cfg)
+        warm_start(model)
+        if config.lora is not None:  # the base frozen; only the adapter trains, and only it is checkpointed
+            model = add_lora(model, config.lora)
+        model = model.to(device).train()
     if not tc.ema_decay:
         ema = None
     elif sharded:
