@@ -44,7 +44,7 @@ from torch import nn
 
 from benchmarks.common import machine_info, peak_rss_bytes, print_table, write_json
 from ldm_core.distributed import wrap_ddp
-from ldm_core.fsdp import local, shard_model
+from ldm_core.fsdp import build_sharded, local, shard_model
 from ldm_core.models.mmdit import MMDIT_PRESETS, MMDiT, MMDiTConfig
 from ldm_core.trainers.step import make_adam
 
@@ -111,8 +111,10 @@ def _init_group(rank: int, world: int, port: int, backend: str = "gloo") -> None
 
 def _build(spec: BenchSpec, strategy: str, dev: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)  # the same weights on every rank and under both strategies
-    net = MMDiT(spec.model).to(dev)
-    net = shard_model(net) if strategy == "fsdp" else wrap_ddp(net, dev)
+    if strategy == "fsdp":  # as the trainer builds it: in shards, rank 0 alone holding a whole copy (on CPU)
+        net = build_sharded(lambda: MMDiT(spec.model), dev, "fp32", dist.get_rank())
+    else:
+        net = wrap_ddp(MMDiT(spec.model).to(dev), dev)
     return net, make_adam(list(net.parameters()), dev, adamw=True, lr=1e-4)
 
 
