@@ -45,7 +45,8 @@ def test_the_demo_trains_its_denoiser_sharded_and_passes_the_gate(fsdp_demo):
     # the gate passed: the model is the champion, with the demo's metrics
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry too: not the process-wide one
     champion = client.get_model_version_by_alias("ldm", "champion")
     candidate = client.get_model_version_by_alias("ldm", "candidate")
     assert champion.version == candidate.version
