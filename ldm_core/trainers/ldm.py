@@ -402,6 +402,20 @@ def train_ldm(
         images=log_samples if sample_fn is not None or parts.sharded else None,
         image_every=tc.validation_every,
     )
+    return _finish(parts, run, loop, tracker, sample_fn, finished, meter.rate())
+
+
+def _finish(
+    parts: _DenoiserParts,
+    run: RunSetup,
+    loop: TrainingLoop,
+    tracker: Tracker,
+    sample_fn: Callable[[nn.Module, int], np.ndarray] | None,
+    finished: bool,
+    rate: float,
+) -> LDMTrainResult:
+    """The run's result: the exported model (gathered on rank 0 when sharded, every rank taking part), and its last
+    validation grid when the run finished."""
     final = parts.exported()
     if final is not None:
         final = final.eval().cpu()
@@ -413,6 +427,6 @@ def train_ldm(
         nonfinite_skipped=loop.guard.skipped,
         resumed_from=loop.resumed_from,
         history=loop.window.history,
-        samples_per_second=meter.rate(),
+        samples_per_second=rate,
         finished=finished,
     )
