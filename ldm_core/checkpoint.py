@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -41,23 +41,13 @@ _SKELETON_KEY = "ldm_checkpoint_state"
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """Replace every tensor in a nested structure by a reference; return (tensors, JSON-able skeleton)."""
-    tensors: dict[str, torch.Tensor] = {}
-    seen_ptrs: set[tuple[int, int]] = set()
+def skeleton_of(state: Any, on_tensor: Callable[[torch.Tensor, str], None]) -> Any:
+    """The JSON-able skeleton of a nested state, every tensor replaced by a reference to its path (each handed to
+    ``on_tensor(tensor, path)``); `unflatten_state` reverses it."""
 
     def visit(obj: Any, path: str) -> Any:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
-            # safetensors refuses tensors sharing memory; copy the (rare) aliased ones
-            if key is not None and key in seen_ptrs or not t.is_contiguous():
-                t = t.clone().contiguous()
-            elif key is not None:
-                seen_ptrs.add(key)
-            tensors[path] = t
+            on_tensor(obj, path)
             return {"__tensor__": path}
         if isinstance(obj, dict):
             if all(isinstance(k, str) for k in obj):
@@ -71,7 +61,27 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
             return obj
         raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {path or '/'}")
 
-    skeleton = visit(state, "")
+    return visit(state, "")
+
+
+def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Replace every tensor in a nested structure by a reference; return (tensors on CPU, JSON-able skeleton)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen_ptrs: set[tuple[int, int]] = set()
+
+    def on_tensor(obj: torch.Tensor, path: str) -> None:
+        t = obj.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        # safetensors refuses tensors sharing memory; copy the (rare) aliased ones
+        if key is not None and key in seen_ptrs or not t.is_contiguous():
+            t = t.clone().contiguous()
+        elif key is not None:
+            seen_ptrs.add(key)
+        tensors[path] = t
+
+    skeleton = skeleton_of(state, on_tensor)
     return tensors, skeleton
 
 

@@ -151,11 +151,6 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_norm(norm: torch.Tensor) -> torch.Tensor:
-    """A gradient norm computed over sharded gradients (a DTensor) as a plain tensor, equal on every rank."""
-    return full(norm)
-
-
 class ShardedEMA:
     """Exponential moving average of a sharded model, kept in its shards: θ_ema ← d·θ_ema + (1−d)·θ per local shard.
 
@@ -242,7 +237,6 @@ __all__ = [
     "ShardedEMA",
     "build_sharded",
     "full",
-    "full_norm",
     "gather_module",
     "gradient_sync",
     "is_sharded",

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ldm_core import distributed, storage
-from ldm_core.checkpoint import CorruptCheckpointError, unflatten_state
+from ldm_core.checkpoint import CorruptCheckpointError, skeleton_of, unflatten_state
 from ldm_core.leases import WriterLease, pause_before_commit
 
 log = logging.getLogger(__name__)
@@ -53,24 +53,8 @@ def split_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Every tensor (DTensors included, left where they are) of a nested state by its path, and the JSON-able rest
     with references in their place (the skeleton `ldm_core.checkpoint.unflatten_state` reverses)."""
     tensors: dict[str, torch.Tensor] = {}
-
-    def visit(obj: Any, path: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            tensors[path] = obj.detach()
-            return {"__tensor__": path}
-        if isinstance(obj, dict):
-            if all(isinstance(k, str) for k in obj):
-                return {"__dict__": {k: visit(v, f"{path}/{k}") for k, v in obj.items()}}
-            return {"__items__": [[k, visit(v, f"{path}/{k}")] for k, v in obj.items()]}
-        if isinstance(obj, tuple):
-            return {"__tuple__": [visit(v, f"{path}/{i}") for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [visit(v, f"{path}/{i}") for i, v in enumerate(obj)]
-        if obj is None or isinstance(obj, (bool, int, float, str)):
-            return obj
-        raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {path or '/'}")
-
-    return tensors, visit(state, "")
+    skeleton = skeleton_of(state, lambda t, path: tensors.__setitem__(path, t.detach()))
+    return tensors, skeleton
 
 
 def _tensor_paths(skeleton: Any) -> set[str]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ldm_core import distributed
+from ldm_core.fsdp import full
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def grad_norm_and_finite(params: Sequence[torch.Tensor], max_norm: float | None)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in grads], foreach=True)
     # over sharded gradients (FSDP) the norm is a DTensor of the whole gradient: the same plain value on every rank
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return full(norm)
 
 
 def lr_at(
