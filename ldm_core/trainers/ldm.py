@@ -330,6 +330,51 @@ class _DenoiserStep:
         )
 
 
+@dataclass
+class PreparedLDMRun:
+    """What `train_ldm` steps with, built and resumed: ``loop.run(step, …)`` trains. `benchmarks.end_to_end` times
+    this same loop and step."""
+
+    run: RunSetup
+    parts: _DenoiserParts
+    loop: TrainingLoop
+    step: _DenoiserStep
+
+
+def prepare_ldm_training(
+    config: LDMTrainingConfig,
+    latents: torch.utils.data.Dataset,
+    *,
+    uncond: tuple[torch.Tensor, ...],
+    checkpoint_dir: str | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> PreparedLDMRun:
+    """The denoiser, its EMA and optimizer, resumed from the newest checkpoint in ``checkpoint_dir`` (if any), the
+    training loop over ``latents`` and the step (arguments as `train_ldm`'s)."""
+    tc = config.trainer
+    run = RunSetup.create(tc, rank, world_size)
+    parts = _build_denoiser_parts(config, run, init_weights)
+    null = _null_caption(config, uncond, run.device)
+    _check_posterior_sampling(latents, tc)
+    # resumes from the newest checkpoint, of the same denoiser and adapter configs (a full run's has no adapter)
+    loop = TrainingLoop(
+        tc,
+        run,
+        latents,
+        parts.checkpointed(),
+        config.to_dict(),
+        ("denoiser", "lora"),
+        "LDM",
+        checkpoint_dir,
+        storage_options,
+        sharded_checkpoints=parts.strategy == "fsdp",
+    )
+    return PreparedLDMRun(run, parts, loop, _DenoiserStep(config, run, parts, loop, null))
+
+
 def train_ldm(
     config: LDMTrainingConfig,
     latents: torch.utils.data.Dataset,
@@ -359,25 +404,17 @@ def train_ldm(
     rank, world_size: default to the process group's (`ldm_core.distributed.init_distributed`); 0 of 1 without one.
     """
     tracker = tracker or NullTracker()
-    tc = config.trainer
-    run = RunSetup.create(tc, rank, world_size)
-    parts = _build_denoiser_parts(config, run, init_weights)
-    null = _null_caption(config, uncond, run.device)
-    _check_posterior_sampling(latents, tc)
-    # resumes from the newest checkpoint, of the same denoiser and adapter configs (a full run's has no adapter)
-    loop = TrainingLoop(
-        tc,
-        run,
+    prepared = prepare_ldm_training(
+        config,
         latents,
-        parts.checkpointed(),
-        config.to_dict(),
-        ("denoiser", "lora"),
-        "LDM",
-        checkpoint_dir,
-        storage_options,
-        sharded_checkpoints=parts.strategy == "fsdp",
+        uncond=uncond,
+        checkpoint_dir=checkpoint_dir,
+        init_weights=init_weights,
+        rank=rank,
+        world_size=world_size,
+        storage_options=storage_options,
     )
-    train_step = _DenoiserStep(config, run, parts, loop, null)
+    run, parts, loop, train_step = prepared.run, prepared.parts, prepared.loop, prepared.step
     start_run(
         tracker, run, config.to_dict(), loop.resumed_from, denoiser_parameters=sum(p.numel() for p in parts.params)
     )
@@ -400,7 +437,7 @@ def train_ldm(
         should_stop=should_stop,
         # a sharded model is gathered by every rank, also those without a sample_fn (only rank 0 has one)
         images=log_samples if sample_fn is not None or parts.sharded else None,
-        image_every=tc.validation_every,
+        image_every=config.trainer.validation_every,
     )
     return _finish(parts, run, loop, tracker, sample_fn, finished, meter.rate())
 
