@@ -6,9 +6,10 @@ Model rows compare like with like: identical weights, the same fused Adam(W) ste
 format; each side's FLOPs are counted on its own step (on the meta device) and its MFU is its own FLOPs × its own
 rate ÷ the dense matmul rate measured here, in the same run and precision. Rows where the two sides do different
 work are labelled: the autoencoder's full-loss step (our single LPIPS/discriminator backward against the CompVis
-double one), "as shipped" (each side's optimizer as its training script builds it) and the end-to-end rows (our
-`ldm_model` step on cached latents against diffusers' train_text_to_image.py loop, which encodes every step). Every
-row is timed in alternating rounds inside this process; the ratio is the median of the per-round ratios.
+double one) and "as shipped" (each side's optimizer as its training script builds it). The end-to-end rows (our
+`ldm_model` loop on cached latents against diffusers' train_text_to_image.py loop, which encodes every step, with the
+one-time encoding counted) have their own command and table: `python -m benchmarks.end_to_end`. Every row
+is timed in alternating rounds inside this process; the ratio is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 import torch
 
 from benchmarks import autoencoder as ae_bench
-from benchmarks import end_to_end as e2e_bench
 from benchmarks import latent_loader as ll
 from benchmarks import memory as mem_bench
 from benchmarks import mmdit as mmdit_bench
@@ -194,20 +194,6 @@ def run(quick: bool, precision: str, json_path: str | None = None, device: str =
             note="one LPIPS/discriminator backward vs CompVis' two",
         )
     )
-    for name in e2e_bench.CONFIGS:
-        e = e2e_bench.run(name, rounds=2 if quick else 4, device=device)
-        rows.append(
-            _pair(
-                f"end to end: ldm_model step on the latent store vs train_text_to_image ({name}, "
-                f"{e['vae']} {e['resolution']}px)",
-                e["ours_images_per_s"],
-                e["diffusers_images_per_s"],
-                e["ratio"],
-                "img/s",
-                note="the reference encodes with the VAE and text encoder every step",
-            )
-        )
-
     with tempfile.TemporaryDirectory() as tmp:
         size = dict(ll.DEMO)
         if quick:
