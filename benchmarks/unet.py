@@ -149,14 +149,45 @@ def setup(name: str, dev: torch.device) -> Setup:
     )
 
 
+def _sampling(
+    su: Setup, spec: dict, sample_steps: int, rounds: int, amp: Callable[[], torch.autocast], dev: torch.device
+) -> dict:
+    """DDIM with guidance 7.5, cond and uncond in one batched forward, for both models: time_alternating's result."""
+    ours, theirs, ctx, mask = su.ours, su.theirs, su.ctx, su.mask
+    L, D, s = spec["tokens"], spec["unet"].context_dim, spec["latent"]
+    diffusion = create_diffusion(DiffusionConfig(kind="ddpm", sampler="ddim", sample_steps=sample_steps))
+    sb = spec["sample_batch"]
+    noise = torch.randn(sb, spec["unet"].in_channels, s, s, device=dev)
+    c, u = ctx[:1].expand(sb, L, D), torch.zeros(1, L, D, device=dev)
+    m1 = torch.ones(1, L, dtype=torch.bool, device=dev)
+    padded = bool(not mask[:sb].all() or not m1.all())  # decided once: no sync inside the timed loop
+
+    def theirs_fn(xx, tt, cc, mm, pooled=None):
+        kw = {"encoder_attention_mask": mm} if padded else {}  # see `diffusers_mask`
+        return theirs(xx, tt, encoder_hidden_states=cc, **kw).sample
+
+    ours.eval(), theirs.eval()
+
+    def sample(model) -> Callable[[], None]:
+        def fn() -> None:
+            with torch.inference_mode(), amp():
+                diffusion.sample(cfg_model(model, c, mask[:sb], u, m1, 7.5), noise.clone())
+
+        return fn
+
+    return time_alternating(
+        {"ours": sample(ours), "diffusers": sample(theirs_fn)}, rounds=rounds, iters=1, warmup=1, device=dev
+    )
+
+
 def run(
     name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, device: str = "cpu", precision: str = "fp32"
 ) -> dict:
     spec = CONFIGS[name]
     dev = torch.device(device)
     su = setup(name, dev)
-    ours, theirs, ctx, mask, target = su.ours, su.theirs, su.ctx, su.mask, su.target
-    b, L, D, s = spec["batch"], spec["tokens"], spec["unet"].context_dim, spec["latent"]
+    ours, theirs, target = su.ours, su.theirs, su.target
+    b, L, s, sb = spec["batch"], spec["tokens"], spec["latent"], spec["sample_batch"]
     amp = autocast(dev, precision)
     f_ours, f_theirs = su.forward("ours"), su.forward("diffusers")
 
@@ -182,35 +213,7 @@ def run(
         device=dev,
     )
 
-    # 3) DDIM-50 with guidance 7.5: cond and uncond in one batched forward, for both models
-    diffusion = create_diffusion(DiffusionConfig(kind="ddpm", sampler="ddim", sample_steps=sample_steps))
-    sb = spec["sample_batch"]
-    noise = torch.randn(sb, spec["unet"].in_channels, s, s, device=dev)
-    c, u = ctx[:1].expand(sb, L, D), torch.zeros(1, L, D, device=dev)
-    m1 = torch.ones(1, L, dtype=torch.bool, device=dev)
-
-    padded = bool(not mask[:sb].all() or not m1.all())  # decided once: no sync inside the timed loop
-
-    def theirs_fn(xx, tt, cc, mm, pooled=None):
-        kw = {"encoder_attention_mask": mm} if padded else {}
-        return theirs(xx, tt, encoder_hidden_states=cc, **kw).sample
-
-    ours.eval(), theirs.eval()
-
-    def sample(model) -> Callable[[], None]:
-        def fn() -> None:
-            with torch.inference_mode(), amp():
-                diffusion.sample(cfg_model(model, c, mask[:sb], u, m1, 7.5), noise.clone())
-
-        return fn
-
-    samp = time_alternating(
-        {"ours": sample(ours), "diffusers": sample(theirs_fn)},
-        rounds=max(2, rounds // 2),
-        iters=1,
-        warmup=1,
-        device=dev,
-    )
+    samp = _sampling(su, spec, sample_steps, max(2, rounds // 2), amp, dev)  # 3) DDIM + CFG
     sample_flops = {side: 2 * f * sample_steps for side, f in flops["forward"].items()}  # cond + uncond per step
     return {
         "benchmark": "unet",
