@@ -9,6 +9,12 @@ work are labelled: the autoencoder's full-loss step (our single LPIPS/discrimina
 double one), "as shipped" (each side's optimizer as its training script builds it) and the end-to-end rows (our
 `ldm_model` step on cached latents against diffusers' train_text_to_image.py loop, which encodes every step). Every
 row is timed in alternating rounds inside this process; the ratio is the median of the per-round ratios.
+
+The fp32 run also has the "best vs best" rows (benchmarks.best: each side's train step in its own faster precision,
+both precisions of both sides timed in the same rounds; no FLOPs/MFU there, the two sides may run at different peaks).
+A non-fp32 run (``--precision bf16``) has the model-level rows only: the end-to-end, loader, encode and memory rows
+always run in fp32 and the best-vs-best rows time both precisions themselves, so they are the fp32 run's.
+``--threads`` applies to this process and to the memory rows' spawned processes.
 """
 
 from __future__ import annotations
