@@ -10,6 +10,12 @@ double one) and "as shipped" (each side's optimizer as its training script build
 `ldm_model` loop on cached latents against diffusers' train_text_to_image.py loop, which encodes every step, with the
 one-time encoding counted) have their own command and table: `python -m benchmarks.end_to_end`. Every row
 is timed in alternating rounds inside this process; the ratio is the median of the per-round ratios.
+
+The fp32 run also has the "best vs best" rows (benchmarks.best: each side's train step in its own faster precision,
+both precisions of both sides timed in the same rounds; no FLOPs/MFU there, the two sides may run at different peaks).
+A non-fp32 run (``--precision bf16``) has the model-level rows only: the loader, encode and memory rows always run
+in fp32 and the best-vs-best rows time both precisions themselves, so they are the fp32 run's.
+``--threads`` applies to this process and to the memory rows' spawned processes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 import torch
 
 from benchmarks import autoencoder as ae_bench
+from benchmarks import best as best_bench
 from benchmarks import latent_loader as ll
 from benchmarks import memory as mem_bench
 from benchmarks import mmdit as mmdit_bench
@@ -81,22 +88,8 @@ def _public(result: dict) -> dict:
     return {**result, "rows": [{k: v for k, v in r.items() if k != "detail"} for r in result["rows"]]}
 
 
-def run(quick: bool, precision: str, json_path: str | None = None, device: str = "cpu") -> dict:
-    t0 = time.time()
-    peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device=device)
-    result: dict = {
-        "machine": machine_info(),
-        "precision": precision,
-        "matmul_peak_flops": peak,
-        "quick": quick,
-        "complete": False,
-        "device": device,
-        # on a GPU, MFU against the datasheet peak too (benchmarks.table adds those columns)
-        "datasheet_peak_flops": gpu_peak_flops(precision) if torch.device(device).type == "cuda" else None,
-    }
-    rows = result["rows"] = _Rows(result, json_path, t0)
-    rounds = 3 if quick else 8
-
+def _model_rows(rows: list, quick: bool, precision: str, device: str, peak: float, rounds: int) -> None:
+    """Like for like, in the run's precision: the train and sampling rows of each model."""
     for name in ("demo", "mid"):
         steps = 10 if quick else 50
         r = unet_bench.run(name, rounds=rounds, iters=1, sample_steps=steps, precision=precision, device=device)
@@ -167,7 +160,10 @@ def run(quick: bool, precision: str, json_path: str | None = None, device: str =
         )
     )
 
-    # rows where the two sides do different work, labelled
+
+def _labelled_rows(rows: list, quick: bool, precision: str, device: str, peak: float, rounds: int) -> None:
+    """Rows where the two sides do different work, labelled: as shipped, and the autoencoder's full-loss step."""
+    size = 32 if quick else 64
     for name in ("demo", "mid"):
         d = next(r["detail"] for r in rows if r["row"] == f"UNet train step ({name})")
         rows.append(
@@ -194,6 +190,60 @@ def run(quick: bool, precision: str, json_path: str | None = None, device: str =
             note="one LPIPS/discriminator backward vs CompVis' two",
         )
     )
+
+
+def run(
+    quick: bool, precision: str, json_path: str | None = None, device: str = "cpu", threads: int | None = None
+) -> dict:
+    """Every row; a non-fp32 run only the model-level rows (the others always run in fp32: the fp32 run has them)."""
+    t0 = time.time()
+    peak = measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device=device)
+    result: dict = {
+        "machine": machine_info(),
+        "precision": precision,
+        "matmul_peak_flops": peak,
+        "quick": quick,
+        "complete": False,
+        "device": device,
+        # on a GPU, MFU against the datasheet peak too (benchmarks.table adds those columns)
+        "datasheet_peak_flops": gpu_peak_flops(precision) if torch.device(device).type == "cuda" else None,
+    }
+    rows = result["rows"] = _Rows(result, json_path, t0)
+    rounds = 3 if quick else 8
+
+    _model_rows(rows, quick, precision, device, peak, rounds)
+    _labelled_rows(rows, quick, precision, device, peak, rounds)
+    if precision != "fp32":  # the rows below always run in fp32, or time both precisions: the fp32 run has them
+        return _finish(result, json_path, t0)
+    _best_rows(rows, quick, device)
+    _loader_rows(rows, quick)
+    result["memory"] = mem_bench.run(device=device, rounds=2 if quick else 3, threads=threads)["rows"]
+    return _finish(result, json_path, t0)
+
+
+def _best_rows(rows: list, quick: bool, device: str) -> None:
+    """Best against best: each side's train step in its own fastest precision (benchmarks.best times both
+    precisions of both sides itself, so these rows come in the fp32 run only). No FLOPs/MFU: the two sides may run
+    in different precisions, with different peaks."""
+    for name in best_bench.CONFIGS:
+        b = best_bench.run(name, rounds=2 if quick else 5, device=device)
+        rows.append(
+            _pair(
+                b["label"],
+                b["ours_images_per_s"],
+                b["diffusers_images_per_s"],
+                b["ratio"],
+                "img/s",
+                note="each side in its fastest precision on this device",
+                precision_ours=b["precision_ours"],
+                precision_diffusers=b["precision_diffusers"],
+                seconds=b["seconds"],
+            )
+        )
+
+
+def _loader_rows(rows: list, quick: bool) -> None:
+    """The latent loader against the trainer's consumption, and the encode job's rate (host work, fp32)."""
     with tempfile.TemporaryDirectory() as tmp:
         size = dict(ll.DEMO)
         if quick:
@@ -228,7 +278,9 @@ def run(quick: bool, precision: str, json_path: str | None = None, device: str =
                     note=f"peak RSS {e['peak_rss_mb']:.0f} MB",
                 )
             )
-    result["memory"] = mem_bench.run(device=device, steps=1 if quick else 2)["rows"]
+
+
+def _finish(result: dict, json_path: str | None, t0: float) -> dict:
     result["seconds"] = time.time() - t0
     result["complete"] = True
     write_json(_public(result), json_path)
@@ -244,11 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="where the model, end-to-end and memory rows run (the latent-loader rows are host work)",
+        help="where the model and memory rows run (the latent-loader rows are host work)",
     )
     a = p.parse_args(argv)
     set_threads(a.threads)
-    result = run(a.quick, a.precision, a.json, a.device)
+    result = run(a.quick, a.precision, a.json, a.device, a.threads)
     m = result["machine"]
     print(
         f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | diffusers {m.get('diffusers')} | "
@@ -291,20 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
             "note",
         ],
     )
-    print()
-    print_table(
-        [
-            {
-                "model": r["model"],
-                "side": r["side"],
-                "checkpointing": "on" if r["checkpointing"] else "off",
-                "step MB": f"{r['step_mb']:.0f}",
-                "s/step": f"{r['step_s']:.2f}",
-            }
-            for r in result["memory"]
-        ],
-        ["model", "side", "checkpointing", "step MB", "s/step"],
-    )
+    if result.get("memory"):
+        print()
+        print_table(mem_bench.table_rows(result["memory"]), mem_bench.TABLE_COLUMNS)
     return _public(result)
 
 

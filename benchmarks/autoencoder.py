@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 
 import lpips
 import torch
@@ -34,6 +35,45 @@ from ldm_core.trainers.step import make_adam
 BENCH_CONFIG = AutoencoderConfig(ch=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, norm_groups=32)
 
 
+def make_optimizer(model: torch.nn.Module, dev: torch.device) -> torch.optim.Optimizer:
+    """The fused Adam both sides take (the autoencoder trainer's settings)."""
+    return make_adam(list(model.parameters()), dev, lr=1e-5, betas=(0.5, 0.9))
+
+
+def train_step(
+    side: str, model: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, precision: str, gen: torch.Generator
+) -> Callable[[], None]:
+    """One like-for-like step of the side's model: encode, sample the posterior, decode, L1 + KL, backward, the
+    optimizer step (bf16: under autocast)."""
+    dev = x.device
+
+    def amp() -> torch.autocast:
+        if precision == "bf16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return torch.autocast(dev.type, enabled=False)
+
+    def step_ours() -> None:
+        gen.manual_seed(0)
+        with amp():
+            out = model(x, sample_posterior=True, generator=gen)
+            loss = out.reconstruction.float().abs().mean() + 1e-6 * out.reg_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step_theirs() -> None:
+        gen.manual_seed(0)
+        with amp():
+            post = model.encode(x).latent_dist
+            rec = model.decode(post.sample(generator=gen)).sample
+            loss = rec.float().abs().mean() + 1e-6 * post.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step_ours if side == "ours" else step_theirs
+
+
 def run(
     size: int = 64,
     batch: int = 4,
@@ -52,35 +92,10 @@ def run(
     if channels_last:  # both sides, or the comparison would be of memory formats
         ours, theirs = (m.to(memory_format=torch.channels_last) for m in (ours, theirs))
         x = x.contiguous(memory_format=torch.channels_last)
-    opts = {
-        "ours": make_adam(list(ours.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
-        "diffusers": make_adam(list(theirs.parameters()), dev, lr=1e-5, betas=(0.5, 0.9)),
-    }
+    opts = {"ours": make_optimizer(ours, dev), "diffusers": make_optimizer(theirs, dev)}
     gen = torch.Generator(device=dev)
-    amp = (
-        torch.autocast(dev.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else torch.autocast(dev.type, enabled=False)
-    )
-
-    def step_ours():
-        gen.manual_seed(0)
-        with amp:
-            out = ours(x, sample_posterior=True, generator=gen)
-            loss = out.reconstruction.float().abs().mean() + 1e-6 * out.reg_loss
-        loss.backward()
-        opts["ours"].step()
-        opts["ours"].zero_grad(set_to_none=True)
-
-    def step_theirs():
-        gen.manual_seed(0)
-        with amp:
-            post = theirs.encode(x).latent_dist
-            rec = theirs.decode(post.sample(generator=gen)).sample
-            loss = rec.float().abs().mean() + 1e-6 * post.kl().mean()
-        loss.backward()
-        opts["diffusers"].step()
-        opts["diffusers"].zero_grad(set_to_none=True)
+    step_ours = train_step("ours", ours, x, opts["ours"], precision, gen)
+    step_theirs = train_step("diffusers", theirs, x, opts["diffusers"], precision, gen)
 
     t = time_alternating(
         {"ours": step_ours, "diffusers": step_theirs}, rounds=rounds, iters=iters, warmup=1, device=dev

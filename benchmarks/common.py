@@ -102,9 +102,11 @@ def sync(device: torch.device) -> None:
 
 def time_alternating(
     fns: dict[str, Callable[[], None]], rounds: int, iters: int, warmup: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in alternating rounds (see `paired_ratio` for their ratio); each
-    round starts with the next side, so no side always runs first (on a warm cache, or right after another's)."""
+) -> dict[str, Any]:
+    """Median seconds per call of each fn, timed in alternating rounds; each round starts with the next side, so no
+    side always runs first (on a warm cache, or right after another's). With two fns, ``"ratio"``: the median of the
+    per-round ratios (second ÷ first). ``"samples"``: each fn's seconds per call in every round, in round order (for
+    ratios of other pairs, see `round_ratio`)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -126,7 +128,13 @@ def time_alternating(
         # the ratio of each round's pair, then the median: a slow spell hits both halves of a round alike
         a, b = names
         out["ratio"] = statistics.median(sb / sa for sa, sb in zip(samples[a], samples[b]))
+    out["samples"] = samples
     return out
+
+
+def round_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
+    """The median over rounds of ``samples[num][r] / samples[den][r]``: a slow spell hits both halves of a round."""
+    return statistics.median(n / d for n, d in zip(samples[num], samples[den]))
 
 
 def write_json(result: dict[str, Any], path: str | None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from diffusers import SD3Transformer2DModel
@@ -76,17 +77,30 @@ def meta_flops(spec: dict) -> dict[str, dict[str, float]]:
     }
 
 
-def run(
-    name: str,
-    rounds: int = 5,
-    iters: int = 2,
-    sample_steps: int = SAMPLE_STEPS,
-    device: str = "cpu",
-    precision: str = "fp32",
-) -> dict:
+class Setup(NamedTuple):
+    """Both MMDiTs with identical weights and one training batch of a config."""
+
+    ours: MMDiT
+    theirs: torch.nn.Module
+    x: torch.Tensor
+    t: torch.Tensor
+    ctx: torch.Tensor
+    pooled: torch.Tensor
+    target: torch.Tensor
+
+    def forward(self, side: str, module: Callable | None = None) -> Callable[[], torch.Tensor]:
+        """The side's forward on the batch, through `module` (e.g. a copy of the side's model) or the side's model.
+        The text is passed with its pooled vector on both sides; diffusers' SD3 transformer takes no text mask."""
+        if side == "ours":
+            m = self.ours if module is None else module
+            return lambda: m(self.x, self.t, self.ctx, None, self.pooled)
+        m = self.theirs if module is None else module
+        return lambda: m(self.x, self.ctx, self.pooled, self.t).sample
+
+
+def setup(name: str, dev: torch.device) -> Setup:
     spec = CONFIGS[name]
     cfg = spec["mmdit"]
-    dev = torch.device(device)
     torch.manual_seed(0)
     ours = MMDiT(cfg).to(dev)
     with torch.no_grad():  # adaLN-Zero starts every block as the identity: give the weights something to carry
@@ -98,31 +112,15 @@ def run(
     t = torch.rand(b, device=dev) * 1000
     ctx = torch.randn(b, L, cfg.context_dim, device=dev)
     pooled = torch.randn(b, cfg.pooled_projection_dim or cfg.context_dim, device=dev)
-    target = torch.randn_like(x)
-    amp = autocast(dev, precision)
+    return Setup(ours, theirs, x, t, ctx, pooled, torch.randn_like(x))
 
-    def f_ours() -> torch.Tensor:
-        return ours(x, t, ctx, None, pooled)
 
-    def f_theirs() -> torch.Tensor:
-        return theirs(x, ctx, pooled, t).sample
-
-    opts = {
-        "ours": make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4),
-        "diffusers": make_adam(list(theirs.parameters()), dev, adamw=True, lr=1e-4),
-    }
-    train = time_alternating(
-        {
-            "ours": train_step(f_ours, target, opts["ours"], amp),
-            "diffusers": train_step(f_theirs, target, opts["diffusers"], amp),
-        },
-        rounds=rounds,
-        iters=iters,
-        warmup=1,
-        device=dev,
-    )
-    flops = meta_flops(spec)
-
+def _sampling(
+    su: Setup, spec: dict, sample_steps: int, rounds: int, amp: Callable[[], torch.autocast], dev: torch.device
+) -> dict:
+    """Flow matching, Euler, with guidance 7, cond and uncond batched, for both models: time_alternating's result."""
+    ours, theirs, ctx, pooled = su.ours, su.theirs, su.ctx, su.pooled
+    cfg, L, s = spec["mmdit"], spec["tokens"], spec["latent"]
     diffusion = create_diffusion(DiffusionConfig(kind="flow", sample_steps=sample_steps))
     sb = spec["sample_batch"]
     noise = torch.randn(sb, cfg.in_channels, s, s, device=dev)
@@ -150,9 +148,43 @@ def run(
 
         return fn
 
-    samp = time_alternating(
-        {k: sample(c) for k, c in calls.items()}, rounds=max(2, rounds // 2), iters=1, warmup=1, device=dev
+    return time_alternating({k: sample(c) for k, c in calls.items()}, rounds=rounds, iters=1, warmup=1, device=dev)
+
+
+def run(
+    name: str,
+    rounds: int = 5,
+    iters: int = 2,
+    sample_steps: int = SAMPLE_STEPS,
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict:
+    spec = CONFIGS[name]
+    cfg = spec["mmdit"]
+    dev = torch.device(device)
+    su = setup(name, dev)
+    ours, theirs, target = su.ours, su.theirs, su.target
+    b, L, s, sb = spec["batch"], spec["tokens"], spec["latent"], spec["sample_batch"]
+    amp = autocast(dev, precision)
+    f_ours, f_theirs = su.forward("ours"), su.forward("diffusers")
+
+    opts = {
+        "ours": make_adam(list(ours.parameters()), dev, adamw=True, lr=1e-4),
+        "diffusers": make_adam(list(theirs.parameters()), dev, adamw=True, lr=1e-4),
+    }
+    train = time_alternating(
+        {
+            "ours": train_step(f_ours, target, opts["ours"], amp),
+            "diffusers": train_step(f_theirs, target, opts["diffusers"], amp),
+        },
+        rounds=rounds,
+        iters=iters,
+        warmup=1,
+        device=dev,
     )
+    flops = meta_flops(spec)
+
+    samp = _sampling(su, spec, sample_steps, max(2, rounds // 2), amp, dev)
     return {
         "benchmark": "mmdit",
         "config": name,

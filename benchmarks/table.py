@@ -25,6 +25,24 @@ def _times(v: float | None, k: float) -> float | None:
     return None if v is None else v * k
 
 
+def _memory_table(rows: list[dict]) -> list[str]:
+    """Step memory from fresh processes; s/step and checkpointing's time cost (on ÷ off, the median over rounds) from
+    alternated rounds in one process. Rows of an older run (``step_s`` from separate processes, no slowdown) render
+    with an empty slowdown."""
+    lines = [
+        "| train step memory | side | gradient checkpointing | step MB | s/step (alternated) | checkpointing time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        step_s = f"{r['step_s']:.2f}" if r.get("step_s") is not None else ""
+        slowdown = f"{r['slowdown']:.2f}×" if r.get("slowdown") is not None else ""
+        lines.append(
+            f"| {r['model']} | {r['side']} | {'on' if r['checkpointing'] else 'off'} | {r['step_mb']:.0f} | {step_s} | "
+            f"{slowdown} |"
+        )
+    return lines
+
+
 def render(result: dict, model_rows_only: bool = False) -> str:
     """The markdown; ``model_rows_only``: just the model-level rows (those with FLOPs: where ``--precision`` applies)
     and no memory table."""
@@ -62,16 +80,14 @@ def render(result: dict, model_rows_only: bool = False) -> str:
             )
         )
     if result.get("memory") and not model_rows_only:
+        lines += ["", *_memory_table(result["memory"])]
+    if model_rows_only or result.get("precision", "fp32") != "fp32":
         lines += [
             "",
-            "| train step memory | side | gradient checkpointing | step MB | s/step |",
-            "|---|---|---|---|---|",
+            f"{result.get('precision', 'fp32')}: the model-level rows only. The end-to-end, loader, encode and memory "
+            "rows always run in fp32, and the best-vs-best rows time both precisions themselves: they are in the fp32 "
+            "run's table (a non-fp32 run skips them).",
         ]
-        for r in result["memory"]:
-            lines.append(
-                f"| {r['model']} | {r['side']} | {'on' if r['checkpointing'] else 'off'} | "
-                f"{r['step_mb']:.0f} | {r['step_s']:.2f} |"
-            )
     return "\n".join(lines)
 
 

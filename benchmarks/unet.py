@@ -79,6 +79,13 @@ def train_step(
     return step
 
 
+def diffusers_mask(mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The ``encoder_attention_mask`` keyword for diffusers' UNet: none where no token is padded. Its pipelines and
+    train_text_to_image.py pass no mask, and a mask (even all ones) sends every cross-attention down diffusers'
+    masked path; ours is given its mask and skips the masked path itself when nothing is padded."""
+    return {} if mask is None or bool(mask.all()) else {"encoder_attention_mask": mask}
+
+
 def meta_flops(spec: dict) -> dict[str, dict[str, float]]:
     """Per-image FLOPs of each side's own forward + backward ("train") and forward ("forward"), counted on the meta
     device (torch's flop counter misses CPU flash attention on real tensors; on meta it counts it). The optimizer's
@@ -93,9 +100,9 @@ def meta_flops(spec: dict) -> dict[str, dict[str, float]]:
         t = torch.empty(b)
         ctx = torch.empty(b, L, cfg.context_dim)
         mask = torch.ones(b, L, dtype=torch.bool)
-    fwd = {
+    fwd = {  # each side's own real step: nothing is padded, so diffusers gets no mask (see `diffusers_mask`)
         "ours": lambda: ours(x, t, ctx, mask),
-        "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample,
+        "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx).sample,
     }
     return {
         "train": {k: count_flops(lambda f=f: f().float().pow(2).mean().backward()) / b for k, f in fwd.items()},
@@ -120,7 +127,8 @@ class Setup(NamedTuple):
             m = self.ours if module is None else module
             return lambda: m(self.x, self.t, self.ctx, self.mask)
         m = self.theirs if module is None else module
-        return lambda: m(self.x, self.t, encoder_hidden_states=self.ctx, encoder_attention_mask=self.mask).sample
+        kw = diffusers_mask(self.mask)
+        return lambda: m(self.x, self.t, encoder_hidden_states=self.ctx, **kw).sample
 
 
 def setup(name: str, dev: torch.device) -> Setup:
@@ -141,14 +149,45 @@ def setup(name: str, dev: torch.device) -> Setup:
     )
 
 
+def _sampling(
+    su: Setup, spec: dict, sample_steps: int, rounds: int, amp: Callable[[], torch.autocast], dev: torch.device
+) -> dict:
+    """DDIM with guidance 7.5, cond and uncond in one batched forward, for both models: time_alternating's result."""
+    ours, theirs, ctx, mask = su.ours, su.theirs, su.ctx, su.mask
+    L, D, s = spec["tokens"], spec["unet"].context_dim, spec["latent"]
+    diffusion = create_diffusion(DiffusionConfig(kind="ddpm", sampler="ddim", sample_steps=sample_steps))
+    sb = spec["sample_batch"]
+    noise = torch.randn(sb, spec["unet"].in_channels, s, s, device=dev)
+    c, u = ctx[:1].expand(sb, L, D), torch.zeros(1, L, D, device=dev)
+    m1 = torch.ones(1, L, dtype=torch.bool, device=dev)
+    padded = bool(not mask[:sb].all() or not m1.all())  # decided once: no sync inside the timed loop
+
+    def theirs_fn(xx, tt, cc, mm, pooled=None):
+        kw = {"encoder_attention_mask": mm} if padded else {}  # see `diffusers_mask`
+        return theirs(xx, tt, encoder_hidden_states=cc, **kw).sample
+
+    ours.eval(), theirs.eval()
+
+    def sample(model) -> Callable[[], None]:
+        def fn() -> None:
+            with torch.inference_mode(), amp():
+                diffusion.sample(cfg_model(model, c, mask[:sb], u, m1, 7.5), noise.clone())
+
+        return fn
+
+    return time_alternating(
+        {"ours": sample(ours), "diffusers": sample(theirs_fn)}, rounds=rounds, iters=1, warmup=1, device=dev
+    )
+
+
 def run(
     name: str, rounds: int = 5, iters: int = 2, sample_steps: int = 50, device: str = "cpu", precision: str = "fp32"
 ) -> dict:
     spec = CONFIGS[name]
     dev = torch.device(device)
     su = setup(name, dev)
-    ours, theirs, ctx, mask, target = su.ours, su.theirs, su.ctx, su.mask, su.target
-    b, L, D, s = spec["batch"], spec["tokens"], spec["unet"].context_dim, spec["latent"]
+    ours, theirs, target = su.ours, su.theirs, su.target
+    b, L, s, sb = spec["batch"], spec["tokens"], spec["latent"], spec["sample_batch"]
     amp = autocast(dev, precision)
     f_ours, f_theirs = su.forward("ours"), su.forward("diffusers")
 
@@ -174,32 +213,7 @@ def run(
         device=dev,
     )
 
-    # 3) DDIM-50 with guidance 7.5: cond and uncond in one batched forward, for both models
-    diffusion = create_diffusion(DiffusionConfig(kind="ddpm", sampler="ddim", sample_steps=sample_steps))
-    sb = spec["sample_batch"]
-    noise = torch.randn(sb, spec["unet"].in_channels, s, s, device=dev)
-    c, u = ctx[:1].expand(sb, L, D), torch.zeros(1, L, D, device=dev)
-    m1 = torch.ones(1, L, dtype=torch.bool, device=dev)
-
-    def theirs_fn(xx, tt, cc, mm, pooled=None):
-        return theirs(xx, tt, encoder_hidden_states=cc, encoder_attention_mask=mm).sample
-
-    ours.eval(), theirs.eval()
-
-    def sample(model) -> Callable[[], None]:
-        def fn() -> None:
-            with torch.inference_mode(), amp():
-                diffusion.sample(cfg_model(model, c, mask[:sb], u, m1, 7.5), noise.clone())
-
-        return fn
-
-    samp = time_alternating(
-        {"ours": sample(ours), "diffusers": sample(theirs_fn)},
-        rounds=max(2, rounds // 2),
-        iters=1,
-        warmup=1,
-        device=dev,
-    )
+    samp = _sampling(su, spec, sample_steps, max(2, rounds // 2), amp, dev)  # 3) DDIM + CFG
     sample_flops = {side: 2 * f * sample_steps for side, f in flops["forward"].items()}  # cond + uncond per step
     return {
         "benchmark": "unet",
