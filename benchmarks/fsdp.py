@@ -1,6 +1,7 @@
 """Memory per rank and step time, DDP vs FSDP2, on SD3-medium's width with fewer joint blocks.
 
-    python -m benchmarks.fsdp [--quick] [--depth 2] [--json benchmarks/results/fsdp.json]
+    python -m benchmarks.fsdp [--quick] [--depth 2] [--json PATH]  # default benchmarks/results/fsdp.json (the README's
+                                                                  # "fsdp" block); --quick: fsdp-quick.json, not it
     python -m benchmarks.fsdp --render benchmarks/results/fsdp.json     # the README's markdown, from the JSON
     torchrun --nproc-per-node 1 -m benchmarks.fsdp smoke [--device cuda] [--precision bf16] [--steps 8] [--preset P]
 
@@ -445,7 +446,11 @@ def main(argv: list[str] | None = None) -> dict | int:
     p.add_argument("--depth", type=int, default=2, help="joint blocks of the SD3-medium-wide model")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
-    p.add_argument("--json", default="benchmarks/results/fsdp.json")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="default benchmarks/results/fsdp.json (the README block); --quick: benchmarks/results/fsdp-quick.json",
+    )
     p.add_argument("--render", metavar="JSON", help="print the markdown of an earlier run's JSON; measure nothing")
     a = p.parse_args(argv)
     if a.render:
@@ -457,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict | int:
     else:
         result = run(sd3_medium(a.depth), {"ddp": [2, 4], "fsdp": [2, 4]}, a.rounds, a.steps)
     result["quick"] = a.quick
-    write_json(result, a.json)
+    # a smoke run never overwrites the JSON the README is rendered from
+    write_json(result, a.json or f"benchmarks/results/fsdp{'-quick' if a.quick else ''}.json")
     print_table(table_rows(result), COLUMNS)
     print()
     print(markdown(result))

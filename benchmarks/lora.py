@@ -1,7 +1,13 @@
 """LoRA fine-tuning: our step on cached latents against the loop of diffusers' train_text_to_image_lora.py, and our
 full fine-tuning against our LoRA.
 
-    python -m benchmarks.lora [--config demo|sd-like|all] [--rank 4] [--rounds 4] [--threads N] [--json out.json]
+    python -m benchmarks.lora [--config demo|sd-like|all] [--rank 4] [--rounds 4] [--threads N] [--json PATH]
+    python -m benchmarks.lora --quick   # smoke: demo only, 2 rounds; writes benchmarks/results/lora-quick.json
+    python -m benchmarks.lora --render benchmarks/results/lora.json   # the README's markdown, from the JSON
+
+The JSON (default benchmarks/results/lora.json, the README's "lora" block: `python -m benchmarks.readme`) records the
+command, the machine, when the run started and how long it took, and the parameter counts of every model each side
+runs per step (our UNet, diffusers' conversion of it, the VAE and the text encoder the reference runs every step).
 
 Three steps, each on the same base weights (our UNet and its diffusers conversion, `ldm_core.interop.to_diffusers`),
 batch, resolution, objective (DDPM ε) and optimizer (fused AdamW, lr 1e-4, gradients clipped at 1.0; no EMA, as the
@@ -26,14 +32,21 @@ per side, as in benchmarks.memory: "step MB" is the peak during a step above wha
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
 
 import peft
 import torch
 
 from benchmarks.common import (
+    THREADS_HELP,
     in_fresh_process,
     machine_info,
     print_table,
@@ -54,6 +67,13 @@ from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
 from ldm_core.trainers.step import make_adam
 
 SIDES = ("ours_lora", "diffusers_lora", "ours_full")
+LABELS = {
+    "ours_lora": "ours, LoRA (cached latents)",
+    "diffusers_lora": "diffusers LoRA script loop (VAE + text encoder every step)",
+    "ours_full": "ours, full fine-tuning (cached latents)",
+}
+DEFAULT_JSON, QUICK_JSON = "benchmarks/results/lora.json", "benchmarks/results/lora-quick.json"
+SD1_UNET_PARAMETERS = 859_520_964  # SD-1.x's UNet2DConditionModel, for scale: the SD-like row's UNet is far smaller
 DIFFUSERS_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # train_text_to_image_lora.py's
 LR, MAX_GRAD_NORM = 1e-4, 1.0  # the script's defaults
 
@@ -159,11 +179,32 @@ def _memory(name: str, side: str, rank: int, device: str, threads: int | None, q
         step, _ = build_step(name, side, rank, dev, stack)
         step()  # the first step allocates the optimizer state, held from then on
         added, peak = step_memory(step, dev)
-        queue.put({"step_mb": added / 2**20, "peak_mb": peak / 2**20})
+        # the thread count this process measured with: --threads reaches the spawned process too
+        queue.put({"step_mb": added / 2**20, "peak_mb": peak / 2**20, "threads": torch.get_num_threads()})
 
 
 def measure_memory(name: str, side: str, rank: int, device: str, threads: int | None) -> dict:
     return in_fresh_process(_memory, name, side, rank, device, threads)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_sizes(name: str) -> dict[str, int]:
+    """Parameter counts of the models each side runs per step of config ``name``: our UNet, diffusers' conversion of
+    it (the reference's UNet), and the VAE and the text encoder the reference runs every step (ours read their
+    outputs from the latent store)."""
+    spec = CONFIGS[name]
+    unet = _base_unet(spec, torch.device("cpu"))
+    vae = AutoencoderKL(AUTOENCODER_PRESETS[spec["vae"]].model_copy(update={"scaling_factor": 0.18215}))
+    text = TextEncoder(TextEncoderConfig(max_length=spec["tokens"]), device=torch.device("cpu"))
+    return {
+        "unet_ours": _count(unet),
+        "unet_diffusers": _count(to_diffusers(unet)),
+        "vae": _count(to_diffusers(vae)),
+        "text_encoder": _count(text.model),
+    }
 
 
 def run(name: str, rank: int = 4, rounds: int = 4, device: str = "cpu", threads: int | None = None) -> dict:
@@ -174,16 +215,19 @@ def run(name: str, rank: int = 4, rounds: int = 4, device: str = "cpu", threads:
         steps, trainable = {}, {}
         for side in SIDES:
             steps[side], trainable[side] = build_step(name, side, rank, dev, stack)
+        # each round starts with the next side (time_alternating), so no side always runs first
         seconds = time_alternating(steps, rounds=rounds, iters=1, warmup=1, device=dev)  # median s/step of each
-    memory = {side: measure_memory(name, side, rank, device, threads) for side in SIDES}
+    memory = {side: measure_memory(name, side, rank, device, threads) for side in SIDES}  # same --threads
     return {
         "benchmark": "lora",
         "config": name,
         "rank": rank,
+        "rounds": rounds,
         "batch": b,
         "resolution": CONFIGS[name]["resolution"],
         "vae": CONFIGS[name]["vae"],
         "unet": CONFIGS[name]["unet"].to_dict(),
+        "models": model_sizes(name),
         "machine": machine_info(),
         "sides": {
             side: {"images_per_s": b / seconds[side], "trainable_parameters": trainable[side], **memory[side]}
@@ -194,27 +238,106 @@ def run(name: str, rank: int = 4, rounds: int = 4, device: str = "cpu", threads:
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def _m(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def _config_label(r: dict) -> str:
+    """What both sides run at this config, with every model's size (both UNets' where they differ)."""
+    m, u = r["models"], r["unet"]
+    unets = (
+        f"UNet {_m(m['unet_ours'])} both sides"
+        if m["unet_ours"] == m["unet_diffusers"]
+        else f"UNet ours {_m(m['unet_ours'])}, diffusers' conversion {_m(m['unet_diffusers'])}"
+    )
+    width = f"UNet width {u['model_channels']}, channel_mult {'/'.join(map(str, u['channel_mult']))}"
+    if r["config"] == "sd-like":
+        width += f": the mid UNet, not SD-1's ({_m(SD1_UNET_PARAMETERS)})"
+    return (
+        f"{r['config']} ({r['vae']} VAE at {r['resolution']} px, {width}; batch {r['batch']}, rank {r['rank']}; "
+        f"{unets}; the reference also runs the VAE {_m(m['vae'])} and the text encoder {_m(m['text_encoder'])} "
+        "every step)"
+    )
+
+
+def _run_line(doc: dict) -> str:
+    m = doc["results"][0]["machine"]
+    when = (
+        f"started {doc['started']}, took {doc['seconds'] / 60:.1f} min"
+        if "started" in doc and "seconds" in doc
+        else "start time and duration not recorded"
+    )
+    rounds = sorted({r.get("rounds") for r in doc["results"]} - {None})
+    return (
+        f"`{doc.get('command', 'command not recorded')}`: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
+        f"device {m['device']}; torch {m['torch']}, diffusers {m.get('diffusers')}, Python {m['python']}; fp32; "
+        f"{when}; speed in {'/'.join(map(str, rounds)) or 'unrecorded'} alternating rounds (each started by the next "
+        "side), memory in a fresh process per side."
+        + (" (--quick)" if doc.get("quick") else "")
+        + (f" Backfilled {doc['backfilled']}." if doc.get("backfilled") else "")
+    )
+
+
+def render(doc: dict) -> str:
+    """The README's LoRA table, from what `main` wrote (``{"results": [...], "command": ..., ...}``)."""
+    lines = [
+        _run_line(doc),
+        "",
+        "| config | step | img/s | step MB | peak MB | trainable parameters |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        for i, (side, s) in enumerate(r["sides"].items()):
+            lines.append(
+                f"| {_config_label(r) if i == 0 else ''} | {LABELS[side]} | {s['images_per_s']:.3g} | "
+                f"{s['step_mb']:.0f} | {s['peak_mb']:.0f} | {s['trainable_parameters']:,} |"
+            )
+    lines.append("")
+    lines.append(
+        "Ours LoRA ÷ the script's loop (ratio of the median step times): "
+        + ", ".join(f"**{r['ratio_vs_diffusers']:.2f}×** ({r['config']})" for r in doc["results"])
+        + "; LoRA ÷ our full fine-tuning: "
+        + ", ".join(f"{r['lora_vs_full']:.2f}× ({r['config']})" for r in doc["results"])
+        + "."
+    )
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    names = list(CONFIGS) if a.config == "all" else [a.config]
-    results = [run(n, a.rank, a.rounds, a.device, a.threads) for n in names]
-    labels = {
-        "ours_lora": "ours, LoRA (cached latents)",
-        "diffusers_lora": "diffusers LoRA script loop",
-        "ours_full": "ours, full fine-tuning (cached latents)",
+    p.add_argument("--quick", action="store_true", help="a smoke run: demo only, 2 rounds, to " + QUICK_JSON)
+    p.add_argument("--json", default=None, help=f"default {DEFAULT_JSON} ({QUICK_JSON} with --quick)")
+    p.add_argument("--render", metavar="JSON", help="print the markdown of an earlier run's JSON; measure nothing")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parse(argv)
+    if a.render:
+        doc = json.loads(Path(a.render).read_text())
+        print(render(doc))
+        return doc
+    names = ["demo"] if a.quick else list(CONFIGS) if a.config == "all" else [a.config]
+    rounds = 2 if a.quick else a.rounds
+    started, t0 = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), time.perf_counter()
+    results = [run(n, a.rank, rounds, a.device, a.threads) for n in names]
+    doc = {
+        "command": "python -m benchmarks.lora " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "started": started,
+        "seconds": time.perf_counter() - t0,
+        "quick": a.quick,
+        "results": results,
     }
     print_table(
         [
             {
                 "config": f"{r['config']} ({r['vae']} at {r['resolution']} px, b{r['batch']}, rank {r['rank']})",
-                "step": labels[side],
+                "step": LABELS[side],
                 "img/s": f"{s['images_per_s']:.2f}",
                 "step MB": f"{s['step_mb']:.0f}",
                 "peak MB": f"{s['peak_mb']:.0f}",
@@ -225,13 +348,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ],
         ["config", "step", "img/s", "step MB", "peak MB", "trainable"],
     )
-    for r in results:
-        print(
-            f"{r['config']}: ours LoRA {r['ratio_vs_diffusers']:.2f}x diffusers' LoRA loop; "
-            f"LoRA {r['lora_vs_full']:.2f}x our full fine-tuning (ratios of the median step times)"
-        )
-    write_json({"results": results}, a.json)
-    return results
+    print()
+    print(render(doc))
+    write_json(doc, a.json or (QUICK_JSON if a.quick else DEFAULT_JSON))
+    return doc
 
 
 if __name__ == "__main__":
