@@ -21,8 +21,11 @@ in fp32 and the best-vs-best rows time both precisions themselves, so they are t
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 
 import torch
 
@@ -208,6 +211,9 @@ def run(
         # on a GPU, MFU against the datasheet peak too (benchmarks.table adds those columns)
         "datasheet_peak_flops": gpu_peak_flops(precision) if torch.device(device).type == "cuda" else None,
     }
+    result["started"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    result["command"] = shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]])
+    result["models"] = model_sizes()
     rows = result["rows"] = _Rows(result, json_path, t0)
     rounds = 3 if quick else 8
 
@@ -278,6 +284,44 @@ def _loader_rows(rows: list, quick: bool) -> None:
                     note=f"peak RSS {e['peak_rss_mb']:.0f} MB",
                 )
             )
+
+
+def model_sizes() -> dict[str, dict[str, int]]:
+    """Parameters of each model-row config, ours and diffusers' model (counted on the meta device): the rows compare
+    identical weights, so the counts agree unless a conversion adds or drops parameters."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    from ldm_core.interop.autoencoder import diffusers_kwargs as ae_kwargs
+    from ldm_core.interop.mmdit import diffusers_kwargs as mmdit_kwargs
+    from ldm_core.interop.unet import diffusers_kwargs as unet_kwargs
+    from ldm_core.models.autoencoder import AutoencoderKL
+    from ldm_core.models.mmdit import MMDiT
+    from ldm_core.models.unet import UNet
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    sizes = {}
+    with torch.device("meta"):
+        for name, spec in unet_bench.CONFIGS.items():
+            cfg = spec["unet"]
+            sizes[f"UNet {name}"] = {
+                "ours": count(UNet(cfg)),
+                "diffusers": count(UNet2DConditionModel(**unet_kwargs(cfg))),
+            }
+        for name, spec in mmdit_bench.CONFIGS.items():
+            cfg = spec["mmdit"]
+            sizes[f"MMDiT {name}"] = {
+                "ours": count(MMDiT(cfg)),
+                "diffusers": count(SD3Transformer2DModel(**mmdit_kwargs(cfg))),
+            }
+        cfg = ae_bench.BENCH_CONFIG
+        sizes["AutoencoderKL"] = {
+            "ours": count(AutoencoderKL(cfg)),
+            "diffusers": count(DiffusersAutoencoderKL(**ae_kwargs(cfg))),
+        }
+    return sizes
 
 
 def _finish(result: dict, json_path: str | None, t0: float) -> dict:

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,15 @@ CLIP_L = "CLIP ViT-L/14 text encoder (123M; SD-1's shape, random weights: the re
 CONFIGS: dict[str, dict[str, Any]] = {
     # the demo: tiny VAE at 32 px (8×8×4 latents), MiniLM tokens, the tiny UNet
     "demo": dict(
-        vae="tiny", resolution=32, unet=UNET_PRESETS["tiny"], text="minilm", tokens=16, batch=32, warmup=10, iters=20
+        vae="tiny",
+        resolution=32,
+        unet=UNET_PRESETS["tiny"],
+        text="minilm",
+        tokens=16,
+        batch=32,
+        rounds=3,
+        warmup=10,
+        iters=20,
     ),
     # the smaller SD-like pairing: SD-1's autoencoder at 256 px with a UNet of SD-1's layout at width 64 (not SD-1's
     # 320) and MiniLM: the encoding weighs far more against this UNet than against SD-1's
@@ -62,6 +73,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         text="minilm",
         tokens=77,
         batch=4,
+        rounds=3,
         warmup=2,
         iters=3,
         unet=UNetConfig(
@@ -76,7 +88,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
     # true scale: SD-1's UNet, autoencoder and text encoder shape at 256 px
     "sd1": dict(
-        vae="kl-f8", resolution=256, unet=UNET_PRESETS["sd1"], text="clip-l", tokens=77, batch=2, warmup=1, iters=2
+        vae="kl-f8",
+        resolution=256,
+        unet=UNET_PRESETS["sd1"],
+        text="clip-l",
+        tokens=77,
+        batch=2,
+        rounds=2,
+        warmup=1,
+        iters=2,
     ),
 }
 KINDS = ("ours", "reference", "encode")
@@ -291,10 +311,13 @@ def derive(s_ours: float, s_ref: float, e: float, steady: float) -> dict[str, fl
     }
 
 
-def run(name: str, rounds: int = 3, device: str = "cpu", threads: int | None = None, quick: bool = False) -> dict:
+def run(
+    name: str, rounds: int | None = None, device: str = "cpu", threads: int | None = None, quick: bool = False
+) -> dict:
     """``quick``: one untimed and one timed call per process (a smoke run; the figures mean nothing)."""
     spec = CONFIGS[name]
     warmup, iters = (1, 1) if quick else (spec["warmup"], spec["iters"])
+    rounds = rounds or spec["rounds"]
     t0 = time.time()
     samples: dict[str, list[dict]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as work:
@@ -357,12 +380,15 @@ def render(result: dict) -> str:
     """The README's end-to-end table from `python -m benchmarks.end_to_end --json`'s output."""
     rows = result["results"]
     m = rows[0]["machine"]
-    counts = ", ".join(f"{r['config']} {r['warmup']} and {r['iters']}" for r in rows)
+    counts = "; ".join(
+        f"{r['config']}: {r['rounds']} rounds, {r['warmup']} untimed and {r['iters']} timed" for r in rows
+    )
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {rows[0]['threads']} threads, device {m['device']}; torch "
-        f"{m['torch']}, diffusers {m.get('diffusers')}. fp32. Each figure: the median of {rows[0]['rounds']} "
-        f"alternating rounds (a fresh process per round and kind; in each, untimed steps first, then the median of "
-        f"timed ones: {counts}); the run took {result.get('seconds', 0) / 60:.0f} min.",
+        f"{m['torch']}, diffusers {m.get('diffusers')}. fp32. Each figure: the median of alternating "
+        f"rounds (`{result.get('command', '')}`, started {result.get('started', 'unrecorded')}; a "
+        f"fresh process per round and kind; in each, untimed steps first, then the median of "
+        f"timed ones; {counts}); the run took {result.get('seconds', 0) / 60:.0f} min.",
         "",
         "| row (what each side runs) | ours img/s (cached) | reference img/s (encodes every step) | encode img/s "
         "(once) | encode cost, in our steps | steady state | 1 epoch | 10 epochs | break-even |",
@@ -382,7 +408,7 @@ def render(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None, help="rounds of each config (default: 3, 2 for sd1)")
     p.add_argument("--quick", action="store_true", help="one untimed and one timed call per round (a smoke run)")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -396,7 +422,12 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads(a.threads)
     t0 = time.time()
     names = list(CONFIGS) if a.config == "all" else [a.config]
-    result: dict = {"results": []}
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    result: dict = {
+        "command": shlex.join(["python", "-m", "benchmarks.end_to_end", *(argv or sys.argv[1:])]),
+        "started": started,
+        "results": [],
+    }
     for n in names:
         result["results"].append(run(n, a.rounds, a.device, a.threads, a.quick))
         result["seconds"] = time.time() - t0

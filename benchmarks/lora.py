@@ -45,6 +45,7 @@ from pathlib import Path
 import peft
 import torch
 
+from benchmarks import end_to_end as e2e
 from benchmarks.common import (
     THREADS_HELP,
     in_fresh_process,
@@ -54,7 +55,6 @@ from benchmarks.common import (
     time_alternating,
     write_json,
 )
-from benchmarks.end_to_end import CAPTION, CONFIGS
 from benchmarks.latent_loader import build_random_store
 from benchmarks.memory import step_memory
 from ldm_core.data.latent_dataset import LatentDataset
@@ -76,6 +76,11 @@ DEFAULT_JSON, QUICK_JSON = "benchmarks/results/lora.json", "benchmarks/results/l
 SD1_UNET_PARAMETERS = 859_520_964  # SD-1.x's UNet2DConditionModel, for scale: the SD-like row's UNet is far smaller
 DIFFUSERS_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # train_text_to_image_lora.py's
 LR, MAX_GRAD_NORM = 1e-4, 1.0  # the script's defaults
+
+# the end-to-end benchmark's demo and smaller SD-like pairing (the mid UNet, not SD-1's): the same VAE, text encoder,
+# resolution and batch, so its encode rate is this row's one-time cost too
+CONFIGS = {"demo": e2e.CONFIGS["demo"], "sd-like": e2e.CONFIGS["sd-like-mid"]}
+CAPTION = "a small red circle in the top left"
 
 
 def _base_unet(spec: dict, dev: torch.device) -> UNet:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import json
 import re
 import sys
@@ -50,28 +49,10 @@ def _suite_model_rows(doc: dict) -> str:
     return render(doc, model_rows_only=True)
 
 
-def _end_to_end_stub(doc: dict) -> str:
-    """Until benchmarks.end_to_end.render exists: the rows of ``python -m benchmarks.end_to_end --json`` as they are."""
-    m = doc["results"][0]["machine"]
-    lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, device {m['device']}; torch {m['torch']}, "
-        f"diffusers {m.get('diffusers')}, Python {m['python']}; start time and duration not recorded.",
-        "",
-        "| end to end | ours img/s | diffusers img/s | ratio |",
-        "|---|---|---|---|",
-    ]
-    for r in doc["results"]:
-        lines.append(
-            f"| ldm_model step on the latent store vs train_text_to_image ({r['config']}, {r['vae']} at "
-            f"{r['resolution']} px, batch {r['batch']}) | {r['ours_images_per_s']:.3g} | "
-            f"{r['diffusers_images_per_s']:.3g} | **{r['ratio']:.2f}×** |"
-        )
-    return "\n".join(lines)
-
-
 def _end_to_end(doc: dict) -> str:
-    render = getattr(importlib.import_module("benchmarks.end_to_end"), "render", None)
-    return (render or _end_to_end_stub)(doc)
+    from benchmarks.end_to_end import render
+
+    return render(doc)
 
 
 def _lora(doc: dict) -> str:

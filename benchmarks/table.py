@@ -43,6 +43,22 @@ def _memory_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _models_line(models: dict | None) -> list[str]:
+    """Each model row's parameters, ours and diffusers' (one figure where they agree), then a blank line."""
+    if not models:
+        return []
+
+    def size(n: int) -> str:
+        return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
+
+    parts = [
+        f"{name} {size(c['ours'])}"
+        + (" both sides" if c["ours"] == c["diffusers"] else f" ours, {size(c['diffusers'])} diffusers")
+        for name, c in models.items()
+    ]
+    return ["Model sizes (parameters; identical weights on both sides of a model row): " + "; ".join(parts) + ".", ""]
+
+
 def render(result: dict, model_rows_only: bool = False) -> str:
     """The markdown; ``model_rows_only``: just the model-level rows (those with FLOPs: where ``--precision`` applies)
     and no memory table."""
@@ -56,8 +72,10 @@ def render(result: dict, model_rows_only: bool = False) -> str:
         f"measured in the run {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; the run took {minutes:.0f} min"
         + ("" if result.get("complete", True) else " (incomplete: the run stopped before its last rows)")
         + (" (--quick)" if result.get("quick") else "")
+        + (f"; `{result['command']}`, started {result['started']}" if result.get("started") else "")
         + ".",
         "",
+        *_models_line(result.get("models")),
         "| benchmark | ours | reference | ratio | unit | GFLOP/item ours | GFLOP/item ref | MFU ours | MFU ref |"
         + (" MFU ours (datasheet) | MFU ref (datasheet) |" if scale else ""),
         "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if scale else ""),

@@ -65,15 +65,6 @@ def _fake_suite(monkeypatch) -> list[str]:
     monkeypatch.setattr(suite, "measure_matmul_peak", lambda *a, **k: 1e11)
     for name in ("_model_rows", "_labelled_rows", "_best_rows", "_loader_rows"):
         monkeypatch.setattr(suite, name, lambda *a, n=name, **k: called.append(n))
-    monkeypatch.setattr(suite.e2e_bench, "CONFIGS", {"x": {}})
-    monkeypatch.setattr(
-        suite.e2e_bench,
-        "run",
-        lambda *a, **k: (
-            called.append("e2e")
-            or {"vae": "v", "resolution": 8, "ours_images_per_s": 1.0, "diffusers_images_per_s": 1.0, "ratio": 1.0}
-        ),
-    )
     monkeypatch.setattr(
         suite.mem_bench, "run", lambda **k: called.append(f"memory threads={k['threads']}") or {"rows": []}
     )
@@ -86,7 +77,7 @@ def test_the_bf16_run_skips_the_rows_that_always_run_in_fp32(monkeypatch):
     assert called == ["_model_rows", "_labelled_rows"] and r["complete"]
     called.clear()
     suite.run(True, "fp32", None, "cpu", threads=3)
-    assert called == ["_model_rows", "_labelled_rows", "_best_rows", "e2e", "_loader_rows", "memory threads=3"]
+    assert called == ["_model_rows", "_labelled_rows", "_best_rows", "_loader_rows", "memory threads=3"]
 
 
 def _result(precision: str, memory: list[dict]) -> dict:

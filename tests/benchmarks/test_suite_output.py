@@ -85,3 +85,13 @@ def test_alternating_rounds_start_with_each_side_in_turn():
     time_alternating(fns, rounds=3, iters=1, warmup=0, device=torch.device("cpu"))
     firsts = [calls[3 * r] for r in range(3)]
     assert sorted(firsts) == ["ours", "reference", "third"]  # fixed order would start every round with "ours"
+
+
+def test_the_table_names_each_models_size_and_both_where_they_differ():
+    from benchmarks.table import _models_line
+
+    line = _models_line(
+        {"UNet mid": {"ours": 37_500_000, "diffusers": 37_500_000}, "X": {"ours": 2e6, "diffusers": 3e6}}
+    )
+    assert "UNet mid 37.5M both sides" in line[0]
+    assert "X 2.0M ours, 3.0M diffusers" in line[0]
