@@ -144,11 +144,13 @@ def _vae(spec: dict, weights: str, dev: torch.device) -> AutoencoderKL:
     return vae.to(dev).eval().requires_grad_(False)
 
 
-def _ours(spec: dict, work: str, dev: torch.device):
-    """One call = one step of `ldm_model`'s loop (`TrainingLoop.run` with `_DenoiserStep`) on the latent store."""
+def _ours(spec: dict, work: str, dev: torch.device, lora_rank: int | None = None):
+    """One call = one step of `ldm_model`'s loop (`TrainingLoop.run` with `_DenoiserStep`) on the latent store;
+    ``lora_rank``: the run trains a LoRA adapter of that rank on the frozen UNet (`LDMTrainingConfig.lora`)."""
     from safetensors.torch import load_file
 
     from ldm_core.data.latent_dataset import LatentDataset
+    from ldm_core.lora import LoraConfig
     from ldm_core.tracking import NullTracker
     from ldm_core.trainers.ldm import LDMTrainerConfig, LDMTrainingConfig, prepare_ldm_training
     from ldm_core.trainers.meters import ThroughputMeter
@@ -156,6 +158,7 @@ def _ours(spec: dict, work: str, dev: torch.device):
     store = LatentDataset(f"{work}/store", split=None)
     config = LDMTrainingConfig(
         denoiser=spec["unet"],
+        lora=LoraConfig(rank=lora_rank) if lora_rank is not None else None,
         trainer=LDMTrainerConfig(batch_size=spec["batch"], steps=10**9, lr=1e-4, device=str(dev), precision="fp32"),
     )
     prep = prepare_ldm_training(
@@ -168,11 +171,14 @@ def _ours(spec: dict, work: str, dev: torch.device):
         prep.loop.run(prep.step, tracker, meter, should_stop=lambda s: s >= target)
 
     step.prepared = prep  # type: ignore[attr-defined]  # for tests: the loop it drives
+    step.trainable = sum(p.numel() for p in prep.parts.params)  # type: ignore[attr-defined]
     return step
 
 
-def _reference(spec: dict, work: str, dev: torch.device):
-    """One call = one step of train_text_to_image.py's loop at its defaults (see the module docstring)."""
+def _reference(spec: dict, work: str, dev: torch.device, lora_rank: int | None = None):
+    """One call = one step of train_text_to_image.py's loop at its defaults (see the module docstring); with
+    ``lora_rank``, of train_text_to_image_lora.py's: the UNet frozen, ``unet.add_adapter`` of that rank on
+    ``to_k``, ``to_q``, ``to_v``, ``to_out.0`` (gaussian init, alpha = rank), only the adapter optimized and clipped."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -185,10 +191,23 @@ def _reference(spec: dict, work: str, dev: torch.device):
     unet = UNet2DConditionModel(**diffusers_kwargs(spec["unet"]))
     unet.load_state_dict(load_file(f"{work}/unet-diffusers.safetensors"))
     unet = unet.to(dev).train()
+    if lora_rank is not None:
+        import peft
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            peft.LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
+    params = [p for p in unet.parameters() if p.requires_grad]
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     # the script's AdamW settings, with the same fused kernel as ours: torch.optim.AdamW's default on a CPU is its
     # per-tensor loop, and the "as shipped" model rows measure that difference, not this row
-    opt = make_adam(list(unet.parameters()), dev, adamw=True, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt = make_adam(params, dev, adamw=True, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # get_scheduler("constant")
     b, res = spec["batch"], spec["resolution"]
     pixels = torch.rand(b, 3, res, res, device=dev) * 2 - 1  # what its DataLoader yields after the transforms
@@ -204,11 +223,12 @@ def _reference(spec: dict, work: str, dev: torch.device):
         pred = unet(noisy, t, ctx, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_sched.step()
         opt.zero_grad()
 
+    step.trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
     return step
 
 

@@ -9,23 +9,26 @@ The JSON (default benchmarks/results/lora.json, the README's "lora" block: `pyth
 command, the machine, when the run started and how long it took, and the parameter counts of every model each side
 runs per step (our UNet, diffusers' conversion of it, the VAE and the text encoder the reference runs every step).
 
-Three steps, each on the same base weights (our UNet and its diffusers conversion, `ldm_core.interop.to_diffusers`),
-batch, resolution, objective (DDPM ε) and optimizer (fused AdamW, lr 1e-4, gradients clipped at 1.0; no EMA, as the
-LoRA script keeps none):
-- ours, LoRA: a batch of cached latents and text embeddings from a latent store on disk (what `ldm_model` trains
-  on), the UNet frozen with a rank-r adapter (`ldm_core.lora.add_lora`, its default targets: the fused ``qkv`` of
-  each self-attention, ``to_q`` and the fused ``to_kv`` of each cross-attention, every ``to_out``);
-- diffusers, LoRA: what the script does every step: encode the pixels with the VAE (a posterior sample × the
-  latent scale) and the captions with the text encoder, then step a UNet2DConditionModel frozen with
+Three kinds of training step and the one-time encoding, on the same base weights (our UNet and its diffusers
+conversion, `ldm_core.interop.to_diffusers`), batch and resolution, built by `benchmarks.end_to_end`'s builders:
+- ours, LoRA: `ldm_model`'s own loop and step (`prepare_ldm_training` with ``lora: {rank: r}``, `TrainingLoop.run`
+  one step per call) on cached latents and text embeddings from a latent store on disk: the UNet frozen with a
+  rank-r adapter (`ldm_core.lora.add_lora`, its default targets: the fused ``qkv`` of each self-attention, ``to_q``
+  and the fused ``to_kv`` of each cross-attention, every ``to_out``), at the trainer's defaults (caption dropout,
+  clipping at 1.0, the adapter's EMA, the fused AdamW);
+- diffusers, LoRA: what train_text_to_image_lora.py does every step at its defaults: encode the pixels with the VAE
+  and the token ids with the text encoder, `DDPMScheduler.add_noise`, a UNet2DConditionModel frozen with
   ``unet.add_adapter(LoraConfig(r, lora_alpha=r, init_lora_weights="gaussian", target_modules=["to_k", "to_q",
-  "to_v", "to_out.0"]))``. The same attention weights are adapted on both sides, but a fused projection carries one
-  rank-r adapter where diffusers has one per projection (q, k, v: 3; k, v: 2), so our adapter is smaller: both
-  sides' trainable parameter counts are reported;
-- ours, full: the step of ours, LoRA, with every UNet weight trained.
-The reference's pixels are already decoded tensors and its captions already tokenized, which favours it; it passes
-no text mask to its UNet, as the script does (ours masks padded tokens). Speed is
-timed in alternating rounds of the three in this process (ratios: of the median step times); memory in a fresh process
-per side, as in benchmarks.memory: "step MB" is the peak during a step above what the process held before it
+  "to_v", "to_out.0"]))`` and no text mask, fp32 MSE, ``clip_grad_norm_(1.0)`` of the adapter, AdamW (lr 1e-4,
+  weight decay 1e-2) on the same fused kernel as ours, no EMA. The same attention weights are adapted on both sides,
+  but a fused projection carries one rank-r adapter where diffusers has one per projection (q, k, v: 3; k, v: 2),
+  so our adapter is smaller: both sides' trainable parameter counts are reported;
+- ours, full: `ldm_model`'s loop with every UNet weight trained (and the whole UNet's EMA);
+- encode: the one-time cost of the cache (the VAE's encoder and the text encoder once per image), from which the
+  ratio after 1 and 10 epochs and the break-even epoch count follow as in `benchmarks.end_to_end`.
+The reference's pixels are already decoded tensors and its captions already tokenized, which favours it. Speed is
+timed in alternating rounds of the four in this process (ratios: the median of the rounds' ratios); memory in a fresh
+process per side, as in benchmarks.memory: "step MB" is the peak during a step above what the process held before it
 (activations, gradients), "peak MB" the peak itself (with the weights and the optimizer state, where LoRA saves).
 """
 
@@ -34,15 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
-import peft
 import torch
 
 from benchmarks import end_to_end as e2e
@@ -55,16 +57,7 @@ from benchmarks.common import (
     time_alternating,
     write_json,
 )
-from benchmarks.latent_loader import build_random_store
 from benchmarks.memory import step_memory
-from ldm_core.data.latent_dataset import LatentDataset
-from ldm_core.diffusion import DiffusionConfig, create_diffusion
-from ldm_core.interop import to_diffusers
-from ldm_core.lora import LoraConfig, add_lora
-from ldm_core.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderKL
-from ldm_core.models.unet import UNet
-from ldm_core.text_encoder import TextEncoder, TextEncoderConfig
-from ldm_core.trainers.step import make_adam
 
 SIDES = ("ours_lora", "diffusers_lora", "ours_full")
 LABELS = {
@@ -79,167 +72,87 @@ LR, MAX_GRAD_NORM = 1e-4, 1.0  # the script's defaults
 
 # the end-to-end benchmark's demo and smaller SD-like pairing (the mid UNet, not SD-1's): the same VAE, text encoder,
 # resolution and batch, so its encode rate is this row's one-time cost too
-CONFIGS = {"demo": e2e.CONFIGS["demo"], "sd-like": e2e.CONFIGS["sd-like-mid"]}
+E2E_NAMES = {"demo": "demo", "sd-like": "sd-like-mid"}
+CONFIGS = {name: e2e.CONFIGS[e2e_name] for name, e2e_name in E2E_NAMES.items()}
 CAPTION = "a small red circle in the top left"
 
 
-def _base_unet(spec: dict, dev: torch.device) -> UNet:
-    torch.manual_seed(0)  # identical base weights on every side, in every process
-    return UNet(spec["unet"]).to(dev)
-
-
-def _train_step(gen: torch.Generator, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> Callable[..., None]:
-    """The step both sides take once they hold latents and text embeddings."""
-    diffusion = create_diffusion(DiffusionConfig(kind="ddpm", prediction="eps"))
-
-    def step(model: Callable, x0: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> None:
-        sample = diffusion.training_sample(x0, gen)
-        diffusion.loss(model(sample.x_t, sample.t_model, ctx, mask).float(), sample).backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _diffusers_lora(spec: dict, rank: int, dev: torch.device) -> tuple[Callable[[], None], int]:
-    """train_text_to_image_lora.py's step: encode pixels and captions, then step the adapted UNet."""
-    b, res = spec["batch"], spec["resolution"]
-    unet = to_diffusers(_base_unet(spec, dev)).to(dev).requires_grad_(False)
-    unet.add_adapter(
-        peft.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=DIFFUSERS_TARGETS)
-    )
-    unet.train()
-    vae_config = AUTOENCODER_PRESETS[spec["vae"]].model_copy(update={"scaling_factor": 0.18215})
-    vae = to_diffusers(AutoencoderKL(vae_config)).to(dev).eval().requires_grad_(False)
-    text = TextEncoder(TextEncoderConfig(max_length=spec["tokens"]), device=dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    step = _train_step(gen, params, make_adam(params, dev, adamw=True, lr=LR))
-    pixels = torch.rand(b, 3, res, res, device=dev) * 2 - 1  # decoded and transformed by the DataLoader
-    tokens = text.tokenizer(
-        [CAPTION] * b, padding="max_length", truncation=True, max_length=spec["tokens"], return_tensors="pt"
-    ).to(dev)
-
-    def model(x, t, ctx, mask):
-        # the script passes no text mask (diffusers' masked attention path would cost it time it does not spend)
-        return unet(x, t, encoder_hidden_states=ctx).sample
-
-    def diffusers_step() -> None:
-        with torch.no_grad():  # both encoders frozen, run every step
-            latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae_config.scaling_factor
-            ctx = text.model(**tokens).last_hidden_state
-        step(model, latents, ctx, tokens["attention_mask"].bool())
-
-    return diffusers_step, sum(p.numel() for p in params)
-
-
-def _ours(spec: dict, lora_rank: int | None, dev: torch.device, stack: ExitStack) -> tuple[Callable[[], None], int]:
-    """Our ldm_model step on a latent store: with a LoRA of ``lora_rank``, or full fine-tuning (None)."""
-    b, res = spec["batch"], spec["resolution"]
-    unet = _base_unet(spec, dev)
-    if lora_rank is not None:
-        unet = add_lora(unet, LoraConfig(rank=lora_rank))
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    step = _train_step(torch.Generator(device=dev).manual_seed(0), params, make_adam(params, dev, adamw=True, lr=LR))
-    tmp = stack.enter_context(tempfile.TemporaryDirectory())
-    rows = max(8 * b, 64)
-    latent = AUTOENCODER_PRESETS[spec["vae"]].latent_shape(res)
-    build_random_store(
-        f"{tmp}/store",
-        {
-            "latent": latent,
-            "context": (spec["tokens"], spec["unet"].context_dim),
-            "rows": rows,
-            "rows_per_shard": rows,
-            "batch": b,
-        },
-        "zarr",
-    )
-    store = LatentDataset(f"{tmp}/store", split=None)
-    stack.callback(store.close)
-    order = iter(range(10**9))
-
-    def ours_step() -> None:
-        start = (next(order) * b) % (rows - b)
-        batch = store.get_batch(list(range(start, start + b)))  # cached latents and text embeddings
-        step(unet, batch["latents"].to(dev), batch["context"].to(dev).float(), batch["context_mask"].to(dev))
-
-    return ours_step, sum(p.numel() for p in params)
-
-
-def build_step(name: str, side: str, rank: int, dev: torch.device, stack: ExitStack) -> tuple[Callable[[], None], int]:
-    """(one training step of ``side``, its trainable parameter count); ``stack`` holds our latent store open."""
+def build_step(name: str, side: str, rank: int, work: str, dev: torch.device) -> Callable[[], None]:
+    """One training step of ``side`` (its ``trainable`` attribute: the parameter count it optimizes), built from the
+    weights and the latent store `benchmarks.end_to_end._write_inputs` wrote to ``work``; "encode" is the one-time
+    encoding of a batch for the store."""
     spec = CONFIGS[name]
     if side == "diffusers_lora":
-        return _diffusers_lora(spec, rank, dev)
-    return _ours(spec, rank if side == "ours_lora" else None, dev, stack)
+        return e2e._reference(spec, work, dev, lora_rank=rank)
+    if side == "encode":
+        return e2e._encode(spec, work, dev)
+    return e2e._ours(spec, work, dev, lora_rank=rank if side == "ours_lora" else None)
 
 
-def _memory(name: str, side: str, rank: int, device: str, threads: int | None, queue) -> None:
+def _memory(name: str, side: str, rank: int, work: str, device: str, threads: int | None, queue) -> None:
     set_threads(threads)
     dev = torch.device(device)
-    with ExitStack() as stack:
-        step, _ = build_step(name, side, rank, dev, stack)
-        step()  # the first step allocates the optimizer state, held from then on
-        added, peak = step_memory(step, dev)
-        # the thread count this process measured with: --threads reaches the spawned process too
-        queue.put({"step_mb": added / 2**20, "peak_mb": peak / 2**20, "threads": torch.get_num_threads()})
+    torch.manual_seed(0)
+    step = build_step(name, side, rank, work, dev)
+    step()  # the first step allocates the optimizer state, held from then on
+    added, peak = step_memory(step, dev)
+    # the thread count this process measured with: --threads reaches the spawned process too
+    queue.put({"step_mb": added / 2**20, "peak_mb": peak / 2**20, "threads": torch.get_num_threads()})
 
 
-def measure_memory(name: str, side: str, rank: int, device: str, threads: int | None) -> dict:
-    return in_fresh_process(_memory, name, side, rank, device, threads)
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def model_sizes(name: str) -> dict[str, int]:
-    """Parameter counts of the models each side runs per step of config ``name``: our UNet, diffusers' conversion of
-    it (the reference's UNet), and the VAE and the text encoder the reference runs every step (ours read their
-    outputs from the latent store)."""
-    spec = CONFIGS[name]
-    unet = _base_unet(spec, torch.device("cpu"))
-    vae = AutoencoderKL(AUTOENCODER_PRESETS[spec["vae"]].model_copy(update={"scaling_factor": 0.18215}))
-    text = TextEncoder(TextEncoderConfig(max_length=spec["tokens"]), device=torch.device("cpu"))
-    return {
-        "unet_ours": _count(unet),
-        "unet_diffusers": _count(to_diffusers(unet)),
-        "vae": _count(to_diffusers(vae)),
-        "text_encoder": _count(text.model),
-    }
+def measure_memory(name: str, side: str, rank: int, work: str, device: str, threads: int | None) -> dict:
+    return in_fresh_process(_memory, name, side, rank, work, device, threads)
 
 
 def run(name: str, rank: int = 4, rounds: int = 4, device: str = "cpu", threads: int | None = None) -> dict:
     set_threads(threads)
     dev = torch.device(device)
-    b = CONFIGS[name]["batch"]
-    with ExitStack() as stack:
-        steps, trainable = {}, {}
-        for side in SIDES:
-            steps[side], trainable[side] = build_step(name, side, rank, dev, stack)
+    spec = CONFIGS[name]
+    b = spec["batch"]
+    with tempfile.TemporaryDirectory() as work:
+        counts = e2e._write_inputs(E2E_NAMES[name], work)
+        torch.manual_seed(0)
+        steps = {side: build_step(name, side, rank, work, dev) for side in (*SIDES, "encode")}
         # each round starts with the next side (time_alternating), so no side always runs first
-        seconds = time_alternating(steps, rounds=rounds, iters=1, warmup=1, device=dev)  # median s/step of each
-    memory = {side: measure_memory(name, side, rank, device, threads) for side in SIDES}  # same --threads
+        t = time_alternating(steps, rounds=rounds, iters=spec["iters"], warmup=spec["warmup"], device=dev)
+        memory = {side: measure_memory(name, side, rank, work, device, threads) for side in SIDES}  # same --threads
+    per_round = t["samples"]
+    ratio = statistics.median(d / o for o, d in zip(per_round["ours_lora"], per_round["diffusers_lora"]))
+    per_image = {k: t[k] / b for k in (*SIDES, "encode")}
+    epochs = e2e.derive(per_image["ours_lora"], per_image["diffusers_lora"], per_image["encode"], ratio)
+    del epochs["steady_ratio"]  # = ratio_vs_diffusers
     return {
         "benchmark": "lora",
         "config": name,
         "rank": rank,
         "rounds": rounds,
+        "warmup": spec["warmup"],
+        "iters": spec["iters"],
         "batch": b,
-        "resolution": CONFIGS[name]["resolution"],
-        "vae": CONFIGS[name]["vae"],
-        "unet": CONFIGS[name]["unet"].to_dict(),
-        "models": model_sizes(name),
+        "resolution": spec["resolution"],
+        "vae": spec["vae"],
+        "unet": spec["unet"].to_dict(),
+        "models": {
+            "unet_ours": counts["unet_parameters"],
+            "unet_diffusers": counts["unet_diffusers_parameters"],
+            "vae": counts["vae_parameters"],
+            "text_encoder": counts["text_encoder_parameters"],
+        },
         "machine": machine_info(),
         "sides": {
-            side: {"images_per_s": b / seconds[side], "trainable_parameters": trainable[side], **memory[side]}
+            side: {"images_per_s": 1 / per_image[side], "trainable_parameters": steps[side].trainable, **memory[side]}
             for side in SIDES
         },
-        "ratio_vs_diffusers": seconds["diffusers_lora"] / seconds["ours_lora"],
-        "lora_vs_full": seconds["ours_full"] / seconds["ours_lora"],
+        "encode_images_per_s": 1 / per_image["encode"],
+        "ratio_vs_diffusers": ratio,
+        "lora_vs_full": statistics.median(f / o for o, f in zip(per_round["ours_lora"], per_round["ours_full"])),
+        **{
+            k: v
+            for k, v in e2e.derive(
+                per_image["ours_lora"], per_image["diffusers_lora"], per_image["encode"], ratio
+            ).items()
+            if k != "steady_ratio"
+        },
     }
 
 
@@ -299,12 +212,22 @@ def render(doc: dict) -> str:
             )
     lines.append("")
     lines.append(
-        "Ours LoRA ÷ the script's loop (ratio of the median step times): "
+        "Ours LoRA ÷ the script's loop per step (the median of the rounds' ratios; the many-epoch limit): "
         + ", ".join(f"**{r['ratio_vs_diffusers']:.2f}×** ({r['config']})" for r in doc["results"])
         + "; LoRA ÷ our full fine-tuning: "
         + ", ".join(f"{r['lora_vs_full']:.2f}× ({r['config']})" for r in doc["results"])
         + "."
     )
+    for r in doc["results"]:
+        if "encode_images_per_s" not in r:
+            continue
+        be = r["break_even_epochs"]
+        lines.append(
+            f"{r['config']}: the one-time encoding runs at {r['encode_images_per_s']:.3g} img/s (an image's encoding "
+            f"costs {r['encode_in_ours_steps']:.2f} of our LoRA steps' per-image time); counted once, ours LoRA ÷ the "
+            f"script's loop is {r['ratio_1_epoch']:.2f}× after 1 epoch and {r['ratio_10_epochs']:.2f}× after 10; "
+            + (f"the cache breaks even after {be:.2f} epochs." if be is not None else "the cache never breaks even.")
+        )
     return "\n".join(lines)
 
 

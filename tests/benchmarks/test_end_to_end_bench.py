@@ -76,3 +76,24 @@ def test_the_label_names_every_model_and_its_size(demo_inputs):
     label = e2e.label(row)
     assert f"{counts['unet_parameters'] / 1e6:.1f}M" in label and f"{counts['vae_parameters'] / 1e6:.1f}M" in label
     assert "MiniLM" in label and "32 px" in label
+
+
+def test_the_lora_sides_train_only_their_adapters_through_the_same_loops(demo_inputs, monkeypatch):
+    work, counts = demo_inputs
+    spec = e2e.CONFIGS["demo"]
+    ours = e2e._ours(spec, work, torch.device("cpu"), lora_rank=4)
+    assert ours.prepared.parts.lora
+    assert 0 < ours.trainable < counts["unet_parameters"] / 10  # the adapter, not the UNet
+    ours()
+    assert ours.prepared.loop.step == 1
+    clipped = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda params, n, *a, **k: clipped.append(list(params)) or real_clip(params, n),
+    )
+    ref = e2e._reference(spec, work, torch.device("cpu"), lora_rank=4)
+    assert 0 < ref.trainable < counts["unet_diffusers_parameters"] / 10
+    ref()
+    assert clipped and sum(p.numel() for p in clipped[0]) == ref.trainable  # the script clips the adapter only
