@@ -68,8 +68,9 @@ def render(result: dict, model_rows_only: bool = False) -> str:
     scale = result["matmul_peak_flops"] / sheet if sheet else None  # MFU vs the measured peak -> vs the datasheet's
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, device {m['device']}; torch {m['torch']}, "
-        f"diffusers {m.get('diffusers')}, Python {m['python']}. Precision {result['precision']}; matmul peak "
-        f"measured in the run {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; the run took {minutes:.0f} min"
+        f"diffusers {m.get('diffusers')}, Python {m['python']}. Precision {result['precision']}; peak (the faster of a "
+        f"matmul and a 3×3 conv) measured in the run {result['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; the run took "
+        f"{minutes:.0f} min"
         + ("" if result.get("complete", True) else " (incomplete: the run stopped before its last rows)")
         + (" (--quick)" if result.get("quick") else "")
         + (f"; `{result['command']}`, started {result['started']}" if result.get("started") else "")
@@ -102,8 +103,8 @@ def render(result: dict, model_rows_only: bool = False) -> str:
     if model_rows_only or result.get("precision", "fp32") != "fp32":
         lines += [
             "",
-            f"{result.get('precision', 'fp32')}: the model-level rows only. The end-to-end, loader, encode and memory "
-            "rows always run in fp32, and the best-vs-best rows time both precisions themselves: they are in the fp32 "
+            f"{result.get('precision', 'fp32')}: the model-level rows only. The loader, encode and memory rows "
+            "always run in fp32, and the best-vs-best rows time both precisions themselves: they are in the fp32 "
             "run's table (a non-fp32 run skips them).",
         ]
     return "\n".join(lines)

@@ -23,6 +23,22 @@ def test_matmul_peak_is_a_plausible_rate():
     assert 1e8 < rate < 1e15
 
 
+def test_the_peak_is_the_faster_of_the_matmul_and_the_convolution(monkeypatch):
+    """On a CPU whose BLAS matmul is slower than oneDNN's convolutions, a matmul-only peak puts conv-heavy steps
+    above 100% MFU: the peak takes the faster kernel."""
+    import ldm_core.flops as flops
+
+    calls = []
+
+    def fake_rate(fn, n_flops, seconds, device):
+        calls.append(n_flops)
+        return 200e9 if len(calls) == 1 else 300e9  # the matmul first, then the convolution
+
+    monkeypatch.setattr(flops, "_rate", fake_rate)
+    assert flops.measure_matmul_peak(torch.float32, n=64, seconds=0.0) == 300e9
+    assert calls == [2.0 * 64**3, 2.0 * 8 * 8 * 8 * 9 * 32 * 32]  # each kernel's own FLOPs
+
+
 def test_mfu_formula():
     assert mfu(2e9, 50.0, 200e9) == pytest.approx(0.5)
     assert mfu(2e9, 50.0, None) is None
