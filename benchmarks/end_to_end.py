@@ -136,10 +136,21 @@ def _token_ids(spec: dict, dev: torch.device) -> torch.Tensor:
     return torch.randint(1000, 20000, (spec["batch"], spec["tokens"]), generator=g).to(dev)
 
 
+def _new_vae(spec: dict) -> AutoencoderKL:
+    """The config's autoencoder preset at SD's latent scale (weights from the seeded init)."""
+    return AutoencoderKL(AUTOENCODER_PRESETS[spec["vae"]].model_copy(update={"scaling_factor": 0.18215}))
+
+
+def _save(module: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+
+
 def _vae(spec: dict, weights: str, dev: torch.device) -> AutoencoderKL:
     from safetensors.torch import load_file
 
-    vae = AutoencoderKL(AUTOENCODER_PRESETS[spec["vae"]].model_copy(update={"scaling_factor": 0.18215}))
+    vae = _new_vae(spec)
     vae.load_state_dict(load_file(weights))
     return vae.to(dev).eval().requires_grad_(False)
 
@@ -283,19 +294,17 @@ def _round(name: str, kind: str, work: str, warmup: int, iters: int, device: str
 def _write_inputs(name: str, work: str) -> dict[str, int]:
     """The identical starting weights (our UNet and its diffusers conversion, our autoencoder) and the latent store
     of cached latents and text embeddings; returns each model's parameter count."""
-    from safetensors.torch import save_file
-
     from benchmarks.latent_loader import build_random_store
     from ldm_core.interop import to_diffusers
 
     spec = CONFIGS[name]
     torch.manual_seed(0)
-    vae = AutoencoderKL(AUTOENCODER_PRESETS[spec["vae"]].model_copy(update={"scaling_factor": 0.18215}))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, f"{work}/vae.safetensors")
+    vae = _new_vae(spec)
+    _save(vae, f"{work}/vae.safetensors")
     unet = UNet(spec["unet"])
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, f"{work}/unet.safetensors")
+    _save(unet, f"{work}/unet.safetensors")
     theirs = to_diffusers(unet)
-    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, f"{work}/unet-diffusers.safetensors")
+    _save(theirs, f"{work}/unet-diffusers.safetensors")
     counts = {
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "unet_diffusers_parameters": sum(p.numel() for p in theirs.parameters()),
