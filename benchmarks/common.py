@@ -140,8 +140,13 @@ def round_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
 def write_json(result: dict[str, Any], path: str | None) -> None:
     if not path:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2))
+    # to a temporary file beside it, then renamed: a run stopped mid-write (SIGTERM) leaves the previous complete
+    # file, never a truncated one, and of two runs writing the same path the last rename wins whole
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, target)
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -95,3 +95,23 @@ def test_the_table_names_each_models_size_and_both_where_they_differ():
     )
     assert "UNet mid 37.5M both sides" in line[0]
     assert "X 2.0M ours, 3.0M diffusers" in line[0]
+
+
+def test_a_result_file_is_replaced_whole(tmp_path, monkeypatch):
+    """A run stopped mid-write leaves the previous complete JSON: the new one is written beside it and renamed."""
+    import benchmarks.common as common
+
+    path = tmp_path / "r.json"
+    common.write_json({"a": 1}, str(path))
+
+    def stopped(self, text):  # the process is killed halfway through writing
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.Path, "write_text", stopped)
+    try:
+        common.write_json({"a": 2}, str(path))
+    except KeyboardInterrupt:
+        pass
+    assert json.loads(path.read_text()) == {"a": 1}
